@@ -1,0 +1,3 @@
+export * from "./bus.ts";
+export * from "./publish.ts";
+export * from "./consume.ts";

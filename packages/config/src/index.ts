@@ -1,0 +1,141 @@
+import { z } from "zod";
+
+export { z };
+
+export class ConfigError extends Error {
+  readonly problems: string[];
+  constructor(problems: string[]) {
+    super(`invalid configuration: ${problems.join("; ")}`);
+    this.name = "ConfigError";
+    this.problems = problems;
+  }
+}
+
+/**
+ * Parses environment variables against a schema and reports every bad or missing
+ * variable at once, named, so an operator fixes them in one go.
+ */
+export function loadConfig<T extends z.ZodRawShape>(
+  shape: T,
+  env: NodeJS.ProcessEnv = process.env,
+): z.infer<z.ZodObject<T>> {
+  const input: Record<string, string | undefined> = {};
+  for (const key of Object.keys(shape)) {
+    const value = env[key];
+    input[key] = value === "" ? undefined : value;
+  }
+  const result = z.object(shape).safeParse(input);
+  if (result.success) return result.data;
+  const problems = result.error.issues.map((issue) => {
+    const name = issue.path.join(".");
+    const given = input[name];
+    const shown = given === undefined ? "missing" : `got ${JSON.stringify(given)}`;
+    return `${name}: ${issue.message} (${shown})`;
+  });
+  throw new ConfigError(problems);
+}
+
+export const port = (fallback: number) =>
+  z.coerce
+    .number({ invalid_type_error: "expected a port number" })
+    .int("expected a port number")
+    .min(0, "expected a port number 0-65535")
+    .max(65535, "expected a port number 0-65535")
+    .default(fallback);
+
+export const integer = (fallback: number, min = 0) =>
+  z.coerce.number({ invalid_type_error: "expected an integer" }).int("expected an integer").min(min).default(fallback);
+
+export const bool = (fallback: boolean) =>
+  z
+    .enum(["true", "false", "1", "0", "yes", "no", "on", "off"], {
+      errorMap: () => ({ message: "expected true or false" }),
+    })
+    .transform((value) => ["true", "1", "yes", "on"].includes(value))
+    .default(fallback ? "true" : "false");
+
+const SIZE_UNITS: Record<string, number> = {
+  "": 1, b: 1, k: 1024, kb: 1024, kib: 1024, m: 1024 ** 2, mb: 1024 ** 2, mib: 1024 ** 2,
+  g: 1024 ** 3, gb: 1024 ** 3, gib: 1024 ** 3,
+};
+
+/** Parses sizes such as `52428800`, `50M`, `50MiB`, `1.5G` into bytes; null when invalid. */
+export function parseSize(text: string): number | null {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$/.exec(text);
+  if (!match) return null;
+  const unit = SIZE_UNITS[match[2]!.toLowerCase()];
+  if (unit === undefined) return null;
+  return Math.floor(Number(match[1]) * unit);
+}
+
+export const size = (fallback: string) =>
+  z
+    .string()
+    .default(fallback)
+    .transform((text, ctx) => {
+      const bytes = parseSize(text);
+      if (bytes === null) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: "expected a size such as 50M or 52428800" });
+        return z.NEVER;
+      }
+      return bytes;
+    });
+
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/** Parses durations such as `30s`, `5m`, `4h`, `5d`, `250ms` into milliseconds; a bare number is seconds. */
+export function parseDuration(text: string): number | null {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$/.exec(text);
+  if (!match) return null;
+  return Math.round(Number(match[1]) * DURATION_UNITS[match[2] ?? "s"]!);
+}
+
+export const duration = (fallback: string) =>
+  z
+    .string()
+    .default(fallback)
+    .transform((text, ctx) => {
+      const ms = parseDuration(text);
+      if (ms === null) {
+        ctx.addIssue({ code: z.ZodIssueCode.custom, message: "expected a duration such as 30s, 5m or 4h" });
+        return z.NEVER;
+      }
+      return ms;
+    });
+
+/** A comma-separated list; empty entries dropped. */
+export const list = (fallback = "") =>
+  z
+    .string()
+    .default(fallback)
+    .transform((text) => text.split(",").map((item) => item.trim()).filter(Boolean));
+
+const url = (fallback: string, protocols: string[]) =>
+  z
+    .string()
+    .default(fallback)
+    .refine((text) => {
+      try {
+        return protocols.includes(new URL(text).protocol);
+      } catch {
+        return false;
+      }
+    }, `expected a URL starting with ${protocols.join(" or ")}//`);
+
+export const DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/mailstack";
+export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";
+
+/** Settings every service reads. */
+export const commonShape = {
+  DATABASE_URL: url(DEFAULT_DATABASE_URL, ["postgres:", "postgresql:"]),
+  DATABASE_POOL_SIZE: integer(10, 1),
+  NATS_URL: z.string().default(DEFAULT_NATS_URL),
+  /** Prefix for stream names and subjects; lets several deployments (or test files) share one NATS. */
+  BUS_PREFIX: z.string().regex(/^[A-Za-z0-9_-]*$/, "letters, digits, _ and - only").default(""),
+  LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
+  /** The name this host gives itself in SMTP greetings, Received: headers and DSNs. */
+  MAIL_HOSTNAME: z.string().default("localhost"),
+  SHUTDOWN_TIMEOUT: duration("25s"),
+};
+
+export type CommonConfig = z.infer<z.ZodObject<typeof commonShape>>;

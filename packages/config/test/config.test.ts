@@ -1,0 +1,35 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { ConfigError, commonShape, loadConfig, parseDuration, parseSize, port, size } from "../src/index.ts";
+
+test("defaults apply when variables are absent", () => {
+  const config = loadConfig(commonShape, {});
+  assert.equal(config.NATS_URL, "nats://127.0.0.1:4222");
+  assert.match(config.DATABASE_URL, /^postgres:/);
+  assert.equal(config.SHUTDOWN_TIMEOUT, 25_000);
+});
+
+test("every bad variable is named in one error", () => {
+  const shape = { ...commonShape, SMTP_PORT: port(25), MAX_SIZE: size("50M") };
+  assert.throws(
+    () => loadConfig(shape, { DATABASE_URL: "mysql://x", SMTP_PORT: "abc", MAX_SIZE: "lots", LOG_LEVEL: "loud" }),
+    (error: unknown) => {
+      assert.ok(error instanceof ConfigError);
+      const names = error.problems.map((problem) => problem.split(":")[0]);
+      assert.deepEqual(names.sort(), ["DATABASE_URL", "LOG_LEVEL", "MAX_SIZE", "SMTP_PORT"]);
+      assert.match(error.message, /SMTP_PORT: .*got "abc"/);
+      return true;
+    },
+  );
+});
+
+test("sizes and durations parse with units", () => {
+  assert.equal(parseSize("50M"), 50 * 1024 * 1024);
+  assert.equal(parseSize("1024"), 1024);
+  assert.equal(parseSize("2 KiB"), 2048);
+  assert.equal(parseSize("ten"), null);
+  assert.equal(parseDuration("5m"), 300_000);
+  assert.equal(parseDuration("250ms"), 250);
+  assert.equal(parseDuration("30"), 30_000);
+  assert.equal(parseDuration("soon"), null);
+});

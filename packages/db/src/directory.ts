@@ -1,0 +1,234 @@
+import { normalizeDomain, parseAddress, splitAddress, hashPassword } from "@mailstack/mail";
+import { isUniqueViolation, type Queryable } from "./pool.ts";
+
+/** A refused directory change: the message is one line an operator can act on. */
+export class DirectoryError extends Error {
+  readonly code: "invalid" | "not-found" | "duplicate" | "in-use";
+  constructor(code: DirectoryError["code"], message: string) {
+    super(message);
+    this.name = "DirectoryError";
+    this.code = code;
+  }
+}
+
+export interface DomainRow {
+  id: number;
+  name: string;
+  dkim_selector: string | null;
+  dkim_algorithm: string | null;
+  dkim_private_key: string | null;
+  dmarc_reject_action: "reject" | "quarantine" | "accept";
+  created_at: Date;
+}
+
+export interface AccountRow {
+  id: number;
+  domain_id: number;
+  local_part: string;
+  address: string;
+  password_hash: string;
+  apop_secret: string | null;
+  quota_bytes: number | null;
+  used_bytes: number;
+  disabled: boolean;
+  created_at: Date;
+}
+
+export interface AliasRow {
+  id: number;
+  domain_id: number;
+  local_part: string;
+  address: string;
+  targets: string[];
+  created_at: Date;
+}
+
+function requireDomainName(name: string): string {
+  const domain = normalizeDomain(name);
+  if (!domain || !domain.includes(".")) throw new DirectoryError("invalid", `invalid domain name: ${name}`);
+  return domain;
+}
+
+function requireAddress(input: string): { local: string; domain: string; address: string } {
+  const parsed = parseAddress(input, { utf8: true });
+  if (!parsed.ok) throw new DirectoryError("invalid", `invalid address: ${input} (${parsed.problem})`);
+  return parsed;
+}
+
+export async function addDomain(db: Queryable, name: string): Promise<DomainRow> {
+  const domain = requireDomainName(name);
+  try {
+    const result = await db.query<DomainRow>("INSERT INTO domains (name) VALUES ($1) RETURNING *", [domain]);
+    return result.rows[0]!;
+  } catch (error) {
+    if (isUniqueViolation(error)) throw new DirectoryError("duplicate", `domain already exists: ${domain}`);
+    throw error;
+  }
+}
+
+export async function listDomains(db: Queryable): Promise<DomainRow[]> {
+  return (await db.query<DomainRow>("SELECT * FROM domains ORDER BY name")).rows;
+}
+
+export async function getDomain(db: Queryable, name: string): Promise<DomainRow | null> {
+  const domain = normalizeDomain(name);
+  if (!domain) return null;
+  return (await db.query<DomainRow>("SELECT * FROM domains WHERE name = $1", [domain])).rows[0] ?? null;
+}
+
+async function requireDomain(db: Queryable, name: string): Promise<DomainRow> {
+  const domain = await getDomain(db, name);
+  if (!domain) throw new DirectoryError("not-found", `no such domain: ${name}`);
+  return domain;
+}
+
+export async function removeDomain(db: Queryable, name: string): Promise<void> {
+  const domain = await requireDomain(db, name);
+  const used = await db.query(
+    "SELECT (SELECT count(*) FROM accounts WHERE domain_id = $1) + (SELECT count(*) FROM aliases WHERE domain_id = $1) AS n",
+    [domain.id],
+  );
+  if (Number(used.rows[0].n) > 0) {
+    throw new DirectoryError("in-use", `domain ${domain.name} still has accounts or aliases; remove them first`);
+  }
+  await db.query("DELETE FROM domains WHERE id = $1", [domain.id]);
+}
+
+async function assertAddressFree(db: Queryable, address: string): Promise<void> {
+  const taken = await db.query(
+    "SELECT 1 FROM accounts WHERE address = $1 UNION ALL SELECT 1 FROM aliases WHERE address = $1",
+    [address],
+  );
+  if (taken.rowCount) throw new DirectoryError("duplicate", `address already exists: ${address}`);
+}
+
+export interface NewAccount {
+  address: string;
+  password: string;
+  quotaBytes?: number | null;
+  apopSecret?: string | null;
+}
+
+export async function addAccount(db: Queryable, input: NewAccount): Promise<AccountRow> {
+  const { local, domain, address } = requireAddress(input.address);
+  if (local === "*") throw new DirectoryError("invalid", "an account cannot be a catch-all; use an alias *@domain");
+  if (!input.password) throw new DirectoryError("invalid", "the password must not be empty");
+  if (input.quotaBytes != null && (!Number.isInteger(input.quotaBytes) || input.quotaBytes < 0)) {
+    throw new DirectoryError("invalid", `invalid quota: ${input.quotaBytes}`);
+  }
+  const domainRow = await requireDomain(db, domain);
+  await assertAddressFree(db, address);
+  const passwordHash = await hashPassword(input.password);
+  try {
+    const result = await db.query<AccountRow>(
+      `INSERT INTO accounts (domain_id, local_part, address, password_hash, quota_bytes, apop_secret)
+       VALUES ($1, $2, $3, $4, $5, $6) RETURNING *`,
+      [domainRow.id, local, address, passwordHash, input.quotaBytes ?? null, input.apopSecret ?? null],
+    );
+    const account = result.rows[0]!;
+    await db.query("INSERT INTO folders (account_id, name) VALUES ($1, 'INBOX') ON CONFLICT DO NOTHING", [account.id]);
+    return account;
+  } catch (error) {
+    if (isUniqueViolation(error)) throw new DirectoryError("duplicate", `address already exists: ${address}`);
+    throw error;
+  }
+}
+
+export async function getAccount(db: Queryable, address: string): Promise<AccountRow | null> {
+  const parsed = parseAddress(address, { utf8: true });
+  if (!parsed.ok) return null;
+  return (await db.query<AccountRow>("SELECT * FROM accounts WHERE address = $1", [parsed.address])).rows[0] ?? null;
+}
+
+async function requireAccount(db: Queryable, address: string): Promise<AccountRow> {
+  requireAddress(address);
+  const account = await getAccount(db, address);
+  if (!account) throw new DirectoryError("not-found", `no such account: ${address}`);
+  return account;
+}
+
+export async function setAccountPassword(db: Queryable, address: string, password: string): Promise<void> {
+  if (!password) throw new DirectoryError("invalid", "the password must not be empty");
+  const account = await requireAccount(db, address);
+  await db.query("UPDATE accounts SET password_hash = $2 WHERE id = $1", [account.id, await hashPassword(password)]);
+}
+
+export async function setAccountQuota(db: Queryable, address: string, quotaBytes: number | null): Promise<void> {
+  if (quotaBytes != null && (!Number.isInteger(quotaBytes) || quotaBytes < 0)) {
+    throw new DirectoryError("invalid", `invalid quota: ${quotaBytes}`);
+  }
+  const account = await requireAccount(db, address);
+  await db.query("UPDATE accounts SET quota_bytes = $2 WHERE id = $1", [account.id, quotaBytes]);
+}
+
+export async function setAccountDisabled(db: Queryable, address: string, disabled: boolean): Promise<void> {
+  const account = await requireAccount(db, address);
+  await db.query("UPDATE accounts SET disabled = $2 WHERE id = $1", [account.id, disabled]);
+}
+
+export async function listAccounts(db: Queryable, domain?: string): Promise<AccountRow[]> {
+  if (domain === undefined) return (await db.query<AccountRow>("SELECT * FROM accounts ORDER BY address")).rows;
+  const domainRow = await requireDomain(db, domain);
+  return (await db.query<AccountRow>("SELECT * FROM accounts WHERE domain_id = $1 ORDER BY address", [domainRow.id])).rows;
+}
+
+/** Removes an account and its mailbox entries; messages stay while other deliveries reference them. */
+export async function removeAccount(db: Queryable, address: string): Promise<void> {
+  const account = await requireAccount(db, address);
+  await db.query("DELETE FROM accounts WHERE id = $1", [account.id]);
+}
+
+function normalizeAliasTarget(target: string): string {
+  return requireAddress(target).address;
+}
+
+/**
+ * Adds an alias. `*@domain` is the domain's catch-all. Each target is a local account,
+ * another alias or a remote address; targets in served domains must exist.
+ */
+export async function addAlias(db: Queryable, address: string, targets: string[]): Promise<AliasRow> {
+  const atSign = address.lastIndexOf("@");
+  const isCatchAll = address.slice(0, atSign) === "*";
+  const parsed = isCatchAll
+    ? { local: "*", domain: requireDomainName(address.slice(atSign + 1)), address: "" }
+    : requireAddress(address);
+  const aliasAddress = isCatchAll ? `*@${parsed.domain}` : parsed.address;
+  if (targets.length === 0) throw new DirectoryError("invalid", "an alias needs at least one target");
+  const normalizedTargets = [...new Set(targets.map(normalizeAliasTarget))];
+  if (normalizedTargets.includes(aliasAddress)) throw new DirectoryError("invalid", `alias ${aliasAddress} cannot target itself`);
+  const domainRow = await requireDomain(db, parsed.domain);
+  for (const target of normalizedTargets) {
+    const { domain } = splitAddress(target);
+    if (await getDomain(db, domain)) {
+      const exists = await db.query(
+        "SELECT 1 FROM accounts WHERE address = $1 UNION ALL SELECT 1 FROM aliases WHERE address = $1",
+        [target],
+      );
+      if (!exists.rowCount) throw new DirectoryError("not-found", `target ${target} is in a served domain but is no account or alias`);
+    }
+  }
+  await assertAddressFree(db, aliasAddress);
+  try {
+    const result = await db.query<AliasRow>(
+      "INSERT INTO aliases (domain_id, local_part, address, targets) VALUES ($1, $2, $3, $4) RETURNING *",
+      [domainRow.id, parsed.local, aliasAddress, normalizedTargets],
+    );
+    return result.rows[0]!;
+  } catch (error) {
+    if (isUniqueViolation(error)) throw new DirectoryError("duplicate", `address already exists: ${aliasAddress}`);
+    throw error;
+  }
+}
+
+export async function listAliases(db: Queryable, domain?: string): Promise<AliasRow[]> {
+  if (domain === undefined) return (await db.query<AliasRow>("SELECT * FROM aliases ORDER BY address")).rows;
+  const domainRow = await requireDomain(db, domain);
+  return (await db.query<AliasRow>("SELECT * FROM aliases WHERE domain_id = $1 ORDER BY address", [domainRow.id])).rows;
+}
+
+export async function removeAlias(db: Queryable, address: string): Promise<void> {
+  const atSign = address.lastIndexOf("@");
+  const key = address.slice(0, atSign) === "*" ? `*@${requireDomainName(address.slice(atSign + 1))}` : requireAddress(address).address;
+  const result = await db.query("DELETE FROM aliases WHERE address = $1", [key]);
+  if (!result.rowCount) throw new DirectoryError("not-found", `no such alias: ${address}`);
+}

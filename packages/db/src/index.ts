@@ -1,0 +1,5 @@
+export * from "./pool.ts";
+export * from "./migrate.ts";
+export * from "./ensure-database.ts";
+export * from "./directory.ts";
+export * from "./routing.ts";

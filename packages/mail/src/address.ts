@@ -1,0 +1,115 @@
+import { domainToASCII } from "node:url";
+
+/** Why an address was refused; the SMTP layer maps each to its reply. */
+export type AddressProblem =
+  | "empty"
+  | "too-long"
+  | "syntax"
+  | "source-route"
+  | "percent-hack"
+  | "bang-path"
+  | "ip-literal"
+  | "quoted-at"
+  | "bad-domain"
+  | "utf8-not-allowed";
+
+export type ParsedAddress =
+  | { ok: true; local: string; domain: string; address: string }
+  | { ok: false; problem: AddressProblem };
+
+export interface ParseOptions {
+  /** Accept UTF-8 in the local part (the SMTPUTF8 extension was used). */
+  utf8?: boolean;
+}
+
+const ATEXT = /^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+$/;
+const ATEXT_UTF8 = /^(?:[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]|[^\x00-\x7f])+$/u;
+const LABEL = /^(?!-)[a-z0-9-]{1,63}(?<!-)$/;
+
+/** Lower-cases a domain and converts it to IDNA (A-label) form; null when it is not a valid host name. */
+export function normalizeDomain(input: string): string | null {
+  let domain = input.trim().replace(/\.$/, "");
+  if (!domain || domain.length > 253) return null;
+  if (/[^\x00-\x7f]/.test(domain)) {
+    domain = domainToASCII(domain);
+    if (!domain) return null;
+  }
+  domain = domain.toLowerCase();
+  const labels = domain.split(".");
+  if (labels.length < 1 || !labels.every((label) => LABEL.test(label))) return null;
+  return domain;
+}
+
+function splitAtLastAt(text: string): [string, string] | null {
+  const at = text.lastIndexOf("@");
+  if (at <= 0 || at === text.length - 1) return null;
+  return [text.slice(0, at), text.slice(at + 1)];
+}
+
+/**
+ * Parses an RFC 5321 mailbox (without angle brackets) and normalises it: the domain
+ * lower-cased in IDNA form, the local part lower-cased (this system treats local parts
+ * case-insensitively). Forms used for relay tricks are reported as such.
+ */
+export function parseAddress(input: string, options: ParseOptions = {}): ParsedAddress {
+  const text = input.trim();
+  if (!text) return { ok: false, problem: "empty" };
+  if (text.length > 254) return { ok: false, problem: "too-long" };
+  if (text.startsWith("@")) return { ok: false, problem: "source-route" };
+  if (/[\x00-\x1f\x7f]/.test(text)) return { ok: false, problem: "syntax" };
+  if (!options.utf8 && /[^\x00-\x7f]/.test(text.slice(0, text.lastIndexOf("@") >>> 0))) {
+    return { ok: false, problem: "utf8-not-allowed" };
+  }
+
+  let local: string;
+  let domainPart: string;
+  if (text.startsWith('"')) {
+    const close = findClosingQuote(text);
+    if (close < 0 || text[close + 1] !== "@") return { ok: false, problem: "syntax" };
+    const quoted = text.slice(1, close).replace(/\\(.)/g, "$1");
+    if (quoted.includes("@")) return { ok: false, problem: "quoted-at" };
+    if (quoted.includes("%")) return { ok: false, problem: "percent-hack" };
+    if (quoted.includes("!")) return { ok: false, problem: "bang-path" };
+    local = isDotAtom(quoted, options.utf8) ? quoted : text.slice(0, close + 1);
+    domainPart = text.slice(close + 2);
+  } else {
+    const parts = splitAtLastAt(text);
+    if (!parts) return { ok: false, problem: "syntax" };
+    [local, domainPart] = parts;
+    if (local.includes("@")) return { ok: false, problem: "syntax" };
+    if (local.includes("%")) return { ok: false, problem: "percent-hack" };
+    if (local.includes("!")) return { ok: false, problem: "bang-path" };
+    if (!isDotAtom(local, options.utf8)) return { ok: false, problem: "syntax" };
+  }
+  if (local.length > 64) return { ok: false, problem: "too-long" };
+  if (domainPart.startsWith("[")) return { ok: false, problem: "ip-literal" };
+  const domain = normalizeDomain(domainPart);
+  if (!domain) return { ok: false, problem: "bad-domain" };
+  const normalizedLocal = local.toLowerCase();
+  return { ok: true, local: normalizedLocal, domain, address: `${normalizedLocal}@${domain}` };
+}
+
+function findClosingQuote(text: string): number {
+  for (let i = 1; i < text.length; i++) {
+    if (text[i] === "\\") i++;
+    else if (text[i] === '"') return i;
+  }
+  return -1;
+}
+
+function isDotAtom(text: string, utf8 = false): boolean {
+  const atom = utf8 ? ATEXT_UTF8 : ATEXT;
+  return text.split(".").every((part) => part.length > 0 && atom.test(part));
+}
+
+/** Normalises an address or returns null; for lookups where the reason does not matter. */
+export function normalizeAddress(input: string, options: ParseOptions = {}): string | null {
+  const parsed = parseAddress(input, options);
+  return parsed.ok ? parsed.address : null;
+}
+
+/** Splits a normalised address into local part and domain. */
+export function splitAddress(address: string): { local: string; domain: string } {
+  const at = address.lastIndexOf("@");
+  return { local: address.slice(0, at), domain: address.slice(at + 1) };
+}

@@ -1,0 +1,3 @@
+export * from "./address.ts";
+export * from "./reply.ts";
+export * from "./password.ts";

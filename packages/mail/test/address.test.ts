@@ -1,0 +1,54 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { normalizeDomain, parseAddress, parseReply, hashPassword, verifyPassword } from "../src/index.ts";
+
+test("addresses are normalised: domain lower-case IDNA, local part lower-case", () => {
+  const parsed = parseAddress("Alice.Smith@Example.TEST");
+  assert.deepEqual(parsed, { ok: true, local: "alice.smith", domain: "example.test", address: "alice.smith@example.test" });
+  assert.equal(normalizeDomain("bücher.example"), "xn--bcher-kva.example");
+  const idn = parseAddress("bob@Bücher.Example");
+  assert.ok(idn.ok && idn.domain === "xn--bcher-kva.example");
+});
+
+test("relay tricks are reported by kind", () => {
+  const cases: Array<[string, string]> = [
+    ["user%other.test@local.test", "percent-hack"],
+    ["other.test!user@local.test", "bang-path"],
+    ["@a.test:user@other.test", "source-route"],
+    ['"user@other.test"@local.test', "quoted-at"],
+    ["user@[127.0.0.1]", "ip-literal"],
+    ["no-at-sign", "syntax"],
+    ["a..b@x.test", "syntax"],
+    ["user@-bad-.test", "bad-domain"],
+    ["üser@x.test", "utf8-not-allowed"],
+  ];
+  for (const [input, problem] of cases) {
+    const parsed = parseAddress(input);
+    assert.equal(parsed.ok, false, input);
+    assert.equal(!parsed.ok && parsed.problem, problem, input);
+  }
+  assert.ok(parseAddress("üser@x.test", { utf8: true }).ok);
+});
+
+test("quoted local parts without tricks are accepted", () => {
+  const parsed = parseAddress('"john doe"@x.test');
+  assert.ok(parsed.ok);
+  assert.equal(parsed.ok && parsed.address, '"john doe"@x.test');
+  const plain = parseAddress('"john"@x.test');
+  assert.equal(plain.ok && plain.address, "john@x.test");
+});
+
+test("replies parse with and without enhanced codes", () => {
+  assert.deepEqual(parseReply("550 5.1.1 no such user"), { code: 550, enhanced: "5.1.1", text: "no such user" });
+  assert.deepEqual(parseReply("451 try later"), { code: 451, enhanced: "4.0.0", text: "try later" });
+  assert.equal(parseReply("hello"), null);
+});
+
+test("passwords hash with scrypt and verify", async () => {
+  const hash = await hashPassword("s3cret");
+  assert.match(hash, /^scrypt\$/);
+  assert.ok(!hash.includes("s3cret"));
+  assert.equal(await verifyPassword("s3cret", hash), true);
+  assert.equal(await verifyPassword("wrong", hash), false);
+  assert.equal(await verifyPassword("s3cret", "garbage"), false);
+});

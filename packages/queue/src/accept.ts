@@ -1,0 +1,122 @@
+import { randomBytes } from "node:crypto";
+import { transaction, type Pool, type PoolClient, type Route } from "@mailstack/db";
+import { recordEvents } from "./events.ts";
+
+export type MessageSource = "inbound" | "submission" | "lmtp" | "bounce" | "import" | "forward";
+
+export interface NewMessage {
+  raw: Buffer;
+  /** '' for the null sender <>. */
+  envelopeFrom: string;
+  source: MessageSource;
+  clientIp?: string | null;
+  clientHelo?: string | null;
+  authUser?: string | null;
+  messageIdHeader?: string | null;
+  authResults?: Record<string, unknown> | null;
+  dsnEnvid?: string | null;
+  dsnRet?: "FULL" | "HDRS" | null;
+  traceId?: string | null;
+  /** A queue id chosen earlier (for example one already written into a Received: header). */
+  queueId?: string;
+}
+
+export interface NewDelivery {
+  /** The RCPT TO address as given. */
+  recipient: string;
+  route: Route;
+  folder?: string;
+  dsnNotify?: string[] | null;
+  dsnOrcpt?: string | null;
+}
+
+export interface AcceptedDelivery {
+  id: number;
+  kind: "local" | "remote";
+  finalRecipient: string;
+  remoteDomain: string | null;
+}
+
+export interface AcceptedMessage {
+  messageId: number;
+  queueId: string;
+  traceId: string | null;
+  deliveries: AcceptedDelivery[];
+}
+
+const QUEUE_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZ";
+
+/** A short, unique-enough public id for a message (the database enforces uniqueness). */
+export function newQueueId(): string {
+  const bytes = randomBytes(12);
+  let id = "";
+  for (const byte of bytes) id += QUEUE_ID_ALPHABET[byte % QUEUE_ID_ALPHABET.length];
+  return id;
+}
+
+/**
+ * Stores a message and one delivery row per distinct final recipient, with their
+ * `accepted` events, inside the caller's transaction. Rows start `queued` and undispatched.
+ */
+export async function insertMessage(
+  client: PoolClient,
+  message: NewMessage,
+  deliveries: NewDelivery[],
+  service: string,
+): Promise<AcceptedMessage> {
+  const queueId = message.queueId ?? newQueueId();
+  const inserted = await client.query<{ id: number }>(
+    `INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
+                           message_id_header, auth_results, dsn_envid, dsn_ret, trace_id)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id`,
+    [
+      queueId, message.raw, message.raw.length, message.envelopeFrom, message.source, message.clientIp ?? null,
+      message.clientHelo ?? null, message.authUser ?? null, message.messageIdHeader ?? null,
+      message.authResults ? JSON.stringify(message.authResults) : null, message.dsnEnvid ?? null,
+      message.dsnRet ?? null, message.traceId ?? null,
+    ],
+  );
+  const messageId = inserted.rows[0]!.id;
+
+  const unique = new Map<string, NewDelivery>();
+  for (const delivery of deliveries) {
+    if (!unique.has(delivery.route.address)) unique.set(delivery.route.address, delivery);
+  }
+  const rows = [...unique.values()];
+  const result = await client.query<{ id: number; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(
+    `INSERT INTO deliveries (message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
+     SELECT $1, r.recipient, r.final_recipient, r.kind, r.account_id, r.remote_domain, r.folder,
+            CASE WHEN r.dsn_notify IS NULL THEN NULL ELSE string_to_array(r.dsn_notify, ',') END, r.dsn_orcpt
+     FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[])
+          AS r(recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
+     RETURNING id, kind, final_recipient, remote_domain`,
+    [
+      messageId,
+      rows.map((d) => d.recipient),
+      rows.map((d) => d.route.address),
+      rows.map((d) => d.route.kind),
+      rows.map((d) => (d.route.kind === "local" ? d.route.accountId : null)),
+      rows.map((d) => (d.route.kind === "remote" ? d.route.domain : null)),
+      rows.map((d) => d.folder ?? "INBOX"),
+      rows.map((d) => (d.dsnNotify?.length ? d.dsnNotify.join(",") : null)),
+      rows.map((d) => d.dsnOrcpt ?? null),
+    ],
+  );
+  const accepted = result.rows.map((row) => ({
+    id: row.id,
+    kind: row.kind,
+    finalRecipient: row.final_recipient,
+    remoteDomain: row.remote_domain,
+  }));
+  await recordEvents(
+    client,
+    accepted.map((d) => ({ messageId, deliveryId: d.id, event: "accepted" as const, service, detail: { recipient: d.finalRecipient } })),
+  );
+  return { messageId, queueId, traceId: message.traceId ?? null, deliveries: accepted };
+}
+
+/** Stores a message and its deliveries in one transaction (DESIGN.md rule 2: commit before 250). */
+export async function acceptMessage(pool: Pool, message: NewMessage, deliveries: NewDelivery[], service: string): Promise<AcceptedMessage> {
+  if (deliveries.length === 0) throw new Error("a message needs at least one delivery");
+  return transaction(pool, (client) => insertMessage(client, message, deliveries, service));
+}

@@ -1,0 +1,4 @@
+export * from "./accept.ts";
+export * from "./dispatch.ts";
+export * from "./events.ts";
+export * from "./sweeper.ts";

@@ -1,0 +1,104 @@
+import { ConfigError, commonShape, loadConfig, port, type CommonConfig, type z } from "@mailstack/config";
+import { createPool, migrate, type Pool } from "@mailstack/db";
+import { connectBus, provisionBus, type Bus } from "@mailstack/bus";
+import { createLogger, startOpsServer, stopTelemetry, type Logger } from "@mailstack/telemetry";
+
+export interface ServiceContext<C> {
+  name: string;
+  config: C;
+  logger: Logger;
+  pool: Pool;
+  bus: Bus;
+}
+
+export interface RunningService {
+  /** Extra readiness condition beyond PostgreSQL and NATS being reachable. */
+  ready?: () => boolean | Promise<boolean>;
+  /** Stop accepting new work, finish in-flight work, release resources. */
+  stop: () => Promise<void>;
+}
+
+export interface ServiceDefinition<S extends z.ZodRawShape> {
+  name: string;
+  /** Environment variable naming this service's health/metrics port, and its default. */
+  opsPortVariable: string;
+  opsPortDefault: number;
+  shape: S;
+  start: (context: ServiceContext<CommonConfig & z.infer<z.ZodObject<S>>>) => Promise<RunningService>;
+}
+
+/**
+ * Wires a service: validated config, JSON logger, the PostgreSQL pool (with migrations),
+ * the JetStream connection (with streams and consumers), /healthz /readyz /metrics,
+ * and graceful shutdown on SIGTERM or SIGINT: stop accepting, finish in-flight work, exit.
+ */
+export async function runService<S extends z.ZodRawShape>(definition: ServiceDefinition<S>): Promise<void> {
+  const shape = { ...commonShape, ...definition.shape, [definition.opsPortVariable]: port(definition.opsPortDefault) };
+  let config: CommonConfig & z.infer<z.ZodObject<S>> & Record<string, unknown>;
+  try {
+    config = loadConfig(shape) as typeof config;
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      console.error(JSON.stringify({ level: "fatal", service: definition.name, msg: error.message }));
+      process.exit(78);
+    }
+    throw error;
+  }
+  const logger = createLogger(definition.name, config.LOG_LEVEL);
+  let shuttingDown = false;
+  let service: RunningService | undefined;
+
+  const pool = createPool({ url: config.DATABASE_URL, max: config.DATABASE_POOL_SIZE, applicationName: definition.name });
+  await retry(() => migrate(pool), logger, "PostgreSQL");
+  const bus = await retry(() => connectBus({ url: config.NATS_URL, name: definition.name, prefix: config.BUS_PREFIX }), logger, "NATS");
+  await provisionBus(bus);
+
+  const ops = await startOpsServer({
+    port: config[definition.opsPortVariable] as number,
+    ready: async () => {
+      if (shuttingDown || !service || bus.nc.isClosed()) return false;
+      await pool.query("SELECT 1");
+      return service.ready ? service.ready() : true;
+    },
+  });
+
+  service = await definition.start({ name: definition.name, config, logger, pool, bus });
+  logger.info({ opsPort: config[definition.opsPortVariable] }, `${definition.name} ready`);
+
+  const shutdown = async (signal: string) => {
+    if (shuttingDown) return;
+    shuttingDown = true;
+    logger.info({ signal }, "shutting down: finishing in-flight work");
+    const deadline = setTimeout(() => {
+      logger.error("shutdown took too long; exiting");
+      process.exit(1);
+    }, config.SHUTDOWN_TIMEOUT);
+    deadline.unref();
+    try {
+      await service?.stop();
+      await bus.close();
+      await pool.end();
+      ops.close();
+      await stopTelemetry();
+      logger.info("stopped");
+      process.exit(0);
+    } catch (error) {
+      logger.error({ err: error }, "error during shutdown");
+      process.exit(1);
+    }
+  };
+  process.once("SIGTERM", () => void shutdown("SIGTERM"));
+  process.once("SIGINT", () => void shutdown("SIGINT"));
+}
+
+async function retry<T>(fn: () => Promise<T>, logger: Logger, what: string): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await fn();
+    } catch (error) {
+      if (attempt >= 30) throw error;
+      logger.warn({ err: error, attempt }, `${what} not reachable yet; retrying`);
+      await new Promise((resolve) => setTimeout(resolve, Math.min(5_000, 200 * attempt)));
+    }
+  }
+}

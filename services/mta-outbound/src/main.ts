@@ -1,0 +1,6 @@
+import { startTelemetry } from "@mailstack/telemetry/sdk";
+
+// Telemetry starts before anything it instruments (pg, net, dns) is imported.
+startTelemetry("mta-outbound");
+const { main } = await import("./service.ts");
+await main();

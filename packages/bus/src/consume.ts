@@ -79,7 +79,7 @@ export function consume<T>(bus: Bus, options: ConsumeOptions<T>): Consumer {
         data = msg.json<T>();
       } catch {
         options.logger?.error({ subject: msg.subject, seq: msg.seq }, "message is not JSON; terminating it");
-        msg.term("payload is not JSON");
+        msg.term();
         span.end();
         return;
       }
@@ -91,7 +91,7 @@ export function consume<T>(bus: Bus, options: ConsumeOptions<T>): Consumer {
         span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
         if (error instanceof PermanentError) {
           options.logger?.error({ err: error, seq: msg.seq }, "message failed permanently; terminating it");
-          msg.term(error.message);
+          msg.term();
         } else {
           options.logger?.warn({ err: error, seq: msg.seq, deliveryCount: msg.info.deliveryCount }, "handler failed; will retry");
           msg.nak(retryDelay(msg.info.deliveryCount));

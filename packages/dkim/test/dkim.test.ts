@@ -1,0 +1,102 @@
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
+import { dkimVerify } from "mailauth/lib/dkim/verify.js";
+import { addDomain, DirectoryError } from "@mailstack/db";
+import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
+import {
+  createDomainDkimKey, dkimDnsRecord, dkimSignatures, generateDkimKey, getDomainDkimRecord, isValidSelector,
+  loadDkimKeys, publicKeyValue, type DkimAlgorithm,
+} from "../src/index.ts";
+
+const run = promisify(execFile);
+
+const message = Buffer.from(
+  "From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: hello\r\n" +
+    "Date: Fri, 27 Nov 2026 09:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\nHello  there \r\nsecond line\r\n",
+);
+
+/** Verifies with Debian's python3-dkim, answering its DNS query with the given TXT value. */
+async function pythonVerify(signed: Buffer, name: string, txt: string): Promise<string> {
+  const script = `
+import sys, dkim
+data = sys.stdin.buffer.read()
+name, txt = sys.argv[1].encode(), sys.argv[2].encode()
+def dnsfunc(q, timeout=5):
+    return txt if q.rstrip(b".") == name else None
+print("pass" if dkim.verify(data, dnsfunc=dnsfunc) else "fail")
+`;
+  const child = run("/usr/bin/python3", ["-c", script, name, txt]);
+  child.child.stdin!.end(signed);
+  return (await child).stdout.trim();
+}
+
+let db: TestDatabase;
+before(async () => {
+  db = await createTestDatabase();
+});
+after(async () => {
+  await db.drop();
+});
+
+test("selectors are DNS labels", () => {
+  assert.ok(isValidSelector("ms20261127"));
+  assert.ok(isValidSelector("a.b-c"));
+  assert.ok(!isValidSelector("-bad"));
+  assert.ok(!isValidSelector("has space"));
+  assert.ok(!isValidSelector(""));
+});
+
+test("the TXT record is split into 255-character strings", async () => {
+  const key = await generateDkimKey("rsa-sha256");
+  const record = dkimDnsRecord("example.org", "s1", "rsa-sha256", key.publicKey);
+  assert.equal(record.name, "s1._domainkey.example.org");
+  assert.match(record.value, /^v=DKIM1; k=rsa; p=[A-Za-z0-9+/=]+$/);
+  assert.ok(record.strings.length >= 2 && record.strings.every((s) => s.length <= 255));
+  assert.equal(record.strings.join(""), record.value);
+  const ed = await generateDkimKey("ed25519-sha256");
+  assert.equal(Buffer.from(ed.publicKey, "base64").length, 32);
+  assert.throws(() => publicKeyValue(ed.privateKeyPem, "rsa-sha256"), /ed25519/);
+});
+
+for (const algorithm of ["rsa-sha256", "ed25519-sha256"] as DkimAlgorithm[]) {
+  test(`a ${algorithm} signature verifies with mailauth and python3-dkim`, async () => {
+    const key = await generateDkimKey(algorithm);
+    const record = dkimDnsRecord("example.org", "sel", algorithm, key.publicKey);
+    const headers = await dkimSignatures(message, [{ domain: "example.org", selector: "sel", algorithm, privateKey: key.privateKeyPem }]);
+    assert.match(headers, /^DKIM-Signature: /);
+    assert.match(headers, new RegExp(`a=${algorithm}`));
+    assert.match(headers, /c=relaxed\/relaxed/);
+    const signed = Buffer.concat([Buffer.from(headers), message]);
+
+    const resolver = async (name: string, type: string) => {
+      if (type === "TXT" && name === record.name) return [record.strings];
+      throw Object.assign(new Error("NXDOMAIN"), { code: "ENOTFOUND" });
+    };
+    const verified = await dkimVerify(signed, { resolver });
+    assert.equal(verified.results[0]?.status.result, "pass");
+    assert.equal(await pythonVerify(signed, record.name, record.value), "pass");
+
+    // A changed body must fail both verifiers: the check can fail.
+    const tampered = Buffer.from(signed.toString().replace("second line", "second line!"));
+    // mailauth reports a body hash mismatch as "neutral" (RFC 6376 6.1.3 leaves the label open).
+    assert.notEqual((await dkimVerify(tampered, { resolver })).results[0]?.status.result, "pass");
+    assert.equal(await pythonVerify(tampered, record.name, record.value), "fail");
+  });
+}
+
+test("keys are stored per domain and the published record matches the stored key", async () => {
+  await addDomain(db.pool, "keys.test");
+  await addDomain(db.pool, "nokey.test");
+  const record = await createDomainDkimKey(db.pool, "Keys.Test", { selector: "jan", algorithm: "ed25519-sha256" });
+  assert.equal(record.name, "jan._domainkey.keys.test");
+  assert.deepEqual(await getDomainDkimRecord(db.pool, "keys.test"), record);
+  assert.equal(await getDomainDkimRecord(db.pool, "nokey.test"), null);
+  const keys = await loadDkimKeys(db.pool, ["keys.test", "nokey.test", "elsewhere.test"]);
+  assert.equal(keys.length, 1);
+  assert.equal(keys[0]!.selector, "jan");
+  assert.equal(publicKeyValue(keys[0]!.privateKey, "ed25519-sha256"), record.value.split("p=")[1]);
+  await assert.rejects(createDomainDkimKey(db.pool, "missing.test"), (e: unknown) => e instanceof DirectoryError && e.code === "not-found");
+  await assert.rejects(createDomainDkimKey(db.pool, "keys.test", { selector: "bad selector" }), /invalid DKIM selector/);
+});

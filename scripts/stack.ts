@@ -7,7 +7,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { DEFAULT_DATABASE_URL, DEFAULT_NATS_URL } from "@mailstack/config";
 import { createPool, ensureDatabase, migrate } from "@mailstack/db";
-import { ensureTlsFiles } from "@mailstack/runtime";
+import { loadTlsCredentials } from "@mailstack/runtime";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const dataDir = path.join(root, ".data");
@@ -151,15 +151,19 @@ try {
   const applied = await migrate(pool);
   await pool.end();
   say(applied.length ? `migrations applied: ${applied.join(", ")}` : "schema is up to date");
-  const tls = process.env.TLS_CERT_FILE && process.env.TLS_KEY_FILE
-    ? { certFile: process.env.TLS_CERT_FILE, keyFile: process.env.TLS_KEY_FILE }
-    : await ensureTlsFiles(path.join(dataDir, "tls"), process.env.MAIL_HOSTNAME ?? "localhost");
+  // Generated once here (when no certificate is configured) so every service reads the same cached pair.
+  const tlsDir = process.env.TLS_DIR ?? path.join(dataDir, "tls");
+  const tls = await loadTlsCredentials({
+    certFile: process.env.TLS_CERT_FILE,
+    keyFile: process.env.TLS_KEY_FILE,
+    dir: tlsDir,
+    hostname: process.env.MAIL_HOSTNAME ?? "localhost",
+  });
   const env: NodeJS.ProcessEnv = {
     ...process.env,
     DATABASE_URL: databaseUrl,
     NATS_URL: natsUrl,
-    TLS_CERT_FILE: tls.certFile,
-    TLS_KEY_FILE: tls.keyFile,
+    TLS_DIR: tlsDir,
   };
   for (const spec of services) startService(spec, env);
   const ready = await Promise.all(services.map(waitReady));
@@ -183,7 +187,7 @@ try {
     "  Health and metrics        " + services.map((s) => `${s.name} :${s.opsPort}`).join(", "),
     `  Database                  ${databaseUrl.replace(/:[^:@/]*@/, ":***@")}`,
     `  NATS                      ${natsUrl}`,
-    `  TLS certificate           ${tls.certFile}`,
+    `  TLS certificate           ${tls.source}${tls.selfSigned ? " (self-signed)" : ""}`,
     "",
     "Add a first account and send a first mail (in another terminal):",
     "  pnpm mailctl domain add example.test",

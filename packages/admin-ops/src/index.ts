@@ -1,0 +1,3 @@
+export * from "./tokens.ts";
+export * from "./journey.ts";
+export * from "./dns.ts";

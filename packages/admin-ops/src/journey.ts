@@ -1,0 +1,147 @@
+import type { Queryable } from "@mailstack/db";
+
+export interface JourneyEventView {
+  event: string;
+  service: string;
+  reply: string | null;
+  detail: Record<string, unknown> | null;
+  at: string;
+}
+
+export interface JourneyRecipient {
+  deliveryId: number;
+  recipient: string;
+  finalRecipient: string;
+  kind: "local" | "remote";
+  state: string;
+  folder: string;
+  attempts: number;
+  lastReply: string | null;
+  lastStatus: string | null;
+  remoteMta: string | null;
+  nextAttemptAt: string | null;
+  events: JourneyEventView[];
+}
+
+export interface JourneyMessage {
+  queueId: string;
+  messageId: string | null;
+  envelopeFrom: string;
+  source: string;
+  size: number;
+  receivedAt: string;
+  traceId: string | null;
+  traceUrl: string | null;
+  /** Events that concern the whole message rather than one recipient. */
+  events: JourneyEventView[];
+  recipients: JourneyRecipient[];
+}
+
+export interface JourneyQuery {
+  queueId?: string;
+  /** The Message-ID header, with or without angle brackets. */
+  messageId?: string;
+}
+
+export interface JourneyOptions {
+  /** Confines the answer to one tenant domain (see `visible` below). */
+  domain?: string | null;
+  /** Jaeger's UI base URL; the trace link is `${jaegerUrl}/trace/${traceId}`. */
+  jaegerUrl?: string;
+  /** At most this many messages (a Message-ID may be shared by several). */
+  limit?: number;
+}
+
+function domainOf(address: string): string {
+  return address.slice(address.lastIndexOf("@") + 1).toLowerCase();
+}
+
+function iso(value: Date | null): string | null {
+  return value ? value.toISOString() : null;
+}
+
+/**
+ * The journey of a message: each recipient's state and event history, and the trace id with
+ * a Jaeger link. A tenant sees a message it sent in full; a message it only received shows
+ * just its own recipients; anything else does not exist for it.
+ */
+export async function messageJourney(db: Queryable, query: JourneyQuery, options: JourneyOptions = {}): Promise<JourneyMessage[]> {
+  const limit = Math.min(Math.max(options.limit ?? 20, 1), 100);
+  let where: string;
+  let value: string;
+  if (query.queueId) {
+    where = "queue_id = $1";
+    value = query.queueId;
+  } else if (query.messageId) {
+    where = "message_id_header IN ($1, $2)";
+    value = query.messageId.replace(/^<|>$/g, "");
+  } else {
+    return [];
+  }
+  const params = query.queueId ? [value] : [value, `<${value}>`];
+  const messages = await db.query<{
+    id: number; queue_id: string; message_id_header: string | null; envelope_from: string; auth_user: string | null;
+    source: string; size: number; received_at: Date; trace_id: string | null;
+  }>(
+    `SELECT id, queue_id, message_id_header, envelope_from, auth_user, source, size, received_at, trace_id
+     FROM messages WHERE ${where} ORDER BY received_at, id LIMIT ${limit}`,
+    params,
+  );
+  const out: JourneyMessage[] = [];
+  for (const message of messages.rows) {
+    const deliveries = await db.query<{
+      id: number; recipient: string; final_recipient: string; kind: "local" | "remote"; state: string; folder: string;
+      attempts: number; last_reply: string | null; last_status: string | null; remote_mta: string | null; next_attempt_at: Date | null;
+    }>(
+      `SELECT id, recipient, final_recipient, kind, state, folder, attempts, last_reply, last_status, remote_mta, next_attempt_at
+       FROM deliveries WHERE message_id = $1 ORDER BY id`,
+      [message.id],
+    );
+    const tenant = options.domain ?? null;
+    const sentByTenant = tenant === null
+      || (message.envelope_from !== "" && domainOf(message.envelope_from) === tenant)
+      || (message.auth_user !== null && domainOf(message.auth_user) === tenant);
+    const visible = sentByTenant
+      ? deliveries.rows
+      : deliveries.rows.filter((d) => domainOf(d.final_recipient) === tenant || domainOf(d.recipient) === tenant);
+    if (!sentByTenant && visible.length === 0) continue;
+
+    const events = await db.query<{ delivery_id: number | null; event: string; service: string; reply: string | null; detail: Record<string, unknown> | null; created_at: Date }>(
+      "SELECT delivery_id, event, service, reply, detail, created_at FROM delivery_events WHERE message_id = $1 ORDER BY id",
+      [message.id],
+    );
+    const byDelivery = new Map<number | null, JourneyEventView[]>();
+    for (const e of events.rows) {
+      const list = byDelivery.get(e.delivery_id) ?? [];
+      list.push({ event: e.event, service: e.service, reply: e.reply, detail: e.detail, at: e.created_at.toISOString() });
+      byDelivery.set(e.delivery_id, list);
+    }
+    const jaeger = (options.jaegerUrl ?? "http://localhost:16686").replace(/\/+$/, "");
+    out.push({
+      queueId: message.queue_id,
+      messageId: message.message_id_header,
+      envelopeFrom: message.envelope_from,
+      source: message.source,
+      size: message.size,
+      receivedAt: message.received_at.toISOString(),
+      traceId: message.trace_id,
+      traceUrl: message.trace_id ? `${jaeger}/trace/${message.trace_id}` : null,
+      events: sentByTenant ? (byDelivery.get(null) ?? []) : [],
+      recipients: visible.map((d) => ({
+        deliveryId: d.id,
+        recipient: d.recipient,
+        finalRecipient: d.final_recipient,
+        kind: d.kind,
+        state: d.state,
+        folder: d.folder,
+        attempts: d.attempts,
+        lastReply: d.last_reply,
+        lastStatus: d.last_status,
+        remoteMta: d.remote_mta,
+        nextAttemptAt: iso(d.next_attempt_at),
+        events: byDelivery.get(d.id) ?? [],
+      })),
+    });
+  }
+  return out;
+}

@@ -1,0 +1,174 @@
+import Cursor from "pg-cursor";
+import { transaction, type Pool } from "@mailstack/db";
+import { insertMessage } from "@mailstack/queue";
+import { mboxrdEntry } from "./mbox.ts";
+
+/** A refused import or export (bad folder name, over quota, malformed input): one line for the operator. */
+export class MailboxIoError extends Error {
+  readonly code: "invalid" | "not-found" | "quota";
+  constructor(code: MailboxIoError["code"], message: string) {
+    super(message);
+    this.name = "MailboxIoError";
+    this.code = code;
+  }
+}
+
+export interface MailboxEntry {
+  folder: string;
+  uid: number;
+  envelopeFrom: string;
+  receivedAt: Date;
+  /** The mailbox copy: the per-recipient header prefix followed by the stored message. */
+  bytes: Buffer;
+}
+
+/** Folder names double as relative paths in exports: no empty, "." or ".." segments, no control characters. */
+export function validateFolderName(name: string): string {
+  const segments = name.split("/");
+  if (
+    name.length === 0 || name.length > 255 || /[\x00-\x1f\x7f\\]/.test(name)
+    || segments.some((s) => s === "" || s === "." || s === "..")
+  ) {
+    throw new MailboxIoError("invalid", `invalid folder name: ${JSON.stringify(name)}`);
+  }
+  return name;
+}
+
+export async function listFolders(pool: Pool, accountId: number): Promise<string[]> {
+  const result = await pool.query<{ name: string }>(
+    `SELECT name FROM folders WHERE account_id = $1
+     UNION SELECT DISTINCT folder FROM mailbox_entries WHERE account_id = $1 ORDER BY 1`,
+    [accountId],
+  );
+  return result.rows.map((r) => r.name);
+}
+
+/**
+ * The mailbox entries of an account (one folder, or all), oldest UID first, read through a
+ * cursor a few rows at a time so a large mailbox is never in memory at once.
+ */
+export async function* mailboxEntries(pool: Pool, accountId: number, folder?: string, batchSize = 8): AsyncGenerator<MailboxEntry> {
+  const client = await pool.connect();
+  const params: unknown[] = [accountId];
+  if (folder !== undefined) params.push(folder);
+  const cursor = client.query(
+    new Cursor<{ folder: string; uid: number; envelope_from: string; received_at: Date; header_prefix: Buffer; raw: Buffer }>(
+      `SELECT e.folder, e.uid, m.envelope_from, m.received_at, e.header_prefix, m.raw
+       FROM mailbox_entries e JOIN messages m ON m.id = e.message_id
+       WHERE e.account_id = $1 AND NOT e.deleted ${folder !== undefined ? "AND e.folder = $2" : ""}
+       ORDER BY e.folder, e.uid`,
+      params,
+    ),
+  );
+  try {
+    for (;;) {
+      const rows = await cursor.read(batchSize);
+      if (rows.length === 0) break;
+      for (const row of rows) {
+        yield {
+          folder: row.folder,
+          uid: row.uid,
+          envelopeFrom: row.envelope_from,
+          receivedAt: row.received_at,
+          bytes: row.header_prefix.length ? Buffer.concat([row.header_prefix, row.raw]) : row.raw,
+        };
+      }
+    }
+  } finally {
+    await cursor.close().catch(() => undefined);
+    client.release();
+  }
+}
+
+/** One folder as an mboxrd byte stream. */
+export async function* mboxStream(pool: Pool, accountId: number, folder: string): AsyncGenerator<Buffer> {
+  for await (const entry of mailboxEntries(pool, accountId, folder)) {
+    yield* mboxrdEntry(entry.envelopeFrom, entry.receivedAt, entry.bytes);
+  }
+}
+
+export interface ImportedMessage {
+  raw: Buffer;
+  envelopeFrom: string;
+  receivedAt: Date | null;
+}
+
+function headerValue(raw: Buffer, name: string): string | null {
+  const end = raw.indexOf("\r\n\r\n") >= 0 ? raw.indexOf("\r\n\r\n") : raw.indexOf("\n\n");
+  const head = raw.subarray(0, Math.min(end >= 0 ? end : raw.length, 256 * 1024)).toString("latin1");
+  const match = new RegExp(`^${name}:[ \\t]*((?:.*)(?:\\r?\\n[ \\t].*)*)`, "im").exec(head);
+  return match ? match[1]!.replace(/\r?\n[ \t]+/g, " ").trim() || null : null;
+}
+
+/** The envelope sender an .eml file implies: its Return-Path, or the null sender. */
+export function returnPath(raw: Buffer): string {
+  const value = headerValue(raw, "Return-Path");
+  return value ? value.replace(/^<|>$/g, "") : "";
+}
+
+/**
+ * Files one message into a folder: a messages row (source 'import'), the next UID from the
+ * folders table and a mailbox entry, in one transaction. The stored bytes are exactly the input.
+ */
+export async function importMessage(pool: Pool, accountId: number, folder: string, message: ImportedMessage): Promise<{ uid: number; queueId: string }> {
+  return transaction(pool, async (client) => {
+    const account = await client.query<{ quota_bytes: number | null; used_bytes: number }>(
+      "SELECT quota_bytes, used_bytes FROM accounts WHERE id = $1 FOR UPDATE",
+      [accountId],
+    );
+    const row = account.rows[0];
+    if (!row) throw new MailboxIoError("not-found", "the account no longer exists");
+    if (row.quota_bytes !== null && row.used_bytes + message.raw.length > row.quota_bytes) {
+      throw new MailboxIoError("quota", `the account's quota of ${row.quota_bytes} bytes would be exceeded`);
+    }
+    const stored = await insertMessage(
+      client,
+      { raw: message.raw, envelopeFrom: message.envelopeFrom, source: "import", messageIdHeader: headerValue(message.raw, "Message-ID") },
+      [],
+      "admin-api",
+    );
+    if (message.receivedAt) {
+      await client.query("UPDATE messages SET received_at = $2 WHERE id = $1", [stored.messageId, message.receivedAt]);
+    }
+    await client.query("INSERT INTO folders (account_id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING", [accountId, folder]);
+    const uid = await client.query<{ uid: number }>(
+      "UPDATE folders SET uid_next = uid_next + 1 WHERE account_id = $1 AND name = $2 RETURNING uid_next - 1 AS uid",
+      [accountId, folder],
+    );
+    await client.query(
+      "INSERT INTO mailbox_entries (account_id, folder, uid, message_id, size) VALUES ($1, $2, $3, $4, $5)",
+      [accountId, folder, uid.rows[0]!.uid, stored.messageId, message.raw.length],
+    );
+    await client.query("UPDATE accounts SET used_bytes = used_bytes + $2 WHERE id = $1", [accountId, message.raw.length]);
+    return { uid: uid.rows[0]!.uid, queueId: stored.queueId };
+  });
+}
+
+export interface ImportResult {
+  imported: number;
+  bytes: number;
+  folders: string[];
+}
+
+/** Imports messages one transaction each; on a failure, the error says how many were already imported. */
+export async function importMessages(
+  pool: Pool,
+  accountId: number,
+  messages: AsyncIterable<ImportedMessage & { folder: string }>,
+): Promise<ImportResult> {
+  const result: ImportResult = { imported: 0, bytes: 0, folders: [] };
+  try {
+    for await (const message of messages) {
+      validateFolderName(message.folder);
+      await importMessage(pool, accountId, message.folder, message);
+      result.imported++;
+      result.bytes += message.raw.length;
+      if (!result.folders.includes(message.folder)) result.folders.push(message.folder);
+    }
+  } catch (error) {
+    const problem = error as Error;
+    problem.message = `${problem.message} (after ${result.imported} message(s) imported)`;
+    throw problem;
+  }
+  return result;
+}

@@ -82,13 +82,15 @@ interface ServiceSpec {
 
 // Privileged ports need root; otherwise the stack moves each to 2000 + its number.
 const port = (standard: number) => (isRoot ? standard : 2000 + standard);
+// Each ops port can be moved with <SERVICE>_OPS_PORT, e.g. MTA_INBOUND_OPS_PORT=19025.
+const opsPort = (name: string, standard: number) => Number(process.env[`${name.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] ?? standard);
 const services: ServiceSpec[] = [
-  { name: "mta-inbound", opsPort: 9025, ports: { SMTP_PORT: port(25) } },
-  { name: "msa", opsPort: 9587, ports: { SUBMISSION_PORT: port(587), SUBMISSIONS_PORT: port(465) } },
-  { name: "mda", opsPort: 9024, ports: { LMTP_PORT: port(24) } },
-  { name: "mta-outbound", opsPort: 9026, ports: {} },
-  { name: "pop3", opsPort: 9110, ports: { POP3_PORT: port(110), POP3S_PORT: port(995) } },
-  { name: "admin-api", opsPort: 9080, ports: { API_PORT: 8080 } },
+  { name: "mta-inbound", opsPort: opsPort("mta-inbound", 9025), ports: { SMTP_PORT: port(25) } },
+  { name: "msa", opsPort: opsPort("msa", 9587), ports: { SUBMISSION_PORT: port(587), SUBMISSIONS_PORT: port(465) } },
+  { name: "mda", opsPort: opsPort("mda", 9024), ports: { LMTP_PORT: port(24) } },
+  { name: "mta-outbound", opsPort: opsPort("mta-outbound", 9026), ports: {} },
+  { name: "pop3", opsPort: opsPort("pop3", 9110), ports: { POP3_PORT: port(110), POP3S_PORT: port(995) } },
+  { name: "admin-api", opsPort: opsPort("admin-api", 9080), ports: { API_PORT: 8080 } },
 ];
 
 function startService(spec: ServiceSpec, env: NodeJS.ProcessEnv): void {

@@ -2,3 +2,4 @@ export * from "./accept.ts";
 export * from "./dispatch.ts";
 export * from "./events.ts";
 export * from "./sweeper.ts";
+export * from "./metrics.ts";

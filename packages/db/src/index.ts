@@ -3,3 +3,4 @@ export * from "./migrate.ts";
 export * from "./ensure-database.ts";
 export * from "./directory.ts";
 export * from "./routing.ts";
+export * from "./filters.ts";

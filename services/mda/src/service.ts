@@ -1,13 +1,14 @@
 import { runService } from "@mailstack/runtime";
+import { mdaShape, startMda } from "./mda.ts";
 
 export async function main(): Promise<void> {
   await runService({
     name: "mda",
     opsPortVariable: "OPS_PORT",
     opsPortDefault: 9024,
-    shape: {},
-    async start() {
-      return { stop: async () => {} };
+    shape: mdaShape,
+    async start({ pool, bus, logger, config }) {
+      return startMda({ pool, bus, logger, config });
     },
   });
 }

@@ -1,0 +1,267 @@
+import type { Bus } from "@mailstack/bus";
+import { resolveRecipient, type FilterRuleRow, type Pool, type PoolClient } from "@mailstack/db";
+import { dispatchAccepted, insertMessage, recordEvents, type AcceptedMessage, type JourneyEvent } from "@mailstack/queue";
+import { mailMetrics, type Logger } from "@mailstack/telemetry";
+import { decide, type Decision } from "./filters.ts";
+import { parseMessage, type ParsedMessage } from "./parse.ts";
+
+export const SERVICE = "mda";
+
+export interface DeliverContext {
+  pool: Pool;
+  logger: Logger;
+  /** Needed to dispatch a forwarded copy right after commit; without it the sweeper dispatches it. */
+  bus?: Bus;
+}
+
+export interface DeliverOptions {
+  /**
+   * The client is told the result (LMTP) and produces its own bounce: a failure then gets
+   * dsn_state 'suppressed' instead of 'pending'.
+   */
+  failureReported?: boolean;
+}
+
+export type Outcome =
+  | { status: "missing" }
+  | { status: "duplicate"; state: string }
+  | { status: "delivered"; folder: string; uid: number; forwardedTo?: string }
+  | { status: "discarded"; ruleId: number }
+  | { status: "forwarded"; to: string; messageId: number }
+  | { status: "bounced"; code: number; enhanced: string; text: string };
+
+const FINAL_STATES = new Set(["delivered", "bounced", "cancelled"]);
+
+interface Row {
+  id: number;
+  message_id: number;
+  state: string;
+  kind: "local" | "remote";
+  account_id: number | null;
+  final_recipient: string;
+  folder: string;
+  dsn_notify: string[] | null;
+  envelope_from: string;
+  message_size: number;
+  trace_id: string | null;
+  parsed: ParsedMessage | null;
+  address: string | null;
+  disabled: boolean | null;
+  rules: FilterRuleRow[];
+}
+
+/** Header lines only ever carry printable text: anything else in an address is dropped. */
+function headerSafe(text: string): string {
+  return text.replace(/[\x00-\x1f\x7f]/g, "");
+}
+
+/** The per-recipient trace lines prepended to the stored message (RFC 5321 §4.4; Delivered-To as Postfix writes it). */
+export function headerPrefix(envelopeFrom: string, finalRecipient: string): Buffer {
+  return Buffer.from(`Return-Path: <${headerSafe(envelopeFrom)}>\r\nDelivered-To: ${headerSafe(finalRecipient)}\r\n`, "utf8");
+}
+
+/**
+ * Parses the message once and stores the result (only when nothing is stored yet). A message
+ * that cannot be parsed still gets a row, with errors, so it is not parsed again and again.
+ */
+export async function ensureParsed(pool: Pool, messageId: number): Promise<void> {
+  const found = await pool.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1 AND parsed IS NULL", [messageId]);
+  const row = found.rows[0];
+  if (!row) return;
+  const parsed = await parseMessage(row.raw);
+  await pool.query("UPDATE messages SET parsed = $2 WHERE id = $1 AND parsed IS NULL", [messageId, JSON.stringify(parsed)]);
+}
+
+/** DSN bookkeeping for a failed delivery: no bounce to <>, none when NOTIFY excludes FAILURE, none when the client was told. */
+function dsnStateFor(row: Row, options: DeliverOptions): "pending" | "suppressed" {
+  if (options.failureReported || row.envelope_from === "") return "suppressed";
+  const notify = (row.dsn_notify ?? []).map((n) => n.toUpperCase());
+  if (notify.length > 0 && (notify.includes("NEVER") || !notify.includes("FAILURE"))) return "suppressed";
+  return "pending";
+}
+
+async function bounce(client: PoolClient, row: Row, options: DeliverOptions, code: number, enhanced: string, text: string): Promise<Outcome> {
+  const reply = `${code} ${enhanced} ${text}`;
+  await client.query(
+    `UPDATE deliveries SET state = 'bounced', attempts = attempts + 1, last_attempt_at = now(), next_attempt_at = NULL,
+            last_status = $2, last_reply = $3, dsn_state = $4, updated_at = now()
+      WHERE id = $1`,
+    [row.id, enhanced, reply, dsnStateFor(row, options)],
+  );
+  await recordEvents(client, [{ messageId: row.message_id, deliveryId: row.id, event: "bounced", service: SERVICE, reply, detail: { recipient: row.final_recipient } }]);
+  return { status: "bounced", code, enhanced, text };
+}
+
+interface Filed {
+  ok: boolean;
+  folder: string;
+  uid: number;
+}
+
+/** Quota check and increment in one statement, then the next UID of the folder, then the entry. */
+async function fileCopy(client: PoolClient, row: Row, folder: string): Promise<Filed> {
+  const prefix = headerPrefix(row.envelope_from, row.final_recipient);
+  const size = prefix.length + row.message_size;
+  const quota = await client.query(
+    `UPDATE accounts SET used_bytes = used_bytes + $2
+      WHERE id = $1 AND (quota_bytes IS NULL OR used_bytes + $2 <= quota_bytes) RETURNING id`,
+    [row.account_id, size],
+  );
+  if (!quota.rowCount) return { ok: false, folder, uid: 0 };
+  const uid = await client.query<{ uid: number }>(
+    `INSERT INTO folders (account_id, name, uid_next) VALUES ($1, $2, 2)
+     ON CONFLICT (account_id, name) DO UPDATE SET uid_next = folders.uid_next + 1
+     RETURNING uid_next - 1 AS uid`,
+    [row.account_id, folder],
+  );
+  await client.query(
+    `INSERT INTO mailbox_entries (account_id, folder, uid, message_id, delivery_id, header_prefix, size)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+    [row.account_id, folder, uid.rows[0]!.uid, row.message_id, row.id, prefix, size],
+  );
+  return { ok: true, folder, uid: uid.rows[0]!.uid };
+}
+
+async function markDelivered(client: PoolClient, row: Row, folder: string, reply: string, events: JourneyEvent[]): Promise<void> {
+  await client.query(
+    `UPDATE deliveries SET state = 'delivered', folder = $2, attempts = attempts + 1, last_attempt_at = now(),
+            next_attempt_at = NULL, last_status = '2.0.0', last_reply = $3, updated_at = now()
+      WHERE id = $1`,
+    [row.id, folder, reply],
+  );
+  await recordEvents(client, events);
+}
+
+/**
+ * Creates the forwarded copy as a new message (source 'forward') in the same transaction.
+ * The envelope sender becomes the forwarding account (so a bounce of the copy goes to it,
+ * and SPF checks at the destination see our domain); a bounce (<>) stays <> so it cannot loop.
+ */
+async function createForward(client: PoolClient, row: Row, to: string): Promise<AcceptedMessage | string> {
+  const route = await resolveRecipient(client, to, { allowRemote: true });
+  if (!route.ok) return `forward target refused: ${route.reason}`;
+  const raw = await client.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1", [row.message_id]);
+  // Delivered-To on the copy lets the next hop (and this MDA) detect a forwarding loop.
+  const body = Buffer.concat([Buffer.from(`Delivered-To: ${headerSafe(row.address!)}\r\n`), raw.rows[0]!.raw]);
+  return insertMessage(
+    client,
+    { raw: body, envelopeFrom: row.envelope_from === "" ? "" : row.address!, source: "forward", traceId: row.trace_id },
+    route.routes.map((r) => ({ recipient: to, route: r })),
+    SERVICE,
+  );
+}
+
+/**
+ * Delivers one local delivery in one transaction: lock the row, check it is still pending,
+ * check the account, apply the rules, quota, UID, entry, state and event; commit. Safe to
+ * call any number of times for the same delivery: only the first call has an effect.
+ */
+export async function deliverLocal(ctx: DeliverContext, deliveryId: number, options: DeliverOptions = {}): Promise<Outcome> {
+  const pre = await ctx.pool.query<{ state: string; message_id: number; parsed: boolean }>(
+    `SELECT d.state, d.message_id, m.parsed IS NOT NULL AS parsed
+       FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE d.id = $1`,
+    [deliveryId],
+  );
+  const head = pre.rows[0];
+  if (!head) return { status: "missing" };
+  if (FINAL_STATES.has(head.state)) return { status: "duplicate", state: head.state };
+  if (!head.parsed) await ensureParsed(ctx.pool, head.message_id);
+
+  let forwarded: AcceptedMessage | null = null;
+  const client = await ctx.pool.connect();
+  let outcome: Outcome | undefined;
+  try {
+    await client.query("BEGIN");
+    const result = await client.query<Row>(
+      `SELECT d.id, d.message_id, d.state, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
+              m.envelope_from, m.size AS message_size, m.trace_id, m.parsed, a.address, a.disabled,
+              COALESCE((SELECT json_agg(f ORDER BY f.position) FROM filter_rules f WHERE f.account_id = d.account_id), '[]') AS rules
+         FROM deliveries d
+         JOIN messages m ON m.id = d.message_id
+         LEFT JOIN accounts a ON a.id = d.account_id
+        WHERE d.id = $1
+        FOR UPDATE OF d`,
+      [deliveryId],
+    );
+    const row = result.rows[0];
+    if (!row) {
+      outcome = { status: "missing" };
+    } else if (FINAL_STATES.has(row.state) || row.kind !== "local") {
+      outcome = { status: "duplicate", state: row.state };
+    } else if (row.account_id === null || row.address === null) {
+      outcome = await bounce(client, row, options, 550, "5.1.1", "Mailbox unavailable: no such account");
+    } else if (row.disabled) {
+      outcome = await bounce(client, row, options, 550, "5.2.1", "Mailbox disabled");
+    } else {
+      const parsed = row.parsed;
+      const headers = parsed?.headers ?? [];
+      const prefixSize = headerPrefix(row.envelope_from, row.final_recipient).length;
+      let decision: Decision = decide(row.rules, {
+        headers,
+        size: prefixSize + row.message_size,
+        spam: parsed?.spam ?? false,
+        defaultFolder: row.folder,
+      });
+      const events: JourneyEvent[] = [];
+      if (decision.kind === "forward") {
+        const looped = headers.some(([name, value]) => name === "delivered-to" && value.trim().toLowerCase() === row.address);
+        // A forward that keeps a copy may still meet a full mailbox: the savepoint undoes the forward then.
+        if (decision.keepCopy) await client.query("SAVEPOINT forward");
+        const created = looped ? "forwarding loop: this account already handled the message" : await createForward(client, row, decision.to);
+        if (typeof created === "string") {
+          // Nothing is lost: the copy stays with the account.
+          ctx.logger.warn({ deliveryId, rule: decision.ruleId, problem: created }, "forward not possible; filing into INBOX");
+          events.push({ messageId: row.message_id, deliveryId: row.id, event: "filtered", service: SERVICE, detail: { rule: decision.ruleId, problem: created } });
+          decision = { kind: "file", folder: "INBOX", ruleId: decision.ruleId, reason: "rule" };
+        } else {
+          forwarded = created;
+          events.push({ messageId: row.message_id, deliveryId: row.id, event: "forwarded", service: SERVICE, detail: { rule: decision.ruleId, to: decision.to, forwardMessageId: created.messageId } });
+          if (!decision.keepCopy) {
+            await markDelivered(client, row, row.folder, `250 2.0.0 Forwarded to ${decision.to}`, events);
+            outcome = { status: "forwarded", to: decision.to, messageId: created.messageId };
+          } else {
+            decision = { kind: "file", folder: "INBOX", ruleId: decision.ruleId, reason: "rule" };
+          }
+        }
+      }
+      if (decision.kind === "discard") {
+        events.push({ messageId: row.message_id, deliveryId: row.id, event: "discarded", service: SERVICE, detail: { rule: decision.ruleId } });
+        await markDelivered(client, row, row.folder, "250 2.0.0 Discarded by filter rule", events);
+        outcome = { status: "discarded", ruleId: decision.ruleId };
+      } else if (decision.kind === "file") {
+        const filed = await fileCopy(client, row, decision.folder);
+        if (!filed.ok) {
+          // A bounce and a forward must not both happen: undo the forwarded copy.
+          if (forwarded) await client.query("ROLLBACK TO SAVEPOINT forward");
+          forwarded = null;
+          outcome = await bounce(client, row, options, 552, "5.2.2", "Mailbox full");
+        } else {
+          if (decision.ruleId !== null || decision.reason === "spam") {
+            events.push({ messageId: row.message_id, deliveryId: row.id, event: "filtered", service: SERVICE, detail: { rule: decision.ruleId, reason: decision.reason, folder: filed.folder } });
+          }
+          events.push({ messageId: row.message_id, deliveryId: row.id, event: "delivered", service: SERVICE, reply: "250 2.0.0 Delivered", detail: { folder: filed.folder, uid: filed.uid } });
+          await markDelivered(client, row, filed.folder, `250 2.0.0 Delivered to ${filed.folder} as UID ${filed.uid}`, events);
+          outcome = { status: "delivered", folder: filed.folder, uid: filed.uid, ...(forwarded ? { forwardedTo: (forwarded as AcceptedMessage).deliveries[0]?.finalRecipient } : {}) };
+        }
+      }
+    }
+    await client.query("COMMIT");
+  } catch (error) {
+    await client.query("ROLLBACK").catch(() => undefined);
+    throw error;
+  } finally {
+    client.release();
+  }
+  outcome ??= { status: "missing" };
+  if (outcome.status === "delivered" || outcome.status === "discarded" || outcome.status === "forwarded") {
+    mailMetrics.deliveriesFinal.inc({ kind: "local", state: "delivered" });
+  } else if (outcome.status === "bounced") {
+    mailMetrics.deliveriesFinal.inc({ kind: "local", state: "bounced" });
+  }
+  if (forwarded && ctx.bus) {
+    await dispatchAccepted(ctx.bus, ctx.pool, forwarded).catch((error) =>
+      ctx.logger.warn({ err: error, messageId: forwarded?.messageId }, "dispatch of forwarded copy failed; the sweeper will retry"),
+    );
+  }
+  return outcome;
+}

@@ -1,0 +1,111 @@
+import { bool, duration, integer, port, size, z } from "@mailstack/config";
+import { Consumers, PermanentError, Streams, Subjects, consume, type Bus, type Consumer } from "@mailstack/bus";
+import type { Pool } from "@mailstack/db";
+import { startSweeper, type LocalJob } from "@mailstack/queue";
+import type { Logger } from "@mailstack/telemetry";
+import { deliverLocal, type DeliverContext } from "./deliver.ts";
+import { startLmtp, type LmtpServer } from "./lmtp.ts";
+
+/** The MDA's own settings (environment variables), on top of the common ones. */
+export const mdaShape = {
+  LMTP_ENABLED: bool(true),
+  LMTP_PORT: port(24),
+  LMTP_HOST: z.string().default("0.0.0.0"),
+  LMTP_MAX_SIZE: size("50M"),
+  LMTP_MAX_CLIENTS: integer(200, 1),
+  LMTP_IDLE_TIMEOUT: duration("60s"),
+  /** Deliveries handled at once by this process. */
+  MDA_CONCURRENCY: integer(32, 1),
+  /** How often queued local deliveries that were never dispatched are republished. */
+  MDA_SWEEP_INTERVAL: duration("10s"),
+  MDA_SWEEP_UNDISPATCHED_AFTER: duration("15s"),
+  MDA_SWEEP_STUCK_AFTER: duration("10m"),
+};
+
+export interface MdaConfig {
+  MAIL_HOSTNAME: string;
+  LMTP_ENABLED: boolean;
+  LMTP_PORT: number;
+  LMTP_HOST: string;
+  LMTP_MAX_SIZE: number;
+  LMTP_MAX_CLIENTS: number;
+  LMTP_IDLE_TIMEOUT: number;
+  MDA_CONCURRENCY: number;
+  MDA_SWEEP_INTERVAL: number;
+  MDA_SWEEP_UNDISPATCHED_AFTER: number;
+  MDA_SWEEP_STUCK_AFTER: number;
+}
+
+export const defaultMdaConfig: MdaConfig = {
+  MAIL_HOSTNAME: "localhost",
+  LMTP_ENABLED: true,
+  LMTP_PORT: 24,
+  LMTP_HOST: "0.0.0.0",
+  LMTP_MAX_SIZE: 50 * 1024 * 1024,
+  LMTP_MAX_CLIENTS: 200,
+  LMTP_IDLE_TIMEOUT: 60_000,
+  MDA_CONCURRENCY: 32,
+  MDA_SWEEP_INTERVAL: 10_000,
+  MDA_SWEEP_UNDISPATCHED_AFTER: 15_000,
+  MDA_SWEEP_STUCK_AFTER: 600_000,
+};
+
+export interface Mda {
+  /** The LMTP port actually listened on (useful with LMTP_PORT=0), or null when disabled. */
+  lmtpPort: number | null;
+  ready(): boolean;
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts the MDA: the mail.deliver.local consumer (durable "mda"), the sweeper for local
+ * deliveries left undispatched, and the LMTP listener.
+ */
+export async function startMda(options: { pool: Pool; bus: Bus; logger: Logger; config?: Partial<MdaConfig> }): Promise<Mda> {
+  const config = { ...defaultMdaConfig, ...options.config };
+  const ctx: DeliverContext = { pool: options.pool, bus: options.bus, logger: options.logger };
+
+  const consumer: Consumer = consume<LocalJob>(options.bus, {
+    stream: Streams.deliver,
+    durable: Consumers.mda,
+    subject: Subjects.deliverLocal,
+    concurrency: config.MDA_CONCURRENCY,
+    logger: options.logger,
+    async handler({ data }) {
+      if (!data || !Number.isSafeInteger(data.deliveryId)) throw new PermanentError("job without a deliveryId");
+      await deliverLocal(ctx, data.deliveryId);
+    },
+  });
+  const sweeper = startSweeper(options.bus, options.pool, options.logger, config.MDA_SWEEP_INTERVAL, {
+    kind: "local",
+    undispatchedAfterMs: config.MDA_SWEEP_UNDISPATCHED_AFTER,
+    stuckAfterMs: config.MDA_SWEEP_STUCK_AFTER,
+  });
+  let lmtp: LmtpServer | null = null;
+  try {
+    if (config.LMTP_ENABLED) {
+      lmtp = await startLmtp(ctx, {
+        port: config.LMTP_PORT,
+        host: config.LMTP_HOST,
+        maxSize: config.LMTP_MAX_SIZE,
+        maxClients: config.LMTP_MAX_CLIENTS,
+        socketTimeout: config.LMTP_IDLE_TIMEOUT,
+        hostname: config.MAIL_HOSTNAME,
+      });
+    }
+  } catch (error) {
+    await consumer.stop();
+    await sweeper.stop();
+    throw error;
+  }
+  let stopping = false;
+  return {
+    lmtpPort: lmtp?.port ?? null,
+    ready: () => !stopping,
+    async stop() {
+      stopping = true;
+      // Stop taking new work everywhere, then let what is in flight finish and ack.
+      await Promise.all([lmtp?.stop(), consumer.stop(), sweeper.stop()]);
+    },
+  };
+}

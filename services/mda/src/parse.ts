@@ -1,0 +1,199 @@
+import { Readable } from "node:stream";
+import { simpleParser, type AddressObject, type EmailAddress } from "mailparser";
+import { Splitter } from "@zone-eu/mailsplit";
+import libmime from "libmime";
+
+/** One MIME part: its type, name and size (bytes of its body as transmitted, children included). */
+export interface MimePart {
+  partId: string;
+  type: string;
+  filename?: string;
+  disposition?: string;
+  encoding?: string;
+  charset?: string;
+  size: number;
+  parts?: MimePart[];
+}
+
+export interface Mailbox {
+  name: string;
+  address: string;
+}
+
+/** What the MDA keeps on messages.parsed: what a mail client or an admin needs, bounded. */
+export interface ParsedMessage {
+  subject: string | null;
+  from: Mailbox[];
+  to: Mailbox[];
+  cc: Mailbox[];
+  replyTo: Mailbox[];
+  date: string | null;
+  messageId: string | null;
+  inReplyTo: string | null;
+  references: string[];
+  size: number;
+  /** Top-level header fields, lower-cased name and decoded, unfolded value, in message order (bounded). */
+  headers: Array<[string, string]>;
+  /** X-Spam-Flag: YES was present. */
+  spam: boolean;
+  structure: MimePart | null;
+  attachments: Array<{ partId: string | null; type: string; filename: string | null; size: number }>;
+  /** Set when part of the message could not be parsed; what could be read is still there. */
+  errors?: string[];
+}
+
+const MAX_HEADERS = 300;
+const MAX_HEADER_VALUE = 2_000;
+const MAX_PARTS = 500;
+const MAX_ADDRESSES = 200;
+const MAX_TEXT = 1_000;
+
+function clip(text: string, max = MAX_TEXT): string {
+  return text.length > max ? text.slice(0, max) : text;
+}
+
+function mailboxes(value: AddressObject | AddressObject[] | undefined): Mailbox[] {
+  const out: Mailbox[] = [];
+  const add = (entries: EmailAddress[]) => {
+    for (const entry of entries) {
+      if (out.length >= MAX_ADDRESSES) return;
+      if (entry.group) add(entry.group);
+      else if (entry.address || entry.name) out.push({ name: clip(entry.name ?? ""), address: clip(entry.address ?? "") });
+    }
+  };
+  for (const object of Array.isArray(value) ? value : value ? [value] : []) add(object.value ?? []);
+  return out;
+}
+
+/** Unfolds and decodes the raw header lines of the top-level header (RFC 5322 §2.2.3, RFC 2047). */
+function headerList(lines: ReadonlyArray<{ key: string; line: string }>): Array<[string, string]> {
+  const out: Array<[string, string]> = [];
+  for (const { key, line } of lines.slice(0, MAX_HEADERS)) {
+    if (!key) continue;
+    const colon = line.indexOf(":");
+    const raw = (colon >= 0 ? line.slice(colon + 1) : "").replace(/\r?\n(?=[ \t])/g, "").trim();
+    let value = raw;
+    try {
+      value = libmime.decodeWords(raw);
+    } catch {
+      // Keep the undecoded text: a bad encoded-word must not lose the header.
+    }
+    out.push([key.toLowerCase(), clip(value, MAX_HEADER_VALUE)]);
+  }
+  return out;
+}
+
+interface SplitNode {
+  root?: boolean;
+  parentNode?: unknown;
+  contentType?: string | false;
+  filename?: string | false;
+  disposition?: string | false;
+  encoding?: string | false;
+  charset?: string | false;
+  partNr?: Array<number | string> | false;
+}
+
+const MAX_DEPTH = 8;
+
+/**
+ * Walks the MIME tree with mailsplit (the splitter mailparser itself uses), counting body bytes
+ * per part. An attached message/rfc822 is walked as well (decoded when base64), as a child of its part.
+ */
+async function mimeStructure(raw: Buffer, prefix = "", depth = 0, budget = { parts: MAX_PARTS }): Promise<MimePart | null> {
+  const splitter = new Splitter({ ignoreEmbedded: true });
+  const parts = new Map<unknown, MimePart>();
+  const embedded = new Map<MimePart, Buffer[]>();
+  let root: MimePart | null = null;
+  let count = 0;
+  Readable.from([raw]).pipe(splitter as unknown as NodeJS.WritableStream);
+  for await (const chunk of splitter as AsyncIterable<{ type: string; value?: Buffer; node?: unknown } & SplitNode>) {
+    if (chunk.type === "node") {
+      const node = chunk as SplitNode;
+      if (budget.parts <= 0) continue;
+      budget.parts--;
+      count++;
+      const partNr = Array.isArray(node.partNr) ? node.partNr.filter((n) => typeof n === "number").join(".") : "";
+      const part: MimePart = {
+        partId: node.root ? prefix.replace(/\.$/, "") : prefix + (partNr || String(count)),
+        type: (node.contentType || "text/plain").toLowerCase(),
+        size: 0,
+      };
+      if (node.filename) part.filename = clip(String(node.filename), 255);
+      if (node.disposition) part.disposition = String(node.disposition);
+      if (node.encoding) part.encoding = String(node.encoding);
+      if (node.charset) part.charset = String(node.charset);
+      parts.set(chunk, part);
+      if (part.type === "message/rfc822" && depth < MAX_DEPTH) embedded.set(part, []);
+      const parent = node.parentNode ? parts.get(node.parentNode) : undefined;
+      if (parent) (parent.parts ??= []).push(part);
+      else if (!root) root = part;
+    } else if (chunk.type === "body" && chunk.value && chunk.node) {
+      const part = parts.get(chunk.node);
+      if (!part) continue;
+      part.size += chunk.value.length;
+      embedded.get(part)?.push(chunk.value);
+    }
+  }
+  // A multipart's size is the sum of its parts' bodies.
+  const total = (part: MimePart): number => {
+    if (part.parts && part.type.startsWith("multipart/")) part.size = part.parts.reduce((sum, child) => sum + total(child), 0);
+    return part.size;
+  };
+  if (root) total(root);
+  for (const [part, chunks] of embedded) {
+    let body = Buffer.concat(chunks);
+    if (part.encoding === "base64") body = Buffer.from(body.toString("latin1").replace(/[^A-Za-z0-9+/=]/g, ""), "base64");
+    const inner = await mimeStructure(body, `${part.partId}.`, depth + 1, budget);
+    if (inner) part.parts = [inner];
+  }
+  return root;
+}
+
+/**
+ * Parses a message once, for metadata only. Never throws: a malformed message yields
+ * whatever could be read plus `errors`, so a parse failure never fails a delivery.
+ */
+export async function parseMessage(raw: Buffer): Promise<ParsedMessage> {
+  const parsed: ParsedMessage = {
+    subject: null, from: [], to: [], cc: [], replyTo: [], date: null, messageId: null, inReplyTo: null,
+    references: [], size: raw.length, headers: [], spam: false, structure: null, attachments: [],
+  };
+  const errors: string[] = [];
+  try {
+    const mail = await simpleParser(raw, {
+      skipHtmlToText: true,
+      skipTextToHtml: true,
+      skipTextLinks: true,
+      skipImageLinks: true,
+      keepCidLinks: true,
+    });
+    parsed.subject = mail.subject !== undefined ? clip(mail.subject) : null;
+    parsed.from = mailboxes(mail.from);
+    parsed.to = mailboxes(mail.to);
+    parsed.cc = mailboxes(mail.cc);
+    parsed.replyTo = mailboxes(mail.replyTo);
+    parsed.date = mail.date && !Number.isNaN(mail.date.getTime()) ? mail.date.toISOString() : null;
+    parsed.messageId = mail.messageId ? clip(mail.messageId) : null;
+    parsed.inReplyTo = mail.inReplyTo ? clip(mail.inReplyTo) : null;
+    const references = mail.references === undefined ? [] : Array.isArray(mail.references) ? mail.references : [mail.references];
+    parsed.references = references.slice(0, 100).map((r) => clip(r));
+    parsed.headers = headerList(mail.headerLines ?? []);
+    parsed.attachments = mail.attachments.slice(0, MAX_PARTS).map((a) => ({
+      partId: a.partId ?? null,
+      type: a.contentType,
+      filename: a.filename ? clip(a.filename, 255) : null,
+      size: a.size,
+    }));
+  } catch (error) {
+    errors.push(`headers: ${(error as Error).message}`);
+  }
+  parsed.spam = parsed.headers.some(([name, value]) => name === "x-spam-flag" && /^yes\b/i.test(value.trim()));
+  try {
+    parsed.structure = await mimeStructure(raw);
+  } catch (error) {
+    errors.push(`mime: ${(error as Error).message}`);
+  }
+  if (errors.length) parsed.errors = errors;
+  return parsed;
+}

@@ -1,0 +1,125 @@
+import { setTimeout as sleep } from "node:timers/promises";
+import type { Pool } from "@mailstack/db";
+import { parseAddress, verifyPassword, hashPassword } from "@mailstack/mail";
+import type { Logger } from "@mailstack/telemetry";
+
+export interface AuthLimits {
+  /** Wait before answering a failed login, multiplied by the failures so far on the connection. */
+  failureDelayMs: number;
+  /** Failed logins on one connection before it is closed with 421 4.7.0. */
+  maxFailuresPerConnection: number;
+  /** Failed logins from one IP address per window before logins from it are refused unchecked. */
+  maxFailuresPerIp: number;
+  /** Failed logins for one account per window before logins to it are refused unchecked. */
+  maxFailuresPerAccount: number;
+  windowMs: number;
+}
+
+/** The authenticated identity a session carries. */
+export interface SubmissionUser {
+  accountId: number;
+  /** The account's address; also what smtp-server logs as the user. */
+  username: string;
+}
+
+export type AuthOutcome =
+  | { ok: true; user: SubmissionUser }
+  | { ok: false; code: number; message: string };
+
+/** Per-connection state: failures so far. */
+export interface ConnectionAuthState {
+  failures: number;
+}
+
+// A hash to verify against when the account does not exist, so timing does not tell which names exist.
+const dummyHash = hashPassword("mailstack-dummy-password");
+
+/** SQL for the start of the current fixed window of $1 seconds. */
+export const WINDOW_START = "to_timestamp(floor(extract(epoch FROM now()) / $1::float8) * $1::float8)";
+
+/**
+ * Password checks for AUTH with failure limits shared by every replica (PostgreSQL counters):
+ * per IP and per account in fixed windows, plus a per-connection count that closes the
+ * connection after a few failures. Failures are answered slowly. Passwords are never logged.
+ */
+export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimits) {
+  const windowSeconds = Math.max(1, Math.round(limits.windowMs / 1000));
+
+  async function failuresSoFar(ip: string, account: string): Promise<{ ip: number; account: number }> {
+    const result = await pool.query<{ scope: "ip" | "account"; failures: number }>(
+      `SELECT scope, failures FROM auth_failures
+        WHERE window_start = ${WINDOW_START}
+          AND ((scope = 'ip' AND key = $2) OR (scope = 'account' AND key = $3))`,
+      [windowSeconds, ip, account],
+    );
+    const counts = { ip: 0, account: 0 };
+    for (const row of result.rows) counts[row.scope] = row.failures;
+    return counts;
+  }
+
+  async function recordFailure(ip: string, account: string): Promise<void> {
+    await pool.query(
+      `INSERT INTO auth_failures (scope, key, window_start, failures)
+       VALUES ('ip', $2, ${WINDOW_START}, 1), ('account', $3, ${WINDOW_START}, 1)
+       ON CONFLICT (scope, key, window_start) DO UPDATE SET failures = auth_failures.failures + 1`,
+      [windowSeconds, ip, account],
+    );
+  }
+
+  async function fail(state: ConnectionAuthState, reason: string, log: Record<string, unknown>): Promise<AuthOutcome> {
+    state.failures++;
+    logger.info({ ...log, reason, failures: state.failures }, "authentication failed");
+    await sleep(Math.min(limits.failureDelayMs * state.failures, 10_000));
+    if (state.failures >= limits.maxFailuresPerConnection) {
+      return { ok: false, code: 421, message: "4.7.0 Too many failed authentication attempts, closing connection" };
+    }
+    return { ok: false, code: 535, message: "5.7.8 Authentication credentials invalid" };
+  }
+
+  return {
+    async authenticate(username: string, password: string, ip: string, state: ConnectionAuthState): Promise<AuthOutcome> {
+      const parsed = parseAddress(username, { utf8: true });
+      const accountKey = parsed.ok ? parsed.address : username.toLowerCase().slice(0, 320);
+      const log = { user: accountKey, ip };
+
+      const counts = await failuresSoFar(ip, accountKey);
+      if (counts.ip >= limits.maxFailuresPerIp || counts.account >= limits.maxFailuresPerAccount) {
+        const limited = counts.ip >= limits.maxFailuresPerIp ? "ip" : "account";
+        state.failures++;
+        logger.warn({ ...log, limited }, "authentication refused: too many recent failures");
+        await sleep(Math.min(limits.failureDelayMs * state.failures, 10_000));
+        if (state.failures >= limits.maxFailuresPerConnection) {
+          return { ok: false, code: 421, message: "4.7.0 Too many failed authentication attempts, closing connection" };
+        }
+        return { ok: false, code: 454, message: "4.7.0 Too many failed authentication attempts, try again later" };
+      }
+
+      const row = parsed.ok
+        ? (await pool.query<{ id: number; address: string; password_hash: string; disabled: boolean }>(
+            "SELECT id, address, password_hash, disabled FROM accounts WHERE address = $1",
+            [parsed.address],
+          )).rows[0]
+        : undefined;
+      const valid = await verifyPassword(password, row?.password_hash ?? (await dummyHash));
+      if (!row || !valid) {
+        await recordFailure(ip, accountKey);
+        return fail(state, row ? "wrong password" : "unknown user", log);
+      }
+      if (row.disabled) {
+        await recordFailure(ip, accountKey);
+        return fail(state, "account disabled", log);
+      }
+      logger.info(log, "authenticated");
+      return { ok: true, user: { accountId: row.id, username: row.address } };
+    },
+  };
+}
+
+export type Authenticator = ReturnType<typeof createAuthenticator>;
+
+/** Removes counter windows older than keepMs; run now and then. */
+export async function pruneCounters(pool: Pool, keepMs: number): Promise<void> {
+  const seconds = Math.max(1, Math.round(keepMs / 1000));
+  await pool.query("DELETE FROM auth_failures WHERE window_start < now() - make_interval(secs => $1)", [seconds]);
+  await pool.query("DELETE FROM submission_counters WHERE window_start < now() - make_interval(secs => $1)", [seconds]);
+}

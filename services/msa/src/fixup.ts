@@ -1,0 +1,240 @@
+import { randomBytes } from "node:crypto";
+import addressparser, { type Address } from "nodemailer/lib/addressparser";
+import { parseAddress } from "@mailstack/mail";
+
+/** The largest header section examined; a bigger one is refused. */
+export const MAX_HEADER_BYTES = 1024 * 1024;
+
+export interface FixContext {
+  /** The authenticated account's address (the Sender: when one is added). */
+  user: string;
+  /** Normalised addresses the account may send as. */
+  owned: ReadonlySet<string>;
+  /** The envelope sender (already checked to be owned). */
+  envelopeFrom: string;
+  /** The domain that completes an address without one (the account's domain). */
+  defaultDomain: string;
+  /** This host's name, for a Message-ID: this service adds. */
+  hostname: string;
+  now?: Date;
+}
+
+export type FixResult =
+  | {
+      ok: true;
+      message: Buffer;
+      /** Normalised From: addresses (their domains are the DKIM signing candidates). */
+      fromAddresses: string[];
+      messageId: string | null;
+      /** Names of the header fields this service added, changed or removed. */
+      changes: string[];
+    }
+  | { ok: false; code: number; message: string };
+
+interface Field {
+  /** Lower-case field name. */
+  name: string;
+  /** The whole field, folded lines included, without the final CRLF (latin1 text). */
+  text: string;
+}
+
+const FIELD_START = /^([\x21-\x39\x3b-\x7e]+)[ \t]*:/;
+const ADDRESS_FIELDS = new Set(["from", "sender", "reply-to", "to", "cc"]);
+
+/** RFC 5322 date-time. */
+export function messageDate(date: Date): string {
+  return date.toUTCString().replace(/GMT$/, "+0000");
+}
+
+/** Splits a header section into fields; null when it is not a valid header block. */
+export function parseHeaderSection(text: string): Field[] | null {
+  const fields: Field[] = [];
+  for (const line of text.split("\r\n")) {
+    if (line.startsWith(" ") || line.startsWith("\t")) {
+      const last = fields[fields.length - 1];
+      if (!last) return null;
+      last.text += `\r\n${line}`;
+      continue;
+    }
+    const match = FIELD_START.exec(line);
+    if (!match) return null;
+    fields.push({ name: match[1]!.toLowerCase(), text: line });
+  }
+  return fields.length > 0 ? fields : null;
+}
+
+function fieldValue(field: Field): string {
+  return field.text.slice(field.text.indexOf(":") + 1).replace(/\r\n[ \t]/g, " ").trim();
+}
+
+function mailboxes(list: Address[]): Array<{ name: string; address: string }> {
+  return list.flatMap((entry) => (entry.group ? mailboxes(entry.group) : [entry]));
+}
+
+function formatName(name: string): string {
+  if (!name) return "";
+  if (/^[\w !#$%&'*+\-/=?^`{|}~]+$/.test(name) || /^=\?.+\?=$/.test(name)) return `${name} `;
+  return `"${name.replace(/(["\\])/g, "\\$1")}" `;
+}
+
+function formatList(list: Address[]): string {
+  return list
+    .map((entry) =>
+      entry.group
+        ? `${entry.name}: ${formatList(entry.group)};`
+        : entry.name && !entry.address
+          ? formatName(entry.name).trim()
+          : `${formatName(entry.name)}<${entry.address}>`,
+    )
+    .join(", ");
+}
+
+/** Splits an address list at the commas that separate its entries (not those in quotes, comments, <> or groups). */
+function splitList(value: string): string[] {
+  const parts: string[] = [];
+  let current = "";
+  let quoted = false;
+  let comment = 0;
+  let angle = false;
+  let group = false;
+  for (let i = 0; i < value.length; i++) {
+    const c = value[i]!;
+    current += c;
+    if (c === "\\" && (quoted || comment > 0)) {
+      current += value[++i] ?? "";
+    } else if (quoted) {
+      if (c === '"') quoted = false;
+    } else if (comment > 0) {
+      if (c === "(") comment++;
+      else if (c === ")") comment--;
+    } else if (c === '"') quoted = true;
+    else if (c === "(") comment++;
+    else if (c === "<") angle = true;
+    else if (c === ">") angle = false;
+    else if (!angle && c === ":") group = true;
+    else if (!angle && c === ";") group = false;
+    else if (!angle && !group && c === ",") {
+      parts.push(current.slice(0, -1));
+      current = "";
+    }
+  }
+  parts.push(current);
+  return parts.map((part) => part.trim()).filter(Boolean);
+}
+
+const BARE_LOCAL_PART = /^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.\x80-\xff]+$/;
+
+/** Parses an address list; an entry that is a bare local part (`To: bob`) is an address, not a name. */
+function parseList(value: string): Address[] {
+  return splitList(value).flatMap((part) => (BARE_LOCAL_PART.test(part) ? [{ name: "", address: part }] : addressparser(part)));
+}
+
+/** Completes addresses that have no domain (RFC 6409 8.6); returns the new field or null when nothing changed. */
+function completeAddresses(field: Field, domain: string): Field | null {
+  const list = parseList(fieldValue(field));
+  let changed = false;
+  const complete = (entries: Address[]): void => {
+    for (const entry of entries) {
+      if (entry.group) complete(entry.group);
+      else if (entry.address && !entry.address.includes("@")) {
+        entry.address = `${entry.address}@${domain}`;
+        changed = true;
+      }
+    }
+  };
+  complete(list);
+  if (!changed) return null;
+  const displayName = field.text.slice(0, field.text.indexOf(":"));
+  return { name: field.name, text: `${displayName}: ${formatList(list)}` };
+}
+
+function normalized(address: string): string | null {
+  // Header bytes are handled as latin1; an address is compared in its UTF-8 form.
+  const parsed = parseAddress(Buffer.from(address, "latin1").toString("utf8"), { utf8: true });
+  return parsed.ok ? parsed.address : null;
+}
+
+function refuse(code: number, message: string): FixResult {
+  return { ok: false, code, message };
+}
+
+/**
+ * Fixes a submitted message as RFC 6409 section 8 allows and checks its author fields:
+ * refuses a message without a valid header block; completes addresses without a domain;
+ * adds From: (the envelope sender), Date: and Message-ID: when missing; requires every
+ * From: and Sender: address to be owned by the account and adds Sender: when From: names
+ * several; removes Bcc:. The body is not touched.
+ */
+export function fixMessage(raw: Buffer, context: FixContext): FixResult {
+  const blank = raw.indexOf("\r\n\r\n");
+  const headerEnd = blank < 0 ? raw.length : blank;
+  if (headerEnd > MAX_HEADER_BYTES) return refuse(552, "5.3.4 Header section too large");
+  const bodyStart = blank < 0 ? raw.length : blank + 4;
+  const text = raw.subarray(0, headerEnd).toString("latin1").replace(/\r\n$/, "");
+  const parsed = text ? parseHeaderSection(text) : null;
+  if (!parsed) {
+    return refuse(554, "5.6.0 Message refused: it has no valid header block (header fields, then an empty line, then the body)");
+  }
+
+  const changes: string[] = [];
+  let fields: Field[] = [];
+  for (const field of parsed) {
+    if (field.name === "bcc") {
+      changes.push("bcc-removed");
+      continue;
+    }
+    const completed = ADDRESS_FIELDS.has(field.name) ? completeAddresses(field, context.defaultDomain) : null;
+    if (completed) changes.push(`${field.name}-completed`);
+    fields.push(completed ?? field);
+  }
+
+  const fromFields = fields.filter((f) => f.name === "from");
+  if (fromFields.length > 1) return refuse(554, "5.6.0 Message refused: more than one From: field");
+  let fromAddresses: string[];
+  if (fromFields.length === 0) {
+    fields.push({ name: "from", text: `From: <${context.envelopeFrom}>` });
+    fromAddresses = [context.envelopeFrom];
+    changes.push("from-added");
+  } else {
+    const found = mailboxes(parseList(fieldValue(fromFields[0]!)));
+    if (found.length === 0) return refuse(554, "5.6.0 Message refused: From: names no address");
+    fromAddresses = [];
+    for (const mailbox of found) {
+      const address = normalized(mailbox.address);
+      if (!address || !context.owned.has(address)) {
+        return refuse(553, `5.7.1 From: address <${mailbox.address.slice(0, 200)}> is not owned by the authenticated user`);
+      }
+      fromAddresses.push(address);
+    }
+  }
+
+  const senderFields = fields.filter((f) => f.name === "sender");
+  if (senderFields.length > 1) return refuse(554, "5.6.0 Message refused: more than one Sender: field");
+  if (senderFields.length === 1) {
+    const found = mailboxes(parseList(fieldValue(senderFields[0]!)));
+    const address = found.length === 1 ? normalized(found[0]!.address) : null;
+    if (!address || !context.owned.has(address)) {
+      return refuse(553, "5.7.1 Sender: address is not owned by the authenticated user");
+    }
+  } else if (new Set(fromAddresses).size > 1) {
+    fields.push({ name: "sender", text: `Sender: <${context.user}>` });
+    changes.push("sender-added");
+  }
+
+  if (!fields.some((f) => f.name === "date")) {
+    fields.push({ name: "date", text: `Date: ${messageDate(context.now ?? new Date())}` });
+    changes.push("date-added");
+  }
+  const messageIdField = fields.find((f) => f.name === "message-id");
+  let messageId = messageIdField ? fieldValue(messageIdField) : null;
+  if (!messageId) {
+    messageId = `<${randomBytes(12).toString("hex")}@${context.hostname}>`;
+    fields = fields.filter((f) => f.name !== "message-id");
+    fields.push({ name: "message-id", text: `Message-ID: ${messageId}` });
+    changes.push("message-id-added");
+  }
+
+  if (changes.length === 0) return { ok: true, message: raw, fromAddresses, messageId, changes };
+  const header = Buffer.from(`${fields.map((f) => f.text).join("\r\n")}\r\n\r\n`, "latin1");
+  return { ok: true, message: Buffer.concat([header, raw.subarray(bodyStart)]), fromAddresses, messageId, changes };
+}

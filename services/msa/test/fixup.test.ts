@@ -1,0 +1,95 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { fixMessage, type FixContext } from "../src/fixup.ts";
+import { plainProblem, loginProblem } from "../src/sasl.ts";
+
+const context: FixContext = {
+  user: "alice@example.test",
+  owned: new Set(["alice@example.test", "sales@example.test"]),
+  envelopeFrom: "alice@example.test",
+  defaultDomain: "example.test",
+  hostname: "mx.example.test",
+  now: new Date("2026-11-27T09:00:00Z"),
+};
+
+function fix(text: string) {
+  return fixMessage(Buffer.from(text), context);
+}
+
+function headerOf(result: ReturnType<typeof fix>): string {
+  assert.ok(result.ok);
+  const text = result.message.toString();
+  return text.slice(0, text.indexOf("\r\n\r\n") + 2);
+}
+
+test("adds Date: and Message-ID: when missing, keeps the body byte for byte", () => {
+  const result = fix("From: Alice <alice@example.test>\r\nTo: bob@else.test\r\nSubject: hi\r\n\r\nbody\r\n.dots\r\n");
+  assert.ok(result.ok);
+  const header = headerOf(result);
+  assert.match(header, /\r\nDate: Fri, 27 Nov 2026 09:00:00 \+0000\r\n/);
+  assert.match(header, /\r\nMessage-ID: <[0-9a-f]{24}@mx\.example\.test>\r\n/);
+  assert.equal(result.messageId, /Message-ID: (<[^>]+>)/.exec(header)![1]);
+  assert.ok(result.message.toString().endsWith("\r\n\r\nbody\r\n.dots\r\n"));
+  assert.deepEqual(result.fromAddresses, ["alice@example.test"]);
+});
+
+test("a complete message is passed through unchanged", () => {
+  const text = "From: alice@example.test\r\nDate: Thu, 26 Nov 2026 10:00:00 +0100\r\nMessage-ID: <x@y>\r\n\r\nhello\r\n";
+  const result = fix(text);
+  assert.ok(result.ok);
+  assert.equal(result.message.toString(), text);
+  assert.deepEqual(result.changes, []);
+});
+
+test("completes addresses without a domain and removes Bcc:", () => {
+  const result = fix("From: Alice <alice>\r\nTo: bob, \"Carol, C.\" <carol@else.test>\r\nBcc: secret@else.test\r\nDate: x\r\nMessage-ID: <a@b>\r\n\r\nhi\r\n");
+  const header = headerOf(result);
+  assert.match(header, /^From: Alice <alice@example\.test>\r\n/);
+  assert.match(header, /\r\nTo: <bob@example\.test>, "Carol, C\." <carol@else\.test>\r\n/);
+  assert.doesNotMatch(header, /Bcc:|secret/);
+});
+
+test("From: must be owned; several owned From: addresses get a Sender:", () => {
+  const forged = fix("From: Mallory <boss@example.test>\r\n\r\nhi\r\n");
+  assert.ok(!forged.ok);
+  assert.equal(forged.code, 553);
+  assert.match(forged.message, /^5\.7\.1 /);
+
+  const header = headerOf(fix("From: alice@example.test, Sales <sales@example.test>\r\n\r\nhi\r\n"));
+  assert.match(header, /\r\nSender: <alice@example\.test>\r\n/);
+
+  const otherSender = fix("From: alice@example.test\r\nSender: boss@example.test\r\n\r\nhi\r\n");
+  assert.ok(!otherSender.ok);
+  assert.equal(otherSender.code, 553);
+
+  const twoFrom = fix("From: alice@example.test\r\nFrom: sales@example.test\r\n\r\nhi\r\n");
+  assert.ok(!twoFrom.ok);
+  assert.equal(twoFrom.code, 554);
+});
+
+test("a missing From: is the envelope sender", () => {
+  const header = headerOf(fix("Subject: no from\r\n\r\nhi\r\n"));
+  assert.match(header, /\r\nFrom: <alice@example\.test>\r\n/);
+});
+
+test("a message without a valid header block is refused with a clear reply", () => {
+  for (const text of ["just a body line\r\nand another\r\n", "\r\nbody after an empty header\r\n", " folded: first\r\n\r\nx\r\n"]) {
+    const result = fix(text);
+    assert.ok(!result.ok, text);
+    assert.equal(result.code, 554);
+    assert.match(result.message, /^5\.6\.0 .*no valid header block/);
+  }
+});
+
+test("SASL data checks: bad base64 and missing parts", () => {
+  const b64 = (s: string) => Buffer.from(s).toString("base64");
+  assert.equal(plainProblem(b64("\x00alice@example.test\x00secret")), null);
+  assert.match(plainProblem("not base64!!")!, /not base64/);
+  assert.match(plainProblem("YWJj=")!, /not base64/);
+  assert.match(plainProblem(b64("alice\x00secret"))!, /expected authzid/);
+  assert.match(plainProblem(b64("\x00alice\x00"))!, /missing password/);
+  assert.match(plainProblem(b64("\x00\x00secret"))!, /missing user name/);
+  assert.equal(loginProblem(b64("alice"), "user name"), null);
+  assert.match(loginProblem("", "password")!, /missing password/);
+  assert.match(loginProblem("%%%", "password")!, /not base64/);
+});

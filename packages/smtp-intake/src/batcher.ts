@@ -1,0 +1,90 @@
+import type { Pool } from "@mailstack/db";
+import { acceptMessage, insertMessage, type AcceptedMessage, type NewDelivery, type NewMessage } from "@mailstack/queue";
+import { transaction } from "@mailstack/db";
+
+interface Pending {
+  message: NewMessage;
+  deliveries: NewDelivery[];
+  resolve: (accepted: AcceptedMessage) => void;
+  reject: (error: unknown) => void;
+}
+
+export interface AcceptBatcherOptions {
+  /** Accept transactions in flight at once; accepts arriving meanwhile wait and go together in the next one. */
+  concurrency?: number;
+  /** Most messages committed by one transaction. */
+  maxBatch?: number;
+}
+
+/**
+ * Group commit for the accept transaction. A message is committed alone when nothing else
+ * is in flight; under load, messages that arrive while earlier commits run are written in
+ * one transaction, so one WAL flush covers many messages. Each caller's promise resolves
+ * only after the commit that contains its message, so the 250 still follows the commit.
+ * If a shared transaction fails, its messages are retried one by one, so one bad message
+ * cannot make its neighbours fail.
+ */
+export class AcceptBatcher {
+  private readonly pool: Pool;
+  private readonly service: string;
+  private readonly concurrency: number;
+  private readonly maxBatch: number;
+  private queue: Pending[] = [];
+  private inFlight = 0;
+  private idleWaiters: Array<() => void> = [];
+
+  constructor(pool: Pool, service: string, options: AcceptBatcherOptions = {}) {
+    this.pool = pool;
+    this.service = service;
+    this.concurrency = options.concurrency ?? 2;
+    this.maxBatch = options.maxBatch ?? 64;
+  }
+
+  accept(message: NewMessage, deliveries: NewDelivery[]): Promise<AcceptedMessage> {
+    if (deliveries.length === 0) return Promise.reject(new Error("a message needs at least one delivery"));
+    return new Promise((resolve, reject) => {
+      this.queue.push({ message, deliveries, resolve, reject });
+      this.pump();
+    });
+  }
+
+  /** Resolves when no accept is queued or in flight. */
+  idle(): Promise<void> {
+    if (this.inFlight === 0 && this.queue.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  private pump(): void {
+    while (this.inFlight < this.concurrency && this.queue.length > 0) {
+      const batch = this.queue.splice(0, this.maxBatch);
+      this.inFlight++;
+      void this.commit(batch).finally(() => {
+        this.inFlight--;
+        this.pump();
+        if (this.inFlight === 0 && this.queue.length === 0) {
+          for (const wake of this.idleWaiters.splice(0)) wake();
+        }
+      });
+    }
+  }
+
+  private async commit(batch: Pending[]): Promise<void> {
+    if (batch.length === 1) {
+      const only = batch[0]!;
+      await acceptMessage(this.pool, only.message, only.deliveries, this.service).then(only.resolve, only.reject);
+      return;
+    }
+    try {
+      const results = await transaction(this.pool, async (client) => {
+        const accepted: AcceptedMessage[] = [];
+        for (const item of batch) accepted.push(await insertMessage(client, item.message, item.deliveries, this.service));
+        return accepted;
+      });
+      batch.forEach((item, i) => item.resolve(results[i]!));
+    } catch {
+      for (const item of batch) {
+        await acceptMessage(this.pool, item.message, item.deliveries, this.service).then(item.resolve, item.reject);
+      }
+    }
+  }
+}

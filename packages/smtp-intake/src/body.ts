@@ -1,0 +1,90 @@
+/**
+ * Checks a message body as it streams in, without holding more than one chunk's worth of
+ * state: bare CR or LF (the raw material of SMTP smuggling), NUL bytes, and 8-bit bytes
+ * in the header section (which need SMTPUTF8, RFC 6531/6532).
+ */
+export class BodyScanner {
+  bareLineEnding = false;
+  nul = false;
+  eightBitHeader = false;
+  /** Offset just past the blank line ending the header section, or -1 while still in headers. */
+  headerEnd = -1;
+  private offset = 0;
+  private previous = -1;
+  /** The last 3 bytes seen, to find CRLFCRLF across chunk boundaries. */
+  private tail = 0;
+
+  push(chunk: Buffer): void {
+    if (!this.nul && chunk.indexOf(0) >= 0) this.nul = true;
+    if (!this.bareLineEnding) this.bareLineEnding = hasBareLineEnding(chunk, this.previous);
+    if (this.headerEnd < 0) {
+      for (let i = 0; i < chunk.length; i++) {
+        const byte = chunk[i]!;
+        if (byte >= 0x80) this.eightBitHeader = true;
+        this.tail = ((this.tail << 8) | byte) >>> 0;
+        if (this.tail === 0x0d0a0d0a || (this.offset + i === 1 && (this.tail & 0xffff) === 0x0d0a)) {
+          // CRLFCRLF ends the headers; a message starting with CRLF has none.
+          this.headerEnd = this.offset + i + 1;
+          break;
+        }
+      }
+    }
+    this.offset += chunk.length;
+    if (chunk.length > 0) this.previous = chunk[chunk.length - 1]!;
+  }
+
+  /** Call at the end: a CR as the very last byte was not followed by LF. */
+  finish(): void {
+    if (this.previous === 0x0d) this.bareLineEnding = true;
+  }
+}
+
+function hasBareLineEnding(chunk: Buffer, previous: number): boolean {
+  // A CR that ended the previous chunk must be followed by LF here.
+  if (previous === 0x0d && chunk.length > 0 && chunk[0] !== 0x0a) return true;
+  for (let i = chunk.indexOf(0x0a); i >= 0; i = chunk.indexOf(0x0a, i + 1)) {
+    const before = i === 0 ? previous : chunk[i - 1];
+    if (before !== 0x0d) return true;
+  }
+  for (let i = chunk.indexOf(0x0d); i >= 0; i = chunk.indexOf(0x0d, i + 1)) {
+    if (i + 1 < chunk.length && chunk[i + 1] !== 0x0a) return true;
+  }
+  return false;
+}
+
+/** Rewrites every bare CR and bare LF as CRLF. */
+export function normalizeLineEndings(raw: Buffer): Buffer {
+  const out = Buffer.allocUnsafe(raw.length * 2);
+  let n = 0;
+  for (let i = 0; i < raw.length; i++) {
+    const byte = raw[i]!;
+    if (byte === 0x0d) {
+      out[n++] = 0x0d;
+      out[n++] = 0x0a;
+      if (raw[i + 1] === 0x0a) i++;
+    } else if (byte === 0x0a) {
+      out[n++] = 0x0d;
+      out[n++] = 0x0a;
+    } else {
+      out[n++] = byte;
+    }
+  }
+  return Buffer.from(out.subarray(0, n));
+}
+
+/** The header section of a message (up to the blank line), as latin1 text. */
+export function headerSection(raw: Buffer, limit = 256 * 1024): string {
+  let end = raw.indexOf("\r\n\r\n");
+  if (end < 0) end = Math.min(raw.length, limit);
+  return raw.subarray(0, Math.min(end, limit)).toString("latin1");
+}
+
+/** The first value of a header field (unfolded, trimmed), or null. */
+export function headerValue(raw: Buffer, name: string): string | null {
+  const lines = headerSection(raw).replace(/\r\n[ \t]+/g, " ").split("\r\n");
+  const prefix = `${name.toLowerCase()}:`;
+  for (const line of lines) {
+    if (line.toLowerCase().startsWith(prefix)) return line.slice(prefix.length).trim();
+  }
+  return null;
+}

@@ -1,0 +1,37 @@
+/** RFC 5322 date-time in UTC, for trace headers. */
+export function rfc5322Date(date = new Date()): string {
+  return date.toUTCString().replace(/GMT$/, "+0000");
+}
+
+/** Keeps a client-supplied token printable and short enough for a header. */
+function clean(text: string, max = 200): string {
+  return text.replace(/[^\x21-\x7e]/g, "").replace(/[()\\]/g, "").slice(0, max) || "unknown";
+}
+
+export interface ReceivedFields {
+  helo: string | null;
+  clientHostname: string | null;
+  clientIp: string;
+  hostname: string;
+  /** ESMTP, ESMTPS, ESMTPA, ESMTPSA, SMTP (RFC 3848). */
+  protocol: string;
+  queueId: string;
+  traceId: string | null;
+  tlsCipher?: string | null;
+  /** Named in `for` only when the message has exactly one recipient (RFC 5321 4.4 privacy note). */
+  recipient?: string | null;
+  date?: Date;
+}
+
+/**
+ * A Received: header (RFC 5321 4.4) with the queue id and, as a comment, the trace id,
+ * folded at reasonable places and ending in CRLF.
+ */
+export function receivedHeader(f: ReceivedFields): string {
+  const ip = f.clientIp.includes(":") ? `IPv6:${f.clientIp}` : f.clientIp;
+  const from = `from ${clean(f.helo ?? "unknown")} (${f.clientHostname ? `${clean(f.clientHostname)} ` : ""}[${ip}])`;
+  const tls = f.tlsCipher ? ` (${clean(f.tlsCipher)})` : "";
+  const by = `by ${clean(f.hostname)} (mailstack) with ${f.protocol}${tls} id ${f.queueId}${f.traceId ? ` (trace ${f.traceId})` : ""}`;
+  const forPart = f.recipient ? `\r\n\tfor <${clean(f.recipient, 256)}>` : "";
+  return `Received: ${from}\r\n\t${by}${forPart};\r\n\t${rfc5322Date(f.date)}\r\n`;
+}

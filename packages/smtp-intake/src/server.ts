@@ -1,0 +1,627 @@
+import { randomBytes } from "node:crypto";
+import type { AddressInfo } from "node:net";
+import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
+import { SMTPConnection } from "smtp-server/lib/smtp-connection.js";
+import type { Bus } from "@mailstack/bus";
+import { resolveRecipient as resolveWithDirectory, type Pool, type Resolution, type Route, type RouteRefusal } from "@mailstack/db";
+import { Replies, parseAddress, reply, type AddressProblem, type SmtpReply } from "@mailstack/mail";
+import { dispatchAccepted, newQueueId, type AcceptedMessage, type MessageSource, type NewDelivery } from "@mailstack/queue";
+import { SpanKind, context, mailMetrics, trace, tracer, type Logger, type Span } from "@mailstack/telemetry";
+import { AcceptBatcher } from "./batcher.ts";
+import { BodyScanner, headerValue, normalizeLineEndings } from "./body.ts";
+import { watchBus } from "./bus-health.ts";
+import { receivedHeader } from "./received.ts";
+
+/** Thrown by a hook to answer the client with this reply. */
+export class SmtpError extends Error {
+  readonly reply: SmtpReply;
+  constructor(r: SmtpReply) {
+    super(`${r.code} ${r.enhanced} ${r.text}`);
+    this.name = "SmtpError";
+    this.reply = r;
+  }
+}
+
+export interface IntakeLimits {
+  maxMessageSize: number;
+  maxRecipients: number;
+  maxFinalRecipients: number;
+  maxLineLength: number;
+  maxCommands: number;
+  idleTimeoutMs: number;
+  dataTimeoutMs: number;
+  maxClients: number;
+  maxClientsPerIp: number;
+  perIpExempt: string[];
+  greetingDelayMs: number;
+  reverseDns: boolean;
+  bareLineEndings: "reject" | "normalize";
+  acceptConcurrency: number;
+  acceptBatchMax: number;
+}
+
+export const defaultLimits: IntakeLimits = {
+  maxMessageSize: 50 * 1024 * 1024,
+  maxRecipients: 100,
+  maxFinalRecipients: 1000,
+  maxLineLength: 1000,
+  maxCommands: 1000,
+  idleTimeoutMs: 300_000,
+  dataTimeoutMs: 600_000,
+  maxClients: 1000,
+  maxClientsPerIp: 50,
+  perIpExempt: [],
+  greetingDelayMs: 0,
+  reverseDns: false,
+  bareLineEndings: "reject",
+  acceptConcurrency: 2,
+  acceptBatchMax: 64,
+};
+
+/** What the hooks see of a session. */
+export interface IntakeSession {
+  id: string;
+  clientIp: string;
+  clientHostname: string | null;
+  helo: string | null;
+  secure: boolean;
+  /** The authenticated user (whatever `authenticate` returned), or null. */
+  user: string | null;
+  /** True when MAIL FROM carried SMTPUTF8. */
+  smtpUtf8: boolean;
+  /** The raw smtp-server session, for anything not covered above. */
+  raw: SMTPServerSession;
+}
+
+export interface AcceptedRecipient {
+  /** The RCPT TO address, normalised. */
+  recipient: string;
+  routes: Route[];
+  dsnNotify: string[] | null;
+  dsnOrcpt: string | null;
+}
+
+export interface IncomingMessage {
+  session: IntakeSession;
+  /** Normalised envelope sender, '' for <>. */
+  sender: string;
+  recipients: AcceptedRecipient[];
+  queueId: string;
+  traceId: string;
+  /** The message as received (dot-unstuffed, CRLF), before our Received: header. */
+  raw: Buffer;
+}
+
+export interface TransformResult {
+  /** The message to store instead (for example with headers added). Our Received: goes on top of it. */
+  raw?: Buffer;
+  /** Folder for every local delivery (for example 'Junk' for DMARC quarantine). */
+  folder?: string;
+  /** Stored on messages.auth_results. */
+  authResults?: Record<string, unknown>;
+}
+
+export interface IntakeOptions {
+  /** Service name for events, logs and metrics ('mta-inbound', 'msa'). */
+  service: string;
+  source: Extract<MessageSource, "inbound" | "submission">;
+  pool: Pool;
+  bus: Bus;
+  logger: Logger;
+  /** Our host name: greeting, Received: headers. */
+  hostname: string;
+  banner?: string;
+  port?: number;
+  host?: string;
+  /** 'starttls': plain with STARTTLS offered; 'implicit': TLS from the first byte (port 465); 'none': no TLS. */
+  tlsMode?: "starttls" | "implicit" | "none";
+  tls?: { key: string | Buffer; cert: string | Buffer };
+  limits?: Partial<IntakeLimits>;
+  /** AUTH: offered only when given. With required, MAIL/RCPT/DATA need a login first (530 5.7.0). */
+  auth?: {
+    methods?: string[];
+    required?: boolean;
+    /** Allow AUTH before STARTTLS (tests only). */
+    allowInsecure?: boolean;
+    /** Resolves the user name to store on the message, or null for bad credentials (535 5.7.8). */
+    authenticate(credentials: { method: string; username: string; password: string; session: IntakeSession }): Promise<string | null>;
+  };
+  /** MAIL FROM check (MSA: the sender belongs to the user). Throw SmtpError to refuse. */
+  validateSender?(sender: string, session: IntakeSession): Promise<void>;
+  /** RCPT routing; the directory's resolveRecipient by default. */
+  resolveRecipient?(address: string, session: IntakeSession): Promise<Resolution>;
+  /** Whether recipients in domains we do not serve may be accepted (false: 554 5.7.1 relay denied). */
+  allowRemote?: boolean | ((session: IntakeSession) => boolean);
+  /** Last look at the message before it is committed. Throw SmtpError to refuse it. */
+  transformMessage?(message: IncomingMessage): Promise<TransformResult | void>;
+  /** Sweeper-independent hook after commit (tests, metrics). */
+  onAccepted?(accepted: AcceptedMessage): void;
+}
+
+export interface IntakeServer {
+  server: SMTPServer;
+  /** Starts listening; resolves with the bound port (useful with port 0). */
+  listen(): Promise<number>;
+  port(): number;
+  /** Stops accepting, lets sessions finish their current transaction (up to graceMs), waits for commits. */
+  stop(graceMs?: number): Promise<void>;
+}
+
+// --- internals ------------------------------------------------------------------------------
+
+interface ConnectionInternals {
+  _server: SMTPServer & { [GUARD]?: Guard };
+  _ready: boolean;
+  _upgrading: boolean;
+  _nextHandler: unknown;
+  _parser: { lastLineEnding?: string; hasPendingInput?: boolean } | false;
+  session: SMTPServerSession;
+  send(code: number, data?: string | string[] | null, context?: string | false): void;
+  close(): void;
+  _whenWritable(next: () => void): void;
+}
+
+type Guard = (connection: ConnectionInternals, command: Buffer, callback: (() => void) | undefined, original: OnCommand) => void;
+type OnCommand = (this: ConnectionInternals, command: Buffer, callback?: () => void) => void;
+
+const GUARD = Symbol.for("mailstack.smtp-intake.guard");
+
+// Commands the library would run are screened first, for the servers created here only.
+const proto = SMTPConnection.prototype as unknown as { _onCommand: OnCommand; [GUARD]?: boolean };
+if (!proto[GUARD]) {
+  const original = proto._onCommand;
+  proto._onCommand = function (this: ConnectionInternals, command: Buffer, callback?: () => void) {
+    const guard = this._server[GUARD];
+    if (!guard) return original.call(this, command, callback);
+    guard(this, command, callback, original);
+  };
+  proto[GUARD] = true;
+}
+
+interface SessionState {
+  commands: number;
+  countedIp: string | null;
+  connection: ConnectionInternals | null;
+  sender: string | null;
+  recipients: Map<string, AcceptedRecipient>;
+  finalCount: number;
+  span: Span | null;
+}
+
+const RELAY_TRICKS = new Set<AddressProblem>(["source-route", "percent-hack", "bang-path", "ip-literal", "quoted-at"]);
+const OBSOLETE = new Set(["TURN", "SEND", "SOML", "SAML", "ETRN", "ATRN", "EXPN"]);
+
+const R = {
+  tooManyCommands: reply(421, "4.7.0", "Too many commands in one session, closing connection"),
+  tooManyFromIp: reply(421, "4.7.0", "Too many connections from your address, try again later"),
+  bareLfCommand: reply(500, "5.5.2", "Bare LF is not allowed, end command lines with CRLF"),
+  noValidRecipients: reply(554, "5.5.1", "No valid recipients, message and any pipelined input discarded"),
+  needMail: reply(503, "5.5.1", "Need MAIL and RCPT commands first"),
+  vrfy: reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"),
+  bareLineEnding: reply(550, "5.6.11", "Bare CR or LF in message is not allowed, use CRLF line endings"),
+  nul: reply(554, "5.6.0", "Message contains NUL bytes"),
+  eightBitHeader: reply(550, "5.6.7", "Non-ASCII message headers need the SMTPUTF8 extension"),
+  dataTimeout: reply(421, "4.4.2", "DATA took too long, closing connection"),
+  disabled: reply(550, "5.2.1", "Mailbox disabled"),
+  loop: reply(550, "5.4.6", "Alias loop or chain too deep"),
+  utf8Address: reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 extension"),
+  badAuth: reply(535, "5.7.8", "Authentication credentials invalid"),
+  tooManyFinal: reply(452, "4.5.3", "Too many recipients after alias expansion"),
+};
+
+function smtpError(r: SmtpReply): Error & { responseCode: number } {
+  const error = new Error(`${r.enhanced} ${r.text}`) as Error & { responseCode: number };
+  error.responseCode = r.code;
+  return error;
+}
+
+function refusalReply(reason: RouteRefusal): SmtpReply {
+  switch (reason) {
+    case "relay-denied":
+      return Replies.relayDenied;
+    case "unknown-user":
+      return Replies.unknownUser;
+    case "disabled":
+      return R.disabled;
+    case "loop":
+    case "too-deep":
+      return R.loop;
+  }
+}
+
+function randomTraceId(): string {
+  return randomBytes(16).toString("hex");
+}
+
+/**
+ * Creates an SMTP server with mailstack's policy (see index.ts for the contract).
+ */
+export function createIntakeServer(options: IntakeOptions): IntakeServer {
+  const limits: IntakeLimits = { ...defaultLimits, ...options.limits };
+  const { pool, bus, logger, service } = options;
+  const states = new WeakMap<SMTPServerSession, SessionState>();
+  const perIp = new Map<string, number>();
+  const batcher = new AcceptBatcher(pool, service, { concurrency: limits.acceptConcurrency, maxBatch: limits.acceptBatchMax });
+  const busWatch = watchBus(bus);
+  const inFlight = new Set<Promise<unknown>>();
+  const tlsMode = options.tlsMode ?? "starttls";
+  const authOffered = !!options.auth;
+
+  const stateOf = (session: SMTPServerSession): SessionState => {
+    let state = states.get(session);
+    if (!state) {
+      state = { commands: 0, countedIp: null, connection: null, sender: null, recipients: new Map(), finalCount: 0, span: null };
+      states.set(session, state);
+    }
+    return state;
+  };
+
+  const view = (session: SMTPServerSession): IntakeSession => ({
+    id: session.id,
+    clientIp: session.remoteAddress,
+    clientHostname: session.clientHostname && !session.clientHostname.startsWith("[") ? session.clientHostname : null,
+    helo: session.hostNameAppearsAs || null,
+    secure: !!session.secure,
+    user: typeof session.user === "string" ? session.user : null,
+    smtpUtf8: !!session.envelope?.smtpUtf8,
+    raw: session,
+  });
+
+  const endSpan = (state: SessionState, outcome: string) => {
+    if (!state.span) return;
+    state.span.setAttribute("smtp.outcome", outcome);
+    state.span.end();
+    state.span = null;
+  };
+
+  const guard: Guard = (connection, command, callback, original) => {
+    const next = () => connection._whenWritable(callback ?? (() => undefined));
+    // The library's own checks come first while the greeting is pending, during TLS
+    // negotiation and for AUTH continuation lines.
+    if (!connection._ready || connection._upgrading || connection._nextHandler) {
+      return original.call(connection, command, callback);
+    }
+    const state = stateOf(connection.session);
+    state.connection = connection;
+    const answer = (r: SmtpReply) => {
+      connection.send(r.code, `${r.enhanced} ${r.text}`);
+      if (r.code !== 421) setImmediate(next);
+    };
+    if (++state.commands > limits.maxCommands) return answer(R.tooManyCommands);
+    const parser = connection._parser;
+    if (parser && parser.lastLineEnding === "\n") return answer(R.bareLfCommand);
+
+    const line = command.toString("latin1");
+    const verb = line.split(" ", 1)[0]!.toUpperCase();
+    if (OBSOLETE.has(verb)) return answer(Replies.commandNotImplemented);
+    if (verb === "VRFY") return answer(R.vrfy);
+    if (verb === "RCPT") {
+      const match = /^RCPT\s+TO:\s*<([^>]*)>/i.exec(line);
+      if (match) {
+        const address = match[1]!;
+        if (address.startsWith("@")) return answer(Replies.relayDenied);
+        const parsed = parseAddress(address, { utf8: true });
+        if (!parsed.ok && RELAY_TRICKS.has(parsed.problem)) return answer(Replies.relayDenied);
+      }
+    }
+    if (verb === "DATA") {
+      const envelope = connection.session.envelope;
+      if (!envelope?.rcptTo?.length) {
+        // Anything pipelined behind this DATA is a message body; running it as commands
+        // would let it inject a transaction. Refuse and drop the connection with it.
+        const inTransaction = !!envelope?.mailFrom;
+        answer(inTransaction ? R.noValidRecipients : R.needMail);
+        if (inTransaction || (parser && parser.hasPendingInput)) connection.close();
+        return;
+      }
+    }
+    return original.call(connection, command, callback);
+  };
+
+  const onConnect = (session: SMTPServerSession, callback: (error?: Error | null) => void) => {
+    const state = stateOf(session);
+    const ip = session.remoteAddress;
+    if (!limits.perIpExempt.includes(ip)) {
+      const count = perIp.get(ip) ?? 0;
+      if (count >= limits.maxClientsPerIp) return callback(smtpError(R.tooManyFromIp));
+      perIp.set(ip, count + 1);
+      state.countedIp = ip;
+    }
+    callback();
+  };
+
+  const onClose = (session: SMTPServerSession) => {
+    const state = states.get(session);
+    if (!state) return;
+    if (state.countedIp) {
+      const count = (perIp.get(state.countedIp) ?? 1) - 1;
+      if (count <= 0) perIp.delete(state.countedIp);
+      else perIp.set(state.countedIp, count);
+      state.countedIp = null;
+    }
+    endSpan(state, "closed");
+  };
+
+  const onAuth = (auth: SMTPServerAuthentication, session: SMTPServerSession, callback: (error: Error | null | undefined, response?: { user: string }) => void) => {
+    const hook = options.auth;
+    if (!hook || (auth.method !== "PLAIN" && auth.method !== "LOGIN")) return callback(smtpError(R.badAuth));
+    hook
+      .authenticate({ method: auth.method, username: auth.username ?? "", password: auth.password ?? "", session: view(session) })
+      .then(
+        (user) => (user ? callback(null, { user }) : callback(smtpError(R.badAuth))),
+        (error) => {
+          logger.warn({ err: error }, "authentication backend failed");
+          callback(smtpError(reply(454, "4.7.0", "Temporary authentication failure")));
+        },
+      );
+  };
+
+  const onMailFrom = (address: SMTPServerAddress, session: SMTPServerSession, callback: (error?: Error | null) => void) => {
+    const state = stateOf(session);
+    endSpan(state, "abandoned");
+    state.recipients.clear();
+    state.finalCount = 0;
+    state.sender = null;
+    let sender = "";
+    if (address.address) {
+      const parsed = parseAddress(address.address, { utf8: !!session.envelope.smtpUtf8 });
+      if (!parsed.ok) return callback(smtpError(parsed.problem === "utf8-not-allowed" ? R.utf8Address : Replies.badSenderSyntax));
+      sender = parsed.address;
+    }
+    const check = options.validateSender ? options.validateSender(sender, view(session)) : Promise.resolve();
+    check.then(
+      () => {
+        state.sender = sender;
+        state.span = tracer.startSpan("smtp transaction", {
+          kind: SpanKind.SERVER,
+          attributes: { "smtp.service": service, "client.address": session.remoteAddress, "smtp.mail_from": sender },
+        });
+        callback();
+      },
+      (error) => callback(hookError(error, "validateSender")),
+    );
+  };
+
+  const hookError = (error: unknown, where: string): Error => {
+    if (error instanceof SmtpError) return smtpError(error.reply);
+    logger.error({ err: error, where }, "SMTP hook failed");
+    return smtpError(Replies.localError);
+  };
+
+  const onRcptTo = (address: SMTPServerAddress, session: SMTPServerSession, callback: (error?: Error | null) => void) => {
+    const state = stateOf(session);
+    const given = address.address.toLowerCase() === "postmaster" ? `postmaster@${options.hostname}` : address.address;
+    const parsed = parseAddress(given, { utf8: !!session.envelope.smtpUtf8 });
+    if (!parsed.ok) {
+      if (RELAY_TRICKS.has(parsed.problem)) return callback(smtpError(Replies.relayDenied));
+      return callback(smtpError(parsed.problem === "utf8-not-allowed" ? R.utf8Address : Replies.badRecipientSyntax));
+    }
+    const s = view(session);
+    const allowRemote = typeof options.allowRemote === "function" ? options.allowRemote(s) : !!options.allowRemote;
+    const resolving = options.resolveRecipient
+      ? options.resolveRecipient(parsed.address, s)
+      : resolveWithDirectory(pool, parsed.address, { allowRemote });
+    resolving.then(
+      (resolution) => {
+        if (!resolution.ok) return callback(smtpError(refusalReply(resolution.reason)));
+        const previous = state.recipients.get(parsed.address);
+        const finalCount = state.finalCount - (previous?.routes.length ?? 0) + resolution.routes.length;
+        if (finalCount > limits.maxFinalRecipients) return callback(smtpError(R.tooManyFinal));
+        state.finalCount = finalCount;
+        state.recipients.set(parsed.address, {
+          recipient: parsed.address,
+          routes: resolution.routes,
+          dsnNotify: address.dsn?.notify ?? null,
+          dsnOrcpt: address.dsn?.orcpt ?? null,
+        });
+        callback();
+      },
+      (error) => callback(hookError(error, "resolveRecipient")),
+    );
+  };
+
+  const onData = (stream: SMTPServerDataStream, session: SMTPServerSession, callback: (error?: Error | null, message?: string) => void) => {
+    const work = receive(stream, session).then(
+      (message) => callback(null, message),
+      (error) => callback(error instanceof SmtpError ? smtpError(error.reply) : hookError(error, "onData")),
+    );
+    inFlight.add(work);
+    void work.finally(() => inFlight.delete(work));
+  };
+
+  const receive = async (stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> => {
+    const state = stateOf(session);
+    const s = view(session);
+    const busUp = busWatch.connected();
+    const scanner = new BodyScanner();
+    const chunks: Buffer[] = [];
+    let received = 0;
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      const connection = state.connection;
+      if (connection) connection.send(R.dataTimeout.code, `${R.dataTimeout.enhanced} ${R.dataTimeout.text}`);
+      stream.destroy();
+    }, limits.dataTimeoutMs);
+    timer.unref();
+    try {
+      await new Promise<void>((resolve, reject) => {
+        stream.on("data", (chunk: Buffer) => {
+          received += chunk.length;
+          if (received > limits.maxMessageSize || stream.sizeExceeded) return; // keep draining, store nothing
+          scanner.push(chunk);
+          chunks.push(chunk);
+        });
+        stream.once("end", resolve);
+        stream.once("error", reject);
+        stream.once("close", () => (stream.readableEnded ? resolve() : reject(new Error("connection closed during DATA"))));
+      });
+    } catch (error) {
+      if (timedOut) throw new SmtpError(R.dataTimeout);
+      throw error;
+    } finally {
+      clearTimeout(timer);
+    }
+    // Over the limit: the library answers 552 5.3.4 itself (rejectOversized); nothing is kept.
+    if (stream.sizeExceeded || received > limits.maxMessageSize) throw new SmtpError(Replies.messageTooBig);
+    scanner.finish();
+    if (scanner.nul) throw new SmtpError(R.nul);
+    if (scanner.eightBitHeader && !session.envelope.smtpUtf8) throw new SmtpError(R.eightBitHeader);
+    let raw: Buffer = Buffer.concat(chunks, received);
+    if (scanner.bareLineEnding) {
+      if (limits.bareLineEndings === "reject") throw new SmtpError(R.bareLineEnding);
+      raw = normalizeLineEndings(raw);
+    }
+    if (!busUp || !busWatch.connected()) throw new SmtpError(Replies.localError);
+
+    const recipients = session.envelope.rcptTo
+      .map((rcpt) => {
+        const parsed = parseAddress(rcpt.address.toLowerCase() === "postmaster" ? `postmaster@${options.hostname}` : rcpt.address, { utf8: true });
+        return parsed.ok ? state.recipients.get(parsed.address) : undefined;
+      })
+      .filter((r): r is AcceptedRecipient => !!r);
+    if (recipients.length === 0) throw new SmtpError(R.noValidRecipients);
+
+    const span = state.span ?? tracer.startSpan("smtp transaction", { kind: SpanKind.SERVER });
+    state.span = null;
+    try {
+      let traceId = span.spanContext().traceId;
+      let traceContext = trace.setSpan(context.active(), span);
+      if (!trace.isSpanContextValid(span.spanContext())) {
+        // No tracing SDK: still give the journey an id of its own, carried the same way.
+        traceId = randomTraceId();
+        traceContext = trace.setSpanContext(context.active(), { traceId, spanId: randomBytes(8).toString("hex"), traceFlags: 0 });
+      }
+      const queueId = newQueueId();
+      span.setAttribute("smtp.queue_id", queueId);
+      const transformed = options.transformMessage
+        ? ((await options.transformMessage({ session: s, sender: state.sender ?? "", recipients, queueId, traceId, raw })) ?? {})
+        : {};
+      const body = transformed.raw ?? raw;
+      const routes = recipients.flatMap((r) => r.routes);
+      const header = receivedHeader({
+        helo: s.helo,
+        clientHostname: s.clientHostname,
+        clientIp: s.clientIp,
+        hostname: options.hostname,
+        protocol: session.transmissionType || "ESMTP",
+        queueId,
+        traceId,
+        recipient: routes.length === 1 ? recipients[0]!.recipient : null,
+      });
+      const stored = Buffer.concat([Buffer.from(header, "latin1"), body]);
+      const deliveries: NewDelivery[] = recipients.flatMap((r) =>
+        r.routes.map((route) => ({
+          recipient: r.recipient,
+          route,
+          ...(transformed.folder && route.kind === "local" ? { folder: transformed.folder } : {}),
+          dsnNotify: r.dsnNotify,
+          dsnOrcpt: r.dsnOrcpt,
+        })),
+      );
+      const dsn = session.envelope.dsn;
+      let accepted: AcceptedMessage;
+      try {
+        accepted = await batcher.accept(
+          {
+            raw: stored,
+            envelopeFrom: state.sender ?? "",
+            source: options.source,
+            clientIp: s.clientIp,
+            clientHelo: s.helo,
+            authUser: s.user,
+            messageIdHeader: headerValue(body, "message-id"),
+            authResults: transformed.authResults ?? null,
+            dsnEnvid: dsn?.envid ?? null,
+            dsnRet: dsn?.ret === "FULL" || dsn?.ret === "HDRS" ? dsn.ret : null,
+            traceId,
+            queueId,
+          },
+          deliveries,
+        );
+      } catch (error) {
+        logger.error({ err: error, queueId }, "accept transaction failed");
+        throw new SmtpError(Replies.localError);
+      }
+      mailMetrics.messagesAccepted.inc({ service });
+      logger.info({ queueId, messageId: accepted.messageId, deliveries: accepted.deliveries.length, size: stored.length, trace_id: traceId }, "message accepted");
+      // Dispatch follows the commit; if it fails the sweeper republishes.
+      const dispatch = context.with(traceContext, () => dispatchAccepted(bus, pool, accepted)).catch((error) =>
+        logger.warn({ err: error, queueId }, "dispatch failed; the sweeper will republish"),
+      );
+      inFlight.add(dispatch);
+      void dispatch.finally(() => inFlight.delete(dispatch));
+      options.onAccepted?.(accepted);
+      span.setAttribute("smtp.outcome", "accepted");
+      return `2.0.0 Ok: queued as ${queueId}`;
+    } catch (error) {
+      span.setAttribute("smtp.outcome", "refused");
+      if (error instanceof SmtpError) span.setAttribute("smtp.reply", error.message);
+      throw error;
+    } finally {
+      span.end();
+    }
+  };
+
+  const disabled = ["XCLIENT", "XFORWARD", "WIZ", "SHELL", "KILL"];
+  if (!authOffered) disabled.push("AUTH");
+  if (tlsMode !== "starttls") disabled.push("STARTTLS");
+
+  const server = new SMTPServer({
+    name: options.hostname,
+    banner: options.banner || "",
+    secure: tlsMode === "implicit",
+    ...(options.tls ? { key: options.tls.key, cert: options.tls.cert } : {}),
+    size: limits.maxMessageSize,
+    rejectOversized: true,
+    maxRecipients: limits.maxRecipients,
+    maxCommandLength: limits.maxLineLength - 2,
+    maxClients: limits.maxClients,
+    socketTimeout: limits.idleTimeoutMs,
+    closeTimeout: 30_000,
+    disableReverseLookup: !limits.reverseDns,
+    hideENHANCEDSTATUSCODES: false,
+    hideDSN: false,
+    hidePIPELINING: false,
+    hide8BITMIME: false,
+    hideSMTPUTF8: false,
+    disabledCommands: disabled,
+    authMethods: options.auth?.methods ?? ["PLAIN", "LOGIN"],
+    authOptional: !options.auth?.required,
+    allowInsecureAuth: !!options.auth?.allowInsecure,
+    logger: false,
+    onConnect,
+    onClose,
+    onAuth,
+    onMailFrom,
+    onRcptTo,
+    onData,
+    // Our settings that the patched library reads (patches/smtp-server@*.patch).
+    ...({ greetingDelay: limits.greetingDelayMs } as object),
+  });
+  (server as SMTPServer & { [GUARD]?: Guard })[GUARD] = guard;
+  server.on("error", (error) => logger.debug({ err: error }, "smtp connection error"));
+
+  let boundPort = 0;
+  return {
+    server,
+    listen() {
+      return new Promise((resolve, reject) => {
+        server.server.once("error", reject);
+        server.listen(options.port ?? 0, options.host ?? "127.0.0.1", () => {
+          server.server.off("error", reject);
+          boundPort = (server.server.address() as AddressInfo).port;
+          resolve(boundPort);
+        });
+      });
+    },
+    port: () => boundPort,
+    async stop(graceMs = 10_000) {
+      (server.options as { closeTimeout?: number }).closeTimeout = graceMs;
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      while (inFlight.size > 0) await Promise.allSettled([...inFlight]);
+      await batcher.idle();
+      busWatch.stop();
+    },
+  };
+}

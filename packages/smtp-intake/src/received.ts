@@ -18,6 +18,8 @@ export interface ReceivedFields {
   queueId: string;
   traceId: string | null;
   tlsCipher?: string | null;
+  /** The AUTH identity, shown as a comment (RFC 4954 section 7 allows it). */
+  authenticatedUser?: string | null;
   /** Named in `for` only when the message has exactly one recipient (RFC 5321 4.4 privacy note). */
   recipient?: string | null;
   date?: Date;
@@ -30,8 +32,9 @@ export interface ReceivedFields {
 export function receivedHeader(f: ReceivedFields): string {
   const ip = f.clientIp.includes(":") ? `IPv6:${f.clientIp}` : f.clientIp;
   const from = `from ${clean(f.helo ?? "unknown")} (${f.clientHostname ? `${clean(f.clientHostname)} ` : ""}[${ip}])`;
+  const auth = f.authenticatedUser ? `\r\n\t(Authenticated sender: ${clean(f.authenticatedUser, 320)})` : "";
   const tls = f.tlsCipher ? ` (${clean(f.tlsCipher)})` : "";
   const by = `by ${clean(f.hostname)} (mailstack) with ${f.protocol}${tls} id ${f.queueId}${f.traceId ? ` (trace ${f.traceId})` : ""}`;
   const forPart = f.recipient ? `\r\n\tfor <${clean(f.recipient, 256)}>` : "";
-  return `Received: ${from}\r\n\t${by}${forPart};\r\n\t${rfc5322Date(f.date)}\r\n`;
+  return `Received: ${from}${auth}\r\n\t${by}${forPart};\r\n\t${rfc5322Date(f.date)}\r\n`;
 }

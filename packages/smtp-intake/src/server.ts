@@ -123,7 +123,7 @@ export interface IntakeOptions {
     required?: boolean;
     /** Allow AUTH before STARTTLS (tests only). */
     allowInsecure?: boolean;
-    /** Resolves the user name to store on the message, or null for bad credentials (535 5.7.8). */
+    /** Resolves the user name to store on the message, or null for bad credentials (535 5.7.8). Throw SmtpError for another reply (a 421 closes the connection). */
     authenticate(credentials: { method: string; username: string; password: string; session: IntakeSession }): Promise<string | null>;
   };
   /** MAIL FROM check (MSA: the sender belongs to the user). Throw SmtpError to refuse. */
@@ -350,6 +350,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       .then(
         (user) => (user ? callback(null, { user }) : callback(smtpError(R.badAuth))),
         (error) => {
+          if (error instanceof SmtpError) return callback(smtpError(error.reply));
           logger.warn({ err: error }, "authentication backend failed");
           callback(smtpError(reply(454, "4.7.0", "Temporary authentication failure")));
         },
@@ -508,6 +509,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         queueId,
         traceId,
         recipient: routes.length === 1 ? recipients[0]!.recipient : null,
+        authenticatedUser: s.user,
       });
       const stored = Buffer.concat([Buffer.from(header, "latin1"), body]);
       const deliveries: NewDelivery[] = recipients.flatMap((r) =>

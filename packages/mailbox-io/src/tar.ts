@@ -1,6 +1,8 @@
 // A minimal ustar writer and reader for folders of .eml files over HTTP: regular files and
 // directories only, names up to 255 bytes (prefix + name), sizes below 8 GiB.
 
+import { MailboxIoError } from "./store.ts";
+
 const BLOCK = 512;
 
 function octal(value: number, width: number): string {
@@ -15,7 +17,7 @@ function splitName(path: string): { name: string; prefix: string } {
     const name = path.slice(i + 1);
     if (Buffer.byteLength(prefix) <= 155 && Buffer.byteLength(name) <= 100) return { name, prefix };
   }
-  throw new Error(`path too long for a tar entry: ${path}`);
+  throw new MailboxIoError("invalid", `path too long for a tar entry: ${path}`);
 }
 
 export function tarHeader(path: string, size: number, mtime: Date): Buffer {
@@ -63,7 +65,7 @@ function readString(block: Buffer, start: number, length: number): string {
 
 function readOctal(block: Buffer, start: number, length: number): number {
   const text = readString(block, start, length).trim();
-  if (!/^[0-7]*$/.test(text)) throw new Error("not a tar archive: bad number field");
+  if (!/^[0-7]*$/.test(text)) throw new MailboxIoError("invalid", "not a tar archive: bad number field");
   return text ? parseInt(text, 8) : 0;
 }
 
@@ -79,7 +81,7 @@ export async function* readTar(input: AsyncIterable<Buffer | string>, maxFileByt
       const next = await iterator.next();
       if (next.done) {
         if (pendingBytes === 0) return null;
-        throw new Error("truncated tar archive");
+        throw new MailboxIoError("invalid", "truncated tar archive");
       }
       const chunk = Buffer.from(next.value);
       pending.push(chunk);
@@ -100,18 +102,18 @@ export async function* readTar(input: AsyncIterable<Buffer | string>, maxFileByt
     const stored = readOctal(header, 148, 8);
     let sum = 0;
     for (let i = 0; i < BLOCK; i++) sum += i >= 148 && i < 156 ? 0x20 : header[i]!;
-    if (sum !== stored) throw new Error("not a tar archive: header checksum mismatch");
+    if (sum !== stored) throw new MailboxIoError("invalid", "not a tar archive: header checksum mismatch");
     const size = readOctal(header, 124, 12);
     const type = String.fromCharCode(header[156]!);
     const prefix = header.toString("latin1", 257, 262) === "ustar" ? readString(header, 345, 155) : "";
     const name = readString(header, 0, 100);
     if ((type === "0" || type === "\0" || type === "L") && size > maxFileBytes) {
-      throw new Error(`a file in the archive is larger than the limit of ${maxFileBytes} bytes`);
+      throw new MailboxIoError("invalid", `a file in the archive is larger than the limit of ${maxFileBytes} bytes`);
     }
     const data = size ? await take(size) : Buffer.alloc(0);
-    if (size && !data) throw new Error("truncated tar archive");
+    if (size && !data) throw new MailboxIoError("invalid", "truncated tar archive");
     const pad = (BLOCK - (size % BLOCK)) % BLOCK;
-    if (pad && !(await take(pad))) throw new Error("truncated tar archive");
+    if (pad && !(await take(pad))) throw new MailboxIoError("invalid", "truncated tar archive");
     if (type === "L") {
       // GNU long name: the next entry's path.
       longName = data!.toString("utf8").replace(/\0+$/, "");

@@ -1,3 +1,5 @@
 // Each module registers its commands; add a line here for a new group.
 import "./directory.ts";
 import "./dkim.ts";
+import "./token.ts";
+import "./mailbox.ts";

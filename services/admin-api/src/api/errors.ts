@@ -1,0 +1,82 @@
+import type { FastifyError, FastifyInstance } from "fastify";
+import { DirectoryError } from "@mailstack/db";
+import { MailboxIoError } from "@mailstack/mailbox-io";
+
+/** An HTTP refusal with a status code and, for 400s, the request field at fault. */
+export class ApiError extends Error {
+  readonly statusCode: number;
+  readonly field: string | undefined;
+  constructor(statusCode: number, message: string, field?: string) {
+    super(message);
+    this.name = "ApiError";
+    this.statusCode = statusCode;
+    this.field = field;
+  }
+}
+
+export const notFound = (what: string) => new ApiError(404, `no such ${what}`);
+
+const STATUS_TEXT: Record<number, string> = {
+  400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
+  413: "Payload Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error", 503: "Service Unavailable",
+};
+
+const DIRECTORY_STATUS: Record<DirectoryError["code"], number> = { invalid: 400, "not-found": 404, duplicate: 409, "in-use": 409 };
+const MAILBOX_STATUS: Record<MailboxIoError["code"], number> = { invalid: 400, "not-found": 404, quota: 413 };
+
+/**
+ * Runs a shared operation and names `field` when it refuses the input as invalid, so that a
+ * refusal from the directory code is as precise as a schema validation error.
+ */
+export async function forField<T>(field: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (error) {
+    if (error instanceof DirectoryError && error.code === "invalid") throw new ApiError(400, error.message, field);
+    throw error;
+  }
+}
+
+function validationField(error: FastifyError): string | undefined {
+  const first = error.validation?.[0];
+  if (!first) return undefined;
+  const params = first.params as { missingProperty?: string; additionalProperty?: string };
+  const path = first.instancePath.replace(/^\//, "").replaceAll("/", ".");
+  const leaf = params.missingProperty ?? params.additionalProperty;
+  return leaf ? (path ? `${path}.${leaf}` : leaf) : path || undefined;
+}
+
+/** One error shape for every refusal: { statusCode, error, message, field? }; 5xx details stay in the log. */
+export function installErrorHandler(app: FastifyInstance): void {
+  app.setErrorHandler((error: FastifyError, request, reply) => {
+    let status = 500;
+    let message = "internal error";
+    let field: string | undefined;
+    if (error.validation) {
+      status = 400;
+      field = validationField(error);
+      const first = error.validation[0];
+      const params = first?.params as { additionalProperty?: string } | undefined;
+      const detail = params?.additionalProperty ? "is not a known field" : (first?.message ?? error.message);
+      message = `${error.validationContext ?? "request"}: ${field ?? "value"} ${detail}`;
+    } else if (error instanceof ApiError) {
+      status = error.statusCode;
+      message = error.message;
+      field = error.field;
+    } else if (error instanceof DirectoryError) {
+      status = DIRECTORY_STATUS[error.code];
+      message = error.message;
+    } else if (error instanceof MailboxIoError) {
+      status = MAILBOX_STATUS[error.code];
+      message = error.message;
+    } else if (typeof error.statusCode === "number" && error.statusCode >= 400 && error.statusCode < 500) {
+      status = error.statusCode;
+      message = error.message;
+    }
+    if (status >= 500) request.log.error({ err: error }, "request failed");
+    void reply.status(status).send({ statusCode: status, error: STATUS_TEXT[status] ?? "Error", message, ...(field ? { field } : {}) });
+  });
+  app.setNotFoundHandler((request, reply) => {
+    void reply.status(404).send({ statusCode: 404, error: "Not Found", message: `no route ${request.method} ${request.url.split("?")[0]}` });
+  });
+}

@@ -1,0 +1,297 @@
+import type { FastifyInstance, FastifyRequest } from "fastify";
+import {
+  addAccount, addAlias, addDomain, getAccount, getDomain, listAccounts, listAliases, listDomains, removeAccount,
+  removeAlias, removeDomain, setAccountDisabled, setAccountPassword, setAccountQuota, transaction, type AccountRow,
+  type AliasRow, type DomainRow, type Pool,
+} from "@mailstack/db";
+import { createDomainDkimKey, type DkimAlgorithm } from "@mailstack/dkim";
+import { domainDnsRecords } from "@mailstack/admin-ops";
+import { domainOfAddress, inScope, requireOperator } from "../auth.ts";
+import type { ApiConfig } from "../config.ts";
+import { forField, notFound } from "../errors.ts";
+import { addressString, dateTime, domainString, errorResponses, noContent, nullableInteger, nullableString } from "../schemas.ts";
+
+const domainView = {
+  type: "object",
+  properties: {
+    name: { type: "string" },
+    dkimSelector: nullableString,
+    dkimAlgorithm: nullableString,
+    dmarcRejectAction: { type: "string" },
+    createdAt: dateTime,
+  },
+} as const;
+
+const dnsRecordsView = {
+  type: "array",
+  items: {
+    type: "object",
+    properties: {
+      purpose: { type: "string", enum: ["mx", "spf", "dkim", "dmarc"] },
+      type: { type: "string" },
+      name: { type: "string" },
+      value: { type: "string" },
+      priority: { type: "integer" },
+    },
+  },
+} as const;
+
+const accountView = {
+  type: "object",
+  properties: {
+    address: { type: "string" },
+    domain: { type: "string" },
+    quotaBytes: nullableInteger,
+    usedBytes: { type: "integer" },
+    disabled: { type: "boolean" },
+    createdAt: dateTime,
+  },
+} as const;
+
+const aliasView = {
+  type: "object",
+  properties: {
+    address: { type: "string" },
+    targets: { type: "array", items: { type: "string" } },
+    createdAt: dateTime,
+  },
+} as const;
+
+const dkimBody = {
+  type: "object",
+  additionalProperties: false,
+  properties: {
+    selector: { type: "string", minLength: 1, maxLength: 200 },
+    algorithm: { type: "string", enum: ["rsa-sha256", "ed25519-sha256"] },
+  },
+} as const;
+
+function showDomain(d: DomainRow) {
+  return { name: d.name, dkimSelector: d.dkim_selector, dkimAlgorithm: d.dkim_algorithm, dmarcRejectAction: d.dmarc_reject_action, createdAt: d.created_at.toISOString() };
+}
+
+function showAccount(a: AccountRow) {
+  return {
+    address: a.address, domain: domainOfAddress(a.address), quotaBytes: a.quota_bytes, usedBytes: a.used_bytes,
+    disabled: a.disabled, createdAt: a.created_at.toISOString(),
+  };
+}
+
+function showAlias(a: AliasRow) {
+  return { address: a.address, targets: a.targets, createdAt: a.created_at.toISOString() };
+}
+
+/** A domain the token may see, or 404 (the same answer whether it is missing or another tenant's). */
+async function visibleDomain(pool: Pool, request: FastifyRequest, name: string): Promise<DomainRow> {
+  const domain = inScope(request, name) ? await getDomain(pool, name) : null;
+  if (!domain) throw notFound(`domain: ${name}`);
+  return domain;
+}
+
+export async function visibleAccount(pool: Pool, request: FastifyRequest, address: string): Promise<AccountRow> {
+  const account = inScope(request, domainOfAddress(address)) ? await getAccount(pool, address) : null;
+  if (!account) throw notFound(`account: ${address}`);
+  return account;
+}
+
+type Params<K extends string> = { Params: Record<K, string> };
+
+export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiConfig): void {
+  const records = (name: string) => domainDnsRecords(pool, name, { mxHost: config.MAIL_HOSTNAME, dmarcPolicy: config.DMARC_POLICY });
+
+  // ---- domains
+  app.get("/domains", {
+    schema: {
+      tags: ["domains"], summary: "List served domains",
+      response: { 200: { type: "object", properties: { domains: { type: "array", items: domainView } } }, ...errorResponses },
+    },
+  }, async (request) => {
+    const domains = (await listDomains(pool)).filter((d) => inScope(request, d.name));
+    return { domains: domains.map(showDomain) };
+  });
+
+  app.post<{ Body: { name: string; dkim?: { selector?: string; algorithm?: DkimAlgorithm } | boolean } }>("/domains", {
+    schema: {
+      tags: ["domains"], summary: "Add a domain, optionally with a new DKIM key; answers with the DNS records to publish",
+      body: {
+        type: "object", additionalProperties: false, required: ["name"],
+        properties: { name: domainString, dkim: { anyOf: [{ type: "boolean" }, dkimBody] } },
+      },
+      response: { 201: { type: "object", properties: { domain: domainView, dnsRecords: dnsRecordsView } }, ...errorResponses },
+    },
+  }, async (request, reply) => {
+    requireOperator(request);
+    const { name, dkim } = request.body;
+    const domain = await transaction(pool, async (client) => {
+      const created = await forField("name", () => addDomain(client, name));
+      if (dkim) {
+        const options = typeof dkim === "object" ? dkim : {};
+        await forField("dkim", () => createDomainDkimKey(client, created.name, options));
+      }
+      return (await getDomain(client, created.name))!;
+    });
+    reply.status(201);
+    return { domain: showDomain(domain), dnsRecords: await records(domain.name) };
+  });
+
+  app.get<Params<"name">>("/domains/:name", {
+    schema: {
+      tags: ["domains"], summary: "A domain and the DNS records to publish for it (MX, SPF, DKIM, DMARC)",
+      params: { type: "object", properties: { name: domainString }, required: ["name"] },
+      response: { 200: { type: "object", properties: { domain: domainView, dnsRecords: dnsRecordsView } }, ...errorResponses },
+    },
+  }, async (request) => {
+    const domain = await visibleDomain(pool, request, request.params.name);
+    return { domain: showDomain(domain), dnsRecords: await records(domain.name) };
+  });
+
+  app.post<Params<"name"> & { Body: { selector?: string; algorithm?: DkimAlgorithm } }>("/domains/:name/dkim", {
+    schema: {
+      tags: ["domains"], summary: "Generate a new DKIM key for the domain (replacing the current one)",
+      params: { type: "object", properties: { name: domainString }, required: ["name"] },
+      body: dkimBody,
+      response: { 201: { type: "object", properties: { domain: domainView, dnsRecords: dnsRecordsView } }, ...errorResponses },
+    },
+  }, async (request, reply) => {
+    const domain = await visibleDomain(pool, request, request.params.name);
+    await forField("selector", () => createDomainDkimKey(pool, domain.name, request.body ?? {}));
+    reply.status(201);
+    return { domain: showDomain((await getDomain(pool, domain.name))!), dnsRecords: await records(domain.name) };
+  });
+
+  app.delete<Params<"name">>("/domains/:name", {
+    schema: {
+      tags: ["domains"], summary: "Remove a domain that has no accounts or aliases left",
+      params: { type: "object", properties: { name: domainString }, required: ["name"] },
+      response: { ...noContent, ...errorResponses },
+    },
+  }, async (request, reply) => {
+    requireOperator(request);
+    await removeDomain(pool, request.params.name);
+    reply.status(204);
+  });
+
+  // ---- accounts
+  app.get<{ Querystring: { domain?: string } }>("/accounts", {
+    schema: {
+      tags: ["accounts"], summary: "List accounts, optionally of one domain",
+      querystring: { type: "object", additionalProperties: false, properties: { domain: domainString } },
+      response: { 200: { type: "object", properties: { accounts: { type: "array", items: accountView } } }, ...errorResponses },
+    },
+  }, async (request) => {
+    const domain = request.query.domain ?? request.principal.domain ?? undefined;
+    if (domain !== undefined) await visibleDomain(pool, request, domain);
+    return { accounts: (await listAccounts(pool, domain)).map(showAccount) };
+  });
+
+  app.post<{ Body: { address: string; password: string; quotaBytes?: number | null } }>("/accounts", {
+    schema: {
+      tags: ["accounts"], summary: "Create an account",
+      body: {
+        type: "object", additionalProperties: false, required: ["address", "password"],
+        properties: {
+          address: addressString,
+          password: { type: "string", minLength: 1, maxLength: 1024 },
+          quotaBytes: { type: ["integer", "null"], minimum: 0 },
+        },
+      },
+      response: { 201: accountView, ...errorResponses },
+    },
+  }, async (request, reply) => {
+    const { address, password, quotaBytes } = request.body;
+    if (!inScope(request, domainOfAddress(address))) throw notFound(`domain: ${domainOfAddress(address)}`);
+    const account = await forField("address", () => addAccount(pool, { address, password, quotaBytes: quotaBytes ?? null }));
+    reply.status(201);
+    return showAccount(account);
+  });
+
+  app.get<Params<"address">>("/accounts/:address", {
+    schema: {
+      tags: ["accounts"], summary: "One account",
+      params: { type: "object", properties: { address: addressString }, required: ["address"] },
+      response: { 200: accountView, ...errorResponses },
+    },
+  }, async (request) => showAccount(await visibleAccount(pool, request, request.params.address)));
+
+  app.patch<Params<"address"> & { Body: { password?: string; quotaBytes?: number | null; disabled?: boolean } }>("/accounts/:address", {
+    schema: {
+      tags: ["accounts"], summary: "Change an account's password, quota (null: unlimited) or disabled state",
+      params: { type: "object", properties: { address: addressString }, required: ["address"] },
+      body: {
+        type: "object", additionalProperties: false, minProperties: 1,
+        properties: {
+          password: { type: "string", minLength: 1, maxLength: 1024 },
+          quotaBytes: { type: ["integer", "null"], minimum: 0 },
+          disabled: { type: "boolean" },
+        },
+      },
+      response: { 200: accountView, ...errorResponses },
+    },
+  }, async (request) => {
+    const account = await visibleAccount(pool, request, request.params.address);
+    const body = request.body;
+    await transaction(pool, async (client) => {
+      if (body.password !== undefined) await forField("password", () => setAccountPassword(client, account.address, body.password!));
+      if (body.quotaBytes !== undefined) await forField("quotaBytes", () => setAccountQuota(client, account.address, body.quotaBytes!));
+      if (body.disabled !== undefined) await setAccountDisabled(client, account.address, body.disabled);
+    });
+    return showAccount((await getAccount(pool, account.address))!);
+  });
+
+  app.delete<Params<"address">>("/accounts/:address", {
+    schema: {
+      tags: ["accounts"], summary: "Delete an account and its mailbox",
+      params: { type: "object", properties: { address: addressString }, required: ["address"] },
+      response: { ...noContent, ...errorResponses },
+    },
+  }, async (request, reply) => {
+    const account = await visibleAccount(pool, request, request.params.address);
+    await removeAccount(pool, account.address);
+    reply.status(204);
+  });
+
+  // ---- aliases
+  app.get<{ Querystring: { domain?: string } }>("/aliases", {
+    schema: {
+      tags: ["aliases"], summary: "List aliases, optionally of one domain",
+      querystring: { type: "object", additionalProperties: false, properties: { domain: domainString } },
+      response: { 200: { type: "object", properties: { aliases: { type: "array", items: aliasView } } }, ...errorResponses },
+    },
+  }, async (request) => {
+    const domain = request.query.domain ?? request.principal.domain ?? undefined;
+    if (domain !== undefined) await visibleDomain(pool, request, domain);
+    return { aliases: (await listAliases(pool, domain)).map(showAlias) };
+  });
+
+  app.post<{ Body: { address: string; targets: string[] } }>("/aliases", {
+    schema: {
+      tags: ["aliases"], summary: "Create an alias (*@domain is the catch-all)",
+      body: {
+        type: "object", additionalProperties: false, required: ["address", "targets"],
+        properties: {
+          address: addressString,
+          targets: { type: "array", minItems: 1, maxItems: 1000, items: addressString },
+        },
+      },
+      response: { 201: aliasView, ...errorResponses },
+    },
+  }, async (request, reply) => {
+    const { address, targets } = request.body;
+    if (!inScope(request, domainOfAddress(address))) throw notFound(`domain: ${domainOfAddress(address)}`);
+    const alias = await forField("address", () => addAlias(pool, address, targets));
+    reply.status(201);
+    return showAlias(alias);
+  });
+
+  app.delete<Params<"address">>("/aliases/:address", {
+    schema: {
+      tags: ["aliases"], summary: "Delete an alias",
+      params: { type: "object", properties: { address: addressString }, required: ["address"] },
+      response: { ...noContent, ...errorResponses },
+    },
+  }, async (request, reply) => {
+    if (!inScope(request, domainOfAddress(request.params.address))) throw notFound(`alias: ${request.params.address}`);
+    await forField("address", () => removeAlias(pool, request.params.address));
+    reply.status(204);
+  });
+}

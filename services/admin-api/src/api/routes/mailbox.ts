@@ -1,0 +1,97 @@
+import { Readable } from "node:stream";
+import type { FastifyInstance } from "fastify";
+import type { Pool } from "@mailstack/db";
+import {
+  emlFiles, emlMessages, importMboxStream, importMessages, listFolders, mboxStream, readTar, tarStream, validateFolderName,
+} from "@mailstack/mailbox-io";
+import type { ApiConfig } from "../config.ts";
+import { ApiError } from "../errors.ts";
+import { addressString, errorResponses, folderString } from "../schemas.ts";
+import { visibleAccount } from "./directory.ts";
+
+const MBOX = "application/mbox";
+const TAR = "application/x-tar";
+
+const params = { type: "object", properties: { address: addressString }, required: ["address"] } as const;
+const formatQuery = {
+  type: "object", additionalProperties: false, required: ["format"],
+  properties: { format: { type: "string", enum: ["mbox", "eml"] }, folder: folderString },
+} as const;
+
+type Route = { Params: { address: string }; Querystring: { format: "mbox" | "eml"; folder?: string } };
+
+/**
+ * Export streams rows from a cursor into the response (mbox for one folder; a tar of .eml files
+ * for a folder or the whole mailbox). Import reads the request body as a stream, one message at a
+ * time, each filed in its own transaction.
+ */
+export function mailboxRoutes(app: FastifyInstance, pool: Pool, config: ApiConfig): void {
+  // Import bodies are streams handed to the importer, which bounds each message itself.
+  app.addContentTypeParser([MBOX, TAR, "application/octet-stream"], (_request, payload, done) => done(null, payload));
+
+  app.get<Route>("/accounts/:address/export", {
+    schema: {
+      tags: ["mailbox"],
+      summary: "Export a folder as mboxrd (format=mbox, folder defaults to INBOX), or a folder or the whole mailbox as a tar of .eml files (format=eml)",
+      params, querystring: formatQuery,
+      response: { 200: { description: "application/mbox or application/x-tar stream", type: "string", format: "binary" }, ...errorResponses },
+    },
+  }, async (request, reply) => {
+    const account = await visibleAccount(pool, request, request.params.address);
+    const { format, folder } = request.query;
+    checkFolder(folder);
+    if (format === "mbox") {
+      const name = folder ?? "INBOX";
+      if (!(await listFolders(pool, account.id)).includes(name)) throw new ApiError(404, `no such folder: ${name}`);
+      reply.type(MBOX).header("content-disposition", `attachment; filename="${safeFileName(`${account.address}-${name}`)}.mbox"`);
+      return reply.send(Readable.from(mboxStream(pool, account.id, name)));
+    }
+    reply.type(TAR).header("content-disposition", `attachment; filename="${safeFileName(`${account.address}-${folder ?? "mailbox"}`)}.tar"`);
+    return reply.send(Readable.from(tarStream(emlFiles(pool, account.id, folder))));
+  });
+
+  app.post<Route>("/accounts/:address/import", {
+    schema: {
+      tags: ["mailbox"],
+      summary: "Import an mboxrd body (application/mbox) into a folder, or a tar of .eml files (application/x-tar); messages are stored byte for byte",
+      params, querystring: formatQuery,
+      response: {
+        200: {
+          type: "object",
+          properties: { imported: { type: "integer" }, bytes: { type: "integer" }, folders: { type: "array", items: { type: "string" } } },
+        },
+        ...errorResponses,
+        413: { description: "A message is too large or the account's quota would be exceeded", type: "object", properties: { statusCode: { type: "integer" }, error: { type: "string" }, message: { type: "string" } } },
+      },
+    },
+  }, async (request) => {
+    const account = await visibleAccount(pool, request, request.params.address);
+    const { format, folder } = request.query;
+    checkFolder(folder);
+    const body = request.body as Readable | undefined;
+    if (!body || typeof (body as Readable).pipe !== "function") {
+      throw new ApiError(415, `send the ${format === "mbox" ? MBOX : TAR} bytes as the request body`);
+    }
+    const limit = config.API_IMPORT_MAX_MESSAGE_SIZE;
+    try {
+      if (format === "mbox") return await importMboxStream(pool, account.id, folder ?? "INBOX", body, limit);
+      return await importMessages(pool, account.id, emlMessages(readTar(body, limit), folder));
+    } finally {
+      // Whatever happened, do not leave the rest of the upload unread on the socket.
+      body.resume();
+    }
+  });
+}
+
+function checkFolder(folder: string | undefined): void {
+  if (folder === undefined) return;
+  try {
+    validateFolderName(folder);
+  } catch (error) {
+    throw new ApiError(400, `querystring: folder ${(error as Error).message}`, "folder");
+  }
+}
+
+function safeFileName(name: string): string {
+  return name.replace(/[^A-Za-z0-9@._-]+/g, "_");
+}

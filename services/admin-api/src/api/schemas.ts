@@ -1,0 +1,32 @@
+// JSON schemas shared by the routes. Request bodies reject unknown fields so that a typo is a 400
+// naming the field rather than a silently ignored setting.
+
+export const errorSchema = {
+  type: "object",
+  properties: {
+    statusCode: { type: "integer" },
+    error: { type: "string" },
+    message: { type: "string" },
+    field: { type: "string" },
+  },
+  required: ["statusCode", "error", "message"],
+} as const;
+
+/** The refusals every authenticated route can answer with. */
+export const errorResponses = {
+  400: { description: "Invalid request; `field` names the offending field", ...errorSchema },
+  401: { description: "Missing, unknown or revoked token", ...errorSchema },
+  403: { description: "The token may not do this", ...errorSchema },
+  404: { description: "No such object (or not visible to this token)", ...errorSchema },
+  409: { description: "Conflicts with existing data", ...errorSchema },
+} as const;
+
+export const addressString = { type: "string", minLength: 3, maxLength: 320, pattern: "^[^@\\s]+@[^@\\s]+$" } as const;
+export const domainString = { type: "string", minLength: 1, maxLength: 253, pattern: "^[^@\\s/]+\\.[^@\\s/]+$" } as const;
+export const folderString = { type: "string", minLength: 1, maxLength: 255 } as const;
+
+export const nullableString = { type: ["string", "null"] } as const;
+export const nullableInteger = { type: ["integer", "null"] } as const;
+export const dateTime = { type: "string", format: "date-time" } as const;
+
+export const noContent = { 204: { description: "Done", type: "null" } } as const;

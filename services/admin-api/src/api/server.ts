@@ -1,0 +1,79 @@
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from "fastify";
+import swagger from "@fastify/swagger";
+import swaggerUi from "@fastify/swagger-ui";
+import { FastifyOtelInstrumentation } from "@fastify/otel";
+import type { Pool } from "@mailstack/db";
+import type { Logger } from "@mailstack/telemetry";
+import { installAuth } from "./auth.ts";
+import type { ApiConfig } from "./config.ts";
+import { installErrorHandler } from "./errors.ts";
+import { directoryRoutes } from "./routes/directory.ts";
+import { journeyRoutes } from "./routes/journey.ts";
+import { mailboxRoutes } from "./routes/mailbox.ts";
+
+export interface AdminApiOptions {
+  pool: Pool;
+  logger: Logger;
+  config: ApiConfig;
+}
+
+// One instrumentation per process: it reads the global tracer provider that main.ts started.
+let otel: FastifyOtelInstrumentation | undefined;
+
+/** The Fastify application with every route; not listening yet (tests may `inject`). */
+export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): Promise<FastifyInstance> {
+  const app = Fastify({
+    loggerInstance: logger.child({ component: "http" }) as FastifyBaseLogger,
+    bodyLimit: config.API_BODY_LIMIT,
+    // Unknown fields are refused (400 naming them) rather than silently dropped.
+    ajv: { customOptions: { removeAdditional: false, coerceTypes: "array", allErrors: false } },
+    return503OnClosing: true,
+    forceCloseConnections: "idle",
+  });
+  otel ??= new FastifyOtelInstrumentation();
+  await app.register(otel.plugin());
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: "3.0.3",
+      info: {
+        title: "mailstack admin API",
+        version: "1",
+        description: "Every route needs `Authorization: Bearer <token>` (create one with `mailctl token create NAME`). "
+          + "Refusals are `{ statusCode, error, message, field? }`; validation errors are 400 and name the field.",
+      },
+      components: { securitySchemes: { bearer: { type: "http", scheme: "bearer" } } },
+      security: [{ bearer: [] }],
+    },
+  });
+  await app.register(swaggerUi, { routePrefix: "/docs" });
+
+  installErrorHandler(app);
+  installAuth(app, pool, config.API_DOCS_PUBLIC ? ["/docs"] : []);
+  directoryRoutes(app, pool, config);
+  journeyRoutes(app, pool, config);
+  mailboxRoutes(app, pool, config);
+  return app;
+}
+
+export interface RunningAdminApi {
+  app: FastifyInstance;
+  port: number;
+  url: string;
+  /** Stops accepting connections, lets in-flight requests finish, then resolves. */
+  stop(): Promise<void>;
+}
+
+export async function startAdminApi(options: AdminApiOptions): Promise<RunningAdminApi> {
+  const app = await buildAdminApi(options);
+  await app.listen({ port: options.config.API_PORT, host: options.config.API_HOST });
+  const address = app.server.address();
+  const port = typeof address === "object" && address ? address.port : options.config.API_PORT;
+  const host = options.config.API_HOST === "0.0.0.0" ? "127.0.0.1" : options.config.API_HOST;
+  return {
+    app,
+    port,
+    url: `http://${host.includes(":") ? `[${host}]` : host}:${port}`,
+    stop: () => app.close(),
+  };
+}

@@ -1,0 +1,170 @@
+import { randomBytes } from "node:crypto";
+
+/** RFC 3464 section 2.3.3 actions. */
+export type DsnAction = "failed" | "delayed" | "delivered" | "relayed" | "expanded";
+
+export interface DsnRecipient {
+  /** The address the delivery was attempted to (Final-Recipient). */
+  finalRecipient: string;
+  /** ORCPT as given (`rfc822;addr`) or the RCPT TO address; becomes Original-Recipient. */
+  originalRecipient?: string | null;
+  action: DsnAction;
+  /** Enhanced status code, e.g. 5.1.1. */
+  status: string;
+  /** The host that gave the reply (Remote-MTA), when a remote server answered. */
+  remoteMta?: string | null;
+  /** The remote reply (`smtp; 550 5.1.1 ...`) or a local explanation. */
+  diagnostic?: string | null;
+  lastAttemptDate?: Date | null;
+  willRetryUntil?: Date | null;
+}
+
+export interface DsnInput {
+  /** This system's host name: Reporting-MTA and the From: address's domain. */
+  reportingMta: string;
+  /** The envelope sender of the original message; the DSN goes to it. */
+  to: string;
+  originalEnvelopeId?: string | null;
+  arrivalDate?: Date | null;
+  /** FULL returns the whole message, HDRS its header only. */
+  ret: "FULL" | "HDRS";
+  original: Buffer;
+  recipients: DsnRecipient[];
+  date?: Date;
+}
+
+export interface ComposedDsn {
+  raw: Buffer;
+  messageId: string;
+}
+
+/** Header values must never carry a line break from a remote reply or an address. */
+function clean(text: string): string {
+  return text.replace(/[\r\n]+/g, " ").replace(/[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]/g, "").trim();
+}
+
+/** Folds a long header field at spaces so lines stay under 998 octets (RFC 5322 2.1.1). */
+function field(name: string, value: string): string {
+  const words = clean(value).split(" ");
+  const lines: string[] = [];
+  let line = `${name}:`;
+  for (const word of words) {
+    if (line.length + 1 + word.length > 76 && line.length > name.length + 1) {
+      lines.push(line);
+      line = ` ${word}`;
+    } else {
+      line += ` ${word}`;
+    }
+  }
+  lines.push(line);
+  return lines.join("\r\n") + "\r\n";
+}
+
+function addressType(address: string): string {
+  return address.includes(";") ? address : `rfc822;${address}`;
+}
+
+/** The header section of a message (up to and including the blank line), CRLF-normalised. */
+export function headerSection(raw: Buffer): Buffer {
+  let end = raw.indexOf("\r\n\r\n");
+  let sep = 4;
+  const lf = raw.indexOf("\n\n");
+  if (lf >= 0 && (end < 0 || lf < end)) {
+    end = lf;
+    sep = 2;
+  }
+  const head = end < 0 ? raw : raw.subarray(0, end + sep);
+  return Buffer.from(head.toString("latin1").replace(/\r?\n/g, "\r\n"), "latin1");
+}
+
+function humanText(input: DsnInput): string {
+  const failed = input.recipients.filter((r) => r.action === "failed");
+  const delayed = input.recipients.filter((r) => r.action === "delayed");
+  const done = input.recipients.filter((r) => r.action === "delivered" || r.action === "relayed");
+  const lines = [`This is the mail system at host ${input.reportingMta}.`, ""];
+  if (failed.length) {
+    lines.push("I'm sorry to have to inform you that your message could not be delivered to one or more", "recipients. It is attached below.", "");
+    for (const r of failed) lines.push(`<${r.finalRecipient}>: ${clean(r.diagnostic ?? r.status)}`);
+    lines.push("");
+  }
+  if (delayed.length) {
+    lines.push("Your message could not be delivered yet to the recipients below. The mail system will keep", "trying; you do not need to send it again.", "");
+    for (const r of delayed) {
+      const until = r.willRetryUntil ? ` (will retry until ${r.willRetryUntil.toUTCString()})` : "";
+      lines.push(`<${r.finalRecipient}>: ${clean(r.diagnostic ?? r.status)}${until}`);
+    }
+    lines.push("");
+  }
+  if (done.length) {
+    lines.push("Your message was delivered to the recipients below, as you asked to be told.", "");
+    for (const r of done) lines.push(`<${r.finalRecipient}>: ${r.action}`);
+    lines.push("");
+  }
+  return lines.join("\r\n");
+}
+
+function subject(input: DsnInput): string {
+  if (input.recipients.some((r) => r.action === "failed")) return "Undelivered Mail Returned to Sender";
+  if (input.recipients.some((r) => r.action === "delayed")) return "Delayed Mail (still being retried)";
+  return "Successful Mail Delivery Report";
+}
+
+/**
+ * Builds an RFC 3464 delivery status notification: multipart/report with a human part,
+ * the message/delivery-status part and the original message (RET=FULL) or its header (HDRS).
+ * Every line ends in CRLF.
+ */
+export function composeDsn(input: DsnInput): ComposedDsn {
+  if (input.recipients.length === 0) throw new Error("a DSN needs at least one recipient");
+  const date = input.date ?? new Date();
+  const boundary = `dsn-${randomBytes(12).toString("hex")}`;
+  const messageId = `<${Date.now().toString(36)}.${randomBytes(8).toString("hex")}@${input.reportingMta}>`;
+
+  let status = "";
+  status += field("Reporting-MTA", `dns; ${input.reportingMta}`);
+  if (input.originalEnvelopeId) status += field("Original-Envelope-Id", input.originalEnvelopeId);
+  if (input.arrivalDate) status += field("Arrival-Date", input.arrivalDate.toUTCString());
+  for (const r of input.recipients) {
+    status += "\r\n";
+    if (r.originalRecipient) status += field("Original-Recipient", addressType(r.originalRecipient));
+    status += field("Final-Recipient", addressType(r.finalRecipient));
+    status += field("Action", r.action);
+    status += field("Status", r.status);
+    if (r.remoteMta) status += field("Remote-MTA", `dns; ${r.remoteMta}`);
+    if (r.diagnostic) status += field("Diagnostic-Code", r.diagnostic.startsWith("smtp;") ? r.diagnostic : `smtp; ${r.diagnostic}`);
+    if (r.lastAttemptDate) status += field("Last-Attempt-Date", r.lastAttemptDate.toUTCString());
+    if (r.willRetryUntil && r.action === "delayed") status += field("Will-Retry-Until", r.willRetryUntil.toUTCString());
+  }
+
+  const head =
+    field("From", `Mail Delivery System <MAILER-DAEMON@${input.reportingMta}>`) +
+    field("To", `<${input.to}>`) +
+    field("Subject", subject(input)) +
+    field("Date", date.toUTCString().replace("GMT", "+0000")) +
+    field("Message-ID", messageId) +
+    field("Auto-Submitted", "auto-replied") +
+    "MIME-Version: 1.0\r\n" +
+    `Content-Type: multipart/report; report-type=delivery-status;\r\n boundary="${boundary}"\r\n` +
+    "\r\n";
+
+  const original = input.ret === "FULL" ? normaliseCrlf(input.original) : headerSection(input.original);
+  const eightBit = original.some((byte) => byte > 0x7f);
+  const parts: Buffer[] = [
+    Buffer.from(head + "This is a MIME-encapsulated message.\r\n\r\n"),
+    Buffer.from(`--${boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n${humanText(input)}\r\n`),
+    Buffer.from(`--${boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n${status}\r\n`),
+    Buffer.from(
+      `--${boundary}\r\nContent-Description: ${input.ret === "FULL" ? "Undelivered Message" : "Undelivered Message Headers"}\r\n` +
+        `Content-Type: ${input.ret === "FULL" ? "message/rfc822" : "text/rfc822-headers"}\r\n` +
+        (eightBit ? "Content-Transfer-Encoding: 8bit\r\n" : "") +
+        "\r\n",
+    ),
+    original,
+    Buffer.from(`${original.subarray(-2).toString() === "\r\n" ? "" : "\r\n"}\r\n--${boundary}--\r\n`),
+  ];
+  return { raw: Buffer.concat(parts), messageId };
+}
+
+function normaliseCrlf(raw: Buffer): Buffer {
+  return Buffer.from(raw.toString("latin1").replace(/\r?\n/g, "\r\n"), "latin1");
+}

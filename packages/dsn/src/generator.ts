@@ -1,0 +1,225 @@
+import type { Bus } from "@mailstack/bus";
+import { resolveRecipient, type Pool, type PoolClient } from "@mailstack/db";
+import { dispatchAccepted, insertMessage, recordEvents, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
+import { currentTraceId, withSpan, type Logger } from "@mailstack/telemetry";
+import { composeDsn, type DsnAction, type DsnRecipient } from "./compose.ts";
+
+export interface GeneratorOptions {
+  /** Reporting-MTA and the DSN's From: domain. */
+  reportingMta: string;
+  /** The service name written on journey events. */
+  service: string;
+  /** Send a delay notice when the sender gave no NOTIFY (policy); NOTIFY=DELAY always does. */
+  delayByDefault?: boolean;
+  /** Without RET, the whole message is returned up to this size, its header beyond. */
+  fullReturnLimit?: number;
+  /** Messages handled per batch. */
+  batchSize?: number;
+  logger?: Logger;
+}
+
+interface PendingRow {
+  id: number;
+  message_id: number;
+  recipient: string;
+  final_recipient: string;
+  kind: "local" | "remote";
+  state: "queued" | "deferred" | "delivered" | "bounced" | "cancelled";
+  last_reply: string | null;
+  last_status: string | null;
+  remote_mta: string | null;
+  dsn_notify: string[] | null;
+  dsn_orcpt: string | null;
+  last_attempt_at: Date | null;
+}
+
+interface MessageRow {
+  id: number;
+  envelope_from: string;
+  dsn_envid: string | null;
+  dsn_ret: "FULL" | "HDRS" | null;
+  received_at: Date;
+  size: number;
+}
+
+function actionOf(row: PendingRow): DsnAction | null {
+  switch (row.state) {
+    case "bounced":
+      return "failed";
+    case "queued":
+    case "deferred":
+      return "delayed";
+    case "delivered":
+      // A remote server that did not take over DSN duty: we report "relayed" (RFC 3461 5.2.2).
+      return row.kind === "remote" ? "relayed" : "delivered";
+    default:
+      return null;
+  }
+}
+
+/** Whether the sender asked (or policy says) to be told about this outcome (RFC 3461 4.1). */
+export function wantsNotice(notify: string[] | null, action: DsnAction, delayByDefault: boolean): boolean {
+  const asked = (notify ?? []).map((n) => n.toUpperCase());
+  if (asked.includes("NEVER")) return false;
+  if (asked.length === 0) return action === "failed" || (action === "delayed" && delayByDefault);
+  if (action === "failed") return asked.includes("FAILURE");
+  if (action === "delayed") return asked.includes("DELAY");
+  return asked.includes("SUCCESS");
+}
+
+function statusOf(row: PendingRow, action: DsnAction): string {
+  if (row.last_status && /^[245]\.\d{1,3}\.\d{1,3}$/.test(row.last_status)) return row.last_status;
+  if (action === "failed") return "5.0.0";
+  if (action === "delayed") return "4.0.0";
+  return "2.0.0";
+}
+
+/**
+ * Generates the DSNs for one message inside the caller's transaction: decides per delivery
+ * whether a notice is due (null sender, NOTIFY), builds ONE report for all of them, stores
+ * it as a new message from <> to the original sender, and marks the rows sent or suppressed.
+ */
+async function handleMessage(
+  client: PoolClient,
+  message: MessageRow,
+  rows: PendingRow[],
+  options: GeneratorOptions,
+): Promise<AcceptedMessage | null> {
+  const notices: Array<{ row: PendingRow; action: DsnAction }> = [];
+  const suppressed: number[] = [];
+  for (const row of rows) {
+    const action = actionOf(row);
+    if (!action || message.envelope_from === "" || !wantsNotice(row.dsn_notify, action, options.delayByDefault ?? true)) {
+      suppressed.push(row.id);
+    } else {
+      notices.push({ row, action });
+    }
+  }
+  let accepted: AcceptedMessage | null = null;
+  if (notices.length > 0) {
+    const route = await resolveRecipient(client, message.envelope_from, { allowRemote: true });
+    if (!route.ok) {
+      options.logger?.warn({ messageId: message.id, sender: message.envelope_from, reason: route.reason }, "DSN recipient cannot be routed; suppressing");
+      suppressed.push(...notices.map((n) => n.row.id));
+      notices.length = 0;
+    } else {
+      const raw = await client.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1", [message.id]);
+      const onlyFailures = notices.some((n) => n.action === "failed");
+      const ret = message.dsn_ret ?? (onlyFailures && message.size <= (options.fullReturnLimit ?? 262_144) ? "FULL" : "HDRS");
+      const recipients: DsnRecipient[] = notices.map(({ row, action }) => ({
+        finalRecipient: row.final_recipient,
+        originalRecipient: row.dsn_orcpt ?? row.recipient,
+        action,
+        status: statusOf(row, action),
+        remoteMta: row.remote_mta,
+        diagnostic: row.last_reply,
+        lastAttemptDate: row.last_attempt_at,
+      }));
+      const dsn = composeDsn({
+        reportingMta: options.reportingMta,
+        to: message.envelope_from,
+        originalEnvelopeId: message.dsn_envid,
+        arrivalDate: message.received_at,
+        ret,
+        original: raw.rows[0]!.raw,
+        recipients,
+      });
+      const deliveries: NewDelivery[] = route.routes.map((r) => ({ recipient: message.envelope_from, route: r, dsnNotify: ["NEVER"] }));
+      accepted = await insertMessage(
+        client,
+        { raw: dsn.raw, envelopeFrom: "", source: "bounce", messageIdHeader: dsn.messageId, traceId: currentTraceId() ?? null },
+        deliveries,
+        options.service,
+      );
+      await client.query(
+        `UPDATE deliveries SET dsn_state = 'sent', updated_at = now(),
+                delay_notified_at = CASE WHEN state IN ('queued', 'deferred') THEN now() ELSE delay_notified_at END
+          WHERE id = ANY($1)`,
+        [notices.map((n) => n.row.id)],
+      );
+      await recordEvents(
+        client,
+        notices
+          .filter((n) => n.action === "delayed")
+          .map((n) => ({ messageId: message.id, deliveryId: n.row.id, event: "delayed" as const, service: options.service, detail: { dsn: accepted!.queueId } })),
+      );
+    }
+  }
+  if (suppressed.length > 0) {
+    await client.query("UPDATE deliveries SET dsn_state = 'suppressed', updated_at = now() WHERE id = ANY($1)", [suppressed]);
+  }
+  return accepted;
+}
+
+/**
+ * One pass of the bounce generator: takes messages with deliveries in dsn_state 'pending'
+ * (rows locked FOR UPDATE SKIP LOCKED, so every worker can run it), generates one DSN per
+ * message in the same transaction that marks the rows, then dispatches the DSNs.
+ * Returns the number of DSNs generated.
+ */
+export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptions): Promise<number> {
+  const candidates = await pool.query<{ message_id: number }>(
+    "SELECT DISTINCT message_id FROM deliveries WHERE dsn_state = 'pending' ORDER BY message_id LIMIT $1",
+    [options.batchSize ?? 50],
+  );
+  let generated = 0;
+  for (const { message_id: messageId } of candidates.rows) {
+    const accepted = await withSpan("dsn generate", { attributes: { "mail.message.id": messageId } }, async () => {
+      const client = await pool.connect();
+      try {
+        await client.query("BEGIN");
+        const rows = await client.query<PendingRow>(
+          `SELECT id, message_id, recipient, final_recipient, kind, state, last_reply, last_status, remote_mta,
+                  dsn_notify, dsn_orcpt, last_attempt_at
+             FROM deliveries WHERE message_id = $1 AND dsn_state = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED`,
+          [messageId],
+        );
+        if (rows.rows.length === 0) {
+          await client.query("ROLLBACK");
+          return null;
+        }
+        const message = await client.query<MessageRow>(
+          "SELECT id, envelope_from, dsn_envid, dsn_ret, received_at, size FROM messages WHERE id = $1",
+          [messageId],
+        );
+        const result = await handleMessage(client, message.rows[0]!, rows.rows, options);
+        await client.query("COMMIT");
+        return result;
+      } catch (error) {
+        await client.query("ROLLBACK").catch(() => undefined);
+        throw error;
+      } finally {
+        client.release();
+      }
+    });
+    if (accepted) {
+      generated++;
+      // A failed publish is repaired by the sweeper (the rows are queued and undispatched).
+      await dispatchAccepted(bus, pool, accepted).catch((error) => options.logger?.warn({ err: error }, "DSN dispatch failed; the sweeper will retry"));
+    }
+  }
+  return generated;
+}
+
+/** Runs the generator every intervalMs until stopped. */
+export function startDsnGenerator(bus: Bus, pool: Pool, options: GeneratorOptions & { intervalMs?: number }): { stop(): Promise<void> } {
+  let stopped = false;
+  let running: Promise<unknown> = Promise.resolve();
+  const tick = () => {
+    if (stopped) return;
+    running = generateDsns(bus, pool, options)
+      .then((count) => count > 0 && options.logger?.info({ count }, "generated delivery status notifications"))
+      .catch((error) => options.logger?.warn({ err: error }, "DSN generator failed; will try again"))
+      .finally(() => {
+        if (!stopped) timer = setTimeout(tick, options.intervalMs ?? 2_000);
+      });
+  };
+  let timer = setTimeout(tick, options.intervalMs ?? 2_000);
+  return {
+    async stop() {
+      stopped = true;
+      clearTimeout(timer);
+      await running;
+    },
+  };
+}

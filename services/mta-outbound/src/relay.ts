@@ -1,0 +1,310 @@
+import { randomBytes } from "node:crypto";
+import { transaction, type Pool } from "@mailstack/db";
+import { recordEvents, type JourneyEvent, type RelayJob } from "@mailstack/queue";
+import { SpanKind, mailMetrics, withSpan, type Logger } from "@mailstack/telemetry";
+import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
+import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
+import { hasEightBit } from "./dot-stuff.ts";
+import { SmtpConnection, SmtpError, formatRemoteReply, type Envelope, type Timeouts, type TransactionResult } from "./smtp-client.ts";
+
+export const SERVICE = "mta-outbound";
+
+export interface RelayConfig {
+  /** Our name in EHLO and Reporting-MTA. */
+  hostname: string;
+  destination: DestinationConfig;
+  timeouts: Timeouts;
+  /** How long a worker owns the deliveries of a job it is sending (longer than one attempt can take). */
+  leaseMs: number;
+  /** Delay before attempt n+1 after n failures; the last entry repeats. */
+  backoffMs: number[];
+  /** A delivery still failing this long after it was accepted bounces. */
+  maxQueueLifetimeMs: number;
+  /** A delay notice is due when a delivery is still deferred this long after it was accepted; 0 disables. */
+  delayNoticeAfterMs: number;
+  maxConnectionsPerHost: number;
+  maxPerDestination: number;
+  idleConnectionMs: number;
+  maxMessagesPerConnection: number;
+}
+
+interface ClaimedRow {
+  id: number;
+  recipient: string;
+  final_recipient: string;
+  dsn_notify: string[] | null;
+  dsn_orcpt: string | null;
+  attempts: number;
+  created_at: Date;
+  delay_notified_at: Date | null;
+}
+
+interface MessageRow {
+  envelope_from: string;
+  raw: Buffer;
+  dsn_envid: string | null;
+  dsn_ret: "FULL" | "HDRS" | null;
+  received_at: Date;
+}
+
+/** What one attempt decided for one delivery. */
+export interface Outcome {
+  state: "delivered" | "deferred" | "bounced";
+  reply: string;
+  status: string;
+  remoteMta: string | null;
+  /** The remote offered DSN, so it carries NOTIFY=SUCCESS duty on. */
+  remoteDsn?: boolean;
+}
+
+export interface Relay {
+  handle(job: RelayJob): Promise<void>;
+  close(): Promise<void>;
+  /** Worker id written as lease owner. */
+  readonly workerId: string;
+}
+
+function statusFromReply(code: number, enhanced: string | null): string {
+  if (enhanced && enhanced[0] === String(code)[0]) return enhanced;
+  return code >= 500 ? "5.0.0" : code >= 400 ? "4.0.0" : "2.0.0";
+}
+
+/** Backoff for the attempt after `attempts` failed ones. */
+export function backoffFor(attempts: number, schedule: number[]): number {
+  if (schedule.length === 0) return 3_600_000;
+  return schedule[Math.min(Math.max(attempts, 1), schedule.length) - 1]!;
+}
+
+/**
+ * The relay worker's job handler. One job is one message to one domain: the worker leases
+ * the job's pending deliveries (so two workers never send the same delivery at once),
+ * looks up the destination, sends ONE transaction with all recipients, and records every
+ * recipient's result right after the remote reply, in one transaction that also clears
+ * the lease. The job is acked only after that commit.
+ */
+export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayConfig; workerId?: string }): Relay {
+  const { pool, logger, config } = deps;
+  const workerId = deps.workerId ?? `${process.pid}-${randomBytes(4).toString("hex")}`;
+  const resolver = new DestinationResolver(config.destination);
+  const connections = new ConnectionPool({
+    maxPerHost: config.maxConnectionsPerHost,
+    idleMs: config.idleConnectionMs,
+    maxTransactions: config.maxMessagesPerConnection,
+  });
+  const perDestination = new KeyedLimiter(config.maxPerDestination);
+
+  async function claim(job: RelayJob): Promise<ClaimedRow[]> {
+    const result = await pool.query<ClaimedRow>(
+      `UPDATE deliveries SET lease_owner = $1, lease_until = now() + make_interval(secs => $2::float8 / 1000), updated_at = now()
+        WHERE id = ANY($3) AND message_id = $4 AND kind = 'remote'
+          AND (state = 'queued' OR (state = 'deferred' AND next_attempt_at <= now()))
+          AND (lease_until IS NULL OR lease_until < now())
+        RETURNING id, recipient, final_recipient, dsn_notify, dsn_orcpt, attempts, created_at, delay_notified_at`,
+      [workerId, config.leaseMs, job.deliveryIds, job.messageId],
+    );
+    return result.rows.sort((a, b) => a.id - b.id);
+  }
+
+  async function releaseLease(ids: number[]): Promise<void> {
+    await pool.query("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE id = ANY($1) AND lease_owner = $2", [ids, workerId]).catch(() => undefined);
+  }
+
+  /** Turns a failure that reached no recipient-level answer into the same outcome for all. */
+  function failureOutcome(error: unknown, remoteMta: string | null): Outcome {
+    if (error instanceof SmtpError) {
+      const reply = error.reply ? formatRemoteReply(error.reply) : error.message;
+      return { state: error.temporary ? "deferred" : "bounced", reply, status: error.status, remoteMta };
+    }
+    if (error instanceof DestinationError) {
+      return { state: error.temporary ? "deferred" : "bounced", reply: error.message, status: error.status, remoteMta: null };
+    }
+    return { state: "deferred", reply: (error as Error).message, status: "4.0.0", remoteMta };
+  }
+
+  /** Tries every host (and each of its addresses) in order until one gives recipient-level answers. */
+  async function attempt(destination: Destination, envelope: Envelope, raw: Buffer, domain: string): Promise<Map<string, Outcome>> {
+    const eightBit = hasEightBit(raw);
+    let lastFailure: Outcome | null = null;
+    for (const host of destination.hosts) {
+      for (const address of host.addresses) {
+        const key = `${address}|${destination.port}|${destination.tls}|${destination.auth?.user ?? ""}|${host.hostname}`;
+        const hostKey = `${address}|${destination.port}`;
+        const open = () =>
+          SmtpConnection.open({
+            hostname: host.hostname,
+            address,
+            port: destination.port,
+            heloName: config.hostname,
+            tls: destination.tls,
+            tlsVerify: destination.tlsVerify,
+            auth: destination.auth,
+            timeouts: config.timeouts,
+          });
+        let result: TransactionResult | null = null;
+        let connection: SmtpConnection | null = null;
+        try {
+          // A reused connection the server has meanwhile closed gets one fresh retry.
+          for (let round = 0; round < 2 && !result; round++) {
+            const got = await connections.acquire(key, hostKey, open);
+            connection = got.connection;
+            try {
+              result = await connection.send(envelope, raw, eightBit);
+            } catch (error) {
+              if (got.reused && error instanceof SmtpError && !error.reply && error.temporary && round === 0) {
+                connection.destroy();
+                connections.release(key, hostKey, connection);
+                connection = null;
+                continue;
+              }
+              throw error;
+            }
+          }
+        } catch (error) {
+          if (connection) {
+            connections.release(key, hostKey, connection);
+            connection = null;
+          }
+          lastFailure = failureOutcome(error, host.hostname);
+          logger.info({ domain, host: host.hostname, address, err: (error as Error).message }, "relay attempt to host failed");
+          // A permanent refusal of the message itself (MAIL 5xx, SIZE, 8BITMIME) is final; anything else tries the next host.
+          if (error instanceof SmtpError && !error.temporary && (error.stage === "mail" || error.stage === "message")) {
+            return new Map(envelope.recipients.map((r) => [r.address, lastFailure!]));
+          }
+          continue;
+        }
+        const outcomes = new Map<string, Outcome>();
+        const remoteDsn = connection!.extensions.has("DSN");
+        for (const r of result!.recipients) {
+          const state = r.accepted ? "delivered" : r.reply.code >= 500 ? "bounced" : "deferred";
+          outcomes.set(r.address, {
+            state,
+            reply: formatRemoteReply(r.reply),
+            status: statusFromReply(r.reply.code, r.reply.enhanced),
+            remoteMta: host.hostname,
+            remoteDsn,
+          });
+        }
+        // The connection goes back only after the caller recorded the results.
+        (outcomes as Map<string, Outcome> & { release?: () => void }).release = () => connections.release(key, hostKey, connection!);
+        return outcomes;
+      }
+    }
+    const failure = lastFailure ?? { state: "deferred", reply: `no host of ${domain} could be tried`, status: "4.4.1", remoteMta: null };
+    // Every host refused the connection or the session: the attempt failed; permanent only if every answer was.
+    return new Map(envelope.recipients.map((r) => [r.address, failure]));
+  }
+
+  async function record(job: RelayJob, rows: ClaimedRow[], message: MessageRow, outcomes: Map<string, Outcome>): Promise<number> {
+    const now = Date.now();
+    const updates = rows.map((row) => {
+      let outcome = outcomes.get(row.final_recipient) ?? { state: "deferred" as const, reply: "no result", status: "4.0.0", remoteMta: null };
+      let event: JourneyEvent["event"] = outcome.state;
+      const attempts = row.attempts + 1;
+      let dsnPending = false;
+      let delayMs = 0;
+      if (outcome.state === "deferred") {
+        if (now - message.received_at.getTime() >= config.maxQueueLifetimeMs) {
+          outcome = { ...outcome, state: "bounced", status: "5.4.7", reply: `delivery time expired; last error: ${outcome.reply}` };
+          event = "expired";
+        } else {
+          delayMs = backoffFor(attempts, config.backoffMs);
+          if (config.delayNoticeAfterMs > 0 && !row.delay_notified_at && now - row.created_at.getTime() >= config.delayNoticeAfterMs) dsnPending = true;
+        }
+      }
+      if (outcome.state === "bounced") dsnPending = true;
+      if (outcome.state === "delivered" && !outcome.remoteDsn && (row.dsn_notify ?? []).includes("SUCCESS")) dsnPending = true;
+      return { row, outcome, event, delayMs, dsnPending };
+    });
+    return transaction(pool, async (client) => {
+      const updated = await client.query<{ id: number }>(
+        `UPDATE deliveries d SET state = r.state, attempts = d.attempts + 1, last_attempt_at = now(), last_reply = r.reply,
+                last_status = r.status, remote_mta = r.remote_mta, lease_owner = NULL, lease_until = NULL, updated_at = now(),
+                next_attempt_at = CASE WHEN r.state = 'deferred' THEN now() + make_interval(secs => r.delay_ms / 1000) ELSE NULL END,
+                dsn_state = CASE WHEN r.dsn_pending THEN 'pending' ELSE d.dsn_state END
+           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::boolean[])
+                AS r(id, state, reply, status, remote_mta, delay_ms, dsn_pending)
+          WHERE d.id = r.id AND d.lease_owner = $8 AND d.state IN ('queued', 'deferred')
+          RETURNING d.id`,
+        [
+          updates.map((u) => u.row.id),
+          updates.map((u) => u.outcome.state),
+          updates.map((u) => u.outcome.reply),
+          updates.map((u) => u.outcome.status),
+          updates.map((u) => u.outcome.remoteMta),
+          updates.map((u) => u.delayMs),
+          updates.map((u) => u.dsnPending),
+          workerId,
+        ],
+      );
+      const kept = new Set(updated.rows.map((r) => r.id));
+      if (kept.size < updates.length) logger.error({ messageId: job.messageId, lost: updates.length - kept.size }, "lease lost before the result was recorded");
+      const events: JourneyEvent[] = [];
+      for (const u of updates) {
+        if (!kept.has(u.row.id)) continue;
+        const detail = { remoteMta: u.outcome.remoteMta, status: u.outcome.status, attempt: u.row.attempts + 1 };
+        events.push({ messageId: job.messageId, deliveryId: u.row.id, event: "attempt", service: SERVICE, reply: u.outcome.reply, detail });
+        events.push({ messageId: job.messageId, deliveryId: u.row.id, event: u.event, service: SERVICE, reply: u.outcome.reply, detail: u.delayMs ? { ...detail, retryInMs: u.delayMs } : detail });
+      }
+      await recordEvents(client, events);
+      for (const u of updates) if (kept.has(u.row.id) && u.outcome.state !== "deferred") mailMetrics.deliveriesFinal.inc({ kind: "remote", state: u.outcome.state });
+      return kept.size;
+    });
+  }
+
+  async function handle(job: RelayJob): Promise<void> {
+    const rows = await claim(job);
+    if (rows.length === 0) return; // already final, not due, or another worker holds them
+    await withSpan(
+      "relay attempt",
+      { kind: SpanKind.INTERNAL, attributes: { "mail.message.id": job.messageId, "mail.destination.domain": job.domain, "mail.recipients.count": rows.length } },
+      async (span) => {
+        let message: MessageRow;
+        try {
+          const result = await pool.query<MessageRow>("SELECT envelope_from, raw, dsn_envid, dsn_ret, received_at FROM messages WHERE id = $1", [job.messageId]);
+          message = result.rows[0]!;
+        } catch (error) {
+          await releaseLease(rows.map((r) => r.id));
+          throw error;
+        }
+        const envelope: Envelope = {
+          from: message.envelope_from,
+          recipients: rows.map((r) => ({ address: r.final_recipient, notify: r.dsn_notify, orcpt: r.dsn_orcpt })),
+          envid: message.dsn_envid,
+          ret: message.dsn_ret,
+        };
+        const release = await perDestination.acquire(job.domain);
+        let outcomes: Map<string, Outcome> & { release?: () => void };
+        try {
+          try {
+            const destination = await resolver.resolve(job.domain);
+            outcomes = await attempt(destination, envelope, message.raw, job.domain);
+          } catch (error) {
+            const failure = failureOutcome(error, null);
+            outcomes = new Map(rows.map((r) => [r.final_recipient, failure]));
+          }
+        } finally {
+          release();
+        }
+        try {
+          await record(job, rows, message, outcomes);
+        } finally {
+          outcomes.release?.();
+        }
+        const states = [...outcomes.values()].map((o) => o.state);
+        span.setAttribute("mail.delivered.count", states.filter((s) => s === "delivered").length);
+        logger.debug(
+          { messageId: job.messageId, domain: job.domain, results: rows.map((r) => ({ rcpt: r.final_recipient, ...outcomes.get(r.final_recipient) })) },
+          "relay attempt done",
+        );
+      },
+    );
+  }
+
+  return {
+    workerId,
+    handle,
+    async close() {
+      await connections.close();
+    },
+  };
+}

@@ -1,0 +1,516 @@
+import net from "node:net";
+import tls from "node:tls";
+import { SpanKind, withSpan } from "@mailstack/telemetry";
+import { DotStuffer } from "./dot-stuff.ts";
+
+/** A reply from the remote server. */
+export interface Reply {
+  code: number;
+  /** The enhanced status code (RFC 3463) when the server gave one. */
+  enhanced: string | null;
+  /** All lines joined with spaces, without the codes. */
+  text: string;
+  /** The reply as the server wrote its last line, for logs, events and Diagnostic-Code. */
+  line: string;
+  /** Each line's text (the EHLO extension list). */
+  lines?: string[];
+}
+
+export function formatRemoteReply(reply: Reply): string {
+  return `${reply.code}${reply.enhanced ? ` ${reply.enhanced}` : ""} ${reply.text}`.trim();
+}
+
+export type FailureStage = "connect" | "greeting" | "ehlo" | "starttls" | "auth" | "mail" | "rcpt" | "data" | "message";
+
+/** A failure talking to one host. temporary: try later (or another MX); otherwise bounce. */
+export class SmtpError extends Error {
+  readonly temporary: boolean;
+  readonly stage: FailureStage;
+  readonly reply: Reply | null;
+  /** The enhanced status code this failure maps to. */
+  readonly status: string;
+  constructor(message: string, options: { temporary: boolean; stage: FailureStage; reply?: Reply | null; status?: string }) {
+    super(message);
+    this.name = "SmtpError";
+    this.temporary = options.temporary;
+    this.stage = options.stage;
+    this.reply = options.reply ?? null;
+    this.status = options.status ?? options.reply?.enhanced ?? (options.temporary ? "4.4.1" : "5.0.0");
+  }
+}
+
+/** RFC 5321 4.5.3.2 timeouts (ms); all configurable. */
+export interface Timeouts {
+  connect: number;
+  greeting: number;
+  command: number;
+  dataInit: number;
+  dataBlock: number;
+  dataEnd: number;
+}
+
+export const rfcTimeouts: Timeouts = {
+  connect: 30_000,
+  greeting: 300_000,
+  command: 300_000,
+  dataInit: 120_000,
+  dataBlock: 180_000,
+  dataEnd: 600_000,
+};
+
+export type TlsMode = "opportunistic" | "required" | "none";
+
+export interface ConnectOptions {
+  /** The MX host name (SNI, spans, Remote-MTA). */
+  hostname: string;
+  /** The IP address to connect to. */
+  address: string;
+  port: number;
+  /** Our name in EHLO/HELO. */
+  heloName: string;
+  tls: TlsMode;
+  /** Verify the server certificate (required TLS to a smart host); MX certificates are not verified by default. */
+  tlsVerify?: boolean;
+  tlsCa?: string | Buffer;
+  auth?: { user: string; pass: string } | null;
+  timeouts: Timeouts;
+  maxReplyBytes?: number;
+}
+
+export interface EnvelopeRecipient {
+  address: string;
+  notify?: string[] | null;
+  orcpt?: string | null;
+}
+
+export interface Envelope {
+  from: string;
+  recipients: EnvelopeRecipient[];
+  envid?: string | null;
+  ret?: "FULL" | "HDRS" | null;
+}
+
+export interface TransactionResult {
+  /** One per envelope recipient, in order: its RCPT reply, or the DATA outcome for accepted ones. */
+  recipients: Array<{ address: string; reply: Reply; accepted: boolean }>;
+  /** The reply after the final dot; null when no data was sent. */
+  data: Reply | null;
+}
+
+const REPLY_LINE = /^(\d{3})([ -])(.*)$/;
+const ENHANCED = /^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$/s;
+
+/** RFC 3461 xtext: '+', '=' and characters outside 33-126 become +HH. */
+export function xtext(value: string): string {
+  let out = "";
+  for (const byte of Buffer.from(value, "utf8")) {
+    out += byte < 33 || byte > 126 || byte === 0x2b || byte === 0x3d ? `+${byte.toString(16).toUpperCase().padStart(2, "0")}` : String.fromCharCode(byte);
+  }
+  return out;
+}
+
+const isAscii = (text: string) => !/[^\x00-\x7f]/.test(text);
+
+/**
+ * One SMTP client connection: EHLO (HELO fallback), STARTTLS, AUTH PLAIN, then any number
+ * of transactions (connection reuse). Commands are pipelined when the server offers it.
+ * Every wait has its RFC 5321 timeout; a connection that failed mid-command is marked broken.
+ */
+export class SmtpConnection {
+  readonly options: ConnectOptions;
+  socket: net.Socket;
+  extensions = new Map<string, string>();
+  secure = false;
+  broken = false;
+  transactions = 0;
+  greeting = "";
+  private buffer = "";
+  private lines: string[] = [];
+  private replies: Reply[] = [];
+  private waiter: { resolve: (reply: Reply) => void; reject: (error: Error) => void } | null = null;
+  private failure: Error | null = null;
+
+  private constructor(options: ConnectOptions, socket: net.Socket) {
+    this.options = options;
+    this.socket = socket;
+    this.attach(socket);
+  }
+
+  /** Connects, reads the greeting, says EHLO, upgrades with STARTTLS and authenticates as configured. */
+  static async open(options: ConnectOptions): Promise<SmtpConnection> {
+    const attributes = { "server.address": options.hostname, "network.peer.address": options.address, "server.port": options.port };
+    const socket = await withSpan("smtp connect", { kind: SpanKind.CLIENT, attributes }, () => connectSocket(options));
+    const connection = new SmtpConnection(options, socket);
+    try {
+      await connection.handshake();
+      return connection;
+    } catch (error) {
+      connection.destroy();
+      throw error;
+    }
+  }
+
+  private attach(socket: net.Socket): void {
+    socket.setNoDelay(true);
+    socket.on("data", (chunk: Buffer) => this.onData(chunk));
+    socket.on("error", (error) => this.fail(error));
+    socket.on("close", () => this.fail(new Error("connection closed by the server")));
+  }
+
+  private detach(socket: net.Socket): void {
+    socket.removeAllListeners("data");
+    socket.removeAllListeners("error");
+    socket.removeAllListeners("close");
+  }
+
+  private onData(chunk: Buffer): void {
+    this.buffer += chunk.toString("utf8");
+    if (this.buffer.length > (this.options.maxReplyBytes ?? 1_048_576)) {
+      this.fail(new Error("the server's reply is too long"));
+      this.socket.destroy();
+      return;
+    }
+    let index: number;
+    while ((index = this.buffer.indexOf("\n")) >= 0) {
+      const line = this.buffer.slice(0, index).replace(/\r$/, "");
+      this.buffer = this.buffer.slice(index + 1);
+      const match = REPLY_LINE.exec(line);
+      if (!match) {
+        this.fail(new Error(`unparseable reply line: ${line.slice(0, 100)}`));
+        this.socket.destroy();
+        return;
+      }
+      this.lines.push(line);
+      if (match[2] === " ") this.pushReply();
+    }
+  }
+
+  private pushReply(): void {
+    const lines = this.lines;
+    this.lines = [];
+    const code = Number(lines[lines.length - 1]!.slice(0, 3));
+    const texts = lines.map((l) => l.slice(4));
+    let enhanced: string | null = null;
+    const first = ENHANCED.exec(texts[0] ?? "");
+    if (first && first[1]![0] === String(code)[0]) {
+      enhanced = first[1]!;
+      for (let i = 0; i < texts.length; i++) texts[i] = texts[i]!.replace(/^[245]\.\d{1,3}\.\d{1,3}\s+/, "");
+    }
+    const reply: Reply = { code, enhanced, text: texts.join(" ").trim(), line: lines[lines.length - 1]!, lines: texts };
+    if (this.waiter) {
+      const waiter = this.waiter;
+      this.waiter = null;
+      waiter.resolve(reply);
+    } else {
+      this.replies.push(reply);
+    }
+  }
+
+  private fail(error: Error): void {
+    this.broken = true;
+    this.failure ??= error;
+    if (this.waiter) {
+      const waiter = this.waiter;
+      this.waiter = null;
+      waiter.reject(error);
+    }
+  }
+
+  /** Waits for the next reply, at most timeoutMs. */
+  readReply(timeoutMs: number, stage: FailureStage): Promise<Reply> {
+    const queued = this.replies.shift();
+    if (queued) return Promise.resolve(queued);
+    if (this.failure) return Promise.reject(new SmtpError(this.failure.message, { temporary: true, stage }));
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiter = null;
+        this.broken = true;
+        this.socket.destroy();
+        reject(new SmtpError(`timed out after ${timeoutMs} ms waiting for the ${stage} reply`, { temporary: true, stage, status: "4.4.2" }));
+      }, timeoutMs);
+      this.waiter = {
+        resolve: (reply) => {
+          clearTimeout(timer);
+          resolve(reply);
+        },
+        reject: (error) => {
+          clearTimeout(timer);
+          reject(new SmtpError(error.message, { temporary: true, stage, status: "4.4.2" }));
+        },
+      };
+    });
+  }
+
+  private write(text: string | Buffer): void {
+    if (this.failure) throw new SmtpError(this.failure.message, { temporary: true, stage: "mail" });
+    this.socket.write(text);
+  }
+
+  /** Sends one command and reads its reply, in a span of its own. */
+  async command(line: string, stage: FailureStage, timeoutMs = this.options.timeouts.command): Promise<Reply> {
+    const verb = line.split(" ", 1)[0]!.toUpperCase();
+    return withSpan(`smtp ${verb}`, { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "smtp.command": verb }) }, async (span) => {
+      this.write(`${line}\r\n`);
+      const reply = await this.readReply(timeoutMs, stage);
+      span.setAttribute("smtp.reply.code", reply.code);
+      return reply;
+    });
+  }
+
+  private spanAttributes(extra: Record<string, string | number> = {}): Record<string, string | number | boolean> {
+    return {
+      "server.address": this.options.hostname,
+      "network.peer.address": this.options.address,
+      "server.port": this.options.port,
+      "mail.smtp.tls": this.secure,
+      ...extra,
+    };
+  }
+
+  private async handshake(): Promise<void> {
+    const greeting = await withSpan("smtp greeting", { kind: SpanKind.CLIENT, attributes: this.spanAttributes() }, () =>
+      this.readReply(this.options.timeouts.greeting, "greeting"),
+    );
+    this.greeting = greeting.line;
+    if (greeting.code !== 220) throw new SmtpError(`greeting: ${formatRemoteReply(greeting)}`, { temporary: greeting.code < 500, stage: "greeting", reply: greeting });
+    await this.hello();
+    if (this.options.tls !== "none" && !this.secure) {
+      if (this.extensions.has("STARTTLS")) {
+        await this.startTls();
+        await this.hello();
+      } else if (this.options.tls === "required") {
+        throw new SmtpError("TLS is required for this destination but the server does not offer STARTTLS", { temporary: true, stage: "starttls", status: "4.7.10" });
+      }
+    }
+    if (this.options.auth) await this.authenticate(this.options.auth);
+  }
+
+  private async hello(): Promise<void> {
+    const ehlo = await this.command(`EHLO ${this.options.heloName}`, "ehlo");
+    this.extensions = new Map();
+    if (ehlo.code === 250) {
+      const all = ehlo.lines ?? [];
+      for (const text of all.slice(1)) {
+        const [keyword, ...params] = text.trim().split(/\s+/);
+        if (keyword) this.extensions.set(keyword.toUpperCase(), params.join(" "));
+      }
+      return;
+    }
+    if (ehlo.code >= 500 && ehlo.code < 600) {
+      const helo = await this.command(`HELO ${this.options.heloName}`, "ehlo");
+      if (helo.code === 250) return;
+      throw new SmtpError(`HELO: ${formatRemoteReply(helo)}`, { temporary: helo.code < 500, stage: "ehlo", reply: helo });
+    }
+    throw new SmtpError(`EHLO: ${formatRemoteReply(ehlo)}`, { temporary: ehlo.code < 500, stage: "ehlo", reply: ehlo });
+  }
+
+  private async startTls(): Promise<void> {
+    const reply = await this.command("STARTTLS", "starttls");
+    if (reply.code !== 220) {
+      if (this.options.tls === "required") {
+        throw new SmtpError(`STARTTLS: ${formatRemoteReply(reply)}`, { temporary: true, stage: "starttls", reply, status: "4.7.10" });
+      }
+      return; // opportunistic: carry on in clear
+    }
+    const plain = this.socket;
+    this.detach(plain);
+    const secured = await withSpan("smtp tls handshake", { kind: SpanKind.CLIENT, attributes: this.spanAttributes() }, () =>
+      new Promise<tls.TLSSocket>((resolve, reject) => {
+        const socket = tls.connect({
+          socket: plain,
+          servername: net.isIP(this.options.hostname) ? undefined : this.options.hostname,
+          rejectUnauthorized: this.options.tlsVerify ?? false,
+          ca: this.options.tlsCa,
+          minVersion: "TLSv1.2",
+        });
+        const timer = setTimeout(() => {
+          socket.destroy();
+          reject(new SmtpError("TLS handshake timed out", { temporary: true, stage: "starttls", status: "4.7.0" }));
+        }, this.options.timeouts.command);
+        socket.once("secureConnect", () => {
+          clearTimeout(timer);
+          resolve(socket);
+        });
+        socket.once("error", (error) => {
+          clearTimeout(timer);
+          reject(new SmtpError(`TLS handshake failed: ${error.message}`, { temporary: true, stage: "starttls", status: "4.7.0" }));
+        });
+      }),
+    );
+    secured.removeAllListeners("error");
+    this.socket = secured;
+    this.secure = true;
+    this.buffer = "";
+    this.attach(secured);
+  }
+
+  private async authenticate(auth: { user: string; pass: string }): Promise<void> {
+    if (!this.secure) throw new SmtpError("refusing to send credentials without TLS", { temporary: true, stage: "auth", status: "4.7.10" });
+    const token = Buffer.from(`\0${auth.user}\0${auth.pass}`).toString("base64");
+    const reply = await this.command(`AUTH PLAIN ${token}`, "auth");
+    if (reply.code !== 235) throw new SmtpError(`AUTH: ${formatRemoteReply(reply)}`, { temporary: reply.code < 500 || reply.code === 535, stage: "auth", reply });
+  }
+
+  /**
+   * One mail transaction: MAIL, RCPT per recipient and DATA (pipelined when offered),
+   * then the message dot-stuffed with CRLF line endings. Refuses before sending when the
+   * message is too big for the server's SIZE or needs 8BITMIME / SMTPUTF8 it does not offer.
+   */
+  async send(envelope: Envelope, body: Buffer, eightBit: boolean): Promise<TransactionResult> {
+    const ext = this.extensions;
+    const maxSize = Number(ext.get("SIZE") ?? 0);
+    if (ext.has("SIZE") && maxSize > 0 && body.length > maxSize) {
+      throw new SmtpError(`message size ${body.length} exceeds the server's limit of ${maxSize}`, { temporary: false, stage: "mail", status: "5.3.4" });
+    }
+    const utf8 = [envelope.from, ...envelope.recipients.map((r) => r.address)].some((a) => !isAscii(a));
+    if (utf8 && !ext.has("SMTPUTF8")) {
+      throw new SmtpError("the envelope needs SMTPUTF8, which the server does not offer", { temporary: false, stage: "mail", status: "5.6.7" });
+    }
+    if (eightBit && !ext.has("8BITMIME")) {
+      throw new SmtpError("the message has 8-bit data and the server does not offer 8BITMIME", { temporary: false, stage: "mail", status: "5.6.3" });
+    }
+    const dsn = ext.has("DSN");
+    let mail = `MAIL FROM:<${envelope.from}>`;
+    if (ext.has("SIZE")) mail += ` SIZE=${body.length}`;
+    if (eightBit) mail += " BODY=8BITMIME";
+    if (utf8) mail += " SMTPUTF8";
+    if (dsn && envelope.ret) mail += ` RET=${envelope.ret}`;
+    if (dsn && envelope.envid) mail += ` ENVID=${xtext(envelope.envid)}`;
+    const rcpts = envelope.recipients.map((r) => {
+      let line = `RCPT TO:<${r.address}>`;
+      if (dsn && r.notify?.length) line += ` NOTIFY=${r.notify.join(",")}`;
+      if (dsn && r.orcpt) line += ` ORCPT=${r.orcpt.includes(";") ? `${r.orcpt.split(";", 1)[0]};${xtext(r.orcpt.slice(r.orcpt.indexOf(";") + 1))}` : `rfc822;${xtext(r.orcpt)}`}`;
+      return line;
+    });
+    this.transactions++;
+    const t = this.options.timeouts;
+    const result: TransactionResult = { recipients: [], data: null };
+
+    return withSpan("smtp transaction", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.recipients.count": rcpts.length, "mail.smtp.pipelining": ext.has("PIPELINING") ? 1 : 0 }) }, async () => {
+      let mailReply: Reply;
+      const rcptReplies: Reply[] = [];
+      let dataReply: Reply;
+      if (ext.has("PIPELINING")) {
+        this.write(`${mail}\r\n${rcpts.join("\r\n")}\r\nDATA\r\n`);
+        mailReply = await this.readReply(t.command, "mail");
+        for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await this.readReply(t.command, "rcpt"));
+        dataReply = await this.readReply(t.dataInit, "data");
+      } else {
+        mailReply = await this.command(mail, "mail");
+        if (mailReply.code === 250) {
+          for (const rcpt of rcpts) rcptReplies.push(await this.command(rcpt, "rcpt"));
+        }
+        dataReply = rcptReplies.some((r) => r.code === 250 || r.code === 251)
+          ? await this.command("DATA", "data", t.dataInit)
+          : { code: 554, enhanced: "5.5.1", text: "no valid recipients", line: "554 no valid recipients" };
+      }
+      if (mailReply.code !== 250) {
+        if (dataReply.code === 354) await this.abortData();
+        await this.reset();
+        throw new SmtpError(`MAIL FROM: ${formatRemoteReply(mailReply)}`, { temporary: mailReply.code < 500, stage: "mail", reply: mailReply });
+      }
+      const accepted = rcptReplies.map((r) => r.code === 250 || r.code === 251);
+      envelope.recipients.forEach((r, i) => result.recipients.push({ address: r.address, reply: rcptReplies[i]!, accepted: accepted[i]! }));
+      if (!accepted.some(Boolean)) {
+        if (dataReply.code === 354) await this.abortData();
+        await this.reset();
+        return result;
+      }
+      if (dataReply.code !== 354) {
+        await this.reset();
+        // DATA refused: every accepted recipient gets that reply.
+        result.recipients.forEach((r) => r.accepted && Object.assign(r, { reply: dataReply, accepted: false }));
+        return result;
+      }
+      const final = await withSpan("smtp message", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.message.size": body.length }) }, async (span) => {
+        await this.writeBody(body);
+        const reply = await this.readReply(t.dataEnd, "message");
+        span.setAttribute("smtp.reply.code", reply.code);
+        return reply;
+      });
+      result.data = final;
+      for (const r of result.recipients) {
+        if (!r.accepted) continue;
+        r.reply = final;
+        r.accepted = final.code >= 200 && final.code < 300;
+      }
+      return result;
+    });
+  }
+
+  private async writeBody(body: Buffer): Promise<void> {
+    const stuffer = new DotStuffer();
+    const chunkSize = 65_536;
+    for (let offset = 0; offset < body.length; offset += chunkSize) {
+      await this.writeWithTimeout(stuffer.push(body.subarray(offset, offset + chunkSize)));
+    }
+    await this.writeWithTimeout(stuffer.end());
+  }
+
+  /** Writes one block and waits for it to drain, at most the data block timeout. */
+  private writeWithTimeout(block: Buffer): Promise<void> {
+    if (this.failure) return Promise.reject(new SmtpError(this.failure.message, { temporary: true, stage: "message" }));
+    if (this.socket.write(block)) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.broken = true;
+        this.socket.destroy();
+        reject(new SmtpError("timed out sending the message", { temporary: true, stage: "message", status: "4.4.2" }));
+      }, this.options.timeouts.dataBlock);
+      this.socket.once("drain", () => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+  }
+
+  /** The server said 354 though the transaction cannot go on: send an empty message's end, then forget it. */
+  private async abortData(): Promise<void> {
+    this.write(".\r\n");
+    await this.readReply(this.options.timeouts.dataEnd, "message").catch(() => undefined);
+  }
+
+  /** RSET after a failed transaction; a connection that cannot reset is not reused. */
+  async reset(): Promise<void> {
+    try {
+      const reply = await this.command("RSET", "mail", 30_000);
+      if (reply.code !== 250) this.broken = true;
+    } catch {
+      this.broken = true;
+    }
+  }
+
+  async quit(): Promise<void> {
+    if (this.broken) return this.destroy();
+    try {
+      this.write("QUIT\r\n");
+      await this.readReply(5_000, "mail").catch(() => undefined);
+    } finally {
+      this.destroy();
+    }
+  }
+
+  destroy(): void {
+    this.broken = true;
+    this.socket.destroy();
+  }
+}
+
+function connectSocket(options: ConnectOptions): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: options.address, port: options.port });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new SmtpError(`connection to ${options.address}:${options.port} timed out`, { temporary: true, stage: "connect", status: "4.4.1" }));
+    }, options.timeouts.connect);
+    socket.once("connect", () => {
+      clearTimeout(timer);
+      socket.removeAllListeners("error");
+      resolve(socket);
+    });
+    socket.once("error", (error) => {
+      clearTimeout(timer);
+      reject(new SmtpError(`connect to ${options.address}:${options.port}: ${error.message}`, { temporary: true, stage: "connect", status: "4.4.1" }));
+    });
+  });
+}

@@ -153,6 +153,7 @@ interface ConnectionInternals {
   _server: SMTPServer & { [GUARD]?: Guard };
   _ready: boolean;
   _upgrading: boolean;
+  secure: boolean;
   _nextHandler: unknown;
   _parser: { lastLineEnding?: string; hasPendingInput?: boolean } | false;
   session: SMTPServerSession;
@@ -246,6 +247,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const inFlight = new Set<Promise<unknown>>();
   const tlsMode = options.tlsMode ?? "starttls";
   const authOffered = !!options.auth;
+  const hideAuthBeforeTls = authOffered && tlsMode === "starttls" && !options.auth?.allowInsecure;
 
   const stateOf = (session: SMTPServerSession): SessionState => {
     let state = states.get(session);
@@ -295,6 +297,15 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     const verb = line.split(" ", 1)[0]!.toUpperCase();
     if (OBSOLETE.has(verb)) return answer(Replies.commandNotImplemented);
     if (verb === "VRFY") return answer(R.vrfy);
+    if (verb === "EHLO" && hideAuthBeforeTls && !connection.secure) {
+      // The library lists AUTH before STARTTLS too (and answers AUTH with 538); keep it off the EHLO reply.
+      const send = connection.send;
+      connection.send = (code, data, context) => {
+        connection.send = send;
+        const lines = Array.isArray(data) ? data.filter((l) => !/^AUTH\b/i.test(l)) : data;
+        send.call(connection, code, lines, context);
+      };
+    }
     if (verb === "RCPT") {
       const match = /^RCPT\s+TO:\s*<([^>]*)>/i.exec(line);
       if (match) {

@@ -92,6 +92,7 @@ interface SplitNode {
   encoding?: string | false;
   charset?: string | false;
   partNr?: Array<number | string> | false;
+  headers?: { get(key: string): unknown[] } | false;
 }
 
 const MAX_DEPTH = 8;
@@ -114,9 +115,14 @@ async function mimeStructure(raw: Buffer, prefix = "", depth = 0, budget = { par
       budget.parts--;
       count++;
       const partNr = Array.isArray(node.partNr) ? node.partNr.filter((n) => typeof n === "number").join(".") : "";
+      const parent = node.parentNode ? parts.get(node.parentNode) : undefined;
+      // RFC 2046 §5.1.5: a digest's parts without a Content-Type are messages.
+      // (mailsplit itself defaults every part without one to text/plain).
+      const typed = node.headers ? node.headers.get("content-type").length > 0 : true;
+      const inDigest = parent?.type === "multipart/digest" && !typed;
       const part: MimePart = {
         partId: node.root ? prefix.replace(/\.$/, "") : prefix + (partNr || String(count)),
-        type: (node.contentType || "text/plain").toLowerCase(),
+        type: inDigest ? "message/rfc822" : (node.contentType || "text/plain").toLowerCase(),
         size: 0,
       };
       if (node.filename) part.filename = clip(String(node.filename), 255);
@@ -125,7 +131,6 @@ async function mimeStructure(raw: Buffer, prefix = "", depth = 0, budget = { par
       if (node.charset) part.charset = String(node.charset);
       parts.set(chunk, part);
       if (part.type === "message/rfc822" && depth < MAX_DEPTH) embedded.set(part, []);
-      const parent = node.parentNode ? parts.get(node.parentNode) : undefined;
       if (parent) (parent.parts ??= []).push(part);
       else if (!root) root = part;
     } else if (chunk.type === "body" && chunk.value && chunk.node) {

@@ -1,0 +1,188 @@
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { createLogger } from "@mailstack/telemetry";
+import { createTestEnv, type TestEnv } from "@mailstack/testkit";
+import { deliverLocal } from "../src/deliver.ts";
+import { parseMessage, type MimePart } from "../src/parse.ts";
+import { account, send } from "./helpers.ts";
+
+const crlf = (lines: string[]) => Buffer.from(lines.join("\r\n"), "utf8");
+
+function find(part: MimePart | null, type: string): MimePart[] {
+  if (!part) return [];
+  return [...(part.type === type ? [part] : []), ...(part.parts ?? []).flatMap((child) => find(child, type))];
+}
+
+test("headers: subject, addresses, date, Message-ID, In-Reply-To, References, encoded words", async () => {
+  const parsed = await parseMessage(crlf([
+    "From: =?UTF-8?Q?J=C3=B6rg_M=C3=BCller?= <jorg@example.org>",
+    "To: Ann <ann@example.com>, team: bob@example.com, carl@example.com;",
+    "Cc: dora@example.com",
+    "Date: Tue, 3 Mar 2026 10:00:00 +0100",
+    "Subject: =?UTF-8?B?SGVsbG8gd8O2cmxk?=",
+    "Message-ID: <m1@example.org>",
+    "In-Reply-To: <m0@example.org>",
+    "References: <a@example.org> <m0@example.org>",
+    "X-Spam-Flag: yes",
+    "",
+    "body",
+  ]));
+  assert.equal(parsed.subject, "Hello wörld");
+  assert.deepEqual(parsed.from, [{ name: "Jörg Müller", address: "jorg@example.org" }]);
+  assert.deepEqual(parsed.to.map((m) => m.address), ["ann@example.com", "bob@example.com", "carl@example.com"]);
+  assert.deepEqual(parsed.cc.map((m) => m.address), ["dora@example.com"]);
+  assert.equal(parsed.date, "2026-03-03T09:00:00.000Z");
+  assert.equal(parsed.messageId, "<m1@example.org>");
+  assert.equal(parsed.inReplyTo, "<m0@example.org>");
+  assert.deepEqual(parsed.references, ["<a@example.org>", "<m0@example.org>"]);
+  assert.equal(parsed.spam, true);
+  assert.equal(parsed.structure?.type, "text/plain");
+  assert.equal(parsed.errors, undefined);
+});
+
+test("MIME structure: mixed, alternative, related, base64, quoted-printable, filenames and sizes", async () => {
+  const pdf = Buffer.alloc(3000, 7);
+  const parsed = await parseMessage(crlf([
+    "Subject: structure",
+    "MIME-Version: 1.0",
+    "Content-Type: multipart/mixed; boundary=\"outer\"",
+    "",
+    "preamble",
+    "--outer",
+    "Content-Type: multipart/alternative; boundary=\"alt\"",
+    "",
+    "--alt",
+    "Content-Type: text/plain; charset=utf-8",
+    "Content-Transfer-Encoding: quoted-printable",
+    "",
+    "Gr=C3=BC=C3=9Fe",
+    "--alt",
+    "Content-Type: multipart/related; boundary=\"rel\"",
+    "",
+    "--rel",
+    "Content-Type: text/html; charset=utf-8",
+    "",
+    "<img src=\"cid:logo\">",
+    "--rel",
+    "Content-Type: image/png",
+    "Content-ID: <logo>",
+    "Content-Transfer-Encoding: base64",
+    "",
+    "iVBORw0KGgo=",
+    "--rel--",
+    "--alt--",
+    "--outer",
+    "Content-Type: application/pdf; name=\"report.pdf\"",
+    "Content-Disposition: attachment; filename=\"=?UTF-8?Q?r=C3=A9port.pdf?=\"",
+    "Content-Transfer-Encoding: base64",
+    "",
+    ...(pdf.toString("base64").match(/.{1,76}/g) ?? []),
+    "--outer--",
+    "",
+  ]));
+  const root = parsed.structure!;
+  assert.equal(root.type, "multipart/mixed");
+  assert.deepEqual(root.parts!.map((p) => p.type), ["multipart/alternative", "application/pdf"]);
+  const alternative = root.parts![0]!;
+  assert.deepEqual(alternative.parts!.map((p) => p.type), ["text/plain", "multipart/related"]);
+  assert.equal(alternative.parts![0]!.encoding, "quoted-printable");
+  assert.deepEqual(alternative.parts![1]!.parts!.map((p) => p.type), ["text/html", "image/png"]);
+  const attachment = root.parts![1]!;
+  assert.equal(attachment.filename, "réport.pdf");
+  assert.equal(attachment.partId, "2");
+  assert.ok(attachment.size >= 4000, `encoded size ${attachment.size}`);
+  assert.equal(root.size, root.parts!.reduce((sum, p) => sum + p.size, 0));
+  const decoded = parsed.attachments.find((a) => a.type === "application/pdf");
+  assert.equal(decoded?.size, 3000);
+});
+
+test("MIME structure: digest and nested message/rfc822 (plain and base64)", async () => {
+  const inner = ["Subject: inner", "Content-Type: multipart/mixed; boundary=in", "", "--in", "Content-Type: text/plain", "", "deep", "--in", "Content-Type: image/gif; name=x.gif", "Content-Transfer-Encoding: base64", "", "R0lGODlh", "--in--", ""].join("\r\n");
+  const parsed = await parseMessage(crlf([
+    "Subject: digest",
+    "Content-Type: multipart/mixed; boundary=top",
+    "",
+    "--top",
+    "Content-Type: multipart/digest; boundary=dig",
+    "",
+    "--dig",
+    "",
+    "Subject: digest one",
+    "",
+    "one",
+    "--dig",
+    "",
+    "Subject: digest two",
+    "",
+    "two",
+    "--dig--",
+    "--top",
+    "Content-Type: message/rfc822",
+    "Content-Disposition: attachment",
+    "",
+    inner,
+    "--top",
+    "Content-Type: message/rfc822",
+    "Content-Transfer-Encoding: base64",
+    "",
+    Buffer.from(inner).toString("base64"),
+    "--top--",
+    "",
+  ]));
+  const digest = find(parsed.structure, "multipart/digest")[0]!;
+  assert.equal(digest.parts?.length, 2);
+  // RFC 2046 §5.1.5: parts of a digest default to message/rfc822.
+  assert.ok(digest.parts!.every((p) => p.type === "message/rfc822"), JSON.stringify(digest.parts));
+  const embedded = find(parsed.structure, "message/rfc822").filter((p) => p.parts?.[0]?.type === "multipart/mixed");
+  assert.equal(embedded.length, 2, "both attached messages are walked");
+  for (const message of embedded) {
+    assert.deepEqual(message.parts![0]!.parts!.map((p) => p.type), ["text/plain", "image/gif"]);
+    assert.equal(message.parts![0]!.parts![1]!.filename, "x.gif");
+  }
+});
+
+test("malformed MIME never throws and keeps what can be read", async () => {
+  const samples = [
+    crlf(["Subject: no end boundary", "Content-Type: multipart/mixed; boundary=zz", "", "--zz", "Content-Type: text/plain", "", "dangling"]),
+    crlf(["Subject: empty boundary", "Content-Type: multipart/mixed; boundary=", "", "--", "x"]),
+    crlf(["Subject: bad base64", "Content-Type: application/octet-stream", "Content-Transfer-Encoding: base64", "", "!!!not base64***"]),
+    crlf(["Subject: =?UTF-8?B?broken", "Content-Type: text/plain; charset=no-such-charset", "", "\xff\xfe"]),
+    Buffer.from([0x00, 0xff, 0x0a, 0x0d, 0x3a, 0x0a, 0x0a, 0x2d, 0x2d]),
+    Buffer.alloc(0),
+    crlf(["Header-without-body: x"]),
+  ];
+  for (const sample of samples) {
+    const parsed = await parseMessage(sample);
+    assert.equal(parsed.size, sample.length);
+    assert.ok(Array.isArray(parsed.headers));
+  }
+  const first = await parseMessage(samples[0]!);
+  assert.equal(first.subject, "no end boundary");
+  assert.equal(first.structure?.parts?.[0]?.type, "text/plain");
+});
+
+let env: TestEnv;
+before(async () => {
+  env = await createTestEnv();
+});
+after(async () => {
+  await env.close();
+});
+
+test("a delivery stores the parse once, and a malformed message is still delivered", async () => {
+  const id = await account(env.pool, "ivy@example.test");
+  const logger = createLogger("mda-test", "silent");
+  const broken = crlf(["Subject: broken", "Content-Type: multipart/mixed; boundary=", "", "--", "\x00\x01 junk"]);
+  const accepted = await send(env.pool, null, broken, [{ address: "ivy@example.test", accountId: id }]);
+  const outcome = await deliverLocal({ pool: env.pool, logger }, accepted.deliveries[0]!.id);
+  assert.equal(outcome.status, "delivered");
+  const parsed = (await env.pool.query("SELECT parsed FROM messages WHERE id = $1", [accepted.messageId])).rows[0].parsed;
+  assert.equal(parsed.subject, "broken");
+
+  // Parsed only when nothing is stored: a second delivery of the same message leaves it alone.
+  const again = await send(env.pool, null, broken, [{ address: "ivy@example.test", accountId: id }]);
+  await env.pool.query(`UPDATE messages SET parsed = '{"marker": true}' WHERE id = $1`, [again.messageId]);
+  await deliverLocal({ pool: env.pool, logger }, again.deliveries[0]!.id);
+  const kept = (await env.pool.query("SELECT parsed FROM messages WHERE id = $1", [again.messageId])).rows[0].parsed;
+  assert.deepEqual(kept, { marker: true });
+});

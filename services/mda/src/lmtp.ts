@@ -33,16 +33,21 @@ function replyError(code: number, text: string): ReplyError {
 /** The per-recipient LMTP reply (RFC 2033 §4.2) for the outcomes of that recipient's deliveries. */
 export function replyFor(outcomes: Array<Outcome | "queued">): string | ReplyError {
   const failures = outcomes.filter((o): o is Extract<Outcome, { status: "bounced" }> => o !== "queued" && o.status === "bounced");
-  if (failures.length > 0 && failures.length === outcomes.length) return replyError(failures[0]!.code, failures[0]!.text);
-  if (outcomes.every((o) => o !== "queued")) return "Delivered";
-  return "Queued for delivery";
+  if (failures.length > 0 && failures.length === outcomes.length) return replyError(failures[0]!.code, `${failures[0]!.enhanced} ${failures[0]!.text}`);
+  if (outcomes.every((o) => o !== "queued")) return "2.0.0 Delivered";
+  return "2.0.0 Queued for delivery";
 }
 
-async function readMessage(stream: SMTPServerDataStream): Promise<Buffer | null> {
+async function readMessage(stream: SMTPServerDataStream, maxSize: number): Promise<Buffer | null> {
   const chunks: Buffer[] = [];
-  for await (const chunk of stream) chunks.push(chunk as Buffer);
-  // smtp-server keeps counting past the limit and answers 552 itself.
-  if (stream.sizeExceeded) return null;
+  let size = 0;
+  for await (const chunk of stream) {
+    size += (chunk as Buffer).length;
+    // Past the limit the rest is read and dropped, never kept in memory.
+    if (size <= maxSize) chunks.push(chunk as Buffer);
+  }
+  // smtp-server (rejectOversized) answers 552 for every recipient itself.
+  if (stream.sizeExceeded || size > maxSize) return null;
   return Buffer.concat(chunks);
 }
 
@@ -66,25 +71,25 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
 
   const onRcptTo = (address: SMTPServerAddress, _session: SMTPServerSession, callback: (err?: Error | null) => void) => {
     const parsed = parseAddress(address.address, { utf8: true });
-    if (!parsed.ok) return callback(replyError(553, "Bad recipient address syntax"));
+    if (!parsed.ok) return callback(replyError(553, "5.1.3 Bad recipient address syntax"));
     resolveRecipient(ctx.pool, parsed.address)
       .then((resolution) => {
         if (!resolution.ok) {
-          if (resolution.reason === "relay-denied") return callback(replyError(554, "Relay access denied: not a local domain"));
-          if (resolution.reason === "disabled") return callback(replyError(550, "Mailbox disabled"));
-          return callback(replyError(550, "No such user here"));
+          if (resolution.reason === "relay-denied") return callback(replyError(554, "5.7.1 Relay access denied: not a local domain"));
+          if (resolution.reason === "disabled") return callback(replyError(550, "5.2.1 Mailbox disabled"));
+          return callback(replyError(550, "5.1.1 No such user here"));
         }
         routesOf.set(address, resolution.routes);
         callback();
       })
       .catch((error) => {
         ctx.logger.warn({ err: error }, "recipient lookup failed");
-        callback(replyError(451, "Temporary local problem, please try again later"));
+        callback(replyError(451, "4.3.0 Temporary local problem, please try again later"));
       });
   };
 
   const handleData = async (stream: SMTPServerDataStream, session: SMTPServerSession): Promise<Array<string | ReplyError> | undefined> => {
-    const raw = await readMessage(stream);
+    const raw = await readMessage(stream, options.maxSize);
     if (!raw) return undefined;
     const recipients = session.envelope.rcptTo;
     const deliveries: NewDelivery[] = [];
@@ -105,7 +110,7 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
       );
     } catch (error) {
       ctx.logger.error({ err: error }, "could not store an LMTP message");
-      throw replyError(451, "Temporary local problem, please try again later");
+      throw replyError(451, "4.3.0 Temporary local problem, please try again later");
     }
     mailMetrics.messagesAccepted.inc({ service: "mda-lmtp" });
 
@@ -156,6 +161,9 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     hideSTARTTLS: true,
     disableReverseLookup: true,
     size: options.maxSize,
+    rejectOversized: true,
+    // Enhanced status codes are written into our reply texts (Postfix's LMTP client reads them there).
+    hideENHANCEDSTATUSCODES: true,
     maxClients: options.maxClients,
     socketTimeout: options.socketTimeout,
     closeTimeout: 10_000,
@@ -166,7 +174,7 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
         .then((replies) => callback(null, replies))
         .catch((error: Error) => {
           stream.resume();
-          callback((error as ReplyError).responseCode ? error : replyError(451, "Temporary local problem, please try again later"));
+          callback((error as ReplyError).responseCode ? error : replyError(451, "4.3.0 Temporary local problem, please try again later"));
         });
     },
   });

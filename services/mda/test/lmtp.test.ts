@@ -1,0 +1,127 @@
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { addAlias } from "@mailstack/db";
+import { createLogger } from "@mailstack/telemetry";
+import { createTestEnv, type TestEnv } from "@mailstack/testkit";
+import { startMda, type Mda } from "../src/mda.ts";
+import { LineClient, account, message } from "./helpers.ts";
+
+let env: TestEnv;
+let mda: Mda;
+let port: number;
+
+before(async () => {
+  env = await createTestEnv();
+  mda = await startMda({
+    pool: env.pool,
+    bus: env.bus,
+    logger: createLogger("mda-test", "silent"),
+    config: { LMTP_PORT: 0, LMTP_HOST: "127.0.0.1", LMTP_MAX_SIZE: 20_000, MAIL_HOSTNAME: "mx.example.test" },
+  });
+  port = mda.lmtpPort!;
+  await account(env.pool, "full@example.test", 100);
+  await account(env.pool, "ok1@example.test");
+  await account(env.pool, "ok2@example.test");
+  await addAlias(env.pool, "team@example.test", ["ok1@example.test", "ok2@example.test"]);
+});
+
+after(async () => {
+  await mda.stop();
+  await env.close();
+});
+
+async function session(): Promise<LineClient> {
+  const client = await LineClient.open(port);
+  assert.match(await client.reply(), /^220 mx\.example\.test .*LMTP/);
+  assert.match(await client.command("LHLO client.example"), /^250 /);
+  return client;
+}
+
+async function entries(address: string) {
+  return (
+    await env.pool.query(
+      `SELECT e.folder, e.uid, e.header_prefix, m.raw, m.source FROM mailbox_entries e
+         JOIN accounts a ON a.id = e.account_id JOIN messages m ON m.id = e.message_id
+        WHERE a.address = $1 ORDER BY e.id`,
+      [address],
+    )
+  ).rows;
+}
+
+test("after DATA each recipient gets its own reply: 250 for the delivered ones, 552 5.2.2 for the full mailbox", async () => {
+  const client = await session();
+  assert.match(await client.command("MAIL FROM:<sender@remote.example>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<ok1@example.test>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<full@example.test>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<nobody@example.test>"), /^550 5\.1\.1 /);
+  assert.match(await client.command("RCPT TO:<someone@not-ours.example>"), /^554 /);
+  assert.match(await client.command("RCPT TO:<ok2@example.test>"), /^250 /);
+  assert.match(await client.command("DATA"), /^354 /);
+  const body = message("lmtp one", "line one\r\n..dotted\r\n");
+  client.write(`${body}.\r\n`);
+  const replies = [await client.reply(), await client.reply(), await client.reply()];
+  assert.match(replies[0]!, /^250 /, "ok1");
+  assert.match(replies[1]!, /^552 5\.2\.2 Mailbox full/, "full");
+  assert.match(replies[2]!, /^250 /, "ok2");
+  assert.match(await client.command("QUIT"), /^221 /);
+  client.close();
+
+  for (const address of ["ok1@example.test", "ok2@example.test"]) {
+    const rows = await entries(address);
+    assert.equal(rows.length, 1);
+    assert.equal(rows[0].source, "lmtp");
+    const copy = Buffer.concat([rows[0].header_prefix, rows[0].raw]).toString();
+    assert.ok(copy.startsWith(`Return-Path: <sender@remote.example>\r\nDelivered-To: ${address}\r\nReceived: from client.example`), copy.slice(0, 200));
+    // The dot-stuffing is undone and the body is kept as sent.
+    assert.ok(copy.endsWith(body.replace("..dotted", ".dotted")), copy);
+  }
+  assert.equal((await entries("full@example.test")).length, 0);
+  const full = (await env.pool.query("SELECT state, dsn_state, last_reply FROM deliveries WHERE final_recipient = 'full@example.test'")).rows;
+  // The LMTP client was told: it bounces, so no DSN of our own.
+  assert.deepEqual(full, [{ state: "bounced", dsn_state: "suppressed", last_reply: "552 5.2.2 Mailbox full" }]);
+});
+
+test("an alias fans out at RCPT, a recipient given twice gets one copy, several transactions per connection", async () => {
+  const client = await session();
+  for (let i = 0; i < 2; i++) {
+    assert.match(await client.command("MAIL FROM:<>"), /^250 /);
+    assert.match(await client.command("RCPT TO:<team@example.test>"), /^250 /);
+    assert.match(await client.command("RCPT TO:<ok1@example.test>"), /^250 /);
+    assert.match(await client.command("RCPT TO:<OK1@example.test>"), /^250 /);
+    assert.match(await client.command("DATA"), /^354 /);
+    client.write(`${message(`fan out ${i}`)}.\r\n`);
+    // smtp-server merges the repeated RCPT: two recipients, two replies.
+    assert.match(await client.reply(), /^250 /);
+    assert.match(await client.reply(), /^250 /);
+  }
+  client.write("NOOP\r\n");
+  assert.match(await client.reply(), /^250 /, "no extra reply was pending");
+  client.close();
+  const ok1 = (await entries("ok1@example.test")).filter((r) => /fan out/.test(r.raw.toString()));
+  const ok2 = (await entries("ok2@example.test")).filter((r) => /fan out/.test(r.raw.toString()));
+  assert.equal(ok1.length, 2, "one copy per message for ok1 despite alias + direct + repeat");
+  assert.equal(ok2.length, 2);
+  assert.ok(ok1[0].header_prefix.toString().startsWith("Return-Path: <>\r\n"));
+});
+
+test("a message over the size limit gets 552 for every recipient and stores nothing", async () => {
+  const before = (await env.pool.query("SELECT count(*)::int AS n FROM messages")).rows[0].n;
+  const client = await session();
+  assert.match(await client.command("MAIL FROM:<sender@remote.example>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<ok1@example.test>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<ok2@example.test>"), /^250 /);
+  assert.match(await client.command("DATA"), /^354 /);
+  client.write(`${message("too large", `${"z".repeat(998)}\r\n`.repeat(30))}.\r\n`);
+  assert.match(await client.reply(), /^552 /);
+  assert.match(await client.reply(), /^552 /);
+  client.close();
+  assert.equal((await env.pool.query("SELECT count(*)::int AS n FROM messages")).rows[0].n, before);
+});
+
+test("SMTP commands that have no place in LMTP are refused", async () => {
+  const client = await LineClient.open(port);
+  await client.reply();
+  assert.match(await client.command("EHLO client.example"), /^500 /);
+  assert.match(await client.command("MAIL FROM:<a@b.example>"), /^503 /);
+  client.close();
+});

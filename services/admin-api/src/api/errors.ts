@@ -56,8 +56,10 @@ export function installErrorHandler(app: FastifyInstance): void {
       status = 400;
       field = validationField(error);
       const first = error.validation[0];
-      const params = first?.params as { additionalProperty?: string } | undefined;
-      const detail = params?.additionalProperty ? "is not a known field" : (first?.message ?? error.message);
+      const params = first?.params as { additionalProperty?: string; missingProperty?: string } | undefined;
+      const detail = params?.additionalProperty ? "is not a known field"
+        : params?.missingProperty ? "is required"
+        : (first?.message ?? error.message);
       message = `${error.validationContext ?? "request"}: ${field ?? "value"} ${detail}`;
     } else if (error instanceof ApiError) {
       status = error.statusCode;

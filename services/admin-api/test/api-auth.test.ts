@@ -1,0 +1,143 @@
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { mailctl, startHarness, type ApiHarness } from "./helpers.ts";
+
+let h: ApiHarness;
+before(async () => {
+  h = await startHarness();
+});
+after(async () => h.close());
+
+/** Every operation in the OpenAPI document, with path parameters filled in. */
+async function allOperations(): Promise<{ method: string; path: string }[]> {
+  const response = await h.call("GET", "/docs/json", { token: null });
+  assert.equal(response.status, 200);
+  const doc = (await response.json()) as { paths: Record<string, Record<string, unknown>> };
+  const operations = [];
+  for (const [path, methods] of Object.entries(doc.paths)) {
+    for (const method of Object.keys(methods)) {
+      operations.push({ method: method.toUpperCase(), path: path.replace(/\{[^}]+\}/g, "x@example.test") });
+    }
+  }
+  return operations;
+}
+
+test("the OpenAPI document lists the route groups with bearer security", async () => {
+  const response = await h.call("GET", "/docs/json", { token: null });
+  const doc = (await response.json()) as { paths: Record<string, unknown>; components: { securitySchemes: Record<string, unknown> } };
+  for (const path of ["/domains", "/domains/{name}", "/accounts", "/accounts/{address}", "/aliases", "/journey", "/accounts/{address}/export", "/accounts/{address}/import"]) {
+    assert.ok(doc.paths[path], `${path} documented`);
+  }
+  assert.ok(doc.components.securitySchemes.bearer);
+  const ui = await h.call("GET", "/docs", { token: null });
+  assert.ok(ui.status === 200 || ui.status === 302, `swagger ui answers (${ui.status})`);
+});
+
+test("every documented route refuses anonymous access and unknown tokens with 401", async () => {
+  const operations = await allOperations();
+  assert.ok(operations.length >= 15, `found ${operations.length} operations`);
+  for (const { method, path } of operations) {
+    const anonymous = await h.call(method, path, { token: null, body: method === "GET" || method === "DELETE" ? undefined : {} });
+    assert.equal(anonymous.status, 401, `${method} ${path} anonymous`);
+    const body = (await anonymous.json()) as { message: string };
+    assert.match(body.message, /bearer token is required/);
+    assert.match(anonymous.headers.get("www-authenticate") ?? "", /^Bearer/);
+    const forged = await h.call(method, path, { token: "mst_forged-token-value", body: method === "GET" || method === "DELETE" ? undefined : {} });
+    assert.equal(forged.status, 401, `${method} ${path} forged token`);
+  }
+  // Not a Bearer scheme at all.
+  const basic = await fetch(`${h.api.url}/domains`, { headers: { authorization: "Basic YTpi" } });
+  assert.equal(basic.status, 401);
+});
+
+test("a token made by mailctl works, is stored hashed, is listed, and stops working once revoked", async () => {
+  const created = await mailctl(h.db.url, ["token", "create", "ci-bot"]);
+  assert.equal(created.code, 0, created.stderr);
+  const token = created.stdout.trim().split("\n").at(-1)!;
+  assert.match(token, /^mst_[A-Za-z0-9_-]{43}$/);
+  const stored = await h.db.pool.query("SELECT token_hash FROM api_tokens WHERE name = 'ci-bot'");
+  assert.equal(stored.rows[0].token_hash.length, 32);
+  assert.ok(!stored.rows[0].token_hash.toString("latin1").includes(token));
+
+  assert.equal((await h.call("GET", "/domains", { token })).status, 200);
+  const listed = await mailctl(h.db.url, ["token", "list"]);
+  assert.match(listed.stdout, /^ci-bot\toperator\tcreated \S+\tlast used \S+$/m);
+  assert.ok(!listed.stdout.includes(token), "list never shows a token");
+
+  const duplicate = await mailctl(h.db.url, ["token", "create", "ci-bot"]);
+  assert.equal(duplicate.code, 1);
+  assert.match(duplicate.stderr, /already exists/);
+
+  const revoked = await mailctl(h.db.url, ["token", "revoke", "ci-bot"]);
+  assert.equal(revoked.code, 0, revoked.stderr);
+  const refused = await h.call("GET", "/domains", { token });
+  assert.equal(refused.status, 401);
+  assert.match(((await refused.json()) as { message: string }).message, /invalid or revoked/);
+  assert.match((await mailctl(h.db.url, ["token", "list"])).stdout, /^ci-bot\t.*\trevoked /m);
+});
+
+test("validation errors are 400 and name the field", async () => {
+  const missing = await h.call("POST", "/accounts", { body: { password: "x" } });
+  assert.equal(missing.status, 400);
+  assert.equal(((await missing.json()) as { field: string }).field, "address");
+
+  const badType = await h.call("POST", "/accounts", { body: { address: "a@example.test", password: "x", quotaBytes: "lots" } });
+  assert.equal(badType.status, 400);
+  assert.equal(((await badType.json()) as { field: string }).field, "quotaBytes");
+
+  const unknown = await h.call("POST", "/domains", { body: { name: "example.test", colour: "blue" } });
+  assert.equal(unknown.status, 400);
+  const unknownBody = (await unknown.json()) as { field: string; message: string };
+  assert.equal(unknownBody.field, "colour");
+  assert.match(unknownBody.message, /colour is not a known field/);
+
+  const badQuery = await h.call("GET", "/accounts/a@example.test/export?format=zip");
+  assert.equal(badQuery.status, 400);
+  assert.equal(((await badQuery.json()) as { field: string }).field, "format");
+
+  const badDomain = await h.call("POST", "/domains", { body: { name: "no_dots" } });
+  assert.equal(badDomain.status, 400);
+  assert.equal(((await badDomain.json()) as { field: string }).field, "name");
+
+  const nested = await h.call("POST", "/aliases", { body: { address: "a@example.test", targets: ["ok@example.test", "not an address"] } });
+  assert.equal(nested.status, 400);
+  assert.equal(((await nested.json()) as { field: string }).field, "targets.1");
+
+  const journey = await h.call("GET", "/journey");
+  assert.equal(journey.status, 400);
+  assert.equal(((await journey.json()) as { field: string }).field, "queueId");
+});
+
+test("a tenant token sees and changes only its own domain; other tenants look like nothing", async () => {
+  for (const name of ["one.test", "two.test"]) assert.equal((await h.call("POST", "/domains", { body: { name } })).status, 201);
+  assert.equal((await h.call("POST", "/accounts", { body: { address: "a@one.test", password: "pw" } })).status, 201);
+  assert.equal((await h.call("POST", "/accounts", { body: { address: "b@two.test", password: "pw" } })).status, 201);
+  const created = await mailctl(h.db.url, ["token", "create", "tenant-one", "--domain", "one.test"]);
+  assert.equal(created.code, 0, created.stderr);
+  const token = created.stdout.trim().split("\n").at(-1)!;
+
+  const domains = (await (await h.call("GET", "/domains", { token })).json()) as { domains: { name: string }[] };
+  assert.deepEqual(domains.domains.map((d) => d.name), ["one.test"]);
+  const accounts = (await (await h.call("GET", "/accounts", { token })).json()) as { accounts: { address: string }[] };
+  assert.deepEqual(accounts.accounts.map((a) => a.address), ["a@one.test"]);
+
+  // Someone else's objects answer exactly like missing ones.
+  const other = await h.call("GET", "/accounts/b@two.test", { token });
+  const missing = await h.call("GET", "/accounts/nobody@one.test", { token });
+  assert.equal(other.status, 404);
+  assert.equal(missing.status, 404);
+  assert.equal((await h.call("GET", "/domains/two.test", { token })).status, 404);
+  assert.equal((await h.call("GET", "/accounts?domain=two.test", { token })).status, 404);
+  assert.equal((await h.call("DELETE", "/accounts/b@two.test", { token })).status, 404);
+  assert.equal((await h.call("POST", "/accounts", { token, body: { address: "c@two.test", password: "pw" } })).status, 404);
+  assert.equal((await h.call("GET", "/accounts/b@two.test/export?format=mbox", { token })).status, 404);
+  // Operator-only actions.
+  assert.equal((await h.call("POST", "/domains", { token, body: { name: "three.test" } })).status, 403);
+  assert.equal((await h.call("DELETE", "/domains/one.test", { token })).status, 403);
+  // Its own domain works.
+  const patched = await h.call("PATCH", "/accounts/a@one.test", { token, body: { disabled: true } });
+  assert.equal(patched.status, 200);
+  assert.equal(((await patched.json()) as { disabled: boolean }).disabled, true);
+  const row = await h.db.pool.query("SELECT disabled FROM accounts WHERE address = 'b@two.test'");
+  assert.equal(row.rows[0].disabled, false);
+});

@@ -1,0 +1,113 @@
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { createPrivateKey, createPublicKey } from "node:crypto";
+import { verifyPassword } from "@mailstack/mail";
+import { mailctl, startHarness, type ApiHarness } from "./helpers.ts";
+
+let h: ApiHarness;
+before(async () => {
+  h = await startHarness({ MAIL_HOSTNAME: "mx.mailstack.test", DMARC_POLICY: "reject" });
+});
+after(async () => h.close());
+
+type Record_ = { purpose: string; type: string; name: string; value: string; priority?: number };
+
+async function json<T>(response: Response, status: number): Promise<T> {
+  const text = await response.text();
+  assert.equal(response.status, status, text);
+  return (text ? JSON.parse(text) : null) as T;
+}
+
+test("domains: create with a DKIM key answers with MX, SPF, DKIM and DMARC records matching the stored key", async () => {
+  const created = await json<{ domain: { name: string; dkimSelector: string; dkimAlgorithm: string }; dnsRecords: Record_[] }>(
+    await h.call("POST", "/domains", { body: { name: "Example.TEST", dkim: { selector: "s1", algorithm: "rsa-sha256" } } }),
+    201,
+  );
+  assert.equal(created.domain.name, "example.test");
+  assert.equal(created.domain.dkimSelector, "s1");
+  const byPurpose = Object.fromEntries(created.dnsRecords.map((r) => [r.purpose, r]));
+  assert.deepEqual(byPurpose.mx, { purpose: "mx", type: "MX", name: "example.test", value: "mx.mailstack.test", priority: 10 });
+  assert.equal(byPurpose.spf!.value, "v=spf1 mx -all");
+  assert.equal(byPurpose.dmarc!.name, "_dmarc.example.test");
+  assert.match(byPurpose.dmarc!.value, /^v=DMARC1; p=reject;/);
+  assert.equal(byPurpose.dkim!.name, "s1._domainkey.example.test");
+  const stored = await h.db.pool.query("SELECT dkim_private_key FROM domains WHERE name = 'example.test'");
+  const publicDer = createPublicKey(createPrivateKey(stored.rows[0].dkim_private_key)).export({ type: "spki", format: "der" });
+  assert.equal(byPurpose.dkim!.value, `v=DKIM1; k=rsa; p=${publicDer.toString("base64")}`);
+
+  const shown = await json<{ dnsRecords: Record_[] }>(await h.call("GET", "/domains/example.test"), 200);
+  assert.deepEqual(shown.dnsRecords, created.dnsRecords);
+  assert.equal((await h.call("POST", "/domains", { body: { name: "example.test" } })).status, 409);
+
+  const rotated = await json<{ domain: { dkimSelector: string; dkimAlgorithm: string }; dnsRecords: Record_[] }>(
+    await h.call("POST", "/domains/example.test/dkim", { body: { selector: "s2", algorithm: "ed25519-sha256" } }),
+    201,
+  );
+  assert.equal(rotated.domain.dkimSelector, "s2");
+  assert.equal(rotated.domain.dkimAlgorithm, "ed25519-sha256");
+  assert.match(rotated.dnsRecords.find((r) => r.purpose === "dkim")!.value, /^v=DKIM1; k=ed25519; p=[A-Za-z0-9+/]{43}=$/);
+
+  const plain = await json<{ dnsRecords: Record_[] }>(await h.call("POST", "/domains", { body: { name: "plain.test" } }), 201);
+  assert.deepEqual(plain.dnsRecords.map((r) => r.purpose), ["mx", "spf", "dmarc"]);
+  const list = await json<{ domains: { name: string }[] }>(await h.call("GET", "/domains"), 200);
+  assert.deepEqual(list.domains.map((d) => d.name), ["example.test", "plain.test"]);
+  assert.equal((await h.call("GET", "/domains/none.test")).status, 404);
+});
+
+test("accounts: create, password change, quota, disable/enable, delete; mailctl sees the same directory", async () => {
+  const created = await json<Record<string, unknown>>(
+    await h.call("POST", "/accounts", { body: { address: "Alice@example.test", password: "first", quotaBytes: 1000 } }),
+    201,
+  );
+  assert.deepEqual(Object.keys(created).sort(), ["address", "createdAt", "disabled", "domain", "quotaBytes", "usedBytes"]);
+  assert.equal(created.address, "alice@example.test");
+  assert.equal(created.quotaBytes, 1000);
+  assert.equal((await h.call("POST", "/accounts", { body: { address: "alice@example.test", password: "x" } })).status, 409);
+  assert.equal((await h.call("POST", "/accounts", { body: { address: "bob@unknown.test", password: "x" } })).status, 404);
+
+  await json(await h.call("PATCH", "/accounts/alice@example.test", { body: { password: "second" } }), 200);
+  const hash = (await h.db.pool.query("SELECT password_hash FROM accounts WHERE address = 'alice@example.test'")).rows[0].password_hash;
+  assert.ok(await verifyPassword("second", hash));
+  assert.ok(!(await verifyPassword("first", hash)));
+
+  const unlimited = await json<{ quotaBytes: number | null; disabled: boolean }>(
+    await h.call("PATCH", "/accounts/alice@example.test", { body: { quotaBytes: null, disabled: true } }),
+    200,
+  );
+  assert.equal(unlimited.quotaBytes, null);
+  assert.equal(unlimited.disabled, true);
+  const listed = await mailctl(h.db.url, ["account", "list", "example.test"]);
+  assert.match(listed.stdout, /^alice@example\.test\tused 0B of unlimited\tdisabled$/m);
+  const enabled = await json<{ disabled: boolean }>(await h.call("PATCH", "/accounts/alice@example.test", { body: { disabled: false } }), 200);
+  assert.equal(enabled.disabled, false);
+  assert.equal((await h.call("PATCH", "/accounts/alice@example.test", { body: {} })).status, 400);
+
+  const viaCli = await mailctl(h.db.url, ["account", "add", "carol@example.test", "--password", "pw"]);
+  assert.equal(viaCli.code, 0, viaCli.stderr);
+  const accounts = await json<{ accounts: { address: string }[] }>(await h.call("GET", "/accounts?domain=example.test"), 200);
+  assert.deepEqual(accounts.accounts.map((a) => a.address), ["alice@example.test", "carol@example.test"]);
+
+  assert.equal((await h.call("DELETE", "/accounts/carol@example.test")).status, 204);
+  assert.equal((await h.call("GET", "/accounts/carol@example.test")).status, 404);
+  assert.equal((await h.call("DELETE", "/accounts/carol@example.test")).status, 404);
+});
+
+test("aliases: create, list, refuse a missing local target, delete; domains in use cannot be removed", async () => {
+  const alias = await json<{ address: string; targets: string[] }>(
+    await h.call("POST", "/aliases", { body: { address: "info@example.test", targets: ["alice@example.test", "someone@remote.test"] } }),
+    201,
+  );
+  assert.deepEqual(alias.targets, ["alice@example.test", "someone@remote.test"]);
+  await json(await h.call("POST", "/aliases", { body: { address: "*@example.test", targets: ["alice@example.test"] } }), 201);
+  const refused = await h.call("POST", "/aliases", { body: { address: "x@example.test", targets: ["ghost@example.test"] } });
+  assert.equal(refused.status, 404);
+  assert.match(((await refused.json()) as { message: string }).message, /ghost@example\.test/);
+  const aliases = await json<{ aliases: { address: string }[] }>(await h.call("GET", "/aliases"), 200);
+  assert.deepEqual(aliases.aliases.map((a) => a.address).sort(), ["*@example.test", "info@example.test"]);
+
+  assert.equal((await h.call("DELETE", "/domains/example.test")).status, 409);
+  assert.equal((await h.call("DELETE", "/aliases/info@example.test")).status, 204);
+  assert.equal((await h.call("DELETE", "/aliases/info@example.test")).status, 404);
+  assert.equal((await h.call("DELETE", "/domains/plain.test")).status, 204);
+  assert.equal((await h.call("GET", "/domains/plain.test")).status, 404);
+});

@@ -1,0 +1,66 @@
+import { spawn } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { createApiToken } from "@mailstack/admin-ops";
+import { createLogger } from "@mailstack/telemetry";
+import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
+import { apiConfig, type ApiConfig } from "../src/api/config.ts";
+import { startAdminApi, type RunningAdminApi } from "../src/api/server.ts";
+
+export interface ApiHarness {
+  db: TestDatabase;
+  api: RunningAdminApi;
+  /** An operator token. */
+  token: string;
+  /** fetch against the listening server with the operator token (or `token: null` for none). */
+  call(method: string, path: string, options?: { body?: unknown; token?: string | null; raw?: Buffer; contentType?: string }): Promise<Response>;
+  close(): Promise<void>;
+}
+
+/** A real admin API listening on an ephemeral loopback port, on a database of the test file's own. */
+export async function startHarness(overrides: Partial<ApiConfig> = {}): Promise<ApiHarness> {
+  const db = await createTestDatabase();
+  const api = await startAdminApi({
+    pool: db.pool,
+    logger: createLogger("admin-api", process.env.TEST_LOG_LEVEL ?? "silent"),
+    config: apiConfig(overrides),
+  });
+  const { token } = await createApiToken(db.pool, "operator");
+  return {
+    db,
+    api,
+    token,
+    async call(method, path, options = {}) {
+      const headers: Record<string, string> = {};
+      const bearer = options.token === undefined ? token : options.token;
+      if (bearer !== null) headers.authorization = `Bearer ${bearer}`;
+      let body: Buffer | string | undefined;
+      if (options.raw) {
+        body = options.raw;
+        headers["content-type"] = options.contentType ?? "application/octet-stream";
+      } else if (options.body !== undefined) {
+        body = JSON.stringify(options.body);
+        headers["content-type"] = "application/json";
+      }
+      return fetch(`${api.url}${path}`, { method, headers, body });
+    },
+    async close() {
+      await api.stop();
+      await db.drop();
+    },
+  };
+}
+
+const mailctlPath = fileURLToPath(new URL("../src/cli/mailctl.ts", import.meta.url));
+
+/** Runs the real mailctl as a process, as an operator would. */
+export function mailctl(databaseUrl: string, args: string[], stdin = ""): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [mailctlPath, ...args], { env: { ...process.env, DATABASE_URL: databaseUrl } });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (chunk) => (stdout += chunk));
+    child.stderr.on("data", (chunk) => (stderr += chunk));
+    child.on("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
+    child.stdin.end(stdin);
+  });
+}

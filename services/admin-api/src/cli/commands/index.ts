@@ -3,3 +3,4 @@ import "./directory.ts";
 import "./dkim.ts";
 import "./token.ts";
 import "./mailbox.ts";
+import "./filter.ts";

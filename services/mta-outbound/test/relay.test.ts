@@ -1,0 +1,287 @@
+import assert from "node:assert/strict";
+import { after, before, test } from "node:test";
+import { simpleParser } from "mailparser";
+import { createLogger } from "@mailstack/telemetry";
+import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { startOutbound, type OutboundService } from "../src/service.ts";
+import { deliveryStates, startDns, startMx, submit, testConfig, type ReceivedMessage } from "./helpers.ts";
+
+let env: TestEnv;
+let dns: Awaited<ReturnType<typeof startDns>>;
+let mxA: Awaited<ReturnType<typeof startMx>>;
+let mxB: Awaited<ReturnType<typeof startMx>>;
+let origin: Awaited<ReturnType<typeof startMx>>;
+let plain: Awaited<ReturnType<typeof startMx>>;
+let small: Awaited<ReturnType<typeof startMx>>;
+let outbound: OutboundService;
+const flakyAttempts = new Map<string, number>();
+
+before(async () => {
+  env = await createTestEnv();
+  // Remote MX hosts on distinct loopback addresses sharing one port (RELAY_DEST_PORT).
+  mxA = await startMx("127.0.0.2", 0, {
+    onRcpt(address) {
+      if (address.startsWith("bad")) return { code: 550, message: "5.1.1 No such user here" };
+      if (address.startsWith("flaky")) {
+        const seen = (flakyAttempts.get(address) ?? 0) + 1;
+        flakyAttempts.set(address, seen);
+        if (seen === 1) return { code: 451, message: "4.3.2 Try again later" };
+      }
+      return null;
+    },
+  });
+  const port = mxA.port;
+  mxB = await startMx("127.0.0.3", port);
+  origin = await startMx("127.0.0.4", port);
+  plain = await startMx("127.0.0.5", port, { noTls: true, hide8BitMime: true });
+  small = await startMx("127.0.0.6", port, { size: 2000 });
+  dns = await startDns({
+    "pref.test": { mx: [{ exchange: "mx-b.pref.test", priority: 20 }, { exchange: "mx-a.pref.test", priority: 10 }] },
+    "mx-a.pref.test": { a: ["127.0.0.2"] },
+    "mx-b.pref.test": { a: ["127.0.0.3"] },
+    "fall.test": { mx: [{ exchange: "dead.fall.test", priority: 10 }, { exchange: "mx-b.fall.test", priority: 20 }] },
+    "dead.fall.test": { a: ["127.0.0.9"] },
+    "mx-b.fall.test": { a: ["127.0.0.3"] },
+    "implicit.test": { a: ["127.0.0.3"] },
+    "nullmx.test": { mx: [{ exchange: "", priority: 0 }] },
+    "origin.test": { mx: [{ exchange: "mx.origin.test", priority: 10 }] },
+    "mx.origin.test": { a: ["127.0.0.4"] },
+    "bounce.test": { mx: [{ exchange: "mx.bounce.test", priority: 10 }] },
+    "mx.bounce.test": { a: ["127.0.0.2"] },
+    "flaky.test": { mx: [{ exchange: "mx.flaky.test", priority: 10 }] },
+    "mx.flaky.test": { a: ["127.0.0.2"] },
+    "expire.test": { mx: [{ exchange: "mx.expire.test", priority: 10 }] },
+    "mx.expire.test": { a: ["127.0.0.9"] },
+    "plain.test": { mx: [{ exchange: "mx.plain.test", priority: 10 }] },
+    "plainok.test": { mx: [{ exchange: "mx.plain.test", priority: 10 }] },
+    "mx.plain.test": { a: ["127.0.0.5"] },
+    "small.test": { mx: [{ exchange: "mx.small.test", priority: 10 }] },
+    "mx.small.test": { a: ["127.0.0.6"] },
+    "v6.test": { mx: [{ exchange: "mx.v6.test", priority: 10 }] },
+    "mx.v6.test": { aaaa: ["::1"] },
+  });
+  const config = testConfig({
+    DNS_SERVERS: dns.server,
+    RELAY_DEST_PORT: String(port),
+    RELAY_BACKOFF: "1s",
+    RELAY_SCHEDULER_INTERVAL: "200ms",
+    RELAY_DSN_INTERVAL: "200ms",
+    RELAY_CONNECT_TIMEOUT: "2s",
+    RELAY_REQUIRE_TLS_DOMAINS: "plain.test",
+    RELAY_IDLE_CONNECTION: "3s",
+  });
+  outbound = startOutbound({ pool: env.pool, bus: env.bus, logger: createLogger("mta-outbound", "silent"), config });
+});
+
+after(async () => {
+  await outbound?.stop();
+  await Promise.all([mxA, mxB, origin, plain, small].map((s) => s?.close()));
+  await dns?.close();
+  await env?.close();
+});
+
+const to = (server: { received: ReceivedMessage[] }, address: string) => server.received.filter((m) => m.to.includes(address));
+
+async function finalStates(messageId: number, timeoutMs = 15_000): Promise<Awaited<ReturnType<typeof deliveryStates>>> {
+  return waitFor(async () => {
+    const rows = await deliveryStates(env.pool, messageId);
+    return rows.every((r) => r.state === "delivered" || r.state === "bounced") ? rows : null;
+  }, timeoutMs).then((rows) => rows!);
+}
+
+/** The DSNs that reached the sender's MX for the given original recipient. */
+async function dsnsFor(recipient: string, count = 1): Promise<ReceivedMessage[]> {
+  const found = await waitFor(() => {
+    const list = origin.received.filter((m) => m.from === "" && m.body.toString().includes(recipient));
+    return list.length >= count ? list : null;
+  }, 15_000);
+  return found!;
+}
+
+test("delivers to the preferred MX in one transaction with every recipient of the domain, over STARTTLS", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["one@pref.test", "two@pref.test"] });
+  const rows = await finalStates(accepted.messageId);
+  assert.deepEqual(rows.map((r) => r.state), ["delivered", "delivered"]);
+  assert.equal(rows[0]!.remote_mta, "mx-a.pref.test");
+  const got = to(mxA, "one@pref.test");
+  assert.equal(got.length, 1, "one transaction");
+  assert.deepEqual(got[0]!.to.sort(), ["one@pref.test", "two@pref.test"]);
+  assert.equal(got[0]!.secure, true, "opportunistic STARTTLS was used");
+  assert.equal(to(mxB, "one@pref.test").length, 0);
+});
+
+test("falls back to the next MX when the preferred one refuses connections", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["x@fall.test"] });
+  const rows = await finalStates(accepted.messageId);
+  assert.equal(rows[0]!.state, "delivered");
+  assert.equal(rows[0]!.remote_mta, "mx-b.fall.test");
+  assert.equal(to(mxB, "x@fall.test").length, 1);
+});
+
+test("uses the implicit MX (A record) when a domain has no MX", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["y@implicit.test"] });
+  const rows = await finalStates(accepted.messageId);
+  assert.equal(rows[0]!.state, "delivered");
+  assert.equal(to(mxB, "y@implicit.test").length, 1);
+});
+
+test("delivers to an IPv6-only MX (AAAA)", async () => {
+  const v6 = await startMx("::1", mxA.port);
+  try {
+    const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["z@v6.test"] });
+    const rows = await finalStates(accepted.messageId);
+    assert.equal(rows[0]!.state, "delivered");
+    assert.equal(v6.received.length, 1);
+  } finally {
+    await v6.close();
+  }
+});
+
+test("a null MX bounces at once, and the DSN reaches the sender", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["n@nullmx.test"] });
+  const rows = await finalStates(accepted.messageId);
+  assert.equal(rows[0]!.state, "bounced");
+  assert.equal(rows[0]!.last_status, "5.1.10");
+  assert.equal(rows[0]!.attempts, 1);
+  const [dsn] = await dsnsFor("n@nullmx.test");
+  assert.deepEqual(dsn!.to, ["alice@origin.test"]);
+  assert.match(dsn!.body.toString(), /Status: 5\.1\.10/);
+});
+
+test("per-recipient results: 5xx recipients bounce, others are delivered, and ONE DSN covers both failures", async () => {
+  const accepted = await submit(env.pool, env.bus, {
+    from: "alice@origin.test",
+    to: ["good@bounce.test", "bad1@bounce.test", "bad2@bounce.test"],
+    envid: "ENV-42",
+  });
+  const rows = await finalStates(accepted.messageId);
+  assert.deepEqual(rows.map((r) => [r.final_recipient, r.state]), [
+    ["good@bounce.test", "delivered"],
+    ["bad1@bounce.test", "bounced"],
+    ["bad2@bounce.test", "bounced"],
+  ]);
+  assert.equal(to(mxA, "good@bounce.test").length, 1);
+  await dsnsFor("bad1@bounce.test");
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  const dsns = origin.received.filter((m) => m.from === "" && m.body.toString().includes("bounce.test"));
+  assert.equal(dsns.length, 1, "the two failures of one message give one bounce");
+
+  const parsed = await simpleParser(dsns[0]!.body);
+  assert.match(parsed.headers.get("content-type") ? String((parsed.headers.get("content-type") as { value: string }).value) : "", /multipart\/report/);
+  assert.equal(parsed.subject, "Undelivered Mail Returned to Sender");
+  // mailparser shows the message/delivery-status part inline, after the human-readable part.
+  assert.match(parsed.text ?? "", /could not be delivered/);
+  const text = (parsed.text ?? "").slice((parsed.text ?? "").indexOf("Reporting-MTA:"));
+  assert.match(dsns[0]!.body.toString(), /Content-Type: message\/delivery-status/);
+  assert.match(text, /Reporting-MTA: dns; relay\.test/);
+  assert.match(text, /Original-Envelope-Id: ENV-42/);
+  assert.match(text, /Final-Recipient: rfc822;bad1@bounce\.test/);
+  assert.match(text, /Final-Recipient: rfc822;bad2@bounce\.test/);
+  assert.doesNotMatch(text, /good@bounce\.test/);
+  assert.match(text, /Action: failed/);
+  assert.match(text, /Status: 5\.1\.1/);
+  assert.match(text, /Remote-MTA: dns; mx\.bounce\.test/);
+  assert.match(text, /Diagnostic-Code: smtp; 550 5\.1\.1 No such user here/);
+  const original = parsed.attachments.find((a) => a.contentType === "message/rfc822");
+  assert.ok(original, "the original message is returned (RET unset, small message)");
+  assert.match(original.content.toString(), /Subject: test/);
+});
+
+test("a 4xx is deferred with next_attempt_at, then delivered on the scheduled retry", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["flaky@flaky.test"] });
+  const deferred = await waitFor(async () => {
+    const rows = await deliveryStates(env.pool, accepted.messageId);
+    return rows[0]!.attempts >= 1 ? rows[0] : null;
+  });
+  assert.equal(deferred!.state, "deferred");
+  assert.match(deferred!.last_reply!, /^451 4\.3\.2/);
+  assert.ok(deferred!.next_attempt_at, "next attempt scheduled");
+  const rows = await finalStates(accepted.messageId);
+  assert.equal(rows[0]!.state, "delivered");
+  assert.equal(rows[0]!.attempts, 2);
+  assert.equal(to(mxA, "flaky@flaky.test").length, 1);
+});
+
+test("a delivery past the maximum queue lifetime bounces instead of being deferred", async () => {
+  const accepted = await submit(env.pool, env.bus, {
+    from: "alice@origin.test",
+    to: ["old@expire.test"],
+    beforeDispatch: (id) => env.pool.query("UPDATE messages SET received_at = now() - interval '6 days' WHERE id = $1", [id]).then(() => undefined),
+  });
+  const rows = await finalStates(accepted.messageId);
+  assert.equal(rows[0]!.state, "bounced");
+  assert.equal(rows[0]!.last_status, "5.4.7");
+  const events = await env.pool.query("SELECT event FROM delivery_events WHERE message_id = $1 ORDER BY id", [accepted.messageId]);
+  assert.ok(events.rows.some((e) => e.event === "expired"));
+  const [dsn] = await dsnsFor("old@expire.test");
+  assert.match(dsn!.body.toString(), /delivery time expired/);
+});
+
+test("TLS required for a domain whose MX offers no STARTTLS defers; opportunistic goes in clear", async () => {
+  const required = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["t@plain.test"] });
+  const row = await waitFor(async () => {
+    const rows = await deliveryStates(env.pool, required.messageId);
+    return rows[0]!.attempts >= 1 ? rows[0] : null;
+  });
+  assert.equal(row!.state, "deferred");
+  assert.equal(row!.last_status, "4.7.10");
+  assert.equal(to(plain, "t@plain.test").length, 0);
+  const optional = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["t@plainok.test"] });
+  await finalStates(optional.messageId);
+  const got = to(plain, "t@plainok.test");
+  assert.equal(got.length, 1);
+  assert.equal(got[0]!.secure, false);
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [required.messageId]);
+});
+
+test("8-bit data to a server without 8BITMIME and a message over the server's SIZE bounce clearly", async () => {
+  const eight = await submit(env.pool, env.bus, {
+    from: "",
+    to: ["e@plainok.test"],
+    raw: Buffer.from("Subject: caf\xc3\xa9\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\ncaf\xc3\xa9\r\n", "latin1"),
+  });
+  const big = await submit(env.pool, env.bus, { from: "", to: ["b@small.test"], raw: `Subject: big\r\n\r\n${"x".repeat(70)}\r\n`.repeat(40) });
+  const [e] = await finalStates(eight.messageId);
+  const [b] = await finalStates(big.messageId);
+  assert.equal(e!.state, "bounced");
+  assert.equal(e!.last_status, "5.6.3");
+  assert.equal(b!.state, "bounced");
+  assert.equal(b!.last_status, "5.3.4");
+  assert.equal(to(small, "b@small.test").length, 0);
+  // Null sender: no bounce of a bounce.
+  const dsn = await waitFor(async () => {
+    const rows = await deliveryStates(env.pool, eight.messageId);
+    return rows[0]!.dsn_state === "suppressed" ? rows[0] : null;
+  });
+  assert.equal(dsn!.dsn_state, "suppressed");
+});
+
+test("what goes out is CRLF-only and dot-stuffed, whatever the stored message holds", async () => {
+  // Bare LF and a bare "\n.\n" (an SMTP smuggling attempt) in the stored bytes.
+  const raw = Buffer.from("Subject: smuggle\n\nline one\n.\nMAIL FROM:<evil@x>\r\n..double\r\nlast\rend");
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["s@pref.test"], raw });
+  await finalStates(accepted.messageId);
+  const got = to(mxA, "s@pref.test");
+  assert.equal(got.length, 1, "one message, not two");
+  // smtp-server removes the stuffing: the receiver sees the lines as they were, with CRLF.
+  assert.equal(got[0]!.body.toString(), "Subject: smuggle\r\n\r\nline one\r\n.\r\nMAIL FROM:<evil@x>\r\n..double\r\nlast\r\nend\r\n");
+});
+
+test("DSN parameters are passed on when the server offers DSN", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["d@pref.test"], notify: ["SUCCESS", "FAILURE"], orcpt: "rfc822;D@pref.test", ret: "HDRS", envid: "E1" });
+  await finalStates(accepted.messageId);
+  const got = to(mxA, "d@pref.test")[0]!;
+  assert.equal(got.mailParams.RET, "HDRS");
+  assert.equal(got.mailParams.ENVID, "E1");
+  assert.equal(got.rcptParams[0]!.NOTIFY, "SUCCESS,FAILURE");
+  assert.equal(got.rcptParams[0]!.ORCPT, "rfc822;D@pref.test");
+});
+
+test("several jobs to one host reuse connections", async () => {
+  const before = mxA.connections();
+  const messages = [];
+  for (let i = 0; i < 10; i++) messages.push(await submit(env.pool, env.bus, { from: "alice@origin.test", to: [`r${i}@bounce.test`] }));
+  for (const m of messages) await finalStates(m.messageId);
+  const opened = mxA.connections() - before;
+  assert.ok(opened < 10, `10 messages used ${opened} new connections`);
+});

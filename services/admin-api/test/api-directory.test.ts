@@ -111,3 +111,47 @@ test("aliases: create, list, refuse a missing local target, delete; domains in u
   assert.equal((await h.call("DELETE", "/domains/plain.test")).status, 204);
   assert.equal((await h.call("GET", "/domains/plain.test")).status, 404);
 });
+
+test("filter rules: add, list in order (mailctl sees them too), refuse bad parts by field, delete", async () => {
+  const first = await json<{ id: number; position: number; action: { kind: string; folder: string } }>(
+    await h.call("POST", "/accounts/alice@example.test/filters", {
+      body: { condition: { kind: "header", header: "List-Id", op: "contains", value: "announce" }, action: { kind: "fileinto", folder: "Lists" } },
+    }),
+    201,
+  );
+  assert.equal(first.position, 0);
+  assert.deepEqual(first.action, { kind: "fileinto", folder: "Lists", to: null, keepCopy: false });
+  const second = await json<{ id: number; condition: { kind: string; bytes: number } }>(
+    await h.call("POST", "/accounts/alice@example.test/filters", {
+      body: { condition: { kind: "size", op: "over", bytes: 1048576 }, action: { kind: "forward", to: "big@remote.test", keepCopy: true } },
+    }),
+    201,
+  );
+  assert.equal(second.condition.bytes, 1048576);
+  const listed = await json<{ rules: { id: number }[] }>(await h.call("GET", "/accounts/alice@example.test/filters"), 200);
+  assert.deepEqual(listed.rules.map((r) => r.id), [first.id, second.id]);
+  const cli = await mailctl(h.db.url, ["filter", "list", "alice@example.test"]);
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.match(cli.stdout, new RegExp(`^#${first.id}\\t0\\tif header list-id contains "announce" then fileinto "Lists"$`, "m"));
+
+  const noValue = await h.call("POST", "/accounts/alice@example.test/filters", {
+    body: { condition: { kind: "header", header: "Subject", op: "is" }, action: { kind: "discard" } },
+  });
+  assert.equal(noValue.status, 400);
+  assert.equal(((await noValue.json()) as { field: string }).field, "condition.value");
+  const badHeader = await h.call("POST", "/accounts/alice@example.test/filters", {
+    body: { condition: { kind: "header", header: "Bad:Name", op: "exists" }, action: { kind: "discard" } },
+  });
+  assert.equal(badHeader.status, 400);
+  assert.equal(((await badHeader.json()) as { field: string }).field, "condition.header");
+  const badAction = await h.call("POST", "/accounts/alice@example.test/filters", {
+    body: { condition: { kind: "size", op: "under", bytes: 10 }, action: { kind: "bounce" } },
+  });
+  assert.equal(badAction.status, 400);
+  assert.equal(((await badAction.json()) as { field: string }).field, "action.kind");
+
+  assert.equal((await h.call("DELETE", `/accounts/alice@example.test/filters/${first.id}`)).status, 204);
+  assert.equal((await h.call("DELETE", `/accounts/alice@example.test/filters/${first.id}`)).status, 404);
+  const left = await json<{ rules: { id: number }[] }>(await h.call("GET", "/accounts/alice@example.test/filters"), 200);
+  assert.deepEqual(left.rules.map((r) => r.id), [second.id]);
+});

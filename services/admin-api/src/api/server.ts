@@ -8,6 +8,7 @@ import { installAuth } from "./auth.ts";
 import type { ApiConfig } from "./config.ts";
 import { installErrorHandler } from "./errors.ts";
 import { directoryRoutes } from "./routes/directory.ts";
+import { filterRoutes } from "./routes/filters.ts";
 import { journeyRoutes } from "./routes/journey.ts";
 import { mailboxRoutes } from "./routes/mailbox.ts";
 
@@ -51,6 +52,7 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
   installErrorHandler(app);
   installAuth(app, pool, config.API_DOCS_PUBLIC ? ["/docs"] : []);
   directoryRoutes(app, pool, config);
+  filterRoutes(app, pool);
   journeyRoutes(app, pool, config);
   mailboxRoutes(app, pool, config);
   return app;

@@ -1,6 +1,6 @@
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Pool } from "@mailstack/db";
-import { parseAddress, verifyPassword, hashPassword } from "@mailstack/mail";
+import { hashPassword, parseAddress, reply, verifyPassword, type SmtpReply } from "@mailstack/mail";
 import type { Logger } from "@mailstack/telemetry";
 
 export interface AuthLimits {
@@ -24,7 +24,13 @@ export interface SubmissionUser {
 
 export type AuthOutcome =
   | { ok: true; user: SubmissionUser }
-  | { ok: false; code: number; message: string };
+  | { ok: false; reply: SmtpReply };
+
+export const AuthReplies = {
+  invalid: reply(535, "5.7.8", "Authentication credentials invalid"),
+  tooManyOnConnection: reply(421, "4.7.0", "Too many failed authentication attempts, closing connection"),
+  limited: reply(454, "4.7.0", "Too many failed authentication attempts, try again later"),
+};
 
 /** Per-connection state: failures so far. */
 export interface ConnectionAuthState {
@@ -71,9 +77,9 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
     logger.info({ ...log, reason, failures: state.failures }, "authentication failed");
     await sleep(Math.min(limits.failureDelayMs * state.failures, 10_000));
     if (state.failures >= limits.maxFailuresPerConnection) {
-      return { ok: false, code: 421, message: "4.7.0 Too many failed authentication attempts, closing connection" };
+      return { ok: false, reply: AuthReplies.tooManyOnConnection };
     }
-    return { ok: false, code: 535, message: "5.7.8 Authentication credentials invalid" };
+    return { ok: false, reply: AuthReplies.invalid };
   }
 
   return {
@@ -89,9 +95,9 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
         logger.warn({ ...log, limited }, "authentication refused: too many recent failures");
         await sleep(Math.min(limits.failureDelayMs * state.failures, 10_000));
         if (state.failures >= limits.maxFailuresPerConnection) {
-          return { ok: false, code: 421, message: "4.7.0 Too many failed authentication attempts, closing connection" };
+          return { ok: false, reply: AuthReplies.tooManyOnConnection };
         }
-        return { ok: false, code: 454, message: "4.7.0 Too many failed authentication attempts, try again later" };
+        return { ok: false, reply: AuthReplies.limited };
       }
 
       const row = parsed.ok

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import addressparser, { type Address } from "nodemailer/lib/addressparser";
-import { parseAddress } from "@mailstack/mail";
+import { parseAddress, reply, type SmtpReply } from "@mailstack/mail";
 
 /** The largest header section examined; a bigger one is refused. */
 export const MAX_HEADER_BYTES = 1024 * 1024;
@@ -29,7 +29,7 @@ export type FixResult =
       /** Names of the header fields this service added, changed or removed. */
       changes: string[];
     }
-  | { ok: false; code: number; message: string };
+  | { ok: false; reply: SmtpReply };
 
 interface Field {
   /** Lower-case field name. */
@@ -154,8 +154,9 @@ function normalized(address: string): string | null {
   return parsed.ok ? parsed.address : null;
 }
 
-function refuse(code: number, message: string): FixResult {
-  return { ok: false, code, message };
+function refuse(code: number, text: string): FixResult {
+  const [enhanced, ...words] = text.split(" ");
+  return { ok: false, reply: reply(code, enhanced!, words.join(" ")) };
 }
 
 /**

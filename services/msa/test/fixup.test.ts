@@ -52,19 +52,19 @@ test("completes addresses without a domain and removes Bcc:", () => {
 test("From: must be owned; several owned From: addresses get a Sender:", () => {
   const forged = fix("From: Mallory <boss@example.test>\r\n\r\nhi\r\n");
   assert.ok(!forged.ok);
-  assert.equal(forged.code, 553);
-  assert.match(forged.message, /^5\.7\.1 /);
+  assert.equal(forged.reply.code, 553);
+  assert.equal(forged.reply.enhanced, "5.7.1");
 
   const header = headerOf(fix("From: alice@example.test, Sales <sales@example.test>\r\n\r\nhi\r\n"));
   assert.match(header, /\r\nSender: <alice@example\.test>\r\n/);
 
   const otherSender = fix("From: alice@example.test\r\nSender: boss@example.test\r\n\r\nhi\r\n");
   assert.ok(!otherSender.ok);
-  assert.equal(otherSender.code, 553);
+  assert.equal(otherSender.reply.code, 553);
 
   const twoFrom = fix("From: alice@example.test\r\nFrom: sales@example.test\r\n\r\nhi\r\n");
   assert.ok(!twoFrom.ok);
-  assert.equal(twoFrom.code, 554);
+  assert.equal(twoFrom.reply.code, 554);
 });
 
 test("a missing From: is the envelope sender", () => {
@@ -76,8 +76,9 @@ test("a message without a valid header block is refused with a clear reply", () 
   for (const text of ["just a body line\r\nand another\r\n", "\r\nbody after an empty header\r\n", " folded: first\r\n\r\nx\r\n"]) {
     const result = fix(text);
     assert.ok(!result.ok, text);
-    assert.equal(result.code, 554);
-    assert.match(result.message, /^5\.6\.0 .*no valid header block/);
+    assert.equal(result.reply.code, 554);
+    assert.equal(result.reply.enhanced, "5.6.0");
+    assert.match(result.reply.text, /no valid header block/);
   }
 });
 

@@ -1,0 +1,233 @@
+import type { SMTPServerSession } from "smtp-server";
+import type { Bus } from "@mailstack/bus";
+import { resolveRecipient, type Pool } from "@mailstack/db";
+import { dkimSignatures, loadDkimKeys } from "@mailstack/dkim";
+import { Replies, reply, splitAddress } from "@mailstack/mail";
+import type { AcceptedMessage } from "@mailstack/queue";
+import {
+  createIntakeServer, SmtpError, type IncomingMessage, type IntakeLimits, type IntakeServer, type IntakeSession, type TransformResult,
+} from "@mailstack/smtp-intake";
+import { Counter, registry, type Logger } from "@mailstack/telemetry";
+import { createAuthenticator, pruneCounters, type AuthLimits, type ConnectionAuthState, type SubmissionUser } from "./auth.ts";
+import { fixMessage } from "./fixup.ts";
+import { createSubmissionLimiter, type SubmissionLimits, type Usage } from "./limits.ts";
+import { popBeforeSmtpAccounts } from "./pop-before-smtp.ts";
+import { ownedAddresses } from "./rights.ts";
+import { installStrictSasl } from "./sasl.ts";
+
+export interface MsaSettings {
+  /** Our host name: greeting, Received:, generated Message-IDs. */
+  hostname: string;
+  listen: string;
+  submissionPort: number;
+  submissionsPort: number;
+  /** Offer AUTH on 587 before STARTTLS. */
+  authBeforeTls: boolean;
+  banner?: string;
+  intake: Partial<IntakeLimits>;
+  auth: AuthLimits;
+  submission: SubmissionLimits;
+  popBeforeSmtp: { enabled: boolean; windowMs: number };
+}
+
+export interface MsaOptions {
+  pool: Pool;
+  bus: Bus;
+  logger: Logger;
+  settings: MsaSettings;
+  tls: { key: string | Buffer; cert: string | Buffer };
+  /** Called after each commit (tests). */
+  onAccepted?: (accepted: AcceptedMessage) => void;
+}
+
+export interface Msa {
+  submissionPort: number;
+  submissionsPort: number;
+  stop(): Promise<void>;
+}
+
+export const MsaReplies = {
+  nullSender: reply(553, "5.7.1", "The null sender <> cannot be used for submission"),
+  messageRate: reply(451, "4.7.1", "Message rate limit exceeded for this account, try again later"),
+  recipientRate: reply(451, "4.7.1", "Recipient rate limit exceeded for this account, try again later"),
+  signingFailed: reply(451, "4.3.0", "Temporary local problem (DKIM signing), please try again later"),
+};
+
+const metrics = {
+  auth: new Counter({ name: "msa_auth_total", help: "AUTH attempts by result", labelNames: ["result"] as const, registers: [registry] }),
+  refused: new Counter({
+    name: "msa_refused_total",
+    help: "Submissions refused by the msa's own policy, by reason",
+    labelNames: ["reason"] as const,
+    registers: [registry],
+  }),
+  signed: new Counter({ name: "msa_dkim_signed_total", help: "Messages DKIM-signed", registers: [registry] }),
+};
+
+interface Identity {
+  user: SubmissionUser;
+  owned: Set<string>;
+}
+
+interface SessionState {
+  auth: ConnectionAuthState;
+  /** Set by AUTH. */
+  identity: Identity | null;
+  /** The identity, usage and counted recipients of the current transaction (set at MAIL). */
+  transaction: { identity: Identity; usage: Usage; recipients: number } | null;
+}
+
+/**
+ * The message submission agent: smtp-intake on 587 (STARTTLS) and 465 (implicit TLS) with
+ * AUTH, submission rights, per-account limits, message fixing and DKIM signing as hooks.
+ */
+export async function startMsa(options: MsaOptions): Promise<Msa> {
+  const { pool, bus, logger, settings } = options;
+  installStrictSasl();
+  const authenticator = createAuthenticator(pool, logger, settings.auth);
+  const limiter = createSubmissionLimiter(pool, settings.submission);
+  const sessions = new WeakMap<SMTPServerSession, SessionState>();
+  // What to count once a message is committed, by queue id.
+  const toCount = new Map<string, { accountId: number; recipients: number }>();
+
+  const stateOf = (session: IntakeSession): SessionState => {
+    let state = sessions.get(session.raw);
+    if (!state) {
+      state = { auth: { failures: 0 }, identity: null, transaction: null };
+      sessions.set(session.raw, state);
+    }
+    return state;
+  };
+
+  const identityFor = async (state: SessionState, session: IntakeSession, sender: string): Promise<Identity | null> => {
+    if (state.identity) return state.identity;
+    if (!settings.popBeforeSmtp.enabled) return null;
+    // POP-before-SMTP: an account that recently logged in over POP3 from this address and owns the sender.
+    for (const account of await popBeforeSmtpAccounts(pool, session.clientIp, settings.popBeforeSmtp.windowMs)) {
+      const owned = await ownedAddresses(pool, account.id);
+      if (owned.has(sender)) return { user: { accountId: account.id, username: account.address }, owned };
+    }
+    return null;
+  };
+
+  const refuse = (reason: string, r: ReturnType<typeof reply>): never => {
+    metrics.refused.inc({ reason });
+    throw new SmtpError(r);
+  };
+
+  const hooks = {
+    auth: {
+      required: !settings.popBeforeSmtp.enabled,
+      allowInsecure: settings.authBeforeTls,
+      async authenticate({ username, password, session }: { username: string; password: string; session: IntakeSession }) {
+        const state = stateOf(session);
+        const outcome = await authenticator.authenticate(username, password, session.clientIp, state.auth);
+        if (!outcome.ok) {
+          metrics.auth.inc({ result: outcome.reply.code === 535 ? "invalid" : "limited" });
+          throw new SmtpError(outcome.reply);
+        }
+        metrics.auth.inc({ result: "ok" });
+        state.identity = { user: outcome.user, owned: await ownedAddresses(pool, outcome.user.accountId) };
+        return outcome.user.username;
+      },
+    },
+
+    async validateSender(sender: string, session: IntakeSession): Promise<void> {
+      const state = stateOf(session);
+      state.transaction = null;
+      const identity = await identityFor(state, session, sender);
+      if (!identity) refuse("no-auth", Replies.authRequired);
+      if (sender === "") refuse("null-sender", MsaReplies.nullSender);
+      if (!identity!.owned.has(sender)) refuse("sender-not-owned", Replies.senderNotOwned);
+      const usage = await limiter.usage(identity!.user.accountId);
+      if (!limiter.messageAllowed(usage)) refuse("message-rate", MsaReplies.messageRate);
+      state.transaction = { identity: identity!, usage, recipients: 0 };
+    },
+
+    async resolveRecipient(address: string, session: IntakeSession) {
+      const transaction = stateOf(session).transaction;
+      if (!transaction) throw new SmtpError(Replies.badSequence);
+      if (!limiter.recipientAllowed(transaction.usage, transaction.recipients)) refuse("recipient-rate", MsaReplies.recipientRate);
+      // Routing per DESIGN.md rule 5: local accounts and aliases become local deliveries, the rest remote.
+      const resolution = await resolveRecipient(pool, address, { allowRemote: true });
+      if (resolution.ok) transaction.recipients++;
+      return resolution;
+    },
+
+    async transformMessage(message: IncomingMessage): Promise<TransformResult> {
+      const transaction = stateOf(message.session).transaction;
+      if (!transaction) throw new SmtpError(Replies.badSequence);
+      const { identity } = transaction;
+      const fixed = fixMessage(message.raw, {
+        user: identity.user.username,
+        owned: identity.owned,
+        envelopeFrom: message.sender,
+        defaultDomain: splitAddress(identity.user.username).domain,
+        hostname: settings.hostname,
+      });
+      if (!fixed.ok) refuse(fixed.reply.code === 553 ? "from-not-owned" : "bad-header", fixed.reply);
+      const result = fixed as Extract<typeof fixed, { ok: true }>;
+      let raw = result.message;
+      const domains = [...new Set(result.fromAddresses.map((address) => splitAddress(address).domain))];
+      try {
+        const keys = await loadDkimKeys(pool, domains);
+        if (keys.length > 0) {
+          raw = Buffer.concat([Buffer.from(await dkimSignatures(raw, keys), "latin1"), raw]);
+          metrics.signed.inc();
+        }
+      } catch (error) {
+        logger.error({ err: error, domains, queueId: message.queueId }, "DKIM signing failed");
+        refuse("dkim", MsaReplies.signingFailed);
+      }
+      toCount.set(message.queueId, { accountId: identity.user.accountId, recipients: message.recipients.length });
+      if (toCount.size > 10_000) toCount.delete(toCount.keys().next().value!);
+      logger.debug({ queueId: message.queueId, changes: result.changes, signed: domains }, "submission fixed");
+      return { raw };
+    },
+
+    onAccepted(accepted: AcceptedMessage): void {
+      const count = toCount.get(accepted.queueId);
+      if (count) {
+        toCount.delete(accepted.queueId);
+        limiter.record(count.accountId, count.recipients).catch((error) => logger.warn({ err: error }, "could not count a submission"));
+      }
+      options.onAccepted?.(accepted);
+    },
+  };
+
+  const common = {
+    service: "msa",
+    source: "submission" as const,
+    pool,
+    bus,
+    logger,
+    hostname: settings.hostname,
+    host: settings.listen,
+    tls: options.tls,
+    limits: settings.intake,
+    ...(settings.banner ? { banner: settings.banner } : {}),
+    ...hooks,
+  };
+  const servers: IntakeServer[] = [
+    createIntakeServer({ ...common, port: settings.submissionPort, tlsMode: "starttls" }),
+    createIntakeServer({ ...common, port: settings.submissionsPort, tlsMode: "implicit" }),
+  ];
+  const [submissionPort, submissionsPort] = [await servers[0]!.listen(), await servers[1]!.listen()];
+
+  // Old counter windows are removed now and then (every replica may do it; the deletes are idempotent).
+  const keepMs = Math.max(settings.auth.windowMs, settings.submission.windowMs) * 2;
+  const pruner = setInterval(() => {
+    pruneCounters(pool, keepMs).catch((error) => logger.warn({ err: error }, "could not prune counters"));
+  }, 600_000);
+  pruner.unref();
+
+  logger.info({ submissionPort, submissionsPort }, "msa listening");
+  return {
+    submissionPort,
+    submissionsPort,
+    async stop() {
+      clearInterval(pruner);
+      await Promise.all(servers.map((server) => server.stop()));
+    },
+  };
+}

@@ -1,0 +1,85 @@
+# Scenarios driven by the msa tests with Debian's Python smtplib (/usr/bin/python3).
+# Usage: smtp_client.py SCENARIO PORT [ARGS...]; prints one JSON object.
+import base64, json, smtplib, ssl, sys
+
+scenario, port = sys.argv[1], int(sys.argv[2])
+args = sys.argv[3:]
+context = ssl.create_default_context()
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+b64 = lambda s: base64.b64encode(s.encode()).decode()
+out = {}
+
+def starttls():
+    s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    s.ehlo("client.test")
+    s.starttls(context=context)
+    s.ehlo("client.test")
+    return s
+
+if scenario == "ehlo":
+    s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    s.ehlo("client.test")
+    out["before_tls"] = s.esmtp_features.get("auth")
+    out["starttls"] = s.has_extn("starttls")
+    code, msg = s.docmd("AUTH", "PLAIN " + b64("\0x@y\0z"))
+    out["auth_cmd_before_tls"] = [code, msg.decode()]
+    s.starttls(context=context)
+    s.ehlo("client.test")
+    out["after_tls"] = s.esmtp_features.get("auth")
+    s.quit()
+elif scenario == "mail-before-auth":
+    s = starttls()
+    code, msg = s.mail("alice@example.test")
+    out["mail"] = [code, msg.decode()]
+    s.quit()
+elif scenario == "malformed":
+    s = starttls()
+    out["plain_bad_base64"] = [c for c in [s.docmd("AUTH", "PLAIN !!!notbase64")[0]]]
+    out["plain_missing_part"] = s.docmd("AUTH", "PLAIN " + b64("alice@example.test\0secret"))[0]
+    out["plain_missing_password"] = list(s.docmd("AUTH", "PLAIN " + b64("\0alice@example.test\0")))
+    code, _ = s.docmd("AUTH", "LOGIN")
+    out["login_prompt"] = code
+    out["login_bad_username"] = list(s.docmd("bm90 YmFzZTY0"))
+    out["still_open"] = s.noop()[0]
+    s.quit()
+    out = {k: (v if not isinstance(v, list) else [x.decode() if isinstance(x, bytes) else x for x in v]) for k, v in out.items()}
+elif scenario == "wrong-password":
+    user, password = args[0], args[1]
+    s = starttls()
+    codes = []
+    for _ in range(4):
+        try:
+            code, msg = s.docmd("AUTH", "PLAIN " + b64("\0" + user + "\0" + password))
+            codes.append([code, msg.decode()])
+        except smtplib.SMTPServerDisconnected:
+            codes.append("disconnected")
+            break
+    out["attempts"] = codes
+elif scenario == "submit":
+    # submit PORT MODE USER PASSWORD FROM TO[,TO...] < message
+    mode, user, password, sender, rcpts = args[0], args[1], args[2], args[3], args[4].split(",")
+    data = sys.stdin.buffer.read()
+    if mode == "implicit":
+        s = smtplib.SMTP_SSL("127.0.0.1", port, timeout=20, context=context)
+        s.ehlo("client.test")
+    else:
+        s = starttls()
+    try:
+        s.login(user, password)
+        out["login"] = "ok"
+        refused = s.sendmail(sender, rcpts, data)
+        out["result"] = "sent"
+        out["refused"] = {k: [v[0], v[1].decode()] for k, v in refused.items()}
+    except smtplib.SMTPResponseException as e:
+        out["result"] = "error"
+        out["code"] = e.smtp_code
+        out["message"] = e.smtp_error.decode()
+    except smtplib.SMTPRecipientsRefused as e:
+        out["result"] = "recipients-refused"
+        out["refused"] = {k: [v[0], v[1].decode()] for k, v in e.recipients.items()}
+    try:
+        s.quit()
+    except Exception:
+        pass
+print(json.dumps(out))

@@ -3,3 +3,4 @@ export * from "./dispatch.ts";
 export * from "./events.ts";
 export * from "./sweeper.ts";
 export * from "./metrics.ts";
+export * from "./admin.ts";

@@ -4,3 +4,4 @@ import "./dkim.ts";
 import "./token.ts";
 import "./mailbox.ts";
 import "./filter.ts";
+import "./queue.ts";

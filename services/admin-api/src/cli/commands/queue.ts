@@ -1,0 +1,87 @@
+import { DirectoryError } from "@mailstack/db";
+import { QueueError, deleteDelivery, deliveriesOfQueueId, listQueue, retryDeliveries, showDelivery } from "@mailstack/queue";
+import { parse } from "../args.ts";
+import { register, UsageError } from "../registry.ts";
+
+/** Queue refusals exit like directory refusals (1), with their message. */
+async function refusals<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (error) {
+    if (error instanceof QueueError) throw new DirectoryError(error.kind === "conflict" ? "in-use" : error.kind, error.message);
+    throw error;
+  }
+}
+
+/** A delivery id (digits) or a message's queue id (all its deliveries). */
+async function idsOf(pool: Parameters<typeof deliveriesOfQueueId>[0], text: string): Promise<number[]> {
+  if (/^\d+$/.test(text)) return [Number(text)];
+  if (!/^[0-9A-Z]+$/.test(text)) throw new UsageError(`invalid id: ${text} (a delivery id or a queue id)`);
+  return refusals(() => deliveriesOfQueueId(pool, text));
+}
+
+const time = (date: Date | null) => (date ? date.toISOString().replace(/\.\d+Z$/, "Z") : "-");
+
+register(
+  {
+    name: "queue list",
+    usage: "queue list [--state queued|deferred|delivered|bounced|cancelled] [--domain D] [--limit N]",
+    async run(args, { pool, out }) {
+      const { values } = parse(args, { state: { type: "string" }, domain: { type: "string" }, limit: { type: "string" } }, { min: 0, max: 0 });
+      const limit = values.limit === undefined ? 1000 : Number(values.limit);
+      if (!Number.isInteger(limit) || limit < 1) throw new UsageError(`invalid --limit: ${values.limit}`);
+      const entries = await refusals(() => listQueue(pool, { state: values.state, domain: values.domain, limit }));
+      for (const e of entries) {
+        out([e.id, e.queueId, e.state, `attempts=${e.attempts}`, `next=${time(e.nextAttemptAt)}`, `<${e.sender}> -> <${e.recipient}>`, e.lastReply ?? ""].join("\t"));
+      }
+      if (entries.length === 0) out("queue is empty");
+    },
+  },
+  {
+    name: "queue show",
+    usage: "queue show ID   (a delivery id, or a queue id for all its deliveries)",
+    async run(args, { pool, out }) {
+      const { positionals } = parse(args, {}, { min: 1, max: 1 });
+      for (const id of await idsOf(pool, positionals[0]!)) {
+        const d = await refusals(() => showDelivery(pool, id));
+        out(`delivery ${d.id} (message ${d.queueId})`);
+        out(`  from:        <${d.sender}>`);
+        out(`  to:          <${d.recipient}> (${d.kind}${d.remoteDomain ? ` ${d.remoteDomain}` : ""})`);
+        out(`  state:       ${d.state}${d.lastStatus ? ` ${d.lastStatus}` : ""}`);
+        out(`  attempts:    ${d.attempts}, next ${time(d.nextAttemptAt)}`);
+        out(`  remote MTA:  ${d.remoteMta ?? "-"}`);
+        out(`  last reply:  ${d.lastReply ?? "-"}`);
+        out(`  DSN:         ${d.dsnState ?? "-"}`);
+        out(`  size:        ${d.size}`);
+        out("  journey:");
+        for (const e of d.events) out(`    ${time(e.at)}  ${e.event.padEnd(10)} ${e.service.padEnd(13)} ${e.reply ?? ""}`.trimEnd());
+      }
+    },
+  },
+  {
+    name: "queue retry",
+    usage: "queue retry ID | --domain D   (deferred deliveries become due now)",
+    async run(args, { pool, out }) {
+      const { values, positionals } = parse(args, { domain: { type: "string" } }, { min: 0, max: 1 });
+      if ((values.domain === undefined) === (positionals.length === 0)) throw new UsageError("give an ID or --domain D");
+      let ids: number[] = [];
+      if (values.domain !== undefined) {
+        ids = await refusals(() => retryDeliveries(pool, { domain: values.domain! }));
+      } else {
+        for (const id of await idsOf(pool, positionals[0]!)) ids.push(...(await refusals(() => retryDeliveries(pool, { id }))));
+      }
+      out(`${ids.length} deliver${ids.length === 1 ? "y" : "ies"} due now${ids.length ? `: ${ids.join(", ")}` : ""}`);
+    },
+  },
+  {
+    name: "queue delete",
+    usage: "queue delete ID   (cancels a waiting delivery, without a bounce)",
+    async run(args, { pool, out }) {
+      const { positionals } = parse(args, {}, { min: 1, max: 1 });
+      for (const id of await idsOf(pool, positionals[0]!)) {
+        await refusals(() => deleteDelivery(pool, id));
+        out(`cancelled delivery ${id}`);
+      }
+    },
+  },
+);

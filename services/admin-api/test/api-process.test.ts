@@ -1,0 +1,60 @@
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { createApiToken } from "@mailstack/admin-ops";
+import { createTestEnv, freePort, startOtlpReceiver, startServiceProcess, waitFor, type OtlpReceiver, type ServiceProcess, type TestEnv } from "@mailstack/testkit";
+
+let env: TestEnv;
+let otlp: OtlpReceiver;
+let service: ServiceProcess;
+let apiPort: number;
+
+before(async () => {
+  env = await createTestEnv();
+  otlp = await startOtlpReceiver();
+  apiPort = await freePort();
+  service = await startServiceProcess("admin-api", {
+    ...env.env,
+    API_PORT: String(apiPort),
+    API_HOST: "127.0.0.1",
+    OTEL_EXPORTER_OTLP_ENDPOINT: otlp.url,
+    OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
+    OTEL_BSP_SCHEDULE_DELAY: "100",
+  });
+});
+after(async () => {
+  await service?.kill();
+  await otlp?.close();
+  await env?.close();
+});
+
+test("the service process serves the API on API_PORT, traced by @fastify/otel with pg spans as children", async () => {
+  const { token } = await createApiToken(env.pool, "process-test");
+  const traceId = "0af7651916cd43dd8448eb211c80319c";
+  const response = await fetch(`http://127.0.0.1:${apiPort}/domains`, {
+    headers: { authorization: `Bearer ${token}`, traceparent: `00-${traceId}-b7ad6b7169203331-01` },
+  });
+  assert.equal(response.status, 200);
+  assert.deepEqual(await response.json(), { domains: [] });
+  assert.equal((await fetch(`http://127.0.0.1:${apiPort}/domains`)).status, 401);
+
+  const spans = await waitFor((): ReturnType<typeof otlp.spans.filter> | null => {
+    const mine = otlp.spans.filter((s) => s.traceId === traceId);
+    const done = mine.some((s) => s.parentSpanId === "b7ad6b7169203331") && mine.some((s) => s.name.startsWith("pg.query"));
+    return done ? mine : null;
+  }) as NonNullable<Awaited<ReturnType<typeof otlp.spans.filter>>>;
+  assert.ok(spans.every((s) => s.service === "admin-api"));
+  const root = spans.find((s) => s.parentSpanId === "b7ad6b7169203331");
+  assert.ok(root, `a span continues the caller's traceparent: ${spans.map((s) => s.name).join(", ")}`);
+  assert.equal(root.kind, 2, "the request span is a SERVER span");
+  assert.ok(spans.some((s) => s.name.startsWith("handler")), "the route handler has its own span");
+  const ids = new Set(spans.map((s) => s.spanId));
+  const db = spans.filter((s) => s.name.startsWith("pg."));
+  assert.ok(db.length >= 2);
+  assert.ok(db.every((s) => ids.has(s.parentSpanId)), "database spans are children of the request's spans");
+});
+
+test("SIGTERM stops the API gracefully: exit 0, port closed", async () => {
+  const code = await service.stop();
+  assert.equal(code, 0, service.output());
+  await assert.rejects(fetch(`http://127.0.0.1:${apiPort}/domains`));
+});

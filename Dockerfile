@@ -17,6 +17,8 @@ RUN test -n "$SERVICE" || (echo "build with --build-arg SERVICE=<folder under se
 RUN npm install --global --no-audit --no-fund pnpm@${PNPM_VERSION}
 WORKDIR /app
 COPY package.json pnpm-lock.yaml pnpm-workspace.yaml ./
+# pnpm.patchedDependencies in package.json points here.
+COPY patches/ patches/
 COPY packages/ packages/
 COPY services/${SERVICE}/ services/${SERVICE}/
 # Production dependencies of this service and of the workspace packages it uses, nothing else.

@@ -1,6 +1,7 @@
 import type { FastifyError, FastifyInstance } from "fastify";
 import { DirectoryError } from "@mailstack/db";
 import { MailboxIoError } from "@mailstack/mailbox-io";
+import { QueueError } from "@mailstack/queue";
 
 /** An HTTP refusal with a status code and, for 400s, the request field at fault. */
 export class ApiError extends Error {
@@ -22,6 +23,7 @@ const STATUS_TEXT: Record<number, string> = {
 };
 
 const DIRECTORY_STATUS: Record<DirectoryError["code"], number> = { invalid: 400, "not-found": 404, duplicate: 409, "in-use": 409 };
+const QUEUE_STATUS: Record<QueueError["kind"], number> = { invalid: 400, "not-found": 404, conflict: 409 };
 const MAILBOX_STATUS: Record<MailboxIoError["code"], number> = { invalid: 400, "not-found": 404, quota: 413 };
 
 /**
@@ -67,6 +69,9 @@ export function installErrorHandler(app: FastifyInstance): void {
       field = error.field;
     } else if (error instanceof DirectoryError) {
       status = DIRECTORY_STATUS[error.code];
+      message = error.message;
+    } else if (error instanceof QueueError) {
+      status = QUEUE_STATUS[error.kind];
       message = error.message;
     } else if (error instanceof MailboxIoError) {
       status = MAILBOX_STATUS[error.code];

@@ -11,6 +11,7 @@ import { directoryRoutes } from "./routes/directory.ts";
 import { filterRoutes } from "./routes/filters.ts";
 import { journeyRoutes } from "./routes/journey.ts";
 import { mailboxRoutes } from "./routes/mailbox.ts";
+import { queueRoutes } from "./routes/queue.ts";
 
 export interface AdminApiOptions {
   pool: Pool;
@@ -55,6 +56,7 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
   filterRoutes(app, pool);
   journeyRoutes(app, pool, config);
   mailboxRoutes(app, pool, config);
+  await app.register(async (scope) => queueRoutes(scope, pool));
   return app;
 }
 

@@ -30,6 +30,8 @@ export const msaShape = {
   /** POP-before-SMTP: a POP3 login lets its IP address submit without AUTH for POP_BEFORE_SMTP_WINDOW. */
   POP_BEFORE_SMTP: bool(false),
   POP_BEFORE_SMTP_WINDOW: duration("10m"),
+  /** How long a domain's DKIM key is cached; a key made with `mailctl domain dkim` is used after at most this long. */
+  DKIM_KEY_CACHE: duration("30s"),
 };
 
 export type MsaConfig = z.infer<z.ZodObject<typeof msaShape>> & { MAIL_HOSTNAME: string };
@@ -56,5 +58,6 @@ export function settingsFromConfig(config: MsaConfig): MsaSettings {
       windowMs: config.SUBMISSION_RATE_WINDOW,
     },
     popBeforeSmtp: { enabled: config.POP_BEFORE_SMTP, windowMs: config.POP_BEFORE_SMTP_WINDOW },
+    dkimKeyCacheMs: config.DKIM_KEY_CACHE,
   };
 }

@@ -20,9 +20,11 @@ export interface Usage {
  */
 export function createSubmissionLimiter(pool: Pool, limits: SubmissionLimits) {
   const windowSeconds = Math.max(1, Math.round(limits.windowMs / 1000));
+  const unlimited = limits.maxMessages === 0 && limits.maxRecipients === 0;
   return {
     limits,
     async usage(accountId: number): Promise<Usage> {
+      if (unlimited) return { messages: 0, recipients: 0 };
       const result = await pool.query<Usage>(
         `SELECT messages, recipients FROM submission_counters WHERE account_id = $2 AND window_start = ${WINDOW_START}`,
         [windowSeconds, accountId],
@@ -38,6 +40,7 @@ export function createSubmissionLimiter(pool: Pool, limits: SubmissionLimits) {
       return limits.maxRecipients === 0 || usage.recipients + inTransaction < limits.maxRecipients;
     },
     async record(accountId: number, recipients: number): Promise<void> {
+      if (unlimited) return;
       await pool.query(
         `INSERT INTO submission_counters (account_id, window_start, messages, recipients)
          VALUES ($2, ${WINDOW_START}, 1, $3)

@@ -1,7 +1,7 @@
 import type { SMTPServerSession } from "smtp-server";
 import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, type Pool } from "@mailstack/db";
-import { dkimSignatures, loadDkimKeys } from "@mailstack/dkim";
+import { dkimSignatures, loadDkimKeys, type DkimSigningKey } from "@mailstack/dkim";
 import { Replies, reply, splitAddress } from "@mailstack/mail";
 import type { AcceptedMessage } from "@mailstack/queue";
 import {
@@ -28,6 +28,8 @@ export interface MsaSettings {
   auth: AuthLimits;
   submission: SubmissionLimits;
   popBeforeSmtp: { enabled: boolean; windowMs: number };
+  /** How long a domain's DKIM key (or its absence) is cached; a new key is used after at most this long. */
+  dkimKeyCacheMs: number;
 }
 
 export interface MsaOptions {
@@ -110,6 +112,21 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     return null;
   };
 
+  // Signing keys by domain (null: no key), kept briefly so a busy domain costs no query per message.
+  const keyCache = new Map<string, { key: DkimSigningKey | null; until: number }>();
+  const dkimKeys = async (domains: string[]): Promise<DkimSigningKey[]> => {
+    const now = Date.now();
+    const missing = domains.filter((domain) => (keyCache.get(domain)?.until ?? 0) <= now);
+    if (missing.length > 0) {
+      const loaded = await loadDkimKeys(pool, missing);
+      if (keyCache.size > 10_000) keyCache.clear();
+      for (const domain of missing) {
+        keyCache.set(domain, { key: loaded.find((k) => k.domain === domain) ?? null, until: now + settings.dkimKeyCacheMs });
+      }
+    }
+    return domains.map((domain) => keyCache.get(domain)?.key).filter((key): key is DkimSigningKey => !!key);
+  };
+
   const refuse = (reason: string, r: ReturnType<typeof reply>): never => {
     metrics.refused.inc({ reason });
     throw new SmtpError(r);
@@ -170,7 +187,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
       let raw = result.message;
       const domains = [...new Set(result.fromAddresses.map((address) => splitAddress(address).domain))];
       try {
-        const keys = await loadDkimKeys(pool, domains);
+        const keys = await dkimKeys(domains);
         if (keys.length > 0) {
           raw = Buffer.concat([Buffer.from(await dkimSignatures(raw, keys), "latin1"), raw]);
           metrics.signed.inc();

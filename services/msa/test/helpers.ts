@@ -119,6 +119,7 @@ export function testSettings(overrides: Partial<MsaSettings> = {}): MsaSettings 
     auth: { failureDelayMs: 20, maxFailuresPerConnection: 3, maxFailuresPerIp: 1000, maxFailuresPerAccount: 4, windowMs: 900_000 },
     submission: { maxMessages: 1000, maxRecipients: 5000, windowMs: 3_600_000 },
     popBeforeSmtp: { enabled: false, windowMs: 600_000 },
+    dkimKeyCacheMs: 30_000,
     ...overrides,
   };
 }

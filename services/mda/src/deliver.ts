@@ -60,18 +60,6 @@ export function headerPrefix(envelopeFrom: string, finalRecipient: string): Buff
   return Buffer.from(`Return-Path: <${headerSafe(envelopeFrom)}>\r\nDelivered-To: ${headerSafe(finalRecipient)}\r\n`, "utf8");
 }
 
-/**
- * Parses the message once and stores the result (only when nothing is stored yet). A message
- * that cannot be parsed still gets a row, with errors, so it is not parsed again and again.
- */
-export async function ensureParsed(pool: Pool, messageId: number): Promise<void> {
-  const found = await pool.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1 AND parsed IS NULL", [messageId]);
-  const row = found.rows[0];
-  if (!row) return;
-  const parsed = await parseMessage(row.raw);
-  await pool.query("UPDATE messages SET parsed = $2 WHERE id = $1 AND parsed IS NULL", [messageId, JSON.stringify(parsed)]);
-}
-
 /** DSN bookkeeping for a failed delivery: no bounce to <>, none when NOTIFY excludes FAILURE, none when the client was told. */
 function dsnStateFor(row: Row, options: DeliverOptions): "pending" | "suppressed" {
   if (options.failureReported || row.envelope_from === "") return "suppressed";
@@ -157,32 +145,100 @@ async function createForward(client: PoolClient, row: Row, to: string): Promise<
  * call any number of times for the same delivery: only the first call has an effect.
  */
 export async function deliverLocal(ctx: DeliverContext, deliveryId: number, options: DeliverOptions = {}): Promise<Outcome> {
-  const pre = await ctx.pool.query<{ state: string; message_id: number; parsed: boolean }>(
-    `SELECT d.state, d.message_id, m.parsed IS NOT NULL AS parsed
-       FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE d.id = $1`,
+  const pre = await ctx.pool.query<Row & { raw: Buffer | null }>(
+    `SELECT ${ROW_COLUMNS}, CASE WHEN m.parsed IS NULL THEN m.raw END AS raw ${ROW_FROM}`,
     [deliveryId],
   );
   const head = pre.rows[0];
   if (!head) return { status: "missing" };
-  if (FINAL_STATES.has(head.state)) return { status: "duplicate", state: head.state };
-  if (!head.parsed) await ensureParsed(ctx.pool, head.message_id);
+  if (FINAL_STATES.has(head.state) || head.kind !== "local") return { status: "duplicate", state: head.state };
+  if (head.raw) {
+    head.parsed = await parseMessage(head.raw);
+    await ctx.pool.query("UPDATE messages SET parsed = $2 WHERE id = $1 AND parsed IS NULL", [head.message_id, JSON.stringify(head.parsed)]);
+  }
+  // The common case (an account that exists, a copy to file) takes one statement; anything
+  // else (rules that discard or forward, a full mailbox, a missing account) the transaction below.
+  if (head.account_id !== null && head.address !== null && !head.disabled) {
+    const decision = decideFor(head);
+    if (decision.kind === "file" && decision.ruleId === null && decision.reason === "default") {
+      const fast = await fileFast(ctx, head, decision.folder);
+      if (fast) return fast;
+    }
+  }
+  return deliverInTransaction(ctx, deliveryId, options);
+}
 
+function decideFor(row: Row): Decision {
+  const prefixSize = headerPrefix(row.envelope_from, row.final_recipient).length;
+  return decide(row.rules, {
+    headers: row.parsed?.headers ?? [],
+    size: prefixSize + row.message_size,
+    spam: row.parsed?.spam ?? false,
+    defaultFolder: row.folder,
+  });
+}
+
+/**
+ * Files a copy in ONE statement (its own transaction): lock the delivery if still pending,
+ * charge the quota, take the folder's next UID, insert the entry, mark the delivery delivered
+ * and record the event. Concurrent duplicates wait on the row lock and then find it final.
+ * Returns null when the quota refused the copy (the caller bounces it in a transaction).
+ */
+async function fileFast(ctx: DeliverContext, row: Row, folder: string): Promise<Outcome | null> {
+  const prefix = headerPrefix(row.envelope_from, row.final_recipient);
+  const size = prefix.length + row.message_size;
+  const result = await ctx.pool.query<{ pending: number; uid: number | null }>(
+    `WITH pending AS (
+       SELECT id FROM deliveries WHERE id = $1 AND state IN ('queued', 'deferred') FOR UPDATE
+     ), quota AS (
+       UPDATE accounts SET used_bytes = used_bytes + $4
+        WHERE id = $2 AND EXISTS (SELECT 1 FROM pending) AND (quota_bytes IS NULL OR used_bytes + $4 <= quota_bytes)
+       RETURNING id
+     ), uid AS (
+       INSERT INTO folders (account_id, name, uid_next) SELECT id, $3, 2 FROM quota
+       ON CONFLICT (account_id, name) DO UPDATE SET uid_next = folders.uid_next + 1
+       RETURNING account_id, uid_next - 1 AS uid
+     ), entry AS (
+       INSERT INTO mailbox_entries (account_id, folder, uid, message_id, delivery_id, header_prefix, size)
+       SELECT account_id, $3, uid, $5, $1, $6, $4 FROM uid
+       RETURNING uid
+     ), done AS (
+       UPDATE deliveries SET state = 'delivered', folder = $3, attempts = attempts + 1, last_attempt_at = now(),
+              next_attempt_at = NULL, last_status = '2.0.0', updated_at = now(),
+              last_reply = '250 2.0.0 Delivered to ' || $3 || ' as UID ' || (SELECT uid FROM entry)
+        WHERE id = $1 AND EXISTS (SELECT 1 FROM entry)
+       RETURNING id
+     ), event AS (
+       INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)
+       SELECT $5, id, 'delivered', $7, '250 2.0.0 Delivered', json_build_object('folder', $3::text, 'uid', (SELECT uid FROM entry))
+         FROM done
+     )
+     SELECT (SELECT count(*)::int FROM pending) AS pending, (SELECT uid FROM entry) AS uid`,
+    [row.id, row.account_id, folder, size, row.message_id, prefix, SERVICE],
+  );
+  const { pending, uid } = result.rows[0]!;
+  if (pending === 0) return { status: "duplicate", state: "delivered" };
+  if (uid === null) return null;
+  mailMetrics.deliveriesFinal.inc({ kind: "local", state: "delivered" });
+  return { status: "delivered", folder, uid };
+}
+
+const ROW_COLUMNS = `d.id, d.message_id, d.state, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
+       m.envelope_from, m.size AS message_size, m.trace_id, m.parsed, a.address, a.disabled,
+       COALESCE((SELECT json_agg(f ORDER BY f.position) FROM filter_rules f WHERE f.account_id = d.account_id), '[]') AS rules`;
+const ROW_FROM = `FROM deliveries d
+         JOIN messages m ON m.id = d.message_id
+         LEFT JOIN accounts a ON a.id = d.account_id
+        WHERE d.id = $1`;
+
+/** The general path: everything under the delivery's row lock in one explicit transaction. */
+async function deliverInTransaction(ctx: DeliverContext, deliveryId: number, options: DeliverOptions): Promise<Outcome> {
   let forwarded: AcceptedMessage | null = null;
   const client = await ctx.pool.connect();
   let outcome: Outcome | undefined;
   try {
     await client.query("BEGIN");
-    const result = await client.query<Row>(
-      `SELECT d.id, d.message_id, d.state, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
-              m.envelope_from, m.size AS message_size, m.trace_id, m.parsed, a.address, a.disabled,
-              COALESCE((SELECT json_agg(f ORDER BY f.position) FROM filter_rules f WHERE f.account_id = d.account_id), '[]') AS rules
-         FROM deliveries d
-         JOIN messages m ON m.id = d.message_id
-         LEFT JOIN accounts a ON a.id = d.account_id
-        WHERE d.id = $1
-        FOR UPDATE OF d`,
-      [deliveryId],
-    );
+    const result = await client.query<Row>(`SELECT ${ROW_COLUMNS} ${ROW_FROM} FOR UPDATE OF d`, [deliveryId]);
     const row = result.rows[0];
     if (!row) {
       outcome = { status: "missing" };
@@ -195,13 +251,7 @@ export async function deliverLocal(ctx: DeliverContext, deliveryId: number, opti
     } else {
       const parsed = row.parsed;
       const headers = parsed?.headers ?? [];
-      const prefixSize = headerPrefix(row.envelope_from, row.final_recipient).length;
-      let decision: Decision = decide(row.rules, {
-        headers,
-        size: prefixSize + row.message_size,
-        spam: parsed?.spam ?? false,
-        defaultFolder: row.folder,
-      });
+      let decision: Decision = decideFor(row);
       const events: JourneyEvent[] = [];
       if (decision.kind === "forward") {
         const looped = headers.some(([name, value]) => name === "delivered-to" && value.trim().toLowerCase() === row.address);

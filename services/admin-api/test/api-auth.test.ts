@@ -131,6 +131,13 @@ test("a tenant token sees and changes only its own domain; other tenants look li
   assert.equal((await h.call("DELETE", "/accounts/b@two.test", { token })).status, 404);
   assert.equal((await h.call("POST", "/accounts", { token, body: { address: "c@two.test", password: "pw" } })).status, 404);
   assert.equal((await h.call("GET", "/accounts/b@two.test/export?format=mbox", { token })).status, 404);
+  // Aliases may not reach into another tenant's domain, whether or not the address exists there.
+  const probeExisting = await h.call("POST", "/aliases", { token, body: { address: "p@one.test", targets: ["b@two.test"] } });
+  const probeMissing = await h.call("POST", "/aliases", { token, body: { address: "p@one.test", targets: ["nobody@two.test"] } });
+  assert.equal(probeExisting.status, 403);
+  assert.equal(probeMissing.status, 403);
+  assert.equal(((await probeMissing.json()) as { field: string }).field, "targets.0");
+  assert.equal((await h.call("POST", "/aliases", { token, body: { address: "p@one.test", targets: ["a@one.test", "x@remote.test"] } })).status, 201);
   // Operator-only actions.
   assert.equal((await h.call("POST", "/domains", { token, body: { name: "three.test" } })).status, 403);
   assert.equal((await h.call("DELETE", "/domains/one.test", { token })).status, 403);

@@ -8,7 +8,7 @@ import { createDomainDkimKey, type DkimAlgorithm } from "@mailstack/dkim";
 import { domainDnsRecords } from "@mailstack/admin-ops";
 import { domainOfAddress, inScope, requireOperator } from "../auth.ts";
 import type { ApiConfig } from "../config.ts";
-import { forField, notFound } from "../errors.ts";
+import { ApiError, forField, notFound } from "../errors.ts";
 import { addressString, dateTime, domainString, errorResponses, noContent, nullableInteger, nullableString } from "../schemas.ts";
 
 const domainView = {
@@ -278,6 +278,13 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
   }, async (request, reply) => {
     const { address, targets } = request.body;
     if (!inScope(request, domainOfAddress(address))) throw notFound(`domain: ${domainOfAddress(address)}`);
+    // A tenant may point aliases at its own domain or at remote addresses, never into another
+    // tenant's domain (whose addresses it could otherwise probe through the existence check).
+    for (const [i, target] of targets.entries()) {
+      if (!inScope(request, domainOfAddress(target)) && (await getDomain(pool, domainOfAddress(target)))) {
+        throw new ApiError(403, `a tenant alias may target only its own domain or remote addresses: ${target}`, `targets.${i}`);
+      }
+    }
     const alias = await forField("address", () => addAlias(pool, address, targets));
     reply.status(201);
     return showAlias(alias);

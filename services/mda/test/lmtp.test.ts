@@ -125,3 +125,30 @@ test("SMTP commands that have no place in LMTP are refused", async () => {
   assert.match(await client.command("MAIL FROM:<a@b.example>"), /^503 /);
   client.close();
 });
+
+test("Python's smtplib.LMTP (an independent LMTP client) delivers, and is refused 552 5.2.2 for the full mailbox", async () => {
+  const { execFile } = await import("node:child_process");
+  // smtplib reads one reply after DATA, so it sends one recipient per transaction.
+  const script = [
+    "import smtplib, sys, json",
+    "c = smtplib.LMTP('127.0.0.1', int(sys.argv[1]))",
+    "out = {}",
+    "for rcpt in ['ok2@example.test', 'full@example.test']:",
+    "    try:",
+    "        c.sendmail('py@remote.example', [rcpt], b'Subject: from python\\r\\n\\r\\nhi\\r\\n')",
+    "        out[rcpt] = [250, '']",
+    "    except smtplib.SMTPDataError as e:",
+    "        out[rcpt] = [e.smtp_code, e.smtp_error.decode()]",
+    "c.quit()",
+    "print(json.dumps(out))",
+  ].join("\n");
+  const stdout = await new Promise<string>((resolve, reject) =>
+    execFile("/usr/bin/python3", ["-c", script, String(port)], (error, out, err) => (error ? reject(new Error(err || error.message)) : resolve(out))),
+  );
+  const result = JSON.parse(stdout);
+  assert.equal(result["ok2@example.test"][0], 250);
+  assert.equal(result["full@example.test"][0], 552);
+  assert.match(result["full@example.test"][1], /^5\.2\.2 /);
+  const rows = (await entries("ok2@example.test")).filter((r) => /from python/.test(r.raw.toString()));
+  assert.equal(rows.length, 1);
+});

@@ -3,6 +3,10 @@
 // schemas, and the deployment has what operating it needs.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import ts from "typescript";
 import { ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
 import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
 import { Job } from "kubernetes-models/batch/v1";
@@ -19,6 +23,7 @@ import {
   overlays,
   readYaml,
   render,
+  root,
   serviceNames,
   type K8sObject,
 } from "./lib.ts";
@@ -73,6 +78,67 @@ test("every kustomization renders with kubectl kustomize and every object valida
     assert.ok(objects.length > 10, `${dir}: rendered only ${objects.length} objects`);
     for (const object of objects) validate(object, dir);
   }
+});
+
+// The JSON schemas above allow unknown properties, so a misspelled field (`readinesProbe`,
+// `containerport`) would pass them and be dropped by the API server. TypeScript's excess
+// property check on object literals typed with the same models' interfaces catches it.
+function typeErrors(objects: Array<{ where: string; object: K8sObject }>): string[] {
+  const dir = mkdtempSync(join(tmpdir(), "mailstack-manifests-"));
+  try {
+    const lines: string[] = [];
+    objects.forEach(({ object }, index) => {
+      const [group, version] = object.apiVersion.includes("/") ? object.apiVersion.split("/") : ["", object.apiVersion];
+      const modulePath = group === "keda.sh"
+        ? `${root}/node_modules/@kubernetes-models/keda/keda.sh/${version}/${object.kind}.js`
+        : `${root}/node_modules/kubernetes-models/${group ? `${group}/` : ""}${version}/${object.kind}.js`;
+      lines.push(`import type { I${object.kind} as T${index} } from ${JSON.stringify(modulePath)};`);
+      lines.push(`export const o${index}: T${index} = ${JSON.stringify(object)};`);
+    });
+    const file = join(dir, "manifests.ts");
+    writeFileSync(file, lines.join("\n"));
+    const program = ts.createProgram([file], {
+      strict: true,
+      noEmit: true,
+      skipLibCheck: true,
+      target: ts.ScriptTarget.ES2022,
+      module: ts.ModuleKind.NodeNext,
+      moduleResolution: ts.ModuleResolutionKind.NodeNext,
+      types: [],
+    });
+    return ts.getPreEmitDiagnostics(program).map((diagnostic) => {
+      const message = ts.flattenDiagnosticMessageText(diagnostic.messageText, " ");
+      if (!diagnostic.file || diagnostic.start === undefined) return message;
+      const text = diagnostic.file.text;
+      const line = text.slice(0, diagnostic.start).split("\n").length - 1;
+      const index = Math.floor(line / 2);
+      return `${objects[index]?.where ?? "?"} ${objects[index]?.object.kind}/${objects[index]?.object.metadata.name}: ${message}`;
+    });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test("no manifest has an unknown or misspelled field (checked against the models' TypeScript types)", () => {
+  const objects = kustomizations().flatMap((dir) => render(dir).map((object) => ({ where: dir, object })));
+  objects.push({ where: "deploy/base/secret.template.yaml", object: readYaml("deploy/base/secret.template.yaml") });
+  assert.deepEqual(typeErrors(objects), []);
+});
+
+test("the field check catches a misspelled field (it is not a no-op)", () => {
+  const deployment = structuredClone(find(render("deploy/base"), "Deployment", "msa")!);
+  const container = deployment.spec.template.spec.containers[0];
+  container.readinesProbe = container.readinessProbe;
+  delete container.readinessProbe;
+  const scaled = structuredClone(find(render("deploy/overlays/production"), "ScaledObject", "mta-outbound")!);
+  scaled.spec.minReplicas = scaled.spec.minReplicaCount; // the HPA's spelling, not KEDA's
+  const errors = typeErrors([
+    { where: "mutated", object: deployment },
+    { where: "mutated", object: scaled },
+  ]);
+  assert.equal(errors.length, 2, errors.join("\n"));
+  assert.match(errors[0]!, /Deployment\/msa: .*readinesProbe/);
+  assert.match(errors[1]!, /ScaledObject\/mta-outbound: .*minReplicas/);
 });
 
 test("the secret template and the vendored manifests outside kustomizations validate too", () => {

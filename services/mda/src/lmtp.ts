@@ -1,4 +1,4 @@
-import type { AddressInfo } from "node:net";
+import { BlockList, isIPv4, isIPv6, type AddressInfo } from "node:net";
 import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
 import { parseAddress } from "@mailstack/mail";
 import { resolveRecipient, type Route } from "@mailstack/db";
@@ -15,6 +15,8 @@ export interface LmtpOptions {
   /** Idle time before a session is closed, ms. */
   socketTimeout: number;
   hostname: string;
+  /** Client networks allowed to connect (CIDR or single addresses); LMTP has no authentication. */
+  allowedNetworks: string[];
 }
 
 export interface LmtpServer {
@@ -23,6 +25,29 @@ export interface LmtpServer {
 }
 
 type ReplyError = Error & { responseCode: number };
+
+/** Builds the allow-list of client networks; throws on an entry that is not an address or CIDR. */
+export function networkList(entries: string[]): BlockList {
+  const list = new BlockList();
+  for (const entry of entries) {
+    const [address, bits] = entry.split("/") as [string, string | undefined];
+    const family = isIPv4(address) ? "ipv4" : isIPv6(address) ? "ipv6" : null;
+    const prefix = bits === undefined ? (family === "ipv4" ? 32 : 128) : Number(bits);
+    if (!family || !Number.isInteger(prefix) || prefix < 0 || prefix > (family === "ipv4" ? 32 : 128)) {
+      throw new Error(`not an address or network: ${entry}`);
+    }
+    list.addSubnet(address, prefix, family);
+  }
+  return list;
+}
+
+/** Whether a client address is inside the list (IPv4-mapped IPv6 counts as IPv4). */
+export function allowedClient(list: BlockList, remoteAddress: string): boolean {
+  const address = remoteAddress.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, "");
+  if (isIPv4(address)) return list.check(address, "ipv4");
+  if (isIPv6(address)) return list.check(address, "ipv6");
+  return false;
+}
 
 function replyError(code: number, text: string): ReplyError {
   const error = new Error(text) as ReplyError;
@@ -68,6 +93,7 @@ function receivedHeader(session: SMTPServerSession, hostname: string, queueId: s
  */
 export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Promise<LmtpServer> {
   const routesOf = new WeakMap<SMTPServerAddress, Route[]>();
+  const allowed = networkList(options.allowedNetworks);
 
   const onRcptTo = (address: SMTPServerAddress, _session: SMTPServerSession, callback: (err?: Error | null) => void) => {
     const parsed = parseAddress(address.address, { utf8: true });
@@ -168,6 +194,11 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     socketTimeout: options.socketTimeout,
     closeTimeout: 10_000,
     logger: false,
+    onConnect(session, callback) {
+      if (allowedClient(allowed, session.remoteAddress)) return callback();
+      ctx.logger.warn({ client: session.remoteAddress }, "LMTP connection from a network not in LMTP_ALLOWED_NETWORKS refused");
+      callback(replyError(554, "5.7.1 Not allowed to use LMTP here"));
+    },
     onRcptTo,
     onData(stream, session, callback) {
       withSpan("lmtp DATA", { kind: SpanKind.SERVER, attributes: { "network.peer.address": session.remoteAddress } }, () => handleData(stream, session))

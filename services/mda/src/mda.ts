@@ -1,10 +1,10 @@
-import { bool, duration, integer, port, size, z } from "@mailstack/config";
+import { bool, duration, integer, list, port, size, z } from "@mailstack/config";
 import { Consumers, PermanentError, Streams, Subjects, consume, type Bus, type Consumer } from "@mailstack/bus";
 import type { Pool } from "@mailstack/db";
 import { startSweeper, type LocalJob } from "@mailstack/queue";
 import type { Logger } from "@mailstack/telemetry";
 import { deliverLocal, type DeliverContext } from "./deliver.ts";
-import { startLmtp, type LmtpServer } from "./lmtp.ts";
+import { networkList, startLmtp, type LmtpServer } from "./lmtp.ts";
 
 /** The MDA's own settings (environment variables), on top of the common ones. */
 export const mdaShape = {
@@ -14,6 +14,14 @@ export const mdaShape = {
   LMTP_MAX_SIZE: size("50M"),
   LMTP_MAX_CLIENTS: integer(200, 1),
   LMTP_IDLE_TIMEOUT: duration("60s"),
+  /** LMTP has no authentication: only these client networks may connect (loopback and private ranges by default). */
+  LMTP_ALLOWED_NETWORKS: list("127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7").superRefine((entries, ctx) => {
+    try {
+      networkList(entries);
+    } catch (error) {
+      ctx.addIssue({ code: z.ZodIssueCode.custom, message: (error as Error).message });
+    }
+  }),
   /** Deliveries handled at once by this process. */
   MDA_CONCURRENCY: integer(32, 1),
   /** How often queued local deliveries that were never dispatched are republished. */
@@ -30,6 +38,7 @@ export interface MdaConfig {
   LMTP_MAX_SIZE: number;
   LMTP_MAX_CLIENTS: number;
   LMTP_IDLE_TIMEOUT: number;
+  LMTP_ALLOWED_NETWORKS: string[];
   MDA_CONCURRENCY: number;
   MDA_SWEEP_INTERVAL: number;
   MDA_SWEEP_UNDISPATCHED_AFTER: number;
@@ -44,6 +53,7 @@ export const defaultMdaConfig: MdaConfig = {
   LMTP_MAX_SIZE: 50 * 1024 * 1024,
   LMTP_MAX_CLIENTS: 200,
   LMTP_IDLE_TIMEOUT: 60_000,
+  LMTP_ALLOWED_NETWORKS: ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
   MDA_CONCURRENCY: 32,
   MDA_SWEEP_INTERVAL: 10_000,
   MDA_SWEEP_UNDISPATCHED_AFTER: 15_000,
@@ -91,6 +101,7 @@ export async function startMda(options: { pool: Pool; bus: Bus; logger: Logger; 
         maxClients: config.LMTP_MAX_CLIENTS,
         socketTimeout: config.LMTP_IDLE_TIMEOUT,
         hostname: config.MAIL_HOSTNAME,
+        allowedNetworks: config.LMTP_ALLOWED_NETWORKS,
       });
     }
   } catch (error) {

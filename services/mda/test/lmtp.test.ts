@@ -152,3 +152,28 @@ test("Python's smtplib.LMTP (an independent LMTP client) delivers, and is refuse
   const rows = (await entries("ok2@example.test")).filter((r) => /from python/.test(r.raw.toString()));
   assert.equal(rows.length, 1);
 });
+
+test("only clients in LMTP_ALLOWED_NETWORKS may connect", async () => {
+  const { allowedClient, networkList, startLmtp } = await import("../src/lmtp.ts");
+  const list = networkList(["10.0.0.0/8", "::1/128", "192.0.2.7"]);
+  assert.equal(allowedClient(list, "10.1.2.3"), true);
+  assert.equal(allowedClient(list, "::ffff:10.1.2.3"), true);
+  assert.equal(allowedClient(list, "::1"), true);
+  assert.equal(allowedClient(list, "192.0.2.7"), true);
+  assert.equal(allowedClient(list, "192.0.2.8"), false);
+  assert.equal(allowedClient(list, "127.0.0.1"), false);
+  assert.throws(() => networkList(["10.0.0.0/33"]));
+  assert.throws(() => networkList(["example.com"]));
+
+  const closed = await startLmtp(
+    { pool: env.pool, logger: createLogger("mda-test", "silent") },
+    { port: 0, host: "127.0.0.1", maxSize: 1000, maxClients: 5, socketTimeout: 5000, hostname: "mx.example.test", allowedNetworks: ["10.0.0.0/8"] },
+  );
+  try {
+    const client = await LineClient.open(closed.port);
+    assert.match(await client.reply(), /^554 5\.7\.1 /);
+    client.close();
+  } finally {
+    await closed.stop();
+  }
+});

@@ -1,0 +1,123 @@
+import assert from "node:assert/strict";
+import { generateKeyPairSync } from "node:crypto";
+import { after, before, describe, test } from "node:test";
+import { dkimSign } from "mailauth";
+import { addAccount, addDomain } from "@mailstack/db";
+import { createLogger } from "@mailstack/telemetry";
+import { createTestEnv, type TestEnv } from "@mailstack/testkit";
+import { RawSmtp, dataPayload, sampleMessage } from "@mailstack/smtp-intake/testing";
+import { startInbound, type Inbound } from "../src/inbound.ts";
+import { startDnsServer } from "./dns-server.ts";
+
+const logger = createLogger("test", process.env.TEST_LOG_LEVEL ?? "silent");
+const { privateKey, publicKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
+const publicKeyDer = publicKey.export({ type: "spki", format: "der" }).toString("base64");
+
+let env: TestEnv;
+let dns: Awaited<ReturnType<typeof startDnsServer>>;
+let inbound: Inbound;
+
+before(async () => {
+  env = await createTestEnv();
+  await addDomain(env.pool, "example.test");
+  await addDomain(env.pool, "lenient.test");
+  await addAccount(env.pool, { address: "user1@example.test", password: "p1" });
+  await addAccount(env.pool, { address: "user2@lenient.test", password: "p2" });
+  await env.pool.query("UPDATE domains SET dmarc_reject_action = 'quarantine' WHERE name = 'lenient.test'");
+  dns = await startDnsServer({
+    "remote.example": { TXT: ["v=spf1 ip4:127.0.0.1 -all"] },
+    "spoofed.example": { TXT: ["v=spf1 ip4:192.0.2.1 -all"] },
+    "_dmarc.spoofed.example": { TXT: ["v=DMARC1; p=reject"] },
+    "soft.example": { TXT: ["v=spf1 ip4:192.0.2.1 -all"] },
+    "_dmarc.soft.example": { TXT: ["v=DMARC1; p=quarantine"] },
+    "signed.example": { TXT: ["v=spf1 -all"] },
+    "_dmarc.signed.example": { TXT: ["v=DMARC1; p=reject"] },
+    "sel._domainkey.signed.example": { TXT: [`v=DKIM1; k=rsa; p=${publicKeyDer}`] },
+  });
+  inbound = await startInbound({
+    pool: env.pool,
+    bus: env.bus,
+    logger,
+    config: { MAIL_HOSTNAME: "mx.example.test", SMTP_PORT: 0, SMTP_HOST: "127.0.0.1", DNS_SERVERS: [dns.address] },
+  });
+});
+
+after(async () => {
+  await inbound.stop();
+  await dns.close();
+  await env.close();
+});
+
+async function deliver(from: string, to: string, message: string): Promise<{ code: number; text: string }> {
+  const client = await RawSmtp.connect(inbound.port);
+  await client.reply();
+  await client.command("EHLO mail.remote.example");
+  assert.equal((await client.command(`MAIL FROM:<${from}>`)).code, 250);
+  assert.equal((await client.command(`RCPT TO:<${to}>`)).code, 250);
+  assert.equal((await client.command("DATA")).code, 354);
+  client.write(dataPayload(message));
+  const reply = await client.reply();
+  client.close();
+  return reply;
+}
+
+async function lastMessage() {
+  const result = await env.pool.query("SELECT * FROM messages ORDER BY id DESC LIMIT 1");
+  return result.rows[0];
+}
+
+async function count(): Promise<number> {
+  return (await env.pool.query("SELECT count(*)::int AS n FROM messages")).rows[0].n;
+}
+
+describe("SPF, DKIM and DMARC", () => {
+  test("SPF pass is recorded in Authentication-Results: and on the message row; the rest is byte-for-byte", async () => {
+    const message = sampleMessage({ from: "a@remote.example" });
+    const reply = await deliver("a@remote.example", "user1@example.test", message);
+    assert.equal(reply.code, 250, reply.text);
+    const row = await lastMessage();
+    const raw = row.raw.toString("latin1") as string;
+    assert.match(raw, /^Received: [^]*?\r\nReceived-SPF: pass [^]*?\r\nAuthentication-Results: mx\.example\.test;\r\n [^]*spf=pass[^]*dmarc=none/);
+    assert.ok(raw.endsWith(message), "the original message follows the trace headers unchanged");
+    assert.equal(row.auth_results.spf.result, "pass");
+    assert.ok(dns.queries.includes("TXT remote.example"), "the configured DNS server was asked");
+  });
+
+  test("a DKIM-signed message passes DKIM and DMARC", async () => {
+    const message = sampleMessage({ from: "news@signed.example", subject: "signed" });
+    const signed = await dkimSign(message, { signingDomain: "signed.example", selector: "sel", privateKey: privateKey.export({ type: "pkcs8", format: "pem" }).toString() });
+    assert.equal(signed.errors.length, 0);
+    const full = signed.signatures + message;
+    const reply = await deliver("news@signed.example", "user1@example.test", full);
+    assert.equal(reply.code, 250, reply.text);
+    const row = await lastMessage();
+    assert.deepEqual(row.auth_results.dkim.map((d: { result: string; domain: string }) => [d.result, d.domain]), [["pass", "signed.example"]]);
+    assert.equal(row.auth_results.dmarc.result, "pass");
+    assert.match(row.raw.toString("latin1"), /dkim=pass [^]*dmarc=pass/);
+  });
+
+  test("DMARC p=reject failing: 550 5.7.1 and nothing stored", async () => {
+    const before = await count();
+    const reply = await deliver("ceo@spoofed.example", "user1@example.test", sampleMessage({ from: "CEO <ceo@spoofed.example>" }));
+    assert.match(reply.text, /^550 5\.7\.1 /);
+    assert.equal(await count(), before);
+  });
+
+  test("DMARC p=reject failing for a domain whose action is quarantine: accepted into Junk", async () => {
+    const reply = await deliver("ceo@spoofed.example", "user2@lenient.test", sampleMessage({ from: "ceo@spoofed.example" }));
+    assert.equal(reply.code, 250, reply.text);
+    const row = await lastMessage();
+    const deliveries = await env.pool.query("SELECT folder FROM deliveries WHERE message_id = $1", [row.id]);
+    assert.deepEqual(deliveries.rows.map((d) => d.folder), ["Junk"]);
+    assert.equal(row.auth_results.dmarc.result, "fail");
+    assert.equal(row.auth_results.dmarcAction, "quarantine");
+  });
+
+  test("DMARC p=quarantine failing: accepted into Junk", async () => {
+    const reply = await deliver("x@soft.example", "user1@example.test", sampleMessage({ from: "x@soft.example" }));
+    assert.equal(reply.code, 250, reply.text);
+    const row = await lastMessage();
+    const deliveries = await env.pool.query("SELECT folder FROM deliveries WHERE message_id = $1", [row.id]);
+    assert.deepEqual(deliveries.rows.map((d) => d.folder), ["Junk"]);
+  });
+});

@@ -82,4 +82,33 @@ elif scenario == "submit":
         s.quit()
     except Exception:
         pass
+elif scenario == "noauth-submit":
+    # noauth-submit PORT FROM TO < message: STARTTLS, no AUTH (POP-before-SMTP)
+    sender, rcpt = args[0], args[1]
+    s = starttls()
+    out["ehlo_auth"] = s.esmtp_features.get("auth")
+    try:
+        s.sendmail(sender, [rcpt], sys.stdin.buffer.read())
+        out["result"] = "sent"
+    except smtplib.SMTPResponseException as e:
+        out["result"] = "error"
+        out["code"] = e.smtp_code
+        out["message"] = e.smtp_error.decode()
+    s.quit()
+elif scenario == "plain-auth":
+    # plain-auth PORT USER PASSWORD: AUTH without TLS (allowed only when configured)
+    s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    s.ehlo("client.test")
+    out["ehlo_auth"] = s.esmtp_features.get("auth")
+    code, msg = s.docmd("AUTH", "PLAIN " + b64("\0" + args[0] + "\0" + args[1]))
+    out["auth"] = [code, msg.decode()]
+    s.quit()
+elif scenario == "dsn-submit":
+    # dsn-submit PORT USER PASSWORD FROM TO < message, with ENVID/RET and NOTIFY/ORCPT
+    user, password, sender, rcpt = args
+    s = starttls()
+    s.login(user, password)
+    s.sendmail(sender, [rcpt], sys.stdin.buffer.read(), mail_options=["RET=HDRS", "ENVID=env-42"], rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;" + rcpt])
+    out["result"] = "sent"
+    s.quit()
 print(json.dumps(out))

@@ -48,6 +48,8 @@ export interface ReceivedMessage {
   rcptParams: Array<Record<string, unknown>>;
   secure: boolean;
   host: string;
+  /** Date.now() when the final reply was given. */
+  at: number;
 }
 
 export interface MxOptions {
@@ -105,6 +107,7 @@ export async function startMx(host: string, port: number, options: MxOptions = {
           rcptParams: session.envelope.rcptTo.map((r) => (r.args || {}) as Record<string, unknown>),
           secure: session.secure,
           host,
+          at: Date.now(),
         };
         const refusal = options.onData?.(message);
         if (refusal) return callback(Object.assign(new Error(refusal.message), { responseCode: refusal.code }));

@@ -11,7 +11,7 @@ import { execFileSync, spawnSync } from "node:child_process";
 import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, relative } from "node:path";
-import { readYaml, render, root, serviceNames } from "./lib.ts";
+import { readYaml, render, root, serviceNames, sharedConfig } from "./lib.ts";
 
 interface Instruction {
   keyword: string;
@@ -70,7 +70,7 @@ test("the image's TLS_DIR exists, belongs to the service user, and is what compo
   assert.match(runs, new RegExp(`chown -R node:node ${dirname(tlsDir)}`), "TLS_DIR owned by node");
   const compose = readYaml("docker-compose.yml");
   assert.equal(compose["x-service-env"].TLS_DIR, tlsDir);
-  const config = render("deploy/base").find((o) => o.kind === "ConfigMap" && o.metadata.name === "mailstack-config")!;
+  const config = sharedConfig(render("deploy/base"));
   assert.equal(config.data.TLS_DIR, tlsDir);
 });
 

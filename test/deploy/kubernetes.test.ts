@@ -25,6 +25,7 @@ import {
   render,
   root,
   serviceNames,
+  sharedConfig,
   type K8sObject,
 } from "./lib.ts";
 
@@ -188,7 +189,7 @@ test("every service in services/ has a Deployment with image, probes, resources 
 test("terminationGracePeriodSeconds leaves room for preStop plus SHUTDOWN_TIMEOUT", () => {
   for (const dir of kustomizations()) {
     const objects = render(dir);
-    const config = find(objects, "ConfigMap", "mailstack-config")!;
+    const config = sharedConfig(objects);
     for (const name of serviceNames()) {
       const deployment = find(objects, "Deployment", name)!;
       const spec = podSpec(deployment);
@@ -288,6 +289,18 @@ test("every referenced ConfigMap and Secret exists in the render, except the ope
   }
 });
 
+test("a settings change rolls the pods: the ConfigMap name carries a content hash that every workload uses", () => {
+  for (const dir of kustomizations()) {
+    const objects = render(dir);
+    const config = sharedConfig(objects);
+    assert.match(config.metadata.name, /^mailstack-config-[a-z0-9]{10}$/, `${dir}: generated name`);
+    for (const name of serviceNames()) {
+      const container = podSpec(find(objects, "Deployment", name)!).containers[0];
+      assert.ok(container.envFrom.some((s: any) => s.configMapRef?.name === config.metadata.name), `${dir}: ${name} uses ${config.metadata.name}`);
+    }
+  }
+});
+
 test("everything lands in the mailstack namespace", () => {
   for (const dir of kustomizations()) {
     for (const object of render(dir)) {
@@ -324,7 +337,7 @@ test("the relay workers have exactly one autoscaler per overlay, and the KEDA tr
     if (targets.includes("mta-outbound")) {
       assert.equal(deployment.spec.replicas, undefined, `${dir}: an autoscaled Deployment must not pin replicas`);
     }
-    const config = find(objects, "ConfigMap", "mailstack-config")!;
+    const config = sharedConfig(objects);
     const prefix: string = config.data.BUS_PREFIX ?? "";
     for (const object of scaled) {
       sawKeda = true;

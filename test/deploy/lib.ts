@@ -78,6 +78,13 @@ export function find(objects: K8sObject[], kind: string, name: string): K8sObjec
   return objects.find((object) => object.kind === kind && object.metadata.name === name);
 }
 
+/** The shared settings ConfigMap (generated, so its name carries a content hash). */
+export function sharedConfig(objects: K8sObject[]): K8sObject {
+  const matches = objects.filter((o) => o.kind === "ConfigMap" && /^mailstack-config(-[a-z0-9]{10})?$/.test(o.metadata.name));
+  if (matches.length !== 1) throw new Error(`expected one mailstack-config ConfigMap, found ${matches.length}`);
+  return matches[0]!;
+}
+
 export function ofKind(objects: K8sObject[], kind: string): K8sObject[] {
   return objects.filter((object) => object.kind === kind);
 }

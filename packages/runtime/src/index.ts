@@ -2,6 +2,7 @@ import { ConfigError, commonShape, loadConfig, port, type CommonConfig, type z }
 import { createPool, migrate, type Pool } from "@mailstack/db";
 import { connectBus, provisionBus, type Bus } from "@mailstack/bus";
 import { createLogger, startOpsServer, stopTelemetry, type Logger } from "@mailstack/telemetry";
+export * from "./tls.ts";
 
 export interface ServiceContext<C> {
   name: string;

@@ -1,0 +1,110 @@
+import { createPrivateKey, X509Certificate } from "node:crypto";
+import { mkdir, readFile, rename, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { createSecureContext, type SecureContext } from "node:tls";
+import { z } from "@mailstack/config";
+import { generate } from "selfsigned";
+
+/** Settings of every service that speaks TLS; spread into a service's `shape`. */
+export const tlsShape = {
+  /** PEM certificate chain; with TLS_KEY_FILE. When both are unset a self-signed pair is used. */
+  TLS_CERT_FILE: z.string().optional(),
+  TLS_KEY_FILE: z.string().optional(),
+  /** Where a generated self-signed pair is cached between starts (shared by every service). */
+  TLS_DIR: z.string().default(".data/tls"),
+};
+
+export interface TlsOptions {
+  certFile?: string | undefined;
+  keyFile?: string | undefined;
+  dir?: string | undefined;
+  /** Name put into a generated certificate's CN and subjectAltName. */
+  hostname?: string | undefined;
+}
+
+export interface TlsCredentials {
+  key: string;
+  cert: string;
+  selfSigned: boolean;
+  /** Where the pair was read from, for logs. */
+  source: string;
+  /** Certificate expiry. */
+  validTo: Date;
+  /** For `new tls.TLSSocket(socket, { isServer: true, secureContext })` (STARTTLS/STLS upgrades). */
+  context: SecureContext;
+  /** For `tls.createServer(serverOptions, ...)` (implicit TLS listeners). */
+  serverOptions: { key: string; cert: string; minVersion: "TLSv1.2" };
+}
+
+/**
+ * TLS credentials for a server: the operator's TLS_CERT_FILE/TLS_KEY_FILE when set (both
+ * required, checked to match), else a self-signed pair generated once and cached under
+ * TLS_DIR, regenerated when it is within 30 days of expiry.
+ */
+export async function loadTlsCredentials(options: TlsOptions = {}): Promise<TlsCredentials> {
+  if (options.certFile || options.keyFile) {
+    if (!options.certFile || !options.keyFile) throw new Error("TLS_CERT_FILE and TLS_KEY_FILE must be set together");
+    const [cert, key] = await Promise.all([readFile(options.certFile, "utf8"), readFile(options.keyFile, "utf8")]);
+    return credentials(key, cert, false, options.certFile);
+  }
+  const hostname = options.hostname || "localhost";
+  const dir = options.dir || ".data/tls";
+  // One file holding key and certificate, replaced atomically, so concurrent starts never pair
+  // one process's key with another's certificate.
+  const file = join(dir, `selfsigned-${hostname.replace(/[^A-Za-z0-9.-]/g, "_")}.pem`);
+  try {
+    const cached = splitPem(await readFile(file, "utf8"));
+    const result = credentials(cached.key, cached.cert, true, file);
+    if (result.validTo.getTime() - Date.now() > 30 * 86_400_000) return result;
+  } catch {
+    // missing, unreadable, mismatched or expiring: generate a fresh pair below
+  }
+  const pems = await generate([{ name: "commonName", value: hostname }], {
+    keyType: "rsa",
+    keySize: 2048,
+    algorithm: "sha256",
+    notAfterDate: new Date(Date.now() + 825 * 86_400_000),
+    extensions: [
+      { name: "basicConstraints", cA: false },
+      { name: "keyUsage", digitalSignature: true, keyEncipherment: true },
+      { name: "extKeyUsage", serverAuth: true },
+      {
+        name: "subjectAltName",
+        altNames: [
+          { type: 2, value: hostname },
+          ...(hostname === "localhost" ? [] : [{ type: 2 as const, value: "localhost" }]),
+          { type: 7, ip: "127.0.0.1" },
+          { type: 7, ip: "::1" },
+        ],
+      },
+    ],
+  });
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const temporary = `${file}.${process.pid}.${Date.now()}.tmp`;
+  const text = `${pems.private.trim()}\n${pems.cert.trim()}\n`;
+  await writeFile(temporary, text, { mode: 0o600 });
+  await rename(temporary, file);
+  const fresh = splitPem(text);
+  return credentials(fresh.key, fresh.cert, true, file);
+}
+
+function splitPem(text: string): { key: string; cert: string } {
+  const key = /-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]+?-----END [A-Z ]*PRIVATE KEY-----/.exec(text)?.[0];
+  const certs = text.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g);
+  if (!key || !certs) throw new Error("expected a private key and a certificate");
+  return { key: `${key}\n`, cert: `${certs.join("\n")}\n` };
+}
+
+function credentials(key: string, cert: string, selfSigned: boolean, source: string): TlsCredentials {
+  const leaf = new X509Certificate(cert);
+  if (!leaf.checkPrivateKey(createPrivateKey(key))) throw new Error(`TLS key does not match the certificate (${source})`);
+  return {
+    key,
+    cert,
+    selfSigned,
+    source,
+    validTo: new Date(leaf.validTo),
+    context: createSecureContext({ key, cert, minVersion: "TLSv1.2" }),
+    serverOptions: { key, cert, minVersion: "TLSv1.2" },
+  };
+}

@@ -1,0 +1,83 @@
+import assert from "node:assert/strict";
+import { execFile, spawn, type ChildProcess } from "node:child_process";
+import net from "node:net";
+import { after, before, test } from "node:test";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { addAccount, addDomain } from "@mailstack/db";
+import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { RawSmtp } from "@mailstack/smtp-intake/testing";
+
+const run = promisify(execFile);
+const main = fileURLToPath(new URL("../src/main.ts", import.meta.url));
+
+let env: TestEnv;
+
+async function freePort(): Promise<number> {
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as net.AddressInfo;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+before(async () => {
+  env = await createTestEnv();
+  await addDomain(env.pool, "example.test");
+  await addAccount(env.pool, { address: "ann@example.test", password: "pw" });
+});
+
+after(async () => {
+  await env.close();
+});
+
+function exited(child: ChildProcess): Promise<number | null> {
+  return new Promise((resolve) => child.once("exit", (code) => resolve(code)));
+}
+
+test("the service starts from its environment, accepts mail, and stops gracefully on SIGTERM", async () => {
+  const [smtpPort, opsPort] = [await freePort(), await freePort()];
+  const child = spawn(process.execPath, [main], {
+    env: {
+      ...process.env,
+      ...env.env,
+      SMTP_PORT: String(smtpPort),
+      SMTP_HOST: "127.0.0.1",
+      OPS_PORT: String(opsPort),
+      MAIL_HOSTNAME: "mx.example.test",
+      INBOUND_AUTH_CHECKS: "false",
+      SMTP_MAX_MESSAGE_SIZE: "1M",
+    },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  child.stdout!.on("data", (d) => (output += d));
+  child.stderr!.on("data", (d) => (output += d));
+  const exit = exited(child);
+  try {
+    await waitFor(async () => (await fetch(`http://127.0.0.1:${opsPort}/readyz`)).ok, 20_000, 100);
+    const { stdout } = await run("swaks", ["--server", "127.0.0.1", "--port", String(smtpPort), "--from", "x@remote.example", "--to", "ann@example.test"]);
+    assert.match(stdout, /250 2\.0\.0 Ok: queued as \w+/);
+    const ehlo = await RawSmtp.connect(smtpPort);
+    await ehlo.reply();
+    assert.ok((await ehlo.command("EHLO check.example")).lines.includes(`SIZE ${1024 * 1024}`), "SMTP_MAX_MESSAGE_SIZE reaches the server");
+    ehlo.close();
+    const metrics = await (await fetch(`http://127.0.0.1:${opsPort}/metrics`)).text();
+    assert.match(metrics, /mail_messages_accepted_total\{service="mta-inbound"\} 1/);
+  } finally {
+    child.kill("SIGTERM");
+  }
+  assert.equal(await exit, 0, output);
+  const rows = await env.pool.query("SELECT count(*)::int AS n FROM messages");
+  assert.equal(rows.rows[0].n, 1);
+});
+
+test("a bad setting is reported by name and the process exits 78", async () => {
+  const child = spawn(process.execPath, [main], { env: { ...process.env, ...env.env, SMTP_MAX_MESSAGE_SIZE: "huge", SMTP_PORT: "99999" }, stdio: ["ignore", "pipe", "pipe"] });
+  let output = "";
+  child.stdout!.on("data", (d) => (output += d));
+  child.stderr!.on("data", (d) => (output += d));
+  assert.equal(await exited(child), 78);
+  assert.match(output, /SMTP_MAX_MESSAGE_SIZE/);
+  assert.match(output, /SMTP_PORT/);
+});

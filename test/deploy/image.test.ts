@@ -61,6 +61,18 @@ test("the Dockerfile is multi-stage, node:22-slim, non-root, health-checked, wit
   assert.match(runs, /pnpm install .*--prod/);
 });
 
+test("the health check script is copied where HEALTHCHECK and compose run it", () => {
+  const copy = all(finalStage, "COPY").find((i) => i.args.includes("healthcheck.mjs"));
+  assert.ok(copy, "COPY of deploy/docker/healthcheck.mjs");
+  const [source, destination] = copy.args.split(/\s+/);
+  assert.equal(source, "deploy/docker/healthcheck.mjs");
+  assert.match(all(finalStage, "HEALTHCHECK")[0]!.args, new RegExp(`"${destination}"`));
+  const compose = readYaml("docker-compose.yml");
+  for (const name of serviceNames()) {
+    assert.ok(compose.services[name].healthcheck.test.includes(destination), `compose ${name} healthcheck runs ${destination}`);
+  }
+});
+
 test("the image's TLS_DIR exists, belongs to the service user, and is what compose and Kubernetes mount", () => {
   const env = all(finalStage, "ENV").map((i) => i.args).join(" ");
   const tlsDir = /TLS_DIR=(\S+)/.exec(env)?.[1];

@@ -186,6 +186,51 @@ test("every service in services/ has a Deployment with image, probes, resources 
   }
 });
 
+// The namespace enforces the "restricted" Pod Security Standard, so the API server would refuse
+// any pod breaking it; these are that profile's rules (kubernetes.io/docs/concepts/security/pod-security-standards).
+const RESTRICTED_VOLUME_TYPES = new Set(["configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"]);
+
+function restrictedViolations(where: string, spec: any): string[] {
+  const problems: string[] = [];
+  const pod = spec.securityContext ?? {};
+  if (spec.hostNetwork || spec.hostPID || spec.hostIPC) problems.push(`${where}: host namespaces`);
+  for (const volume of spec.volumes ?? []) {
+    const type = Object.keys(volume).find((key) => key !== "name");
+    if (!type || !RESTRICTED_VOLUME_TYPES.has(type)) problems.push(`${where}: volume ${volume.name} of type ${type}`);
+  }
+  if (pod.runAsUser === 0) problems.push(`${where}: pod runAsUser 0`);
+  for (const container of [...(spec.initContainers ?? []), ...spec.containers]) {
+    const c = container.securityContext ?? {};
+    const at = `${where} container ${container.name}`;
+    if (c.privileged) problems.push(`${at}: privileged`);
+    if (c.allowPrivilegeEscalation !== false) problems.push(`${at}: allowPrivilegeEscalation must be false`);
+    if ((c.runAsNonRoot ?? pod.runAsNonRoot) !== true) problems.push(`${at}: runAsNonRoot must be true`);
+    if (c.runAsUser === 0) problems.push(`${at}: runAsUser 0`);
+    const seccomp = (c.seccompProfile ?? pod.seccompProfile)?.type;
+    if (seccomp !== "RuntimeDefault" && seccomp !== "Localhost") problems.push(`${at}: seccompProfile ${seccomp}`);
+    if (!c.capabilities?.drop?.includes("ALL")) problems.push(`${at}: capabilities.drop must include ALL`);
+    for (const added of c.capabilities?.add ?? []) if (added !== "NET_BIND_SERVICE") problems.push(`${at}: adds ${added}`);
+    for (const port of container.ports ?? []) if (port.hostPort) problems.push(`${at}: hostPort`);
+  }
+  return problems;
+}
+
+test("every pod (services, migrations Job, the dev overlay's PostgreSQL/NATS/Jaeger) meets the restricted Pod Security Standard", () => {
+  const problems: string[] = [];
+  for (const dir of kustomizations()) {
+    const objects = render(dir);
+    const namespace = find(objects, "Namespace", "mailstack")!;
+    assert.equal(namespace.metadata.labels?.["pod-security.kubernetes.io/enforce"], "restricted", `${dir}: namespace enforces restricted`);
+    for (const object of objects.filter((o) => podSpec(o))) {
+      problems.push(...restrictedViolations(`${dir} ${object.kind}/${object.metadata.name}`, podSpec(object)));
+    }
+  }
+  assert.deepEqual(problems, []);
+  // The check itself: a root, privileged container is reported.
+  const bad = { containers: [{ name: "x", securityContext: { privileged: true, runAsUser: 0 } }], volumes: [{ name: "h", hostPath: { path: "/" } }] };
+  assert.ok(restrictedViolations("bad", bad).length >= 5);
+});
+
 test("terminationGracePeriodSeconds leaves room for preStop plus SHUTDOWN_TIMEOUT", () => {
   for (const dir of kustomizations()) {
     const objects = render(dir);

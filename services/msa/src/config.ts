@@ -32,6 +32,9 @@ export const msaShape = {
   POP_BEFORE_SMTP_WINDOW: duration("10m"),
   /** How long a domain's DKIM key is cached; a key made with `mailctl domain dkim` is used after at most this long. */
   DKIM_KEY_CACHE: duration("30s"),
+  /** The sweeper republishing deliveries committed but never dispatched (safe in every replica). */
+  SUBMISSION_SWEEP_INTERVAL: duration("10s"),
+  SUBMISSION_SWEEP_UNDISPATCHED_AFTER: duration("15s"),
 };
 
 export type MsaConfig = z.infer<z.ZodObject<typeof msaShape>> & { MAIL_HOSTNAME: string };
@@ -59,5 +62,6 @@ export function settingsFromConfig(config: MsaConfig): MsaSettings {
     },
     popBeforeSmtp: { enabled: config.POP_BEFORE_SMTP, windowMs: config.POP_BEFORE_SMTP_WINDOW },
     dkimKeyCacheMs: config.DKIM_KEY_CACHE,
+    sweep: { intervalMs: config.SUBMISSION_SWEEP_INTERVAL, undispatchedAfterMs: config.SUBMISSION_SWEEP_UNDISPATCHED_AFTER },
   };
 }

@@ -3,7 +3,7 @@ import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, type Pool } from "@mailstack/db";
 import { dkimSignatures, loadDkimKeys, type DkimSigningKey } from "@mailstack/dkim";
 import { Replies, reply, splitAddress } from "@mailstack/mail";
-import type { AcceptedMessage } from "@mailstack/queue";
+import { startSweeper, type AcceptedMessage } from "@mailstack/queue";
 import {
   createIntakeServer, SmtpError, type IncomingMessage, type IntakeLimits, type IntakeServer, type IntakeSession, type TransformResult,
 } from "@mailstack/smtp-intake";
@@ -30,6 +30,8 @@ export interface MsaSettings {
   popBeforeSmtp: { enabled: boolean; windowMs: number };
   /** How long a domain's DKIM key (or its absence) is cached; a new key is used after at most this long. */
   dkimKeyCacheMs: number;
+  /** The sweeper that republishes deliveries committed but never dispatched (a crash between commit and publish). */
+  sweep: { intervalMs: number; undispatchedAfterMs: number };
 }
 
 export interface MsaOptions {
@@ -238,6 +240,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
   }, 600_000);
   pruner.unref();
 
+  const sweeper = startSweeper(bus, pool, logger, settings.sweep.intervalMs, { undispatchedAfterMs: settings.sweep.undispatchedAfterMs });
   logger.info({ submissionPort, submissionsPort }, "msa listening");
   return {
     submissionPort,
@@ -245,6 +248,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     async stop() {
       clearInterval(pruner);
       await Promise.all(servers.map((server) => server.stop()));
+      await sweeper.stop();
     },
   };
 }

@@ -120,6 +120,7 @@ export function testSettings(overrides: Partial<MsaSettings> = {}): MsaSettings 
     submission: { maxMessages: 1000, maxRecipients: 5000, windowMs: 3_600_000 },
     popBeforeSmtp: { enabled: false, windowMs: 600_000 },
     dkimKeyCacheMs: 30_000,
+    sweep: { intervalMs: 10_000, undispatchedAfterMs: 15_000 },
     ...overrides,
   };
 }

@@ -1,6 +1,4 @@
-import { readFile } from "node:fs/promises";
-import { z } from "@mailstack/config";
-import { runService } from "@mailstack/runtime";
+import { loadTlsCredentials, runService, tlsShape } from "@mailstack/runtime";
 import { limitsFromConfig } from "@mailstack/smtp-intake";
 import { inboundShape, startInbound } from "./inbound.ts";
 
@@ -9,17 +7,16 @@ export async function main(): Promise<void> {
     name: "mta-inbound",
     opsPortVariable: "OPS_PORT",
     opsPortDefault: 9025,
-    shape: {
-      ...inboundShape,
-      /** PEM certificate and key for STARTTLS. */
-      TLS_CERT_FILE: z.string().optional(),
-      TLS_KEY_FILE: z.string().optional(),
-    },
+    shape: { ...inboundShape, ...tlsShape },
     async start({ config, pool, bus, logger }) {
-      let tls: { key: string; cert: string } | undefined;
-      if (config.TLS_CERT_FILE && config.TLS_KEY_FILE) {
-        tls = { cert: await readFile(config.TLS_CERT_FILE, "utf8"), key: await readFile(config.TLS_KEY_FILE, "utf8") };
-      }
+      // STARTTLS certificate: TLS_CERT_FILE/TLS_KEY_FILE, else a cached self-signed pair.
+      const tls = await loadTlsCredentials({
+        certFile: config.TLS_CERT_FILE,
+        keyFile: config.TLS_KEY_FILE,
+        dir: config.TLS_DIR,
+        hostname: config.MAIL_HOSTNAME,
+      });
+      logger.info({ source: tls.source, selfSigned: tls.selfSigned, validTo: tls.validTo }, "TLS certificate loaded");
       const inbound = await startInbound({
         pool,
         bus,
@@ -35,7 +32,7 @@ export async function main(): Promise<void> {
           INBOUND_SWEEP_INTERVAL: config.INBOUND_SWEEP_INTERVAL,
           INBOUND_SWEEP_UNDISPATCHED_AFTER: config.INBOUND_SWEEP_UNDISPATCHED_AFTER,
           limits: limitsFromConfig(config),
-          ...(tls ? { tls } : {}),
+          tls: { key: tls.key, cert: tls.cert },
         },
       });
       return { stop: () => inbound.stop() };

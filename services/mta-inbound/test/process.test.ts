@@ -1,6 +1,9 @@
 import assert from "node:assert/strict";
 import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { mkdtemp } from "node:fs/promises";
 import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
@@ -47,6 +50,7 @@ test("the service starts from its environment, accepts mail, and stops gracefull
       MAIL_HOSTNAME: "mx.example.test",
       INBOUND_AUTH_CHECKS: "false",
       SMTP_MAX_MESSAGE_SIZE: "1M",
+      TLS_DIR: await mkdtemp(join(tmpdir(), "inbound-tls-")),
     },
     stdio: ["ignore", "pipe", "pipe"],
   });
@@ -61,6 +65,11 @@ test("the service starts from its environment, accepts mail, and stops gracefull
     const ehlo = await RawSmtp.connect(smtpPort);
     await ehlo.reply();
     assert.ok((await ehlo.command("EHLO check.example")).lines.includes(`SIZE ${1024 * 1024}`), "SMTP_MAX_MESSAGE_SIZE reaches the server");
+    assert.equal((await ehlo.command("STARTTLS")).code, 220);
+    await ehlo.startTls();
+    const peer = (ehlo.socket as import("node:tls").TLSSocket).getPeerCertificate();
+    assert.match(String(peer.subject.CN), /mx\.example\.test/, "the generated certificate names MAIL_HOSTNAME");
+    assert.equal((await ehlo.command("EHLO check.example")).code, 250);
     ehlo.close();
     const metrics = await (await fetch(`http://127.0.0.1:${opsPort}/metrics`)).text();
     assert.match(metrics, /mail_messages_accepted_total\{service="mta-inbound"\} 1/);

@@ -1,14 +1,7 @@
--- Submission (services/msa): failed-login counters per client IP and per account, and what each
--- account sent, in fixed time windows. Kept in PostgreSQL so every msa replica sees the same counts.
-
-CREATE TABLE auth_failures (
-  scope        text NOT NULL CHECK (scope IN ('ip', 'account')),
-  key          text NOT NULL,
-  window_start timestamptz NOT NULL,
-  failures     integer NOT NULL DEFAULT 0,
-  PRIMARY KEY (scope, key, window_start)
-);
-CREATE INDEX auth_failures_window ON auth_failures (window_start);
+-- Submission (services/msa): what each account sent, in fixed time windows, for the per-account
+-- message and recipient limits. Kept in PostgreSQL so every msa replica sees the same counts.
+-- (Failed logins use auth_failures from 030, shared with POP3, so a guesser cannot spread
+-- attempts across protocols.)
 
 CREATE TABLE submission_counters (
   account_id   bigint NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,

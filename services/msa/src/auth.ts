@@ -40,9 +40,6 @@ export interface ConnectionAuthState {
 // A hash to verify against when the account does not exist, so timing does not tell which names exist.
 const dummyHash = hashPassword("mailstack-dummy-password");
 
-/** SQL for the start of the current fixed window of $1 seconds. */
-export const WINDOW_START = "to_timestamp(floor(extract(epoch FROM now()) / $1::float8) * $1::float8)";
-
 /**
  * Password checks for AUTH with failure limits shared by every replica (PostgreSQL counters):
  * per IP and per account in fixed windows, plus a per-connection count that closes the
@@ -51,10 +48,12 @@ export const WINDOW_START = "to_timestamp(floor(extract(epoch FROM now()) / $1::
 export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimits) {
   const windowSeconds = Math.max(1, Math.round(limits.windowMs / 1000));
 
+  // auth_failures (migration 030, shared with POP3): one row per scope and key; a window starts
+  // at the first failure and a failure after it ends starts a new one.
   async function failuresSoFar(ip: string, account: string): Promise<{ ip: number; account: number }> {
     const result = await pool.query<{ scope: "ip" | "account"; failures: number }>(
       `SELECT scope, failures FROM auth_failures
-        WHERE window_start = ${WINDOW_START}
+        WHERE window_start > now() - make_interval(secs => $1::float8)
           AND ((scope = 'ip' AND key = $2) OR (scope = 'account' AND key = $3))`,
       [windowSeconds, ip, account],
     );
@@ -65,9 +64,10 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
 
   async function recordFailure(ip: string, account: string): Promise<void> {
     await pool.query(
-      `INSERT INTO auth_failures (scope, key, window_start, failures)
-       VALUES ('ip', $2, ${WINDOW_START}, 1), ('account', $3, ${WINDOW_START}, 1)
-       ON CONFLICT (scope, key, window_start) DO UPDATE SET failures = auth_failures.failures + 1`,
+      `INSERT INTO auth_failures (scope, key, window_start, failures) VALUES ('ip', $2, now(), 1), ('account', $3, now(), 1)
+       ON CONFLICT (scope, key) DO UPDATE SET
+         failures = CASE WHEN auth_failures.window_start <= now() - make_interval(secs => $1::float8) THEN 1 ELSE auth_failures.failures + 1 END,
+         window_start = CASE WHEN auth_failures.window_start <= now() - make_interval(secs => $1::float8) THEN now() ELSE auth_failures.window_start END`,
       [windowSeconds, ip, account],
     );
   }
@@ -123,9 +123,9 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
 
 export type Authenticator = ReturnType<typeof createAuthenticator>;
 
-/** Removes counter windows older than keepMs; run now and then. */
+/** Removes counter rows older than keepMs (at least a day, so other services' windows are not cut short). */
 export async function pruneCounters(pool: Pool, keepMs: number): Promise<void> {
-  const seconds = Math.max(1, Math.round(keepMs / 1000));
+  const seconds = Math.max(86_400, Math.round(keepMs / 1000));
   await pool.query("DELETE FROM auth_failures WHERE window_start < now() - make_interval(secs => $1)", [seconds]);
   await pool.query("DELETE FROM submission_counters WHERE window_start < now() - make_interval(secs => $1)", [seconds]);
 }

@@ -1,5 +1,7 @@
 import type { Pool } from "@mailstack/db";
-import { WINDOW_START } from "./auth.ts";
+
+/** SQL for the start of the current fixed window of $1 seconds. */
+const WINDOW_START = "to_timestamp(floor(extract(epoch FROM now()) / $1::float8) * $1::float8)";
 
 export interface SubmissionLimits {
   /** Messages per account per window; 0 means no limit. */

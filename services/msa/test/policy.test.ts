@@ -26,12 +26,9 @@ async function withMsa<T>(overrides: Parameters<typeof testSettings>[0], fn: (po
 }
 
 test("POP-before-SMTP: off by default; when on, a recent POP3 login from the IP lets it submit as that account without AUTH", async () => {
-  // The POP3 service's login record (account, client IP, time).
-  await env.pool.query(
-    `CREATE TABLE IF NOT EXISTS pop_logins (account_id bigint NOT NULL, client_ip text NOT NULL, logged_in_at timestamptz NOT NULL DEFAULT now())`,
-  );
   const message = "From: alice@example.test\r\nSubject: pop-before-smtp\r\n\r\nx\r\n";
-  await env.pool.query("INSERT INTO pop_logins (account_id, client_ip) SELECT id, '127.0.0.1' FROM accounts WHERE address = 'alice@example.test'");
+  // What the POP3 service records after a login (migration 030): the last login per client IP.
+  await env.pool.query("INSERT INTO pop_logins (ip, account_id) SELECT '127.0.0.1', id FROM accounts WHERE address = 'alice@example.test'");
 
   const off = await withMsa({}, ({ submission }) => python(["noauth-submit", String(submission), "alice@example.test", "bob@example.test"], message));
   assert.equal(off.code, 530);
@@ -44,7 +41,7 @@ test("POP-before-SMTP: off by default; when on, a recent POP3 login from the IP 
     const other = await python(["noauth-submit", String(submission), "carol@example.test", "bob@example.test"], "From: carol@example.test\r\nSubject: x\r\n\r\nx\r\n");
     assert.equal(other.code, 530);
     // An old login does not count.
-    await env.pool.query("UPDATE pop_logins SET logged_in_at = now() - interval '11 minutes'");
+    await env.pool.query("UPDATE pop_logins SET at = now() - interval '11 minutes'");
     const expired = await python(["noauth-submit", String(submission), "alice@example.test", "bob@example.test"], message);
     assert.equal(expired.code, 530);
     assert.match(expired.message, /^5\.7\.0 /);

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
-import { transaction, type Pool } from "@mailstack/db";
-import { recordEvents, type JourneyEvent, type RelayJob } from "@mailstack/queue";
+import type { Pool } from "@mailstack/db";
+import type { JourneyEvent, RelayJob } from "@mailstack/queue";
 import { SpanKind, mailMetrics, withSpan, type Logger } from "@mailstack/telemetry";
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
@@ -215,40 +215,71 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
       if (outcome.state === "delivered" && !outcome.remoteDsn && (row.dsn_notify ?? []).includes("SUCCESS")) dsnPending = true;
       return { row, outcome, event, delayMs, dsnPending };
     });
-    return transaction(pool, async (client) => {
-      const updated = await client.query<{ id: number }>(
-        `UPDATE deliveries d SET state = r.state, attempts = d.attempts + 1, last_attempt_at = now(), last_reply = r.reply,
+    const events: JourneyEvent[] = [];
+    for (const u of updates) {
+      const detail = { remoteMta: u.outcome.remoteMta, status: u.outcome.status, attempt: u.row.attempts + 1 };
+      events.push({ messageId: job.messageId, deliveryId: u.row.id, event: "attempt", service: SERVICE, reply: u.outcome.reply, detail });
+      events.push({ messageId: job.messageId, deliveryId: u.row.id, event: u.event, service: SERVICE, reply: u.outcome.reply, detail: u.delayMs ? { ...detail, retryInMs: u.delayMs } : detail });
+    }
+    // One statement (one round trip, atomic): the state change and its journey events,
+    // only for rows this worker still holds. This keeps the window between a remote 250
+    // and its durable record as short as it can be.
+    const updated = await pool.query<{ id: number }>(
+      `WITH changed AS (
+         UPDATE deliveries d SET state = r.state, attempts = d.attempts + 1, last_attempt_at = now(), last_reply = r.reply,
                 last_status = r.status, remote_mta = r.remote_mta, lease_owner = NULL, lease_until = NULL, updated_at = now(),
                 next_attempt_at = CASE WHEN r.state = 'deferred' THEN now() + make_interval(secs => r.delay_ms / 1000) ELSE NULL END,
                 dsn_state = CASE WHEN r.dsn_pending THEN 'pending' ELSE d.dsn_state END
            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::boolean[])
                 AS r(id, state, reply, status, remote_mta, delay_ms, dsn_pending)
           WHERE d.id = r.id AND d.lease_owner = $8 AND d.state IN ('queued', 'deferred')
-          RETURNING d.id`,
-        [
-          updates.map((u) => u.row.id),
-          updates.map((u) => u.outcome.state),
-          updates.map((u) => u.outcome.reply),
-          updates.map((u) => u.outcome.status),
-          updates.map((u) => u.outcome.remoteMta),
-          updates.map((u) => u.delayMs),
-          updates.map((u) => u.dsnPending),
-          workerId,
-        ],
-      );
-      const kept = new Set(updated.rows.map((r) => r.id));
-      if (kept.size < updates.length) logger.error({ messageId: job.messageId, lost: updates.length - kept.size }, "lease lost before the result was recorded");
-      const events: JourneyEvent[] = [];
-      for (const u of updates) {
-        if (!kept.has(u.row.id)) continue;
-        const detail = { remoteMta: u.outcome.remoteMta, status: u.outcome.status, attempt: u.row.attempts + 1 };
-        events.push({ messageId: job.messageId, deliveryId: u.row.id, event: "attempt", service: SERVICE, reply: u.outcome.reply, detail });
-        events.push({ messageId: job.messageId, deliveryId: u.row.id, event: u.event, service: SERVICE, reply: u.outcome.reply, detail: u.delayMs ? { ...detail, retryInMs: u.delayMs } : detail });
+          RETURNING d.id),
+       logged AS (
+         INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)
+         SELECT e.message_id, e.delivery_id, e.event, e.service, e.reply, e.detail
+           FROM unnest($9::bigint[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::jsonb[])
+                AS e(message_id, delivery_id, event, service, reply, detail)
+          WHERE e.delivery_id IN (SELECT id FROM changed))
+       SELECT id FROM changed`,
+      [
+        updates.map((u) => u.row.id),
+        updates.map((u) => u.outcome.state),
+        updates.map((u) => u.outcome.reply),
+        updates.map((u) => u.outcome.status),
+        updates.map((u) => u.outcome.remoteMta),
+        updates.map((u) => u.delayMs),
+        updates.map((u) => u.dsnPending),
+        workerId,
+        events.map((e) => e.messageId),
+        events.map((e) => e.deliveryId),
+        events.map((e) => e.event),
+        events.map((e) => e.service),
+        events.map((e) => e.reply ?? null),
+        events.map((e) => JSON.stringify(e.detail ?? null)),
+      ],
+    );
+    const kept = new Set(updated.rows.map((r) => r.id));
+    if (kept.size < updates.length) logger.error({ messageId: job.messageId, lost: updates.length - kept.size }, "lease lost before the result was recorded");
+    for (const u of updates) if (kept.has(u.row.id) && u.outcome.state !== "deferred") mailMetrics.deliveriesFinal.inc({ kind: "remote", state: u.outcome.state });
+    return kept.size;
+  }
+
+  /**
+   * Records with retries: after a remote 250 a transient database failure (restart, too many
+   * clients) must not turn into a resend. Tries for up to half the lease.
+   */
+  async function recordWithRetry(job: RelayJob, rows: ClaimedRow[], message: MessageRow, outcomes: Map<string, Outcome>): Promise<void> {
+    const deadline = Date.now() + config.leaseMs / 2;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await record(job, rows, message, outcomes);
+        return;
+      } catch (error) {
+        if (Date.now() >= deadline) throw error;
+        logger.warn({ err: error, messageId: job.messageId, attempt }, "recording the relay result failed; retrying");
+        await new Promise((resolve) => setTimeout(resolve, Math.min(2_000, 100 * 2 ** attempt)));
       }
-      await recordEvents(client, events);
-      for (const u of updates) if (kept.has(u.row.id) && u.outcome.state !== "deferred") mailMetrics.deliveriesFinal.inc({ kind: "remote", state: u.outcome.state });
-      return kept.size;
-    });
+    }
   }
 
   async function handle(job: RelayJob): Promise<void> {
@@ -286,7 +317,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
           release();
         }
         try {
-          await record(job, rows, message, outcomes);
+          await recordWithRetry(job, rows, message, outcomes);
         } finally {
           outcomes.release?.();
         }

@@ -25,6 +25,7 @@ let nats: ChildProcess | null = null;
 const workers: ChildProcess[] = [];
 let sink: Awaited<ReturnType<typeof startMx>>;
 const logDir = mkdtempSync(join(tmpdir(), "relay-fault-logs-"));
+let keepLogs = false;
 
 async function freePort(): Promise<number> {
   const server = createServer();
@@ -96,16 +97,16 @@ after(async () => {
   await stopNats();
   await db?.drop();
   if (natsDir) rmSync(natsDir, { recursive: true, force: true });
-  rmSync(logDir, { recursive: true, force: true });
+  if (!keepLogs) rmSync(logDir, { recursive: true, force: true });
 });
 
 test("2,000 deliveries through three workers, one SIGKILLed twice and NATS restarted: all arrive", { timeout: 170_000 }, async (t) => {
   const env = {
     DATABASE_URL: db.url,
-    DATABASE_POOL_SIZE: "30",
+    DATABASE_POOL_SIZE: "10",
     NATS_URL: `nats://127.0.0.1:${natsPort}`,
     BUS_PREFIX: "fault",
-    LOG_LEVEL: "warn",
+    LOG_LEVEL: process.env.FAULT_LOG_LEVEL ?? "warn",
     MAIL_HOSTNAME: "relay.fault.test",
     RELAY_SMARTHOST: `127.0.0.1:${sink.port}`,
     RELAY_CONCURRENCY: "20",
@@ -127,7 +128,7 @@ test("2,000 deliveries through three workers, one SIGKILLed twice and NATS resta
       const n = next++;
       const raw = Buffer.from(`From: <s@origin.test>\r\nTo: <r${n}@far.test>\r\nSubject: fault ${n}\r\nMessage-ID: <fault-${n}@origin.test>\r\n\r\nbody ${n}\r\n`);
       const route = { kind: "remote" as const, address: `r${n}@far.test`, domain: "far.test" };
-      const accepted = await acceptMessage(db.pool, { raw, envelopeFrom: "s@origin.test", source: "submission" }, [{ recipient: route.address, route }], "test");
+      const accepted = await acceptMessage(db.pool, { raw, envelopeFrom: "s@origin.test", source: "submission", messageIdHeader: `<fault-${n}@origin.test>` }, [{ recipient: route.address, route }], "test");
       // A publish failing while NATS is down is left to the sweeper, like an SMTP service would.
       await dispatchAccepted(bus, db.pool, accepted).catch(() => undefined);
     }
@@ -168,7 +169,12 @@ test("2,000 deliveries through three workers, one SIGKILLed twice and NATS resta
   const duplicates = [...seen.values()].reduce((sum, count) => sum + count - 1, 0);
   t.diagnostic(`delivered ${TOTAL} in ${elapsed} ms; sink received ${sink.received.length}; distinct ${seen.size}; duplicates ${duplicates}`);
   const duplicated = [...seen].filter(([, count]) => count > 1).map(([id]) => `${id} first accepted at ${firstAt.get(id)} ms`);
-  if (duplicated.length) t.diagnostic(`duplicated: ${duplicated.join("; ")}`);
+  if (duplicated.length) {
+    t.diagnostic(`duplicated: ${duplicated.join("; ")}`);
+    const ids = await db.pool.query("SELECT id FROM messages WHERE message_id_header = ANY($1) ORDER BY id", [[...seen].filter(([, c]) => c > 1).map(([id]) => `<${id}@origin.test>`)]);
+    t.diagnostic(`duplicated message ids: ${ids.rows.map((r) => r.id).join(",")}; worker logs in ${logDir}`);
+    keepLogs = true;
+  }
   assert.equal(seen.size, TOTAL, "every message reached the sink");
   assert.ok(!seen.has("?"));
   const states = await db.pool.query("SELECT state, count(*)::int AS n FROM deliveries GROUP BY state");

@@ -1,0 +1,182 @@
+/**
+ * Relay throughput, end to end: messages/s from SMTP accept to a local `smtp-sink`.
+ *
+ *   mailstack: load generator --AUTH, TLS, port 465--> msa (commit, publish)
+ *              --> mta-outbound worker process(es) --smart host--> smtp-sink
+ *   reference: smtp-source --port PF_PORT--> Postfix 3.7 (own instance, bench/relay/postfix.sh)
+ *              --relayhost--> smtp-sink
+ *
+ * The time runs from the first message offered until the sink has counted them all.
+ * Rounds alternate (mailstack, Postfix, mailstack, Postfix); the best round of each is reported.
+ *
+ *   node bench/relay/run.ts [--count 3000] [--sessions 20] [--size 4096] [--workers 2] [--rounds 2] [--no-postfix]
+ *
+ * Uses a fresh database and bus prefix (testkit) and removes them afterwards.
+ */
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { mkdtemp } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { addAccount, addDomain } from "../../packages/db/src/index.ts";
+import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } from "../../packages/testkit/src/index.ts";
+import { runLoad } from "../smtp-submission/load.ts";
+
+const { values } = parseArgs({
+  options: {
+    count: { type: "string", default: "3000" },
+    sessions: { type: "string", default: "20" },
+    size: { type: "string", default: "4096" },
+    workers: { type: "string", default: "2" },
+    rounds: { type: "string", default: "2" },
+    "no-postfix": { type: "boolean", default: false },
+  },
+});
+const count = Number(values.count);
+const sessions = Number(values.sessions);
+const size = Number(values.size);
+const workerCount = Number(values.workers);
+const rounds = Number(values.rounds);
+const here = new URL(".", import.meta.url).pathname;
+
+/** Postfix's smtp-sink with its running counter (-c) read from stdout. */
+function startSink(port: number): { child: ChildProcess; count: () => number; waitFor: (n: number, timeoutMs: number) => Promise<void> } {
+  const child = spawn("smtp-sink", ["-u", "postfix", "-c", `127.0.0.1:${port}`, "500"], { stdio: ["ignore", "pipe", "inherit"] });
+  let counted = 0;
+  let tail = "";
+  child.stdout!.on("data", (chunk: Buffer) => {
+    tail = (tail + chunk.toString()).slice(-200);
+    const all = [...tail.matchAll(/mesg=(\d+)/g)];
+    if (all.length) counted = Number(all[all.length - 1]![1]);
+  });
+  return {
+    child,
+    count: () => counted,
+    async waitFor(n, timeoutMs) {
+      const deadline = Date.now() + timeoutMs;
+      while (counted < n) {
+        if (Date.now() > deadline) throw new Error(`sink counted ${counted} of ${n}`);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    },
+  };
+}
+
+function smtpSource(port: number, n: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn("smtp-source", ["-s", String(sessions), "-m", String(n), "-l", String(size), "-f", "sender@remote.example", "-t", "user@far.example", `127.0.0.1:${port}`], { stdio: "inherit" });
+    child.once("exit", (code) => (code === 0 ? resolve() : reject(new Error(`smtp-source exited ${code}`))));
+  });
+}
+
+interface Round {
+  name: string;
+  acceptSeconds: number;
+  seconds: number;
+  perSecond: number;
+}
+
+function report(round: Round): void {
+  console.log(`${round.name.padEnd(28)} ${count} msgs  accepted in ${round.acceptSeconds.toFixed(2)} s  at the sink in ${round.seconds.toFixed(2)} s  ${round.perSecond.toFixed(1)} msgs/s`);
+}
+
+const env = await createTestEnv();
+const processes: ServiceProcess[] = [];
+const children: ChildProcess[] = [];
+let postfixStarted = false;
+try {
+  await addDomain(env.pool, "bench.test");
+  await addAccount(env.pool, { address: "sender@bench.test", password: "bench-sender" });
+  const tlsDir = await mkdtemp(join(tmpdir(), "bench-relay-tls-"));
+
+  const oursSinkPort = await freePort();
+  const oursSink = startSink(oursSinkPort);
+  children.push(oursSink.child);
+
+  const [submission, submissions] = [await freePort(), await freePort()];
+  processes.push(
+    await startServiceProcess("msa", {
+      ...env.env,
+      LOG_LEVEL: "warn",
+      MAIL_HOSTNAME: "msa.bench.test",
+      SUBMISSION_LISTEN: "127.0.0.1",
+      SUBMISSION_PORT: String(submission),
+      SUBMISSIONS_PORT: String(submissions),
+      SUBMISSION_MAX_MESSAGES: "0",
+      SUBMISSION_MAX_RECIPIENTS: "0",
+      TLS_DIR: tlsDir,
+    }),
+  );
+  for (let i = 0; i < workerCount; i++) {
+    processes.push(
+      await startServiceProcess("mta-outbound", {
+        ...env.env,
+        LOG_LEVEL: "warn",
+        MAIL_HOSTNAME: "relay.bench.test",
+        DATABASE_POOL_SIZE: "20",
+        RELAY_SMARTHOST: `127.0.0.1:${oursSinkPort}`,
+        RELAY_CONCURRENCY: "64",
+        RELAY_MAX_CONNECTIONS_PER_HOST: "20",
+        RELAY_MAX_PER_DESTINATION: "64",
+      }),
+    );
+  }
+
+  let pf: { port: number; sink: ReturnType<typeof startSink> } | null = null;
+  if (!values["no-postfix"]) {
+    const pfPort = await freePort();
+    const pfSinkPort = await freePort();
+    const sink = startSink(pfSinkPort);
+    children.push(sink.child);
+    const started = spawnSync(join(here, "postfix.sh"), ["start", String(pfPort), String(pfSinkPort)], { stdio: "inherit" });
+    if (started.status !== 0) throw new Error("postfix did not start");
+    postfixStarted = true;
+    pf = { port: pfPort, sink };
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+  }
+
+  const auth = { user: "sender@bench.test", pass: "bench-sender" };
+  const ours = async (n: number): Promise<Round> => {
+    const base = oursSink.count();
+    const t0 = performance.now();
+    const load = await runLoad({ count: n, sessions, size, port: submissions, tls: "implicit", auth, from: "sender@bench.test", to: "user@far.example" });
+    if (load.failed) throw new Error(`${load.failed} submissions failed: ${load.firstError}`);
+    const accepted = performance.now();
+    await oursSink.waitFor(base + n, 300_000);
+    const seconds = (performance.now() - t0) / 1000;
+    return { name: "mailstack (msa -> relay)", acceptSeconds: (accepted - t0) / 1000, seconds, perSecond: n / seconds };
+  };
+  const postfix = async (n: number): Promise<Round> => {
+    const base = pf!.sink.count();
+    const t0 = performance.now();
+    await smtpSource(pf!.port, n);
+    const accepted = performance.now();
+    await pf!.sink.waitFor(base + n, 300_000);
+    const seconds = (performance.now() - t0) / 1000;
+    return { name: "Postfix 3.7 (relayhost)", acceptSeconds: (accepted - t0) / 1000, seconds, perSecond: n / seconds };
+  };
+
+  console.log(`${count} messages of ${size} bytes over ${sessions} sessions; ${workerCount} relay worker process(es)`);
+  await ours(200);
+  if (pf) await postfix(200);
+  const best: Record<string, Round> = {};
+  for (let i = 0; i < rounds; i++) {
+    for (const run of pf ? [ours, postfix] : [ours]) {
+      const round = await run(count);
+      report(round);
+      if (!best[round.name] || round.perSecond > best[round.name]!.perSecond) best[round.name] = round;
+    }
+  }
+  const delivered = (await env.pool.query("SELECT count(*)::int AS n FROM deliveries WHERE state = 'delivered'")).rows[0].n;
+  console.log(`deliveries recorded as delivered in PostgreSQL: ${delivered}`);
+  const names = Object.keys(best);
+  if (names.length === 2) {
+    const [a, b] = names.map((n) => best[n]!);
+    console.log(`best: mailstack ${a!.perSecond.toFixed(1)} msgs/s, Postfix ${b!.perSecond.toFixed(1)} msgs/s, ratio ${(a!.perSecond / b!.perSecond).toFixed(2)}x`);
+  }
+} finally {
+  for (const process of processes.reverse()) await process.stop();
+  for (const child of children) child.kill("SIGTERM");
+  if (postfixStarted) spawnSync(join(here, "postfix.sh"), ["stop"], { stdio: "inherit" });
+  await env.close();
+}

@@ -1,0 +1,235 @@
+import type { Pool, PoolClient } from "@mailstack/db";
+import { canonicalLength, MessageEncoder } from "./transform.ts";
+
+// Advisory lock class for POP3 maildrops; the second key is the account id.
+const LOCK_CLASS = 4_207_110;
+// Read-ahead for consecutive small messages: a few queries per mailbox instead of one per RETR.
+const READ_AHEAD_COUNT = 64;
+const READ_AHEAD_BYTES = 2 * 1024 * 1024;
+// Messages up to this size are sized in batches; larger ones are read in slices.
+const SIZE_BATCH_BYTES = 8 * 1024 * 1024;
+
+export interface Entry {
+  /** Message number in this session, 1-based, fixed for the session. */
+  number: number;
+  id: number;
+  uid: number;
+  messageId: number;
+  deliveryId: number | null;
+  /** Per-recipient header lines, ending with a line break. */
+  headerPrefix: Buffer;
+  rawLength: number;
+  /** Octets RETR sends (before byte-stuffing). */
+  size: number;
+  uidl: string;
+  deleted: boolean;
+}
+
+interface Row {
+  id: number;
+  uid: number;
+  message_id: number;
+  delivery_id: number | null;
+  header_prefix: Buffer;
+  raw_length: number;
+  raw_size: number | null;
+}
+
+/**
+ * One account's INBOX as a POP3 session sees it: locked (PostgreSQL advisory lock held on this
+ * session's own connection, so it is released when the session ends or the connection dies),
+ * listed once at login, read by streaming slices of messages.raw.
+ */
+export class Maildrop {
+  readonly entries: Entry[];
+  private readonly client: PoolClient;
+  private readonly accountId: number;
+  private readonly chunkSize: number;
+  private readAhead = new Map<number, Buffer>();
+  private closed = false;
+
+  private constructor(client: PoolClient, accountId: number, entries: Entry[], chunkSize: number) {
+    this.client = client;
+    this.accountId = accountId;
+    this.entries = entries;
+    this.chunkSize = chunkSize;
+  }
+
+  /** Locks and lists the maildrop; null when another session holds the lock. */
+  static async open(sessionPool: Pool, accountId: number, chunkSize: number): Promise<Maildrop | null> {
+    const client = await sessionPool.connect();
+    try {
+      const lock = await client.query<{ locked: boolean }>("SELECT pg_try_advisory_lock($1, $2::int) AS locked", [LOCK_CLASS, accountId]);
+      if (!lock.rows[0]!.locked) {
+        client.release();
+        return null;
+      }
+      const folder = await client.query<{ uid_validity: number }>(
+        "SELECT uid_validity FROM folders WHERE account_id = $1 AND name = 'INBOX'",
+        [accountId],
+      );
+      const uidValidity = folder.rows[0]?.uid_validity ?? 0;
+      const rows = (
+        await client.query<Row>(
+          `SELECT e.id, e.uid, e.message_id, e.delivery_id, e.header_prefix,
+                  octet_length(m.raw) AS raw_length, s.size AS raw_size
+             FROM mailbox_entries e
+             JOIN messages m ON m.id = e.message_id
+             LEFT JOIN pop3_message_sizes s ON s.message_id = e.message_id
+            WHERE e.account_id = $1 AND e.folder = 'INBOX' AND NOT e.deleted
+            ORDER BY e.uid`,
+          [accountId],
+        )
+      ).rows;
+      const rawSizes = await sizeMessages(client, rows, chunkSize);
+      const entries = rows.map((row, index): Entry => {
+        let prefix = row.header_prefix;
+        // The prefix must end a line, so that prefix and raw are encoded as one stream.
+        if (prefix.length > 0 && prefix[prefix.length - 1] !== 0x0a) prefix = Buffer.concat([prefix, Buffer.from("\r\n")]);
+        return {
+          number: index + 1,
+          id: row.id,
+          uid: row.uid,
+          messageId: row.message_id,
+          deliveryId: row.delivery_id,
+          headerPrefix: prefix,
+          rawLength: row.raw_length,
+          size: canonicalLength([prefix]) + rawSizes.get(row.message_id)!,
+          uidl: `${uidValidity}.${row.uid}`,
+          deleted: false,
+        };
+      });
+      return new Maildrop(client, accountId, entries, chunkSize);
+    } catch (error) {
+      client.release(true);
+      throw error;
+    }
+  }
+
+  /**
+   * Sends one message as RETR (bodyLines null) or TOP n bodyLines does: CRLF line endings,
+   * byte-stuffed, without the terminating ".". `write` applies backpressure.
+   */
+  async send(entry: Entry, bodyLines: number | null, write: (data: Buffer) => Promise<void> | void): Promise<void> {
+    const encoder = new MessageEncoder({ bodyLines });
+    const prefixOut = encoder.push(entry.headerPrefix);
+    if (prefixOut.length) await write(prefixOut);
+    if (entry.rawLength <= this.chunkSize) {
+      const raw = await this.small(entry);
+      const out = encoder.push(raw);
+      if (out.length) await write(out);
+    } else {
+      for (let offset = 0; offset < entry.rawLength && !encoder.done; offset += this.chunkSize) {
+        const slice = await this.client.query<{ part: Buffer }>(
+          "SELECT substring(raw FROM $2 FOR $3) AS part FROM messages WHERE id = $1",
+          [entry.messageId, offset + 1, this.chunkSize],
+        );
+        const out = encoder.push(slice.rows[0]!.part);
+        if (out.length) await write(out);
+      }
+    }
+    const tail = encoder.end();
+    if (tail.length) await write(tail);
+  }
+
+  private async small(entry: Entry): Promise<Buffer> {
+    const cached = this.readAhead.get(entry.messageId);
+    if (cached) {
+      this.readAhead.delete(entry.messageId);
+      return cached;
+    }
+    // Fetch this message and the next small ones in one query.
+    const ids: number[] = [entry.messageId];
+    let bytes = entry.rawLength;
+    for (let i = entry.number; i < this.entries.length && ids.length < READ_AHEAD_COUNT; i++) {
+      const next = this.entries[i]!;
+      if (next.deleted || next.rawLength > this.chunkSize) continue;
+      if (bytes + next.rawLength > READ_AHEAD_BYTES) break;
+      ids.push(next.messageId);
+      bytes += next.rawLength;
+    }
+    const rows = await this.client.query<{ id: number; raw: Buffer }>("SELECT id, raw FROM messages WHERE id = ANY($1::bigint[])", [ids]);
+    this.readAhead = new Map(rows.rows.map((row) => [row.id, row.raw]));
+    const raw = this.readAhead.get(entry.messageId);
+    if (!raw) throw new Error(`message ${entry.messageId} vanished`);
+    this.readAhead.delete(entry.messageId);
+    return raw;
+  }
+
+  /** UPDATE state: marks the DELEted entries deleted in one transaction; returns how many. */
+  async commitDeletions(): Promise<number> {
+    const ids = this.entries.filter((e) => e.deleted).map((e) => e.id);
+    if (ids.length === 0) return 0;
+    await this.client.query("BEGIN");
+    try {
+      const removed = await this.client.query<{ size: number }>(
+        "UPDATE mailbox_entries SET deleted = true WHERE id = ANY($1::bigint[]) AND NOT deleted RETURNING size",
+        [ids],
+      );
+      const bytes = removed.rows.reduce((sum, row) => sum + row.size, 0);
+      await this.client.query("UPDATE accounts SET used_bytes = greatest(0, used_bytes - $2) WHERE id = $1", [this.accountId, bytes]);
+      await this.client.query("COMMIT");
+      return removed.rowCount ?? 0;
+    } catch (error) {
+      await this.client.query("ROLLBACK").catch(() => undefined);
+      throw error;
+    }
+  }
+
+  /** Releases the lock and the connection (dropping the connection if the unlock fails). */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.readAhead.clear();
+    try {
+      await this.client.query("SELECT pg_advisory_unlock($1, $2::int)", [LOCK_CLASS, this.accountId]);
+      this.client.release();
+    } catch {
+      this.client.release(true);
+    }
+  }
+}
+
+/** The POP3 size of each listed message's raw bytes, computing and caching the ones not yet known. */
+async function sizeMessages(client: PoolClient, rows: Row[], chunkSize: number): Promise<Map<number, number>> {
+  const sizes = new Map<number, number>();
+  const missing = new Map<number, number>();
+  for (const row of rows) {
+    if (row.raw_size !== null) sizes.set(row.message_id, row.raw_size);
+    else missing.set(row.message_id, row.raw_length);
+  }
+  if (missing.size === 0) return sizes;
+  const computed = new Map<number, number>();
+  let batch: number[] = [];
+  let batchBytes = 0;
+  const flush = async () => {
+    if (batch.length === 0) return;
+    const result = await client.query<{ id: number; raw: Buffer }>("SELECT id, raw FROM messages WHERE id = ANY($1::bigint[])", [batch]);
+    for (const row of result.rows) computed.set(row.id, canonicalLength([row.raw]));
+    batch = [];
+    batchBytes = 0;
+  };
+  for (const [id, length] of missing) {
+    if (length > chunkSize) {
+      const encoder = new MessageEncoder({ stuff: false });
+      for (let offset = 0; offset < length; offset += chunkSize) {
+        const slice = await client.query<{ part: Buffer }>("SELECT substring(raw FROM $2 FOR $3) AS part FROM messages WHERE id = $1", [id, offset + 1, chunkSize]);
+        encoder.push(slice.rows[0]!.part);
+      }
+      encoder.end();
+      computed.set(id, encoder.length);
+      continue;
+    }
+    if (batchBytes + length > SIZE_BATCH_BYTES) await flush();
+    batch.push(id);
+    batchBytes += length;
+  }
+  await flush();
+  await client.query(
+    `INSERT INTO pop3_message_sizes (message_id, size)
+     SELECT * FROM unnest($1::bigint[], $2::bigint[]) ON CONFLICT DO NOTHING`,
+    [[...computed.keys()], [...computed.values()]],
+  );
+  for (const [id, size] of computed) sizes.set(id, size);
+  return sizes;
+}

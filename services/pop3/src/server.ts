@@ -1,0 +1,292 @@
+import net from "node:net";
+import tls from "node:tls";
+import { once } from "node:events";
+import { createPool, type Pool } from "@mailstack/db";
+import { loadTlsCredentials, type TlsCredentials } from "@mailstack/runtime";
+import { Counter, Gauge, registry, type Logger } from "@mailstack/telemetry";
+import type { Pop3Config } from "./config.ts";
+import { Pop3Session, type SessionIo, type SessionSettings } from "./session.ts";
+
+const metrics = {
+  connections: new Counter({ name: "pop3_connections_total", help: "POP3 connections accepted, by listener", labelNames: ["listener"] as const, registers: [registry] }),
+  sessions: new Gauge({ name: "pop3_sessions_active", help: "POP3 connections open", registers: [registry] }),
+  refused: new Counter({ name: "pop3_connections_refused_total", help: "POP3 connections refused (limit or shutdown)", registers: [registry] }),
+};
+
+// At most this many pipelined command lines wait in memory before the socket is paused.
+const MAX_QUEUED_LINES = 64;
+const TLS_HANDSHAKE_TIMEOUT_MS = 30_000;
+
+export interface Pop3Options {
+  pool: Pool;
+  logger: Logger;
+  config: Pop3Config;
+  /** Credentials to use instead of loading them from the TLS_* settings (tests). */
+  tls?: TlsCredentials;
+}
+
+export interface Pop3Server {
+  /** Port of the STLS listener. */
+  port: number;
+  /** Port of the implicit TLS listener. */
+  tlsPort: number;
+  tls: TlsCredentials;
+  listening(): boolean;
+  /** Stops accepting, lets each session finish its current command, closes them (no UPDATE), resolves. */
+  stop(): Promise<void>;
+}
+
+export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
+  const { config, logger, pool } = options;
+  const credentials =
+    options.tls ?? (await loadTlsCredentials({ certFile: config.TLS_CERT_FILE, keyFile: config.TLS_KEY_FILE, dir: config.TLS_DIR, hostname: config.MAIL_HOSTNAME }));
+  const sessionPool = createPool({ url: config.DATABASE_URL, max: config.POP3_MAX_SESSIONS, applicationName: "pop3-session" });
+  let lockedSessions = 0;
+  const settings: SessionSettings = {
+    hostname: config.MAIL_HOSTNAME,
+    tlsAvailable: true,
+    allowPlaintext: config.POP3_ALLOW_PLAINTEXT,
+    failedLoginDelayMs: config.POP3_FAILED_LOGIN_DELAY,
+    throttle: { perIp: config.POP3_MAX_FAILURES_PER_IP, perAccount: config.POP3_MAX_FAILURES_PER_ACCOUNT, windowMs: config.POP3_FAILURE_WINDOW },
+    chunkSize: config.POP3_CHUNK_SIZE,
+    popBeforeSmtp: config.POP_BEFORE_SMTP,
+    tryAcquireSession: () => {
+      if (lockedSessions >= config.POP3_MAX_SESSIONS) return false;
+      lockedSessions++;
+      return true;
+    },
+    releaseSession: () => {
+      lockedSessions--;
+    },
+  };
+  const connections = new Set<Connection>();
+  let stopping = false;
+
+  const accept = (socket: net.Socket | tls.TLSSocket, listener: string) => {
+    metrics.connections.inc({ listener });
+    if (stopping || connections.size >= config.POP3_MAX_CONNECTIONS) {
+      metrics.refused.inc();
+      socket.on("error", () => undefined);
+      socket.end("-ERR [SYS/TEMP] too many connections; try again later\r\n");
+      return;
+    }
+    const connection = new Connection(socket, listener === "pop3s", { pool, sessionPool, logger, settings }, config, credentials);
+    connections.add(connection);
+    metrics.sessions.inc();
+    connection.finished.then(() => {
+      connections.delete(connection);
+      metrics.sessions.dec();
+    });
+  };
+
+  const plain = net.createServer((socket) => accept(socket, "pop3"));
+  const secure = tls.createServer({ ...credentials.serverOptions, handshakeTimeout: TLS_HANDSHAKE_TIMEOUT_MS }, (socket) => accept(socket, "pop3s"));
+  secure.on("tlsClientError", (error) => logger.debug({ err: error }, "pop3s handshake failed"));
+  plain.listen(config.POP3_PORT, config.POP3_HOST);
+  secure.listen(config.POP3S_PORT, config.POP3_HOST);
+  await Promise.all([once(plain, "listening"), once(secure, "listening")]);
+  const port = (plain.address() as net.AddressInfo).port;
+  const tlsPort = (secure.address() as net.AddressInfo).port;
+  logger.info({ port, tlsPort, certificate: credentials.source, selfSigned: credentials.selfSigned }, "pop3 listening");
+
+  return {
+    port,
+    tlsPort,
+    tls: credentials,
+    listening: () => plain.listening && secure.listening && !stopping,
+    async stop() {
+      if (stopping) return;
+      stopping = true;
+      const closed = Promise.all([new Promise((resolve) => plain.close(resolve)), new Promise((resolve) => secure.close(resolve))]);
+      await Promise.all([...connections].map((connection) => connection.shutdown()));
+      await closed;
+      await sessionPool.end();
+    },
+  };
+}
+
+/** One client connection: line framing, command queue, STLS upgrade, autologout. */
+class Connection implements SessionIo {
+  readonly remoteAddress: string;
+  secure: boolean;
+  readonly finished: Promise<void>;
+  private socket: net.Socket | tls.TLSSocket;
+  private readonly session: Pop3Session;
+  private readonly config: Pop3Config;
+  private readonly credentials: TlsCredentials;
+  private readonly logger: Logger;
+  private buffer: Buffer = Buffer.alloc(0);
+  private discardingLongLine = false;
+  private readonly queue: string[] = [];
+  private processing = false;
+  private closed = false;
+  private stopping = false;
+  private timer: NodeJS.Timeout | null = null;
+  private resolveFinished!: () => void;
+  private readonly onData = (chunk: Buffer) => this.receive(chunk);
+
+  constructor(
+    socket: net.Socket | tls.TLSSocket,
+    secure: boolean,
+    deps: ConstructorParameters<typeof Pop3Session>[1],
+    config: Pop3Config,
+    credentials: TlsCredentials,
+  ) {
+    this.socket = socket;
+    this.secure = secure;
+    this.config = config;
+    this.credentials = credentials;
+    this.logger = deps.logger;
+    this.remoteAddress = socket.remoteAddress ?? "";
+    this.finished = new Promise((resolve) => (this.resolveFinished = resolve));
+    this.session = new Pop3Session(this, deps);
+    this.attach(socket);
+    this.resetTimer();
+    void this.write(this.session.greeting());
+  }
+
+  private attach(socket: net.Socket | tls.TLSSocket): void {
+    socket.on("data", this.onData);
+    socket.on("error", (error) => this.logger.debug({ err: error }, "pop3 connection error"));
+    socket.on("close", () => this.onClose());
+  }
+
+  private receive(chunk: Buffer): void {
+    this.resetTimer();
+    this.buffer = this.buffer.length ? Buffer.concat([this.buffer, chunk]) : chunk;
+    for (;;) {
+      const lf = this.buffer.indexOf(0x0a);
+      if (lf < 0) break;
+      const lineBytes = this.buffer.subarray(0, lf);
+      this.buffer = this.buffer.subarray(lf + 1);
+      if (this.discardingLongLine) {
+        this.discardingLongLine = false;
+        this.queue.push("\0toolong");
+        continue;
+      }
+      if (lineBytes.length + 1 > this.config.POP3_MAX_LINE) {
+        this.queue.push("\0toolong");
+        continue;
+      }
+      const end = lineBytes.length > 0 && lineBytes[lineBytes.length - 1] === 0x0d ? lineBytes.length - 1 : lineBytes.length;
+      this.queue.push(lineBytes.subarray(0, end).toString("utf8"));
+    }
+    if (this.buffer.length > this.config.POP3_MAX_LINE) {
+      this.buffer = Buffer.alloc(0);
+      this.discardingLongLine = true;
+    }
+    if (this.queue.length > MAX_QUEUED_LINES) this.socket.pause();
+    void this.process();
+  }
+
+  private async process(): Promise<void> {
+    if (this.processing) return;
+    this.processing = true;
+    try {
+      while (this.queue.length > 0 && !this.closed && !this.stopping) {
+        const line = this.queue.shift()!;
+        if (line === "\0toolong") await this.write("-ERR line too long\r\n");
+        else await this.session.handle(line);
+        if (this.queue.length <= MAX_QUEUED_LINES / 2 && this.socket.isPaused()) this.socket.resume();
+      }
+    } catch (error) {
+      this.logger.error({ err: error }, "pop3 command failed");
+      await this.write("-ERR [SYS/TEMP] internal error\r\n").catch(() => undefined);
+      this.close();
+    } finally {
+      this.processing = false;
+    }
+    if (this.stopping && !this.closed) {
+      await this.write("-ERR [SYS/TEMP] server shutting down\r\n");
+      this.close();
+    } else if (this.closed) await this.finish();
+  }
+
+  write(data: string | Buffer): Promise<void> {
+    if (this.closed || this.socket.destroyed) return Promise.resolve();
+    if (this.socket.write(data)) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        this.socket.off("drain", done);
+        this.socket.off("close", done);
+        resolve();
+      };
+      this.socket.on("drain", done);
+      this.socket.on("close", done);
+    });
+  }
+
+  async startTls(): Promise<void> {
+    // Anything the client sent after STLS, before the handshake, is discarded (RFC 2595 section 4).
+    this.queue.length = 0;
+    this.buffer = Buffer.alloc(0);
+    this.discardingLongLine = false;
+    const raw = this.socket;
+    raw.off("data", this.onData);
+    raw.removeAllListeners("close");
+    const secureSocket = new tls.TLSSocket(raw, { isServer: true, secureContext: this.credentials.context });
+    const handshake = setTimeout(() => secureSocket.destroy(), TLS_HANDSHAKE_TIMEOUT_MS);
+    this.socket = secureSocket;
+    this.attach(secureSocket);
+    try {
+      await Promise.race([once(secureSocket, "secure"), once(secureSocket, "close").then(() => Promise.reject(new Error("closed during TLS handshake")))]);
+      this.secure = true;
+    } catch {
+      this.close();
+    } finally {
+      clearTimeout(handshake);
+    }
+  }
+
+  close(): void {
+    if (!this.closed) {
+      this.closed = true;
+      this.socket.end();
+      this.socket.destroySoon?.();
+    }
+    if (!this.processing) void this.finish();
+  }
+
+  private onClose(): void {
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    if (!this.processing) void this.finish();
+  }
+
+  private finishing: Promise<void> | null = null;
+  private finish(): Promise<void> {
+    this.finishing ??= (async () => {
+      if (this.timer) clearTimeout(this.timer);
+      await this.session.end();
+      if (!this.socket.destroyed) this.socket.destroy();
+      this.resolveFinished();
+    })();
+    return this.finishing;
+  }
+
+  private resetTimer(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = setTimeout(() => void this.onIdle(), this.config.POP3_AUTOLOGOUT);
+    this.timer.unref();
+  }
+
+  private async onIdle(): Promise<void> {
+    if (this.processing) return this.resetTimer();
+    await this.session.autologout();
+    this.close();
+  }
+
+  /** Graceful shutdown: after the command in progress, close without UPDATE. */
+  async shutdown(): Promise<void> {
+    if (!this.closed && !this.stopping) {
+      this.stopping = true;
+      this.queue.length = 0;
+      // When a command is in progress, the processing loop says goodbye after it.
+      if (!this.processing) {
+        await this.write("-ERR [SYS/TEMP] server shutting down\r\n");
+        this.close();
+      }
+    }
+    await this.finished;
+  }
+}

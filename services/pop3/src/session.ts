@@ -1,0 +1,431 @@
+import { randomBytes } from "node:crypto";
+import type { Pool } from "@mailstack/db";
+import { recordEvents, type JourneyEvent } from "@mailstack/queue";
+import type { Logger } from "@mailstack/telemetry";
+import { checkApop, checkPassword, decodePlain, isThrottled, recordFailure, recordPopLogin, type Account, type ThrottleLimits } from "./auth.ts";
+import { Maildrop, type Entry } from "./maildrop.ts";
+
+/** What a session needs from its connection; the socket server provides it, tests may too. */
+export interface SessionIo {
+  readonly remoteAddress: string;
+  /** True on implicit TLS or after STLS. */
+  readonly secure: boolean;
+  /** Writes, resolving once the socket can take more (backpressure). */
+  write(data: string | Buffer): Promise<void>;
+  /** Upgrades to TLS after "+OK" was written; input pipelined after STLS is discarded. */
+  startTls(): Promise<void>;
+  close(): void;
+}
+
+export interface SessionSettings {
+  hostname: string;
+  tlsAvailable: boolean;
+  /** `never`, `loopback` or `always`: plaintext USER/PASS and AUTH PLAIN before TLS. */
+  allowPlaintext: "never" | "loopback" | "always";
+  failedLoginDelayMs: number;
+  throttle: ThrottleLimits;
+  chunkSize: number;
+  popBeforeSmtp: boolean;
+  /** Refuses a login beyond this many locked sessions in the process. */
+  tryAcquireSession: () => boolean;
+  releaseSession: () => void;
+}
+
+export interface SessionDeps {
+  pool: Pool;
+  /** Connections that hold a maildrop lock for a whole session. */
+  sessionPool: Pool;
+  logger: Logger;
+  settings: SessionSettings;
+}
+
+type State = "authorization" | "transaction" | "closed";
+
+const EVENT_BATCH = 200;
+
+/** Whether an address is loopback (127/8, ::1, IPv4-mapped 127/8). */
+export function isLoopback(address: string): boolean {
+  const plain = address.startsWith("::ffff:") ? address.slice(7) : address;
+  return plain === "::1" || plain.startsWith("127.");
+}
+
+/** The client IP in the form PostgreSQL's inet and the MSA compare (IPv4-mapped IPv6 unwrapped). */
+export function clientIp(address: string): string {
+  return address.startsWith("::ffff:") && address.includes(".") ? address.slice(7) : address;
+}
+
+/**
+ * The POP3 protocol (RFC 1939, 2449, 2595, 5034) for one connection, driven one command line
+ * at a time by `handle`. AUTHORIZATION -> TRANSACTION -> UPDATE (on QUIT only).
+ */
+export class Pop3Session {
+  state: State = "authorization";
+  /** The APOP timestamp of the greeting, angle brackets included. */
+  readonly timestamp: string;
+  private readonly io: SessionIo;
+  private readonly deps: SessionDeps;
+  private readonly settings: SessionSettings;
+  private user: string | null = null;
+  /** Set while waiting for the client's response to AUTH PLAIN's empty challenge. */
+  private awaitingSasl = false;
+  private maildrop: Maildrop | null = null;
+  private account: Account | null = null;
+  private holdsSessionSlot = false;
+  private events: JourneyEvent[] = [];
+
+  constructor(io: SessionIo, deps: SessionDeps) {
+    this.io = io;
+    this.deps = deps;
+    this.settings = deps.settings;
+    this.timestamp = `<${process.pid}.${randomBytes(6).toString("hex")}.${Date.now()}@${this.settings.hostname}>`;
+  }
+
+  greeting(): string {
+    return `+OK POP3 server ready ${this.timestamp}\r\n`;
+  }
+
+  private reply(text: string): Promise<void> {
+    return this.io.write(`${text}\r\n`);
+  }
+
+  private plaintextAllowed(): boolean {
+    if (this.io.secure) return true;
+    if (this.settings.allowPlaintext === "always") return true;
+    return this.settings.allowPlaintext === "loopback" && isLoopback(this.io.remoteAddress);
+  }
+
+  /** Handles one command line (without its CRLF). */
+  async handle(line: string): Promise<void> {
+    if (this.state === "closed") return;
+    if (this.awaitingSasl) {
+      this.awaitingSasl = false;
+      return this.saslResponse(line);
+    }
+    const space = line.indexOf(" ");
+    const keyword = (space < 0 ? line : line.slice(0, space)).toUpperCase();
+    const args = space < 0 ? [] : line.slice(space + 1).split(" ").filter((arg) => arg !== "");
+    if (keyword === "QUIT") return this.quit();
+    if (keyword === "CAPA") return this.capa();
+    if (this.state === "authorization") {
+      switch (keyword) {
+        case "USER": return this.userCommand(line.slice(space + 1), space < 0);
+        case "PASS": return this.passCommand(space < 0 ? "" : line.slice(space + 1));
+        case "APOP": return this.apop(args);
+        case "AUTH": return this.auth(args);
+        case "STLS": return this.stls();
+        case "STAT": case "LIST": case "RETR": case "DELE": case "NOOP": case "RSET": case "TOP": case "UIDL":
+          return this.reply("-ERR command not valid before authentication");
+        default:
+          return this.reply("-ERR unknown command");
+      }
+    }
+    switch (keyword) {
+      case "STAT": return this.stat();
+      case "LIST": return this.list(args);
+      case "UIDL": return this.uidl(args);
+      case "RETR": return this.retr(args);
+      case "TOP": return this.top(args);
+      case "DELE": return this.dele(args);
+      case "NOOP": return this.reply("+OK");
+      case "RSET": return this.rset();
+      case "USER": case "PASS": case "APOP": case "AUTH": case "STLS":
+        return this.reply("-ERR command not valid in the TRANSACTION state");
+      default:
+        return this.reply("-ERR unknown command");
+    }
+  }
+
+  private capa(): Promise<void> {
+    const lines = ["+OK capability list follows", "TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"];
+    if (this.state === "authorization") {
+      if (this.plaintextAllowed()) lines.push("USER", "SASL PLAIN");
+      if (!this.io.secure && this.settings.tlsAvailable) lines.push("STLS");
+    }
+    lines.push("IMPLEMENTATION mailstack", ".");
+    return this.io.write(lines.join("\r\n") + "\r\n");
+  }
+
+  private async stls(): Promise<void> {
+    if (this.io.secure) return this.reply("-ERR already using TLS");
+    if (!this.settings.tlsAvailable) return this.reply("-ERR TLS not available");
+    await this.reply("+OK begin TLS negotiation");
+    await this.io.startTls();
+    // RFC 2595: forget everything learnt before TLS.
+    this.user = null;
+  }
+
+  private userCommand(name: string, missing: boolean): Promise<void> {
+    if (!this.plaintextAllowed()) return this.reply("-ERR [AUTH] plaintext authentication is disabled without TLS; use STLS");
+    if (missing || !name.trim()) return this.reply("-ERR USER needs a name");
+    this.user = name.trim();
+    return this.reply("+OK send PASS");
+  }
+
+  private async passCommand(password: string): Promise<void> {
+    if (!this.plaintextAllowed()) return this.reply("-ERR [AUTH] plaintext authentication is disabled without TLS; use STLS");
+    const name = this.user;
+    this.user = null;
+    if (name === null) return this.reply("-ERR USER first");
+    if (!password) return this.reply("-ERR PASS needs a password");
+    return this.login(name, () => checkPassword(this.deps.pool, name, password));
+  }
+
+  private async apop(args: string[]): Promise<void> {
+    if (args.length !== 2) return this.reply("-ERR usage: APOP name digest");
+    const [name, digest] = args as [string, string];
+    if (!/^[0-9a-fA-F]{32}$/.test(digest)) return this.reply("-ERR [AUTH] invalid APOP digest");
+    let notEnabled = false;
+    await this.login(name, async () => {
+      const result = await checkApop(this.deps.pool, name, this.timestamp, digest);
+      if (result === "not-enabled") {
+        notEnabled = true;
+        return null;
+      }
+      return result;
+    }, () => (notEnabled ? "-ERR [AUTH] APOP is not enabled for this account; use USER/PASS or AUTH" : null));
+  }
+
+  private async auth(args: string[]): Promise<void> {
+    if (args.length === 0) return this.io.write("+OK supported mechanisms\r\nPLAIN\r\n.\r\n");
+    if (args[0]!.toUpperCase() !== "PLAIN") return this.reply("-ERR unsupported authentication mechanism");
+    if (!this.plaintextAllowed()) return this.reply("-ERR [AUTH] plaintext authentication is disabled without TLS; use STLS");
+    if (args.length > 2) return this.reply("-ERR usage: AUTH PLAIN [initial-response]");
+    if (args.length === 1) {
+      this.awaitingSasl = true;
+      return this.reply("+ ");
+    }
+    return this.saslResponse(args[1] === "=" ? "" : args[1]!);
+  }
+
+  private async saslResponse(line: string): Promise<void> {
+    const response = line.trim();
+    if (response === "*") return this.reply("-ERR authentication cancelled");
+    const credentials = decodePlain(response);
+    if (!credentials) return this.reply("-ERR [AUTH] malformed AUTH PLAIN response");
+    return this.login(credentials.name, () => checkPassword(this.deps.pool, credentials.name, credentials.password));
+  }
+
+  /** The common part of every login: throttling, the failure delay, the session slot, the lock. */
+  private async login(name: string, check: () => Promise<Account | null>, refusal?: () => string | null): Promise<void> {
+    const ip = clientIp(this.io.remoteAddress);
+    const throttle = this.settings.throttle;
+    if (await isThrottled(this.deps.pool, ip, name, throttle)) {
+      await delay(this.settings.failedLoginDelayMs);
+      this.deps.logger.warn({ ip, user: name }, "pop3 login throttled");
+      return this.reply("-ERR [SYS/TEMP] too many failed logins; try again later");
+    }
+    const account = await check();
+    if (!account) {
+      await recordFailure(this.deps.pool, ip, name, throttle);
+      await delay(this.settings.failedLoginDelayMs);
+      this.deps.logger.info({ ip, user: name }, "pop3 authentication failed");
+      return this.reply(refusal?.() ?? "-ERR [AUTH] invalid user name or password");
+    }
+    if ((this.state as State) === "closed") return;
+    if (!this.settings.tryAcquireSession()) return this.reply("-ERR [SYS/TEMP] too many sessions; try again later");
+    this.holdsSessionSlot = true;
+    let maildrop: Maildrop | null;
+    try {
+      maildrop = await Maildrop.open(this.deps.sessionPool, account.id, this.settings.chunkSize);
+    } catch (error) {
+      this.releaseSlot();
+      this.deps.logger.error({ err: error, account: account.address }, "pop3 could not open maildrop");
+      return this.reply("-ERR [SYS/TEMP] mailbox unavailable; try again later");
+    }
+    if (!maildrop) {
+      this.releaseSlot();
+      return this.reply("-ERR [IN-USE] maildrop already locked by another session");
+    }
+    if ((this.state as State) === "closed") {
+      // The connection went away while the maildrop was opening.
+      await maildrop.close();
+      this.releaseSlot();
+      return;
+    }
+    this.maildrop = maildrop;
+    this.account = account;
+    this.state = "transaction";
+    if (this.settings.popBeforeSmtp) {
+      await recordPopLogin(this.deps.pool, ip, account.id).catch((error) => this.deps.logger.error({ err: error }, "pop_logins upsert failed"));
+    }
+    this.deps.logger.info({ ip, account: account.address, messages: maildrop.entries.length }, "pop3 login");
+    const { count, octets } = this.totals();
+    return this.reply(`+OK maildrop has ${count} messages (${octets} octets)`);
+  }
+
+  private releaseSlot(): void {
+    if (!this.holdsSessionSlot) return;
+    this.holdsSessionSlot = false;
+    this.settings.releaseSession();
+  }
+
+  private totals(): { count: number; octets: number } {
+    let count = 0;
+    let octets = 0;
+    for (const entry of this.maildrop!.entries) {
+      if (entry.deleted) continue;
+      count++;
+      octets += entry.size;
+    }
+    return { count, octets };
+  }
+
+  /** The entry a message-number argument names, or null after answering -ERR. */
+  private async entry(arg: string | undefined): Promise<Entry | null> {
+    if (arg === undefined || !/^\d{1,9}$/.test(arg)) {
+      await this.reply("-ERR invalid message number");
+      return null;
+    }
+    const entry = this.maildrop!.entries[Number(arg) - 1];
+    if (!entry || entry.deleted) {
+      await this.reply("-ERR no such message");
+      return null;
+    }
+    return entry;
+  }
+
+  private stat(): Promise<void> {
+    const { count, octets } = this.totals();
+    return this.reply(`+OK ${count} ${octets}`);
+  }
+
+  private async list(args: string[]): Promise<void> {
+    if (args.length > 1) return this.reply("-ERR usage: LIST [msg]");
+    if (args.length === 1) {
+      const entry = await this.entry(args[0]);
+      if (entry) await this.reply(`+OK ${entry.number} ${entry.size}`);
+      return;
+    }
+    const { count, octets } = this.totals();
+    const lines = [`+OK ${count} messages (${octets} octets)`];
+    for (const entry of this.maildrop!.entries) if (!entry.deleted) lines.push(`${entry.number} ${entry.size}`);
+    lines.push(".");
+    return this.io.write(lines.join("\r\n") + "\r\n");
+  }
+
+  private async uidl(args: string[]): Promise<void> {
+    if (args.length > 1) return this.reply("-ERR usage: UIDL [msg]");
+    if (args.length === 1) {
+      const entry = await this.entry(args[0]);
+      if (entry) await this.reply(`+OK ${entry.number} ${entry.uidl}`);
+      return;
+    }
+    const lines = ["+OK unique-id listing follows"];
+    for (const entry of this.maildrop!.entries) if (!entry.deleted) lines.push(`${entry.number} ${entry.uidl}`);
+    lines.push(".");
+    return this.io.write(lines.join("\r\n") + "\r\n");
+  }
+
+  private async retr(args: string[]): Promise<void> {
+    if (args.length !== 1) return this.reply("-ERR usage: RETR msg");
+    const entry = await this.entry(args[0]);
+    if (!entry) return;
+    await this.sendMessage(entry, null, `+OK ${entry.size} octets`);
+    this.events.push({
+      messageId: entry.messageId,
+      deliveryId: entry.deliveryId,
+      event: "retrieved",
+      service: "pop3",
+      detail: { account: this.account!.address, uid: entry.uid, protocol: "pop3" },
+    });
+    if (this.events.length >= EVENT_BATCH) void this.flushEvents();
+  }
+
+  private async top(args: string[]): Promise<void> {
+    if (args.length !== 2 || !/^\d{1,9}$/.test(args[1]!)) return this.reply("-ERR usage: TOP msg lines");
+    const entry = await this.entry(args[0]);
+    if (!entry) return;
+    await this.sendMessage(entry, Number(args[1]), "+OK top of message follows");
+  }
+
+  private async sendMessage(entry: Entry, bodyLines: number | null, status: string): Promise<void> {
+    // The status line goes out only with the first body bytes, so a read failure can still be an -ERR.
+    let pending: Buffer | null = Buffer.from(`${status}\r\n`);
+    try {
+      await this.maildrop!.send(entry, bodyLines, (data) => {
+        if (pending) {
+          const first = Buffer.concat([pending, data]);
+          pending = null;
+          return this.io.write(first);
+        }
+        return this.io.write(data);
+      });
+    } catch (error) {
+      this.deps.logger.error({ err: error, entry: entry.id }, "pop3 could not read message");
+      if (pending) return this.reply("-ERR [SYS/TEMP] could not read the message; try again later");
+      // Half a message was sent; the only honest thing left is to drop the connection.
+      this.io.close();
+      return;
+    }
+    await this.io.write(pending ? Buffer.concat([pending, Buffer.from(".\r\n")]) : ".\r\n");
+  }
+
+  private async dele(args: string[]): Promise<void> {
+    if (args.length !== 1) return this.reply("-ERR usage: DELE msg");
+    const entry = await this.entry(args[0]);
+    if (!entry) return;
+    entry.deleted = true;
+    return this.reply(`+OK message ${entry.number} deleted`);
+  }
+
+  private rset(): Promise<void> {
+    for (const entry of this.maildrop!.entries) entry.deleted = false;
+    const { count, octets } = this.totals();
+    return this.reply(`+OK maildrop has ${count} messages (${octets} octets)`);
+  }
+
+  private async quit(): Promise<void> {
+    if (this.state === "transaction") {
+      // UPDATE state: the deletions, atomically, and only here.
+      let removed = 0;
+      try {
+        removed = await this.maildrop!.commitDeletions();
+      } catch (error) {
+        this.deps.logger.error({ err: error }, "pop3 could not commit deletions");
+        await this.reply("-ERR [SYS/TEMP] deleted messages not removed; try again later");
+        await this.end();
+        this.io.close();
+        return;
+      }
+      await this.reply(`+OK bye (${removed} messages deleted)`);
+    } else {
+      await this.reply("+OK bye");
+    }
+    await this.end();
+    this.io.close();
+  }
+
+  /** Autologout (RFC 1939): closes without entering the UPDATE state. */
+  async autologout(): Promise<void> {
+    if (this.state === "closed") return;
+    await this.reply("-ERR [SYS/TEMP] autologout: idle for too long").catch(() => undefined);
+    await this.end();
+    this.io.close();
+  }
+
+  /** Ends the session without UPDATE (drop, timeout, shutdown): releases lock and slot, records events. */
+  async end(): Promise<void> {
+    if (this.state === "closed") return;
+    this.state = "closed";
+    const maildrop = this.maildrop;
+    this.maildrop = null;
+    await maildrop?.close();
+    this.releaseSlot();
+    await this.flushEvents();
+  }
+
+  private async flushEvents(): Promise<void> {
+    const events = this.events;
+    if (events.length === 0) return;
+    this.events = [];
+    try {
+      await recordEvents(this.deps.pool, events);
+    } catch (error) {
+      this.deps.logger.error({ err: error, count: events.length }, "pop3 could not record retrieved events");
+    }
+  }
+}
+
+function delay(ms: number): Promise<void> {
+  return ms > 0 ? new Promise((resolve) => setTimeout(resolve, ms)) : Promise.resolve();
+}

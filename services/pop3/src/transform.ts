@@ -1,0 +1,94 @@
+const CR = 0x0d;
+const LF = 0x0a;
+const DOT = 0x2e;
+
+/**
+ * Turns stored message bytes into what POP3 sends, chunk by chunk: every bare LF becomes CRLF,
+ * a final CRLF is added when the last line lacks one, and (when `stuff`) a line starting with
+ * "." gets a second ".". With `bodyLines` set (TOP), output stops after the header, the blank
+ * line and that many body lines. Bare CR is passed through unchanged.
+ *
+ * The octet count of the unstuffed output is the size LIST and STAT report (`canonicalLength`).
+ */
+export class MessageEncoder {
+  private atLineStart = true;
+  private lastCR = false;
+  private lineBytes = 0;
+  private inBody = false;
+  private bodyLinesSent = 0;
+  private readonly stuff: boolean;
+  private readonly bodyLines: number | null;
+  /** True once TOP's line limit is reached; further input is ignored. */
+  done = false;
+  /** Octets produced so far, byte-stuffing excluded. */
+  length = 0;
+
+  constructor(options: { stuff?: boolean; bodyLines?: number | null } = {}) {
+    this.stuff = options.stuff ?? true;
+    this.bodyLines = options.bodyLines ?? null;
+  }
+
+  push(chunk: Buffer): Buffer {
+    if (this.done || chunk.length === 0) return Buffer.alloc(0);
+    // Worst case every byte is an LF that needs a CR, or a line start that needs a dot.
+    const out = Buffer.allocUnsafe(chunk.length * 2 + 2);
+    let o = 0;
+    for (let i = 0; i < chunk.length; i++) {
+      const b = chunk[i]!;
+      if (b === LF) {
+        if (!this.lastCR) {
+          out[o++] = CR;
+          this.length++;
+        }
+        out[o++] = LF;
+        this.length++;
+        this.endLine();
+        if (this.done) break;
+        continue;
+      }
+      if (this.atLineStart && b === DOT && this.stuff) out[o++] = DOT;
+      out[o++] = b;
+      this.length++;
+      this.atLineStart = false;
+      this.lastCR = b === CR;
+      this.lineBytes++;
+    }
+    return out.subarray(0, o);
+  }
+
+  /** The bytes that complete the last line, if it lacked its line ending. */
+  end(): Buffer {
+    if (this.done || this.atLineStart) return Buffer.alloc(0);
+    const tail = this.lastCR ? Buffer.from([LF]) : Buffer.from([CR, LF]);
+    this.length += tail.length;
+    this.endLine();
+    return tail;
+  }
+
+  private endLine(): void {
+    const empty = this.lineBytes === 0 || (this.lineBytes === 1 && this.lastCR);
+    this.atLineStart = true;
+    this.lastCR = false;
+    this.lineBytes = 0;
+    if (this.bodyLines === null) return;
+    if (!this.inBody) {
+      if (empty) this.inBody = true;
+    } else {
+      this.bodyLinesSent++;
+    }
+    this.checkLimit();
+  }
+
+  private checkLimit(): void {
+    if (this.bodyLines !== null && this.inBody && this.bodyLinesSent >= this.bodyLines) this.done = true;
+  }
+}
+
+/** The octet count POP3 sends for these bytes (CRLF-normalised, final CRLF, before byte-stuffing). */
+export function canonicalLength(chunks: Iterable<Buffer>): number {
+  const encoder = new MessageEncoder({ stuff: false });
+  for (const chunk of chunks) encoder.push(chunk);
+  encoder.end();
+  return encoder.length;
+}
+

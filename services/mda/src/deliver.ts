@@ -3,6 +3,7 @@ import { resolveRecipient, type FilterRuleRow, type Pool, type PoolClient } from
 import { dispatchAccepted, insertMessage, recordEvents, type AcceptedMessage, type JourneyEvent } from "@mailstack/queue";
 import { mailMetrics, type Logger } from "@mailstack/telemetry";
 import { decide, type Decision } from "./filters.ts";
+import { mdaMetrics } from "./metrics.ts";
 import { parseMessage, type ParsedMessage } from "./parse.ts";
 
 export const SERVICE = "mda";
@@ -44,6 +45,7 @@ interface Row {
   envelope_from: string;
   message_size: number;
   trace_id: string | null;
+  received_at: Date;
   parsed: ParsedMessage | null;
   address: string | null;
   disabled: boolean | null;
@@ -145,6 +147,18 @@ async function createForward(client: PoolClient, row: Row, to: string): Promise<
  * call any number of times for the same delivery: only the first call has an effect.
  */
 export async function deliverLocal(ctx: DeliverContext, deliveryId: number, options: DeliverOptions = {}): Promise<Outcome> {
+  const stopTimer = mdaMetrics.handleSeconds.startTimer();
+  const outcome = await deliverOnce(ctx, deliveryId, options);
+  stopTimer();
+  mdaMetrics.outcomes.inc({ outcome: outcome.status });
+  return outcome;
+}
+
+function observeFiled(row: Row): void {
+  mdaMetrics.acceptToMailbox.observe(Math.max(0, (Date.now() - new Date(row.received_at).getTime()) / 1000));
+}
+
+async function deliverOnce(ctx: DeliverContext, deliveryId: number, options: DeliverOptions): Promise<Outcome> {
   const pre = await ctx.pool.query<Row & { raw: Buffer | null }>(
     `SELECT ${ROW_COLUMNS}, CASE WHEN m.parsed IS NULL THEN m.raw END AS raw ${ROW_FROM}`,
     [deliveryId],
@@ -220,11 +234,12 @@ async function fileFast(ctx: DeliverContext, row: Row, folder: string): Promise<
   if (pending === 0) return { status: "duplicate", state: "delivered" };
   if (uid === null) return null;
   mailMetrics.deliveriesFinal.inc({ kind: "local", state: "delivered" });
+  observeFiled(row);
   return { status: "delivered", folder, uid };
 }
 
 const ROW_COLUMNS = `d.id, d.message_id, d.state, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
-       m.envelope_from, m.size AS message_size, m.trace_id, m.parsed, a.address, a.disabled,
+       m.envelope_from, m.size AS message_size, m.trace_id, m.received_at, m.parsed, a.address, a.disabled,
        COALESCE((SELECT json_agg(f ORDER BY f.position) FROM filter_rules f WHERE f.account_id = d.account_id), '[]') AS rules`;
 const ROW_FROM = `FROM deliveries d
          JOIN messages m ON m.id = d.message_id
@@ -291,6 +306,7 @@ async function deliverInTransaction(ctx: DeliverContext, deliveryId: number, opt
           }
           events.push({ messageId: row.message_id, deliveryId: row.id, event: "delivered", service: SERVICE, reply: "250 2.0.0 Delivered", detail: { folder: filed.folder, uid: filed.uid } });
           await markDelivered(client, row, filed.folder, `250 2.0.0 Delivered to ${filed.folder} as UID ${filed.uid}`, events);
+          observeFiled(row);
           outcome = { status: "delivered", folder: filed.folder, uid: filed.uid, ...(forwarded ? { forwardedTo: (forwarded as AcceptedMessage).deliveries[0]?.finalRecipient } : {}) };
         }
       }

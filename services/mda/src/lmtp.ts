@@ -1,6 +1,6 @@
 import { BlockList, isIPv4, isIPv6, type AddressInfo } from "node:net";
 import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
-import { parseAddress } from "@mailstack/mail";
+import { parseAddress, replyClass } from "@mailstack/mail";
 import { resolveRecipient, type Route } from "@mailstack/db";
 import { acceptMessage, dispatchAccepted, newQueueId, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
 import { SpanKind, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
@@ -174,6 +174,7 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     }
     return recipients.map((rcpt) => {
       const reply = replyFor((routesOf.get(rcpt) ?? []).map((route) => outcomes.get(route.address) ?? "queued"));
+      mailMetrics.smtpReplies.inc({ service: "mda-lmtp", class: typeof reply === "string" ? "2xx" : replyClass(reply.responseCode) });
       return typeof reply === "string" ? `${reply} (${accepted.queueId})` : reply;
     });
   };

@@ -196,6 +196,16 @@ test("X-Spam-Flag: YES is filed into Junk; filter rules file, discard and forwar
   assert.deepEqual(kinds, ["accepted", "forwarded"]);
 });
 
+test("a delivery routed to Junk at accept time (DMARC quarantine) is filed there; a user rule still wins", async () => {
+  const ivan = await account(env.pool, "ivan@example.test");
+  const quarantined = await send(env.pool, env.bus, message("quarantined"), [{ address: "ivan@example.test", accountId: ivan, folder: "Junk" }]);
+  await addFilterRule(env.pool, "ivan@example.test", { condition: { kind: "header", header: "Subject", op: "is", value: "keep me" }, action: { kind: "fileinto", folder: "Keep" } });
+  const ruled = await send(env.pool, env.bus, message("keep me"), [{ address: "ivan@example.test", accountId: ivan, folder: "Junk" }]);
+  for (const a of [quarantined, ruled]) await waitFor(async () => (await deliveryRow(a.deliveries[0]!.id)).state === "delivered");
+  assert.equal((await entriesFor(quarantined.deliveries[0]!.id))[0].folder, "Junk");
+  assert.equal((await entriesFor(ruled.deliveries[0]!.id))[0].folder, "Keep");
+});
+
 test("a forwarding loop is broken: the copy stays in the INBOX", async () => {
   const hank = await account(env.pool, "hank@example.test");
   await addFilterRule(env.pool, "hank@example.test", { condition: { kind: "header", header: "Subject", op: "contains", value: "loop" }, action: { kind: "forward", to: "elsewhere@remote.example" } });

@@ -14,13 +14,13 @@ export async function send(
   pool: Pool,
   bus: Bus | null,
   raw: string | Buffer,
-  recipients: Array<{ address: string; accountId: number; notify?: string[] }>,
+  recipients: Array<{ address: string; accountId: number; notify?: string[]; folder?: string }>,
   envelopeFrom = "sender@remote.example",
 ): Promise<AcceptedMessage> {
   const accepted = await acceptMessage(
     pool,
     { raw: Buffer.isBuffer(raw) ? raw : Buffer.from(raw), envelopeFrom, source: "inbound" },
-    recipients.map((r) => ({ recipient: r.address, route: { kind: "local", accountId: r.accountId, address: r.address }, dsnNotify: r.notify ?? null })),
+    recipients.map((r) => ({ recipient: r.address, route: { kind: "local", accountId: r.accountId, address: r.address }, dsnNotify: r.notify ?? null, ...(r.folder ? { folder: r.folder } : {}) })),
     "test",
   );
   if (bus) await dispatchAccepted(bus, pool, accepted);

@@ -192,5 +192,5 @@ export class PopClient {
 
 /** Removes POP3 byte-stuffing from a multi-line body. */
 export function unstuff(body: Buffer): Buffer {
-  return Buffer.from(body.toString("latin1").replace(/(^|\r\n)\.\./g, "$1.").replace(/^\./, (m) => m), "latin1");
+  return Buffer.from(body.toString("latin1").replace(/(^|\r\n)\.\./g, "$1."), "latin1");
 }

@@ -1,0 +1,351 @@
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import type { Pop3Server } from "../src/server.ts";
+import { createAccount, fileMessage, PopClient, startTestServer, unstuff, type TestAccount } from "./helpers.ts";
+
+let env: TestEnv;
+let server: Pop3Server;
+
+before(async () => {
+  env = await createTestEnv();
+  server = await startTestServer(env);
+});
+
+after(async () => {
+  await server?.stop();
+  await env?.close();
+});
+
+const plain = (address: string) => createAccount(env.pool, address);
+
+test("greeting carries an APOP timestamp; wrong-state and unknown commands get -ERR without closing", async () => {
+  const { client, greeting } = await PopClient.connect(server.port);
+  assert.match(greeting, /^\+OK .*<[^<>@\s]+@[^<>\s]+>$/);
+  for (const command of ["STAT", "LIST", "RETR 1", "DELE 1", "NOOP", "RSET", "TOP 1 0", "UIDL", "FROB", "PASS x"]) {
+    assert.match(await client.command(command), /^-ERR /, command);
+  }
+  const capa = await client.command("CAPA");
+  assert.equal(capa, "+OK capability list follows");
+  const caps: string[] = [];
+  for (let line = await client.line(); line !== "."; line = await client.line()) caps.push(line);
+  for (const cap of ["TOP", "UIDL", "USER", "SASL PLAIN", "STLS", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]) assert.ok(caps.includes(cap), cap);
+  assert.ok(caps.some((c) => c.startsWith("IMPLEMENTATION ")));
+  assert.equal(await client.command("QUIT"), "+OK bye");
+  await waitFor(() => client.closed, 5_000);
+});
+
+test("every TRANSACTION command: exact sizes, byte-stuffing, TOP, UIDL, bare LF normalised", async () => {
+  const account = await plain("txn@example.test");
+  const m1 = "Subject: one\r\nFrom: a@example.test\r\n\r\nhello\r\n.dot line\r\n..two dots\r\n.\r\nend\r\n";
+  const m2 = "Subject: bare lf\nX: y\n\nline1\nline2"; // bare LFs, no final line break
+  const prefix = "Return-Path: <a@example.test>\r\nDelivered-To: txn@example.test\r\n";
+  await fileMessage(env.pool, account.id, m1, prefix);
+  await fileMessage(env.pool, account.id, m2);
+  const expected1 = prefix + m1;
+  const expected2 = "Subject: bare lf\r\nX: y\r\n\r\nline1\r\nline2\r\n";
+
+  const { client } = await PopClient.connect(server.port);
+  const login = await client.login(account);
+  const total = Buffer.byteLength(expected1) + Buffer.byteLength(expected2);
+  assert.equal(login, `+OK maildrop has 2 messages (${total} octets)`);
+  assert.equal(await client.command("STAT"), `+OK 2 ${total}`);
+
+  client.send("LIST");
+  const list = await client.multiline();
+  assert.equal(list.body.toString(), `1 ${Buffer.byteLength(expected1)}\r\n2 ${Buffer.byteLength(expected2)}\r\n`);
+  assert.equal(await client.command("LIST 2"), `+OK 2 ${Buffer.byteLength(expected2)}`);
+  assert.equal(await client.command("LIST 3"), "-ERR no such message");
+  assert.equal(await client.command("LIST x"), "-ERR invalid message number");
+
+  client.send("RETR 1");
+  const r1 = await client.multiline();
+  assert.equal(r1.status, `+OK ${Buffer.byteLength(expected1)} octets`);
+  assert.match(r1.body.toString(), /\r\n\.\.dot line\r\n\.\.\.two dots\r\n\.\.\r\nend\r\n$/);
+  assert.equal(unstuff(r1.body).toString(), expected1);
+  assert.equal(unstuff(r1.body).length, Buffer.byteLength(expected1), "RETR sends exactly the octets LIST reported");
+
+  client.send("RETR 2");
+  const r2 = await client.multiline();
+  assert.equal(r2.body.toString(), expected2);
+  assert.equal(r2.body.length, Buffer.byteLength(expected2));
+
+  client.send("TOP 1 1");
+  const top = await client.multiline();
+  assert.equal(top.status, "+OK top of message follows");
+  assert.equal(top.body.toString(), `${prefix}Subject: one\r\nFrom: a@example.test\r\n\r\nhello\r\n`);
+  client.send("TOP 2 0");
+  assert.equal((await client.multiline()).body.toString(), "Subject: bare lf\r\nX: y\r\n\r\n");
+  assert.match(await client.command("TOP 1"), /^-ERR/);
+
+  client.send("UIDL");
+  const uidl = (await client.multiline()).body.toString().trim().split("\r\n");
+  assert.equal(uidl.length, 2);
+  const [, uid1] = uidl[0]!.split(" ");
+  assert.match(uid1!, /^[\x21-\x7e]{1,70}$/);
+  assert.equal(await client.command("UIDL 1"), `+OK 1 ${uid1}`);
+  assert.equal(await client.command("NOOP"), "+OK");
+  assert.match(await client.command("USER x"), /^-ERR/);
+  assert.match(await client.command("STLS"), /^-ERR/);
+  assert.equal(await client.command("QUIT"), "+OK bye (0 messages deleted)");
+
+  // UIDLs are stable across sessions; the same message numbers come back.
+  const again = (await PopClient.connect(server.port)).client;
+  await again.login(account);
+  assert.equal(await again.command("UIDL 1"), `+OK 1 ${uid1}`);
+  again.send("UIDL");
+  assert.deepEqual((await again.multiline()).body.toString().trim().split("\r\n"), uidl);
+  await again.command("QUIT");
+
+  // RETR recorded 'retrieved' journey events.
+  const events = await env.pool.query("SELECT count(*)::int AS n FROM delivery_events WHERE event = 'retrieved' AND service = 'pop3'");
+  assert.equal(events.rows[0].n, 2);
+});
+
+test("DELE + RSET restores; DELE + dropped connection deletes nothing; DELE + QUIT deletes atomically", async () => {
+  const account = await plain("dele@example.test");
+  for (let i = 1; i <= 3; i++) await fileMessage(env.pool, account.id, `Subject: ${i}\r\n\r\nbody ${i}\r\n`);
+  const size = Buffer.byteLength("Subject: 1\r\n\r\nbody 1\r\n");
+
+  let { client } = await PopClient.connect(server.port);
+  await client.login(account);
+  assert.equal(await client.command("DELE 1"), "+OK message 1 deleted");
+  assert.equal(await client.command("DELE 1"), "-ERR no such message");
+  assert.equal(await client.command("RETR 1"), "-ERR no such message");
+  assert.equal(await client.command("LIST 1"), "-ERR no such message");
+  assert.equal(await client.command("STAT"), `+OK 2 ${2 * size}`);
+  client.send("LIST");
+  assert.equal((await client.multiline()).body.toString(), `2 ${size}\r\n3 ${size}\r\n`);
+  assert.equal(await client.command("RSET"), `+OK maildrop has 3 messages (${3 * size} octets)`);
+  assert.equal(await client.command("STAT"), `+OK 3 ${3 * size}`);
+  assert.equal(await client.command("DELE 2"), "+OK message 2 deleted");
+  client.close(); // dropped: no UPDATE state
+
+  ({ client } = await (async () => {
+    // The lock is released when the dropped session ends.
+    return waitFor(async () => {
+      const attempt = await PopClient.connect(server.port);
+      const reply = await attempt.client.login(account);
+      if (reply.startsWith("+OK")) return attempt;
+      attempt.client.close();
+      return null;
+    }, 5_000);
+  })());
+  assert.equal(await client.command("STAT"), `+OK 3 ${3 * size}`, "a dropped connection deletes nothing");
+  assert.equal(await client.command("DELE 1"), "+OK message 1 deleted");
+  assert.equal(await client.command("DELE 3"), "+OK message 3 deleted");
+  assert.equal(await client.command("QUIT"), "+OK bye (2 messages deleted)");
+
+  ({ client } = await PopClient.connect(server.port));
+  await client.login(account);
+  assert.equal(await client.command("STAT"), `+OK 1 ${size}`);
+  client.send("RETR 1");
+  assert.equal((await client.multiline()).body.toString(), "Subject: 2\r\n\r\nbody 2\r\n");
+  await client.command("QUIT");
+  const rows = await env.pool.query("SELECT uid, deleted FROM mailbox_entries WHERE account_id = $1 ORDER BY uid", [account.id]);
+  assert.deepEqual(rows.rows.map((r) => r.deleted), [true, false, true]);
+});
+
+test("the maildrop lock: a second session gets -ERR [IN-USE]; the lock is released by QUIT", async () => {
+  const account = await plain("lock@example.test");
+  await fileMessage(env.pool, account.id, "Subject: x\r\n\r\ny\r\n");
+  const first = (await PopClient.connect(server.port)).client;
+  assert.match(await first.login(account), /^\+OK/);
+  const second = (await PopClient.connect(server.port)).client;
+  assert.match(await second.login(account), /^-ERR \[IN-USE\]/);
+  // Still in AUTHORIZATION: the session stays usable.
+  assert.equal(await second.command("NOOP"), "-ERR command not valid before authentication");
+  assert.match(await first.command("QUIT"), /^\+OK/);
+  assert.match(await second.login(account), /^\+OK maildrop has 1 messages/);
+  await second.command("QUIT");
+});
+
+test("authentication: wrong password -ERR [AUTH]; AUTH PLAIN with initial response, continuation and cancel; APOP", async () => {
+  const account = await plain("auth@example.test");
+  const apopAccount = await createAccount(env.pool, "apop@example.test", "pw-apop", "apop-shared-secret");
+  const { client, greeting } = await PopClient.connect(server.port);
+  assert.equal(await client.command(`USER ${account.address}`), "+OK send PASS");
+  assert.match(await client.command("PASS wrong"), /^-ERR \[AUTH\]/);
+  assert.equal(await client.command("PASS secret-pw"), "-ERR USER first", "a failed PASS returns to the start of AUTHORIZATION");
+
+  client.send("AUTH");
+  assert.equal((await client.multiline()).body.toString(), "PLAIN\r\n");
+  assert.equal(await client.command("AUTH CRAM-MD5"), "-ERR unsupported authentication mechanism");
+  assert.equal(await client.command("AUTH PLAIN"), "+ ");
+  assert.equal(await client.command("*"), "-ERR authentication cancelled");
+  assert.equal(await client.command("AUTH PLAIN"), "+ ");
+  assert.match(await client.command("not base64!"), /^-ERR \[AUTH\]/);
+  const bad = Buffer.from(`\0${account.address}\0nope`).toString("base64");
+  assert.match(await client.command(`AUTH PLAIN ${bad}`), /^-ERR \[AUTH\]/);
+  const other = Buffer.from(`someone@else.test\0${account.address}\0secret-pw`).toString("base64");
+  assert.match(await client.command(`AUTH PLAIN ${other}`), /^-ERR \[AUTH\]/, "authzid must be the user itself");
+  assert.equal(await client.command("AUTH PLAIN"), "+ ");
+  assert.match(await client.command(Buffer.from(`${account.address}\0${account.address}\0secret-pw`).toString("base64")), /^\+OK maildrop has 0 messages/);
+  await client.command("QUIT");
+
+  // AUTH PLAIN with an initial response.
+  const ir = (await PopClient.connect(server.port)).client;
+  assert.match(await ir.command(`AUTH PLAIN ${Buffer.from(`\0${account.address}\0secret-pw`).toString("base64")}`), /^\+OK/);
+  await ir.command("QUIT");
+
+  // APOP: refused clearly for an account without a stored secret, accepted with the right digest.
+  const stamp = greeting.slice(greeting.indexOf("<"));
+  const digest = (secret: string, ts: string) => createHash("md5").update(ts + secret).digest("hex");
+  const c2 = (await PopClient.connect(server.port)).client;
+  assert.match(await c2.command(`APOP ${account.address} ${digest("secret-pw", stamp)}`), /^-ERR \[AUTH\] APOP is not enabled/);
+  const g3 = await PopClient.connect(server.port);
+  const stamp3 = g3.greeting.slice(g3.greeting.indexOf("<"));
+  assert.match(await g3.client.command(`APOP ${apopAccount.address} ${digest("wrong", stamp3)}`), /^-ERR \[AUTH\] invalid/);
+  assert.match(await g3.client.command(`APOP ${apopAccount.address} ${digest("apop-shared-secret", stamp3)}`), /^\+OK maildrop has 0/);
+  await g3.client.command("QUIT");
+  c2.close();
+});
+
+test("bounds: over-long lines and pipelined commands", async () => {
+  const account = await plain("bounds@example.test");
+  await fileMessage(env.pool, account.id, "Subject: p\r\n\r\nq\r\n");
+  const { client } = await PopClient.connect(server.port);
+  assert.equal(await client.command(`NOOP ${"x".repeat(5000)}`), "-ERR line too long");
+  assert.match(await client.command("CAPA"), /^\+OK/, "the session survives a long line");
+  for (let line = await client.line(); line !== "."; line = await client.line());
+  // Everything in one write (PIPELINING).
+  client.send(Buffer.from(`USER ${account.address}\r\nPASS ${account.password}\r\nSTAT\r\nRETR 1\r\nQUIT\r\n`));
+  assert.equal(await client.line(), "+OK send PASS");
+  assert.match(await client.line(), /^\+OK maildrop has 1/);
+  assert.match(await client.line(), /^\+OK 1 /);
+  assert.equal((await client.multiline()).body.toString(), "Subject: p\r\n\r\nq\r\n");
+  assert.match(await client.line(), /^\+OK bye/);
+});
+
+test("failed logins are rate-limited per account and per IP (shared in PostgreSQL)", async () => {
+  await env.pool.query("DELETE FROM auth_failures"); // earlier tests failed logins from this IP too
+  const limited = await startTestServer(env, { POP3_MAX_FAILURES_PER_ACCOUNT: 3, POP3_MAX_FAILURES_PER_IP: 5 });
+  try {
+    const account = await plain("throttle@example.test");
+    const { client } = await PopClient.connect(limited.port);
+    for (let i = 0; i < 3; i++) {
+      await client.command(`USER ${account.address}`);
+      assert.match(await client.command("PASS wrong"), /^-ERR \[AUTH\]/);
+    }
+    await client.command(`USER ${account.address}`);
+    assert.match(await client.command(`PASS ${account.password}`), /^-ERR \[SYS\/TEMP\] too many failed logins/, "even the right password is refused while throttled");
+    // Two more failures on other names exhaust the IP's budget.
+    for (const name of ["x1@example.test", "x2@example.test"]) {
+      await client.command(`USER ${name}`);
+      assert.match(await client.command("PASS wrong"), /^-ERR \[AUTH\]/);
+    }
+    const fresh = await plain("fresh@example.test");
+    await client.command(`USER ${fresh.address}`);
+    assert.match(await client.command(`PASS ${fresh.password}`), /^-ERR \[SYS\/TEMP\]/);
+    client.close();
+  } finally {
+    await limited.stop();
+    await env.pool.query("DELETE FROM auth_failures");
+  }
+});
+
+test("failed-login delay is applied before the -ERR", async () => {
+  const slow = await startTestServer(env, { POP3_FAILED_LOGIN_DELAY: 400 });
+  try {
+    const { client } = await PopClient.connect(slow.port);
+    await client.command("USER nobody@example.test");
+    const started = Date.now();
+    assert.match(await client.command("PASS wrong"), /^-ERR \[AUTH\]/);
+    assert.ok(Date.now() - started >= 380, `answered after ${Date.now() - started} ms`);
+    client.close();
+  } finally {
+    await slow.stop();
+    await env.pool.query("DELETE FROM auth_failures");
+  }
+});
+
+test("plaintext refused before TLS when not allowed; STLS discards pipelined input; then AUTH works", async () => {
+  const strict = await startTestServer(env, { POP3_ALLOW_PLAINTEXT: "never" });
+  try {
+    const account = await plain("tls@example.test");
+    await fileMessage(env.pool, account.id, "Subject: t\r\n\r\nsecret body\r\n");
+    const { client } = await PopClient.connect(strict.port);
+    client.send("CAPA");
+    const caps = (await client.multiline()).body.toString();
+    assert.ok(caps.includes("STLS") && !caps.includes("USER") && !caps.includes("SASL"), caps);
+    assert.match(await client.command(`USER ${account.address}`), /^-ERR \[AUTH\] plaintext/);
+    assert.match(await client.command(`PASS ${account.password}`), /^-ERR \[AUTH\] plaintext/);
+    assert.match(await client.command(`AUTH PLAIN ${Buffer.from(`\0${account.address}\0${account.password}`).toString("base64")}`), /^-ERR \[AUTH\] plaintext/);
+
+    // A command injected after STLS in the same packet must not survive the upgrade.
+    client.send(Buffer.from(`STLS\r\nUSER ${account.address}\r\n`));
+    assert.equal(await client.line(), "+OK begin TLS negotiation");
+    await client.upgrade(strict.tls.cert);
+    client.send("CAPA");
+    const secureCaps = (await client.multiline()).body.toString();
+    assert.ok(!secureCaps.includes("STLS") && secureCaps.includes("USER"), secureCaps);
+    assert.equal(await client.command(`PASS ${account.password}`), "-ERR USER first", "the pipelined USER was discarded");
+    assert.match(await client.command("STLS"), /^-ERR already using TLS/);
+    assert.match(await client.command(`AUTH PLAIN ${Buffer.from(`\0${account.address}\0${account.password}`).toString("base64")}`), /^\+OK maildrop has 1/);
+    client.send("RETR 1");
+    assert.equal((await client.multiline()).body.toString(), "Subject: t\r\n\r\nsecret body\r\n");
+    await client.command("QUIT");
+
+    // Implicit TLS (POP3S): plaintext allowed since the channel is secure.
+    const implicit = await PopClient.connect(strict.tlsPort, { tls: true, ca: strict.tls.cert });
+    assert.match(implicit.greeting, /^\+OK/);
+    implicit.client.send("CAPA");
+    assert.ok(!(await implicit.client.multiline()).body.toString().includes("STLS"));
+    assert.match(await implicit.client.login(account), /^\+OK maildrop has 1/);
+    await implicit.client.command("QUIT");
+  } finally {
+    await strict.stop();
+  }
+});
+
+test("loopback default allows plaintext; `always` too; POP-before-SMTP records logins only when enabled", async () => {
+  const account = await plain("pbs@example.test");
+  const { client } = await PopClient.connect(server.port);
+  assert.match(await client.login(account), /^\+OK/);
+  await client.command("QUIT");
+  assert.equal((await env.pool.query("SELECT count(*)::int AS n FROM pop_logins")).rows[0].n, 0);
+
+  const pbs = await startTestServer(env, { POP_BEFORE_SMTP: true, POP3_ALLOW_PLAINTEXT: "always" });
+  try {
+    const c = (await PopClient.connect(pbs.port)).client;
+    assert.match(await c.login(account), /^\+OK/);
+    await c.command("QUIT");
+    const rows = await env.pool.query("SELECT host(ip) AS ip, account_id FROM pop_logins");
+    assert.deepEqual(rows.rows, [{ ip: "127.0.0.1", account_id: account.id }]);
+  } finally {
+    await pbs.stop();
+  }
+});
+
+test("autologout closes an idle session without UPDATE and releases the lock", async () => {
+  const quick = await startTestServer(env, { POP3_AUTOLOGOUT: 300 });
+  try {
+    const account = await plain("idle@example.test");
+    await fileMessage(env.pool, account.id, "Subject: i\r\n\r\nj\r\n");
+    const { client } = await PopClient.connect(quick.port);
+    await client.login(account);
+    assert.equal(await client.command("DELE 1"), "+OK message 1 deleted");
+    assert.match(await client.line(2_000), /^-ERR .*autologout/);
+    await waitFor(() => client.closed, 2_000);
+    const c2 = (await PopClient.connect(quick.port)).client;
+    assert.match(await c2.login(account), /^\+OK maildrop has 1 messages/, "not deleted, and not locked");
+    await c2.command("QUIT");
+  } finally {
+    await quick.stop();
+  }
+});
+
+test("graceful stop: a session in TRANSACTION is told and closed, deleting nothing", async () => {
+  const stoppable = await startTestServer(env);
+  const account = await plain("stop@example.test");
+  await fileMessage(env.pool, account.id, "Subject: s\r\n\r\nt\r\n");
+  const { client } = await PopClient.connect(stoppable.port);
+  await client.login(account);
+  await client.command("DELE 1");
+  await stoppable.stop();
+  assert.match(await client.line(), /^-ERR \[SYS\/TEMP\] server shutting down/);
+  await waitFor(() => client.closed, 2_000);
+  const rows = await env.pool.query("SELECT deleted FROM mailbox_entries WHERE account_id = $1", [account.id]);
+  assert.deepEqual(rows.rows, [{ deleted: false }]);
+});

@@ -125,6 +125,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   async function attempt(destination: Destination, envelope: Envelope, raw: Buffer, domain: string): Promise<Map<string, Outcome>> {
     const eightBit = hasEightBit(raw);
     let lastFailure: Outcome | null = null;
+    let anyTemporary = false;
     for (const host of destination.hosts) {
       for (const address of host.addresses) {
         const key = `${address}|${destination.port}|${destination.tls}|${destination.auth?.user ?? ""}|${host.hostname}`;
@@ -165,6 +166,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
             connection = null;
           }
           lastFailure = failureOutcome(error, host.hostname);
+          if (lastFailure.state === "deferred") anyTemporary = true;
           logger.info({ domain, host: host.hostname, address, err: (error as Error).message }, "relay attempt to host failed");
           // A permanent refusal of the message itself (MAIL 5xx, SIZE, 8BITMIME) is final; anything else tries the next host.
           if (error instanceof SmtpError && !error.temporary && (error.stage === "mail" || error.stage === "message")) {
@@ -189,8 +191,9 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         return outcomes;
       }
     }
-    const failure = lastFailure ?? { state: "deferred", reply: `no host of ${domain} could be tried`, status: "4.4.1", remoteMta: null };
+    let failure: Outcome = lastFailure ?? { state: "deferred", reply: `no host of ${domain} could be tried`, status: "4.4.1", remoteMta: null };
     // Every host refused the connection or the session: the attempt failed; permanent only if every answer was.
+    if (anyTemporary && failure.state === "bounced") failure = { ...failure, state: "deferred", status: `4${failure.status.slice(1)}` };
     return new Map(envelope.recipients.map((r) => [r.address, failure]));
   }
 
@@ -200,7 +203,8 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
       let outcome = outcomes.get(row.final_recipient) ?? { state: "deferred" as const, reply: "no result", status: "4.0.0", remoteMta: null };
       let event: JourneyEvent["event"] = outcome.state;
       const attempts = row.attempts + 1;
-      let dsnPending = false;
+      // "pending": a DSN is due (the generator decides whether to send it); "delay": only if none is in progress.
+      let dsn: "pending" | "delay" | null = null;
       let delayMs = 0;
       if (outcome.state === "deferred") {
         if (now - message.received_at.getTime() >= config.maxQueueLifetimeMs) {
@@ -208,12 +212,12 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
           event = "expired";
         } else {
           delayMs = backoffFor(attempts, config.backoffMs);
-          if (config.delayNoticeAfterMs > 0 && !row.delay_notified_at && now - row.created_at.getTime() >= config.delayNoticeAfterMs) dsnPending = true;
+          if (config.delayNoticeAfterMs > 0 && !row.delay_notified_at && now - row.created_at.getTime() >= config.delayNoticeAfterMs) dsn = "delay";
         }
       }
-      if (outcome.state === "bounced") dsnPending = true;
-      if (outcome.state === "delivered" && !outcome.remoteDsn && (row.dsn_notify ?? []).includes("SUCCESS")) dsnPending = true;
-      return { row, outcome, event, delayMs, dsnPending };
+      if (outcome.state === "bounced") dsn = "pending";
+      if (outcome.state === "delivered" && !outcome.remoteDsn && (row.dsn_notify ?? []).includes("SUCCESS")) dsn = "pending";
+      return { row, outcome, event, delayMs, dsn };
     });
     const events: JourneyEvent[] = [];
     for (const u of updates) {
@@ -229,9 +233,9 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
          UPDATE deliveries d SET state = r.state, attempts = d.attempts + 1, last_attempt_at = now(), last_reply = r.reply,
                 last_status = r.status, remote_mta = r.remote_mta, lease_owner = NULL, lease_until = NULL, updated_at = now(),
                 next_attempt_at = CASE WHEN r.state = 'deferred' THEN now() + make_interval(secs => r.delay_ms / 1000) ELSE NULL END,
-                dsn_state = CASE WHEN r.dsn_pending THEN 'pending' ELSE d.dsn_state END
-           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::boolean[])
-                AS r(id, state, reply, status, remote_mta, delay_ms, dsn_pending)
+                dsn_state = CASE WHEN r.dsn = 'pending' OR (r.dsn = 'delay' AND d.dsn_state IS NULL) THEN 'pending' ELSE d.dsn_state END
+           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::text[])
+                AS r(id, state, reply, status, remote_mta, delay_ms, dsn)
           WHERE d.id = r.id AND d.lease_owner = $8 AND d.state IN ('queued', 'deferred')
           RETURNING d.id),
        logged AS (
@@ -248,7 +252,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         updates.map((u) => u.outcome.status),
         updates.map((u) => u.outcome.remoteMta),
         updates.map((u) => u.delayMs),
-        updates.map((u) => u.dsnPending),
+        updates.map((u) => u.dsn),
         workerId,
         events.map((e) => e.messageId),
         events.map((e) => e.deliveryId),

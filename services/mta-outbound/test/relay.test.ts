@@ -52,6 +52,7 @@ before(async () => {
     "mx.flaky.test": { a: ["127.0.0.2"] },
     "expire.test": { mx: [{ exchange: "mx.expire.test", priority: 10 }] },
     "mx.expire.test": { a: ["127.0.0.9"] },
+    "slow.test": { mx: [{ exchange: "mx.expire.test", priority: 10 }] },
     "plain.test": { mx: [{ exchange: "mx.plain.test", priority: 10 }] },
     "plainok.test": { mx: [{ exchange: "mx.plain.test", priority: 10 }] },
     "mx.plain.test": { a: ["127.0.0.5"] },
@@ -217,6 +218,26 @@ test("a delivery past the maximum queue lifetime bounces instead of being deferr
   assert.match(dsn!.body.toString(), /delivery time expired/);
 });
 
+test("a delivery deferred for longer than the delay threshold gets ONE delay notice (Action: delayed)", async () => {
+  const accepted = await submit(env.pool, env.bus, {
+    from: "alice@origin.test",
+    to: ["late@slow.test"],
+    beforeDispatch: (id) => env.pool.query("UPDATE deliveries SET created_at = now() - interval '5 hours' WHERE message_id = $1", [id]).then(() => undefined),
+  });
+  const [dsn] = await dsnsFor("late@slow.test");
+  const text = dsn!.body.toString();
+  assert.match(text, /Action: delayed/);
+  assert.match(text, /Subject: Delayed Mail/);
+  const row = await waitFor(async () => {
+    const rows = await deliveryStates(env.pool, accepted.messageId);
+    return rows[0]!.attempts >= 2 ? rows[0] : null;
+  }, 15_000);
+  assert.equal(row!.state === "deferred" || row!.state === "queued", true, "still being retried");
+  assert.equal(row!.dsn_state, "sent");
+  assert.equal(origin.received.filter((m) => m.from === "" && m.body.toString().includes("late@slow.test")).length, 1, "one notice, not one per attempt");
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [accepted.messageId]);
+});
+
 test("TLS required for a domain whose MX offers no STARTTLS defers; opportunistic goes in clear", async () => {
   const required = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["t@plain.test"] });
   const row = await waitFor(async () => {
@@ -279,9 +300,12 @@ test("DSN parameters are passed on when the server offers DSN", async () => {
 
 test("several jobs to one host reuse connections", async () => {
   const before = mxA.connections();
-  const messages = [];
-  for (let i = 0; i < 10; i++) messages.push(await submit(env.pool, env.bus, { from: "alice@origin.test", to: [`r${i}@bounce.test`] }));
-  for (const m of messages) await finalStates(m.messageId);
+  // One after the other, so each job finds the previous one's connection idle.
+  for (let i = 0; i < 10; i++) {
+    const m = await submit(env.pool, env.bus, { from: "alice@origin.test", to: [`r${i}@bounce.test`] });
+    await finalStates(m.messageId);
+  }
   const opened = mxA.connections() - before;
-  assert.ok(opened < 10, `10 messages used ${opened} new connections`);
+  assert.ok(opened <= 2, `10 messages used ${opened} new connections`);
+  assert.equal(mxA.received.filter((m) => /^r\d@bounce\.test$/.test(m.to[0]!)).length, 10);
 });

@@ -2,8 +2,10 @@
 // twice and NATS is restarted once; afterwards every accepted message is in each of its
 // mailboxes exactly once and no delivery is left pending.
 //
-// NATS here is a nats-server of this test's own (own port, own -sd directory), so restarting
-// it does not disturb anyone else using the system NATS.
+// Messages go in over SMTP to the real mta-inbound process (as from a remote MTA: 250 means
+// accepted; a 4xx while NATS is down is retried, as an MTA would). The MDA runs as a child
+// process so it can be SIGKILLed. NATS is a nats-server of this test's own (own port, own -sd
+// directory), so restarting it does not disturb anyone else using the system NATS.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
@@ -13,12 +15,12 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { connectBus, deleteStreams, provisionBus, type Bus } from "@mailstack/bus";
-import { acceptMessage, dispatchAccepted, type AcceptedMessage } from "@mailstack/queue";
 import { createTestDatabase, waitFor, type TestDatabase } from "@mailstack/testkit";
-import { account, message } from "./helpers.ts";
+import { LineClient, account, message } from "./helpers.ts";
 
 const MESSAGES = 2_000;
 const mainPath = fileURLToPath(new URL("../src/main.ts", import.meta.url));
+const inboundPath = fileURLToPath(new URL("../../mta-inbound/src/main.ts", import.meta.url));
 const prefix = `fault${process.pid}`;
 
 let db: TestDatabase;
@@ -26,6 +28,8 @@ let natsDir: string;
 let natsPort: number;
 let nats: ChildProcess | null = null;
 let mda: ChildProcess | null = null;
+let inbound: ChildProcess | null = null;
+let smtpPort: number;
 let bus: Bus | null = null;
 const mdaLog: string[] = [];
 
@@ -88,6 +92,37 @@ async function startMdaProcess(): Promise<void> {
   }, 30_000, 100);
 }
 
+async function startInboundProcess(): Promise<void> {
+  const opsPort = await freePort();
+  smtpPort = await freePort();
+  const log: string[] = [];
+  const child = spawn(process.execPath, [inboundPath], {
+    env: {
+      ...process.env,
+      DATABASE_URL: db.url,
+      NATS_URL: `nats://127.0.0.1:${natsPort}`,
+      BUS_PREFIX: prefix,
+      OPS_PORT: String(opsPort),
+      SMTP_PORT: String(smtpPort),
+      SMTP_HOST: "127.0.0.1",
+      MAIL_HOSTNAME: "mx.fault.test",
+      INBOUND_AUTH_CHECKS: "false",
+      INBOUND_SWEEP_INTERVAL: "1s",
+      INBOUND_SWEEP_UNDISPATCHED_AFTER: "2s",
+      TLS_DIR: natsDir,
+      LOG_LEVEL: "warn",
+    },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  child.stdout!.on("data", (chunk) => log.push(String(chunk)));
+  child.stderr!.on("data", (chunk) => log.push(String(chunk)));
+  inbound = child;
+  await waitFor(async () => {
+    if (child.exitCode !== null) throw new Error(`mta-inbound exited: ${log.join("").slice(-2000)}`);
+    return (await fetch(`http://127.0.0.1:${opsPort}/readyz`).catch(() => null))?.status === 200;
+  }, 30_000, 100);
+}
+
 async function killMda(): Promise<void> {
   if (!mda) return;
   const child = mda;
@@ -104,9 +139,10 @@ before(async () => {
 });
 
 after(async () => {
-  if (mda) {
-    mda.kill("SIGTERM");
-    await exited(mda);
+  for (const child of [mda, inbound]) {
+    if (!child) continue;
+    child.kill("SIGTERM");
+    await exited(child);
   }
   if (bus) {
     await deleteStreams(bus).catch(() => undefined);
@@ -125,28 +161,73 @@ test("2,000 messages through two MDA SIGKILLs and a NATS restart: every copy fil
     const address = `user${i}@fault.test`;
     accounts.push({ id: await account(db.pool, address), address });
   }
-  await startMdaProcess();
+  await Promise.all([startMdaProcess(), startInboundProcess()]);
 
-  const accepted: AcceptedMessage[] = [];
+  /** Message i goes to one, two or three of the accounts. */
+  const recipientsOf = (i: number) => accounts.filter((_, k) => k === i % 5 || (i % 3 === 0 && k === (i + 1) % 5) || (i % 7 === 0 && k === (i + 2) % 5));
+  const accepted = new Set<number>();
   let sent = 0;
-  let publishFailures = 0;
+  let temporaryRefusals = 0;
+  let reconnects = 0;
+  const permanent: string[] = [];
   const faults: string[] = [];
   const started = Date.now();
 
-  const sendOne = async (i: number) => {
-    // One, two or three recipients per message.
-    const recipients = accounts.filter((_, k) => k === i % 5 || (i % 3 === 0 && k === (i + 1) % 5) || (i % 7 === 0 && k === (i + 2) % 5));
-    const result = await acceptMessage(
-      db.pool,
-      { raw: Buffer.from(message(`fault ${i}`, `${"body ".repeat(100)}\r\n`)), envelopeFrom: "load@remote.example", source: "inbound" },
-      recipients.map((r) => ({ recipient: r.address, route: { kind: "local", accountId: r.id, address: r.address } })),
-      "fault-test",
-    );
-    accepted.push(result);
-    // As the SMTP services do: publish after commit; a failure is left to the sweeper.
-    await dispatchAccepted(bus!, db.pool, result).catch(() => publishFailures++);
+  /** One SMTP session sending messages from the shared counter; a 4xx or a dropped connection is retried. */
+  const sender = async () => {
+    let client: LineClient | null = null;
+    const open = async () => {
+      client?.close();
+      client = await LineClient.open(smtpPort);
+      if (!/^220 /.test(await client.reply())) throw new Error("no greeting");
+      if (!/^250 /.test(await client.command("EHLO load.remote.example"))) throw new Error("EHLO refused");
+      return client;
+    };
+    const transaction = async (c: LineClient, i: number): Promise<string> => {
+      let reply = await c.command("MAIL FROM:<load@remote.example>");
+      if (!reply.startsWith("250")) return reply;
+      for (const r of recipientsOf(i)) {
+        reply = await c.command(`RCPT TO:<${r.address}>`);
+        if (!reply.startsWith("250")) return reply;
+      }
+      reply = await c.command("DATA");
+      if (!reply.startsWith("354")) return reply;
+      c.write(`${message(`fault ${i}`, `${"body ".repeat(100)}\r\n`)}.\r\n`);
+      return c.reply(30_000);
+    };
+    while (next < MESSAGES) {
+      const i = next++;
+      const fault = faultAt.get(i);
+      if (fault) faultsRunning.push(fault());
+      for (let attempt = 0; ; attempt++) {
+        assert.ok(attempt < 200, `message ${i} never accepted`);
+        try {
+          const c = client ?? (await open());
+          const reply = await transaction(c, i);
+          if (reply.startsWith("250")) {
+            accepted.add(i);
+            break;
+          }
+          if (reply.startsWith("5")) {
+            permanent.push(`${i}: ${reply}`);
+            break;
+          }
+          temporaryRefusals++;
+          await c.command("RSET").catch(() => undefined);
+        } catch {
+          reconnects++;
+          (client as LineClient | null)?.close();
+          client = null;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      }
+      sent++;
+    }
+    (client as LineClient | null)?.close();
   };
 
+  const faultsRunning: Array<Promise<void>> = [];
+  let next = 0;
   const faultAt = new Map<number, () => Promise<void>>([
     [400, async () => {
       faults.push(`SIGKILL mda at ${sent}`);
@@ -167,24 +248,12 @@ test("2,000 messages through two MDA SIGKILLs and a NATS restart: every copy fil
     }],
   ]);
 
-  // Ten concurrent senders; at the marks above, the fault runs while sending goes on.
-  const faultsRunning: Array<Promise<void>> = [];
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: 10 }, async () => {
-      while (next < MESSAGES) {
-        const i = next++;
-        const fault = faultAt.get(i);
-        if (fault) faultsRunning.push(fault());
-        await sendOne(i);
-        sent++;
-      }
-    }),
-  );
+  // Ten concurrent SMTP sessions reusing their connections; at the marks above, the fault runs while sending goes on.
+  await Promise.all(Array.from({ length: 10 }, sender));
   await Promise.all(faultsRunning);
   const sendSeconds = (Date.now() - started) / 1000;
 
-  const totalDeliveries = accepted.reduce((sum, a) => sum + a.deliveries.length, 0);
+  const totalDeliveries = [...accepted].reduce((sum, i) => sum + recipientsOf(i).length, 0);
   await waitFor(async () => {
     const pending = (await db.pool.query("SELECT count(*)::int AS n FROM deliveries WHERE state IN ('queued', 'deferred')")).rows[0].n;
     return pending === 0;
@@ -192,19 +261,25 @@ test("2,000 messages through two MDA SIGKILLs and a NATS restart: every copy fil
   const drainSeconds = (Date.now() - started) / 1000;
 
   assert.equal(faults.length, 3, faults.join("; "));
-  assert.equal(accepted.length, MESSAGES);
+  assert.deepEqual(permanent, []);
+  assert.equal(accepted.size, MESSAGES);
   const states = (await db.pool.query("SELECT state, count(*)::int AS n FROM deliveries GROUP BY state")).rows;
   assert.deepEqual(states, [{ state: "delivered", n: totalDeliveries }]);
+  // A 4xx stored nothing: each accepted message is stored once.
+  const stored = (await db.pool.query("SELECT count(*)::int AS n, count(DISTINCT parsed->>'subject')::int AS subjects FROM messages")).rows[0];
+  assert.deepEqual(stored, { n: MESSAGES, subjects: MESSAGES });
 
-  // Each delivery has exactly one entry, each (message, account) pair appears exactly once.
+  // Each delivery has exactly one entry, and each message is in each of its mailboxes exactly once.
   const entries = (await db.pool.query("SELECT count(*)::int AS n, count(DISTINCT delivery_id)::int AS d FROM mailbox_entries")).rows[0];
   assert.equal(entries.n, totalDeliveries);
   assert.equal(entries.d, totalDeliveries);
-  const doubled = (await db.pool.query("SELECT message_id, account_id FROM mailbox_entries GROUP BY 1, 2 HAVING count(*) > 1")).rows;
-  assert.deepEqual(doubled, []);
-  const expected = new Set(accepted.flatMap((a) => a.deliveries.map((d) => `${a.messageId}:${d.finalRecipient}`)));
-  const filed = (await db.pool.query("SELECT e.message_id, a.address FROM mailbox_entries e JOIN accounts a ON a.id = e.account_id")).rows;
-  assert.deepEqual(new Set(filed.map((r) => `${r.message_id}:${r.address}`)), expected);
+  const filed = (await db.pool.query(
+    `SELECT m.parsed->>'subject' AS subject, a.address, count(*)::int AS n
+       FROM mailbox_entries e JOIN messages m ON m.id = e.message_id JOIN accounts a ON a.id = e.account_id GROUP BY 1, 2`,
+  )).rows;
+  assert.ok(filed.every((r) => r.n === 1), "no message twice in a mailbox");
+  const expected = new Set([...accepted].flatMap((i) => recipientsOf(i).map((r) => `fault ${i}:${r.address}`)));
+  assert.deepEqual(new Set(filed.map((r) => `${r.subject}:${r.address}`)), expected);
 
   // UIDs are dense (a rolled-back transaction gives its UID back) and quotas add up.
   const folders = (await db.pool.query(
@@ -221,6 +296,6 @@ test("2,000 messages through two MDA SIGKILLs and a NATS restart: every copy fil
   assert.equal(events, totalDeliveries, "one delivered event per delivery");
   console.log(
     `fault test: ${MESSAGES} messages, ${totalDeliveries} deliveries; faults: ${faults.join(", ")}; ` +
-      `${publishFailures} publishes failed (repaired by the sweeper); sent in ${sendSeconds.toFixed(1)} s, all filed after ${drainSeconds.toFixed(1)} s`,
+      `${temporaryRefusals} temporary refusals and ${reconnects} reconnects retried by the sender; sent in ${sendSeconds.toFixed(1)} s, all filed after ${drainSeconds.toFixed(1)} s`,
   );
 });

@@ -46,6 +46,7 @@ export class LineClient {
     socket.on("close", () => {
       for (const wake of this.waiters.splice(0)) wake();
     });
+    socket.on("error", () => undefined);
   }
   static async open(port: number): Promise<LineClient> {
     const socket = connect(port, "127.0.0.1");

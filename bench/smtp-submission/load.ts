@@ -23,6 +23,8 @@ export interface LoadResult {
   failed: number;
   seconds: number;
   perSecond: number;
+  /** The rate after the first 20% of messages (sessions set up, AUTH done). */
+  steadyPerSecond: number;
   firstError?: string;
 }
 
@@ -51,11 +53,14 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   } as Parameters<typeof nodemailer.createTransport>[0]);
   let failed = 0;
   let firstError: string | undefined;
+  const done: number[] = [];
   const started = process.hrtime.bigint();
+  const now = () => Number(process.hrtime.bigint() - started) / 1e9;
   await Promise.all(
     Array.from({ length: options.count }, (_, n) =>
       transport
         .sendMail({ envelope: { from: options.from, to: [options.to] }, raw: makeMessage(options.from, options.to, options.size, n) })
+        .then(() => void done.push(now()))
         .catch((error: Error) => {
           failed++;
           firstError ??= error.message;
@@ -65,5 +70,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   const seconds = Number(process.hrtime.bigint() - started) / 1e9;
   transport.close();
   const sent = options.count - failed;
-  return { sent, failed, seconds, perSecond: sent / seconds, ...(firstError ? { firstError } : {}) };
+  const from = Math.floor(done.length * 0.2);
+  const steadyPerSecond = done.length > 10 ? (done.length - 1 - from) / (done[done.length - 1]! - done[from]!) : NaN;
+  return { sent, failed, seconds, perSecond: sent / seconds, steadyPerSecond, ...(firstError ? { firstError } : {}) };
 }

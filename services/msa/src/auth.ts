@@ -1,3 +1,4 @@
+import { createHmac, randomBytes } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Pool } from "@mailstack/db";
 import { hashPassword, parseAddress, reply, verifyPassword, type SmtpReply } from "@mailstack/mail";
@@ -13,6 +14,8 @@ export interface AuthLimits {
   /** Failed logins for one account per window before logins to it are refused unchecked. */
   maxFailuresPerAccount: number;
   windowMs: number;
+  /** How long a successful login is remembered so a reconnecting client skips the scrypt check; 0 turns it off. */
+  cacheTtlMs?: number;
 }
 
 /** The authenticated identity a session carries. */
@@ -47,6 +50,21 @@ const dummyHash = hashPassword("mailstack-dummy-password");
  */
 export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimits) {
   const windowSeconds = Math.max(1, Math.round(limits.windowMs / 1000));
+  // Successful logins (like Dovecot's auth_cache): a keyed hash of user and password, valid while
+  // the stored password hash is unchanged, so a password change or reset ends it at once.
+  const cacheKey = randomBytes(32);
+  const cache = new Map<string, { passwordHash: string; until: number }>();
+  const fingerprint = (address: string, password: string) => createHmac("sha256", cacheKey).update(`${address}\0${password}`).digest("base64");
+  const cachedValid = (address: string, password: string, passwordHash: string): boolean => {
+    const entry = cache.get(fingerprint(address, password));
+    return !!entry && entry.passwordHash === passwordHash && entry.until > Date.now();
+  };
+  const remember = (address: string, password: string, passwordHash: string): void => {
+    const ttl = limits.cacheTtlMs ?? 0;
+    if (ttl <= 0) return;
+    if (cache.size >= 10_000) cache.delete(cache.keys().next().value!);
+    cache.set(fingerprint(address, password), { passwordHash, until: Date.now() + ttl });
+  };
 
   // auth_failures (migration 030, shared with POP3): one row per scope and key; a window starts
   // at the first failure and a failure after it ends starts a new one.
@@ -106,7 +124,9 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
             [parsed.address],
           )).rows[0]
         : undefined;
-      const valid = await verifyPassword(password, row?.password_hash ?? (await dummyHash));
+      const valid = row && cachedValid(row.address, password, row.password_hash)
+        ? true
+        : await verifyPassword(password, row?.password_hash ?? (await dummyHash));
       if (!row || !valid) {
         await recordFailure(ip, accountKey);
         return fail(state, row ? "wrong password" : "unknown user", log);
@@ -115,6 +135,7 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
         await recordFailure(ip, accountKey);
         return fail(state, "account disabled", log);
       }
+      remember(row.address, password, row.password_hash);
       logger.info(log, "authenticated");
       return { ok: true, user: { accountId: row.id, username: row.address } };
     },

@@ -23,6 +23,8 @@ export const msaShape = {
   AUTH_MAX_FAILURES_PER_IP: integer(20, 1),
   AUTH_MAX_FAILURES_PER_ACCOUNT: integer(10, 1),
   AUTH_FAILURE_WINDOW: duration("15m"),
+  /** Successful logins remembered in memory (keyed hash, dropped when the password changes); 0 turns it off. */
+  AUTH_CACHE_TTL: duration("5m"),
   /** Messages and recipients per account within SUBMISSION_RATE_WINDOW (451 4.7.1 beyond); 0 is unlimited. */
   SUBMISSION_MAX_MESSAGES: integer(1000, 0),
   SUBMISSION_MAX_RECIPIENTS: integer(5000, 0),
@@ -54,6 +56,7 @@ export function settingsFromConfig(config: MsaConfig): MsaSettings {
       maxFailuresPerIp: config.AUTH_MAX_FAILURES_PER_IP,
       maxFailuresPerAccount: config.AUTH_MAX_FAILURES_PER_ACCOUNT,
       windowMs: config.AUTH_FAILURE_WINDOW,
+      cacheTtlMs: config.AUTH_CACHE_TTL,
     },
     submission: {
       maxMessages: config.SUBMISSION_MAX_MESSAGES,

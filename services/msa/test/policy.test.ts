@@ -1,6 +1,6 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { setAccountDisabled } from "@mailstack/db";
+import { setAccountDisabled, setAccountPassword } from "@mailstack/db";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { startMsa } from "../src/server.ts";
 import { memoryLogger, PASSWORDS, python, seedDirectory, testSettings, testTls } from "./helpers.ts";
@@ -88,4 +88,21 @@ test("DSN parameters of a submission are kept on the message and its delivery", 
   assert.equal(row.dsn_ret, "HDRS");
   assert.deepEqual(row.dsn_notify, ["SUCCESS", "FAILURE"]);
   assert.match(row.dsn_orcpt, /bob@example\.test/);
+});
+
+test("the login cache: a remembered login stops working as soon as the password changes", async () => {
+  const auth = { failureDelayMs: 1, maxFailuresPerConnection: 3, maxFailuresPerIp: 1000, maxFailuresPerAccount: 100, windowMs: 900_000, cacheTtlMs: 60_000 };
+  await withMsa({ auth }, async ({ submission }) => {
+    const login = (password: string) => python(["plain-auth-tls", String(submission), "dave@example.test", password]);
+    assert.equal((await login(PASSWORDS.dave)).auth[0], 235);
+    assert.equal((await login(PASSWORDS.dave)).auth[0], 235, "a remembered login");
+    assert.equal((await login(PASSWORDS.wrong)).auth[0], 535);
+    await setAccountPassword(env.pool, "dave@example.test", "a-New-password-5");
+    try {
+      assert.equal((await login(PASSWORDS.dave)).auth[0], 535, "the old password no longer works");
+      assert.equal((await login("a-New-password-5")).auth[0], 235);
+    } finally {
+      await setAccountPassword(env.pool, "dave@example.test", PASSWORDS.dave);
+    }
+  });
 });

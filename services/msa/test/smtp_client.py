@@ -103,6 +103,12 @@ elif scenario == "plain-auth":
     code, msg = s.docmd("AUTH", "PLAIN " + b64("\0" + args[0] + "\0" + args[1]))
     out["auth"] = [code, msg.decode()]
     s.quit()
+elif scenario == "plain-auth-tls":
+    # plain-auth-tls PORT USER PASSWORD: AUTH PLAIN after STARTTLS, reply only
+    s = starttls()
+    code, msg = s.docmd("AUTH", "PLAIN " + b64("\0" + args[0] + "\0" + args[1]))
+    out["auth"] = [code, msg.decode()]
+    s.quit()
 elif scenario == "dsn-submit":
     # dsn-submit PORT USER PASSWORD FROM TO < message, with ENVID/RET and NOTIFY/ORCPT
     user, password, sender, rcpt = args

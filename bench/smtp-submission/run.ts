@@ -4,14 +4,15 @@
  * the inbound rate (plain SMTP, no AUTH) measured by the same load generator against
  * mta-inbound when it listens, else against bench/smtp-inbound if present.
  *
- *   node bench/smtp-submission/run.ts [--count 2000] [--sessions 20] [--size 4096] [--rounds 3] [--no-dkim] [--no-inbound]
+ *   node bench/smtp-submission/run.ts [--count 2000] [--sessions 20] [--size 4096] [--rounds 3]
+ *                                     [--no-dkim | --ed25519] [--plain] [--no-inbound]
  *
  * Rounds alternate between the two targets; the median and best round of each are reported.
  *
  * Uses a fresh database and bus prefix of its own (testkit) and removes them afterwards.
  */
 import net from "node:net";
-import { mkdtemp } from "node:fs/promises";
+import { mkdtemp, readFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -26,6 +27,7 @@ const { values } = parseArgs({
     sessions: { type: "string", default: "20" },
     size: { type: "string", default: "4096" },
     "no-dkim": { type: "boolean", default: false },
+    ed25519: { type: "boolean", default: false },
     "no-inbound": { type: "boolean", default: false },
     rounds: { type: "string", default: "3" },
     // Diagnostic: submission on 587 without TLS (AUTH allowed before TLS), to see what TLS costs.
@@ -46,6 +48,12 @@ function listening(port: number): Promise<boolean> {
   });
 }
 
+/** CPU seconds (user + system) a process has used so far, from /proc (clock ticks of 1/100 s). */
+async function cpuSeconds(pid: number): Promise<number> {
+  const fields = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1]!.split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
 function report(name: string, result: LoadResult): void {
   console.log(
     `${name.padEnd(34)} ${String(result.sent).padStart(6)} sent ${String(result.failed).padStart(4)} failed ` +
@@ -59,7 +67,8 @@ try {
   await addDomain(env.pool, "bench.test");
   await addAccount(env.pool, { address: "user1@bench.test", password: "bench-user1" });
   await addAccount(env.pool, { address: "sender@bench.test", password: "bench-sender" });
-  if (!values["no-dkim"]) await createDomainDkimKey(env.pool, "bench.test", { selector: "bench", algorithm: "rsa-sha256" });
+  const algorithm = values.ed25519 ? "ed25519-sha256" : "rsa-sha256";
+  if (!values["no-dkim"]) await createDomainDkimKey(env.pool, "bench.test", { selector: "bench", algorithm });
   const tlsDir = await mkdtemp(join(tmpdir(), "bench-msa-tls-"));
 
   const [submission, submissions] = [await freePort(), await freePort()];
@@ -77,7 +86,7 @@ try {
   });
   processes.push(msa);
 
-  let inbound: { port: number } | null = null;
+  let inbound: { port: number; pid: number } | null = null;
   if (!values["no-inbound"]) {
     const smtpPort = await freePort();
     try {
@@ -87,14 +96,14 @@ try {
         INBOUND_AUTH_CHECKS: "false", TLS_DIR: tlsDir,
       });
       processes.push(mta);
-      if (await listening(smtpPort)) inbound = { port: smtpPort };
+      if (await listening(smtpPort)) inbound = { port: smtpPort, pid: mta.child.pid! };
       else console.log("mta-inbound is ready but does not listen on SMTP_PORT yet: no inbound comparison in this run");
     } catch (error) {
       console.log(`mta-inbound did not start: ${(error as Error).message.split("\n")[0]}`);
     }
   }
 
-  console.log(`${count} messages of ${size} bytes over ${sessions} sessions, DKIM ${values["no-dkim"] ? "off" : "rsa-sha256"}, submission ${values.plain ? "on 587 without TLS" : "on 465 (TLS)"}`);
+  console.log(`${count} messages of ${size} bytes over ${sessions} sessions, DKIM ${values["no-dkim"] ? "off" : algorithm}, submission ${values.plain ? "on 587 without TLS" : "on 465 (TLS)"}`);
   // A short warm-up so JIT and pools are comparable between the two targets.
   const warm = { count: 100, sessions, size, from: "sender@bench.test", to: "user1@bench.test" };
   const auth = { user: "sender@bench.test", pass: "bench-sender" };
@@ -103,15 +112,23 @@ try {
   if (inbound) await runLoad({ ...warm, port: inbound.port, tls: "none", from: "someone@remote.example" });
 
   const results: Record<string, LoadResult[]> = { inbound: [], submission: [] };
+  const cpu: Record<string, number[]> = { inbound: [], submission: [] };
   const rounds = Number(values.rounds);
   const order = Array.from({ length: rounds }, () => (inbound ? ["inbound", "submission"] : ["submission"])).flat();
   for (const [i, round] of order.entries()) {
+    const pid = round === "submission" ? msa.child.pid! : inbound!.pid;
+    const cpuBefore = await cpuSeconds(pid);
     const result =
       round === "submission"
         ? await runLoad({ count, sessions, size, ...target, auth, from: "sender@bench.test", to: "user1@bench.test" })
         : await runLoad({ count, sessions, size, port: inbound!.port, tls: "none", from: "someone@remote.example", to: "user1@bench.test" });
+    const cpuMs = ((await cpuSeconds(pid)) - cpuBefore) * 1000 / result.sent;
     report(`${round} (round ${i + 1})`, result);
-    if (result.failed === 0) results[round]!.push(result);
+    console.log(`${"".padEnd(34)} service CPU ${cpuMs.toFixed(2)} ms per message`);
+    if (result.failed === 0) {
+      results[round]!.push(result);
+      cpu[round]!.push(cpuMs);
+    }
   }
   const stored = (await env.pool.query("SELECT count(*)::int AS n FROM messages")).rows[0].n;
   console.log(`messages committed in PostgreSQL: ${stored}`);
@@ -120,13 +137,17 @@ try {
   const steady = (name: string) => median(results[name]!.map((r) => r.steadyPerSecond));
   for (const name of Object.keys(results)) {
     if (results[name]!.length) {
-      console.log(`${name.padEnd(10)} median ${whole(name).toFixed(1)} msgs/s whole round, ${steady(name).toFixed(1)} msgs/s steady, over ${results[name]!.length} clean rounds`);
+      console.log(
+        `${name.padEnd(10)} median ${whole(name).toFixed(1)} msgs/s whole round, ${steady(name).toFixed(1)} msgs/s steady, ` +
+          `${median(cpu[name]!).toFixed(2)} ms service CPU per message, over ${results[name]!.length} clean rounds`,
+      );
     }
   }
   if (results.inbound!.length && results.submission!.length) {
     console.log(
       `submission / inbound: ${((100 * whole("submission")) / whole("inbound")).toFixed(0)}% whole round (with 20 TLS handshakes and AUTHs), ` +
-        `${((100 * steady("submission")) / steady("inbound")).toFixed(0)}% steady`,
+        `${((100 * steady("submission")) / steady("inbound")).toFixed(0)}% steady; ` +
+        `service CPU per message ${(median(cpu.submission!) / median(cpu.inbound!)).toFixed(2)}x the inbound's`,
     );
   }
 } finally {

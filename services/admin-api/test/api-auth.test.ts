@@ -6,7 +6,7 @@ let h: ApiHarness;
 before(async () => {
   h = await startHarness();
 });
-after(async () => h.close());
+after(async () => h?.close());
 
 /** Every operation in the OpenAPI document, with path parameters filled in. */
 async function allOperations(): Promise<{ method: string; path: string }[]> {

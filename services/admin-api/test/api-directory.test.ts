@@ -8,7 +8,7 @@ let h: ApiHarness;
 before(async () => {
   h = await startHarness({ MAIL_HOSTNAME: "mx.mailstack.test", DMARC_POLICY: "reject" });
 });
-after(async () => h.close());
+after(async () => h?.close());
 
 type Record_ = { purpose: string; type: string; name: string; value: string; priority?: number };
 

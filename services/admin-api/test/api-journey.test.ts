@@ -42,7 +42,7 @@ before(async () => {
   await pool.query("UPDATE deliveries SET state = 'delivered', attempts = 2, last_reply = '250 2.0.0 queued as X', remote_mta = 'mx.remote.test' WHERE id = $1", [remote!.id]);
   await pool.query("UPDATE deliveries SET state = 'delivered' WHERE id = $1", [local!.id]);
 });
-after(async () => h.close());
+after(async () => h?.close());
 
 type Journey = {
   messages: {

@@ -33,7 +33,7 @@ before(async () => {
   await h.db.pool.query("UPDATE deliveries SET state = 'delivered' WHERE id = $1", [done.deliveries[0]!.id]);
   ids["d@fast.test"] = done.deliveries[0]!.id;
 });
-after(async () => h.close());
+after(async () => h?.close());
 
 type Entries = { entries: { id: number; recipient: string; state: string; lastReply: string | null; nextAttemptAt: string | null }[] };
 

@@ -19,15 +19,25 @@ export interface ApiHarness {
 /** A real admin API listening on an ephemeral loopback port, on a database of the test file's own. */
 export async function startHarness(overrides: Partial<ApiConfig> = {}): Promise<ApiHarness> {
   const db = await createTestDatabase();
-  const api = await startAdminApi({
-    pool: db.pool,
-    logger: createLogger("admin-api", process.env.TEST_LOG_LEVEL ?? "silent"),
-    config: apiConfig(overrides),
-  });
-  const { token } = await createApiToken(db.pool, "operator");
+  let api: RunningAdminApi | undefined;
+  let token: string;
+  try {
+    api = await startAdminApi({
+      pool: db.pool,
+      logger: createLogger("admin-api", process.env.TEST_LOG_LEVEL ?? "silent"),
+      config: apiConfig(overrides),
+    });
+    token = (await createApiToken(db.pool, "operator")).token;
+  } catch (error) {
+    // Leave nothing open that would keep the test process alive.
+    await api?.stop();
+    await db.drop();
+    throw error;
+  }
+  const running = api;
   return {
     db,
-    api,
+    api: running,
     token,
     async call(method, path, options = {}) {
       const headers: Record<string, string> = {};
@@ -41,10 +51,10 @@ export async function startHarness(overrides: Partial<ApiConfig> = {}): Promise<
         body = JSON.stringify(options.body);
         headers["content-type"] = "application/json";
       }
-      return fetch(`${api.url}${path}`, { method, headers, body });
+      return fetch(`${running.url}${path}`, { method, headers, body });
     },
     async close() {
-      await api.stop();
+      await running.stop();
       await db.drop();
     },
   };

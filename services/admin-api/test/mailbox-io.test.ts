@@ -74,8 +74,8 @@ before(async () => {
   assertSame(await contents("alice@io.test"), expected());
 });
 after(async () => {
-  await rm(work, { recursive: true, force: true });
-  await h.close();
+  if (work) await rm(work, { recursive: true, force: true });
+  await h?.close();
 });
 
 test("mailctl: one folder to mbox and back is byte for byte, and re-exporting gives the identical file", async () => {

@@ -3,6 +3,7 @@ import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
+import tls from "node:tls";
 import { fileURLToPath } from "node:url";
 import { pino } from "pino";
 import { addAccount, addAlias, addDomain, type Pool } from "@mailstack/db";
@@ -124,3 +125,36 @@ export function testSettings(overrides: Partial<MsaSettings> = {}): MsaSettings 
     ...overrides,
   };
 }
+
+/** A line-oriented client over implicit TLS, to hold a transaction open at a chosen point. */
+export async function rawTls(port: number) {
+  const socket = tls.connect({ port, host: "127.0.0.1", rejectUnauthorized: false });
+  await new Promise<void>((resolve, reject) => socket.once("secureConnect", resolve).once("error", reject));
+  let buffer = "";
+  const waiting: Array<() => void> = [];
+  socket.setEncoding("latin1");
+  socket.on("data", (chunk: string) => {
+    buffer += chunk;
+    waiting.splice(0).forEach((wake) => wake());
+  });
+  socket.on("close", () => waiting.splice(0).forEach((wake) => wake()));
+  const reply = async (): Promise<string> => {
+    for (;;) {
+      const match = /(?:^|\n)(\d{3}) [^\n]*\r\n/.exec(buffer);
+      if (match) {
+        const end = match.index + match[0].length;
+        const text = buffer.slice(0, end);
+        buffer = buffer.slice(end);
+        return text.trim().split("\r\n").pop()!;
+      }
+      if (socket.destroyed) return "closed";
+      await new Promise<void>((resolve) => waiting.push(resolve));
+    }
+  };
+  const command = async (line: string) => {
+    socket.write(`${line}\r\n`);
+    return reply();
+  };
+  return { socket, reply, command };
+}
+

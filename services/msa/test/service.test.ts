@@ -6,7 +6,7 @@ import { join } from "node:path";
 import tls from "node:tls";
 import nodemailer from "nodemailer";
 import { createTestEnv, freePort, startServiceProcess, waitFor, type ServiceProcess, type TestEnv } from "@mailstack/testkit";
-import { PASSWORDS, seedDirectory } from "./helpers.ts";
+import { PASSWORDS, rawTls, seedDirectory } from "./helpers.ts";
 
 let env: TestEnv;
 let ports: { submission: number; submissions: number };
@@ -30,38 +30,6 @@ function start(): Promise<ServiceProcess> {
     TLS_DIR: tlsDir,
     AUTH_FAILURE_DELAY: "10ms",
   });
-}
-
-/** A line-oriented client over implicit TLS, to hold a transaction open at a chosen point. */
-async function rawTls(port: number) {
-  const socket = tls.connect({ port, host: "127.0.0.1", rejectUnauthorized: false });
-  await new Promise<void>((resolve, reject) => socket.once("secureConnect", resolve).once("error", reject));
-  let buffer = "";
-  const waiting: Array<() => void> = [];
-  socket.setEncoding("latin1");
-  socket.on("data", (chunk: string) => {
-    buffer += chunk;
-    waiting.splice(0).forEach((wake) => wake());
-  });
-  socket.on("close", () => waiting.splice(0).forEach((wake) => wake()));
-  const reply = async (): Promise<string> => {
-    for (;;) {
-      const match = /(?:^|\n)(\d{3}) [^\n]*\r\n/.exec(buffer);
-      if (match) {
-        const end = match.index + match[0].length;
-        const text = buffer.slice(0, end);
-        buffer = buffer.slice(end);
-        return text.trim().split("\r\n").pop()!;
-      }
-      if (socket.destroyed) return "closed";
-      await new Promise<void>((resolve) => waiting.push(resolve));
-    }
-  };
-  const command = async (line: string) => {
-    socket.write(`${line}\r\n`);
-    return reply();
-  };
-  return { socket, reply, command };
 }
 
 test("the msa process accepts authenticated submissions on 465 and 587 and reports them in /metrics", async () => {

@@ -27,6 +27,7 @@ if scenario == "ehlo":
     s.starttls(context=context)
     s.ehlo("client.test")
     out["after_tls"] = s.esmtp_features.get("auth")
+    out["features"] = sorted(s.esmtp_features.keys())
     s.quit()
 elif scenario == "mail-before-auth":
     s = starttls()

@@ -5,7 +5,7 @@ import { dkimVerify } from "mailauth/lib/dkim/verify.js";
 import type { DkimDnsRecord } from "@mailstack/dkim";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startMsa, type Msa } from "../src/server.ts";
-import { memoryLogger, PASSWORDS, python, pythonDkimVerify, seedDirectory, swaks, testSettings, testTls } from "./helpers.ts";
+import { memoryLogger, PASSWORDS, python, pythonDkimVerify, rawTls, seedDirectory, swaks, testSettings, testTls } from "./helpers.ts";
 
 let env: TestEnv;
 let msa: Msa;
@@ -50,6 +50,9 @@ test("EHLO lists AUTH only after STARTTLS, and AUTH before TLS is refused", asyn
   assert.equal(result.starttls, true);
   assert.match(result.after_tls, /PLAIN/);
   assert.match(result.after_tls, /LOGIN/);
+  for (const extension of ["8bitmime", "dsn", "enhancedstatuscodes", "pipelining", "size", "smtputf8"]) {
+    assert.ok(result.features.includes(extension), `${extension} advertised`);
+  }
   assert.ok(result.auth_cmd_before_tls[0] >= 500, JSON.stringify(result));
   assert.match(result.auth_cmd_before_tls[1], /STARTTLS/);
 });
@@ -201,6 +204,21 @@ test("swaks: AUTH LOGIN on 465 and AUTH PLAIN after STARTTLS on 587, sending as 
   assert.equal(viaAlias.envelope_from, "sales@example.test");
   const verified = await dkimVerify(viaAlias.raw, { resolver });
   assert.equal(verified.results[0]?.status.result, "pass");
+});
+
+test("the inbound port's smuggling guard applies: a bare-LF dot inside DATA is refused (550 5.6.11), nothing stored", async () => {
+  const client = await rawTls(msa.submissionsPort);
+  assert.match(await client.reply(), /^220 /);
+  assert.match(await client.command("EHLO client.test"), /^250 /);
+  assert.match(await client.command(`AUTH PLAIN ${Buffer.from(`\0alice@example.test\0${PASSWORDS.alice}`).toString("base64")}`), /^235 /);
+  assert.match(await client.command("MAIL FROM:<alice@example.test>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<bob@example.test>"), /^250 /);
+  assert.match(await client.command("DATA"), /^354 /);
+  const smuggled = "From: alice@example.test\r\nSubject: smuggle-1\r\n\r\nx\n.\nMAIL FROM:<alice@example.test>\r\nRCPT TO:<victim@remote.example>\r\nDATA\r\nSubject: smuggle-2\r\n\r\ny\r\n.\r\n";
+  assert.match(await client.command(smuggled.slice(0, -2)), /^550 5\.6\.11 /);
+  client.socket.end();
+  const stored = await env.pool.query("SELECT count(*)::int AS n FROM messages WHERE position('smuggle' in convert_from(raw, 'LATIN1')) > 0");
+  assert.equal(stored.rows[0].n, 0);
 });
 
 test("a message without a valid header block is refused with 554 5.6.0", async () => {

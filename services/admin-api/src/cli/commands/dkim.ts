@@ -37,6 +37,6 @@ register({
     const record = await createDomainDkimKey(pool, domain, { algorithm, ...(values.selector !== undefined ? { selector: values.selector } : {}) });
     printRecord(record, out);
     out("");
-    out("Mail from this domain is signed with the new key from now on; publish the record before sending.");
+    out("The msa signs with the new key within DKIM_KEY_CACHE (30 s by default); publish the record first.");
   },
 });

@@ -120,3 +120,80 @@ export async function acceptMessage(pool: Pool, message: NewMessage, deliveries:
   if (deliveries.length === 0) throw new Error("a message needs at least one delivery");
   return transaction(pool, (client) => insertMessage(client, message, deliveries, service));
 }
+
+/**
+ * insertMessage for many messages at once, in three statements whatever their number (for a
+ * caller that group-commits several SMTP transactions). Results are in the input's order.
+ */
+export async function insertMessages(
+  client: PoolClient,
+  batch: Array<{ message: NewMessage; deliveries: NewDelivery[] }>,
+  service: string,
+): Promise<AcceptedMessage[]> {
+  if (batch.length === 0) return [];
+  const queueIds = batch.map((b) => b.message.queueId ?? newQueueId());
+  const messages = batch.map((b) => b.message);
+  const inserted = await client.query<{ id: number; queue_id: string }>(
+    `INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
+                           message_id_header, auth_results, dsn_envid, dsn_ret, trace_id)
+     SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                          $9::text[], $10::jsonb[], $11::text[], $12::text[], $13::text[])
+     RETURNING id, queue_id`,
+    [
+      queueIds,
+      messages.map((m) => m.raw),
+      messages.map((m) => m.raw.length),
+      messages.map((m) => m.envelopeFrom),
+      messages.map((m) => m.source),
+      messages.map((m) => m.clientIp ?? null),
+      messages.map((m) => m.clientHelo ?? null),
+      messages.map((m) => m.authUser ?? null),
+      messages.map((m) => m.messageIdHeader ?? null),
+      messages.map((m) => (m.authResults ? JSON.stringify(m.authResults) : null)),
+      messages.map((m) => m.dsnEnvid ?? null),
+      messages.map((m) => m.dsnRet ?? null),
+      messages.map((m) => m.traceId ?? null),
+    ],
+  );
+  const idOf = new Map(inserted.rows.map((r) => [r.queue_id, r.id]));
+  const rows: Array<NewDelivery & { messageId: number }> = [];
+  batch.forEach((b, i) => {
+    const messageId = idOf.get(queueIds[i]!)!;
+    const unique = new Map<string, NewDelivery>();
+    for (const delivery of b.deliveries) if (!unique.has(delivery.route.address)) unique.set(delivery.route.address, delivery);
+    for (const delivery of unique.values()) rows.push({ ...delivery, messageId });
+  });
+  const result = await client.query<{ id: number; message_id: number; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(
+    `INSERT INTO deliveries (message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
+     SELECT r.message_id, r.recipient, r.final_recipient, r.kind, r.account_id, r.remote_domain, r.folder,
+            CASE WHEN r.dsn_notify IS NULL THEN NULL ELSE string_to_array(r.dsn_notify, ',') END, r.dsn_orcpt
+     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[])
+          AS r(message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
+     RETURNING id, message_id, kind, final_recipient, remote_domain`,
+    [
+      rows.map((d) => d.messageId),
+      rows.map((d) => d.recipient),
+      rows.map((d) => d.route.address),
+      rows.map((d) => d.route.kind),
+      rows.map((d) => (d.route.kind === "local" ? d.route.accountId : null)),
+      rows.map((d) => (d.route.kind === "remote" ? d.route.domain : null)),
+      rows.map((d) => d.folder ?? "INBOX"),
+      rows.map((d) => (d.dsnNotify?.length ? d.dsnNotify.join(",") : null)),
+      rows.map((d) => d.dsnOrcpt ?? null),
+    ],
+  );
+  const byMessage = new Map<number, AcceptedDelivery[]>();
+  for (const row of result.rows) {
+    const list = byMessage.get(row.message_id) ?? [];
+    list.push({ id: row.id, kind: row.kind, finalRecipient: row.final_recipient, remoteDomain: row.remote_domain });
+    byMessage.set(row.message_id, list);
+  }
+  await recordEvents(
+    client,
+    result.rows.map((d) => ({ messageId: d.message_id, deliveryId: d.id, event: "accepted" as const, service, detail: { recipient: d.final_recipient } })),
+  );
+  return batch.map((b, i) => {
+    const messageId = idOf.get(queueIds[i]!)!;
+    return { messageId, queueId: queueIds[i]!, traceId: b.message.traceId ?? null, deliveries: byMessage.get(messageId) ?? [] };
+  });
+}

@@ -41,7 +41,16 @@ export function relayJobs(items: DispatchItem[]): Array<RelayJob & { attempts: n
  * Msg ids are derived from the delivery ids (and the attempt count for relay jobs,
  * so a retry is not mistaken for a duplicate), so JetStream drops a repeated publish.
  */
-export async function dispatchDeliveries(bus: Bus, db: Queryable, items: DispatchItem[]): Promise<void> {
+export interface DispatchOptions {
+  /**
+   * Stamps dispatched_at for the published delivery ids instead of one UPDATE here (a caller
+   * dispatching many messages can batch the stamps; a lost stamp only means the sweeper
+   * republishes, and JetStream drops the duplicate).
+   */
+  markDispatched?: (deliveryIds: number[]) => Promise<void>;
+}
+
+export async function dispatchDeliveries(bus: Bus, db: Queryable, items: DispatchItem[], options: DispatchOptions = {}): Promise<void> {
   if (items.length === 0) return;
   const published: number[] = [];
   const work: Array<Promise<unknown>> = [];
@@ -57,7 +66,8 @@ export async function dispatchDeliveries(bus: Bus, db: Queryable, items: Dispatc
   }
   const results = await Promise.allSettled(work);
   if (published.length > 0) {
-    await db.query("UPDATE deliveries SET dispatched_at = now() WHERE id = ANY($1) AND dispatched_at IS NULL", [published]);
+    if (options.markDispatched) await options.markDispatched(published);
+    else await db.query("UPDATE deliveries SET dispatched_at = now() WHERE id = ANY($1) AND dispatched_at IS NULL", [published]);
   }
   const failed = results.find((r) => r.status === "rejected");
   if (failed) throw (failed as PromiseRejectedResult).reason;
@@ -68,10 +78,12 @@ export async function dispatchAccepted(
   bus: Bus,
   pool: Pool,
   accepted: { messageId: number; deliveries: Array<{ id: number; kind: "local" | "remote"; remoteDomain: string | null }> },
+  options: DispatchOptions = {},
 ): Promise<void> {
   await dispatchDeliveries(
     bus,
     pool,
     accepted.deliveries.map((d) => ({ id: d.id, messageId: accepted.messageId, kind: d.kind, remoteDomain: d.remoteDomain, attempts: 0 })),
+    options,
   );
 }

@@ -1,5 +1,5 @@
 import type { Pool } from "@mailstack/db";
-import { acceptMessage, insertMessage, type AcceptedMessage, type NewDelivery, type NewMessage } from "@mailstack/queue";
+import { acceptMessage, insertMessages, type AcceptedMessage, type NewDelivery, type NewMessage } from "@mailstack/queue";
 import { transaction } from "@mailstack/db";
 
 interface Pending {
@@ -32,6 +32,8 @@ export class AcceptBatcher {
   private queue: Pending[] = [];
   private inFlight = 0;
   private idleWaiters: Array<() => void> = [];
+  /** How many transactions were committed and the most messages one of them held. */
+  readonly stats = { transactions: 0, largestBatch: 0 };
 
   constructor(pool: Pool, service: string, options: AcceptBatcherOptions = {}) {
     this.pool = pool;
@@ -69,17 +71,15 @@ export class AcceptBatcher {
   }
 
   private async commit(batch: Pending[]): Promise<void> {
+    this.stats.transactions++;
+    this.stats.largestBatch = Math.max(this.stats.largestBatch, batch.length);
     if (batch.length === 1) {
       const only = batch[0]!;
       await acceptMessage(this.pool, only.message, only.deliveries, this.service).then(only.resolve, only.reject);
       return;
     }
     try {
-      const results = await transaction(this.pool, async (client) => {
-        const accepted: AcceptedMessage[] = [];
-        for (const item of batch) accepted.push(await insertMessage(client, item.message, item.deliveries, this.service));
-        return accepted;
-      });
+      const results = await transaction(this.pool, (client) => insertMessages(client, batch, this.service));
       batch.forEach((item, i) => item.resolve(results[i]!));
     } catch {
       for (const item of batch) {

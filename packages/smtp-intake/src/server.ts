@@ -11,6 +11,7 @@ import { AcceptBatcher } from "./batcher.ts";
 import { BodyScanner, headerValue, normalizeLineEndings } from "./body.ts";
 import { watchBus } from "./bus-health.ts";
 import { receivedHeader } from "./received.ts";
+import { DispatchStamper } from "./stamper.ts";
 
 /** Thrown by a hook to answer the client with this reply. */
 export class SmtpError extends Error {
@@ -143,6 +144,8 @@ export interface IntakeServer {
   /** Starts listening; resolves with the bound port (useful with port 0). */
   listen(): Promise<number>;
   port(): number;
+  /** Group-commit figures: accept transactions committed, most messages in one. */
+  stats(): { acceptTransactions: number; largestBatch: number };
   /** Stops accepting, lets sessions finish their current transaction (up to graceMs), waits for commits. */
   stop(graceMs?: number): Promise<void>;
 }
@@ -244,6 +247,8 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const perIp = new Map<string, number>();
   const batcher = new AcceptBatcher(pool, service, { concurrency: limits.acceptConcurrency, maxBatch: limits.acceptBatchMax });
   const busWatch = watchBus(bus);
+  const stamper = new DispatchStamper(pool, logger);
+  const markDispatched = (ids: number[]) => stamper.mark(ids);
   const inFlight = new Set<Promise<unknown>>();
   const tlsMode = options.tlsMode ?? "starttls";
   const authOffered = !!options.auth;
@@ -559,7 +564,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       mailMetrics.messagesAccepted.inc({ service });
       logger.info({ queueId, messageId: accepted.messageId, deliveries: accepted.deliveries.length, size: stored.length, trace_id: traceId }, "message accepted");
       // Dispatch follows the commit; if it fails the sweeper republishes.
-      const dispatch = context.with(traceContext, () => dispatchAccepted(bus, pool, accepted)).catch((error) =>
+      const dispatch = context.with(traceContext, () => dispatchAccepted(bus, pool, accepted, { markDispatched })).catch((error) =>
         logger.warn({ err: error, queueId }, "dispatch failed; the sweeper will republish"),
       );
       inFlight.add(dispatch);
@@ -629,11 +634,13 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       });
     },
     port: () => boundPort,
+    stats: () => ({ acceptTransactions: batcher.stats.transactions, largestBatch: batcher.stats.largestBatch }),
     async stop(graceMs = 10_000) {
       (server.options as { closeTimeout?: number }).closeTimeout = graceMs;
       await new Promise<void>((resolve) => server.close(() => resolve()));
       while (inFlight.size > 0) await Promise.allSettled([...inFlight]);
       await batcher.idle();
+      await stamper.idle();
       busWatch.stop();
     },
   };

@@ -144,8 +144,10 @@ describe("accepting a message", () => {
   });
 
   test("concurrent sessions are group-committed and each gets its own 250 after the commit", async () => {
+    const grouped = await startIntake(env.pool, env.bus, { limits: { acceptConcurrency: 1 } });
+    extra.push(grouped);
     const before = await messageCount(env.pool);
-    const clients = await Promise.all(Array.from({ length: 20 }, () => open()));
+    const clients = await Promise.all(Array.from({ length: 20 }, () => open(grouped.port())));
     const replies = await Promise.all(clients.map((c, i) => send(c, "sender@remote.example", ["user1@example.test"], sampleMessage({ subject: `c${i}` }))));
     const queueIds = new Set(replies.map((r) => r.text.split(" ").pop()));
     assert.equal(queueIds.size, 20);
@@ -153,6 +155,10 @@ describe("accepting a message", () => {
     const stored = await env.pool.query("SELECT queue_id FROM messages WHERE queue_id = ANY($1)", [[...queueIds]]);
     assert.equal(stored.rowCount, 20, "every message that got 250 is in the database");
     assert.equal(await messageCount(env.pool), before + 20);
+    const stats = grouped.stats();
+    assert.ok(stats.largestBatch > 1 && stats.acceptTransactions < 20, `messages shared transactions: ${JSON.stringify(stats)}`);
+    const events = await env.pool.query("SELECT count(*)::int AS n FROM delivery_events e JOIN messages m ON m.id = e.message_id WHERE m.queue_id = ANY($1) AND e.event = 'accepted'", [[...queueIds]]);
+    assert.equal(events.rows[0].n, 20, "one accepted event per delivery");
     for (const c of clients) c.close();
   });
 });

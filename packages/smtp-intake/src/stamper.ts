@@ -1,0 +1,51 @@
+import { transaction, type Pool } from "@mailstack/db";
+import type { Logger } from "@mailstack/telemetry";
+
+/**
+ * Batches the dispatched_at stamps of deliveries published after their commit: one UPDATE
+ * for everything published meanwhile, committed without waiting for the WAL flush
+ * (synchronous_commit off). A stamp lost in a crash only makes the sweeper republish, and
+ * JetStream drops the duplicate; the message itself was committed durably before its 250.
+ */
+export class DispatchStamper {
+  private readonly pool: Pool;
+  private readonly logger: Logger;
+  private pending: number[] = [];
+  private waiters: Array<{ resolve: () => void; reject: (error: unknown) => void }> = [];
+  private running: Promise<void> | null = null;
+
+  constructor(pool: Pool, logger: Logger) {
+    this.pool = pool;
+    this.logger = logger;
+  }
+
+  mark(deliveryIds: number[]): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.pending.push(...deliveryIds);
+      this.waiters.push({ resolve, reject });
+      this.running ??= this.run();
+    });
+  }
+
+  async idle(): Promise<void> {
+    while (this.running) await this.running;
+  }
+
+  private async run(): Promise<void> {
+    while (this.pending.length > 0) {
+      const ids = this.pending.splice(0);
+      const waiters = this.waiters.splice(0);
+      try {
+        await transaction(this.pool, async (client) => {
+          await client.query("SET LOCAL synchronous_commit = off");
+          await client.query("UPDATE deliveries SET dispatched_at = now() WHERE id = ANY($1) AND dispatched_at IS NULL", [ids]);
+        });
+        for (const w of waiters) w.resolve();
+      } catch (error) {
+        this.logger.warn({ err: error, count: ids.length }, "could not stamp dispatched deliveries; the sweeper will republish them");
+        for (const w of waiters) w.reject(error);
+      }
+    }
+    this.running = null;
+  }
+}

@@ -21,6 +21,12 @@ export function plainProblem(token: string): string | null {
   return null;
 }
 
+/** A PLAIN authorization identity other than the user's own: acting as someone else is not supported. */
+export function plainActsAsOther(token: string): boolean {
+  const [authzid, authcid] = Buffer.from(token, "base64").toString("utf8").split("\x00");
+  return !!authzid && !!authcid && authzid.toLowerCase() !== authcid.toLowerCase();
+}
+
 /** Why a LOGIN response line (user name or password) is malformed; null when it is well formed. */
 export function loginProblem(line: string, what: "user name" | "password"): string | null {
   const decoded = decodeBase64Strict(line);
@@ -54,6 +60,10 @@ export function installStrictSasl(): void {
     const token = String(rawToken ?? "").trim();
     const problem = canAbort && token === "*" ? null : plainProblem(token);
     if (problem) return refuse(this, problem, callback);
+    if (!(canAbort && token === "*") && plainActsAsOther(token)) {
+      this.send(535, "5.7.8 Authentication as another user (a different authorization identity) is not supported");
+      return callback();
+    }
     return plainToken.call(this, canAbort, rawToken, callback);
   };
 

@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { fixMessage, type FixContext } from "../src/fixup.ts";
-import { plainProblem, loginProblem } from "../src/sasl.ts";
+import { loginProblem, plainActsAsOther, plainProblem } from "../src/sasl.ts";
 
 const context: FixContext = {
   user: "alice@example.test",
@@ -90,6 +90,8 @@ test("SASL data checks: bad base64 and missing parts", () => {
   assert.match(plainProblem(b64("alice\x00secret"))!, /expected authzid/);
   assert.match(plainProblem(b64("\x00alice\x00"))!, /missing password/);
   assert.match(plainProblem(b64("\x00\x00secret"))!, /missing user name/);
+  assert.equal(plainActsAsOther(b64("Alice@example.test\x00alice@example.test\x00pw")), false);
+  assert.equal(plainActsAsOther(b64("bob@example.test\x00alice@example.test\x00pw")), true);
   assert.equal(loginProblem(b64("alice"), "user name"), null);
   assert.match(loginProblem("", "password")!, /missing password/);
   assert.match(loginProblem("%%%", "password")!, /not base64/);

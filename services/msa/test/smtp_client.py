@@ -39,6 +39,7 @@ elif scenario == "malformed":
     out["plain_bad_base64"] = [c for c in [s.docmd("AUTH", "PLAIN !!!notbase64")[0]]]
     out["plain_missing_part"] = s.docmd("AUTH", "PLAIN " + b64("alice@example.test\0secret"))[0]
     out["plain_missing_password"] = list(s.docmd("AUTH", "PLAIN " + b64("\0alice@example.test\0")))
+    out["plain_other_authzid"] = list(s.docmd("AUTH", "PLAIN " + b64("bob@example.test\0alice@example.test\0whatever")))
     code, _ = s.docmd("AUTH", "LOGIN")
     out["login_prompt"] = code
     out["login_bad_username"] = list(s.docmd("bm90 YmFzZTY0"))

@@ -69,6 +69,8 @@ test("malformed SASL data is 501 5.5.2 and no password is checked", async () => 
   assert.equal(result.plain_missing_part, 501);
   assert.equal(result.plain_missing_password[0], 501);
   assert.match(result.plain_missing_password[1], /^5\.5\.2 .*missing password/);
+  assert.equal(result.plain_other_authzid[0], 535);
+  assert.match(result.plain_other_authzid[1], /^5\.7\.8 .*another user/);
   assert.equal(result.login_prompt, 334);
   assert.equal(result.login_bad_username[0], 501);
   assert.match(result.login_bad_username[1], /^5\.5\.2 /);

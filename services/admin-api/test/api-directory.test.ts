@@ -47,6 +47,15 @@ test("domains: create with a DKIM key answers with MX, SPF, DKIM and DMARC recor
   assert.equal(rotated.domain.dkimAlgorithm, "ed25519-sha256");
   assert.match(rotated.dnsRecords.find((r) => r.purpose === "dkim")!.value, /^v=DKIM1; k=ed25519; p=[A-Za-z0-9+/]{43}=$/);
 
+  const zone = await mailctl(h.db.url, ["domain", "dns", "example.test", "--mx", "mx.mailstack.test"]);
+  assert.equal(zone.code, 0, zone.stderr);
+  const lines = zone.stdout.trim().split("\n");
+  assert.equal(lines[0], "example.test.\t3600\tIN\tMX\t10 mx.mailstack.test.");
+  assert.equal(lines[1], 'example.test.\t3600\tIN\tTXT\t"v=spf1 mx -all"');
+  const dkimValue = rotated.dnsRecords.find((r) => r.purpose === "dkim")!.value;
+  assert.equal(lines[2], `s2._domainkey.example.test.\t3600\tIN\tTXT\t"${dkimValue}"`);
+  assert.match(lines[3]!, /^_dmarc\.example\.test\.\t3600\tIN\tTXT\t"v=DMARC1; p=quarantine; /);
+
   const plain = await json<{ dnsRecords: Record_[] }>(await h.call("POST", "/domains", { body: { name: "plain.test" } }), 201);
   assert.deepEqual(plain.dnsRecords.map((r) => r.purpose), ["mx", "spf", "dmarc"]);
   const list = await json<{ domains: { name: string }[] }>(await h.call("GET", "/domains"), 200);

@@ -7,6 +7,7 @@ import { addAccount, addDomain } from "@mailstack/db";
 import { createApiToken } from "@mailstack/admin-ops";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { mailctl } from "./helpers.ts";
 import { apiConfig } from "../src/api/config.ts";
 import { startAdminApi, type RunningAdminApi } from "../src/api/server.ts";
 
@@ -88,6 +89,14 @@ test("a mail through mta-inbound and the MDA shows its whole journey in the API,
   assert.equal(message.traceId, stored.rows[0].trace_id);
   assert.match(message.traceId ?? "", /^[0-9a-f]{32}$/);
   assert.equal(message.traceUrl, `http://jaeger.local:16686/trace/${message.traceId}`);
+
+  // mailctl prints the same journey from the same code.
+  const cli = await mailctl(env.db.url, ["journey", "<e2e-journey@remote.test>"]);
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.match(cli.stdout, new RegExp(`^message ${message.queueId} <e2e-journey@remote.test> from <r@remote.test> via inbound`, "m"));
+  assert.match(cli.stdout, new RegExp(`^  trace: http://localhost:16686/trace/${message.traceId}$`, "m"));
+  assert.match(cli.stdout, /^  <ann@journey\.test> local delivered, attempts \d+/m);
+  assert.match(cli.stdout, /^    \S+  delivered  mda/m);
 
   const exported = await fetch(`${api.url}/accounts/ann@journey.test/export?format=mbox&folder=INBOX`, { headers });
   const mbox = Buffer.from(await exported.arrayBuffer()).toString("latin1");

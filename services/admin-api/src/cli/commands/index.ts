@@ -5,3 +5,5 @@ import "./token.ts";
 import "./mailbox.ts";
 import "./filter.ts";
 import "./queue.ts";
+import "./journey.ts";
+import "./dns.ts";

@@ -96,3 +96,14 @@ test("SASL data checks: bad base64 and missing parts", () => {
   assert.match(loginProblem("", "password")!, /missing password/);
   assert.match(loginProblem("%%%", "password")!, /not base64/);
 });
+
+test("UTF-8 (SMTPUTF8) From: addresses are compared in their UTF-8 form", () => {
+  const owned = new Set(["josé@example.test"]);
+  const raw = Buffer.from("From: José <JOSÉ@example.test>\r\nDate: x\r\nMessage-ID: <a@b>\r\n\r\nhola\r\n", "utf8");
+  const result = fixMessage(raw, { ...context, owned, user: "josé@example.test" });
+  assert.ok(result.ok);
+  assert.deepEqual(result.fromAddresses, ["josé@example.test"]);
+  assert.ok(result.message.equals(raw), "nothing to change, bytes untouched");
+  const other = fixMessage(Buffer.from("From: <jose@example.test>\r\n\r\nx\r\n", "utf8"), { ...context, owned });
+  assert.ok(!other.ok);
+});

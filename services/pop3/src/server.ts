@@ -138,6 +138,7 @@ class Connection implements SessionIo {
     this.credentials = credentials;
     this.logger = deps.logger;
     this.remoteAddress = socket.remoteAddress ?? "";
+    socket.setNoDelay(true);
     this.finished = new Promise((resolve) => (this.resolveFinished = resolve));
     this.session = new Pop3Session(this, deps);
     this.attach(socket);

@@ -42,6 +42,8 @@ export interface SessionDeps {
 type State = "authorization" | "transaction" | "closed";
 
 const EVENT_BATCH = 200;
+const WRITE_BATCH = 64 * 1024;
+const TERMINATOR = Buffer.from(".\r\n");
 
 /** Whether an address is loopback (127/8, ::1, IPv4-mapped 127/8). */
 export function isLoopback(address: string): boolean {
@@ -339,25 +341,32 @@ export class Pop3Session {
   }
 
   private async sendMessage(entry: Entry, bodyLines: number | null, status: string): Promise<void> {
-    // The status line goes out only with the first body bytes, so a read failure can still be an -ERR.
-    let pending: Buffer | null = Buffer.from(`${status}\r\n`);
+    // Output is gathered into writes of up to 64 KiB, so a small message (status line, body and
+    // terminator) leaves in one segment. The status line goes out only with the first body bytes,
+    // so a read failure before that can still be answered with -ERR.
+    let pending: Buffer[] = [Buffer.from(`${status}\r\n`)];
+    let pendingBytes = pending[0]!.length;
+    let started = false;
     try {
       await this.maildrop!.send(entry, bodyLines, (data) => {
-        if (pending) {
-          const first = Buffer.concat([pending, data]);
-          pending = null;
-          return this.io.write(first);
-        }
-        return this.io.write(data);
+        pending.push(data);
+        pendingBytes += data.length;
+        if (pendingBytes < WRITE_BATCH) return;
+        const out = Buffer.concat(pending, pendingBytes);
+        pending = [];
+        pendingBytes = 0;
+        started = true;
+        return this.io.write(out);
       });
     } catch (error) {
       this.deps.logger.error({ err: error, entry: entry.id }, "pop3 could not read message");
-      if (pending) return this.reply("-ERR [SYS/TEMP] could not read the message; try again later");
-      // Half a message was sent; the only honest thing left is to drop the connection.
+      if (!started) return this.reply("-ERR [SYS/TEMP] could not read the message; try again later");
+      // Part of the message was sent; the only honest thing left is to drop the connection.
       this.io.close();
       return;
     }
-    await this.io.write(pending ? Buffer.concat([pending, Buffer.from(".\r\n")]) : ".\r\n");
+    pending.push(TERMINATOR);
+    await this.io.write(Buffer.concat(pending, pendingBytes + TERMINATOR.length));
   }
 
   private async dele(args: string[]): Promise<void> {

@@ -33,25 +33,30 @@ export class MessageEncoder {
     // Worst case every byte is an LF that needs a CR, or a line start that needs a dot.
     const out = Buffer.allocUnsafe(chunk.length * 2 + 2);
     let o = 0;
-    for (let i = 0; i < chunk.length; i++) {
-      const b = chunk[i]!;
-      if (b === LF) {
-        if (!this.lastCR) {
-          out[o++] = CR;
-          this.length++;
-        }
-        out[o++] = LF;
-        this.length++;
-        this.endLine();
-        if (this.done) break;
-        continue;
+    let i = 0;
+    // Line by line: copy up to the next LF, then fix the line ending.
+    while (i < chunk.length) {
+      if (this.atLineStart && this.stuff && chunk[i] === DOT) out[o++] = DOT;
+      const lf = chunk.indexOf(LF, i);
+      const end = lf < 0 ? chunk.length : lf;
+      if (end > i) {
+        chunk.copy(out, o, i, end);
+        o += end - i;
+        this.length += end - i;
+        this.lineBytes += end - i;
+        this.lastCR = chunk[end - 1] === CR;
+        this.atLineStart = false;
       }
-      if (this.atLineStart && b === DOT && this.stuff) out[o++] = DOT;
-      out[o++] = b;
+      if (lf < 0) break;
+      if (!this.lastCR) {
+        out[o++] = CR;
+        this.length++;
+      }
+      out[o++] = LF;
       this.length++;
-      this.atLineStart = false;
-      this.lastCR = b === CR;
-      this.lineBytes++;
+      i = lf + 1;
+      this.endLine();
+      if (this.done) break;
     }
     return out.subarray(0, o);
   }

@@ -59,13 +59,13 @@ test("SIGKILL of the service mid-session releases the maildrop lock and deletes 
 
   const replacement = await startTestServer(env);
   try {
-    const again = await waitFor(async () => {
+    const again = (await waitFor(async () => {
       const c = (await PopClient.connect(replacement.port)).client;
       const reply = await c.login(account);
       if (reply.startsWith("+OK")) return { c, reply };
       c.close();
       return null;
-    }, 10_000, 200);
+    }, 10_000, 200))!;
     assert.equal(again.reply.startsWith("+OK maildrop has 1 messages"), true, again.reply);
     await again.c.command("QUIT");
   } finally {

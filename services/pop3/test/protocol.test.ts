@@ -122,7 +122,7 @@ test("DELE + RSET restores; DELE + dropped connection deletes nothing; DELE + QU
   assert.equal(await client.command("DELE 2"), "+OK message 2 deleted");
   client.close(); // dropped: no UPDATE state
 
-  ({ client } = await (async () => {
+  ({ client } = (await (async () => {
     // The lock is released when the dropped session ends.
     return waitFor(async () => {
       const attempt = await PopClient.connect(server.port);
@@ -131,7 +131,7 @@ test("DELE + RSET restores; DELE + dropped connection deletes nothing; DELE + QU
       attempt.client.close();
       return null;
     }, 5_000);
-  })());
+  })())!);
   assert.equal(await client.command("STAT"), `+OK 3 ${3 * size}`, "a dropped connection deletes nothing");
   assert.equal(await client.command("DELE 1"), "+OK message 1 deleted");
   assert.equal(await client.command("DELE 3"), "+OK message 3 deleted");

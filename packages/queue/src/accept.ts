@@ -133,27 +133,23 @@ export async function insertMessages(
   if (batch.length === 0) return [];
   const queueIds = batch.map((b) => b.message.queueId ?? newQueueId());
   const messages = batch.map((b) => b.message);
+  // Multi-row VALUES rather than unnest: a Buffer parameter travels in binary, while a
+  // bytea[] array would be hex text twice the size of the messages.
+  const values: unknown[] = [];
+  const tuples = messages.map((m, i) => {
+    const row = [
+      queueIds[i], m.raw, m.raw.length, m.envelopeFrom, m.source, m.clientIp ?? null, m.clientHelo ?? null, m.authUser ?? null,
+      m.messageIdHeader ?? null, m.authResults ? JSON.stringify(m.authResults) : null, m.dsnEnvid ?? null, m.dsnRet ?? null, m.traceId ?? null,
+    ];
+    const first = values.length + 1;
+    values.push(...row);
+    return `(${row.map((_, j) => `$${first + j}${j === 9 ? "::jsonb" : ""}`).join(", ")})`;
+  });
   const inserted = await client.query<{ id: number; queue_id: string }>(
     `INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
                            message_id_header, auth_results, dsn_envid, dsn_ret, trace_id)
-     SELECT * FROM unnest($1::text[], $2::bytea[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                          $9::text[], $10::jsonb[], $11::text[], $12::text[], $13::text[])
-     RETURNING id, queue_id`,
-    [
-      queueIds,
-      messages.map((m) => m.raw),
-      messages.map((m) => m.raw.length),
-      messages.map((m) => m.envelopeFrom),
-      messages.map((m) => m.source),
-      messages.map((m) => m.clientIp ?? null),
-      messages.map((m) => m.clientHelo ?? null),
-      messages.map((m) => m.authUser ?? null),
-      messages.map((m) => m.messageIdHeader ?? null),
-      messages.map((m) => (m.authResults ? JSON.stringify(m.authResults) : null)),
-      messages.map((m) => m.dsnEnvid ?? null),
-      messages.map((m) => m.dsnRet ?? null),
-      messages.map((m) => m.traceId ?? null),
-    ],
+     VALUES ${tuples.join(", ")} RETURNING id, queue_id`,
+    values,
   );
   const idOf = new Map(inserted.rows.map((r) => [r.queue_id, r.id]));
   const rows: Array<NewDelivery & { messageId: number }> = [];

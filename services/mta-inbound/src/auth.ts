@@ -8,11 +8,40 @@ import type { Logger } from "@mailstack/telemetry";
 
 export type DnsResolver = (name: string, rrtype: string) => Promise<string[][] | string[]>;
 
-/** A DNS resolver for mailauth that asks the given servers ("ip" or "ip:port"), or the system's when empty. */
-export function createResolver(servers: string[], timeoutMs = 2_000): DnsResolver {
-  const resolver = new dns.Resolver({ timeout: timeoutMs, tries: 2 });
+export interface ResolverOptions {
+  timeoutMs?: number;
+  /** How long answers (and "no such name/record" answers) are reused. 0 turns the cache off. */
+  cacheTtlMs?: number;
+  cacheEntries?: number;
+}
+
+/**
+ * A DNS resolver for mailauth that asks the given servers ("ip" or "ip:port"), or the
+ * system's when empty, with a small bounded cache: the same sender domains come back all
+ * the time, and SPF, DKIM and DMARC records change rarely. Concurrent lookups of one name
+ * share one query; temporary failures are not cached.
+ */
+export function createResolver(servers: string[], options: ResolverOptions = {}): DnsResolver {
+  const resolver = new dns.Resolver({ timeout: options.timeoutMs ?? 2_000, tries: 2 });
   if (servers.length > 0) resolver.setServers(servers);
-  return (name, rrtype) => resolver.resolve(name, rrtype) as Promise<string[][] | string[]>;
+  const ttl = options.cacheTtlMs ?? 60_000;
+  const max = options.cacheEntries ?? 10_000;
+  const cache = new Map<string, { expires: number; answer: Promise<string[][] | string[]> }>();
+  return (name, rrtype) => {
+    if (ttl <= 0) return resolver.resolve(name, rrtype) as Promise<string[][] | string[]>;
+    const key = `${rrtype} ${name.toLowerCase()}`;
+    const now = Date.now();
+    const hit = cache.get(key);
+    if (hit && hit.expires > now) return hit.answer;
+    if (hit) cache.delete(key);
+    const answer = resolver.resolve(name, rrtype) as Promise<string[][] | string[]>;
+    cache.set(key, { expires: now + ttl, answer });
+    answer.catch((error: { code?: string }) => {
+      if (error?.code !== "ENOTFOUND" && error?.code !== "ENODATA") cache.delete(key);
+    });
+    if (cache.size > max) cache.delete(cache.keys().next().value!);
+    return answer;
+  };
 }
 
 export interface AuthCheckOptions {

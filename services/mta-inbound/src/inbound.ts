@@ -13,6 +13,8 @@ export const inboundShape = {
   SMTP_HOST: z.string().default("0.0.0.0"),
   /** DNS servers for SPF/DKIM/DMARC lookups ("ip" or "ip:port", comma-separated); the system's when empty. */
   DNS_SERVERS: list(""),
+  /** How long DNS answers for SPF/DKIM/DMARC are reused in-process (0: no cache). */
+  DNS_CACHE_TTL: duration("60s"),
   /** SPF, DKIM and DMARC checks with an Authentication-Results: header. */
   INBOUND_AUTH_CHECKS: bool(true),
   INBOUND_AUTH_TIMEOUT: duration("15s"),
@@ -27,6 +29,7 @@ export interface InboundConfig {
   SMTP_HOST: string;
   SMTP_BANNER?: string;
   DNS_SERVERS: string[];
+  DNS_CACHE_TTL: number;
   INBOUND_AUTH_CHECKS: boolean;
   INBOUND_AUTH_TIMEOUT: number;
   INBOUND_SWEEP_INTERVAL: number;
@@ -40,6 +43,7 @@ export const defaultInboundConfig: InboundConfig = {
   SMTP_PORT: 25,
   SMTP_HOST: "0.0.0.0",
   DNS_SERVERS: [],
+  DNS_CACHE_TTL: 60_000,
   INBOUND_AUTH_CHECKS: true,
   INBOUND_AUTH_TIMEOUT: 15_000,
   INBOUND_SWEEP_INTERVAL: 10_000,
@@ -61,7 +65,7 @@ export async function startInbound(options: { pool: Pool; bus: Bus; logger: Logg
   const config = { ...defaultInboundConfig, ...options.config };
   const { pool, bus, logger } = options;
   const authCheck = config.INBOUND_AUTH_CHECKS
-    ? createAuthCheck({ pool, logger, hostname: config.MAIL_HOSTNAME, resolver: createResolver(config.DNS_SERVERS), timeoutMs: config.INBOUND_AUTH_TIMEOUT })
+    ? createAuthCheck({ pool, logger, hostname: config.MAIL_HOSTNAME, resolver: createResolver(config.DNS_SERVERS, { cacheTtlMs: config.DNS_CACHE_TTL }), timeoutMs: config.INBOUND_AUTH_TIMEOUT })
     : undefined;
   const intake = createIntakeServer({
     service: "mta-inbound",

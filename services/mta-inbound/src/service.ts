@@ -27,6 +27,7 @@ export async function main(): Promise<void> {
           SMTP_HOST: config.SMTP_HOST,
           SMTP_BANNER: config.SMTP_BANNER,
           DNS_SERVERS: config.DNS_SERVERS,
+          DNS_CACHE_TTL: config.DNS_CACHE_TTL,
           INBOUND_AUTH_CHECKS: config.INBOUND_AUTH_CHECKS,
           INBOUND_AUTH_TIMEOUT: config.INBOUND_AUTH_TIMEOUT,
           INBOUND_SWEEP_INTERVAL: config.INBOUND_SWEEP_INTERVAL,

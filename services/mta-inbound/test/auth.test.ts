@@ -6,6 +6,7 @@ import { addAccount, addDomain } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "@mailstack/smtp-intake/testing";
+import { createResolver } from "../src/auth.ts";
 import { startInbound, type Inbound } from "../src/inbound.ts";
 import { startDnsServer } from "./dns-server.ts";
 
@@ -122,4 +123,20 @@ describe("SPF, DKIM and DMARC", () => {
     const deliveries = await env.pool.query("SELECT folder FROM deliveries WHERE message_id = $1", [row.id]);
     assert.deepEqual(deliveries.rows.map((d) => d.folder), ["Junk"]);
   });
+});
+
+test("the resolver cache answers repeated lookups, including 'no such name', from memory", async () => {
+  const resolve = createResolver([dns.address], { cacheTtlMs: 60_000 });
+  const asked = () => dns.queries.filter((q) => q.endsWith("cache.remote.example") || q === "TXT remote.example").length;
+  const before = asked();
+  const [a, b] = await Promise.all([resolve("remote.example", "TXT"), resolve("remote.example", "TXT")]);
+  assert.deepEqual(a, [["v=spf1 ip4:127.0.0.1 -all"]]);
+  assert.deepEqual(b, a);
+  await assert.rejects(resolve("nothing.cache.remote.example", "TXT"), { code: "ENOTFOUND" });
+  await assert.rejects(resolve("nothing.cache.remote.example", "TXT"), { code: "ENOTFOUND" });
+  assert.equal(asked() - before, 2, "one query per name");
+  const uncached = createResolver([dns.address], { cacheTtlMs: 0 });
+  await uncached("remote.example", "TXT");
+  await uncached("remote.example", "TXT");
+  assert.equal(asked() - before, 4);
 });

@@ -1,6 +1,6 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { setAccountDisabled, setAccountPassword } from "@mailstack/db";
+import { createPool, setAccountDisabled, setAccountPassword } from "@mailstack/db";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { startMsa } from "../src/server.ts";
 import { memoryLogger, PASSWORDS, python, seedDirectory, testSettings, testTls } from "./helpers.ts";
@@ -105,4 +105,17 @@ test("the login cache: a remembered login stops working as soon as the password 
       await setAccountPassword(env.pool, "dave@example.test", PASSWORDS.dave);
     }
   });
+});
+
+test("PostgreSQL unreachable: AUTH answers 454 4.7.0 (temporary), never 535", async () => {
+  const broken = createPool({ url: "postgres://postgres@127.0.0.1:1/nowhere", max: 2 });
+  const msa = await startMsa({ pool: broken, bus: env.bus, logger, tls, settings: testSettings() });
+  try {
+    const result = await python(["plain-auth-tls", String(msa.submissionPort), "alice@example.test", PASSWORDS.alice]);
+    assert.equal(result.auth[0], 454);
+    assert.match(result.auth[1], /^4\.7\.0 /);
+  } finally {
+    await msa.stop();
+    await broken.end();
+  }
 });

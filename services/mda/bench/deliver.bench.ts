@@ -1,6 +1,6 @@
 // MDA throughput: N accepted 4 KiB messages are dispatched at once; measures how fast the
 // consumer files them (deliveries per second) and the accept-to-mailbox latency.
-// Run from /work/main: node services/mda/bench/deliver.bench.ts [messages] [concurrency]
+// Run from /work/main: node services/mda/bench/deliver.bench.ts [messages] [concurrency] [accounts]
 import { dispatchDeliveries, insertMessage } from "@mailstack/queue";
 import { transaction } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
@@ -10,10 +10,11 @@ import { account, message } from "../test/helpers.ts";
 
 const count = Number(process.argv[2] ?? 5_000);
 const concurrency = Number(process.argv[3] ?? 32);
+const accountCount = Number(process.argv[4] ?? 20);
 const env = await createTestEnv({ maxAckPending: 10_000 });
 try {
   const accounts: Array<{ id: number; address: string }> = [];
-  for (let i = 0; i < 20; i++) accounts.push({ id: await account(env.pool, `bench${i}@bench.test`), address: `bench${i}@bench.test` });
+  for (let i = 0; i < accountCount; i++) accounts.push({ id: await account(env.pool, `bench${i}@bench.test`), address: `bench${i}@bench.test` });
   const body = message("bench", `${"x".repeat(76)}\r\n`.repeat(50));
   const items: Array<{ id: number; messageId: number; kind: "local"; remoteDomain: null; attempts: number }> = [];
   for (let start = 0; start < count; start += 500) {
@@ -40,7 +41,7 @@ try {
        FROM (SELECT extract(epoch FROM e.created_at - m.received_at) * 1000 AS ms
                FROM mailbox_entries e JOIN messages m ON m.id = e.message_id) t`,
   )).rows[0];
-  console.log(`${count} deliveries, concurrency ${concurrency}: ${(count / seconds).toFixed(0)} deliveries/s (${seconds.toFixed(1)} s); ` +
+  console.log(`${count} deliveries to ${accountCount} accounts, concurrency ${concurrency}: ${(count / seconds).toFixed(0)} deliveries/s (${seconds.toFixed(1)} s); ` +
     `dispatch-to-mailbox p50 ${Number(latency.p50).toFixed(0)} ms, p99 ${Number(latency.p99).toFixed(0)} ms (backlog drained at once, so latency grows with N); ` +
     `rss ${(process.memoryUsage().rss / 1048576).toFixed(0)} MB`);
   await mda.stop();

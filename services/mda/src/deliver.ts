@@ -31,9 +31,9 @@ export type Outcome =
   | { status: "forwarded"; to: string; messageId: number }
   | { status: "bounced"; code: number; enhanced: string; text: string };
 
-const FINAL_STATES = new Set(["delivered", "bounced", "cancelled"]);
+export const FINAL_STATES = new Set(["delivered", "bounced", "cancelled"]);
 
-interface Row {
+export interface Row {
   id: number;
   message_id: number;
   state: string;
@@ -142,9 +142,10 @@ async function createForward(client: PoolClient, row: Row, to: string): Promise<
 }
 
 /**
- * Delivers one local delivery in one transaction: lock the row, check it is still pending,
- * check the account, apply the rules, quota, UID, entry, state and event; commit. Safe to
- * call any number of times for the same delivery: only the first call has an effect.
+ * Delivers one local delivery: under the delivery's row lock, check it is still pending,
+ * check the account, apply the rules, quota, UID, entry, state and event, all in one
+ * transaction. Safe to call any number of times for the same delivery: only the first call
+ * has an effect. (The consumer files plain cases in batches: batch.ts.)
  */
 export async function deliverLocal(ctx: DeliverContext, deliveryId: number, options: DeliverOptions = {}): Promise<Outcome> {
   const stopTimer = mdaMetrics.handleSeconds.startTimer();
@@ -154,7 +155,7 @@ export async function deliverLocal(ctx: DeliverContext, deliveryId: number, opti
   return outcome;
 }
 
-function observeFiled(row: Row): void {
+export function observeFiled(row: Row): void {
   mdaMetrics.acceptToMailbox.observe(Math.max(0, (Date.now() - new Date(row.received_at).getTime()) / 1000));
 }
 
@@ -182,7 +183,7 @@ async function deliverOnce(ctx: DeliverContext, deliveryId: number, options: Del
   return deliverInTransaction(ctx, deliveryId, options);
 }
 
-function decideFor(row: Row): Decision {
+export function decideFor(row: Row): Decision {
   const prefixSize = headerPrefix(row.envelope_from, row.final_recipient).length;
   return decide(row.rules, {
     headers: row.parsed?.headers ?? [],
@@ -238,16 +239,16 @@ async function fileFast(ctx: DeliverContext, row: Row, folder: string): Promise<
   return { status: "delivered", folder, uid };
 }
 
-const ROW_COLUMNS = `d.id, d.message_id, d.state, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
+export const ROW_COLUMNS = `d.id, d.message_id, d.state, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
        m.envelope_from, m.size AS message_size, m.trace_id, m.received_at, m.parsed, a.address, a.disabled,
        COALESCE((SELECT json_agg(f ORDER BY f.position) FROM filter_rules f WHERE f.account_id = d.account_id), '[]') AS rules`;
-const ROW_FROM = `FROM deliveries d
+export const ROW_FROM = `FROM deliveries d
          JOIN messages m ON m.id = d.message_id
          LEFT JOIN accounts a ON a.id = d.account_id
         WHERE d.id = $1`;
 
 /** The general path: everything under the delivery's row lock in one explicit transaction. */
-async function deliverInTransaction(ctx: DeliverContext, deliveryId: number, options: DeliverOptions): Promise<Outcome> {
+export async function deliverInTransaction(ctx: DeliverContext, deliveryId: number, options: DeliverOptions): Promise<Outcome> {
   let forwarded: AcceptedMessage | null = null;
   const client = await ctx.pool.connect();
   let outcome: Outcome | undefined;

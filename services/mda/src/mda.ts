@@ -3,7 +3,8 @@ import { Consumers, PermanentError, Streams, Subjects, consume, type Bus, type C
 import type { Pool } from "@mailstack/db";
 import { startSweeper, type LocalJob } from "@mailstack/queue";
 import type { Logger } from "@mailstack/telemetry";
-import { deliverLocal, type DeliverContext } from "./deliver.ts";
+import { DeliveryBatcher } from "./batch.ts";
+import type { DeliverContext } from "./deliver.ts";
 import { networkList, startLmtp, type LmtpServer } from "./lmtp.ts";
 
 /** The MDA's own settings (environment variables), on top of the common ones. */
@@ -22,8 +23,11 @@ export const mdaShape = {
       ctx.addIssue({ code: z.ZodIssueCode.custom, message: (error as Error).message });
     }
   }),
-  /** Deliveries handled at once by this process. */
-  MDA_CONCURRENCY: integer(32, 1),
+  /** Jobs handled at once by this process. */
+  MDA_CONCURRENCY: integer(64, 1),
+  /** Most deliveries filed in one transaction, and batch transactions running at once. */
+  MDA_BATCH_MAX: integer(64, 1),
+  MDA_BATCH_PARALLEL: integer(2, 1),
   /** How often queued local deliveries that were never dispatched are republished. */
   MDA_SWEEP_INTERVAL: duration("10s"),
   MDA_SWEEP_UNDISPATCHED_AFTER: duration("15s"),
@@ -40,6 +44,8 @@ export interface MdaConfig {
   LMTP_IDLE_TIMEOUT: number;
   LMTP_ALLOWED_NETWORKS: string[];
   MDA_CONCURRENCY: number;
+  MDA_BATCH_MAX: number;
+  MDA_BATCH_PARALLEL: number;
   MDA_SWEEP_INTERVAL: number;
   MDA_SWEEP_UNDISPATCHED_AFTER: number;
   MDA_SWEEP_STUCK_AFTER: number;
@@ -54,7 +60,9 @@ export const defaultMdaConfig: MdaConfig = {
   LMTP_MAX_CLIENTS: 200,
   LMTP_IDLE_TIMEOUT: 60_000,
   LMTP_ALLOWED_NETWORKS: ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
-  MDA_CONCURRENCY: 32,
+  MDA_CONCURRENCY: 64,
+  MDA_BATCH_MAX: 64,
+  MDA_BATCH_PARALLEL: 2,
   MDA_SWEEP_INTERVAL: 10_000,
   MDA_SWEEP_UNDISPATCHED_AFTER: 15_000,
   MDA_SWEEP_STUCK_AFTER: 600_000,
@@ -74,6 +82,7 @@ export interface Mda {
 export async function startMda(options: { pool: Pool; bus: Bus; logger: Logger; config?: Partial<MdaConfig> }): Promise<Mda> {
   const config = { ...defaultMdaConfig, ...options.config };
   const ctx: DeliverContext = { pool: options.pool, bus: options.bus, logger: options.logger };
+  const batcher = new DeliveryBatcher(ctx, { maxBatch: config.MDA_BATCH_MAX, maxParallel: config.MDA_BATCH_PARALLEL });
 
   const consumer: Consumer = consume<LocalJob>(options.bus, {
     stream: Streams.deliver,
@@ -83,7 +92,7 @@ export async function startMda(options: { pool: Pool; bus: Bus; logger: Logger; 
     logger: options.logger,
     async handler({ data }) {
       if (!data || !Number.isSafeInteger(data.deliveryId)) throw new PermanentError("job without a deliveryId");
-      await deliverLocal(ctx, data.deliveryId);
+      await batcher.deliver(data.deliveryId);
     },
   });
   const sweeper = startSweeper(options.bus, options.pool, options.logger, config.MDA_SWEEP_INTERVAL, {

@@ -13,6 +13,12 @@ export const mdaMetrics = {
     buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
     registers: [registry],
   }),
+  batchSize: new Histogram({
+    name: "mail_mda_batch_size",
+    help: "Deliveries filed per batch transaction",
+    buckets: [1, 2, 4, 8, 16, 32, 64, 128],
+    registers: [registry],
+  }),
   acceptToMailbox: new Histogram({
     name: "mail_mda_accept_to_mailbox_seconds",
     help: "From the message's commit at accept time to its copy being filed in a mailbox",

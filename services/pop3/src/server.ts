@@ -16,6 +16,9 @@ const metrics = {
 // At most this many pipelined command lines wait in memory before the socket is paused.
 const MAX_QUEUED_LINES = 64;
 const TLS_HANDSHAKE_TIMEOUT_MS = 30_000;
+// Queued in place of a discarded over-long line.
+const TOO_LONG = Symbol("line too long");
+
 
 export interface Pop3Options {
   pool: Pool;
@@ -117,7 +120,7 @@ class Connection implements SessionIo {
   private readonly logger: Logger;
   private buffer: Buffer = Buffer.alloc(0);
   private discardingLongLine = false;
-  private readonly queue: string[] = [];
+  private readonly queue: Array<string | typeof TOO_LONG> = [];
   private processing = false;
   private closed = false;
   private stopping = false;
@@ -162,11 +165,11 @@ class Connection implements SessionIo {
       this.buffer = this.buffer.subarray(lf + 1);
       if (this.discardingLongLine) {
         this.discardingLongLine = false;
-        this.queue.push("\0toolong");
+        this.queue.push(TOO_LONG);
         continue;
       }
       if (lineBytes.length + 1 > this.config.POP3_MAX_LINE) {
-        this.queue.push("\0toolong");
+        this.queue.push(TOO_LONG);
         continue;
       }
       const end = lineBytes.length > 0 && lineBytes[lineBytes.length - 1] === 0x0d ? lineBytes.length - 1 : lineBytes.length;
@@ -186,7 +189,7 @@ class Connection implements SessionIo {
     try {
       while (this.queue.length > 0 && !this.closed && !this.stopping) {
         const line = this.queue.shift()!;
-        if (line === "\0toolong") await this.write("-ERR line too long\r\n");
+        if (line === TOO_LONG) await this.session.lineTooLong();
         else await this.session.handle(line);
         if (this.queue.length <= MAX_QUEUED_LINES / 2 && this.socket.isPaused()) this.socket.resume();
       }

@@ -96,6 +96,12 @@ export class Pop3Session {
     return this.settings.allowPlaintext === "loopback" && isLoopback(this.io.remoteAddress);
   }
 
+  /** A command line longer than the limit arrived (and was discarded). */
+  lineTooLong(): Promise<void> {
+    this.awaitingSasl = false;
+    return this.reply("-ERR line too long");
+  }
+
   /** Handles one command line (without its CRLF). */
   async handle(line: string): Promise<void> {
     if (this.state === "closed") return;

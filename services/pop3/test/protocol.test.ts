@@ -209,6 +209,10 @@ test("bounds: over-long lines and pipelined commands", async () => {
   assert.equal(await client.command(`NOOP ${"x".repeat(5000)}`), "-ERR line too long");
   assert.match(await client.command("CAPA"), /^\+OK/, "the session survives a long line");
   for (let line = await client.line(); line !== "."; line = await client.line());
+  // An over-long SASL response ends the exchange; the next line is a command again.
+  assert.equal(await client.command("AUTH PLAIN"), "+ ");
+  assert.equal(await client.command("A".repeat(4000)), "-ERR line too long");
+  assert.equal(await client.command("NOOP"), "-ERR command not valid before authentication");
   // Everything in one write (PIPELINING).
   client.send(Buffer.from(`USER ${account.address}\r\nPASS ${account.password}\r\nSTAT\r\nRETR 1\r\nQUIT\r\n`));
   assert.equal(await client.line(), "+OK send PASS");

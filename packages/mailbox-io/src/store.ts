@@ -1,5 +1,5 @@
 import Cursor from "pg-cursor";
-import { transaction, type Pool } from "@mailstack/db";
+import { transaction, type Pool, type PoolClient } from "@mailstack/db";
 import { insertMessage } from "@mailstack/queue";
 import { mboxrdEntry } from "./mbox.ts";
 
@@ -106,11 +106,38 @@ export function returnPath(raw: Buffer): string {
   return value ? value.replace(/^<|>$/g, "") : "";
 }
 
+/** Files one message inside the caller's transaction: a messages row (source 'import'), the next UID, a mailbox entry. */
+async function fileMessage(client: PoolClient, accountId: number, folder: string, message: ImportedMessage): Promise<{ uid: number; queueId: string }> {
+  const stored = await insertMessage(
+    client,
+    { raw: message.raw, envelopeFrom: message.envelopeFrom, source: "import", messageIdHeader: headerValue(message.raw, "Message-ID") },
+    [],
+    "admin-api",
+  );
+  if (message.receivedAt) {
+    await client.query("UPDATE messages SET received_at = $2 WHERE id = $1", [stored.messageId, message.receivedAt]);
+  }
+  await client.query("INSERT INTO folders (account_id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING", [accountId, folder]);
+  const uid = await client.query<{ uid: number }>(
+    "UPDATE folders SET uid_next = uid_next + 1 WHERE account_id = $1 AND name = $2 RETURNING uid_next - 1 AS uid",
+    [accountId, folder],
+  );
+  await client.query(
+    "INSERT INTO mailbox_entries (account_id, folder, uid, message_id, size) VALUES ($1, $2, $3, $4, $5)",
+    [accountId, folder, uid.rows[0]!.uid, stored.messageId, message.raw.length],
+  );
+  return { uid: uid.rows[0]!.uid, queueId: stored.queueId };
+}
+
 /**
- * Files one message into a folder: a messages row (source 'import'), the next UID from the
- * folders table and a mailbox entry, in one transaction. The stored bytes are exactly the input.
+ * Files a batch of messages in one transaction, the account row locked so that the quota check
+ * and the usage update cannot race with the MDA. The stored bytes are exactly the input.
  */
-export async function importMessage(pool: Pool, accountId: number, folder: string, message: ImportedMessage): Promise<{ uid: number; queueId: string }> {
+async function importBatch(
+  pool: Pool,
+  accountId: number,
+  batch: (ImportedMessage & { folder: string })[],
+): Promise<{ filed: { uid: number; queueId: string }[]; refused?: MailboxIoError }> {
   return transaction(pool, async (client) => {
     const account = await client.query<{ quota_bytes: number | null; used_bytes: number }>(
       "SELECT quota_bytes, used_bytes FROM accounts WHERE id = $1 FOR UPDATE",
@@ -118,31 +145,33 @@ export async function importMessage(pool: Pool, accountId: number, folder: strin
     );
     const row = account.rows[0];
     if (!row) throw new MailboxIoError("not-found", "the account no longer exists");
-    if (row.quota_bytes !== null && row.used_bytes + message.raw.length > row.quota_bytes) {
-      throw new MailboxIoError("quota", `the account's quota of ${row.quota_bytes} bytes would be exceeded`);
+    let used = row.used_bytes;
+    const filed = [];
+    let refused: MailboxIoError | undefined;
+    for (const message of batch) {
+      if (row.quota_bytes !== null && used + message.raw.length > row.quota_bytes) {
+        // What fits is kept (committed below); the import stops at the first message that does not.
+        refused = new MailboxIoError("quota", `the account's quota of ${row.quota_bytes} bytes would be exceeded`);
+        break;
+      }
+      filed.push(await fileMessage(client, accountId, message.folder, message));
+      used += message.raw.length;
     }
-    const stored = await insertMessage(
-      client,
-      { raw: message.raw, envelopeFrom: message.envelopeFrom, source: "import", messageIdHeader: headerValue(message.raw, "Message-ID") },
-      [],
-      "admin-api",
-    );
-    if (message.receivedAt) {
-      await client.query("UPDATE messages SET received_at = $2 WHERE id = $1", [stored.messageId, message.receivedAt]);
-    }
-    await client.query("INSERT INTO folders (account_id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING", [accountId, folder]);
-    const uid = await client.query<{ uid: number }>(
-      "UPDATE folders SET uid_next = uid_next + 1 WHERE account_id = $1 AND name = $2 RETURNING uid_next - 1 AS uid",
-      [accountId, folder],
-    );
-    await client.query(
-      "INSERT INTO mailbox_entries (account_id, folder, uid, message_id, size) VALUES ($1, $2, $3, $4, $5)",
-      [accountId, folder, uid.rows[0]!.uid, stored.messageId, message.raw.length],
-    );
-    await client.query("UPDATE accounts SET used_bytes = used_bytes + $2 WHERE id = $1", [accountId, message.raw.length]);
-    return { uid: uid.rows[0]!.uid, queueId: stored.queueId };
+    await client.query("UPDATE accounts SET used_bytes = $2 WHERE id = $1", [accountId, used]);
+    return refused ? { filed, refused } : { filed };
   });
 }
+
+/** Files one message into a folder, in its own transaction. */
+export async function importMessage(pool: Pool, accountId: number, folder: string, message: ImportedMessage): Promise<{ uid: number; queueId: string }> {
+  const { filed, refused } = await importBatch(pool, accountId, [{ ...message, folder: validateFolderName(folder) }]);
+  if (refused) throw refused;
+  return filed[0]!;
+}
+
+/** Messages per transaction and bytes per transaction: few commits, bounded memory. */
+const BATCH_MESSAGES = 100;
+const BATCH_BYTES = 8 * 1024 * 1024;
 
 export interface ImportResult {
   imported: number;
@@ -150,21 +179,39 @@ export interface ImportResult {
   folders: string[];
 }
 
-/** Imports messages one transaction each; on a failure, the error says how many were already imported. */
+/**
+ * Imports messages in batches (one transaction per batch of up to 100 messages or 8 MiB). On a
+ * failure the error says how many messages were committed before it: a quota refusal keeps every
+ * message before the one that does not fit; any other failure rolls back its whole batch.
+ */
 export async function importMessages(
   pool: Pool,
   accountId: number,
   messages: AsyncIterable<ImportedMessage & { folder: string }>,
 ): Promise<ImportResult> {
   const result: ImportResult = { imported: 0, bytes: 0, folders: [] };
-  try {
-    for await (const message of messages) {
-      validateFolderName(message.folder);
-      await importMessage(pool, accountId, message.folder, message);
+  let batch: (ImportedMessage & { folder: string })[] = [];
+  let batchBytes = 0;
+  const flush = async () => {
+    if (batch.length === 0) return;
+    const { filed, refused } = await importBatch(pool, accountId, batch);
+    for (const message of batch.slice(0, filed.length)) {
       result.imported++;
       result.bytes += message.raw.length;
       if (!result.folders.includes(message.folder)) result.folders.push(message.folder);
     }
+    batch = [];
+    batchBytes = 0;
+    if (refused) throw refused;
+  };
+  try {
+    for await (const message of messages) {
+      validateFolderName(message.folder);
+      batch.push(message);
+      batchBytes += message.raw.length;
+      if (batch.length >= BATCH_MESSAGES || batchBytes >= BATCH_BYTES) await flush();
+    }
+    await flush();
   } catch (error) {
     const problem = error as Error;
     problem.message = `${problem.message} (after ${result.imported} message(s) imported)`;

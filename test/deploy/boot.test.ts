@@ -82,7 +82,7 @@ for (const name of serviceNames()) {
       const code = await service.stop();
       stopped = true;
       const seconds = (Date.now() - started) / 1000;
-      assert.equal(code, 0, `${name} exit code after SIGTERM\n${service.output()}`);
+      assert.equal(code, 0, `${name} exit after SIGTERM: code ${code}, signal ${service.child.signalCode}\n${service.output()}`);
       assert.ok(seconds < durationSeconds(env.SHUTDOWN_TIMEOUT ?? "25s"), `${name} took ${seconds}s to stop`);
       assert.equal(healthcheck(service.opsPort), 1, "the health check fails once the service is gone");
     } finally {

@@ -8,7 +8,7 @@
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync, spawnSync } from "node:child_process";
-import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, relative } from "node:path";
 import { readYaml, render, root, serviceNames, sharedConfig } from "./lib.ts";
@@ -159,10 +159,20 @@ function replayBuildStage(service: string): string {
   const command = expand(install.args.slice(install.args.indexOf("pnpm install")));
   const run = (line: string) => spawnSync("sh", ["-c", `${line} --offline`], { cwd: workdir, encoding: "utf8" });
   // Once the lockfile has failed --frozen-lockfile, later services skip straight to the fallback.
-  let result = frozenFailures.length ? run(command.replace("--frozen-lockfile", "--no-frozen-lockfile")) : run(command);
+  let result: { status: number | null; stderr: string; stdout: string } = frozenFailures.length ? { status: 1, stderr: "", stdout: "" } : run(command);
   if (result.status !== 0 && command.includes("--frozen-lockfile") && !frozenFailures.length) {
     frozenFailures.push(`${service}: ${(result.stderr || result.stdout).trim().split("\n").slice(-3).join(" ")}`);
     // Keep checking the layout even when the lockfile is out of step (reported separately).
+  }
+  if (result.status !== 0 || frozenFailures.length) {
+    // Without a usable lockfile pnpm resolves every workspace link, devDependencies included,
+    // so it needs the other services' manifests (a frozen install does not).
+    for (const other of serviceNames()) {
+      const target = join(workdir, "services", other, "package.json");
+      if (existsSync(target)) continue;
+      mkdirSync(dirname(target), { recursive: true });
+      cpSync(join(root, "services", other, "package.json"), target);
+    }
     result = run(command.replace("--frozen-lockfile", "--no-frozen-lockfile"));
   }
   assert.equal(result.status, 0, `${service}: ${command} failed: ${result.stderr || result.stdout}`);
@@ -173,6 +183,8 @@ test("each service's image tree resolves all of its imports from the build stage
   for (const service of serviceNames()) {
     const app = replayBuildStage(service);
     const imports = [`./src/service.ts`, "@mailstack/telemetry/sdk"];
+    // Migrations are read from packages/db/migrations at run time, by every service.
+    assert.ok(existsSync(join(app, "packages/db/migrations/001_initial.sql")), `${service}: migrations in the image`);
     if (service === "admin-api") {
       // The migrations Job runs packages/db/src/migrate-cli.ts from this image.
       imports.push("../../packages/db/src/migrate.ts", "../../packages/db/src/ensure-database.ts", "../../packages/db/src/pool.ts");

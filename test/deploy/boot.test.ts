@@ -57,7 +57,7 @@ function connects(port: number): Promise<boolean> {
 }
 
 for (const name of serviceNames()) {
-  test(`${name} starts with its Deployment's environment, opens its ports, and stops cleanly on SIGTERM`, async () => {
+  test(`${name} starts with its Deployment's environment, opens its ports, and stops cleanly on SIGTERM`, { timeout: 120_000 }, async () => {
     const facts = serviceFacts(name);
     const env = manifestEnv(name);
     const listeners: Array<[string, number]> = [];
@@ -79,11 +79,18 @@ for (const name of serviceNames()) {
         assert.ok(await connects(port), `${name}: nothing listens on ${variable}=${port}\n${service.output()}`);
       }
       const started = Date.now();
-      const code = await service.stop();
+      const limit = durationSeconds(env.SHUTDOWN_TIMEOUT ?? "25s");
+      let timer: NodeJS.Timeout | undefined;
+      const code = await Promise.race([
+        service.stop(),
+        new Promise<"hung">((resolve) => (timer = setTimeout(() => resolve("hung"), (limit + 10) * 1000))),
+      ]);
+      clearTimeout(timer);
+      assert.notEqual(code, "hung", `${name} still running ${limit + 10}s after SIGTERM\n${service.output()}`);
       stopped = true;
       const seconds = (Date.now() - started) / 1000;
       assert.equal(code, 0, `${name} exit after SIGTERM: code ${code}, signal ${service.child.signalCode}\n${service.output()}`);
-      assert.ok(seconds < durationSeconds(env.SHUTDOWN_TIMEOUT ?? "25s"), `${name} took ${seconds}s to stop`);
+      assert.ok(seconds < limit, `${name} took ${seconds}s to stop`);
       assert.equal(healthcheck(service.opsPort), 1, "the health check fails once the service is gone");
     } finally {
       if (!stopped) await service.kill();

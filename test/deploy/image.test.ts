@@ -157,7 +157,7 @@ function replayBuildStage(service: string): string {
   }
   const install = buildStage.find((i) => i.keyword === "RUN" && /pnpm install/.test(i.args))!;
   const command = expand(install.args.slice(install.args.indexOf("pnpm install")));
-  const run = (line: string) => spawnSync("sh", ["-c", `${line} --offline`], { cwd: workdir, encoding: "utf8" });
+  const run = (line: string) => spawnSync("sh", ["-c", `${line} --offline`], { cwd: workdir, encoding: "utf8", timeout: 120_000 });
   // Once the lockfile has failed --frozen-lockfile, later services skip straight to the fallback.
   let result: { status: number | null; stderr: string; stdout: string } = frozenFailures.length ? { status: 1, stderr: "", stdout: "" } : run(command);
   if (result.status !== 0 && command.includes("--frozen-lockfile") && !frozenFailures.length) {
@@ -179,7 +179,7 @@ function replayBuildStage(service: string): string {
   return app;
 }
 
-test("each service's image tree resolves all of its imports from the build stage's files", () => {
+test("each service's image tree resolves all of its imports from the build stage's files", { timeout: 240_000 }, () => {
   for (const service of serviceNames()) {
     const app = replayBuildStage(service);
     const imports = [`./src/service.ts`, "@mailstack/telemetry/sdk"];

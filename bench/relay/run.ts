@@ -7,9 +7,15 @@
  *              --relayhost--> smtp-sink
  *
  * The time runs from the first message offered until the sink has counted them all.
+ *
+ * A second measure isolates the relay: the messages are first accepted and held
+ * (mailstack: committed by acceptMessage but not published; Postfix: defer_transports=smtp),
+ * then released at once (mailstack: dispatchAccepted for all; Postfix: postqueue -f), and the
+ * time runs from the release until the sink has them all.
+ *
  * Rounds alternate (mailstack, Postfix, mailstack, Postfix); the best round of each is reported.
  *
- *   node bench/relay/run.ts [--count 3000] [--sessions 20] [--size 4096] [--workers 2] [--rounds 2] [--no-postfix]
+ *   node bench/relay/run.ts [--count 3000] [--sessions 20] [--size 4096] [--workers 2] [--rounds 2] [--no-postfix] [--mode both|e2e|relay]
  *
  * Uses a fresh database and bus prefix (testkit) and removes them afterwards.
  */
@@ -19,6 +25,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { addAccount, addDomain } from "../../packages/db/src/index.ts";
+import { acceptMessage, dispatchAccepted, type AcceptedMessage } from "../../packages/queue/src/index.ts";
 import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } from "../../packages/testkit/src/index.ts";
 import { runLoad } from "../smtp-submission/load.ts";
 
@@ -30,6 +37,7 @@ const { values } = parseArgs({
     workers: { type: "string", default: "2" },
     rounds: { type: "string", default: "2" },
     "no-postfix": { type: "boolean", default: false },
+    mode: { type: "string", default: "both" },
   },
 });
 const count = Number(values.count);
@@ -62,6 +70,20 @@ function startSink(port: number): { child: ChildProcess; count: () => number; wa
   };
 }
 
+const PF_DIR = "/tmp/mailstack-relay-bench-postfix";
+
+function postfixCmd(...args: string[]): string {
+  const result = spawnSync(args[0]!, args.slice(1), { encoding: "utf8" });
+  if (result.status !== 0) throw new Error(`${args.join(" ")}: ${result.stderr}`);
+  return result.stdout;
+}
+
+function postfixQueued(): number {
+  const out = postfixCmd("postqueue", "-c", PF_DIR, "-p");
+  const match = /in (\d+) Requests?\./.exec(out);
+  return match ? Number(match[1]) : 0;
+}
+
 function smtpSource(port: number, n: number): Promise<void> {
   return new Promise((resolve, reject) => {
     const child = spawn("smtp-source", ["-s", String(sessions), "-m", String(n), "-l", String(size), "-f", "sender@remote.example", "-t", "user@far.example", `127.0.0.1:${port}`], { stdio: "inherit" });
@@ -72,12 +94,17 @@ function smtpSource(port: number, n: number): Promise<void> {
 interface Round {
   name: string;
   acceptSeconds: number;
+  /** How long publishing the held jobs took (mailstack relay only). */
+  releaseSeconds?: number;
   seconds: number;
   perSecond: number;
 }
 
 function report(round: Round): void {
-  console.log(`${round.name.padEnd(28)} ${count} msgs  accepted in ${round.acceptSeconds.toFixed(2)} s  at the sink in ${round.seconds.toFixed(2)} s  ${round.perSecond.toFixed(1)} msgs/s`);
+  const accepted = round.acceptSeconds
+    ? `accepted in ${round.acceptSeconds.toFixed(2)} s  `
+    : round.releaseSeconds !== undefined ? `published in ${round.releaseSeconds.toFixed(2)} s  ` : "released at once  ";
+  console.log(`${round.name.padEnd(28)} ${count} msgs  ${accepted}at the sink in ${round.seconds.toFixed(2)} s  ${round.perSecond.toFixed(1)} msgs/s`);
 }
 
 const env = await createTestEnv();
@@ -118,6 +145,7 @@ try {
         RELAY_CONCURRENCY: "64",
         RELAY_MAX_CONNECTIONS_PER_HOST: "20",
         RELAY_MAX_PER_DESTINATION: "64",
+        ...(process.env.RELAY_BENCH_NODE_OPTIONS ? { NODE_OPTIONS: process.env.RELAY_BENCH_NODE_OPTIONS } : {}),
       }),
     );
   }
@@ -156,12 +184,62 @@ try {
     return { name: "Postfix 3.7 (relayhost)", acceptSeconds: (accepted - t0) / 1000, seconds, perSecond: n / seconds };
   };
 
+  const raw = Buffer.from(
+    `From: <sender@bench.test>\r\nTo: <user@far.example>\r\nSubject: relay bench\r\n\r\n` +
+      "The quick brown fox jumps over the lazy dog, again and again and again.\r\n".repeat(Math.max(1, Math.floor((size - 80) / 74))),
+  );
+  const oursRelayOnly = async (n: number): Promise<Round> => {
+    const held: AcceptedMessage[] = [];
+    const route = { kind: "remote" as const, address: "user@far.example", domain: "far.example" };
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: 20 }, async () => {
+        while (next < n) {
+          next++;
+          held.push(await acceptMessage(env.pool, { raw, envelopeFrom: "sender@bench.test", source: "submission" }, [{ recipient: route.address, route }], "bench"));
+        }
+      }),
+    );
+    const base = oursSink.count();
+    const t0 = performance.now();
+    let i = 0;
+    await Promise.all(
+      Array.from({ length: 20 }, async () => {
+        while (i < held.length) await dispatchAccepted(env.bus, env.pool, held[i++]!);
+      }),
+    );
+    const released = (performance.now() - t0) / 1000;
+    await oursSink.waitFor(base + n, 300_000);
+    const seconds = (performance.now() - t0) / 1000;
+    return { name: "mailstack relay only", acceptSeconds: 0, releaseSeconds: released, seconds, perSecond: n / seconds };
+  };
+  const postfixRelayOnly = async (n: number): Promise<Round> => {
+    postfixCmd("postconf", "-c", PF_DIR, "-e", "defer_transports=smtp");
+    postfixCmd("postfix", "-c", PF_DIR, "reload");
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    await smtpSource(pf!.port, n);
+    const deadline = Date.now() + 120_000;
+    while (postfixQueued() < n && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 200));
+    postfixCmd("postconf", "-c", PF_DIR, "-e", "defer_transports=");
+    postfixCmd("postfix", "-c", PF_DIR, "reload");
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    const base = pf!.sink.count();
+    const t0 = performance.now();
+    postfixCmd("postqueue", "-c", PF_DIR, "-f");
+    await pf!.sink.waitFor(base + n, 300_000);
+    const seconds = (performance.now() - t0) / 1000;
+    return { name: "Postfix relay only", acceptSeconds: 0, seconds, perSecond: n / seconds };
+  };
+
   console.log(`${count} messages of ${size} bytes over ${sessions} sessions; ${workerCount} relay worker process(es)`);
   await ours(200);
   if (pf) await postfix(200);
   const best: Record<string, Round> = {};
+  const runs: Array<(n: number) => Promise<Round>> = [];
+  if (values.mode !== "relay") runs.push(ours, ...(pf ? [postfix] : []));
+  if (values.mode !== "e2e") runs.push(oursRelayOnly, ...(pf ? [postfixRelayOnly] : []));
   for (let i = 0; i < rounds; i++) {
-    for (const run of pf ? [ours, postfix] : [ours]) {
+    for (const run of runs) {
       const round = await run(count);
       report(round);
       if (!best[round.name] || round.perSecond > best[round.name]!.perSecond) best[round.name] = round;
@@ -169,10 +247,9 @@ try {
   }
   const delivered = (await env.pool.query("SELECT count(*)::int AS n FROM deliveries WHERE state = 'delivered'")).rows[0].n;
   console.log(`deliveries recorded as delivered in PostgreSQL: ${delivered}`);
-  const names = Object.keys(best);
-  if (names.length === 2) {
-    const [a, b] = names.map((n) => best[n]!);
-    console.log(`best: mailstack ${a!.perSecond.toFixed(1)} msgs/s, Postfix ${b!.perSecond.toFixed(1)} msgs/s, ratio ${(a!.perSecond / b!.perSecond).toFixed(2)}x`);
+  const pairs = [["mailstack (msa -> relay)", "Postfix 3.7 (relayhost)"], ["mailstack relay only", "Postfix relay only"]];
+  for (const [a, b] of pairs) {
+    if (best[a!] && best[b!]) console.log(`best ${a} ${best[a!]!.perSecond.toFixed(1)} msgs/s vs ${b} ${best[b!]!.perSecond.toFixed(1)} msgs/s: ${(best[a!]!.perSecond / best[b!]!.perSecond).toFixed(2)}x`);
   }
 } finally {
   for (const process of processes.reverse()) await process.stop();

@@ -93,20 +93,27 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   });
   const perDestination = new KeyedLimiter(config.maxPerDestination);
 
-  async function claim(job: RelayJob): Promise<ClaimedRow[]> {
-    const result = await pool.query<ClaimedRow>(
-      `UPDATE deliveries SET lease_owner = $1, lease_until = now() + make_interval(secs => $2::float8 / 1000), updated_at = now()
-        WHERE id = ANY($3) AND message_id = $4 AND kind = 'remote'
-          AND (state = 'queued' OR (state = 'deferred' AND next_attempt_at <= now()))
-          AND (lease_until IS NULL OR lease_until < now())
-        RETURNING id, recipient, final_recipient, dsn_notify, dsn_orcpt, attempts, created_at, delay_notified_at`,
+  /**
+   * Leases the job's pending deliveries and loads the message in one round trip.
+   * null when nothing is claimable (already final, not due, or held by another worker).
+   */
+  async function claim(job: RelayJob): Promise<{ rows: ClaimedRow[]; message: MessageRow } | null> {
+    const result = await pool.query<MessageRow & { claimed: Array<Omit<ClaimedRow, "created_at" | "delay_notified_at"> & { created_at: string; delay_notified_at: string | null }> }>(
+      `WITH claimed AS (
+         UPDATE deliveries SET lease_owner = $1, lease_until = now() + make_interval(secs => $2::float8 / 1000), updated_at = now()
+          WHERE id = ANY($3) AND message_id = $4 AND kind = 'remote'
+            AND (state = 'queued' OR (state = 'deferred' AND next_attempt_at <= now()))
+            AND (lease_until IS NULL OR lease_until < now())
+          RETURNING id, recipient, final_recipient, dsn_notify, dsn_orcpt, attempts, created_at, delay_notified_at)
+       SELECT m.envelope_from, m.raw, m.dsn_envid, m.dsn_ret, m.received_at,
+              (SELECT json_agg(c ORDER BY c.id) FROM claimed c) AS claimed
+         FROM messages m WHERE m.id = $4 AND EXISTS (SELECT 1 FROM claimed)`,
       [workerId, config.leaseMs, job.deliveryIds, job.messageId],
     );
-    return result.rows.sort((a, b) => a.id - b.id);
-  }
-
-  async function releaseLease(ids: number[]): Promise<void> {
-    await pool.query("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE id = ANY($1) AND lease_owner = $2", [ids, workerId]).catch(() => undefined);
+    const row = result.rows[0];
+    if (!row) return null;
+    const rows = row.claimed.map((c) => ({ ...c, created_at: new Date(c.created_at), delay_notified_at: c.delay_notified_at ? new Date(c.delay_notified_at) : null }));
+    return { rows, message: row };
   }
 
   /** Turns a failure that reached no recipient-level answer into the same outcome for all. */
@@ -287,20 +294,13 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   }
 
   async function handle(job: RelayJob): Promise<void> {
-    const rows = await claim(job);
-    if (rows.length === 0) return; // already final, not due, or another worker holds them
+    const claimed = await claim(job);
+    if (!claimed) return; // already final, not due, or another worker holds them
+    const { rows, message } = claimed;
     await withSpan(
       "relay attempt",
       { kind: SpanKind.INTERNAL, attributes: { "mail.message.id": job.messageId, "mail.destination.domain": job.domain, "mail.recipients.count": rows.length } },
       async (span) => {
-        let message: MessageRow;
-        try {
-          const result = await pool.query<MessageRow>("SELECT envelope_from, raw, dsn_envid, dsn_ret, received_at FROM messages WHERE id = $1", [job.messageId]);
-          message = result.rows[0]!;
-        } catch (error) {
-          await releaseLease(rows.map((r) => r.id));
-          throw error;
-        }
         const envelope: Envelope = {
           from: message.envelope_from,
           recipients: rows.map((r) => ({ address: r.final_recipient, notify: r.dsn_notify, orcpt: r.dsn_orcpt })),

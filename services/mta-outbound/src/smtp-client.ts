@@ -442,7 +442,10 @@ export class SmtpConnection {
     const stuffer = new DotStuffer();
     const chunkSize = 65_536;
     for (let offset = 0; offset < body.length; offset += chunkSize) {
-      await this.writeWithTimeout(stuffer.push(body.subarray(offset, offset + chunkSize)));
+      const block = stuffer.push(body.subarray(offset, offset + chunkSize));
+      // The last block goes out with the end of data in one write.
+      if (offset + chunkSize >= body.length) return this.writeWithTimeout(Buffer.concat([block, stuffer.end()]));
+      await this.writeWithTimeout(block);
     }
     await this.writeWithTimeout(stuffer.end());
   }

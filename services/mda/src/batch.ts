@@ -92,25 +92,28 @@ export class DeliveryBatcher {
     const outcomes = new Map<number, Outcome>();
     const slow: number[] = [];
     const unique = [...new Set(ids)];
-    const rows = (await this.ctx.pool.query<Row & { raw: Buffer | null }>(
-      `SELECT ${ROW_COLUMNS}, CASE WHEN m.parsed IS NULL THEN m.raw END AS raw
+    const rows = (await this.ctx.pool.query<Row>(
+      `SELECT ${ROW_COLUMNS}
          FROM deliveries d JOIN messages m ON m.id = d.message_id LEFT JOIN accounts a ON a.id = d.account_id
         WHERE d.id = ANY($1)`,
       [unique],
     )).rows;
     const byId = new Map(rows.map((r) => [r.id, r]));
 
-    // Parse once per message, store once per message.
+    // Parse once per message, one message in memory at a time (a batch may hold many large ones).
     const parsedByMessage = new Map<number, Row["parsed"]>();
     for (const row of rows) {
-      if (row.raw && !parsedByMessage.has(row.message_id)) parsedByMessage.set(row.message_id, await parseMessage(row.raw));
-    }
-    if (parsedByMessage.size > 0) {
-      await this.ctx.pool.query(
-        `UPDATE messages m SET parsed = t.parsed FROM unnest($1::bigint[], $2::jsonb[]) AS t(id, parsed)
-          WHERE m.id = t.id AND m.parsed IS NULL`,
-        [[...parsedByMessage.keys()], [...parsedByMessage.values()].map((p) => JSON.stringify(p))],
-      );
+      if (row.parsed || parsedByMessage.has(row.message_id)) continue;
+      const raw = await this.ctx.pool.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1 AND parsed IS NULL", [row.message_id]);
+      if (!raw.rows[0]) {
+        // Parsed meanwhile by another delivery of the same message: use that.
+        const stored = await this.ctx.pool.query<{ parsed: Row["parsed"] }>("SELECT parsed FROM messages WHERE id = $1", [row.message_id]);
+        parsedByMessage.set(row.message_id, stored.rows[0]?.parsed ?? null);
+        continue;
+      }
+      const parsed = await parseMessage(raw.rows[0].raw);
+      await this.ctx.pool.query("UPDATE messages SET parsed = $2 WHERE id = $1 AND parsed IS NULL", [row.message_id, JSON.stringify(parsed)]);
+      parsedByMessage.set(row.message_id, parsed);
     }
 
     const planned: Planned[] = [];
@@ -124,7 +127,7 @@ export class DeliveryBatcher {
         outcomes.set(id, { status: "duplicate", state: row.state });
         continue;
       }
-      if (row.raw) row.parsed = parsedByMessage.get(row.message_id) ?? null;
+      row.parsed ??= parsedByMessage.get(row.message_id) ?? null;
       if (row.account_id === null || row.address === null || row.disabled) {
         slow.push(id);
         continue;

@@ -1,5 +1,5 @@
 import { Readable } from "node:stream";
-import { simpleParser, type AddressObject, type EmailAddress } from "mailparser";
+import { MailParser, type AddressObject, type AttachmentStream, type EmailAddress, type MessageText } from "mailparser";
 import { Splitter } from "@zone-eu/mailsplit";
 import libmime from "libmime";
 
@@ -156,6 +156,58 @@ async function mimeStructure(raw: Buffer, prefix = "", depth = 0, budget = { par
 }
 
 /**
+ * Runs mailparser over the message for the header fields and the attachments. Streaming, and
+ * attachment contents are only counted, never kept, so memory stays near the message's size.
+ */
+async function readHeadersAndAttachments(raw: Buffer, parsed: ParsedMessage): Promise<void> {
+  const parser = new MailParser({
+    skipHtmlToText: true,
+    skipTextToHtml: true,
+    skipTextLinks: true,
+    skipImageLinks: true,
+    checksumAlgo: false,
+  });
+  let headers: Map<string, unknown> = new Map();
+  let lines: ReadonlyArray<{ key: string; line: string }> = [];
+  parser.on("headers", (value: Map<string, unknown>) => (headers = value));
+  parser.on("headerLines", (value: ReadonlyArray<{ key: string; line: string }>) => (lines = value));
+  parser.on("data", (data: AttachmentStream | MessageText) => {
+    if (data.type !== "attachment") return;
+    let size = 0;
+    data.content.on("data", (chunk: Buffer) => (size += chunk.length));
+    data.content.on("end", () => {
+      if (parsed.attachments.length < MAX_PARTS) {
+        parsed.attachments.push({ partId: data.partId ?? null, type: data.contentType, filename: data.filename ? clip(data.filename, 255) : null, size });
+      }
+      data.release?.();
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    parser.once("end", resolve);
+    parser.once("error", reject);
+    parser.end(raw);
+  });
+  const text = (name: string) => {
+    const value = headers.get(name);
+    return typeof value === "string" ? clip(value) : null;
+  };
+  parsed.subject = text("subject");
+  parsed.from = mailboxes(headers.get("from") as AddressObject | undefined);
+  parsed.to = mailboxes(headers.get("to") as AddressObject | AddressObject[] | undefined);
+  parsed.cc = mailboxes(headers.get("cc") as AddressObject | AddressObject[] | undefined);
+  parsed.replyTo = mailboxes(headers.get("reply-to") as AddressObject | undefined);
+  const date = headers.get("date");
+  parsed.date = date instanceof Date && !Number.isNaN(date.getTime()) ? date.toISOString() : null;
+  parsed.messageId = text("message-id");
+  parsed.inReplyTo = text("in-reply-to");
+  const references = headers.get("references");
+  parsed.references = (Array.isArray(references) ? references : typeof references === "string" ? [references] : [])
+    .slice(0, 100)
+    .map((r) => clip(String(r)));
+  parsed.headers = headerList(lines);
+}
+
+/**
  * Parses a message once, for metadata only. Never throws: a malformed message yields
  * whatever could be read plus `errors`, so a parse failure never fails a delivery.
  */
@@ -166,30 +218,7 @@ export async function parseMessage(raw: Buffer): Promise<ParsedMessage> {
   };
   const errors: string[] = [];
   try {
-    const mail = await simpleParser(raw, {
-      skipHtmlToText: true,
-      skipTextToHtml: true,
-      skipTextLinks: true,
-      skipImageLinks: true,
-      keepCidLinks: true,
-    });
-    parsed.subject = mail.subject !== undefined ? clip(mail.subject) : null;
-    parsed.from = mailboxes(mail.from);
-    parsed.to = mailboxes(mail.to);
-    parsed.cc = mailboxes(mail.cc);
-    parsed.replyTo = mailboxes(mail.replyTo);
-    parsed.date = mail.date && !Number.isNaN(mail.date.getTime()) ? mail.date.toISOString() : null;
-    parsed.messageId = mail.messageId ? clip(mail.messageId) : null;
-    parsed.inReplyTo = mail.inReplyTo ? clip(mail.inReplyTo) : null;
-    const references = mail.references === undefined ? [] : Array.isArray(mail.references) ? mail.references : [mail.references];
-    parsed.references = references.slice(0, 100).map((r) => clip(r));
-    parsed.headers = headerList(mail.headerLines ?? []);
-    parsed.attachments = mail.attachments.slice(0, MAX_PARTS).map((a) => ({
-      partId: a.partId ?? null,
-      type: a.contentType,
-      filename: a.filename ? clip(a.filename, 255) : null,
-      size: a.size,
-    }));
+    await readHeadersAndAttachments(raw, parsed);
   } catch (error) {
     errors.push(`headers: ${(error as Error).message}`);
   }

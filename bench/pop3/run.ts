@@ -10,7 +10,8 @@
  *              uid 5000 that Dovecot serves on 127.0.0.1:2110.
  *
  * Round 1 is "cold" for both: mailstack computes and caches the POP3 sizes (pop3_message_sizes),
- * Dovecot builds its index. Then --rounds warm rounds, alternating; the median is reported.
+ * Dovecot builds its index. Then --rounds warm rounds, alternating between the two; the median
+ * and the best round are reported (on a shared 2-core machine the best round is the least disturbed).
  * msgs/s = messages / time of the RETR loop; MB/s = octets (as RETR sends them) / that time.
  *
  *   node bench/pop3/run.ts [--count 5000] [--size 4096] [--rounds 3] [--no-dovecot]
@@ -26,7 +27,7 @@ const { values } = parseArgs({
   options: {
     count: { type: "string", default: "5000" },
     size: { type: "string", default: "4096" },
-    rounds: { type: "string", default: "3" },
+    rounds: { type: "string", default: "7" },
     "no-dovecot": { type: "boolean", default: false },
   },
 });
@@ -176,6 +177,8 @@ try {
         msgsPerSecond: median(warm.map((w) => w.msgsPerSecond)),
         mbPerSecond: median(warm.map((w) => w.mbPerSecond)),
         loginMs: median(warm.map((w) => w.loginMs)),
+        best: Math.max(...warm.map((w) => w.msgsPerSecond)),
+        bestMbPerSecond: Math.max(...warm.map((w) => w.mbPerSecond)),
         rounds: warm.map((w) => w.msgsPerSecond),
       },
       messages: runs[0]!.count,

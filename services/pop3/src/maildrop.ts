@@ -45,7 +45,11 @@ export class Maildrop {
   private readonly client: PoolClient;
   private readonly accountId: number;
   private readonly chunkSize: number;
+  /** Raw bytes of the small messages read ahead, by message id. */
   private readAhead = new Map<number, Buffer>();
+  private inFlight: { ids: number[]; rows: Promise<Map<number, Buffer>> } | null = null;
+  /** Index of the first entry not yet read ahead. */
+  private nextIndex = 0;
   private closed = false;
 
   private constructor(client: PoolClient, accountId: number, entries: Entry[], chunkSize: number) {
@@ -133,27 +137,53 @@ export class Maildrop {
   }
 
   private async small(entry: Entry): Promise<Buffer> {
-    const cached = this.readAhead.get(entry.messageId);
-    if (cached) {
-      this.readAhead.delete(entry.messageId);
-      return cached;
+    let raw = this.readAhead.get(entry.messageId);
+    if (!raw && this.inFlight?.ids.includes(entry.messageId)) {
+      const fetched = await this.inFlight.rows;
+      this.inFlight = null;
+      for (const [id, bytes] of fetched) this.readAhead.set(id, bytes);
+      raw = this.readAhead.get(entry.messageId);
     }
-    // Fetch this message and the next small ones in one query.
-    const ids: number[] = [entry.messageId];
-    let bytes = entry.rawLength;
-    for (let i = entry.number; i < this.entries.length && ids.length < READ_AHEAD_COUNT; i++) {
+    if (!raw) {
+      // Not read ahead (first RETR, or out of order): this message and the next small ones.
+      this.readAhead.clear();
+      const batch = this.nextBatch(entry.number - 1);
+      this.nextIndex = batch.nextIndex;
+      for (const [id, bytes] of await this.fetch(batch.ids)) this.readAhead.set(id, bytes);
+      raw = this.readAhead.get(entry.messageId);
+      if (!raw) throw new Error(`message ${entry.messageId} vanished`);
+    }
+    this.readAhead.delete(entry.messageId);
+    // Keep the next batch on its way while the client reads this one.
+    if (!this.inFlight && this.readAhead.size < READ_AHEAD_COUNT / 2 && this.nextIndex < this.entries.length) {
+      const batch = this.nextBatch(this.nextIndex);
+      this.nextIndex = batch.nextIndex;
+      if (batch.ids.length > 0) {
+        // A failed read-ahead is not an error: the message is then read when it is asked for.
+        this.inFlight = { ids: batch.ids, rows: this.fetch(batch.ids).catch(() => new Map<number, Buffer>()) };
+      }
+    }
+    return raw;
+  }
+
+  /** Up to READ_AHEAD_COUNT small, undeleted messages from entries[start], within READ_AHEAD_BYTES. */
+  private nextBatch(start: number): { ids: number[]; nextIndex: number } {
+    const ids: number[] = [];
+    let bytes = 0;
+    let i = start;
+    for (; i < this.entries.length && ids.length < READ_AHEAD_COUNT; i++) {
       const next = this.entries[i]!;
       if (next.deleted || next.rawLength > this.chunkSize) continue;
-      if (bytes + next.rawLength > READ_AHEAD_BYTES) break;
+      if (ids.length > 0 && bytes + next.rawLength > READ_AHEAD_BYTES) break;
       ids.push(next.messageId);
       bytes += next.rawLength;
     }
+    return { ids, nextIndex: i };
+  }
+
+  private async fetch(ids: number[]): Promise<Map<number, Buffer>> {
     const rows = await this.client.query<{ id: number; raw: Buffer }>("SELECT id, raw FROM messages WHERE id = ANY($1::bigint[])", [ids]);
-    this.readAhead = new Map(rows.rows.map((row) => [row.id, row.raw]));
-    const raw = this.readAhead.get(entry.messageId);
-    if (!raw) throw new Error(`message ${entry.messageId} vanished`);
-    this.readAhead.delete(entry.messageId);
-    return raw;
+    return new Map(rows.rows.map((row) => [row.id, row.raw]));
   }
 
   /** UPDATE state: marks the DELEted entries deleted in one transaction; returns how many. */
@@ -181,6 +211,8 @@ export class Maildrop {
     if (this.closed) return;
     this.closed = true;
     this.readAhead.clear();
+    await this.inFlight?.rows;
+    this.inFlight = null;
     try {
       await this.client.query("SELECT pg_advisory_unlock($1, $2::int)", [LOCK_CLASS, this.accountId]);
       this.client.release();

@@ -148,3 +148,13 @@ test("a tenant token sees and changes only its own domain; other tenants look li
   const row = await h.db.pool.query("SELECT disabled FROM accounts WHERE address = 'b@two.test'");
   assert.equal(row.rows[0].disabled, false);
 });
+
+test("with API_DOCS_PUBLIC=false the OpenAPI document needs a token too", async () => {
+  const closed = await startHarness({ API_DOCS_PUBLIC: false });
+  try {
+    assert.equal((await closed.call("GET", "/docs/json", { token: null })).status, 401);
+    assert.equal((await closed.call("GET", "/docs/json")).status, 200);
+  } finally {
+    await closed.close();
+  }
+});

@@ -12,7 +12,7 @@ export interface ApiHarness {
   /** An operator token. */
   token: string;
   /** fetch against the listening server with the operator token (or `token: null` for none). */
-  call(method: string, path: string, options?: { body?: unknown; token?: string | null; raw?: Buffer; contentType?: string }): Promise<Response>;
+  call(method: string, path: string, options?: { body?: unknown; token?: string | null; raw?: Buffer; contentType?: string; signal?: AbortSignal }): Promise<Response>;
   close(): Promise<void>;
 }
 
@@ -51,7 +51,7 @@ export async function startHarness(overrides: Partial<ApiConfig> = {}): Promise<
         body = JSON.stringify(options.body);
         headers["content-type"] = "application/json";
       }
-      return fetch(`${running.url}${path}`, { method, headers, body });
+      return fetch(`${running.url}${path}`, { method, headers, body, signal: options.signal ?? null });
     },
     async close() {
       await running.stop();

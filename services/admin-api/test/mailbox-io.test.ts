@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { addAccount, addDomain, transaction } from "@mailstack/db";
 import { insertMessage } from "@mailstack/queue";
+import { waitFor } from "@mailstack/testkit";
 import { mailctl, startHarness, type ApiHarness } from "./helpers.ts";
 
 let h: ApiHarness;
@@ -179,4 +180,30 @@ test("API: the whole mailbox as a tar of .eml files and back; quota refusals say
   assert.equal(overQuota.status, 413);
   assert.match(((await overQuota.json()) as { message: string }).message, /quota .* \(after 1 message\(s\) imported\)/);
   assert.equal((await contents("tiny@io.test")).length, 1);
+});
+
+test("API: a client that goes away mid-export releases the cursor and its database connection", async () => {
+  const big = await addAccount(h.db.pool, { address: "big@io.test", password: "pw" });
+  await h.db.pool.query(
+    `WITH m AS (
+       INSERT INTO messages (queue_id, raw, size, envelope_from, source)
+       SELECT 'BIGIO' || n, convert_to(repeat(E'Subject: big\\r\\n\\r\\n' || repeat('y', 70000) || E'\\r\\n', 1), 'UTF8'), 70016, '', 'inbound'
+       FROM generate_series(1, 300) n RETURNING id, size)
+     INSERT INTO mailbox_entries (account_id, folder, uid, message_id, size) SELECT $1, 'INBOX', row_number() OVER (ORDER BY id), id, size FROM m`,
+    [big.id],
+  );
+  const controller = new AbortController();
+  const response = await h.call("GET", "/accounts/big@io.test/export?format=mbox&folder=INBOX", { signal: controller.signal });
+  assert.equal(response.status, 200);
+  const reader = response.body!.getReader();
+  const first = await reader.read();
+  assert.ok(first.value && first.value.length > 0);
+  controller.abort();
+  await reader.cancel().catch(() => undefined);
+  // The export's connection goes back to the pool: nothing stays checked out.
+  await waitFor(() => h.db.pool.totalCount === h.db.pool.idleCount, 10_000);
+  const active = await h.db.pool.query("SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active' AND query LIKE '%FROM mailbox_entries e JOIN messages%'");
+  assert.equal(active.rows[0].n, 0);
+  // And the API still answers.
+  assert.equal((await h.call("GET", "/accounts/big@io.test")).status, 200);
 });

@@ -1,4 +1,4 @@
-import { port, size, z } from "@mailstack/config";
+import { bool, port, size, z } from "@mailstack/config";
 
 /** The admin API's settings (on top of commonShape). */
 export const apiShape = {
@@ -9,7 +9,7 @@ export const apiShape = {
   /** Largest single message accepted by a mailbox import. */
   API_IMPORT_MAX_MESSAGE_SIZE: size("50M"),
   /** Serve the OpenAPI document and Swagger UI at /docs without a token (they describe routes, not data). */
-  API_DOCS_PUBLIC: z.enum(["true", "false"]).default("true").transform((v) => v === "true"),
+  API_DOCS_PUBLIC: bool(true),
   /** Base URL of Jaeger's UI; journeys link to `${JAEGER_UI_URL}/trace/<trace id>`. */
   JAEGER_UI_URL: z.string().url().default("http://localhost:16686"),
   /** The DMARC policy suggested in a domain's DNS records. */

@@ -20,6 +20,7 @@
 import { spawn } from "node:child_process";
 import { mkdtemp, readdir, readFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
+import net from "node:net";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { addAccount, addDomain, type Pool } from "../../packages/db/src/index.ts";
@@ -59,6 +60,7 @@ function sh(command: string, args: string[]): Promise<{ code: number | null; out
     let output = "";
     child.stdout.on("data", (d) => (output += d));
     child.stderr.on("data", (d) => (output += d));
+    child.on("error", (error) => resolve({ code: -1, output: String(error) }));
     child.on("exit", (code) => resolve({ code, output }));
   });
 }
@@ -66,6 +68,16 @@ function sh(command: string, args: string[]): Promise<{ code: number | null; out
 function smtpSource(port: number, sessions: number, reuse: boolean, messages = count) {
   const args = [...(reuse ? ["-d"] : []), "-s", String(sessions), "-m", String(messages), "-l", "4096", "-f", "sender@remote.example", "-t", "user1@bench.test", `127.0.0.1:${port}`];
   return sh("smtp-source", args);
+}
+
+function canConnect(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, "127.0.0.1", () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.on("error", () => resolve(false));
+  });
 }
 
 async function entryCount(pool: Pool): Promise<number> {
@@ -158,7 +170,9 @@ try {
   await addAccount(env.pool, { address: "user1@bench.test", password: "bench-password" });
   const smtpPort = await freePort();
   const common = { ...env.env, LOG_LEVEL: "warn", MAIL_HOSTNAME: "mx.bench.test", TLS_DIR: await mkdtemp(join(tmpdir(), "bench-tls-")) };
-  const mda = await startServiceProcess("mda", { ...common, LMTP_ENABLED: "false" });
+  // SERVICE_NODE_OPTIONS: V8 flags for both services, e.g. "--max-semi-space-size=4" (smaller young generation, less RSS).
+  const serviceNodeOptions = process.env.SERVICE_NODE_OPTIONS ? { NODE_OPTIONS: process.env.SERVICE_NODE_OPTIONS } : {};
+  const mda = await startServiceProcess("mda", { ...common, LMTP_ENABLED: "false", ...serviceNodeOptions });
   const inbound = await startServiceProcess("mta-inbound", {
     ...common,
     SMTP_PORT: String(smtpPort),
@@ -166,6 +180,7 @@ try {
     DNS_SERVERS: dns.address,
     INBOUND_AUTH_CHECKS: values["no-auth"] ? "false" : "true",
     SMTP_MAX_CLIENTS_PER_IP: "200",
+    ...serviceNodeOptions,
     // For profiling: INBOUND_NODE_OPTIONS="--cpu-prof --cpu-prof-dir=/tmp/prof".
     ...(process.env.INBOUND_NODE_OPTIONS ? { NODE_OPTIONS: process.env.INBOUND_NODE_OPTIONS } : {}),
   });
@@ -174,10 +189,11 @@ try {
   let pfPort = 0;
   if (!values["no-postfix"]) {
     pfPort = await freePort();
+    await sh(join(here, "postfix.sh"), ["stop"]);
     const started = await sh(join(here, "postfix.sh"), ["start", String(pfPort)]);
     if (started.code !== 0) throw new Error(`postfix did not start:\n${started.output}`);
     postfixUp = true;
-    await until(async () => (await sh("nc", ["-z", "127.0.0.1", String(pfPort)])).code === 0, 10_000).catch(() => undefined);
+    await until(() => canConnect(pfPort), 10_000);
   }
 
   // Warm up both systems (JIT, connection pools, Postfix processes).
@@ -233,6 +249,12 @@ try {
   await new Promise((resolve) => setTimeout(resolve, 2_000));
   const pacedLatency = await latency(env.pool, fromId);
   const rss = { "mta-inbound": await peakRss(inbound.child.pid!), mda: await peakRss(mda.child.pid!) };
+  const heap = async (opsPort: number) => {
+    const text = await (await fetch(`http://127.0.0.1:${opsPort}/metrics`)).text();
+    const mb = (re: RegExp) => Math.round(Number(re.exec(text)?.[1] ?? 0) / 1e6);
+    return `heap used ${mb(/^nodejs_heap_size_used_bytes (\S+)/m)} MB of ${mb(/^nodejs_heap_size_total_bytes (\S+)/m)} MB (new space ${mb(/^nodejs_heap_space_size_total_bytes\{space="new"\} (\S+)/m)} MB), external ${mb(/^nodejs_external_memory_bytes (\S+)/m)} MB`;
+  };
+  const heaps = { "mta-inbound": await heap(inbound.opsPort), mda: await heap(mda.opsPort) };
 
   const lines = [
     `count ${count} per round, ${rounds} round(s), best round shown; 4 KiB payload (smtp-source -l 4096); auth checks ${values["no-auth"] ? "off" : "on (SPF/DKIM/DMARC, loopback DNS)"}`,
@@ -251,6 +273,7 @@ try {
   lines.push("");
   lines.push(`paced at ${halfRate} msgs/s (half the reused-connection peak) for ${values["paced-seconds"]} s over 10 sessions: ${pacedResult.sent} messages, accept→mailbox p50 ${pacedLatency.p50} ms, p99 ${pacedLatency.p99} ms; client-side DATA→250 p50 ${pacedResult.acceptP50} ms, p99 ${pacedResult.acceptP99} ms`);
   lines.push(`resident memory (VmRSS now / VmHWM peak): mta-inbound ${rss["mta-inbound"].rssMb} / ${rss["mta-inbound"].hwmMb} MB, mda ${rss.mda.rssMb} / ${rss.mda.hwmMb} MB`);
+  lines.push(`mta-inbound ${heaps["mta-inbound"]}; mda ${heaps.mda}`);
   console.log(lines.join("\n"));
 } finally {
   if (process.env.BENCH_SHOW_OUTPUT) for (const s of services) console.error(s.output().slice(-3000));

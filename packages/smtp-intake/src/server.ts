@@ -399,7 +399,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     );
   };
 
-  const hookError = (error: unknown, where: string): Error => {
+  const hookError = (error: unknown, where: string): Error & { responseCode: number } => {
     if (error instanceof SmtpError) return smtpError(error.reply);
     logger.error({ err: error, where }, "SMTP hook failed");
     return smtpError(Replies.localError);
@@ -439,8 +439,15 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
 
   const onData = (stream: SMTPServerDataStream, session: SMTPServerSession, callback: (error?: Error | null, message?: string) => void) => {
     const work = receive(stream, session).then(
-      (message) => callback(null, message),
-      (error) => callback(error instanceof SmtpError ? smtpError(error.reply) : hookError(error, "onData")),
+      (message) => {
+        mailMetrics.smtpReplies.inc({ service, class: "2xx" });
+        callback(null, message);
+      },
+      (error) => {
+        const failure = error instanceof SmtpError ? smtpError(error.reply) : hookError(error, "onData");
+        mailMetrics.smtpReplies.inc({ service, class: failure.responseCode >= 500 ? "5xx" : "4xx" });
+        callback(failure);
+      },
     );
     inFlight.add(work);
     void work.finally(() => inFlight.delete(work));

@@ -8,6 +8,9 @@ import {
 import { mdaMetrics } from "./metrics.ts";
 import { parseMessage } from "./parse.ts";
 
+/** Messages up to this size are fetched for parsing together with the rest of a batch. */
+const BULK_PARSE_LIMIT = 256 * 1024;
+
 interface Waiting {
   deliveryId: number;
   resolve: (outcome: Outcome) => void;
@@ -100,20 +103,33 @@ export class DeliveryBatcher {
     )).rows;
     const byId = new Map(rows.map((r) => [r.id, r]));
 
-    // Parse once per message, one message in memory at a time (a batch may hold many large ones).
+    // Parse once per message. Small messages are fetched together; a large one alone, so a
+    // batch never holds many large messages in memory at once.
     const parsedByMessage = new Map<number, Row["parsed"]>();
-    for (const row of rows) {
-      if (row.parsed || parsedByMessage.has(row.message_id)) continue;
-      const raw = await this.ctx.pool.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1 AND parsed IS NULL", [row.message_id]);
-      if (!raw.rows[0]) {
-        // Parsed meanwhile by another delivery of the same message: use that.
-        const stored = await this.ctx.pool.query<{ parsed: Row["parsed"] }>("SELECT parsed FROM messages WHERE id = $1", [row.message_id]);
-        parsedByMessage.set(row.message_id, stored.rows[0]?.parsed ?? null);
-        continue;
-      }
-      const parsed = await parseMessage(raw.rows[0].raw);
-      await this.ctx.pool.query("UPDATE messages SET parsed = $2 WHERE id = $1 AND parsed IS NULL", [row.message_id, JSON.stringify(parsed)]);
-      parsedByMessage.set(row.message_id, parsed);
+    const unparsed = new Map<number, number>();
+    for (const row of rows) if (!row.parsed) unparsed.set(row.message_id, row.message_size);
+    const small = [...unparsed].filter(([, size]) => size <= BULK_PARSE_LIMIT).map(([id]) => id);
+    const large = [...unparsed].filter(([, size]) => size > BULK_PARSE_LIMIT).map(([id]) => id);
+    const fetched = small.length
+      ? (await this.ctx.pool.query<{ id: number; raw: Buffer }>("SELECT id, raw FROM messages WHERE id = ANY($1) AND parsed IS NULL", [small])).rows
+      : [];
+    for (const { id, raw } of fetched) parsedByMessage.set(id, await parseMessage(raw));
+    for (const id of large) {
+      const one = await this.ctx.pool.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1 AND parsed IS NULL", [id]);
+      if (one.rows[0]) parsedByMessage.set(id, await parseMessage(one.rows[0].raw));
+    }
+    if (parsedByMessage.size > 0) {
+      await this.ctx.pool.query(
+        `UPDATE messages m SET parsed = t.parsed FROM unnest($1::bigint[], $2::jsonb[]) AS t(id, parsed)
+          WHERE m.id = t.id AND m.parsed IS NULL`,
+        [[...parsedByMessage.keys()], [...parsedByMessage.values()].map((p) => JSON.stringify(p))],
+      );
+    }
+    // Parsed meanwhile by another delivery of the same message: use what it stored.
+    const missing = [...unparsed.keys()].filter((id) => !parsedByMessage.has(id));
+    if (missing.length) {
+      const stored = await this.ctx.pool.query<{ id: number; parsed: Row["parsed"] }>("SELECT id, parsed FROM messages WHERE id = ANY($1)", [missing]);
+      for (const row of stored.rows) parsedByMessage.set(row.id, row.parsed);
     }
 
     const planned: Planned[] = [];

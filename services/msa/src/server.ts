@@ -2,7 +2,7 @@ import type { SMTPServerSession } from "smtp-server";
 import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, type Pool } from "@mailstack/db";
 import { dkimSignatures, loadDkimKeys, type DkimSigningKey } from "@mailstack/dkim";
-import { Replies, reply, splitAddress } from "@mailstack/mail";
+import { Replies, reply, splitAddress, type SmtpReply } from "@mailstack/mail";
 import { startSweeper, type AcceptedMessage } from "@mailstack/queue";
 import {
   createIntakeServer, SmtpError, type IncomingMessage, type IntakeLimits, type IntakeServer, type IntakeSession, type TransformResult,
@@ -129,10 +129,10 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     return domains.map((domain) => keyCache.get(domain)?.key).filter((key): key is DkimSigningKey => !!key);
   };
 
-  const refuse = (reason: string, r: ReturnType<typeof reply>): never => {
+  function refuse(reason: string, r: SmtpReply): never {
     metrics.refused.inc({ reason });
     throw new SmtpError(r);
-  };
+  }
 
   const hooks = {
     auth: {
@@ -157,10 +157,10 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
       const identity = await identityFor(state, session, sender);
       if (!identity) refuse("no-auth", Replies.authRequired);
       if (sender === "") refuse("null-sender", MsaReplies.nullSender);
-      if (!identity!.owned.has(sender)) refuse("sender-not-owned", Replies.senderNotOwned);
-      const usage = await limiter.usage(identity!.user.accountId);
+      if (!identity.owned.has(sender)) refuse("sender-not-owned", Replies.senderNotOwned);
+      const usage = await limiter.usage(identity.user.accountId);
       if (!limiter.messageAllowed(usage)) refuse("message-rate", MsaReplies.messageRate);
-      state.transaction = { identity: identity!, usage, recipients: 0 };
+      state.transaction = { identity, usage, recipients: 0 };
     },
 
     async resolveRecipient(address: string, session: IntakeSession) {
@@ -185,9 +185,8 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
         hostname: settings.hostname,
       });
       if (!fixed.ok) refuse(fixed.reply.code === 553 ? "from-not-owned" : "bad-header", fixed.reply);
-      const result = fixed as Extract<typeof fixed, { ok: true }>;
-      let raw = result.message;
-      const domains = [...new Set(result.fromAddresses.map((address) => splitAddress(address).domain))];
+      let raw = fixed.message;
+      const domains = [...new Set(fixed.fromAddresses.map((address) => splitAddress(address).domain))];
       try {
         const keys = await dkimKeys(domains);
         if (keys.length > 0) {
@@ -200,7 +199,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
       }
       toCount.set(message.queueId, { accountId: identity.user.accountId, recipients: message.recipients.length });
       if (toCount.size > 10_000) toCount.delete(toCount.keys().next().value!);
-      logger.debug({ queueId: message.queueId, changes: result.changes, signed: domains }, "submission fixed");
+      logger.debug({ queueId: message.queueId, changes: fixed.changes, signed: domains }, "submission fixed");
       return { raw };
     },
 

@@ -62,9 +62,13 @@ export class Maildrop {
   /** Locks and lists the maildrop; null when another session holds the lock. */
   static async open(sessionPool: Pool, accountId: number, chunkSize: number): Promise<Maildrop | null> {
     const client = await sessionPool.connect();
+    // A checked-out pg client has no error listener: without this, a connection lost while the
+    // session is idle would be an unhandled 'error' event. The next query then fails and is answered.
+    client.on("error", ignoreError);
     try {
       const lock = await client.query<{ locked: boolean }>("SELECT pg_try_advisory_lock($1, $2::int) AS locked", [LOCK_CLASS, accountId]);
       if (!lock.rows[0]!.locked) {
+        client.off("error", ignoreError);
         client.release();
         return null;
       }
@@ -215,12 +219,16 @@ export class Maildrop {
     this.inFlight = null;
     try {
       await this.client.query("SELECT pg_advisory_unlock($1, $2::int)", [LOCK_CLASS, this.accountId]);
+      this.client.off("error", ignoreError);
       this.client.release();
     } catch {
+      // The connection is gone, and the lock with it.
       this.client.release(true);
     }
   }
 }
+
+function ignoreError(): void {}
 
 /** The POP3 size of each listed message's raw bytes, computing and caching the ones not yet known. */
 async function sizeMessages(client: PoolClient, rows: Row[], chunkSize: number): Promise<Map<number, number>> {

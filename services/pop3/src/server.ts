@@ -3,15 +3,11 @@ import tls from "node:tls";
 import { once } from "node:events";
 import { createPool, type Pool } from "@mailstack/db";
 import { loadTlsCredentials, type TlsCredentials } from "@mailstack/runtime";
-import { Counter, Gauge, registry, type Logger } from "@mailstack/telemetry";
+import type { Logger } from "@mailstack/telemetry";
 import type { Pop3Config } from "./config.ts";
+import { pop3Metrics as metrics } from "./metrics.ts";
 import { Pop3Session, type SessionIo, type SessionSettings } from "./session.ts";
 
-const metrics = {
-  connections: new Counter({ name: "pop3_connections_total", help: "POP3 connections accepted, by listener", labelNames: ["listener"] as const, registers: [registry] }),
-  sessions: new Gauge({ name: "pop3_sessions_active", help: "POP3 connections open", registers: [registry] }),
-  refused: new Counter({ name: "pop3_connections_refused_total", help: "POP3 connections refused (limit or shutdown)", registers: [registry] }),
-};
 
 // At most this many pipelined command lines wait in memory before the socket is paused.
 const MAX_QUEUED_LINES = 64;
@@ -75,10 +71,10 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
     }
     const connection = new Connection(socket, listener === "pop3s", { pool, sessionPool, logger, settings }, config, credentials);
     connections.add(connection);
-    metrics.sessions.inc();
+    metrics.open.inc();
     connection.finished.then(() => {
       connections.delete(connection);
-      metrics.sessions.dec();
+      metrics.open.dec();
     });
   };
 

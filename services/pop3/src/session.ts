@@ -4,6 +4,7 @@ import { recordEvents, type JourneyEvent } from "@mailstack/queue";
 import type { Logger } from "@mailstack/telemetry";
 import { checkApop, checkPassword, decodePlain, isThrottled, recordFailure, recordPopLogin, type Account, type ThrottleLimits } from "./auth.ts";
 import { Maildrop, type Entry } from "./maildrop.ts";
+import { pop3Metrics } from "./metrics.ts";
 
 /** What a session needs from its connection; the socket server provides it, tests may too. */
 export interface SessionIo {
@@ -220,6 +221,7 @@ export class Pop3Session {
     if (await isThrottled(this.deps.pool, ip, name, throttle)) {
       await delay(this.settings.failedLoginDelayMs);
       this.deps.logger.warn({ ip, user: name }, "pop3 login throttled");
+      pop3Metrics.logins.inc({ result: "throttled" });
       return this.reply("-ERR [SYS/TEMP] too many failed logins; try again later");
     }
     const account = await check();
@@ -227,6 +229,7 @@ export class Pop3Session {
       await recordFailure(this.deps.pool, ip, name, throttle);
       await delay(this.settings.failedLoginDelayMs);
       this.deps.logger.info({ ip, user: name }, "pop3 authentication failed");
+      pop3Metrics.logins.inc({ result: "failed" });
       return this.reply(refusal?.() ?? "-ERR [AUTH] invalid user name or password");
     }
     if ((this.state as State) === "closed") return;
@@ -242,6 +245,7 @@ export class Pop3Session {
     }
     if (!maildrop) {
       this.releaseSlot();
+      pop3Metrics.logins.inc({ result: "in_use" });
       return this.reply("-ERR [IN-USE] maildrop already locked by another session");
     }
     if ((this.state as State) === "closed") {
@@ -257,6 +261,7 @@ export class Pop3Session {
       await recordPopLogin(this.deps.pool, ip, account.id).catch((error) => this.deps.logger.error({ err: error }, "pop_logins upsert failed"));
     }
     this.deps.logger.info({ ip, account: account.address, messages: maildrop.entries.length }, "pop3 login");
+    pop3Metrics.logins.inc({ result: "ok" });
     const { count, octets } = this.totals();
     return this.reply(`+OK maildrop has ${count} messages (${octets} octets)`);
   }
@@ -328,7 +333,9 @@ export class Pop3Session {
     if (args.length !== 1) return this.reply("-ERR usage: RETR msg");
     const entry = await this.entry(args[0]);
     if (!entry) return;
-    await this.sendMessage(entry, null, `+OK ${entry.size} octets`);
+    if (!(await this.sendMessage(entry, null, `+OK ${entry.size} octets`))) return;
+    pop3Metrics.retrieved.inc();
+    pop3Metrics.retrievedBytes.inc(entry.size);
     this.events.push({
       messageId: entry.messageId,
       deliveryId: entry.deliveryId,
@@ -346,7 +353,8 @@ export class Pop3Session {
     await this.sendMessage(entry, Number(args[1]), "+OK top of message follows");
   }
 
-  private async sendMessage(entry: Entry, bodyLines: number | null, status: string): Promise<void> {
+  /** Sends a RETR/TOP response; false when the message could not be read. */
+  private async sendMessage(entry: Entry, bodyLines: number | null, status: string): Promise<boolean> {
     // Output is gathered into writes of up to 64 KiB, so a small message (status line, body and
     // terminator) leaves in one segment. The status line goes out only with the first body bytes,
     // so a read failure before that can still be answered with -ERR.
@@ -366,13 +374,14 @@ export class Pop3Session {
       });
     } catch (error) {
       this.deps.logger.error({ err: error, entry: entry.id }, "pop3 could not read message");
-      if (!started) return this.reply("-ERR [SYS/TEMP] could not read the message; try again later");
+      if (!started) await this.reply("-ERR [SYS/TEMP] could not read the message; try again later");
       // Part of the message was sent; the only honest thing left is to drop the connection.
-      this.io.close();
-      return;
+      else this.io.close();
+      return false;
     }
     pending.push(TERMINATOR);
     await this.io.write(Buffer.concat(pending, pendingBytes + TERMINATOR.length));
+    return true;
   }
 
   private async dele(args: string[]): Promise<void> {
@@ -402,6 +411,7 @@ export class Pop3Session {
         this.io.close();
         return;
       }
+      pop3Metrics.deleted.inc(removed);
       await this.reply(`+OK bye (${removed} messages deleted)`);
     } else {
       await this.reply("+OK bye");

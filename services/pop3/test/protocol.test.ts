@@ -353,3 +353,26 @@ test("graceful stop: a session in TRANSACTION is told and closed, deleting nothi
   const rows = await env.pool.query("SELECT deleted FROM mailbox_entries WHERE account_id = $1", [account.id]);
   assert.deepEqual(rows.rows, [{ deleted: false }]);
 });
+
+test("PostgreSQL connection lost mid-session: RETR and QUIT answer -ERR [SYS/TEMP], nothing lost, the lock goes with it", async () => {
+  const account = await plain("pgfail@example.test");
+  await fileMessage(env.pool, account.id, "Subject: f\r\n\r\ng\r\n");
+  const { client } = await PopClient.connect(server.port);
+  assert.match(await client.login(account), /^\+OK maildrop has 1/);
+  assert.equal(await client.command("DELE 1"), "+OK message 1 deleted");
+  // Kill this session's PostgreSQL connection (the one holding the lock).
+  const killed = await env.pool.query(
+    "SELECT pg_terminate_backend(pid) AS ok FROM pg_locks WHERE locktype = 'advisory' AND classid = 4207110 AND objid = $1",
+    [account.id],
+  );
+  assert.equal(killed.rowCount, 1);
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  assert.match(await client.command("RSET"), /^\+OK/);
+  assert.equal(await client.command("RETR 1"), "-ERR [SYS/TEMP] could not read the message; try again later");
+  assert.equal(await client.command("DELE 1"), "+OK message 1 deleted");
+  assert.equal(await client.command("QUIT"), "-ERR [SYS/TEMP] deleted messages not removed; try again later");
+  await waitFor(() => client.closed, 2_000);
+  const again = (await PopClient.connect(server.port)).client;
+  assert.match(await again.login(account), /^\+OK maildrop has 1 messages/, "nothing deleted, lock released");
+  await again.command("QUIT");
+});

@@ -1,0 +1,165 @@
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import nodemailer from "nodemailer";
+import { SMTPServer } from "smtp-server";
+import { addAccount, addDomain } from "@mailstack/db";
+import {
+  createTestEnv, freePort, startOtlpReceiver, startServiceProcess, waitFor,
+  type OtlpReceiver, type ReceivedSpan, type ServiceProcess, type TestEnv,
+} from "@mailstack/testkit";
+
+// One trace per message journey (DESIGN.md rule 6), checked on what the services really export
+// over OTLP: the SMTP session is the root, the NATS publish its descendant, the consumer in the
+// next process a child of that publish, and the consumer's work below it.
+
+const SPAN_KIND = { INTERNAL: 1, SERVER: 2, CLIENT: 3, PRODUCER: 4, CONSUMER: 5 };
+
+let env: TestEnv;
+let receiver: OtlpReceiver;
+let sink: SMTPServer;
+const sinkMessages: string[] = [];
+const processes: ServiceProcess[] = [];
+const ports: Record<string, number> = {};
+
+before(async () => {
+  env = await createTestEnv();
+  receiver = await startOtlpReceiver();
+  await addDomain(env.pool, "example.test");
+  await addAccount(env.pool, { address: "alice@example.test", password: "alice-pw" });
+  await addAccount(env.pool, { address: "bob@example.test", password: "bob-pw" });
+
+  sink = new SMTPServer({
+    authOptional: true,
+    disabledCommands: ["STARTTLS"],
+    logger: false,
+    onData(stream, _session, callback) {
+      const chunks: Buffer[] = [];
+      stream.on("data", (chunk: Buffer) => chunks.push(chunk));
+      stream.on("end", () => {
+        sinkMessages.push(Buffer.concat(chunks).toString("utf8"));
+        callback();
+      });
+    },
+  });
+  ports.sink = await freePort();
+  await new Promise<void>((resolve) => sink.listen(ports.sink, "127.0.0.1", resolve));
+
+  for (const name of ["smtp", "submission", "submissions", "lmtp"]) ports[name] = await freePort();
+  const common = {
+    ...env.env,
+    LOG_LEVEL: "warn",
+    OTEL_EXPORTER_OTLP_ENDPOINT: receiver.url,
+    OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
+    OTEL_BSP_SCHEDULE_DELAY: "100",
+    TLS_DIR: ".data/tls-test",
+  };
+  const start = async (name: string, extra: Record<string, string>) => {
+    processes.push(await startServiceProcess(name, { ...common, OTEL_SERVICE_NAME: name, ...extra }));
+  };
+  await Promise.all([
+    start("mta-inbound", { SMTP_PORT: String(ports.smtp) }),
+    start("mda", { LMTP_PORT: String(ports.lmtp) }),
+    start("msa", { SUBMISSION_PORT: String(ports.submission), SUBMISSIONS_PORT: String(ports.submissions) }),
+    start("mta-outbound", { RELAY_SMARTHOST: `127.0.0.1:${ports.sink}`, RELAY_SMARTHOST_TLS: "none" }),
+  ]);
+});
+
+after(async () => {
+  await Promise.all(processes.map((p) => p.stop()));
+  await new Promise<void>((resolve) => sink.close(() => resolve()));
+  await receiver.close();
+  await env.close();
+});
+
+async function traceIdOf(messageIdHeader: string): Promise<string> {
+  return waitFor(async () => {
+    const row = await env.pool.query("SELECT trace_id FROM messages WHERE message_id_header = $1", [messageIdHeader]);
+    return row.rows[0]?.trace_id as string | undefined;
+  }, 20_000);
+}
+
+function spansOf(traceId: string): ReceivedSpan[] {
+  return receiver.spans.filter((span) => span.traceId === traceId);
+}
+
+function isDescendant(spans: ReceivedSpan[], child: ReceivedSpan, ancestor: ReceivedSpan): boolean {
+  const byId = new Map(spans.map((s) => [s.spanId, s]));
+  let current: ReceivedSpan | undefined = child;
+  for (let hops = 0; current && hops < 50; hops++) {
+    if (current.parentSpanId === ancestor.spanId) return true;
+    current = byId.get(current.parentSpanId);
+  }
+  return false;
+}
+
+function describe(spans: ReceivedSpan[]): string {
+  return spans.map((s) => `${s.service}:${s.name}(kind ${s.kind}) ${s.spanId}<-${s.parentSpanId || "root"}`).join("\n");
+}
+
+test("inbound -> MDA arrives as one trace: SMTP session root, publish, MDA consumer, filing queries", async () => {
+  const transport = nodemailer.createTransport({ host: "127.0.0.1", port: ports.smtp, secure: false, ignoreTLS: true });
+  const messageId = "<trace-inbound@remote.test>";
+  await transport.sendMail({ from: "someone@remote.test", to: "alice@example.test", subject: "traced", text: "hello", messageId });
+  transport.close();
+  const traceId = await traceIdOf(messageId);
+  await waitFor(async () => {
+    const row = await env.pool.query("SELECT count(*)::int AS n FROM mailbox_entries e JOIN messages m ON m.id = e.message_id WHERE m.trace_id = $1", [traceId]);
+    return row.rows[0].n === 1;
+  }, 20_000);
+
+  await waitFor(() => spansOf(traceId).some((s) => s.service === "mda" && s.kind === SPAN_KIND.CONSUMER), 20_000);
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  const spans = spansOf(traceId);
+  if (process.env.SHOW_SPANS) console.log(describe(spans));
+  const roots = spans.filter((s) => !s.parentSpanId);
+  assert.equal(roots.length, 1, describe(spans));
+  const root = roots[0]!;
+  assert.equal(root.service, "mta-inbound");
+  assert.equal(root.kind, SPAN_KIND.SERVER);
+  const publish = spans.find((s) => s.service === "mta-inbound" && s.kind === SPAN_KIND.PRODUCER);
+  assert.ok(publish, describe(spans));
+  assert.ok(isDescendant(spans, publish, root), "publish under the SMTP session");
+  assert.equal(publish.attributes["messaging.system"], "nats");
+  const consumer = spans.find((s) => s.service === "mda" && s.kind === SPAN_KIND.CONSUMER);
+  assert.ok(consumer, describe(spans));
+  assert.equal(consumer.parentSpanId, publish.spanId, "the MDA continues the publisher's span");
+  const mdaWork = spans.filter((s) => s.service === "mda" && s !== consumer);
+  assert.ok(mdaWork.some((s) => s.attributes["db.system"] === "postgresql" || s.attributes["db.system.name"] === "postgresql"), describe(spans));
+  assert.ok(mdaWork.every((s) => isDescendant(spans, s, consumer)), describe(spans));
+  assert.deepEqual([...new Set(spans.map((s) => s.service))].sort(), ["mda", "mta-inbound"]);
+});
+
+test("MSA -> relay -> sink arrives as one trace: submission root, publish, relay consumer, SMTP client spans", async () => {
+  const transport = nodemailer.createTransport({
+    host: "127.0.0.1", port: ports.submission, secure: false, requireTLS: true,
+    tls: { rejectUnauthorized: false }, auth: { user: "bob@example.test", pass: "bob-pw" },
+  });
+  const messageId = "<trace-relay@example.test>";
+  await transport.sendMail({ from: "bob@example.test", to: "friend@remote.test", subject: "out", text: "bye", messageId });
+  transport.close();
+  const traceId = await traceIdOf(messageId);
+  await waitFor(() => sinkMessages.some((m) => m.includes(messageId)), 30_000);
+  await waitFor(() => spansOf(traceId).some((s) => s.service === "mta-outbound" && s.name.startsWith("smtp")), 20_000);
+  await new Promise((resolve) => setTimeout(resolve, 500));
+
+  const spans = spansOf(traceId);
+  if (process.env.SHOW_SPANS) console.log(describe(spans));
+  const roots = spans.filter((s) => !s.parentSpanId);
+  assert.equal(roots.length, 1, describe(spans));
+  assert.equal(roots[0]!.service, "msa");
+  assert.equal(roots[0]!.kind, SPAN_KIND.SERVER);
+  const publish = spans.find((s) => s.service === "msa" && s.kind === SPAN_KIND.PRODUCER);
+  assert.ok(publish && isDescendant(spans, publish, roots[0]!), describe(spans));
+  const consumer = spans.find((s) => s.service === "mta-outbound" && s.kind === SPAN_KIND.CONSUMER);
+  assert.ok(consumer, describe(spans));
+  assert.equal(consumer.parentSpanId, publish.spanId);
+  const smtpClient = spans.filter((s) => s.service === "mta-outbound" && s.kind === SPAN_KIND.CLIENT && s.name.startsWith("smtp"));
+  assert.ok(smtpClient.length >= 2, describe(spans));
+  assert.ok(smtpClient.every((s) => isDescendant(spans, s, consumer)), describe(spans));
+  for (const span of spans) {
+    for (const value of Object.values(span.attributes)) {
+      assert.ok(!String(value).includes("bob-pw"), `no password in span ${span.name}`);
+      assert.ok(!String(value).includes("bye\r\n"), `no body in span ${span.name}`);
+    }
+  }
+});

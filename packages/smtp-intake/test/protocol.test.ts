@@ -96,6 +96,19 @@ describe("relay protection", () => {
   });
 });
 
+describe("internationalised addresses", () => {
+  test("a UTF-8 address needs SMTPUTF8 (553 5.6.7); with it, it is routed like any other", async () => {
+    const client = await open();
+    const local = Buffer.from("jürgen@example.test", "utf8").toString("latin1");
+    assert.equal((await client.command("MAIL FROM:<sender@remote.example>")).code, 250);
+    assert.match((await client.command(`RCPT TO:<${local}>`)).text, /^553 5\.6\.7 /);
+    assert.equal((await client.command("RSET")).code, 250);
+    assert.equal((await client.command("MAIL FROM:<sender@remote.example> SMTPUTF8")).code, 250);
+    assert.match((await client.command(`RCPT TO:<${local}>`)).text, /^550 5\.1\.1 /, "parsed, then unknown here");
+    client.close();
+  });
+});
+
 describe("bounds", () => {
   test("the fourth recipient of a message is 452 4.5.3 with a limit of 3", async () => {
     const client = await open();

@@ -346,6 +346,16 @@ test("a settings change rolls the pods: the ConfigMap name carries a content has
   }
 });
 
+test("production overlays pin image tags (no :latest)", () => {
+  for (const dir of overlays().filter((d) => d.includes("production"))) {
+    for (const object of render(dir).filter((o) => podSpec(o))) {
+      for (const container of podSpec(object).containers) {
+        assert.doesNotMatch(container.image, /:latest$|^[^:]+$/, `${dir}: ${object.kind}/${object.metadata.name} uses ${container.image}`);
+      }
+    }
+  }
+});
+
 test("everything lands in the mailstack namespace", () => {
   for (const dir of kustomizations()) {
     for (const object of render(dir)) {
@@ -400,8 +410,12 @@ test("the relay workers have exactly one autoscaler per overlay, and the KEDA tr
       assert.equal(monitorHost[1], natsHost[1] ?? object.metadata.namespace, `${dir}: NATS namespace`);
       assert.ok(object.spec.triggers.some((t: any) => t.type === "cpu"), `${dir}: CPU trigger alongside the lag trigger`);
     }
+    for (const object of scaled) {
+      assert.ok(object.spec.minReplicaCount <= object.spec.maxReplicaCount, `${dir}: ScaledObject min <= max`);
+    }
     for (const hpa of hpas) {
       sawHpa = true;
+      assert.ok(hpa.spec.minReplicas <= hpa.spec.maxReplicas, `${dir}: HPA min <= max`);
       assert.equal(hpa.spec.scaleTargetRef.name, "mta-outbound");
       assert.ok(hpa.spec.metrics.some((m: any) => m.resource?.name === "cpu"), `${dir}: HPA on CPU`);
       assert.ok(hpa.spec.minReplicas >= 1);

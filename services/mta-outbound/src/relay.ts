@@ -193,8 +193,8 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
             remoteDsn,
           });
         }
-        // The connection goes back only after the caller recorded the results.
-        (outcomes as Map<string, Outcome> & { release?: () => void }).release = () => connections.release(key, hostKey, connection!);
+        // The transaction is complete: the connection can carry the next job while this one records.
+        connections.release(key, hostKey, connection!);
         return outcomes;
       }
     }
@@ -308,7 +308,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
           ret: message.dsn_ret,
         };
         const release = await perDestination.acquire(job.domain);
-        let outcomes: Map<string, Outcome> & { release?: () => void };
+        let outcomes: Map<string, Outcome>;
         try {
           try {
             const destination = await resolver.resolve(job.domain);
@@ -320,11 +320,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         } finally {
           release();
         }
-        try {
-          await recordWithRetry(job, rows, message, outcomes);
-        } finally {
-          outcomes.release?.();
-        }
+        await recordWithRetry(job, rows, message, outcomes);
         const states = [...outcomes.values()].map((o) => o.state);
         span.setAttribute("mail.delivered.count", states.filter((s) => s === "delivered").length);
         logger.debug(

@@ -53,8 +53,40 @@ test("the service process serves the API on API_PORT, traced by @fastify/otel wi
   assert.ok(db.every((s) => ids.has(s.parentSpanId)), "database spans are children of the request's spans");
 });
 
-test("SIGTERM stops the API gracefully: exit 0, port closed", async () => {
-  const code = await service.stop();
+test("SIGTERM lets an export in flight finish, then exits 0 and closes the port", async () => {
+  const { token } = await createApiToken(env.pool, "shutdown-test");
+  const account = (await env.pool.query(
+    `WITH d AS (INSERT INTO domains (name) VALUES ('shutdown.test') RETURNING id),
+          a AS (INSERT INTO accounts (domain_id, local_part, address, password_hash) SELECT id, 'big', 'big@shutdown.test', 'x' FROM d RETURNING id)
+     SELECT id FROM a`,
+  )).rows[0].id as number;
+  await env.pool.query("INSERT INTO folders (account_id, name) VALUES ($1, 'INBOX')", [account]);
+  await env.pool.query(
+    `WITH m AS (
+       INSERT INTO messages (queue_id, raw, size, envelope_from, source)
+       SELECT 'SHUT' || n, convert_to('Subject: ' || n || E'\\r\\n\\r\\n' || repeat('z', 60000) || E'\\r\\n', 'UTF8'), 0, '', 'inbound'
+       FROM generate_series(1, 200) n RETURNING id)
+     INSERT INTO mailbox_entries (account_id, folder, uid, message_id, size) SELECT $1, 'INBOX', row_number() OVER (ORDER BY id), id, 0 FROM m`,
+    [account],
+  );
+  const response = await fetch(`http://127.0.0.1:${apiPort}/accounts/big@shutdown.test/export?format=mbox&folder=INBOX`, {
+    headers: { authorization: `Bearer ${token}` },
+  });
+  assert.equal(response.status, 200);
+  const reader = response.body!.getReader();
+  const first = await reader.read();
+  const exited = service.stop();
+  // Keep reading after SIGTERM: the whole export still arrives.
+  const chunks: Buffer[] = [Buffer.from(first.value!)];
+  for (;;) {
+    const next = await reader.read();
+    if (next.done) break;
+    chunks.push(Buffer.from(next.value));
+  }
+  const mbox = Buffer.concat(chunks).toString("latin1");
+  assert.equal(mbox.match(/^From MAILER-DAEMON /gm)?.length, 200);
+  assert.ok(mbox.endsWith("Subject: 200\r\n\r\n" + "z".repeat(60000) + "\r\n\n"));
+  const code = await exited;
   assert.equal(code, 0, service.output());
   await assert.rejects(fetch(`http://127.0.0.1:${apiPort}/domains`));
 });

@@ -78,6 +78,16 @@ export async function startAdminApi(options: AdminApiOptions): Promise<RunningAd
     app,
     port,
     url: `http://${host.includes(":") ? `[${host}]` : host}:${port}`,
-    stop: () => app.close(),
+    async stop() {
+      const closing = app.close();
+      // close() ends the connections idle at that moment; a keep-alive connection whose request
+      // (a long export, say) finishes later would otherwise hold the server open.
+      const sweep = setInterval(() => app.server.closeIdleConnections(), 100);
+      try {
+        await closing;
+      } finally {
+        clearInterval(sweep);
+      }
+    },
   };
 }

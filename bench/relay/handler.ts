@@ -12,9 +12,8 @@ import { acceptMessage, type AcceptedMessage } from "../../packages/queue/src/in
 import { createLogger } from "../../packages/telemetry/src/index.ts";
 import { createTestEnv, freePort } from "../../packages/testkit/src/index.ts";
 import { createRelay } from "../../services/mta-outbound/src/relay.ts";
-import { relayConfig } from "../../services/mta-outbound/src/service.ts";
+import { relayConfig, shape } from "../../services/mta-outbound/src/service.ts";
 import { loadConfig } from "../../packages/config/src/index.ts";
-import { shape } from "../../services/mta-outbound/src/service.ts";
 
 const { values } = parseArgs({
   options: { count: { type: "string", default: "3000" }, concurrency: { type: "string", default: "64" }, size: { type: "string", default: "4096" } },

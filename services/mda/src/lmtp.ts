@@ -1,10 +1,11 @@
-import { BlockList, isIPv4, isIPv6, type AddressInfo } from "node:net";
+import type { AddressInfo } from "node:net";
 import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
 import { parseAddress, replyClass } from "@mailstack/mail";
 import { resolveRecipient, type Route } from "@mailstack/db";
 import { acceptMessage, dispatchAccepted, newQueueId, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
 import { SpanKind, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
 import { deliverLocal, SERVICE, type DeliverContext, type Outcome } from "./deliver.ts";
+import { allowedClient, networkList } from "./networks.ts";
 
 export interface LmtpOptions {
   port: number;
@@ -25,29 +26,6 @@ export interface LmtpServer {
 }
 
 type ReplyError = Error & { responseCode: number };
-
-/** Builds the allow-list of client networks; throws on an entry that is not an address or CIDR. */
-export function networkList(entries: string[]): BlockList {
-  const list = new BlockList();
-  for (const entry of entries) {
-    const [address, bits] = entry.split("/") as [string, string | undefined];
-    const family = isIPv4(address) ? "ipv4" : isIPv6(address) ? "ipv6" : null;
-    const prefix = bits === undefined ? (family === "ipv4" ? 32 : 128) : Number(bits);
-    if (!family || !Number.isInteger(prefix) || prefix < 0 || prefix > (family === "ipv4" ? 32 : 128)) {
-      throw new Error(`not an address or network: ${entry}`);
-    }
-    list.addSubnet(address, prefix, family);
-  }
-  return list;
-}
-
-/** Whether a client address is inside the list (IPv4-mapped IPv6 counts as IPv4). */
-export function allowedClient(list: BlockList, remoteAddress: string): boolean {
-  const address = remoteAddress.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, "");
-  if (isIPv4(address)) return list.check(address, "ipv4");
-  if (isIPv6(address)) return list.check(address, "ipv6");
-  return false;
-}
 
 function replyError(code: number, text: string): ReplyError {
   const error = new Error(text) as ReplyError;

@@ -5,7 +5,8 @@ import { startSweeper, type LocalJob } from "@mailstack/queue";
 import type { Logger } from "@mailstack/telemetry";
 import { DeliveryBatcher } from "./batch.ts";
 import type { DeliverContext } from "./deliver.ts";
-import { networkList, startLmtp, type LmtpServer } from "./lmtp.ts";
+import type { LmtpServer } from "./lmtp.ts";
+import { networkList } from "./networks.ts";
 
 /** The MDA's own settings (environment variables), on top of the common ones. */
 export const mdaShape = {
@@ -103,6 +104,8 @@ export async function startMda(options: { pool: Pool; bus: Bus; logger: Logger; 
   let lmtp: LmtpServer | null = null;
   try {
     if (config.LMTP_ENABLED) {
+      // Loaded only when enabled: smtp-server is a good part of the process's memory.
+      const { startLmtp } = await import("./lmtp.ts");
       lmtp = await startLmtp(ctx, {
         port: config.LMTP_PORT,
         host: config.LMTP_HOST,

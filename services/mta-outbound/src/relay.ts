@@ -158,7 +158,8 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
             try {
               result = await connection.send(envelope, raw, eightBit);
             } catch (error) {
-              if (got.reused && error instanceof SmtpError && !error.reply && error.temporary && round === 0) {
+              // Only when nothing of this transaction can have been taken: the failure came reading the MAIL reply.
+              if (got.reused && error instanceof SmtpError && !error.reply && error.temporary && error.stage === "mail" && round === 0) {
                 connection.destroy();
                 connections.release(key, hostKey, connection);
                 connection = null;

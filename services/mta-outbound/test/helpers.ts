@@ -50,6 +50,8 @@ export interface ReceivedMessage {
   host: string;
   /** Date.now() when the final reply was given. */
   at: number;
+  /** The AUTH user, when the client authenticated. */
+  user: string | null;
 }
 
 export interface MxOptions {
@@ -108,6 +110,7 @@ export async function startMx(host: string, port: number, options: MxOptions = {
           secure: session.secure,
           host,
           at: Date.now(),
+          user: (session.user as string | undefined) ?? null,
         };
         const refusal = options.onData?.(message);
         if (refusal) return callback(Object.assign(new Error(refusal.message), { responseCode: refusal.code }));

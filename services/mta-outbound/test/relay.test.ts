@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { createServer, type Server } from "node:net";
 import { after, before, test } from "node:test";
 import { simpleParser } from "mailparser";
 import { createLogger } from "@mailstack/telemetry";
@@ -13,6 +14,8 @@ let mxB: Awaited<ReturnType<typeof startMx>>;
 let origin: Awaited<ReturnType<typeof startMx>>;
 let plain: Awaited<ReturnType<typeof startMx>>;
 let small: Awaited<ReturnType<typeof startMx>>;
+let smart: Awaited<ReturnType<typeof startMx>>;
+let silent: Server;
 let outbound: OutboundService;
 const flakyAttempts = new Map<string, number>();
 
@@ -35,6 +38,10 @@ before(async () => {
   origin = await startMx("127.0.0.4", port);
   plain = await startMx("127.0.0.5", port, { noTls: true, hide8BitMime: true });
   small = await startMx("127.0.0.6", port, { size: 2000 });
+  smart = await startMx("127.0.0.8", 0, { auth: { user: "relay", pass: "s3cret" } });
+  // An MX that accepts connections and never says a word.
+  silent = createServer(() => undefined);
+  await new Promise<void>((resolve) => silent.listen(port, "127.0.0.7", resolve));
   dns = await startDns({
     "pref.test": { mx: [{ exchange: "mx-b.pref.test", priority: 20 }, { exchange: "mx-a.pref.test", priority: 10 }] },
     "mx-a.pref.test": { a: ["127.0.0.2"] },
@@ -58,6 +65,8 @@ before(async () => {
     "mx.plain.test": { a: ["127.0.0.5"] },
     "small.test": { mx: [{ exchange: "mx.small.test", priority: 10 }] },
     "mx.small.test": { a: ["127.0.0.6"] },
+    "silent.test": { mx: [{ exchange: "mx.silent.test", priority: 10 }] },
+    "mx.silent.test": { a: ["127.0.0.7"] },
     "v6.test": { mx: [{ exchange: "mx.v6.test", priority: 10 }] },
     "mx.v6.test": { aaaa: ["::1"] },
   });
@@ -70,13 +79,19 @@ before(async () => {
     RELAY_CONNECT_TIMEOUT: "2s",
     RELAY_REQUIRE_TLS_DOMAINS: "plain.test",
     RELAY_IDLE_CONNECTION: "3s",
+    RELAY_GREETING_TIMEOUT: "1s",
+    RELAY_SMARTHOST_DOMAINS: `smart.test=127.0.0.8:${smart.port}`,
+    RELAY_SMARTHOST_USER: "relay",
+    RELAY_SMARTHOST_PASSWORD: "s3cret",
+    RELAY_SMARTHOST_TLS_VERIFY: "false",
   });
   outbound = startOutbound({ pool: env.pool, bus: env.bus, logger: createLogger("mta-outbound", "silent"), config });
 });
 
 after(async () => {
   await outbound?.stop();
-  await Promise.all([mxA, mxB, origin, plain, small].map((s) => s?.close()));
+  await Promise.all([mxA, mxB, origin, plain, small, smart].map((s) => s?.close()));
+  silent?.close();
   await dns?.close();
   await env?.close();
 });
@@ -308,4 +323,26 @@ test("several jobs to one host reuse connections", async () => {
   const opened = mxA.connections() - before;
   assert.ok(opened <= 2, `10 messages used ${opened} new connections`);
   assert.equal(mxA.received.filter((m) => /^r\d@bounce\.test$/.test(m.to[0]!)).length, 10);
+});
+
+test("a server that never greets times out (RFC 5321 4.5.3.2) and the delivery is deferred", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["q@silent.test"] });
+  const row = await waitFor(async () => {
+    const rows = await deliveryStates(env.pool, accepted.messageId);
+    return rows[0]!.attempts >= 1 ? rows[0] : null;
+  });
+  assert.equal(row!.state, "deferred");
+  assert.equal(row!.last_status, "4.4.2");
+  assert.match(row!.last_reply!, /timed out .* greeting/);
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [accepted.messageId]);
+});
+
+test("a per-domain smart host replaces MX lookup, with AUTH over required STARTTLS", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["p@smart.test"] });
+  const [row] = await finalStates(accepted.messageId);
+  assert.equal(row!.state, "delivered");
+  const got = to(smart, "p@smart.test");
+  assert.equal(got.length, 1);
+  assert.equal(got[0]!.secure, true);
+  assert.equal(got[0]!.user, "relay");
 });

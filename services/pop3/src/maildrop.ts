@@ -115,29 +115,29 @@ export class Maildrop {
   }
 
   /**
-   * Sends one message as RETR (bodyLines null) or TOP n bodyLines does: CRLF line endings,
-   * byte-stuffed, without the terminating ".". `write` applies backpressure.
+   * Produces one message as RETR (bodyLines null) or TOP n bodyLines sends it: CRLF line endings,
+   * byte-stuffed, without the terminating ".". `emit` gets the encoded pieces of each slice read
+   * (mostly zero-copy views of it) and may apply backpressure.
    */
-  async send(entry: Entry, bodyLines: number | null, write: (data: Buffer) => Promise<void> | void): Promise<void> {
+  async send(entry: Entry, bodyLines: number | null, emit: (parts: Buffer[]) => Promise<void> | void): Promise<void> {
     const encoder = new MessageEncoder({ bodyLines });
-    const prefixOut = encoder.push(entry.headerPrefix);
-    if (prefixOut.length) await write(prefixOut);
+    const parts: Buffer[] = [];
+    encoder.pushTo(entry.headerPrefix, parts);
     if (entry.rawLength <= this.chunkSize) {
-      const raw = await this.small(entry);
-      const out = encoder.push(raw);
-      if (out.length) await write(out);
+      encoder.pushTo(await this.small(entry), parts);
     } else {
       for (let offset = 0; offset < entry.rawLength && !encoder.done; offset += this.chunkSize) {
         const slice = await this.client.query<{ part: Buffer }>(
           "SELECT substring(raw FROM $2 FOR $3) AS part FROM messages WHERE id = $1",
           [entry.messageId, offset + 1, this.chunkSize],
         );
-        const out = encoder.push(slice.rows[0]!.part);
-        if (out.length) await write(out);
+        encoder.pushTo(slice.rows[0]!.part, parts);
+        await emit(parts.splice(0));
       }
     }
     const tail = encoder.end();
-    if (tail.length) await write(tail);
+    if (tail.length) parts.push(tail);
+    await emit(parts);
   }
 
   private async small(entry: Entry): Promise<Buffer> {
@@ -254,7 +254,7 @@ async function sizeMessages(client: PoolClient, rows: Row[], chunkSize: number):
       const encoder = new MessageEncoder({ stuff: false });
       for (let offset = 0; offset < length; offset += chunkSize) {
         const slice = await client.query<{ part: Buffer }>("SELECT substring(raw FROM $2 FOR $3) AS part FROM messages WHERE id = $1", [id, offset + 1, chunkSize]);
-        encoder.push(slice.rows[0]!.part);
+        encoder.pushTo(slice.rows[0]!.part, null);
       }
       encoder.end();
       computed.set(id, encoder.length);

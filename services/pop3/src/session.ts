@@ -362,9 +362,11 @@ export class Pop3Session {
     let pendingBytes = pending[0]!.length;
     let started = false;
     try {
-      await this.maildrop!.send(entry, bodyLines, (data) => {
-        pending.push(data);
-        pendingBytes += data.length;
+      await this.maildrop!.send(entry, bodyLines, (parts) => {
+        for (const part of parts) {
+          pending.push(part);
+          pendingBytes += part.length;
+        }
         if (pendingBytes < WRITE_BATCH) return;
         const out = Buffer.concat(pending, pendingBytes);
         pending = [];

@@ -1,6 +1,8 @@
 const CR = 0x0d;
 const LF = 0x0a;
 const DOT = 0x2e;
+const DOT_BYTES = Buffer.from(".");
+const CRLF_BYTES = Buffer.from("\r\n");
 
 /**
  * Turns stored message bytes into what POP3 sends, chunk by chunk: every bare LF becomes CRLF,
@@ -28,37 +30,49 @@ export class MessageEncoder {
     this.bodyLines = options.bodyLines ?? null;
   }
 
+  /** Encodes a chunk into one buffer (convenience for tests and small inputs). */
   push(chunk: Buffer): Buffer {
-    if (this.done || chunk.length === 0) return Buffer.alloc(0);
-    // Worst case every byte is an LF that needs a CR, or a line start that needs a dot.
-    const out = Buffer.allocUnsafe(chunk.length * 2 + 2);
-    let o = 0;
+    const out: Buffer[] = [];
+    this.pushTo(chunk, out);
+    return out.length === 1 ? out[0]! : Buffer.concat(out);
+  }
+
+  /**
+   * Encodes a chunk by appending slices of it (no copy) and the few inserted bytes to `out`.
+   * Mail stored with CRLF and without leading dots passes through as one slice.
+   */
+  pushTo(chunk: Buffer, out: Buffer[] | null): void {
+    if (this.done) return;
+    let segmentStart = 0;
     let i = 0;
-    // Line by line: copy up to the next LF, then fix the line ending.
     while (i < chunk.length) {
-      if (this.atLineStart && this.stuff && chunk[i] === DOT) out[o++] = DOT;
+      if (this.atLineStart && this.stuff && chunk[i] === DOT) {
+        if (i > segmentStart) out?.push(chunk.subarray(segmentStart, i));
+        out?.push(DOT_BYTES);
+        segmentStart = i; // the line's own dot starts the next slice
+      }
       const lf = chunk.indexOf(LF, i);
       const end = lf < 0 ? chunk.length : lf;
       if (end > i) {
-        chunk.copy(out, o, i, end);
-        o += end - i;
         this.length += end - i;
         this.lineBytes += end - i;
         this.lastCR = chunk[end - 1] === CR;
         this.atLineStart = false;
       }
       if (lf < 0) break;
-      if (!this.lastCR) {
-        out[o++] = CR;
-        this.length++;
+      if (this.lastCR) {
+        this.length += 1;
+      } else {
+        out?.push(chunk.subarray(segmentStart, lf), CRLF_BYTES);
+        segmentStart = lf + 1;
+        this.length += 2;
       }
-      out[o++] = LF;
-      this.length++;
       i = lf + 1;
       this.endLine();
       if (this.done) break;
     }
-    return out.subarray(0, o);
+    const stop = this.done ? i : chunk.length;
+    if (stop > segmentStart) out?.push(chunk.subarray(segmentStart, stop));
   }
 
   /** The bytes that complete the last line, if it lacked its line ending. */
@@ -92,7 +106,7 @@ export class MessageEncoder {
 /** The octet count POP3 sends for these bytes (CRLF-normalised, final CRLF, before byte-stuffing). */
 export function canonicalLength(chunks: Iterable<Buffer>): number {
   const encoder = new MessageEncoder({ stuff: false });
-  for (const chunk of chunks) encoder.push(chunk);
+  for (const chunk of chunks) encoder.pushTo(chunk, null);
   encoder.end();
   return encoder.length;
 }

@@ -37,6 +37,10 @@ test("the service process serves the API on API_PORT, traced by @fastify/otel wi
   assert.deepEqual(await response.json(), { domains: [] });
   assert.equal((await fetch(`http://127.0.0.1:${apiPort}/domains`)).status, 401);
 
+  const metrics = await (await fetch(`http://127.0.0.1:${service.opsPort}/metrics`)).text();
+  assert.match(metrics, /^admin_api_request_duration_seconds_count\{method="GET",route="\/domains",status="200"\} 1$/m);
+  assert.match(metrics, /^admin_api_request_duration_seconds_count\{method="GET",route="\/domains",status="401"\} 1$/m);
+
   const spans = await waitFor((): ReturnType<typeof otlp.spans.filter> | null => {
     const mine = otlp.spans.filter((s) => s.traceId === traceId);
     const done = mine.some((s) => s.parentSpanId === "b7ad6b7169203331") && mine.some((s) => s.name.startsWith("pg.query"));

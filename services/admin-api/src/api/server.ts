@@ -7,6 +7,7 @@ import type { Logger } from "@mailstack/telemetry";
 import { installAuth } from "./auth.ts";
 import type { ApiConfig } from "./config.ts";
 import { installErrorHandler } from "./errors.ts";
+import { installMetrics } from "./metrics.ts";
 import { directoryRoutes } from "./routes/directory.ts";
 import { filterRoutes } from "./routes/filters.ts";
 import { journeyRoutes } from "./routes/journey.ts";
@@ -51,6 +52,7 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
   await app.register(swaggerUi, { routePrefix: "/docs" });
 
   installErrorHandler(app);
+  installMetrics(app);
   installAuth(app, pool, config.API_DOCS_PUBLIC ? ["/docs"] : []);
   directoryRoutes(app, pool, config);
   filterRoutes(app, pool);

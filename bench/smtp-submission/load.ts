@@ -25,6 +25,8 @@ export interface LoadResult {
   perSecond: number;
   /** The rate after the first 20% of messages (sessions set up, AUTH done). */
   steadyPerSecond: number;
+  /** Seconds until the first message was accepted (sessions, TLS and AUTH set up). */
+  firstSeconds: number;
   firstError?: string;
 }
 
@@ -72,5 +74,5 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   const sent = options.count - failed;
   const from = Math.floor(done.length * 0.2);
   const steadyPerSecond = done.length > 10 ? (done.length - 1 - from) / (done[done.length - 1]! - done[from]!) : NaN;
-  return { sent, failed, seconds, perSecond: sent / seconds, steadyPerSecond, ...(firstError ? { firstError } : {}) };
+  return { sent, failed, seconds, perSecond: sent / seconds, steadyPerSecond, firstSeconds: done[0] ?? NaN, ...(firstError ? { firstError } : {}) };
 }

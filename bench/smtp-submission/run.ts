@@ -57,7 +57,7 @@ async function cpuSeconds(pid: number): Promise<number> {
 function report(name: string, result: LoadResult): void {
   console.log(
     `${name.padEnd(34)} ${String(result.sent).padStart(6)} sent ${String(result.failed).padStart(4)} failed ` +
-      `${result.seconds.toFixed(2).padStart(7)} s ${result.perSecond.toFixed(1).padStart(8)} msgs/s (steady ${result.steadyPerSecond.toFixed(1)})${result.firstError ? `  first error: ${result.firstError}` : ""}`,
+      `${result.seconds.toFixed(2).padStart(7)} s ${result.perSecond.toFixed(1).padStart(8)} msgs/s (steady ${result.steadyPerSecond.toFixed(1)}, first after ${(result.firstSeconds * 1000).toFixed(0)} ms)${result.firstError ? `  first error: ${result.firstError}` : ""}`,
   );
 }
 

@@ -4,7 +4,7 @@ import path from "node:path";
 import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import type { Pool } from "@mailstack/db";
-import { readMboxrd } from "./mbox.ts";
+import { readMboxrd, type MboxFormatError } from "./mbox.ts";
 import { importMessages, listFolders, mailboxEntries, mboxStream, MailboxIoError, returnPath, validateFolderName, type ImportResult } from "./store.ts";
 
 // How exports are laid out, shared by mailctl (directories) and the API (tar archives):
@@ -66,7 +66,7 @@ export async function* readEmlDirectory(root: string, maxMessageBytes: number): 
     for (const rel of byDir.get(dir)!.sort(uidOrder)) {
       const full = path.join(root, rel);
       const info = await stat(full);
-      if (info.size > maxMessageBytes) throw new MailboxIoError("invalid", `${rel} is larger than the limit of ${maxMessageBytes} bytes`);
+      if (info.size > maxMessageBytes) throw new MailboxIoError("too-large", `${rel} is larger than the limit of ${maxMessageBytes} bytes`);
       yield { path: rel, bytes: await readFile(full), mtime: info.mtime };
     }
   }
@@ -112,7 +112,7 @@ export async function importMboxStream(
       for await (const message of readMboxrd(input, maxMessageBytes)) yield { ...message, folder };
     } catch (error) {
       if (error instanceof MailboxIoError) throw error;
-      throw new MailboxIoError("invalid", (error as Error).message);
+      throw new MailboxIoError((error as MboxFormatError).tooLarge ? "too-large" : "invalid", (error as Error).message);
     }
   }
   return importMessages(pool, accountId, messages());

@@ -68,9 +68,12 @@ export interface MboxMessage {
 }
 
 export class MboxFormatError extends Error {
-  constructor(message: string) {
+  /** True when the input is refused for its size rather than its shape. */
+  readonly tooLarge: boolean;
+  constructor(message: string, tooLarge = false) {
     super(message);
     this.name = "MboxFormatError";
+    this.tooLarge = tooLarge;
   }
 }
 
@@ -108,7 +111,7 @@ export async function* readMboxrd(input: AsyncIterable<Buffer | string>, maxMess
     if (!current) throw new MboxFormatError("not an mbox file: it does not start with a \"From \" line");
     const body = isQuotedFrom(line, 0) && line[0] === GT ? line.subarray(1) : line;
     current.size += body.length;
-    if (current.size > maxMessageBytes + 1) throw new MboxFormatError(`a message is larger than the limit of ${maxMessageBytes} bytes`);
+    if (current.size > maxMessageBytes + 1) throw new MboxFormatError(`a message is larger than the limit of ${maxMessageBytes} bytes`, true);
     current.parts.push(body);
     return null;
   };
@@ -125,7 +128,7 @@ export async function* readMboxrd(input: AsyncIterable<Buffer | string>, maxMess
       start = end + 1;
     }
     carry = Buffer.from(data.subarray(start));
-    if (carry.length > maxMessageBytes + 1) throw new MboxFormatError(`a line is longer than the limit of ${maxMessageBytes} bytes`);
+    if (carry.length > maxMessageBytes + 1) throw new MboxFormatError(`a line is longer than the limit of ${maxMessageBytes} bytes`, true);
   }
   if (carry.length) {
     const done = takeLine(carry);

@@ -5,7 +5,7 @@ import { mboxrdEntry } from "./mbox.ts";
 
 /** A refused import or export (bad folder name, over quota, malformed input): one line for the operator. */
 export class MailboxIoError extends Error {
-  readonly code: "invalid" | "not-found" | "quota";
+  readonly code: "invalid" | "not-found" | "quota" | "too-large";
   constructor(code: MailboxIoError["code"], message: string) {
     super(message);
     this.name = "MailboxIoError";

@@ -108,7 +108,7 @@ export async function* readTar(input: AsyncIterable<Buffer | string>, maxFileByt
     const prefix = header.toString("latin1", 257, 262) === "ustar" ? readString(header, 345, 155) : "";
     const name = readString(header, 0, 100);
     if ((type === "0" || type === "\0" || type === "L") && size > maxFileBytes) {
-      throw new MailboxIoError("invalid", `a file in the archive is larger than the limit of ${maxFileBytes} bytes`);
+      throw new MailboxIoError("too-large", `a file in the archive is larger than the limit of ${maxFileBytes} bytes`);
     }
     const data = size ? await take(size) : Buffer.alloc(0);
     if (size && !data) throw new MailboxIoError("invalid", "truncated tar archive");

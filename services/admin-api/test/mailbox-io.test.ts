@@ -176,8 +176,19 @@ test("API: the whole mailbox as a tar of .eml files and back; quota refusals say
   // Same files, same bytes, same mtimes (import keeps each file's mtime as the message's received time).
   assert.ok(Buffer.from(await (await h.call("GET", "/accounts/frank@io.test/export?format=eml")).arrayBuffer()).equals(tar));
 
+  // One .eml file on its own, as message/rfc822.
+  const single = await h.call("POST", "/accounts/frank@io.test/import?format=eml&folder=Single", { raw: expected()[4]!.bytes, contentType: "message/rfc822" });
+  assert.equal(single.status, 200, await single.clone().text());
+  assert.deepEqual(await single.json(), { imported: 1, bytes: expected()[4]!.bytes.length, folders: ["Single"] });
+  const filed = (await contents("frank@io.test")).filter((e) => e.folder === "Single");
+  assert.equal(filed.length, 1);
+  assert.ok(filed[0]!.bytes.equals(expected()[4]!.bytes));
+
   const overQuota = await h.call("POST", "/accounts/tiny@io.test/import?format=eml", { raw: tar, contentType: "application/x-tar" });
   assert.equal(overQuota.status, 413);
+  const tooBig = await h.call("POST", "/accounts/frank@io.test/import?format=eml", { raw: Buffer.alloc(60 * 1024 * 1024 + 1, 0x61), contentType: "message/rfc822" });
+  assert.equal(tooBig.status, 413);
+  assert.match(((await tooBig.json()) as { message: string }).message, /larger than the limit of 52428800 bytes/);
   assert.match(((await overQuota.json()) as { message: string }).message, /quota .* \(after 1 message\(s\) imported\)/);
   assert.equal((await contents("tiny@io.test")).length, 1);
 });

@@ -24,7 +24,7 @@ const STATUS_TEXT: Record<number, string> = {
 
 const DIRECTORY_STATUS: Record<DirectoryError["code"], number> = { invalid: 400, "not-found": 404, duplicate: 409, "in-use": 409 };
 const QUEUE_STATUS: Record<QueueError["kind"], number> = { invalid: 400, "not-found": 404, conflict: 409 };
-const MAILBOX_STATUS: Record<MailboxIoError["code"], number> = { invalid: 400, "not-found": 404, quota: 413 };
+const MAILBOX_STATUS: Record<MailboxIoError["code"], number> = { invalid: 400, "not-found": 404, quota: 413, "too-large": 413 };
 
 /**
  * Runs a shared operation and names `field` when it refuses the input as invalid, so that a

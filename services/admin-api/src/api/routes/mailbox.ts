@@ -2,7 +2,8 @@ import { Readable } from "node:stream";
 import type { FastifyInstance } from "fastify";
 import type { Pool } from "@mailstack/db";
 import {
-  emlFiles, emlMessages, importMboxStream, importMessages, listFolders, mboxStream, readTar, tarStream, validateFolderName,
+  emlFiles, emlMessages, importMboxStream, importMessages, listFolders, MailboxIoError, mboxStream, readTar, tarStream,
+  validateFolderName,
 } from "@mailstack/mailbox-io";
 import type { ApiConfig } from "../config.ts";
 import { ApiError } from "../errors.ts";
@@ -11,6 +12,7 @@ import { visibleAccount } from "./directory.ts";
 
 const MBOX = "application/mbox";
 const TAR = "application/x-tar";
+const EML = "message/rfc822";
 
 const params = { type: "object", properties: { address: addressString }, required: ["address"] } as const;
 const formatQuery = {
@@ -27,7 +29,7 @@ type Route = { Params: { address: string }; Querystring: { format: "mbox" | "eml
  */
 export function mailboxRoutes(app: FastifyInstance, pool: Pool, config: ApiConfig): void {
   // Import bodies are streams handed to the importer, which bounds each message itself.
-  app.addContentTypeParser([MBOX, TAR, "application/octet-stream"], (_request, payload, done) => done(null, payload));
+  app.addContentTypeParser([MBOX, TAR, EML, "application/octet-stream"], (_request, payload, done) => done(null, payload));
 
   app.get<Route>("/accounts/:address/export", {
     schema: {
@@ -53,7 +55,7 @@ export function mailboxRoutes(app: FastifyInstance, pool: Pool, config: ApiConfi
   app.post<Route>("/accounts/:address/import", {
     schema: {
       tags: ["mailbox"],
-      summary: "Import an mboxrd body (application/mbox) into a folder, or a tar of .eml files (application/x-tar); messages are stored byte for byte",
+      summary: "Import an mboxrd body (application/mbox) into a folder, a tar of .eml files (application/x-tar), or one .eml (message/rfc822, format=eml); messages are stored byte for byte",
       params, querystring: formatQuery,
       response: {
         200: {
@@ -75,12 +77,32 @@ export function mailboxRoutes(app: FastifyInstance, pool: Pool, config: ApiConfi
     const limit = config.API_IMPORT_MAX_MESSAGE_SIZE;
     try {
       if (format === "mbox") return await importMboxStream(pool, account.id, folder ?? "INBOX", body, limit);
+      if (request.headers["content-type"]?.split(";")[0]!.trim().toLowerCase() === EML) {
+        const raw = await readBounded(body, limit);
+        return await importMessages(pool, account.id, emlMessages(single({ path: "message.eml", bytes: raw, mtime: new Date() }), folder));
+      }
       return await importMessages(pool, account.id, emlMessages(readTar(body, limit), folder));
     } finally {
       // Whatever happened, do not leave the rest of the upload unread on the socket.
       body.resume();
     }
   });
+}
+
+async function* single<T>(item: T): AsyncGenerator<T> {
+  yield item;
+}
+
+/** Reads a whole body of at most `limit` bytes (one message). */
+async function readBounded(body: Readable, limit: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of body) {
+    size += (chunk as Buffer).length;
+    if (size > limit) throw new MailboxIoError("too-large", `the message is larger than the limit of ${limit} bytes`);
+    chunks.push(chunk as Buffer);
+  }
+  return Buffer.concat(chunks, size);
 }
 
 function checkFolder(folder: string | undefined): void {

@@ -1,13 +1,28 @@
 import { randomBytes } from "node:crypto";
 import type { Pool } from "@mailstack/db";
 import type { JourneyEvent, RelayJob } from "@mailstack/queue";
-import { SpanKind, mailMetrics, withSpan, type Logger } from "@mailstack/telemetry";
+import { Counter, Histogram, SpanKind, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
 import { hasEightBit } from "./dot-stuff.ts";
 import { SmtpConnection, SmtpError, formatRemoteReply, type Envelope, type Timeouts, type TransactionResult } from "./smtp-client.ts";
 
 export const SERVICE = "mta-outbound";
+
+const relayMetrics = {
+  results: new Counter({
+    name: "mail_relay_recipient_results_total",
+    help: "Recipient results of relay attempts, by outcome (delivered, deferred, bounced)",
+    labelNames: ["outcome"] as const,
+    registers: [registry],
+  }),
+  attemptSeconds: new Histogram({
+    name: "mail_relay_attempt_seconds",
+    help: "Duration of one relay job: claim, DNS, SMTP transaction and recording",
+    buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
+    registers: [registry],
+  }),
+};
 
 export interface RelayConfig {
   /** Our name in EHLO and Reporting-MTA. */
@@ -295,6 +310,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   }
 
   async function handle(job: RelayJob): Promise<void> {
+    const started = performance.now();
     const claimed = await claim(job);
     if (!claimed) return; // already final, not due, or another worker holds them
     const { rows, message } = claimed;
@@ -323,6 +339,8 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         }
         await recordWithRetry(job, rows, message, outcomes);
         const states = [...outcomes.values()].map((o) => o.state);
+        for (const state of states) relayMetrics.results.inc({ outcome: state });
+        relayMetrics.attemptSeconds.observe((performance.now() - started) / 1000);
         span.setAttribute("mail.delivered.count", states.filter((s) => s === "delivered").length);
         logger.debug(
           { messageId: job.messageId, domain: job.domain, results: rows.map((r) => ({ rcpt: r.final_recipient, ...outcomes.get(r.final_recipient) })) },

@@ -2,7 +2,7 @@ import { bool, duration, integer, list, port, z } from "@mailstack/config";
 import { Consumers, Streams, Subjects, consume, type Bus } from "@mailstack/bus";
 import type { Pool } from "@mailstack/db";
 import { startDsnGenerator } from "@mailstack/dsn";
-import { startSweeper, type RelayJob } from "@mailstack/queue";
+import { registerQueueDepthMetric, startSweeper, type RelayJob } from "@mailstack/queue";
 import { runService } from "@mailstack/runtime";
 import type { Logger } from "@mailstack/telemetry";
 import { parseHostPort, type SmartHost } from "./destination.ts";
@@ -159,6 +159,8 @@ export async function main(): Promise<void> {
     opsPortDefault: 9026,
     shape,
     async start({ pool, bus, logger, config }) {
+      // mail_queue_depth: what operators scale relay workers on.
+      registerQueueDepthMetric(pool);
       return startOutbound({ pool, bus, logger, config });
     },
   });

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { createServer, type Server } from "node:net";
 import { after, before, test } from "node:test";
 import { simpleParser } from "mailparser";
-import { createLogger } from "@mailstack/telemetry";
+import { createLogger, registry } from "@mailstack/telemetry";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startOutbound, type OutboundService } from "../src/service.ts";
 import { deliveryStates, startDns, startMx, submit, testConfig, type ReceivedMessage } from "./helpers.ts";
@@ -345,4 +345,12 @@ test("a per-domain smart host replaces MX lookup, with AUTH over required STARTT
   assert.equal(got.length, 1);
   assert.equal(got[0]!.secure, true);
   assert.equal(got[0]!.user, "relay");
+});
+
+test("relay results and attempt durations are on /metrics", async () => {
+  const text = await registry.metrics();
+  const delivered = /mail_relay_recipient_results_total\{outcome="delivered"\} (\d+)/.exec(text);
+  assert.ok(delivered && Number(delivered[1]) >= 10, "delivered results counted");
+  assert.match(text, /mail_relay_recipient_results_total\{outcome="bounced"\} [1-9]/);
+  assert.match(text, /mail_relay_attempt_seconds_count [1-9]/);
 });

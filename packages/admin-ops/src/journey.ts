@@ -78,7 +78,18 @@ export async function messageJourney(db: Queryable, query: JourneyQuery, options
   } else {
     return [];
   }
-  const params = query.queueId ? [value] : [value, `<${value}>`];
+  const params: unknown[] = query.queueId ? [value] : [value, `<${value}>`];
+  // A tenant's limit applies to its own messages: filter in SQL before LIMIT, not after.
+  const tenantDomain = options.domain ?? null;
+  if (tenantDomain !== null) {
+    params.push(tenantDomain);
+    const n = params.length;
+    where += ` AND (lower(substring(envelope_from from '[^@]*$')) = $${n}
+                    OR lower(substring(coalesce(auth_user, '') from '[^@]*$')) = $${n}
+                    OR EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = messages.id
+                               AND (lower(substring(d.final_recipient from '[^@]*$')) = $${n}
+                                    OR lower(substring(d.recipient from '[^@]*$')) = $${n})))`;
+  }
   const messages = await db.query<{
     id: number; queue_id: string; message_id_header: string | null; envelope_from: string; auth_user: string | null;
     source: string; size: number; received_at: Date; trace_id: string | null;

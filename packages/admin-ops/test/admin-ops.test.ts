@@ -69,4 +69,17 @@ test("journey: operator sees all; the sender's tenant sees all; a recipient's te
   assert.deepEqual(recipient[0]!.recipients.map((r) => r.finalRecipient), ["bea@b.test"]);
   assert.deepEqual(await messageJourney(db.pool, { queueId: accepted.queueId }, { domain: "c.test" }), []);
   assert.deepEqual(await messageJourney(db.pool, {}), []);
+
+  // The limit counts a tenant's own messages: others' copies of the same Message-ID do not crowd it out.
+  const copy = (from: string, to: string) => acceptMessage(
+    db.pool,
+    { raw: Buffer.from("Message-ID: <shared@x.test>\r\n\r\nx\r\n"), envelopeFrom: from, source: "inbound", messageIdHeader: "<shared@x.test>" },
+    [{ recipient: to, route: { kind: "remote", address: to, domain: to.split("@")[1]! } }],
+    "mta-inbound",
+  );
+  await copy("z@other.test", "y@other.test");
+  await copy("z@other.test", "y@other.test");
+  const mine = await copy("z@other.test", "bea@b.test");
+  const scoped = await messageJourney(db.pool, { messageId: "shared@x.test" }, { domain: "b.test", limit: 1 });
+  assert.deepEqual(scoped.map((m) => m.queueId), [mine.queueId]);
 });

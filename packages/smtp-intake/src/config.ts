@@ -32,6 +32,8 @@ export const intakeShape = {
   /** Group commit: accepts waiting while this many accept transactions are in flight join the next one. */
   SMTP_ACCEPT_CONCURRENCY: integer(2, 1),
   SMTP_ACCEPT_BATCH_MAX: integer(64, 1),
+  /** Message bytes all sessions together may hold in memory; past it a message is answered 452 4.3.1. */
+  SMTP_MAX_BUFFERED: size("512M"),
   /** Banner text after the host name in the greeting. */
   SMTP_BANNER: z.string().default(""),
   /** Hosts whose connections skip the per-IP limit (for example a local load balancer). */
@@ -57,5 +59,6 @@ export function limitsFromConfig(config: IntakeConfig): IntakeLimits {
     bareLineEndings: config.SMTP_BARE_LINE_ENDINGS,
     acceptConcurrency: config.SMTP_ACCEPT_CONCURRENCY,
     acceptBatchMax: config.SMTP_ACCEPT_BATCH_MAX,
+    maxBufferedBytes: config.SMTP_MAX_BUFFERED,
   };
 }

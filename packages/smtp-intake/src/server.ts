@@ -39,6 +39,8 @@ export interface IntakeLimits {
   bareLineEndings: "reject" | "normalize";
   acceptConcurrency: number;
   acceptBatchMax: number;
+  /** Message bytes all sessions together may hold in memory; past it a message gets 452 4.3.1. */
+  maxBufferedBytes: number;
 }
 
 export const defaultLimits: IntakeLimits = {
@@ -57,6 +59,7 @@ export const defaultLimits: IntakeLimits = {
   bareLineEndings: "reject",
   acceptConcurrency: 2,
   acceptBatchMax: 64,
+  maxBufferedBytes: 512 * 1024 * 1024,
 };
 
 /** What the hooks see of a session. */
@@ -211,6 +214,7 @@ const R = {
   utf8Address: reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 extension"),
   badAuth: reply(535, "5.7.8", "Authentication credentials invalid"),
   tooManyFinal: reply(452, "4.5.3", "Too many recipients after alias expansion"),
+  busy: reply(452, "4.3.1", "Insufficient system storage, try again later"),
 };
 
 function smtpError(r: SmtpReply): Error & { responseCode: number } {
@@ -250,6 +254,8 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const stamper = new DispatchStamper(pool, logger);
   const markDispatched = (ids: number[]) => stamper.mark(ids);
   const inFlight = new Set<Promise<unknown>>();
+  // Message bytes held in memory by all sessions (bounded by maxBufferedBytes).
+  let buffered = 0;
   const tlsMode = options.tlsMode ?? "starttls";
   const authOffered = !!options.auth;
   const hideAuthBeforeTls = authOffered && tlsMode === "starttls" && !options.auth?.allowInsecure;
@@ -454,12 +460,22 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   };
 
   const receive = async (stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> => {
+    const hold = { bytes: 0 };
+    try {
+      return await receiveHeld(stream, session, hold);
+    } finally {
+      buffered -= hold.bytes;
+    }
+  };
+
+  const receiveHeld = async (stream: SMTPServerDataStream, session: SMTPServerSession, hold: { bytes: number }): Promise<string> => {
     const state = stateOf(session);
     const s = view(session);
     const busUp = busWatch.connected();
     const scanner = new BodyScanner();
     const chunks: Buffer[] = [];
     let received = 0;
+    let overBudget = false;
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
@@ -473,6 +489,16 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         stream.on("data", (chunk: Buffer) => {
           received += chunk.length;
           if (received > limits.maxMessageSize || stream.sizeExceeded) return; // keep draining, store nothing
+          if (!overBudget && buffered + chunk.length > limits.maxBufferedBytes) {
+            // Too much mail in memory at once: drop what this message holds, drain the rest, answer 452.
+            overBudget = true;
+            buffered -= hold.bytes;
+            hold.bytes = 0;
+            chunks.length = 0;
+          }
+          if (overBudget) return;
+          buffered += chunk.length;
+          hold.bytes += chunk.length;
           scanner.push(chunk);
           chunks.push(chunk);
         });
@@ -488,6 +514,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     }
     // Over the limit: the library answers 552 5.3.4 itself (rejectOversized); nothing is kept.
     if (stream.sizeExceeded || received > limits.maxMessageSize) throw new SmtpError(Replies.messageTooBig);
+    if (overBudget) throw new SmtpError(R.busy);
     scanner.finish();
     if (scanner.nul) throw new SmtpError(R.nul);
     if (scanner.eightBitHeader && !session.envelope.smtpUtf8) throw new SmtpError(R.eightBitHeader);

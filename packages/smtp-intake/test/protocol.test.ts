@@ -297,6 +297,20 @@ describe("message content", () => {
     client.close();
   });
 
+  test("past the memory budget for message data a message is 452 4.3.1, and the budget frees up", async () => {
+    const tight = await startIntake(env.pool, env.bus, { limits: { maxBufferedBytes: 8_000 } });
+    extra.push(tight);
+    const before = await messageCount(env.pool);
+    const client = await open(tight.port());
+    const big = await transaction(client, dataPayload(sampleMessage({ body: ("z".repeat(900) + "\r\n").repeat(12) })));
+    assert.match(big.text, /^452 4\.3\.1 /);
+    assert.equal(await messageCount(env.pool), before);
+    // Each of these fits alone but two would not: the budget must be given back after each one.
+    const half = dataPayload(sampleMessage({ body: ("z".repeat(900) + "\r\n").repeat(5) }));
+    for (let i = 0; i < 3; i++) assert.equal((await transaction(client, half)).code, 250, `message ${i} fits again`);
+    client.close();
+  });
+
   test("an oversized message is 552 5.3.4 after the final dot and nothing is stored", async () => {
     const small = await startIntake(env.pool, env.bus, { limits: { maxMessageSize: 10_000 } });
     extra.push(small);

@@ -35,7 +35,8 @@
  * - DATA with no accepted recipient is 554 5.5.1 and the connection is closed, so a
  *   pipelined body can never run as commands. Command lines ending in a bare LF are 500
  *   5.5.2 and change nothing. TURN/SEND/SOML/SAML/EXPN are 502 5.5.1, VRFY 252.
- * - The body: over the size limit 552 5.3.4 after the final dot (nothing stored); bare CR
+ * - The body: over the size limit 552 5.3.4 after the final dot (nothing stored); past the
+ *   memory budget shared by all sessions (maxBufferedBytes) 452 4.3.1; bare CR
  *   or LF are rejected 550 5.6.11 (or normalised to CRLF with bareLineEndings 'normalize');
  *   NUL bytes 554 5.6.0; 8-bit headers without SMTPUTF8 550 5.6.7. Only "\r\n.\r\n" ends
  *   DATA (the library), so no smuggled second message. The whole DATA phase has an absolute

@@ -96,14 +96,61 @@ interface SplitNode {
 }
 
 const MAX_DEPTH = 8;
+/** The header section handed to mailparser is cut here (a header this large is abuse anyway). */
+const MAX_HEADER_SECTION = 512 * 1024;
+
+/** Bytes a part's body decodes to, counted as it streams by (no decoded copy is made). */
+class DecodedSize {
+  private readonly encoding: string;
+  private count = 0;
+  private padding = 0;
+  private carry = "";
+  constructor(encoding: string) {
+    this.encoding = encoding;
+  }
+  add(chunk: Buffer): void {
+    if (this.encoding === "base64") {
+      for (const byte of chunk) {
+        if (byte === 0x3d) this.padding++;
+        else if ((byte >= 0x41 && byte <= 0x5a) || (byte >= 0x61 && byte <= 0x7a) || (byte >= 0x30 && byte <= 0x39) || byte === 0x2b || byte === 0x2f) this.count++;
+      }
+    } else if (this.encoding === "quoted-printable") {
+      // Each =XX is one byte, each soft break (= at a line end) none; a trailing partial escape waits for the next chunk.
+      const text = this.carry + chunk.toString("latin1");
+      const cut = Math.max(0, text.length - 3);
+      const head = text.slice(0, cut);
+      this.carry = text.slice(cut);
+      this.count += this.qpLength(head);
+    } else {
+      this.count += chunk.length;
+    }
+  }
+  private qpLength(text: string): number {
+    const softBreaks = (text.match(/=\r?\n/g) ?? []).reduce((sum, m) => sum + m.length, 0);
+    const escapes = (text.replace(/=\r?\n/g, "").match(/=[0-9A-Fa-f]{2}/g) ?? []).length;
+    return text.length - softBreaks - escapes * 2;
+  }
+  get bytes(): number {
+    if (this.encoding === "base64") return Math.floor(((this.count + this.padding) * 3) / 4) - this.padding;
+    if (this.encoding === "quoted-printable") return this.count + this.qpLength(this.carry);
+    return this.count;
+  }
+}
 
 /**
  * Walks the MIME tree with mailsplit (the splitter mailparser itself uses), counting body bytes
  * per part. An attached message/rfc822 is walked as well (decoded when base64), as a child of its part.
  */
-async function mimeStructure(raw: Buffer, prefix = "", depth = 0, budget = { parts: MAX_PARTS }): Promise<MimePart | null> {
+async function mimeStructure(
+  raw: Buffer,
+  attachments: ParsedMessage["attachments"],
+  prefix = "",
+  depth = 0,
+  budget = { parts: MAX_PARTS },
+): Promise<MimePart | null> {
   const splitter = new Splitter({ ignoreEmbedded: true });
   const parts = new Map<unknown, MimePart>();
+  const decoded = new Map<MimePart, DecodedSize>();
   const embedded = new Map<MimePart, Buffer[]>();
   let root: MimePart | null = null;
   let count = 0;
@@ -130,6 +177,7 @@ async function mimeStructure(raw: Buffer, prefix = "", depth = 0, budget = { par
       if (node.encoding) part.encoding = String(node.encoding);
       if (node.charset) part.charset = String(node.charset);
       parts.set(chunk, part);
+      if (!part.type.startsWith("multipart/")) decoded.set(part, new DecodedSize(part.encoding ?? ""));
       if (part.type === "message/rfc822" && depth < MAX_DEPTH) embedded.set(part, []);
       if (parent) (parent.parts ??= []).push(part);
       else if (!root) root = part;
@@ -137,6 +185,7 @@ async function mimeStructure(raw: Buffer, prefix = "", depth = 0, budget = { par
       const part = parts.get(chunk.node);
       if (!part) continue;
       part.size += chunk.value.length;
+      decoded.get(part)?.add(chunk.value);
       embedded.get(part)?.push(chunk.value);
     }
   }
@@ -146,20 +195,39 @@ async function mimeStructure(raw: Buffer, prefix = "", depth = 0, budget = { par
     return part.size;
   };
   if (root) total(root);
+  // What mailparser would list as attachments: every part that is not inline text.
+  if (depth === 0) {
+    for (const [part, size] of decoded) {
+      const inlineText = (part.type === "text/plain" || part.type === "text/html") && part.disposition !== "attachment";
+      if (inlineText || part === root || attachments.length >= MAX_PARTS) continue;
+      attachments.push({ partId: part.partId || null, type: part.type, filename: part.filename ?? null, size: size.bytes });
+    }
+  }
   for (const [part, chunks] of embedded) {
     let body = Buffer.concat(chunks);
     if (part.encoding === "base64") body = Buffer.from(body.toString("latin1").replace(/[^A-Za-z0-9+/=]/g, ""), "base64");
-    const inner = await mimeStructure(body, `${part.partId}.`, depth + 1, budget);
+    const inner = await mimeStructure(body, attachments, `${part.partId}.`, depth + 1, budget);
     if (inner) part.parts = [inner];
   }
   return root;
 }
 
+/** The header section of a message (up to and including the blank line), bounded. */
+function headerSection(raw: Buffer): Buffer {
+  const crlf = raw.indexOf("\r\n\r\n");
+  const lf = raw.indexOf("\n\n");
+  const ends = [crlf >= 0 ? crlf + 4 : -1, lf >= 0 ? lf + 2 : -1].filter((n) => n >= 0);
+  const end = ends.length ? Math.min(...ends) : raw.length;
+  return raw.subarray(0, Math.min(end, MAX_HEADER_SECTION));
+}
+
 /**
- * Runs mailparser over the message for the header fields and the attachments. Streaming, and
- * attachment contents are only counted, never kept, so memory stays near the message's size.
+ * Runs mailparser over the header section for the header fields (decoded words, address
+ * lists, dates, ids). The body is walked by mimeStructure with mailsplit, the splitter
+ * mailparser is built on: running mailparser's text decoding over every body only to throw
+ * the text away cost a lot of native memory for nothing.
  */
-async function readHeadersAndAttachments(raw: Buffer, parsed: ParsedMessage): Promise<void> {
+async function readHeaders(raw: Buffer, parsed: ParsedMessage): Promise<void> {
   const parser = new MailParser({
     skipHtmlToText: true,
     skipTextToHtml: true,
@@ -172,20 +240,15 @@ async function readHeadersAndAttachments(raw: Buffer, parsed: ParsedMessage): Pr
   parser.on("headers", (value: Map<string, unknown>) => (headers = value));
   parser.on("headerLines", (value: ReadonlyArray<{ key: string; line: string }>) => (lines = value));
   parser.on("data", (data: AttachmentStream | MessageText) => {
-    if (data.type !== "attachment") return;
-    let size = 0;
-    data.content.on("data", (chunk: Buffer) => (size += chunk.length));
-    data.content.on("end", () => {
-      if (parsed.attachments.length < MAX_PARTS) {
-        parsed.attachments.push({ partId: data.partId ?? null, type: data.contentType, filename: data.filename ? clip(data.filename, 255) : null, size });
-      }
-      data.release?.();
-    });
+    if (data.type === "attachment") {
+      data.content.resume();
+      data.content.on("end", () => data.release?.());
+    }
   });
   await new Promise<void>((resolve, reject) => {
     parser.once("end", resolve);
     parser.once("error", reject);
-    parser.end(raw);
+    parser.end(headerSection(raw));
   });
   const text = (name: string) => {
     const value = headers.get(name);
@@ -218,13 +281,13 @@ export async function parseMessage(raw: Buffer): Promise<ParsedMessage> {
   };
   const errors: string[] = [];
   try {
-    await readHeadersAndAttachments(raw, parsed);
+    await readHeaders(raw, parsed);
   } catch (error) {
     errors.push(`headers: ${(error as Error).message}`);
   }
   parsed.spam = parsed.headers.some(([name, value]) => name === "x-spam-flag" && /^yes\b/i.test(value.trim()));
   try {
-    parsed.structure = await mimeStructure(raw);
+    parsed.structure = await mimeStructure(raw, parsed.attachments);
   } catch (error) {
     errors.push(`mime: ${(error as Error).message}`);
   }

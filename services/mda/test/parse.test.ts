@@ -96,6 +96,38 @@ test("MIME structure: mixed, alternative, related, base64, quoted-printable, fil
   assert.equal(decoded?.size, 3000);
 });
 
+test("attachment sizes are the decoded sizes (base64 with padding, quoted-printable with escapes and soft breaks)", async () => {
+  const bin = Buffer.from([0xde, 0xad, 0xbe, 0xef, 0x00]);
+  const qpText = "caf=C3=A9 and a very long line that is softly =\r\nbroken=3D";
+  const parsed = await parseMessage(crlf([
+    "Subject: sizes",
+    "Content-Type: multipart/mixed; boundary=s",
+    "",
+    "--s",
+    "Content-Type: text/plain",
+    "",
+    "inline text is not an attachment",
+    "--s",
+    "Content-Type: application/octet-stream; name=a.bin",
+    "Content-Transfer-Encoding: base64",
+    "",
+    bin.toString("base64"),
+    "--s",
+    "Content-Type: text/plain; name=notes.txt",
+    "Content-Disposition: attachment; filename=notes.txt",
+    "Content-Transfer-Encoding: quoted-printable",
+    "",
+    qpText,
+    "--s--",
+    "",
+  ]));
+  assert.deepEqual(parsed.attachments, [
+    { partId: "2", type: "application/octet-stream", filename: "a.bin", size: 5 },
+    // The CRLF before a boundary belongs to the boundary, not to the part.
+    { partId: "3", type: "text/plain", filename: "notes.txt", size: Buffer.byteLength("café and a very long line that is softly broken=") },
+  ]);
+});
+
 test("MIME structure: digest and nested message/rfc822 (plain and base64)", async () => {
   const inner = ["Subject: inner", "Content-Type: multipart/mixed; boundary=in", "", "--in", "Content-Type: text/plain", "", "deep", "--in", "Content-Type: image/gif; name=x.gif", "Content-Transfer-Encoding: base64", "", "R0lGODlh", "--in--", ""].join("\r\n");
   const parsed = await parseMessage(crlf([

@@ -265,7 +265,10 @@ class Connection implements SessionIo {
   }
 
   private resetTimer(): void {
-    if (this.timer) clearTimeout(this.timer);
+    if (this.timer) {
+      this.timer.refresh();
+      return;
+    }
     this.timer = setTimeout(() => void this.onIdle(), this.config.POP3_AUTOLOGOUT);
     this.timer.unref();
   }

@@ -14,7 +14,7 @@ if (selected.length === 0) {
 }
 const child = spawn(
   process.execPath,
-  ["--test", "--test-reporter=spec", `--test-concurrency=${process.env.TEST_CONCURRENCY ?? 4}`, "--test-timeout=300000", ...selected],
+  ["--test", "--test-reporter=spec", `--test-concurrency=${process.env.TEST_CONCURRENCY ?? 3}`, "--test-timeout=300000", ...selected],
   { stdio: "inherit", env: { ...process.env, NODE_ENV: "test" } },
 );
 child.on("exit", (code, signal) => process.exit(code ?? (signal ? 1 : 0)));

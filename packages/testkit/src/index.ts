@@ -74,7 +74,8 @@ export async function createTestDatabase(): Promise<TestDatabase> {
     }
   }
   const url = urlFor(name);
-  const pool = createPool({ url, max: 20, applicationName: "test" });
+  // Small pools: several test files (and the services they start) share PostgreSQL's 100 connections.
+  const pool = createPool({ url, max: 10, applicationName: "test" });
   return {
     name,
     url,
@@ -126,7 +127,13 @@ export async function createTestEnv(options: ProvisionOptions = {}): Promise<Tes
     testBus,
     pool: db.pool,
     bus: testBus.bus,
-    env: { DATABASE_URL: db.url, NATS_URL: testBus.url, BUS_PREFIX: testBus.prefix, LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? "silent" },
+    env: {
+      DATABASE_URL: db.url,
+      DATABASE_POOL_SIZE: "4",
+      NATS_URL: testBus.url,
+      BUS_PREFIX: testBus.prefix,
+      LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? "silent",
+    },
     async close() {
       await testBus.cleanup();
       await db.drop();

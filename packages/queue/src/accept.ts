@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { transaction, type Pool, type PoolClient, type Route } from "@mailstack/db";
+import { transaction, type Pool, type PoolClient, type Queryable, type Route } from "@mailstack/db";
 import { recordEvents } from "./events.ts";
 
 export type MessageSource = "inbound" | "submission" | "lmtp" | "bounce" | "import" | "forward";
@@ -122,74 +122,79 @@ export async function acceptMessage(pool: Pool, message: NewMessage, deliveries:
 }
 
 /**
- * insertMessage for many messages at once, in three statements whatever their number (for a
- * caller that group-commits several SMTP transactions). Results are in the input's order.
+ * insertMessage for many messages at once, as ONE statement whatever their number (messages,
+ * deliveries and their `accepted` events in data-modifying CTEs): called on a pool it is its
+ * own transaction and costs a single round trip, commit included, which is what a caller
+ * group-committing concurrent SMTP transactions wants. Results are in the input's order.
  */
 export async function insertMessages(
-  client: PoolClient,
+  db: Queryable,
   batch: Array<{ message: NewMessage; deliveries: NewDelivery[] }>,
   service: string,
 ): Promise<AcceptedMessage[]> {
   if (batch.length === 0) return [];
   const queueIds = batch.map((b) => b.message.queueId ?? newQueueId());
-  const messages = batch.map((b) => b.message);
-  // Multi-row VALUES rather than unnest: a Buffer parameter travels in binary, while a
-  // bytea[] array would be hex text twice the size of the messages.
+  // Messages as a multi-row VALUES rather than unnest: a Buffer parameter travels in binary,
+  // while a bytea[] array would be hex text twice the size of the messages.
   const values: unknown[] = [];
-  const tuples = messages.map((m, i) => {
+  const tuples = batch.map(({ message: m }, i) => {
     const row = [
       queueIds[i], m.raw, m.raw.length, m.envelopeFrom, m.source, m.clientIp ?? null, m.clientHelo ?? null, m.authUser ?? null,
       m.messageIdHeader ?? null, m.authResults ? JSON.stringify(m.authResults) : null, m.dsnEnvid ?? null, m.dsnRet ?? null, m.traceId ?? null,
     ];
     const first = values.length + 1;
     values.push(...row);
-    return `(${row.map((_, j) => `$${first + j}${j === 9 ? "::jsonb" : ""}`).join(", ")})`;
+    return `(${row.map((_, j) => `$${first + j}${j === 2 ? "::bigint" : j === 9 ? "::jsonb" : ""}`).join(", ")})`;
   });
-  const inserted = await client.query<{ id: number; queue_id: string }>(
-    `INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
-                           message_id_header, auth_results, dsn_envid, dsn_ret, trace_id)
-     VALUES ${tuples.join(", ")} RETURNING id, queue_id`,
-    values,
-  );
-  const idOf = new Map(inserted.rows.map((r) => [r.queue_id, r.id]));
-  const rows: Array<NewDelivery & { messageId: number }> = [];
+  const rows: Array<NewDelivery & { queueId: string }> = [];
   batch.forEach((b, i) => {
-    const messageId = idOf.get(queueIds[i]!)!;
     const unique = new Map<string, NewDelivery>();
     for (const delivery of b.deliveries) if (!unique.has(delivery.route.address)) unique.set(delivery.route.address, delivery);
-    for (const delivery of unique.values()) rows.push({ ...delivery, messageId });
+    for (const delivery of unique.values()) rows.push({ ...delivery, queueId: queueIds[i]! });
   });
-  const result = await client.query<{ id: number; message_id: number; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(
-    `INSERT INTO deliveries (message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
-     SELECT r.message_id, r.recipient, r.final_recipient, r.kind, r.account_id, r.remote_domain, r.folder,
-            CASE WHEN r.dsn_notify IS NULL THEN NULL ELSE string_to_array(r.dsn_notify, ',') END, r.dsn_orcpt
-     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[])
-          AS r(message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
-     RETURNING id, message_id, kind, final_recipient, remote_domain`,
-    [
-      rows.map((d) => d.messageId),
-      rows.map((d) => d.recipient),
-      rows.map((d) => d.route.address),
-      rows.map((d) => d.route.kind),
-      rows.map((d) => (d.route.kind === "local" ? d.route.accountId : null)),
-      rows.map((d) => (d.route.kind === "remote" ? d.route.domain : null)),
-      rows.map((d) => d.folder ?? "INBOX"),
-      rows.map((d) => (d.dsnNotify?.length ? d.dsnNotify.join(",") : null)),
-      rows.map((d) => d.dsnOrcpt ?? null),
-    ],
+  const p = values.length;
+  values.push(
+    rows.map((d) => d.queueId),
+    rows.map((d) => d.recipient),
+    rows.map((d) => d.route.address),
+    rows.map((d) => d.route.kind),
+    rows.map((d) => (d.route.kind === "local" ? d.route.accountId : null)),
+    rows.map((d) => (d.route.kind === "remote" ? d.route.domain : null)),
+    rows.map((d) => d.folder ?? "INBOX"),
+    rows.map((d) => (d.dsnNotify?.length ? d.dsnNotify.join(",") : null)),
+    rows.map((d) => d.dsnOrcpt ?? null),
+    service,
   );
-  const byMessage = new Map<number, AcceptedDelivery[]>();
+  const result = await db.query<{ id: number; message_id: number; queue_id: string; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(
+    `WITH m AS (
+       INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
+                             message_id_header, auth_results, dsn_envid, dsn_ret, trace_id)
+       VALUES ${tuples.join(", ")} RETURNING id, queue_id
+     ), d AS (
+       INSERT INTO deliveries (message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
+       SELECT m.id, r.recipient, r.final_recipient, r.kind, r.account_id, r.remote_domain, r.folder,
+              CASE WHEN r.dsn_notify IS NULL THEN NULL ELSE string_to_array(r.dsn_notify, ',') END, r.dsn_orcpt
+       FROM unnest($${p + 1}::text[], $${p + 2}::text[], $${p + 3}::text[], $${p + 4}::text[], $${p + 5}::bigint[], $${p + 6}::text[],
+                   $${p + 7}::text[], $${p + 8}::text[], $${p + 9}::text[])
+            AS r(queue_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
+       JOIN m ON m.queue_id = r.queue_id
+       RETURNING id, message_id, kind, final_recipient, remote_domain
+     ), e AS (
+       INSERT INTO delivery_events (message_id, delivery_id, event, service, detail)
+       SELECT d.message_id, d.id, 'accepted', $${p + 10}::text, jsonb_build_object('recipient', d.final_recipient) FROM d
+     )
+     SELECT d.id, d.message_id, m.queue_id, d.kind, d.final_recipient, d.remote_domain FROM d JOIN m ON m.id = d.message_id ORDER BY d.id`,
+    values,
+  );
+  const byQueueId = new Map<string, { messageId: number; deliveries: AcceptedDelivery[] }>();
   for (const row of result.rows) {
-    const list = byMessage.get(row.message_id) ?? [];
-    list.push({ id: row.id, kind: row.kind, finalRecipient: row.final_recipient, remoteDomain: row.remote_domain });
-    byMessage.set(row.message_id, list);
+    const entry = byQueueId.get(row.queue_id) ?? { messageId: row.message_id, deliveries: [] };
+    entry.deliveries.push({ id: row.id, kind: row.kind, finalRecipient: row.final_recipient, remoteDomain: row.remote_domain });
+    byQueueId.set(row.queue_id, entry);
   }
-  await recordEvents(
-    client,
-    result.rows.map((d) => ({ messageId: d.message_id, deliveryId: d.id, event: "accepted" as const, service, detail: { recipient: d.final_recipient } })),
-  );
   return batch.map((b, i) => {
-    const messageId = idOf.get(queueIds[i]!)!;
-    return { messageId, queueId: queueIds[i]!, traceId: b.message.traceId ?? null, deliveries: byMessage.get(messageId) ?? [] };
+    const entry = byQueueId.get(queueIds[i]!);
+    if (!entry) throw new Error(`message ${queueIds[i]} was stored without deliveries`);
+    return { messageId: entry.messageId, queueId: queueIds[i]!, traceId: b.message.traceId ?? null, deliveries: entry.deliveries };
   });
 }

@@ -1,6 +1,5 @@
 import type { Pool } from "@mailstack/db";
-import { acceptMessage, insertMessages, type AcceptedMessage, type NewDelivery, type NewMessage } from "@mailstack/queue";
-import { transaction } from "@mailstack/db";
+import { insertMessages, type AcceptedMessage, type NewDelivery, type NewMessage } from "@mailstack/queue";
 
 interface Pending {
   message: NewMessage;
@@ -22,7 +21,7 @@ export interface AcceptBatcherOptions {
  * one transaction, so one WAL flush covers many messages. Each caller's promise resolves
  * only after the commit that contains its message, so the 250 still follows the commit.
  * If a shared transaction fails, its messages are retried one by one, so one bad message
- * cannot make its neighbours fail.
+ * cannot make its neighbours fail. Each transaction is a single statement (insertMessages).
  */
 export class AcceptBatcher {
   private readonly pool: Pool;
@@ -73,17 +72,14 @@ export class AcceptBatcher {
   private async commit(batch: Pending[]): Promise<void> {
     this.stats.transactions++;
     this.stats.largestBatch = Math.max(this.stats.largestBatch, batch.length);
-    if (batch.length === 1) {
-      const only = batch[0]!;
-      await acceptMessage(this.pool, only.message, only.deliveries, this.service).then(only.resolve, only.reject);
-      return;
-    }
+    // One statement on the pool: its own transaction, one round trip with the commit.
     try {
-      const results = await transaction(this.pool, (client) => insertMessages(client, batch, this.service));
+      const results = await insertMessages(this.pool, batch, this.service);
       batch.forEach((item, i) => item.resolve(results[i]!));
-    } catch {
+    } catch (error) {
+      if (batch.length === 1) return batch[0]!.reject(error);
       for (const item of batch) {
-        await acceptMessage(this.pool, item.message, item.deliveries, this.service).then(item.resolve, item.reject);
+        await insertMessages(this.pool, [item], this.service).then((r) => item.resolve(r[0]!), item.reject);
       }
     }
   }

@@ -152,6 +152,7 @@ class Connection implements SessionIo {
   }
 
   private receive(chunk: Buffer): void {
+    if (this.closed) return;
     this.resetTimer();
     this.buffer = this.buffer.length ? Buffer.concat([this.buffer, chunk]) : chunk;
     for (;;) {
@@ -274,6 +275,7 @@ class Connection implements SessionIo {
   }
 
   private async onIdle(): Promise<void> {
+    if (this.closed) return;
     if (this.processing) return this.resetTimer();
     await this.session.autologout();
     this.close();

@@ -152,17 +152,26 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
       for (const address of host.addresses) {
         const key = `${address}|${destination.port}|${destination.tls}|${destination.auth?.user ?? ""}|${host.hostname}`;
         const hostKey = `${address}|${destination.port}`;
-        const open = () =>
-          SmtpConnection.open({
-            hostname: host.hostname,
-            address,
-            port: destination.port,
-            heloName: config.hostname,
-            tls: destination.tls,
-            tlsVerify: destination.tlsVerify,
-            auth: destination.auth,
-            timeouts: config.timeouts,
-          });
+        const options = {
+          hostname: host.hostname,
+          address,
+          port: destination.port,
+          heloName: config.hostname,
+          tls: destination.tls,
+          tlsVerify: destination.tlsVerify,
+          auth: destination.auth,
+          timeouts: config.timeouts,
+        };
+        const open = async () => {
+          try {
+            return await SmtpConnection.open(options);
+          } catch (error) {
+            // Opportunistic TLS (RFC 7435): a failed STARTTLS handshake is retried in clear on a new connection.
+            if (destination.tls !== "opportunistic" || !(error instanceof SmtpError) || error.stage !== "starttls") throw error;
+            logger.info({ host: host.hostname, address, err: error.message }, "STARTTLS failed; retrying without TLS");
+            return SmtpConnection.open({ ...options, tls: "none" });
+          }
+        };
         let result: TransactionResult | null = null;
         let connection: SmtpConnection | null = null;
         try {

@@ -66,6 +66,8 @@ export interface MxOptions {
   hide8BitMime?: boolean;
   size?: number;
   auth?: { user: string; pass: string };
+  /** Extra TLS options for the server's STARTTLS (e.g. a version the client refuses). */
+  tls?: Record<string, unknown>;
 }
 
 /** A real SMTP server (smtp-server) acting as a remote MX on a loopback address. */
@@ -81,6 +83,7 @@ export async function startMx(host: string, port: number, options: MxOptions = {
     hideDSN: options.hideDsn ?? false,
     hideSMTPUTF8: false,
     size: options.size ?? 0,
+    ...(options.tls ?? {}),
     authOptional: true,
     logger: false,
     disableReverseLookup: true,

@@ -5,6 +5,7 @@ import { simpleParser } from "mailparser";
 import { createLogger, registry } from "@mailstack/telemetry";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startOutbound, type OutboundService } from "../src/service.ts";
+import { SmtpConnection, SmtpError, rfcTimeouts } from "../src/smtp-client.ts";
 import { deliveryStates, startDns, startMx, submit, testConfig, type ReceivedMessage } from "./helpers.ts";
 
 let env: TestEnv;
@@ -15,6 +16,7 @@ let origin: Awaited<ReturnType<typeof startMx>>;
 let plain: Awaited<ReturnType<typeof startMx>>;
 let small: Awaited<ReturnType<typeof startMx>>;
 let smart: Awaited<ReturnType<typeof startMx>>;
+let oldTls: Awaited<ReturnType<typeof startMx>>;
 let silent: Server;
 let outbound: OutboundService;
 const flakyAttempts = new Map<string, number>();
@@ -39,6 +41,8 @@ before(async () => {
   plain = await startMx("127.0.0.5", port, { noTls: true, hide8BitMime: true });
   small = await startMx("127.0.0.6", port, { size: 2000 });
   smart = await startMx("127.0.0.8", 0, { auth: { user: "relay", pass: "s3cret" } });
+  // Offers STARTTLS but only TLS 1.0/1.1, which the client refuses: the handshake fails.
+  oldTls = await startMx("127.0.0.10", port, { tls: { minVersion: "TLSv1", maxVersion: "TLSv1.1" } });
   // An MX that accepts connections and never says a word.
   silent = createServer(() => undefined);
   await new Promise<void>((resolve) => silent.listen(port, "127.0.0.7", resolve));
@@ -65,6 +69,8 @@ before(async () => {
     "mx.plain.test": { a: ["127.0.0.5"] },
     "small.test": { mx: [{ exchange: "mx.small.test", priority: 10 }] },
     "mx.small.test": { a: ["127.0.0.6"] },
+    "oldtls.test": { mx: [{ exchange: "mx.oldtls.test", priority: 10 }] },
+    "mx.oldtls.test": { a: ["127.0.0.10"] },
     "silent.test": { mx: [{ exchange: "mx.silent.test", priority: 10 }] },
     "mx.silent.test": { a: ["127.0.0.7"] },
     "v6.test": { mx: [{ exchange: "mx.v6.test", priority: 10 }] },
@@ -90,7 +96,7 @@ before(async () => {
 
 after(async () => {
   await outbound?.stop();
-  await Promise.all([mxA, mxB, origin, plain, small, smart].map((s) => s?.close()));
+  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls].map((s) => s?.close()));
   silent?.close();
   await dns?.close();
   await env?.close();
@@ -353,4 +359,19 @@ test("relay results and attempt durations are on /metrics", async () => {
   assert.ok(delivered && Number(delivered[1]) >= 10, "delivered results counted");
   assert.match(text, /mail_relay_recipient_results_total\{outcome="bounced"\} [1-9]/);
   assert.match(text, /mail_relay_attempt_seconds_count [1-9]/);
+});
+
+test("opportunistic TLS: a failed STARTTLS handshake is retried in clear", async () => {
+  // The server does offer STARTTLS, and the handshake itself fails...
+  await assert.rejects(
+    SmtpConnection.open({ hostname: "mx.oldtls.test", address: "127.0.0.10", port: mxA.port, heloName: "t", tls: "opportunistic", timeouts: rfcTimeouts }),
+    (error) => error instanceof SmtpError && error.stage === "starttls",
+  );
+  // ...so the relay delivers on a new connection without TLS.
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["o@oldtls.test"] });
+  const [row] = await finalStates(accepted.messageId);
+  assert.equal(row!.state, "delivered");
+  const got = to(oldTls, "o@oldtls.test");
+  assert.equal(got.length, 1);
+  assert.equal(got[0]!.secure, false);
 });

@@ -206,6 +206,19 @@ class Connection implements SessionIo {
   write(data: string | Buffer): Promise<void> {
     if (this.closed || this.socket.destroyed) return Promise.resolve();
     if (this.socket.write(data)) return Promise.resolve();
+    return this.drained();
+  }
+
+  writeParts(parts: Buffer[]): Promise<void> {
+    if (this.closed || this.socket.destroyed) return Promise.resolve();
+    this.socket.cork();
+    let ok = true;
+    for (const part of parts) ok = this.socket.write(part);
+    this.socket.uncork();
+    return ok ? Promise.resolve() : this.drained();
+  }
+
+  private drained(): Promise<void> {
     return new Promise((resolve) => {
       const done = () => {
         this.socket.off("drain", done);

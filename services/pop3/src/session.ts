@@ -13,6 +13,8 @@ export interface SessionIo {
   readonly secure: boolean;
   /** Writes, resolving once the socket can take more (backpressure). */
   write(data: string | Buffer): Promise<void>;
+  /** Writes several buffers as one (a gathered write, no copy), with the same backpressure. */
+  writeParts(parts: Buffer[]): Promise<void>;
   /** Upgrades to TLS after "+OK" was written; input pipelined after STLS is discarded. */
   startTls(): Promise<void>;
   close(): void;
@@ -368,11 +370,11 @@ export class Pop3Session {
           pendingBytes += part.length;
         }
         if (pendingBytes < WRITE_BATCH) return;
-        const out = Buffer.concat(pending, pendingBytes);
+        const out = pending;
         pending = [];
         pendingBytes = 0;
         started = true;
-        return this.io.write(out);
+        return this.io.writeParts(out);
       });
     } catch (error) {
       this.deps.logger.error({ err: error, entry: entry.id }, "pop3 could not read message");
@@ -382,7 +384,9 @@ export class Pop3Session {
       return false;
     }
     pending.push(TERMINATOR);
-    await this.io.write(Buffer.concat(pending, pendingBytes + TERMINATOR.length));
+    // A small message leaves as one buffer; a large one's last parts without copying.
+    if (pendingBytes < WRITE_BATCH) await this.io.write(Buffer.concat(pending, pendingBytes + TERMINATOR.length));
+    else await this.io.writeParts(pending);
     return true;
   }
 

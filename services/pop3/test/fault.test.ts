@@ -100,12 +100,12 @@ test("RETR of a 50 MiB message streams: exact bytes, small memory growth", async
     const gc = runInNewContext("gc") as () => void;
     gc();
     const baseline = process.memoryUsage();
-    let peakBuffers = 0;
+    const buffers: number[] = [];
     let peakHeap = 0;
     const sampler = setInterval(() => {
       gc();
       const m = process.memoryUsage();
-      peakBuffers = Math.max(peakBuffers, m.arrayBuffers - baseline.arrayBuffers);
+      buffers.push(m.arrayBuffers - baseline.arrayBuffers);
       peakHeap = Math.max(peakHeap, m.heapUsed - baseline.heapUsed);
     }, 150);
     const result = await new Promise<{ hash: string; size: number }>((resolve, reject) => {
@@ -120,10 +120,17 @@ test("RETR of a 50 MiB message streams: exact bytes, small memory growth", async
     assert.equal(result.size, raw.length);
     assert.equal(result.hash, digest);
     const mib = (n: number) => Math.round(n / 1024 / 1024);
-    // Buffering the message would cost at least its 50 MiB (plus its encoded copy).
-    assert.ok(peakBuffers < 24 * 1024 * 1024, `buffers grew by ${mib(peakBuffers)} MiB`);
+    buffers.sort((a, b) => a - b);
+    const peakBuffers = buffers[buffers.length - 1] ?? 0;
+    const medianBuffers = buffers[Math.floor(buffers.length / 2)] ?? 0;
+    // Buffering the message would hold at least its 50 MiB (plus its encoded copy) for most of the
+    // transfer. Freed buffers' memory is returned lazily, so single samples jitter: the median is
+    // the steady state, the peak must still stay below the size of the message.
+    assert.ok(buffers.length >= 3, "sampled during the transfer");
+    assert.ok(medianBuffers < 16 * 1024 * 1024, `buffers grew by ${mib(medianBuffers)} MiB (median)`);
+    assert.ok(peakBuffers < 48 * 1024 * 1024, `buffers grew by ${mib(peakBuffers)} MiB at peak`);
     assert.ok(peakHeap < 24 * 1024 * 1024, `heap grew by ${mib(peakHeap)} MiB`);
-    console.log(`50 MiB RETR: buffers +${mib(peakBuffers)} MiB, heap +${mib(peakHeap)} MiB at peak`);
+    console.log(`50 MiB RETR: buffers +${mib(medianBuffers)} MiB median, +${mib(peakBuffers)} MiB peak (${buffers.length} samples); heap +${mib(peakHeap)} MiB peak`);
   } finally {
     await server.stop();
   }

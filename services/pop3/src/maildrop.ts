@@ -4,7 +4,7 @@ import { canonicalLength, MessageEncoder } from "./transform.ts";
 // Advisory lock class for POP3 maildrops; the second key is the account id.
 const LOCK_CLASS = 4_207_110;
 // Read-ahead for consecutive small messages: a few queries per mailbox instead of one per RETR.
-const READ_AHEAD_COUNT = 64;
+const READ_AHEAD_COUNT = 256;
 const READ_AHEAD_BYTES = 2 * 1024 * 1024;
 // Messages up to this size are sized in batches; larger ones are read in slices.
 const SIZE_BATCH_BYTES = 8 * 1024 * 1024;

@@ -15,7 +15,12 @@
  *
  * Rounds alternate (mailstack, Postfix, mailstack, Postfix); the best round of each is reported.
  *
- *   node bench/relay/run.ts [--count 3000] [--sessions 20] [--size 4096] [--workers 2] [--rounds 2] [--no-postfix] [--mode both|e2e|relay]
+ * A third measure is the queue drain rate: the jobs are all in the queue before the relay
+ * starts (mailstack: published with the workers stopped, then the workers start; Postfix:
+ * postqueue -f after defer_transports), and the time runs from the first message at the sink
+ * to the last.
+ *
+ *   node bench/relay/run.ts [--count 3000] [--sessions 20] [--size 4096] [--workers 2] [--rounds 2] [--no-postfix] [--mode both|e2e|relay|drain]
  *
  * Uses a fresh database and bus prefix (testkit) and removes them afterwards.
  */
@@ -48,18 +53,32 @@ const rounds = Number(values.rounds);
 const here = new URL(".", import.meta.url).pathname;
 
 /** Postfix's smtp-sink with its running counter (-c) read from stdout. */
-function startSink(port: number): { child: ChildProcess; count: () => number; waitFor: (n: number, timeoutMs: number) => Promise<void> } {
+interface Sink {
+  child: ChildProcess;
+  count: () => number;
+  waitFor: (n: number, timeoutMs: number) => Promise<void>;
+  /** performance.now() when the counter first went above n. */
+  firstAbove: (n: number) => number | null;
+}
+
+function startSink(port: number): Sink {
   const child = spawn("smtp-sink", ["-u", "postfix", "-c", `127.0.0.1:${port}`, "500"], { stdio: ["ignore", "pipe", "inherit"] });
   let counted = 0;
   let tail = "";
+  const updates: Array<[number, number]> = [];
   child.stdout!.on("data", (chunk: Buffer) => {
     tail = (tail + chunk.toString()).slice(-200);
     const all = [...tail.matchAll(/mesg=(\d+)/g)];
-    if (all.length) counted = Number(all[all.length - 1]![1]);
+    if (all.length) {
+      counted = Number(all[all.length - 1]![1]);
+      updates.push([performance.now(), counted]);
+      if (updates.length > 100_000) updates.splice(0, 50_000);
+    }
   });
   return {
     child,
     count: () => counted,
+    firstAbove: (n) => updates.find(([, c]) => c > n)?.[0] ?? null,
     async waitFor(n, timeoutMs) {
       const deadline = Date.now() + timeoutMs;
       while (counted < n) {
@@ -103,7 +122,7 @@ interface Round {
 function report(round: Round): void {
   const accepted = round.acceptSeconds
     ? `accepted in ${round.acceptSeconds.toFixed(2)} s  `
-    : round.releaseSeconds !== undefined ? `published in ${round.releaseSeconds.toFixed(2)} s  ` : "released at once  ";
+    : round.releaseSeconds !== undefined ? `published in ${round.releaseSeconds.toFixed(2)} s  ` : "queued before, first to last  ";
   console.log(`${round.name.padEnd(28)} ${count} msgs  ${accepted}at the sink in ${round.seconds.toFixed(2)} s  ${round.perSecond.toFixed(1)} msgs/s`);
 }
 
@@ -111,6 +130,7 @@ const env = await createTestEnv();
 const processes: ServiceProcess[] = [];
 const children: ChildProcess[] = [];
 let postfixStarted = false;
+let workers: ServiceProcess[] = [];
 try {
   await addDomain(env.pool, "bench.test");
   await addAccount(env.pool, { address: "sender@bench.test", password: "bench-sender" });
@@ -134,9 +154,8 @@ try {
       TLS_DIR: tlsDir,
     }),
   );
-  for (let i = 0; i < workerCount; i++) {
-    processes.push(
-      await startServiceProcess("mta-outbound", {
+  const startWorkers = async () => {
+    workers = await Promise.all(Array.from({ length: workerCount }, () => startServiceProcess("mta-outbound", {
         ...env.env,
         LOG_LEVEL: "warn",
         MAIL_HOSTNAME: "relay.bench.test",
@@ -146,11 +165,15 @@ try {
         RELAY_MAX_CONNECTIONS_PER_HOST: process.env.RELAY_BENCH_PER_HOST ?? "32",
         RELAY_MAX_PER_DESTINATION: "64",
         ...(process.env.RELAY_BENCH_NODE_OPTIONS ? { NODE_OPTIONS: process.env.RELAY_BENCH_NODE_OPTIONS } : {}),
-      }),
-    );
-  }
+      })));
+  };
+  const stopWorkers = async () => {
+    await Promise.all(workers.map((w) => w.stop()));
+    workers = [];
+  };
+  await startWorkers();
 
-  let pf: { port: number; sink: ReturnType<typeof startSink> } | null = null;
+  let pf: { port: number; sink: Sink } | null = null;
   if (!values["no-postfix"]) {
     const pfPort = await freePort();
     const pfSinkPort = await freePort();
@@ -232,13 +255,51 @@ try {
     return { name: "Postfix relay only", acceptSeconds: 0, seconds, perSecond: n / seconds };
   };
 
+  /** Jobs already in the stream, workers started afterwards: the sink's first-to-last message rate. */
+  const oursDrain = async (n: number): Promise<Round> => {
+    await stopWorkers();
+    const route = { kind: "remote" as const, address: "user@far.example", domain: "far.example" };
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: 20 }, async () => {
+        while (next < n) {
+          next++;
+          const accepted = await acceptMessage(env.pool, { raw, envelopeFrom: "sender@bench.test", source: "submission" }, [{ recipient: route.address, route }], "bench");
+          await dispatchAccepted(env.bus, env.pool, accepted);
+        }
+      }),
+    );
+    const base = oursSink.count();
+    await startWorkers();
+    await oursSink.waitFor(base + n, 300_000);
+    const seconds = (performance.now() - oursSink.firstAbove(base)!) / 1000;
+    return { name: "mailstack queue drain", acceptSeconds: 0, seconds, perSecond: n / seconds };
+  };
+  const postfixDrain = async (n: number): Promise<Round> => {
+    postfixCmd("postconf", "-c", PF_DIR, "-e", "defer_transports=smtp");
+    postfixCmd("postfix", "-c", PF_DIR, "reload");
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    await smtpSource(pf!.port, n);
+    const deadline = Date.now() + 120_000;
+    while (postfixQueued() < n && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 200));
+    postfixCmd("postconf", "-c", PF_DIR, "-e", "defer_transports=");
+    postfixCmd("postfix", "-c", PF_DIR, "reload");
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    const base = pf!.sink.count();
+    postfixCmd("postqueue", "-c", PF_DIR, "-f");
+    await pf!.sink.waitFor(base + n, 300_000);
+    const seconds = (performance.now() - pf!.sink.firstAbove(base)!) / 1000;
+    return { name: "Postfix queue drain", acceptSeconds: 0, seconds, perSecond: n / seconds };
+  };
+
   console.log(`${count} messages of ${size} bytes over ${sessions} sessions; ${workerCount} relay worker process(es)`);
   await ours(200);
   if (pf) await postfix(200);
   const best: Record<string, Round> = {};
   const runs: Array<(n: number) => Promise<Round>> = [];
-  if (values.mode !== "relay") runs.push(ours, ...(pf ? [postfix] : []));
-  if (values.mode !== "e2e") runs.push(oursRelayOnly, ...(pf ? [postfixRelayOnly] : []));
+  if (values.mode === "both" || values.mode === "e2e") runs.push(ours, ...(pf ? [postfix] : []));
+  if (values.mode === "both" || values.mode === "relay") runs.push(oursRelayOnly, ...(pf ? [postfixRelayOnly] : []));
+  if (values.mode === "both" || values.mode === "drain") runs.push(oursDrain, ...(pf ? [postfixDrain] : []));
   for (let i = 0; i < rounds; i++) {
     for (const run of runs) {
       const round = await run(count);
@@ -248,12 +309,12 @@ try {
   }
   const delivered = (await env.pool.query("SELECT count(*)::int AS n FROM deliveries WHERE state = 'delivered'")).rows[0].n;
   console.log(`deliveries recorded as delivered in PostgreSQL: ${delivered}`);
-  const pairs = [["mailstack (msa -> relay)", "Postfix 3.7 (relayhost)"], ["mailstack relay only", "Postfix relay only"]];
+  const pairs = [["mailstack (msa -> relay)", "Postfix 3.7 (relayhost)"], ["mailstack relay only", "Postfix relay only"], ["mailstack queue drain", "Postfix queue drain"]];
   for (const [a, b] of pairs) {
     if (best[a!] && best[b!]) console.log(`best ${a} ${best[a!]!.perSecond.toFixed(1)} msgs/s vs ${b} ${best[b!]!.perSecond.toFixed(1)} msgs/s: ${(best[a!]!.perSecond / best[b!]!.perSecond).toFixed(2)}x`);
   }
 } finally {
-  for (const process of processes.reverse()) await process.stop();
+  for (const process of [...workers, ...processes.reverse()]) await process.stop();
   for (const child of children) child.kill("SIGTERM");
   if (postfixStarted) spawnSync(join(here, "postfix.sh"), ["stop"], { stdio: "inherit" });
   await env.close();

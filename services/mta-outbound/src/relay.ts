@@ -229,6 +229,77 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     return new Map(envelope.recipients.map((r) => [r.address, failure]));
   }
 
+  interface RecordItem {
+    ids: number[];
+    states: string[];
+    replies: string[];
+    statuses: string[];
+    remoteMtas: Array<string | null>;
+    delays: number[];
+    dsns: Array<string | null>;
+    events: JourneyEvent[];
+  }
+  let batch: Array<{ item: RecordItem; resolve: (kept: Set<number>) => void; reject: (error: unknown) => void }> = [];
+
+  /**
+   * Records results; the results of jobs finishing in the same event-loop turn share one
+   * statement (one round trip, one commit). The statement is atomic: each row's state change
+   * and its journey events, only for rows this worker still holds. Resolves the ids recorded.
+   */
+  function recordBatch(item: RecordItem): Promise<Set<number>> {
+    return new Promise((resolve, reject) => {
+      batch.push({ item, resolve, reject });
+      if (batch.length === 1) setImmediate(flushRecords);
+    });
+  }
+
+  async function flushRecords(): Promise<void> {
+    const items = batch;
+    batch = [];
+    const all = items.map((i) => i.item);
+    const events = all.flatMap((i) => i.events);
+    try {
+      const updated = await pool.query<{ id: number }>(
+        `WITH changed AS (
+           UPDATE deliveries d SET state = r.state, attempts = d.attempts + 1, last_attempt_at = now(), last_reply = r.reply,
+                  last_status = r.status, remote_mta = r.remote_mta, lease_owner = NULL, lease_until = NULL, updated_at = now(),
+                  next_attempt_at = CASE WHEN r.state = 'deferred' THEN now() + make_interval(secs => r.delay_ms / 1000) ELSE NULL END,
+                  dsn_state = CASE WHEN r.dsn = 'pending' OR (r.dsn = 'delay' AND d.dsn_state IS NULL) THEN 'pending' ELSE d.dsn_state END
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::text[])
+                  AS r(id, state, reply, status, remote_mta, delay_ms, dsn)
+            WHERE d.id = r.id AND d.lease_owner = $8 AND d.state IN ('queued', 'deferred')
+            RETURNING d.id),
+         logged AS (
+           INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)
+           SELECT e.message_id, e.delivery_id, e.event, e.service, e.reply, e.detail
+             FROM unnest($9::bigint[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::jsonb[])
+                  AS e(message_id, delivery_id, event, service, reply, detail)
+            WHERE e.delivery_id IN (SELECT id FROM changed))
+         SELECT id FROM changed`,
+        [
+          all.flatMap((i) => i.ids),
+          all.flatMap((i) => i.states),
+          all.flatMap((i) => i.replies),
+          all.flatMap((i) => i.statuses),
+          all.flatMap((i) => i.remoteMtas),
+          all.flatMap((i) => i.delays),
+          all.flatMap((i) => i.dsns),
+          workerId,
+          events.map((e) => e.messageId),
+          events.map((e) => e.deliveryId),
+          events.map((e) => e.event),
+          events.map((e) => e.service),
+          events.map((e) => e.reply ?? null),
+          events.map((e) => JSON.stringify(e.detail ?? null)),
+        ],
+      );
+      const kept = new Set(updated.rows.map((r) => r.id));
+      for (const i of items) i.resolve(kept);
+    } catch (error) {
+      for (const i of items) i.reject(error);
+    }
+  }
+
   async function record(job: RelayJob, rows: ClaimedRow[], message: MessageRow, outcomes: Map<string, Outcome>): Promise<number> {
     const now = Date.now();
     const updates = rows.map((row) => {
@@ -257,47 +328,19 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
       events.push({ messageId: job.messageId, deliveryId: u.row.id, event: "attempt", service: SERVICE, reply: u.outcome.reply, detail });
       events.push({ messageId: job.messageId, deliveryId: u.row.id, event: u.event, service: SERVICE, reply: u.outcome.reply, detail: u.delayMs ? { ...detail, retryInMs: u.delayMs } : detail });
     }
-    // One statement (one round trip, atomic): the state change and its journey events,
-    // only for rows this worker still holds. This keeps the window between a remote 250
-    // and its durable record as short as it can be.
-    const updated = await pool.query<{ id: number }>(
-      `WITH changed AS (
-         UPDATE deliveries d SET state = r.state, attempts = d.attempts + 1, last_attempt_at = now(), last_reply = r.reply,
-                last_status = r.status, remote_mta = r.remote_mta, lease_owner = NULL, lease_until = NULL, updated_at = now(),
-                next_attempt_at = CASE WHEN r.state = 'deferred' THEN now() + make_interval(secs => r.delay_ms / 1000) ELSE NULL END,
-                dsn_state = CASE WHEN r.dsn = 'pending' OR (r.dsn = 'delay' AND d.dsn_state IS NULL) THEN 'pending' ELSE d.dsn_state END
-           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::text[])
-                AS r(id, state, reply, status, remote_mta, delay_ms, dsn)
-          WHERE d.id = r.id AND d.lease_owner = $8 AND d.state IN ('queued', 'deferred')
-          RETURNING d.id),
-       logged AS (
-         INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)
-         SELECT e.message_id, e.delivery_id, e.event, e.service, e.reply, e.detail
-           FROM unnest($9::bigint[], $10::bigint[], $11::text[], $12::text[], $13::text[], $14::jsonb[])
-                AS e(message_id, delivery_id, event, service, reply, detail)
-          WHERE e.delivery_id IN (SELECT id FROM changed))
-       SELECT id FROM changed`,
-      [
-        updates.map((u) => u.row.id),
-        updates.map((u) => u.outcome.state),
-        updates.map((u) => u.outcome.reply),
-        updates.map((u) => u.outcome.status),
-        updates.map((u) => u.outcome.remoteMta),
-        updates.map((u) => u.delayMs),
-        updates.map((u) => u.dsn),
-        workerId,
-        events.map((e) => e.messageId),
-        events.map((e) => e.deliveryId),
-        events.map((e) => e.event),
-        events.map((e) => e.service),
-        events.map((e) => e.reply ?? null),
-        events.map((e) => JSON.stringify(e.detail ?? null)),
-      ],
-    );
-    const kept = new Set(updated.rows.map((r) => r.id));
-    if (kept.size < updates.length) logger.error({ messageId: job.messageId, lost: updates.length - kept.size }, "lease lost before the result was recorded");
+    const kept = await recordBatch({
+      ids: updates.map((u) => u.row.id),
+      states: updates.map((u) => u.outcome.state),
+      replies: updates.map((u) => u.outcome.reply),
+      statuses: updates.map((u) => u.outcome.status),
+      remoteMtas: updates.map((u) => u.outcome.remoteMta),
+      delays: updates.map((u) => u.delayMs),
+      dsns: updates.map((u) => u.dsn),
+      events,
+    });
+    if (updates.some((u) => !kept.has(u.row.id))) logger.error({ messageId: job.messageId, lost: updates.filter((u) => !kept.has(u.row.id)).length }, "lease lost before the result was recorded");
     for (const u of updates) if (kept.has(u.row.id) && u.outcome.state !== "deferred") mailMetrics.deliveriesFinal.inc({ kind: "remote", state: u.outcome.state });
-    return kept.size;
+    return updates.filter((u) => kept.has(u.row.id)).length;
   }
 
   /**

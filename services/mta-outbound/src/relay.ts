@@ -108,27 +108,59 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   });
   const perDestination = new KeyedLimiter(config.maxPerDestination);
 
+  type Claimed = { rows: ClaimedRow[]; message: MessageRow } | null;
+  type JsonClaimed = Omit<ClaimedRow, "created_at" | "delay_notified_at"> & { created_at: string; delay_notified_at: string | null };
+  let claims: Array<{ job: RelayJob; resolve: (claimed: Claimed) => void; reject: (error: unknown) => void }> = [];
+
   /**
-   * Leases the job's pending deliveries and loads the message in one round trip.
-   * null when nothing is claimable (already final, not due, or held by another worker).
+   * Leases the job's pending deliveries and loads the message; null when nothing is
+   * claimable (already final, not due, or held by another worker). Jobs arriving in the same
+   * event-loop turn are claimed with one statement (one round trip, one commit).
    */
-  async function claim(job: RelayJob): Promise<{ rows: ClaimedRow[]; message: MessageRow } | null> {
-    const result = await pool.query<MessageRow & { claimed: Array<Omit<ClaimedRow, "created_at" | "delay_notified_at"> & { created_at: string; delay_notified_at: string | null }> }>(
-      `WITH claimed AS (
-         UPDATE deliveries SET lease_owner = $1, lease_until = now() + make_interval(secs => $2::float8 / 1000), updated_at = now()
-          WHERE id = ANY($3) AND message_id = $4 AND kind = 'remote'
-            AND (state = 'queued' OR (state = 'deferred' AND next_attempt_at <= now()))
-            AND (lease_until IS NULL OR lease_until < now())
-          RETURNING id, recipient, final_recipient, dsn_notify, dsn_orcpt, attempts, created_at, delay_notified_at)
-       SELECT m.envelope_from, m.raw, m.dsn_envid, m.dsn_ret, m.received_at,
-              (SELECT json_agg(c ORDER BY c.id) FROM claimed c) AS claimed
-         FROM messages m WHERE m.id = $4 AND EXISTS (SELECT 1 FROM claimed)`,
-      [workerId, config.leaseMs, job.deliveryIds, job.messageId],
-    );
-    const row = result.rows[0];
-    if (!row) return null;
-    const rows = row.claimed.map((c) => ({ ...c, created_at: new Date(c.created_at), delay_notified_at: c.delay_notified_at ? new Date(c.delay_notified_at) : null }));
-    return { rows, message: row };
+  function claim(job: RelayJob): Promise<Claimed> {
+    return new Promise((resolve, reject) => {
+      claims.push({ job, resolve, reject });
+      if (claims.length === 1) setImmediate(flushClaims);
+    });
+  }
+
+  async function flushClaims(): Promise<void> {
+    const items = claims;
+    claims = [];
+    const ids = [...new Set(items.flatMap((i) => i.job.deliveryIds))];
+    const messageIds = [...new Set(items.map((i) => i.job.messageId))];
+    try {
+      const result = await pool.query<MessageRow & { id: number; claimed: JsonClaimed[] }>(
+        `WITH claimed AS (
+           UPDATE deliveries SET lease_owner = $1, lease_until = now() + make_interval(secs => $2::float8 / 1000), updated_at = now()
+            WHERE id = ANY($3) AND message_id = ANY($4) AND kind = 'remote'
+              AND (state = 'queued' OR (state = 'deferred' AND next_attempt_at <= now()))
+              AND (lease_until IS NULL OR lease_until < now())
+            RETURNING id, message_id, recipient, final_recipient, dsn_notify, dsn_orcpt, attempts, created_at, delay_notified_at)
+         SELECT m.id, m.envelope_from, m.raw, m.dsn_envid, m.dsn_ret, m.received_at, json_agg(c ORDER BY c.id) AS claimed
+           FROM claimed c JOIN messages m ON m.id = c.message_id GROUP BY m.id`,
+        [workerId, config.leaseMs, ids, messageIds],
+      );
+      const byMessage = new Map(result.rows.map((row) => [row.id, row]));
+      // Each row goes to the first job listing it: a job and its redelivery in one batch do not both send.
+      const assigned = new Set<number>();
+      for (const item of items) {
+        const message = byMessage.get(item.job.messageId);
+        const mine = (message?.claimed ?? []).filter((c) => item.job.deliveryIds.includes(c.id) && !assigned.has(c.id));
+        for (const c of mine) assigned.add(c.id);
+        item.resolve(
+          mine.length === 0
+            ? null
+            : { rows: mine.map((c) => ({ ...c, created_at: new Date(c.created_at), delay_notified_at: c.delay_notified_at ? new Date(c.delay_notified_at) : null })), message: message! },
+        );
+      }
+      const stray = result.rows.flatMap((r) => r.claimed.map((c) => c.id)).filter((id) => !assigned.has(id));
+      if (stray.length > 0) {
+        await pool.query("UPDATE deliveries SET lease_owner = NULL, lease_until = NULL WHERE id = ANY($1) AND lease_owner = $2", [stray, workerId]).catch(() => undefined);
+      }
+    } catch (error) {
+      for (const item of items) item.reject(error);
+    }
   }
 
   /** Turns a failure that reached no recipient-level answer into the same outcome for all. */

@@ -147,7 +147,7 @@ export function testConfig(env: Record<string, string>): OutboundConfig {
 export async function submit(
   pool: Pool,
   bus: Bus,
-  options: { from: string; to: string[]; raw?: Buffer | string; notify?: string[]; orcpt?: string; ret?: "FULL" | "HDRS"; envid?: string; beforeDispatch?: (messageId: number) => Promise<void> },
+  options: { from: string; to: string[]; raw?: Buffer | string; notify?: string[]; orcpt?: string; ret?: "FULL" | "HDRS"; envid?: string; beforeDispatch?: (messageId: number) => Promise<void>; dispatch?: boolean },
 ) {
   const raw = Buffer.isBuffer(options.raw)
     ? options.raw
@@ -160,7 +160,7 @@ export async function submit(
   }
   const accepted = await acceptMessage(pool, { raw, envelopeFrom: options.from, source: "submission", dsnRet: options.ret ?? null, dsnEnvid: options.envid ?? null }, deliveries, "test");
   await options.beforeDispatch?.(accepted.messageId);
-  await dispatchAccepted(bus, pool, accepted);
+  if (options.dispatch !== false) await dispatchAccepted(bus, pool, accepted);
   return accepted;
 }
 

@@ -6,6 +6,8 @@ import { createLogger, registry } from "@mailstack/telemetry";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startOutbound, type OutboundService } from "../src/service.ts";
 import { SmtpConnection, SmtpError, rfcTimeouts } from "../src/smtp-client.ts";
+import { createRelay } from "../src/relay.ts";
+import { relayConfig } from "../src/service.ts";
 import { deliveryStates, startDns, startMx, submit, testConfig, type ReceivedMessage } from "./helpers.ts";
 
 let env: TestEnv;
@@ -19,6 +21,7 @@ let smart: Awaited<ReturnType<typeof startMx>>;
 let oldTls: Awaited<ReturnType<typeof startMx>>;
 let silent: Server;
 let outbound: OutboundService;
+let relayEnv: Record<string, string>;
 const flakyAttempts = new Map<string, number>();
 
 before(async () => {
@@ -76,7 +79,7 @@ before(async () => {
     "v6.test": { mx: [{ exchange: "mx.v6.test", priority: 10 }] },
     "mx.v6.test": { aaaa: ["::1"] },
   });
-  const config = testConfig({
+  relayEnv = {
     DNS_SERVERS: dns.server,
     RELAY_DEST_PORT: String(port),
     RELAY_BACKOFF: "1s",
@@ -90,7 +93,8 @@ before(async () => {
     RELAY_SMARTHOST_USER: "relay",
     RELAY_SMARTHOST_PASSWORD: "s3cret",
     RELAY_SMARTHOST_TLS_VERIFY: "false",
-  });
+  };
+  const config = testConfig(relayEnv);
   outbound = startOutbound({ pool: env.pool, bus: env.bus, logger: createLogger("mta-outbound", "silent"), config });
 });
 
@@ -374,4 +378,18 @@ test("opportunistic TLS: a failed STARTTLS handshake is retried in clear", async
   const got = to(oldTls, "o@oldtls.test");
   assert.equal(got.length, 1);
   assert.equal(got[0]!.secure, false);
+});
+
+test("the same job handled three times at once (two workers, and twice in one) is sent once", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["once1@pref.test", "once2@pref.test"], dispatch: false });
+  const logger = createLogger("test", "silent");
+  const one = createRelay({ pool: env.pool, logger, config: relayConfig(testConfig(relayEnv)) });
+  const two = createRelay({ pool: env.pool, logger, config: relayConfig(testConfig(relayEnv)) });
+  const job = { messageId: accepted.messageId, domain: "pref.test", deliveryIds: accepted.deliveries.map((d) => d.id) };
+  await Promise.all([one.handle(job), one.handle(job), two.handle(job)]);
+  await Promise.all([one.handle(job), two.handle(job)]); // already delivered: nothing to do
+  await Promise.all([one.close(), two.close()]);
+  const rows = await deliveryStates(env.pool, accepted.messageId);
+  assert.deepEqual(rows.map((r) => [r.state, r.attempts]), [["delivered", 1], ["delivered", 1]]);
+  assert.equal(to(mxA, "once1@pref.test").length, 1);
 });

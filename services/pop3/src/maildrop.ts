@@ -130,11 +130,7 @@ export class Maildrop {
       encoder.pushTo(await this.small(entry), parts);
     } else {
       for (let offset = 0; offset < entry.rawLength && !encoder.done; offset += this.chunkSize) {
-        const slice = await this.client.query<{ part: Buffer }>(
-          "SELECT substring(raw FROM $2 FOR $3) AS part FROM messages WHERE id = $1",
-          [entry.messageId, offset + 1, this.chunkSize],
-        );
-        encoder.pushTo(slice.rows[0]!.part, parts);
+        encoder.pushTo(await fetchSlice(this.client, entry.messageId, offset, this.chunkSize), parts);
         await emit(parts.splice(0));
       }
     }
@@ -239,18 +235,29 @@ function ignoreError(): void {}
  */
 async function fetchRaw(client: PoolClient, ids: number[]): Promise<Map<number, Buffer>> {
   if (!ids.every(Number.isSafeInteger)) throw new Error("message ids must be integers");
-  const stream = client.query(
-    copyTo(
-      `COPY (SELECT u.n::int4, m.raw FROM unnest('{${ids.join(",")}}'::bigint[]) WITH ORDINALITY AS u(id, n)
-               JOIN messages m ON m.id = u.id) TO STDOUT (FORMAT binary)`,
-    ),
+  const rows = await copyRows(
+    client,
+    `SELECT u.n::int4, m.raw FROM unnest('{${ids.join(",")}}'::bigint[]) WITH ORDINALITY AS u(id, n) JOIN messages m ON m.id = u.id`,
   );
+  const map = new Map<number, Buffer>();
+  for (const [n, raw] of rows) map.set(ids[n - 1]!, raw);
+  return map;
+}
+
+/** `length` bytes of a message's raw from `offset` (0-based), by binary COPY. */
+async function fetchSlice(client: PoolClient, messageId: number, offset: number, length: number): Promise<Buffer> {
+  for (const value of [messageId, offset, length]) if (!Number.isSafeInteger(value)) throw new Error("expected integers");
+  const rows = await copyRows(client, `SELECT 1::int4, substring(raw FROM ${offset + 1} FOR ${length}) FROM messages WHERE id = ${messageId}`);
+  if (rows.length !== 1) throw new Error(`message ${messageId} vanished`);
+  return rows[0]![1];
+}
+
+/** Runs `COPY (select) TO STDOUT (FORMAT binary)` for a select of (int4, bytea) and parses the rows. */
+async function copyRows(client: PoolClient, select: string): Promise<Array<[number, Buffer]>> {
+  const stream = client.query(copyTo(`COPY (${select}) TO STDOUT (FORMAT binary)`));
   const chunks: Buffer[] = [];
   for await (const chunk of stream) chunks.push(chunk as Buffer);
-  const data = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks);
-  const map = new Map<number, Buffer>();
-  for (const [n, raw] of parseBinaryCopy(data)) map.set(ids[n - 1]!, raw);
-  return map;
+  return parseBinaryCopy(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks));
 }
 
 const COPY_SIGNATURE = Buffer.from("PGCOPY\n\xff\r\n\0", "latin1");
@@ -300,8 +307,7 @@ async function sizeMessages(client: PoolClient, rows: Row[], chunkSize: number):
     if (length > chunkSize) {
       const encoder = new MessageEncoder({ stuff: false });
       for (let offset = 0; offset < length; offset += chunkSize) {
-        const slice = await client.query<{ part: Buffer }>("SELECT substring(raw FROM $2 FOR $3) AS part FROM messages WHERE id = $1", [id, offset + 1, chunkSize]);
-        encoder.pushTo(slice.rows[0]!.part, null);
+        encoder.pushTo(await fetchSlice(client, id, offset, chunkSize), null);
       }
       encoder.end();
       computed.set(id, encoder.length);

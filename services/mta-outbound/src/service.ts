@@ -1,4 +1,4 @@
-import { bool, duration, integer, list, port, z } from "@mailstack/config";
+import { ConfigError, bool, duration, integer, list, parseDuration, port, z } from "@mailstack/config";
 import { Consumers, Streams, Subjects, consume, type Bus } from "@mailstack/bus";
 import type { Pool } from "@mailstack/db";
 import { startDsnGenerator } from "@mailstack/dsn";
@@ -61,10 +61,9 @@ export type OutboundConfig = z.infer<z.ZodObject<typeof shape>> & { MAIL_HOSTNAM
 
 function parseDurations(items: string[]): number[] {
   return items.map((item) => {
-    const match = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(item);
-    if (!match) throw new Error(`RELAY_BACKOFF: bad duration ${item}`);
-    const unit = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 }[match[2] ?? "s"]!;
-    return Number(match[1]) * unit;
+    const ms = parseDuration(item);
+    if (ms === null) throw new ConfigError([`RELAY_BACKOFF: expected durations such as 1m,5m,1h (got ${JSON.stringify(item)})`]);
+    return ms;
   });
 }
 

@@ -1,4 +1,4 @@
-import { ConfigError, bool, duration, integer, list, parseDuration, port, z } from "@mailstack/config";
+import { bool, duration, integer, list, parseDuration, port, z } from "@mailstack/config";
 import { Consumers, Streams, Subjects, consume, type Bus } from "@mailstack/bus";
 import type { Pool } from "@mailstack/db";
 import { startDsnGenerator } from "@mailstack/dsn";
@@ -26,7 +26,14 @@ export const shape = {
   RELAY_IDLE_CONNECTION: duration("5s"),
   RELAY_MAX_MESSAGES_PER_CONNECTION: integer(100, 1),
   /** Backoff after the 1st, 2nd... failed attempt; the last repeats. */
-  RELAY_BACKOFF: list("1m,5m,15m,30m,1h"),
+  RELAY_BACKOFF: list("1m,5m,15m,30m,1h").transform((items, ctx) => {
+    const delays = items.map(parseDuration);
+    if (delays.length === 0 || delays.some((ms) => ms === null)) {
+      ctx.addIssue({ code: z.ZodIssueCode.custom, message: "expected durations such as 1m,5m,15m,30m,1h" });
+      return z.NEVER;
+    }
+    return delays as number[];
+  }),
   RELAY_MAX_QUEUE_LIFETIME: duration("5d"),
   /** Delay notice (DSN action delayed) after this long deferred; 0 disables. */
   RELAY_DELAY_NOTICE_AFTER: duration("4h"),
@@ -58,14 +65,6 @@ export const shape = {
 };
 
 export type OutboundConfig = z.infer<z.ZodObject<typeof shape>> & { MAIL_HOSTNAME: string };
-
-function parseDurations(items: string[]): number[] {
-  return items.map((item) => {
-    const ms = parseDuration(item);
-    if (ms === null) throw new ConfigError([`RELAY_BACKOFF: expected durations such as 1m,5m,1h (got ${JSON.stringify(item)})`]);
-    return ms;
-  });
-}
 
 /** The relay's settings from the validated environment. */
 export function relayConfig(config: OutboundConfig): RelayConfig {
@@ -100,7 +99,7 @@ export function relayConfig(config: OutboundConfig): RelayConfig {
       dataEnd: config.RELAY_DATA_END_TIMEOUT,
     },
     leaseMs: config.RELAY_LEASE,
-    backoffMs: parseDurations(config.RELAY_BACKOFF),
+    backoffMs: config.RELAY_BACKOFF,
     maxQueueLifetimeMs: config.RELAY_MAX_QUEUE_LIFETIME,
     delayNoticeAfterMs: config.RELAY_DELAY_NOTICE_AFTER,
     maxConnectionsPerHost: config.RELAY_MAX_CONNECTIONS_PER_HOST,

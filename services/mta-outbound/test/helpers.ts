@@ -10,6 +10,8 @@ import { shape, type OutboundConfig } from "../src/service.ts";
 const { Packet } = dns2;
 
 export interface ZoneEntry {
+  /** Answer SERVFAIL (a broken or unreachable authoritative server). */
+  servfail?: boolean;
   mx?: Array<{ exchange: string; priority: number }>;
   a?: string[];
   aaaa?: string[];
@@ -26,6 +28,8 @@ export async function startDns(zone: Record<string, ZoneEntry>): Promise<{ serve
     const entry = zone[name];
     if (!entry) {
       response.header.rcode = 3; // NXDOMAIN
+    } else if (entry.servfail) {
+      response.header.rcode = 2;
     } else if (question.type === Packet.TYPE.MX) {
       for (const mx of entry.mx ?? []) answers.push({ name: question.name, type: Packet.TYPE.MX, class: Packet.CLASS.IN, ttl: 60, exchange: mx.exchange, priority: mx.priority });
     } else if (question.type === Packet.TYPE.A) {

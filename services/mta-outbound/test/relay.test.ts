@@ -72,6 +72,7 @@ before(async () => {
     "mx.plain.test": { a: ["127.0.0.5"] },
     "small.test": { mx: [{ exchange: "mx.small.test", priority: 10 }] },
     "mx.small.test": { a: ["127.0.0.6"] },
+    "servfail.test": { servfail: true },
     "oldtls.test": { mx: [{ exchange: "mx.oldtls.test", priority: 10 }] },
     "mx.oldtls.test": { a: ["127.0.0.10"] },
     "silent.test": { mx: [{ exchange: "mx.silent.test", priority: 10 }] },
@@ -392,4 +393,19 @@ test("the same job handled three times at once (two workers, and twice in one) i
   const rows = await deliveryStates(env.pool, accepted.messageId);
   assert.deepEqual(rows.map((r) => [r.state, r.attempts]), [["delivered", 1], ["delivered", 1]]);
   assert.equal(to(mxA, "once1@pref.test").length, 1);
+});
+
+test("DNS: SERVFAIL defers (4.4.3), a domain that does not exist bounces (5.1.2)", async () => {
+  const broken = await submit(env.pool, env.bus, { from: "", to: ["a@servfail.test"] });
+  const missing = await submit(env.pool, env.bus, { from: "", to: ["a@nowhere.test"] });
+  const row = await waitFor(async () => {
+    const rows = await deliveryStates(env.pool, broken.messageId);
+    return rows[0]!.attempts >= 1 ? rows[0] : null;
+  });
+  assert.equal(row!.state, "deferred");
+  assert.equal(row!.last_status, "4.4.3");
+  const [gone] = await finalStates(missing.messageId);
+  assert.equal(gone!.state, "bounced");
+  assert.equal(gone!.last_status, "5.1.2");
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [broken.messageId]);
 });

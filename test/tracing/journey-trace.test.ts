@@ -1,5 +1,6 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import nodemailer from "nodemailer";
 import { SMTPServer } from "smtp-server";
 import { addAccount, addDomain } from "@mailstack/db";
@@ -44,7 +45,7 @@ before(async () => {
   ports.sink = await freePort();
   await new Promise<void>((resolve) => sink.listen(ports.sink, "127.0.0.1", resolve));
 
-  for (const name of ["smtp", "submission", "submissions", "lmtp"]) ports[name] = await freePort();
+  for (const name of ["smtp", "submission", "submissions", "lmtp", "pop3", "pop3s"]) ports[name] = await freePort();
   const common = {
     ...env.env,
     LOG_LEVEL: "warn",
@@ -61,6 +62,7 @@ before(async () => {
     start("mda", { LMTP_PORT: String(ports.lmtp) }),
     start("msa", { SUBMISSION_PORT: String(ports.submission), SUBMISSIONS_PORT: String(ports.submissions) }),
     start("mta-outbound", { RELAY_SMARTHOST: `127.0.0.1:${ports.sink}`, RELAY_SMARTHOST_TLS: "none" }),
+    start("pop3", { POP3_PORT: String(ports.pop3), POP3S_PORT: String(ports.pop3s) }),
   ]);
 });
 
@@ -162,4 +164,22 @@ test("MSA -> relay -> sink arrives as one trace: submission root, publish, relay
       assert.ok(!String(value).includes("bye\r\n"), `no body in span ${span.name}`);
     }
   }
+});
+
+test("a POP3 retrieval is a trace of its own, linked to the message's journey", async () => {
+  const row = await env.pool.query("SELECT trace_id, trace_span_id FROM messages WHERE message_id_header = '<trace-inbound@remote.test>'");
+  const { trace_id: journeyTrace, trace_span_id: journeySpan } = row.rows[0];
+  assert.match(journeySpan, /^[0-9a-f]{16}$/);
+  // A real client: curl retrieves message 1 over POP3.
+  const body = execFileSync("curl", ["-s", "--user", "alice@example.test:alice-pw", `pop3://127.0.0.1:${ports.pop3}/1`], { encoding: "utf8" });
+  assert.match(body, /Subject: traced/);
+  const retrieval = await waitFor(
+    () => receiver.spans.find((s) => s.service === "pop3" && s.name === "pop3 RETR"),
+    20_000,
+  );
+  assert.notEqual(retrieval.traceId, journeyTrace, "its own trace");
+  assert.equal(retrieval.parentSpanId, "", "a root span");
+  assert.deepEqual(retrieval.links, [{ traceId: journeyTrace, spanId: journeySpan }]);
+  const root = spansOf(journeyTrace).find((s) => !s.parentSpanId);
+  assert.equal(root?.spanId, journeySpan, "the link points at the SMTP session span");
 });

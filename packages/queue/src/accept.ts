@@ -1,6 +1,5 @@
 import { randomBytes } from "node:crypto";
 import { transaction, type Pool, type PoolClient, type Queryable, type Route } from "@mailstack/db";
-import { recordEvents } from "./events.ts";
 
 export type MessageSource = "inbound" | "submission" | "lmtp" | "bounce" | "import" | "forward";
 
@@ -17,6 +16,8 @@ export interface NewMessage {
   dsnEnvid?: string | null;
   dsnRet?: "FULL" | "HDRS" | null;
   traceId?: string | null;
+  /** The accepting session's span id, for span links from later traces (POP3 retrieval). */
+  traceSpanId?: string | null;
   /** A queue id chosen earlier (for example one already written into a Received: header). */
   queueId?: string;
 }
@@ -64,55 +65,7 @@ export async function insertMessage(
   deliveries: NewDelivery[],
   service: string,
 ): Promise<AcceptedMessage> {
-  const queueId = message.queueId ?? newQueueId();
-  const inserted = await client.query<{ id: number }>(
-    `INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
-                           message_id_header, auth_results, dsn_envid, dsn_ret, trace_id)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id`,
-    [
-      queueId, message.raw, message.raw.length, message.envelopeFrom, message.source, message.clientIp ?? null,
-      message.clientHelo ?? null, message.authUser ?? null, message.messageIdHeader ?? null,
-      message.authResults ? JSON.stringify(message.authResults) : null, message.dsnEnvid ?? null,
-      message.dsnRet ?? null, message.traceId ?? null,
-    ],
-  );
-  const messageId = inserted.rows[0]!.id;
-
-  const unique = new Map<string, NewDelivery>();
-  for (const delivery of deliveries) {
-    if (!unique.has(delivery.route.address)) unique.set(delivery.route.address, delivery);
-  }
-  const rows = [...unique.values()];
-  const result = await client.query<{ id: number; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(
-    `INSERT INTO deliveries (message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
-     SELECT $1, r.recipient, r.final_recipient, r.kind, r.account_id, r.remote_domain, r.folder,
-            CASE WHEN r.dsn_notify IS NULL THEN NULL ELSE string_to_array(r.dsn_notify, ',') END, r.dsn_orcpt
-     FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[])
-          AS r(recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
-     RETURNING id, kind, final_recipient, remote_domain`,
-    [
-      messageId,
-      rows.map((d) => d.recipient),
-      rows.map((d) => d.route.address),
-      rows.map((d) => d.route.kind),
-      rows.map((d) => (d.route.kind === "local" ? d.route.accountId : null)),
-      rows.map((d) => (d.route.kind === "remote" ? d.route.domain : null)),
-      rows.map((d) => d.folder ?? "INBOX"),
-      rows.map((d) => (d.dsnNotify?.length ? d.dsnNotify.join(",") : null)),
-      rows.map((d) => d.dsnOrcpt ?? null),
-    ],
-  );
-  const accepted = result.rows.map((row) => ({
-    id: row.id,
-    kind: row.kind,
-    finalRecipient: row.final_recipient,
-    remoteDomain: row.remote_domain,
-  }));
-  await recordEvents(
-    client,
-    accepted.map((d) => ({ messageId, deliveryId: d.id, event: "accepted" as const, service, detail: { recipient: d.finalRecipient } })),
-  );
-  return { messageId, queueId, traceId: message.traceId ?? null, deliveries: accepted };
+  return (await insertMessages(client, [{ message, deliveries }], service))[0]!;
 }
 
 /** Stores a message and its deliveries in one transaction (DESIGN.md rule 2: commit before 250). */
@@ -140,7 +93,7 @@ export async function insertMessages(
   const tuples = batch.map(({ message: m }, i) => {
     const row = [
       queueIds[i], m.raw, m.raw.length, m.envelopeFrom, m.source, m.clientIp ?? null, m.clientHelo ?? null, m.authUser ?? null,
-      m.messageIdHeader ?? null, m.authResults ? JSON.stringify(m.authResults) : null, m.dsnEnvid ?? null, m.dsnRet ?? null, m.traceId ?? null,
+      m.messageIdHeader ?? null, m.authResults ? JSON.stringify(m.authResults) : null, m.dsnEnvid ?? null, m.dsnRet ?? null, m.traceId ?? null, m.traceSpanId ?? null,
     ];
     const first = values.length + 1;
     values.push(...row);
@@ -165,10 +118,10 @@ export async function insertMessages(
     rows.map((d) => d.dsnOrcpt ?? null),
     service,
   );
-  const result = await db.query<{ id: number; message_id: number; queue_id: string; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(
+  const result = await db.query<{ id: number | null; message_id: number; queue_id: string; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(
     `WITH m AS (
        INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
-                             message_id_header, auth_results, dsn_envid, dsn_ret, trace_id)
+                             message_id_header, auth_results, dsn_envid, dsn_ret, trace_id, trace_span_id)
        VALUES ${tuples.join(", ")} RETURNING id, queue_id
      ), d AS (
        INSERT INTO deliveries (message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
@@ -183,18 +136,19 @@ export async function insertMessages(
        INSERT INTO delivery_events (message_id, delivery_id, event, service, detail)
        SELECT d.message_id, d.id, 'accepted', $${p + 10}::text, jsonb_build_object('recipient', d.final_recipient) FROM d
      )
-     SELECT d.id, d.message_id, m.queue_id, d.kind, d.final_recipient, d.remote_domain FROM d JOIN m ON m.id = d.message_id ORDER BY d.id`,
+     SELECT d.id, m.id AS message_id, m.queue_id, d.kind, d.final_recipient, d.remote_domain
+       FROM m LEFT JOIN d ON d.message_id = m.id ORDER BY m.id, d.id`,
     values,
   );
   const byQueueId = new Map<string, { messageId: number; deliveries: AcceptedDelivery[] }>();
   for (const row of result.rows) {
     const entry = byQueueId.get(row.queue_id) ?? { messageId: row.message_id, deliveries: [] };
-    entry.deliveries.push({ id: row.id, kind: row.kind, finalRecipient: row.final_recipient, remoteDomain: row.remote_domain });
+    if (row.id !== null) entry.deliveries.push({ id: row.id, kind: row.kind, finalRecipient: row.final_recipient, remoteDomain: row.remote_domain });
     byQueueId.set(row.queue_id, entry);
   }
   return batch.map((b, i) => {
     const entry = byQueueId.get(queueIds[i]!);
-    if (!entry) throw new Error(`message ${queueIds[i]} was stored without deliveries`);
+    if (!entry) throw new Error(`message ${queueIds[i]} was not stored`);
     return { messageId: entry.messageId, queueId: queueIds[i]!, traceId: b.message.traceId ?? null, deliveries: entry.deliveries };
   });
 }

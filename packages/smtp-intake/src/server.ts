@@ -587,6 +587,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
             dsnEnvid: dsn?.envid ?? null,
             dsnRet: dsn?.ret === "FULL" || dsn?.ret === "HDRS" ? dsn.ret : null,
             traceId,
+            traceSpanId: trace.isSpanContextValid(span.spanContext()) ? span.spanContext().spanId : null,
             queueId,
           },
           deliveries,

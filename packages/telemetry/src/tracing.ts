@@ -1,7 +1,7 @@
-import { SpanKind, SpanStatusCode, context, trace, type Attributes, type Span } from "@opentelemetry/api";
+import { SpanKind, SpanStatusCode, context, trace, type Attributes, type Link, type Span } from "@opentelemetry/api";
 
 export { SpanKind, SpanStatusCode, context, trace };
-export type { Attributes, Span };
+export type { Attributes, Link, Span };
 
 export const tracer = trace.getTracer("mailstack");
 

@@ -26,6 +26,9 @@ export interface Entry {
   size: number;
   uidl: string;
   deleted: boolean;
+  /** The accepting SMTP session's trace and span, for a span link from the retrieval. */
+  traceId: string | null;
+  traceSpanId: string | null;
 }
 
 interface Row {
@@ -36,6 +39,8 @@ interface Row {
   header_prefix: Buffer;
   raw_length: number;
   raw_size: number | null;
+  trace_id: string | null;
+  trace_span_id: string | null;
 }
 
 /**
@@ -83,7 +88,7 @@ export class Maildrop {
       const rows = (
         await client.query<Row>(
           `SELECT e.id, e.uid, e.message_id, e.delivery_id, e.header_prefix,
-                  octet_length(m.raw) AS raw_length, s.size AS raw_size
+                  octet_length(m.raw) AS raw_length, s.size AS raw_size, m.trace_id, m.trace_span_id
              FROM mailbox_entries e
              JOIN messages m ON m.id = e.message_id
              LEFT JOIN pop3_message_sizes s ON s.message_id = e.message_id
@@ -108,6 +113,8 @@ export class Maildrop {
           size: canonicalLength([prefix]) + rawSizes.get(row.message_id)!,
           uidl: `${uidValidity}.${row.uid}`,
           deleted: false,
+          traceId: row.trace_id,
+          traceSpanId: row.trace_span_id,
         };
       });
       return new Maildrop(client, accountId, entries, chunkSize);

@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import type { Pool } from "@mailstack/db";
 import { recordEvents, type JourneyEvent } from "@mailstack/queue";
-import type { Logger } from "@mailstack/telemetry";
+import { SpanKind, SpanStatusCode, tracer, type Link, type Logger } from "@mailstack/telemetry";
 import { checkApop, checkPassword, decodePlain, isThrottled, recordFailure, recordPopLogin, type Account, type ThrottleLimits } from "./auth.ts";
 import { Maildrop, type Entry } from "./maildrop.ts";
 import { pop3Metrics } from "./metrics.ts";
@@ -335,7 +335,20 @@ export class Pop3Session {
     if (args.length !== 1) return this.reply("-ERR usage: RETR msg");
     const entry = await this.entry(args[0]);
     if (!entry) return;
-    if (!(await this.sendMessage(entry, null, `+OK ${entry.size} octets`))) return;
+    // A retrieval is its own trace, linked to the trace of the message's journey.
+    const links: Link[] = entry.traceId && entry.traceSpanId
+      ? [{ context: { traceId: entry.traceId, spanId: entry.traceSpanId, traceFlags: 1, isRemote: true } }]
+      : [];
+    const span = tracer.startSpan("pop3 RETR", {
+      kind: SpanKind.SERVER,
+      root: true,
+      links,
+      attributes: { "network.protocol.name": "pop3", "mail.message.id": entry.messageId, "mail.message.size": entry.size },
+    });
+    const sent = await this.sendMessage(entry, null, `+OK ${entry.size} octets`);
+    if (!sent) span.setStatus({ code: SpanStatusCode.ERROR, message: "message could not be read" });
+    span.end();
+    if (!sent) return;
     pop3Metrics.retrieved.inc();
     pop3Metrics.retrievedBytes.inc(entry.size);
     this.events.push({

@@ -35,7 +35,8 @@ export async function startServiceProcess(name: string, env: Record<string, stri
   const opsPort = Number(env.OPS_PORT ?? (await freePort()));
   const child = spawn(process.execPath, [`${repoRoot}services/${name}/src/main.ts`], {
     cwd: repoRoot,
-    env: { ...process.env, LOG_LEVEL: "warn", ...env, OPS_PORT: String(opsPort) },
+    // The same memory settings as the stack and the images.
+    env: { ...process.env, LOG_LEVEL: "warn", NODE_OPTIONS: "--max-semi-space-size=4", MALLOC_ARENA_MAX: "2", ...env, OPS_PORT: String(opsPort) },
     stdio: ["ignore", "pipe", "pipe"],
   });
   let output = "";

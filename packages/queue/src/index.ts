@@ -4,3 +4,4 @@ export * from "./events.ts";
 export * from "./sweeper.ts";
 export * from "./metrics.ts";
 export * from "./admin.ts";
+export * from "./event-publisher.ts";

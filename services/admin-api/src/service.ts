@@ -1,4 +1,5 @@
 import { runService } from "@mailstack/runtime";
+import { startEventPublisher } from "@mailstack/queue";
 import { apiShape } from "./api/config.ts";
 import { startAdminApi } from "./api/server.ts";
 
@@ -8,10 +9,17 @@ export async function main(): Promise<void> {
     opsPortVariable: "OPS_PORT",
     opsPortDefault: 9080,
     shape: apiShape,
-    async start({ pool, logger, config }) {
+    async start({ pool, bus, logger, config }) {
       const api = await startAdminApi({ pool, logger, config });
       logger.info({ port: api.port }, "admin API listening");
-      return { stop: () => api.stop() };
+      // The journey's events, committed in PostgreSQL, go out on mail.event.* (one replica at a time).
+      const events = startEventPublisher(bus, pool, logger);
+      return {
+        stop: async () => {
+          await api.stop();
+          await events.stop();
+        },
+      };
     },
   });
 }

@@ -34,9 +34,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && mkdir -p /var/lib/mailstack/tls \
  && chown -R node:node /var/lib/mailstack
+# A smaller young generation and fewer malloc arenas keep each service's resident memory down;
+# the same settings as scripts/stack.ts (checked by test/deploy/image.test.ts).
 ENV NODE_ENV=production \
     SERVICE=${SERVICE} \
-    TLS_DIR=/var/lib/mailstack/tls
+    TLS_DIR=/var/lib/mailstack/tls \
+    NODE_OPTIONS=--max-semi-space-size=4 \
+    MALLOC_ARENA_MAX=2
 # Owned by root and read-only for the service user.
 COPY --from=build /app /app
 COPY deploy/docker/healthcheck.mjs /usr/local/lib/mailstack/healthcheck.mjs

@@ -73,6 +73,17 @@ test("the health check script is copied where HEALTHCHECK and compose run it", (
   }
 });
 
+test("the image sets the same memory settings as the stack (scripts/stack.ts)", () => {
+  const stack = readFileSync(join(root, "scripts/stack.ts"), "utf8");
+  const env = all(finalStage, "ENV").map((i) => i.args).join(" ");
+  for (const name of ["NODE_OPTIONS", "MALLOC_ARENA_MAX"]) {
+    const expected = new RegExp(`${name}: process\\.env\\.${name} \\?\\? "([^"]+)"`).exec(stack)?.[1];
+    assert.ok(expected, `scripts/stack.ts default for ${name}`);
+    const actual = new RegExp(`${name}=(\\S+)`).exec(env)?.[1];
+    assert.equal(actual, expected, `Dockerfile ENV ${name}`);
+  }
+});
+
 test("the image's TLS_DIR exists, belongs to the service user, and is what compose and Kubernetes mount", () => {
   const env = all(finalStage, "ENV").map((i) => i.args).join(" ");
   const tlsDir = /TLS_DIR=(\S+)/.exec(env)?.[1];

@@ -179,7 +179,7 @@ export function serviceFacts(name: string): ServiceFacts {
 
 /** Variables read by libraries rather than our code: the OpenTelemetry SDK and Node itself. */
 export function isLibraryVariable(name: string): boolean {
-  return name.startsWith("OTEL_") || ["NODE_ENV", "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS", "TZ", "SERVICE"].includes(name);
+  return name.startsWith("OTEL_") || ["NODE_ENV", "NODE_OPTIONS", "NODE_EXTRA_CA_CERTS", "MALLOC_ARENA_MAX", "TZ", "SERVICE"].includes(name);
 }
 
 /** SHUTDOWN_TIMEOUT-style durations in seconds, parsed as the services parse them. */

@@ -1,5 +1,5 @@
 import type { Bus } from "@mailstack/bus";
-import { resolveRecipient, type Pool, type PoolClient } from "@mailstack/db";
+import { resolveRecipient, transaction, type Pool, type PoolClient } from "@mailstack/db";
 import { dispatchAccepted, insertMessage, recordEvents, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
 import { currentTraceId, withSpan, type Logger } from "@mailstack/telemetry";
 import { composeDsn, type DsnAction, type DsnRecipient } from "./compose.ts";
@@ -164,34 +164,22 @@ export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptio
   );
   let generated = 0;
   for (const { message_id: messageId } of candidates.rows) {
-    const accepted = await withSpan("dsn generate", { attributes: { "mail.message.id": messageId } }, async () => {
-      const client = await pool.connect();
-      try {
-        await client.query("BEGIN");
+    const accepted = await withSpan("dsn generate", { attributes: { "mail.message.id": messageId } }, () =>
+      transaction(pool, async (client) => {
         const rows = await client.query<PendingRow>(
           `SELECT id, message_id, recipient, final_recipient, kind, state, last_reply, last_status, remote_mta,
                   dsn_notify, dsn_orcpt, last_attempt_at
              FROM deliveries WHERE message_id = $1 AND dsn_state = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED`,
           [messageId],
         );
-        if (rows.rows.length === 0) {
-          await client.query("ROLLBACK");
-          return null;
-        }
+        if (rows.rows.length === 0) return null;
         const message = await client.query<MessageRow>(
           "SELECT id, envelope_from, dsn_envid, dsn_ret, received_at, size FROM messages WHERE id = $1",
           [messageId],
         );
-        const result = await handleMessage(client, message.rows[0]!, rows.rows, options);
-        await client.query("COMMIT");
-        return result;
-      } catch (error) {
-        await client.query("ROLLBACK").catch(() => undefined);
-        throw error;
-      } finally {
-        client.release();
-      }
-    });
+        return handleMessage(client, message.rows[0]!, rows.rows, options);
+      }),
+    );
     if (accepted) {
       generated++;
       // A failed publish is repaired by the sweeper (the rows are queued and undispatched).

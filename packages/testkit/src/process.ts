@@ -72,3 +72,24 @@ export async function startServiceProcess(name: string, env: Record<string, stri
     },
   };
 }
+
+export interface CommandResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the real `mailctl` as its own process against a database, as an operator would. */
+export function runMailctl(databaseUrl: string, args: string[], stdin = ""): Promise<CommandResult> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [`${repoRoot}services/admin-api/src/cli/mailctl.ts`, ...args], {
+      env: { ...process.env, DATABASE_URL: databaseUrl },
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (chunk) => (stdout += chunk));
+    child.stderr.on("data", (chunk) => (stderr += chunk));
+    child.on("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
+    child.stdin.end(stdin);
+  });
+}

@@ -1,8 +1,6 @@
-import { spawn } from "node:child_process";
-import { fileURLToPath } from "node:url";
 import { createApiToken } from "@mailstack/admin-ops";
 import { createLogger } from "@mailstack/telemetry";
-import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
+import { createTestDatabase, runMailctl, type TestDatabase } from "@mailstack/testkit";
 import { apiConfig, type ApiConfig } from "../src/api/config.ts";
 import { startAdminApi, type RunningAdminApi } from "../src/api/server.ts";
 
@@ -60,17 +58,6 @@ export async function startHarness(overrides: Partial<ApiConfig> = {}): Promise<
   };
 }
 
-const mailctlPath = fileURLToPath(new URL("../src/cli/mailctl.ts", import.meta.url));
 
 /** Runs the real mailctl as a process, as an operator would. */
-export function mailctl(databaseUrl: string, args: string[], stdin = ""): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [mailctlPath, ...args], { env: { ...process.env, DATABASE_URL: databaseUrl } });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (chunk) => (stdout += chunk));
-    child.stderr.on("data", (chunk) => (stderr += chunk));
-    child.on("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
-    child.stdin.end(stdin);
-  });
-}
+export const mailctl = runMailctl;

@@ -1,28 +1,16 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { fileURLToPath } from "node:url";
-import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
+import { createTestDatabase, runMailctl, type TestDatabase } from "@mailstack/testkit";
 import { verifyPassword } from "@mailstack/mail";
 
-const mailctlPath = fileURLToPath(new URL("../src/cli/mailctl.ts", import.meta.url));
 let db: TestDatabase;
 before(async () => {
   db = await createTestDatabase();
 });
 after(async () => db.drop());
 
-/** Runs the real mailctl as a process, as an operator would. */
-function mailctl(args: string[], stdin = ""): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [mailctlPath, ...args], { env: { ...process.env, DATABASE_URL: db.url } });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (chunk) => (stdout += chunk));
-    child.stderr.on("data", (chunk) => (stderr += chunk));
-    child.on("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
-    child.stdin.end(stdin);
-  });
+function mailctl(args: string[], stdin = "") {
+  return runMailctl(db.url, args, stdin);
 }
 
 async function count(table: string): Promise<number> {

@@ -10,12 +10,11 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { connectBus, deleteStreams, provisionBus, type Bus } from "@mailstack/bus";
-import { createTestDatabase, waitFor, type TestDatabase } from "@mailstack/testkit";
+import { freePort, createTestDatabase, waitFor, type TestDatabase } from "@mailstack/testkit";
 import { LineClient, account, message } from "./helpers.ts";
 
 const MESSAGES = 2_000;
@@ -32,14 +31,6 @@ let inbound: ChildProcess | null = null;
 let smtpPort: number;
 let bus: Bus | null = null;
 const mdaLog: string[] = [];
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 async function exited(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode !== null) return;

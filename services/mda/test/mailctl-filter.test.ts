@@ -1,12 +1,9 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { fileURLToPath } from "node:url";
 import { listFilterRules } from "@mailstack/db";
-import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
+import { createTestDatabase, runMailctl, type TestDatabase } from "@mailstack/testkit";
 import { account } from "./helpers.ts";
 
-const mailctlPath = fileURLToPath(new URL("../../admin-api/src/cli/mailctl.ts", import.meta.url));
 let db: TestDatabase;
 before(async () => {
   db = await createTestDatabase();
@@ -14,16 +11,8 @@ before(async () => {
 });
 after(async () => db.drop());
 
-function mailctl(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [mailctlPath, ...args], { env: { ...process.env, DATABASE_URL: db.url } });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (chunk) => (stdout += chunk));
-    child.stderr.on("data", (chunk) => (stderr += chunk));
-    child.on("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
-    child.stdin.end();
-  });
+function mailctl(args: string[]) {
+  return runMailctl(db.url, args);
 }
 
 test("mailctl filter add, list and remove manage an account's rules in order", async () => {

@@ -6,10 +6,9 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { promisify } from "node:util";
 import { createLogger } from "@mailstack/telemetry";
-import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { freePort, createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startMda, type Mda } from "../src/mda.ts";
 import { account } from "./helpers.ts";
 
@@ -23,14 +22,6 @@ const available = existsSync("/usr/sbin/postfix") && process.getuid?.() === 0;
 let env: TestEnv;
 let mda: Mda;
 let postfixPort: number;
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 before(async () => {
   if (!available) return;

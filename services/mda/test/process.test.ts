@@ -3,22 +3,13 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import { createServer } from "node:net";
 import { fileURLToPath } from "node:url";
-import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { freePort, createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { LineClient, account, message, send } from "./helpers.ts";
 
 const mainPath = fileURLToPath(new URL("../src/main.ts", import.meta.url));
 let env: TestEnv;
 const children: ChildProcess[] = [];
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 async function startProcess(extra: Record<string, string> = {}): Promise<{ child: ChildProcess; opsPort: number; lmtpPort: number; log: string[] }> {
   const opsPort = await freePort();

@@ -8,21 +8,13 @@ import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { addAccount, addDomain } from "@mailstack/db";
-import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { freePort, createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp } from "@mailstack/smtp-intake/testing";
 
 const run = promisify(execFile);
 const main = fileURLToPath(new URL("../src/main.ts", import.meta.url));
 
 let env: TestEnv;
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 before(async () => {
   env = await createTestEnv();

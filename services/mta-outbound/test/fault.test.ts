@@ -1,13 +1,13 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, openSync, rmSync } from "node:fs";
-import { connect, createServer, type AddressInfo } from "node:net";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { connectBus, provisionBus, type Bus } from "@mailstack/bus";
 import { acceptMessage, dispatchAccepted } from "@mailstack/queue";
-import { createTestDatabase, waitFor, type TestDatabase } from "@mailstack/testkit";
+import { freePort, createTestDatabase, waitFor, type TestDatabase } from "@mailstack/testkit";
 import { startMx } from "./helpers.ts";
 
 // The fault test: 2,000 remote deliveries, three relay worker processes, one of them
@@ -26,14 +26,6 @@ const workers: ChildProcess[] = [];
 let sink: Awaited<ReturnType<typeof startMx>>;
 const logDir = mkdtempSync(join(tmpdir(), "relay-fault-logs-"));
 let keepLogs = false;
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as AddressInfo;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 async function startNats(): Promise<void> {
   nats = spawn("nats-server", ["-js", "-a", "127.0.0.1", "-p", String(natsPort), "-sd", natsDir], { stdio: "ignore" });

@@ -5,11 +5,10 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFile, type ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { createServer } from "node:net";
 import { fileURLToPath } from "node:url";
 import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
-import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { freePort, createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { createAccount, fileMessage, PopClient, startTestServer } from "./helpers.ts";
 
 const mainPath = fileURLToPath(new URL("../src/main.ts", import.meta.url));
@@ -21,14 +20,6 @@ before(async () => {
 after(async () => {
   await env?.close();
 });
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 async function startProcess(): Promise<{ child: ChildProcess; port: number; exited: Promise<number | null> }> {
   const port = await freePort();

@@ -103,8 +103,10 @@ export async function messageJourney(db: Queryable, query: JourneyQuery, options
     const deliveries = await db.query<{
       id: number; recipient: string; final_recipient: string; kind: "local" | "remote"; state: string; folder: string;
       attempts: number; last_reply: string | null; last_status: string | null; remote_mta: string | null; next_attempt_at: Date | null;
+      dispatched_at: Date | null;
     }>(
-      `SELECT id, recipient, final_recipient, kind, state, folder, attempts, last_reply, last_status, remote_mta, next_attempt_at
+      `SELECT id, recipient, final_recipient, kind, state, folder, attempts, last_reply, last_status, remote_mta, next_attempt_at,
+              dispatched_at
        FROM deliveries WHERE message_id = $1 ORDER BY id`,
       [message.id],
     );
@@ -150,9 +152,28 @@ export async function messageJourney(db: Queryable, query: JourneyQuery, options
         lastStatus: d.last_status,
         remoteMta: d.remote_mta,
         nextAttemptAt: iso(d.next_attempt_at),
-        events: byDelivery.get(d.id) ?? [],
+        events: withDispatch(byDelivery.get(d.id) ?? [], d.dispatched_at, d.kind),
       })),
     });
   }
   return out;
+}
+
+/**
+ * The hand-over to NATS is kept as a column (deliveries.dispatched_at, stamped in batches off the
+ * hot path) rather than an event row; the journey shows it in its place among the events.
+ */
+function withDispatch(events: JourneyEventView[], dispatchedAt: Date | null, kind: "local" | "remote"): JourneyEventView[] {
+  if (!dispatchedAt) return events;
+  const dispatched: JourneyEventView = {
+    event: "dispatched",
+    service: "queue",
+    reply: null,
+    detail: { subject: kind === "local" ? "mail.deliver.local" : "mail.relay.outbound" },
+    at: dispatchedAt.toISOString(),
+  };
+  // Right after acceptance: the stamp itself may be written after the delivery already happened.
+  const afterAccepted = events.findIndex((e) => e.event !== "accepted");
+  const at = afterAccepted === -1 ? events.length : afterAccepted;
+  return [...events.slice(0, at), dispatched, ...events.slice(at)];
 }

@@ -78,13 +78,16 @@ test("a mail through mta-inbound and the MDA shows its whole journey in the API,
     const response = await fetch(`${api.url}/journey?messageId=${encodeURIComponent("<e2e-journey@remote.test>")}`, { headers });
     if (response.status !== 200) return null;
     const data = (await response.json()) as Journey;
-    return data.messages[0]?.recipients[0]?.state === "delivered" ? data : null;
+    // Delivered, and the dispatch stamp (written in batches right after the publish) committed.
+    const recipient = data.messages[0]?.recipients[0];
+    return recipient?.state === "delivered" && recipient.events.some((e) => e.event === "dispatched") ? data : null;
   });
   const message = journey!.messages[0]!;
   assert.ok(accepted.includes(message.queueId), `${accepted} names ${message.queueId}`);
   const events = message.recipients[0]!.events.map((e) => `${e.event}/${e.service}`);
   assert.equal(events[0], "accepted/mta-inbound");
   assert.ok(events.includes("delivered/mda"), events.join(", "));
+  assert.equal(events[1], "dispatched/queue", "the hand-over to NATS, right after acceptance");
   const stored = await env.pool.query("SELECT trace_id FROM messages WHERE queue_id = $1", [message.queueId]);
   assert.equal(message.traceId, stored.rows[0].trace_id);
   assert.match(message.traceId ?? "", /^[0-9a-f]{32}$/);

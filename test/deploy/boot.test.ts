@@ -56,20 +56,8 @@ function connects(port: number): Promise<boolean> {
   });
 }
 
-// Known crashes outside the deployment's reach, reported to their owners. Only this exact signal
-// in this service turns the test into a TODO (shown, not counted); everything else still fails.
-const KNOWN_CRASHES: Record<string, { signal: string; reason: string }> = {
-  msa: {
-    signal: "SIGSEGV",
-    reason: "msa segfaults in shutdown after clients connected to 587 and 465 (about 2 runs in 5). gdb: SIGSEGV in "
-      + "SSL_get_version from node::crypto::TLSWrap::GetProtocol, i.e. getProtocol() on a TLS socket whose SSL was "
-      + "already freed; the likely caller is smtp-server's TLS error path "
-      + "(normalizeTLSError, the secure-connection handler). Guard it in patches/smtp-server, then remove this entry",
-  },
-};
-
 for (const name of serviceNames()) {
-  test(`${name} starts with its Deployment's environment, opens its ports, and stops cleanly on SIGTERM`, { timeout: 120_000 }, async (t) => {
+  test(`${name} starts with its Deployment's environment, opens its ports, and stops cleanly on SIGTERM`, { timeout: 120_000 }, async () => {
     const facts = serviceFacts(name);
     const env = manifestEnv(name);
     const listeners: Array<[string, number]> = [];
@@ -101,8 +89,6 @@ for (const name of serviceNames()) {
       assert.notEqual(code, "hung", `${name} still running ${limit + 10}s after SIGTERM\n${service.output()}`);
       stopped = true;
       const seconds = (Date.now() - started) / 1000;
-      const known = KNOWN_CRASHES[name];
-      if (known && service.child.signalCode === known.signal) t.todo(known.reason);
       assert.equal(code, 0, `${name} exit after SIGTERM: code ${code}, signal ${service.child.signalCode}\n${service.output()}`);
       assert.ok(seconds < limit, `${name} took ${seconds}s to stop`);
       assert.equal(healthcheck(service.opsPort), 1, "the health check fails once the service is gone");

@@ -14,8 +14,11 @@ export const intakeShape = {
   SMTP_MAX_FINAL_RECIPIENTS: integer(1000, 1),
   /** Longest command line in octets, CRLF included (RFC 5321 4.5.3.1.4 says 512; 1000 leaves room for extensions). */
   SMTP_MAX_LINE_LENGTH: integer(1000, 64),
-  /** Commands per session before 421. */
-  SMTP_MAX_COMMANDS: integer(1000, 10),
+  /**
+   * Commands per session before 421: a bound against sessions that never end, high enough for
+   * MTAs that reuse one connection for thousands of messages (4 commands each).
+   */
+  SMTP_MAX_COMMANDS: integer(20_000, 10),
   /** Idle time allowed while the server waits for the client. */
   SMTP_IDLE_TIMEOUT: duration("5m"),
   /** Absolute deadline for the whole DATA phase (from 354 to the final dot). */

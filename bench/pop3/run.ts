@@ -16,12 +16,12 @@
  *
  *   node bench/pop3/run.ts [--count 5000] [--size 4096] [--rounds 3] [--no-dovecot]
  */
-import { spawn } from "node:child_process";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { addAccount, addDomain, type Pool } from "../../packages/db/src/index.ts";
 import { createTestEnv, freePort, startServiceProcess, type ServiceProcess, type TestEnv } from "../../packages/testkit/src/index.ts";
+import { cpuMs, sh } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -48,15 +48,6 @@ interface Run {
   retr_s: number;
 }
 
-function sh(command: string, args: string[]): Promise<{ code: number | null; output: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"] });
-    let output = "";
-    child.stdout.on("data", (d) => (output += d));
-    child.stderr.on("data", (d) => (output += d));
-    child.on("exit", (code) => resolve({ code, output }));
-  });
-}
 
 /** A deterministic 4 KiB message (CRLF), some body lines starting with ".", like real mail. */
 function message(i: number): Buffer {
@@ -117,11 +108,6 @@ async function client(port: number): Promise<Run> {
 }
 
 /** CPU ms of a process (utime + stime), plus its waited-for children's when `children`. */
-async function cpuMs(pid: number, children = false): Promise<number> {
-  const fields = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1]!.split(" ");
-  const ticks = children ? Number(fields[13]) + Number(fields[14]) : Number(fields[11]) + Number(fields[12]);
-  return (ticks * 1000) / 100;
-}
 
 /** Dovecot's master: each session's pop3 process is its child, so its CPU lands in the master's cutime/cstime. */
 async function dovecotMasterPid(): Promise<number> {

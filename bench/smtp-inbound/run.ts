@@ -17,7 +17,6 @@
  *
  *   node bench/smtp-inbound/run.ts [--count 3000] [--rounds 2] [--no-postfix] [--no-auth]
  */
-import { spawn } from "node:child_process";
 import { mkdtemp, readdir, readFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import net from "node:net";
@@ -27,6 +26,7 @@ import { addAccount, addDomain, type Pool } from "../../packages/db/src/index.ts
 import { RawSmtp } from "../../packages/smtp-intake/src/testing.ts";
 import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } from "../../packages/testkit/src/index.ts";
 import { startDnsServer } from "../../services/mta-inbound/test/dns-server.ts";
+import { cpuMs, sh } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -54,16 +54,6 @@ interface Round {
   mdaCpu?: number;
 }
 
-function sh(command: string, args: string[]): Promise<{ code: number | null; output: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"] });
-    let output = "";
-    child.stdout.on("data", (d) => (output += d));
-    child.stderr.on("data", (d) => (output += d));
-    child.on("error", (error) => resolve({ code: -1, output: String(error) }));
-    child.on("exit", (code) => resolve({ code, output }));
-  });
-}
 
 function smtpSource(port: number, sessions: number, reuse: boolean, messages = count) {
   const args = [...(reuse ? ["-d"] : []), "-s", String(sessions), "-m", String(messages), "-l", "4096", "-f", "sender@remote.example", "-t", "user1@bench.test", `127.0.0.1:${port}`];
@@ -115,10 +105,6 @@ async function maxMessageId(pool: Pool): Promise<number> {
 }
 
 /** CPU time (user + system) of a process so far, in ms. */
-async function cpuMs(pid: number): Promise<number> {
-  const fields = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1]!.split(" ");
-  return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
-}
 
 async function peakRss(pid: number): Promise<{ rssMb: number; hwmMb: number }> {
   const status = await readFile(`/proc/${pid}/status`, "utf8");

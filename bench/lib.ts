@@ -1,0 +1,22 @@
+// Small helpers the benchmarks share.
+import { spawn } from "node:child_process";
+import { readFile } from "node:fs/promises";
+
+/** Runs a command to its end; resolves its exit code and everything it printed. */
+export function sh(command: string, args: string[]): Promise<{ code: number | null; output: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"] });
+    let output = "";
+    child.stdout.on("data", (d) => (output += d));
+    child.stderr.on("data", (d) => (output += d));
+    child.on("error", (error) => resolve({ code: -1, output: String(error) }));
+    child.on("exit", (code) => resolve({ code, output }));
+  });
+}
+
+/** CPU time (user + system) a process has used, in ms, from /proc; with children, that of its reaped children. */
+export async function cpuMs(pid: number, children = false): Promise<number> {
+  const fields = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1]!.split(" ");
+  const ticks = children ? Number(fields[13]) + Number(fields[14]) : Number(fields[11]) + Number(fields[12]);
+  return (ticks * 1000) / 100;
+}

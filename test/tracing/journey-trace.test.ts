@@ -183,3 +183,28 @@ test("a POP3 retrieval is a trace of its own, linked to the message's journey", 
   const root = spansOf(journeyTrace).find((s) => !s.parentSpanId);
   assert.equal(root?.spanId, journeySpan, "the link points at the SMTP session span");
 });
+
+test("each service's /metrics counts what the journeys above did", async () => {
+  const metrics = async (service: string) => {
+    const process = processes.find((p) => p.child.spawnargs.some((arg) => arg.includes(`services/${service}/`)));
+    assert.ok(process, service);
+    return (await fetch(`http://127.0.0.1:${process.opsPort}/metrics`)).text();
+  };
+  const value = (text: string, pattern: RegExp) => Number(pattern.exec(text)?.[1] ?? Number.NaN);
+  const inbound = await metrics("mta-inbound");
+  assert.ok(value(inbound, /^mail_smtp_transactions_total\{service="mta-inbound",class="2xx"\} (\S+)$/m) >= 1, inbound);
+  assert.ok(value(inbound, /^mail_messages_accepted_total\{service="mta-inbound"\} (\S+)$/m) >= 1);
+  assert.match(inbound, /^process_resident_memory_bytes \d+/m, "process defaults");
+  const mda = await metrics("mda");
+  assert.ok(value(mda, /^mail_deliveries_total\{kind="local",state="delivered"\} (\S+)$/m) >= 1, mda);
+  assert.ok(value(mda, /^mail_mda_delivery_duration_seconds_count\S* (\S+)$/m) >= 1, "MDA filing latency");
+  const relay = await waitFor(async () => {
+    const text = await metrics("mta-outbound");
+    return /^mail_deliveries_total\{kind="remote",state="delivered"\} [1-9]/m.test(text) ? text : null;
+  });
+  assert.ok(value(relay, /^mail_relay_attempt_seconds_count\S* (\S+)$/m) >= 1, "relay attempt latency");
+  assert.match(relay, /^mail_queue_depth\{state="queued",kind="remote"\} \d+/m, "queue depth by state");
+  const pop3 = await metrics("pop3");
+  assert.ok(value(pop3, /^pop3_connections_total\{listener="[^"]+"\} (\S+)$/m) >= 1, pop3);
+  assert.ok(value(pop3, /^pop3_retrieved_messages_total (\S+)$/m) >= 1);
+});

@@ -67,6 +67,8 @@ export class DeliveryBatcher {
   private async flush(batch: Waiting[]): Promise<void> {
     let outcomes: Map<number, Outcome>;
     let slow: number[];
+    // Each delivery filed by the batch took as long as the batch's transaction.
+    const started = performance.now();
     try {
       ({ outcomes, slow } = await this.fileBatch(batch.map((w) => w.deliveryId)));
     } catch (error) {
@@ -74,10 +76,12 @@ export class DeliveryBatcher {
       outcomes = new Map();
       slow = batch.map((w) => w.deliveryId);
     }
+    const seconds = (performance.now() - started) / 1000;
     mdaMetrics.batchSize.observe(batch.length);
     for (const waiting of batch) {
       const outcome = outcomes.get(waiting.deliveryId);
       if (outcome) {
+        mdaMetrics.handleSeconds.observe(seconds);
         mdaMetrics.outcomes.inc({ outcome: outcome.status });
         waiting.resolve(outcome);
       }

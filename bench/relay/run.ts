@@ -239,7 +239,8 @@ try {
     const seconds = (performance.now() - t0) / 1000;
     return { name: "mailstack relay only", acceptSeconds: 0, releaseSeconds: released, seconds, perSecond: n / seconds };
   };
-  const postfixRelayOnly = async (n: number): Promise<Round> => {
+  /** Fills Postfix's queue with n messages held back (defer_transports=smtp), then lets the smtp transport run again. */
+  const postfixFillHeldQueue = async (n: number): Promise<void> => {
     postfixCmd("postconf", "-c", PF_DIR, "-e", "defer_transports=smtp");
     postfixCmd("postfix", "-c", PF_DIR, "reload");
     await new Promise((resolve) => setTimeout(resolve, 1_000));
@@ -249,6 +250,9 @@ try {
     postfixCmd("postconf", "-c", PF_DIR, "-e", "defer_transports=");
     postfixCmd("postfix", "-c", PF_DIR, "reload");
     await new Promise((resolve) => setTimeout(resolve, 1_000));
+  };
+  const postfixRelayOnly = async (n: number): Promise<Round> => {
+    await postfixFillHeldQueue(n);
     const base = pf!.sink.count();
     const t0 = performance.now();
     postfixCmd("postqueue", "-c", PF_DIR, "-f");
@@ -278,15 +282,7 @@ try {
     return { name: "mailstack queue drain", acceptSeconds: 0, clock: "queued before, first to last", seconds, perSecond: n / seconds };
   };
   const postfixDrain = async (n: number): Promise<Round> => {
-    postfixCmd("postconf", "-c", PF_DIR, "-e", "defer_transports=smtp");
-    postfixCmd("postfix", "-c", PF_DIR, "reload");
-    await new Promise((resolve) => setTimeout(resolve, 1_000));
-    await smtpSource(pf!.port, n);
-    const deadline = Date.now() + 120_000;
-    while (postfixQueued() < n && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 200));
-    postfixCmd("postconf", "-c", PF_DIR, "-e", "defer_transports=");
-    postfixCmd("postfix", "-c", PF_DIR, "reload");
-    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    await postfixFillHeldQueue(n);
     const base = pf!.sink.count();
     postfixCmd("postqueue", "-c", PF_DIR, "-f");
     await pf!.sink.waitFor(base + n, 300_000);

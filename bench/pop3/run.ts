@@ -142,6 +142,8 @@ try {
     POP3_PORT: String(port),
     POP3S_PORT: String(await freePort()),
     TLS_DIR: "/tmp/mailstack-pop3-bench-tls",
+    // For profiling: POP3_NODE_OPTIONS="--cpu-prof --cpu-prof-dir=/tmp/prof".
+    ...(process.env.POP3_NODE_OPTIONS ? { NODE_OPTIONS: process.env.POP3_NODE_OPTIONS } : {}),
   });
   if (!values["no-dovecot"]) {
     await fillMaildir(messages);

@@ -162,7 +162,12 @@ try {
     ...(process.env.SERVICE_NODE_OPTIONS ? { NODE_OPTIONS: process.env.SERVICE_NODE_OPTIONS } : {}),
     ...(process.env.SERVICE_MALLOC_ARENA_MAX ? { MALLOC_ARENA_MAX: process.env.SERVICE_MALLOC_ARENA_MAX } : {}),
   };
-  const mda = await startServiceProcess("mda", { ...common, LMTP_ENABLED: "false", ...serviceNodeOptions });
+  const mda = await startServiceProcess("mda", {
+    ...common,
+    LMTP_ENABLED: "false",
+    ...serviceNodeOptions,
+    ...(process.env.MDA_NODE_OPTIONS ? { NODE_OPTIONS: process.env.MDA_NODE_OPTIONS } : {}),
+  });
   const inbound = await startServiceProcess("mta-inbound", {
     ...common,
     SMTP_PORT: String(smtpPort),

@@ -1,4 +1,4 @@
-import { transaction, type Pool } from "@mailstack/db";
+import type { Pool } from "@mailstack/db";
 import type { Logger } from "@mailstack/telemetry";
 
 /**
@@ -36,10 +36,12 @@ export class DispatchStamper {
       const ids = this.pending.splice(0);
       const waiters = this.waiters.splice(0);
       try {
-        await transaction(this.pool, async (client) => {
-          await client.query("SET LOCAL synchronous_commit = off");
-          await client.query("UPDATE deliveries SET dispatched_at = now() WHERE id = ANY($1) AND dispatched_at IS NULL", [ids]);
-        });
+        // One statement is its own transaction: set_config(..., true) applies to its commit.
+        await this.pool.query(
+          `WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))
+           UPDATE deliveries SET dispatched_at = now() FROM async_commit WHERE id = ANY($1) AND dispatched_at IS NULL`,
+          [ids],
+        );
         for (const w of waiters) w.resolve();
       } catch (error) {
         this.logger.warn({ err: error, count: ids.length }, "could not stamp dispatched deliveries; the sweeper will republish them");

@@ -1,5 +1,4 @@
 import { transaction } from "@mailstack/db";
-import { recordEvents, type JourneyEvent } from "@mailstack/queue";
 import { mailMetrics } from "@mailstack/telemetry";
 import {
   FINAL_STATES, ROW_COLUMNS, SERVICE, decideFor, deliverLocal, headerPrefix, observeFiled,
@@ -99,41 +98,26 @@ export class DeliveryBatcher {
     const outcomes = new Map<number, Outcome>();
     const slow: number[] = [];
     const unique = [...new Set(ids)];
-    const rows = (await this.ctx.pool.query<Row>(
-      `SELECT ${ROW_COLUMNS}
+    // The rows, with the raw bytes of small unparsed messages, in one query; a large one is fetched
+    // alone, so a batch never holds many large messages in memory at once.
+    const rows = (await this.ctx.pool.query<Row & { raw: Buffer | null }>(
+      `SELECT ${ROW_COLUMNS}, CASE WHEN m.parsed IS NULL AND m.size <= $2 THEN m.raw END AS raw
          FROM deliveries d JOIN messages m ON m.id = d.message_id LEFT JOIN accounts a ON a.id = d.account_id
         WHERE d.id = ANY($1)`,
-      [unique],
+      [unique, BULK_PARSE_LIMIT],
     )).rows;
     const byId = new Map(rows.map((r) => [r.id, r]));
 
-    // Parse once per message. Small messages are fetched together; a large one alone, so a
-    // batch never holds many large messages in memory at once.
-    const parsedByMessage = new Map<number, Row["parsed"]>();
-    const unparsed = new Map<number, number>();
-    for (const row of rows) if (!row.parsed) unparsed.set(row.message_id, row.message_size);
-    const small = [...unparsed].filter(([, size]) => size <= BULK_PARSE_LIMIT).map(([id]) => id);
-    const large = [...unparsed].filter(([, size]) => size > BULK_PARSE_LIMIT).map(([id]) => id);
-    const fetched = small.length
-      ? (await this.ctx.pool.query<{ id: number; raw: Buffer }>("SELECT id, raw FROM messages WHERE id = ANY($1) AND parsed IS NULL", [small])).rows
-      : [];
-    for (const { id, raw } of fetched) parsedByMessage.set(id, await parseMessage(raw));
-    for (const id of large) {
-      const one = await this.ctx.pool.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1 AND parsed IS NULL", [id]);
-      if (one.rows[0]) parsedByMessage.set(id, await parseMessage(one.rows[0].raw));
-    }
-    if (parsedByMessage.size > 0) {
-      await this.ctx.pool.query(
-        `UPDATE messages m SET parsed = t.parsed FROM unnest($1::bigint[], $2::jsonb[]) AS t(id, parsed)
-          WHERE m.id = t.id AND m.parsed IS NULL`,
-        [[...parsedByMessage.keys()], [...parsedByMessage.values()].map((p) => JSON.stringify(p))],
-      );
-    }
-    // Parsed meanwhile by another delivery of the same message: use what it stored.
-    const missing = [...unparsed.keys()].filter((id) => !parsedByMessage.has(id));
-    if (missing.length) {
-      const stored = await this.ctx.pool.query<{ id: number; parsed: Row["parsed"] }>("SELECT id, parsed FROM messages WHERE id = ANY($1)", [missing]);
-      for (const row of stored.rows) parsedByMessage.set(row.id, row.parsed);
+    // Parse once per message; what is parsed here is stored with the filing transaction.
+    const parsedByMessage = new Map<number, NonNullable<Row["parsed"]>>();
+    for (const row of rows) {
+      if (row.parsed || parsedByMessage.has(row.message_id)) continue;
+      let raw = row.raw;
+      if (!raw) {
+        const one = await this.ctx.pool.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1", [row.message_id]);
+        raw = one.rows[0]?.raw ?? null;
+      }
+      if (raw) parsedByMessage.set(row.message_id, await parseMessage(raw));
     }
 
     const planned: Planned[] = [];
@@ -217,29 +201,35 @@ export class DeliveryBatcher {
 
       const charge = new Map<number, number>();
       for (const p of fits) charge.set(p.row.account_id!, (charge.get(p.row.account_id!) ?? 0) + p.size);
+      const parsedIds = [...new Set(withUid.map((p) => p.row.message_id))].filter((id) => parsedByMessage.has(id));
+      // Everything else in one statement: the parsed summaries, the quota charge, the mailbox
+      // entries, the deliveries' final state and their journey events.
       await client.query(
-        `UPDATE accounts a SET used_bytes = a.used_bytes + t.bytes FROM unnest($1::bigint[], $2::bigint[]) AS t(id, bytes) WHERE a.id = t.id`,
-        [[...charge.keys()], [...charge.values()]],
-      );
-      await client.query(
-        `INSERT INTO mailbox_entries (account_id, folder, uid, message_id, delivery_id, header_prefix, size)
-         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bytea[], $7::bigint[])`,
+        `WITH parsed AS (
+           UPDATE messages m SET parsed = t.parsed FROM unnest($1::bigint[], $2::jsonb[]) AS t(id, parsed)
+            WHERE m.id = t.id AND m.parsed IS NULL
+         ), charged AS (
+           UPDATE accounts a SET used_bytes = a.used_bytes + t.bytes FROM unnest($3::bigint[], $4::bigint[]) AS t(id, bytes) WHERE a.id = t.id
+         ), entries AS (
+           INSERT INTO mailbox_entries (account_id, folder, uid, message_id, delivery_id, header_prefix, size)
+           SELECT * FROM unnest($5::bigint[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bytea[], $11::bigint[])
+         ), delivered AS (
+           UPDATE deliveries d SET state = 'delivered', folder = t.folder, attempts = d.attempts + 1, last_attempt_at = now(),
+                  next_attempt_at = NULL, last_status = '2.0.0', last_reply = t.reply, updated_at = now()
+             FROM unnest($9::bigint[], $6::text[], $12::text[]) AS t(id, folder, reply) WHERE d.id = t.id
+         )
+         INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)
+         SELECT t.message_id, t.delivery_id, 'delivered', $13::text, '250 2.0.0 Delivered', t.detail
+           FROM unnest($8::bigint[], $9::bigint[], $14::jsonb[]) AS t(message_id, delivery_id, detail)`,
         [
+          parsedIds, parsedIds.map((id) => JSON.stringify(parsedByMessage.get(id))),
+          [...charge.keys()], [...charge.values()],
           withUid.map((p) => p.row.account_id), withUid.map((p) => p.folder), withUid.map((p) => p.uid),
           withUid.map((p) => p.row.message_id), withUid.map((p) => p.row.id), withUid.map((p) => p.prefix), withUid.map((p) => p.size),
+          withUid.map((p) => `250 2.0.0 Delivered to ${p.folder} as UID ${p.uid}`),
+          SERVICE,
+          withUid.map((p) => JSON.stringify({ folder: p.folder, uid: p.uid })),
         ],
-      );
-      await client.query(
-        `UPDATE deliveries d SET state = 'delivered', folder = t.folder, attempts = d.attempts + 1, last_attempt_at = now(),
-                next_attempt_at = NULL, last_status = '2.0.0', last_reply = t.reply, updated_at = now()
-           FROM unnest($1::bigint[], $2::text[], $3::text[]) AS t(id, folder, reply) WHERE d.id = t.id`,
-        [withUid.map((p) => p.row.id), withUid.map((p) => p.folder), withUid.map((p) => `250 2.0.0 Delivered to ${p.folder} as UID ${p.uid}`)],
-      );
-      await recordEvents(
-        client,
-        withUid.map((p): JourneyEvent => ({
-          messageId: p.row.message_id, deliveryId: p.row.id, event: "delivered", service: SERVICE, reply: "250 2.0.0 Delivered", detail: { folder: p.folder, uid: p.uid },
-        })),
       );
       return withUid;
     });

@@ -5,3 +5,4 @@ export * from "./sweeper.ts";
 export * from "./metrics.ts";
 export * from "./admin.ts";
 export * from "./event-publisher.ts";
+export * from "./retention.ts";

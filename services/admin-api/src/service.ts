@@ -1,5 +1,5 @@
 import { runService } from "@mailstack/runtime";
-import { startEventPublisher } from "@mailstack/queue";
+import { startEventPublisher, startRetention } from "@mailstack/queue";
 import { apiShape } from "./api/config.ts";
 import { startAdminApi } from "./api/server.ts";
 
@@ -14,10 +14,12 @@ export async function main(): Promise<void> {
       logger.info({ port: api.port }, "admin API listening");
       // The journey's events, committed in PostgreSQL, go out on mail.event.* (one replica at a time).
       const events = startEventPublisher(bus, pool, logger);
+      const retention = startRetention(pool, logger, config.RETENTION_INTERVAL, { retentionMs: config.MESSAGE_RETENTION });
       return {
         stop: async () => {
           await api.stop();
           await events.stop();
+          await retention.stop();
         },
       };
     },

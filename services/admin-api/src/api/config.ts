@@ -1,4 +1,4 @@
-import { bool, port, size, z } from "@mailstack/config";
+import { bool, duration, port, size, z } from "@mailstack/config";
 
 /** The admin API's settings (on top of commonShape). */
 export const apiShape = {
@@ -14,6 +14,10 @@ export const apiShape = {
   JAEGER_UI_URL: z.string().url().default("http://localhost:16686"),
   /** The DMARC policy suggested in a domain's DNS records. */
   DMARC_POLICY: z.enum(["none", "quarantine", "reject"]).default("quarantine"),
+  /** Finished messages in no mailbox are deleted, with their journey, this long after they arrived. */
+  MESSAGE_RETENTION: duration("30d"),
+  /** How often the purge of finished messages runs. */
+  RETENTION_INTERVAL: duration("1h"),
 };
 
 export interface ApiConfig {

@@ -1,5 +1,6 @@
 import { DirectoryError } from "@mailstack/db";
-import { QueueError, deleteDelivery, deliveriesOfQueueId, listQueue, retryDeliveries, showDelivery } from "@mailstack/queue";
+import { parseDuration } from "@mailstack/config";
+import { QueueError, deleteDelivery, deliveriesOfQueueId, listQueue, purgeFinishedMessages, retryDeliveries, showDelivery } from "@mailstack/queue";
 import { parse } from "../args.ts";
 import { register, UsageError } from "../registry.ts";
 
@@ -82,6 +83,17 @@ register(
         await refusals(() => deleteDelivery(pool, id));
         out(`cancelled delivery ${id}`);
       }
+    },
+  },
+  {
+    name: "queue purge",
+    usage: "queue purge [--older-than DURATION]   (deletes finished messages in no mailbox, default older than 30d)",
+    async run(args, { pool, out }) {
+      const { values } = parse(args, { "older-than": { type: "string" } }, { min: 0, max: 0 });
+      const retentionMs = parseDuration(values["older-than"] ?? "30d");
+      if (retentionMs === null) throw new UsageError(`invalid --older-than: ${values["older-than"]} (for example 30d, 12h)`);
+      const count = await purgeFinishedMessages(pool, { retentionMs });
+      out(`${count} finished message${count === 1 ? "" : "s"} purged`);
     },
   },
 );

@@ -4,6 +4,8 @@
 set -uo pipefail
 missing=()
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+# swaks speaks TLS (STARTTLS, 465) only with these Perl modules, which are merely recommended.
+perl -MNet::SSLeay -MIO::Socket::SSL -e 1 >/dev/null 2>&1 || missing+=(libnet-ssleay-perl libio-socket-ssl-perl)
 command -v fetchmail >/dev/null 2>&1 || missing+=(fetchmail)
 command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq)

@@ -2,21 +2,27 @@ import type { Pool } from "@mailstack/db";
 import type { Logger } from "@mailstack/telemetry";
 
 /**
- * Batches the dispatched_at stamps of deliveries published after their commit: one UPDATE
- * for everything published meanwhile, committed without waiting for the WAL flush
- * (synchronous_commit off). A stamp lost in a crash only makes the sweeper republish, and
- * JetStream drops the duplicate; the message itself was committed durably before its 250.
+ * Batches the dispatched_at stamps of deliveries published after their commit. The stamp only
+ * tells the sweeper that a delivery still queued was published, so it waits a little
+ * (lingerMs, well under the sweeper's undispatched threshold): by then most local deliveries
+ * are filed and need no stamp, and everything published meanwhile is stamped by one UPDATE,
+ * committed without waiting for the WAL flush (synchronous_commit off). A stamp lost in a
+ * crash only makes the sweeper republish, and the consumers ignore a delivery already final;
+ * the message itself was committed durably before its 250.
  */
 export class DispatchStamper {
   private readonly pool: Pool;
   private readonly logger: Logger;
+  private readonly lingerMs: number;
   private pending: number[] = [];
   private waiters: Array<{ resolve: () => void; reject: (error: unknown) => void }> = [];
   private running: Promise<void> | null = null;
+  private wake: (() => void) | null = null;
 
-  constructor(pool: Pool, logger: Logger) {
+  constructor(pool: Pool, logger: Logger, options: { lingerMs?: number } = {}) {
     this.pool = pool;
     this.logger = logger;
+    this.lingerMs = options.lingerMs ?? 500;
   }
 
   mark(deliveryIds: number[]): Promise<void> {
@@ -27,19 +33,39 @@ export class DispatchStamper {
     });
   }
 
+  /** Stamps what is pending now, without lingering, and resolves when nothing is left. */
   async idle(): Promise<void> {
-    while (this.running) await this.running;
+    while (this.running) {
+      this.wake?.();
+      await this.running;
+    }
+  }
+
+  private linger(): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.wake = null;
+        resolve();
+      }, this.lingerMs);
+      this.wake = () => {
+        clearTimeout(timer);
+        this.wake = null;
+        resolve();
+      };
+    });
   }
 
   private async run(): Promise<void> {
     while (this.pending.length > 0) {
+      await this.linger();
       const ids = this.pending.splice(0);
       const waiters = this.waiters.splice(0);
       try {
         // One statement is its own transaction: set_config(..., true) applies to its commit.
         await this.pool.query(
           `WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))
-           UPDATE deliveries SET dispatched_at = now() FROM async_commit WHERE id = ANY($1) AND dispatched_at IS NULL`,
+           UPDATE deliveries SET dispatched_at = now() FROM async_commit
+            WHERE id = ANY($1) AND state = 'queued' AND dispatched_at IS NULL`,
           [ids],
         );
         for (const w of waiters) w.resolve();

@@ -140,7 +140,7 @@ async function importBatch(
 ): Promise<{ filed: { uid: number; queueId: string }[]; refused?: MailboxIoError }> {
   return transaction(pool, async (client) => {
     const account = await client.query<{ quota_bytes: number | null; used_bytes: number }>(
-      "SELECT quota_bytes, used_bytes FROM accounts WHERE id = $1 FOR UPDATE",
+      "SELECT quota_bytes, used_bytes FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
       [accountId],
     );
     const row = account.rows[0];

@@ -149,7 +149,7 @@ export class DeliveryBatcher {
     const filed = await transaction(this.ctx.pool, async (client) => {
       // Locks in a fixed order (deliveries by id, then accounts by id, then folders) so batches never deadlock.
       const pending = await client.query<{ id: number }>(
-        "SELECT id FROM deliveries WHERE id = ANY($1) AND state IN ('queued', 'deferred') ORDER BY id FOR UPDATE",
+        "SELECT id FROM deliveries WHERE id = ANY($1) AND state IN ('queued', 'deferred') ORDER BY id FOR NO KEY UPDATE",
         [planned.map((p) => p.row.id).sort((a, b) => a - b)],
       );
       const pendingIds = new Set(pending.rows.map((r) => r.id));
@@ -159,7 +159,7 @@ export class DeliveryBatcher {
 
       const accountIds = [...new Set(live.map((p) => p.row.account_id!))].sort((a, b) => a - b);
       const accounts = await client.query<{ id: number; used_bytes: number; quota_bytes: number | null }>(
-        "SELECT id, used_bytes, quota_bytes FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        "SELECT id, used_bytes, quota_bytes FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
         [accountIds],
       );
       const used = new Map(accounts.rows.map((a) => [a.id, { used: Number(a.used_bytes), quota: a.quota_bytes === null ? null : Number(a.quota_bytes) }]));

@@ -204,7 +204,7 @@ async function fileFast(ctx: DeliverContext, row: Row, folder: string): Promise<
   const size = prefix.length + row.message_size;
   const result = await ctx.pool.query<{ pending: number; uid: number | null }>(
     `WITH pending AS (
-       SELECT id FROM deliveries WHERE id = $1 AND state IN ('queued', 'deferred') FOR UPDATE
+       SELECT id FROM deliveries WHERE id = $1 AND state IN ('queued', 'deferred') FOR NO KEY UPDATE
      ), quota AS (
        UPDATE accounts SET used_bytes = used_bytes + $4
         WHERE id = $2 AND EXISTS (SELECT 1 FROM pending) AND (quota_bytes IS NULL OR used_bytes + $4 <= quota_bytes)
@@ -254,7 +254,7 @@ export async function deliverInTransaction(ctx: DeliverContext, deliveryId: numb
   let outcome: Outcome | undefined;
   try {
     await client.query("BEGIN");
-    const result = await client.query<Row>(`SELECT ${ROW_COLUMNS} ${ROW_FROM} FOR UPDATE OF d`, [deliveryId]);
+    const result = await client.query<Row>(`SELECT ${ROW_COLUMNS} ${ROW_FROM} FOR NO KEY UPDATE OF d`, [deliveryId]);
     const row = result.rows[0];
     if (!row) {
       outcome = { status: "missing" };

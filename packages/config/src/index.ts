@@ -136,6 +136,12 @@ export const commonShape = {
   /** The name this host gives itself in SMTP greetings, Received: headers and DSNs. */
   MAIL_HOSTNAME: z.string().default("localhost"),
   SHUTDOWN_TIMEOUT: duration("25s"),
+  /**
+   * V8 starts a full garbage collection when the heap has grown by this percentage over what
+   * was live after the last one. V8's own choice (up to 300% on an idle machine) lets a busy
+   * service's resident memory double with garbage; 0 keeps V8's choice.
+   */
+  HEAP_GROWING_PERCENT: integer(50, 0),
 };
 
 export type CommonConfig = z.infer<z.ZodObject<typeof commonShape>>;

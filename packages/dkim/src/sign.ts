@@ -1,3 +1,4 @@
+import { createPrivateKey, type KeyObject } from "node:crypto";
 import type { Readable } from "node:stream";
 import { dkimSign } from "mailauth/lib/dkim/sign.js";
 import type { DKIMSignOptions } from "mailauth";
@@ -10,6 +11,25 @@ export interface DkimSigningKey {
   algorithm: DkimAlgorithm;
   /** PKCS#8 PEM. */
   privateKey: string;
+}
+
+// Parsing a PEM key costs more than the RSA signature itself; keys are parsed once per process.
+// (mailauth takes a KeyObject through patches/mailauth@4.13.3.patch.)
+const parsedKeys = new Map<string, KeyObject>();
+const MAX_PARSED_KEYS = 1000;
+
+function parsedKey(signing: DkimSigningKey): KeyObject {
+  let key = parsedKeys.get(signing.privateKey);
+  if (!key) {
+    try {
+      key = createPrivateKey(signing.privateKey);
+    } catch (error) {
+      throw new Error(`DKIM signing failed: the private key of ${signing.selector}._domainkey.${signing.domain} is unreadable (${(error as Error).message})`);
+    }
+    if (parsedKeys.size >= MAX_PARSED_KEYS) parsedKeys.clear();
+    parsedKeys.set(signing.privateKey, key);
+  }
+  return key;
 }
 
 /**
@@ -26,7 +46,7 @@ export async function dkimSignatures(message: Buffer | Readable, keys: DkimSigni
     signatureData: keys.map((key) => ({
       signingDomain: key.domain,
       selector: key.selector,
-      privateKey: key.privateKey,
+      privateKey: parsedKey(key),
       algorithm: key.algorithm,
       canonicalization: "relaxed/relaxed",
     })),

@@ -83,6 +83,8 @@ try {
     SUBMISSION_MAX_RECIPIENTS: "0",
     SUBMISSION_AUTH_BEFORE_TLS: values.plain ? "true" : "false",
     TLS_DIR: tlsDir,
+    // For profiling: MSA_NODE_OPTIONS="--cpu-prof --cpu-prof-dir=/tmp/prof".
+    ...(process.env.MSA_NODE_OPTIONS ? { NODE_OPTIONS: process.env.MSA_NODE_OPTIONS } : {}),
   });
   processes.push(msa);
 

@@ -8,6 +8,10 @@
  *
  * The time runs from the first message offered until the sink has counted them all.
  *
+ * The same end-to-end measure from port 25 (mode e2e25), with the same load generator as
+ * Postfix: smtp-source to mta-inbound for a local alias whose target is remote (forwarding), so
+ * neither system does TLS, AUTH, DKIM or SPF checks and both relay what arrives on port 25.
+ *
  * A second measure isolates the relay: the messages are first accepted and held
  * (mailstack: committed by acceptMessage but not published; Postfix: defer_transports=smtp),
  * then released at once (mailstack: dispatchAccepted for all; Postfix: postqueue -f), and the
@@ -20,7 +24,7 @@
  * postqueue -f after defer_transports), and the time runs from the first message at the sink
  * to the last.
  *
- *   node bench/relay/run.ts [--count 3000] [--sessions 20] [--size 4096] [--workers 2] [--rounds 2] [--no-postfix] [--mode both|e2e|relay|drain]
+ *   node bench/relay/run.ts [--count 3000] [--sessions 20] [--size 4096] [--workers 2] [--rounds 2] [--no-postfix] [--mode both|e2e|e2e25|relay|drain]
  *
  * Uses a fresh database and bus prefix (testkit) and removes them afterwards.
  */
@@ -29,7 +33,7 @@ import { mkdtemp } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { addAccount, addDomain } from "../../packages/db/src/index.ts";
+import { addAccount, addAlias, addDomain } from "../../packages/db/src/index.ts";
 import { acceptMessage, dispatchAccepted, type AcceptedMessage } from "../../packages/queue/src/index.ts";
 import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } from "../../packages/testkit/src/index.ts";
 import { runLoad } from "../smtp-submission/load.ts";
@@ -103,9 +107,9 @@ function postfixQueued(): number {
   return match ? Number(match[1]) : 0;
 }
 
-function smtpSource(port: number, n: number): Promise<void> {
+function smtpSource(port: number, n: number, to = "user@far.example"): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = spawn("smtp-source", ["-s", String(sessions), "-m", String(n), "-l", String(size), "-f", "sender@remote.example", "-t", "user@far.example", `127.0.0.1:${port}`], { stdio: "inherit" });
+    const child = spawn("smtp-source", ["-s", String(sessions), "-m", String(n), "-l", String(size), "-f", "sender@remote.example", "-t", to, `127.0.0.1:${port}`], { stdio: "inherit" });
     child.once("exit", (code) => (code === 0 ? resolve() : reject(new Error(`smtp-source exited ${code}`))));
   });
 }
@@ -156,6 +160,21 @@ try {
       TLS_DIR: tlsDir,
     }),
   );
+  // Port 25: mail for forward@bench.test goes to the remote user@far.example (an alias).
+  await addAlias(env.pool, "forward@bench.test", ["user@far.example"]);
+  const inboundPort = await freePort();
+  processes.push(
+    await startServiceProcess("mta-inbound", {
+      ...env.env,
+      LOG_LEVEL: "warn",
+      MAIL_HOSTNAME: "mx.bench.test",
+      SMTP_HOST: "127.0.0.1",
+      SMTP_PORT: String(inboundPort),
+      SMTP_MAX_CLIENTS_PER_IP: "200",
+      INBOUND_AUTH_CHECKS: "false",
+      TLS_DIR: tlsDir,
+    }),
+  );
   const startWorkers = async () => {
     workers = await Promise.all(Array.from({ length: workerCount }, () => startServiceProcess("mta-outbound", {
         ...env.env,
@@ -199,6 +218,15 @@ try {
     await oursSink.waitFor(base + load.sent, 300_000);
     const seconds = (performance.now() - t0) / 1000;
     return { name: "mailstack (msa -> relay)", acceptSeconds: (accepted - t0) / 1000, seconds, perSecond: load.sent / seconds };
+  };
+  const ours25 = async (n: number): Promise<Round> => {
+    const base = oursSink.count();
+    const t0 = performance.now();
+    await smtpSource(inboundPort, n, "forward@bench.test");
+    const accepted = performance.now();
+    await oursSink.waitFor(base + n, 300_000);
+    const seconds = (performance.now() - t0) / 1000;
+    return { name: "mailstack (port 25 -> relay)", acceptSeconds: (accepted - t0) / 1000, seconds, perSecond: n / seconds };
   };
   const postfix = async (n: number): Promise<Round> => {
     const base = pf!.sink.count();
@@ -296,6 +324,7 @@ try {
   const best: Record<string, Round> = {};
   const runs: Array<(n: number) => Promise<Round>> = [];
   if (values.mode === "both" || values.mode === "e2e") runs.push(ours, ...(pf ? [postfix] : []));
+  if (values.mode === "both" || values.mode === "e2e25") runs.push(ours25, ...(pf ? [postfix] : []));
   if (values.mode === "both" || values.mode === "relay") runs.push(oursRelayOnly, ...(pf ? [postfixRelayOnly] : []));
   if (values.mode === "both" || values.mode === "drain") runs.push(oursDrain, ...(pf ? [postfixDrain] : []));
   for (let i = 0; i < rounds; i++) {
@@ -307,7 +336,7 @@ try {
   }
   const delivered = (await env.pool.query("SELECT count(*)::int AS n FROM deliveries WHERE state = 'delivered'")).rows[0].n;
   console.log(`deliveries recorded as delivered in PostgreSQL: ${delivered}`);
-  const pairs = [["mailstack (msa -> relay)", "Postfix 3.7 (relayhost)"], ["mailstack relay only", "Postfix relay only"], ["mailstack queue drain", "Postfix queue drain"]];
+  const pairs = [["mailstack (msa -> relay)", "Postfix 3.7 (relayhost)"], ["mailstack (port 25 -> relay)", "Postfix 3.7 (relayhost)"], ["mailstack relay only", "Postfix relay only"], ["mailstack queue drain", "Postfix queue drain"]];
   for (const [a, b] of pairs) {
     if (best[a!] && best[b!]) console.log(`best ${a} ${best[a!]!.perSecond.toFixed(1)} msgs/s vs ${b} ${best[b!]!.perSecond.toFixed(1)} msgs/s: ${(best[a!]!.perSecond / best[b!]!.perSecond).toFixed(2)}x`);
   }

@@ -131,8 +131,13 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     const messageIds = [...new Set(items.map((i) => i.job.messageId))];
     try {
       const result = await pool.query<MessageRow & { id: number; claimed: JsonClaimed[] }>(
-        `WITH claimed AS (
+        // The claim commits without waiting for the WAL flush: the result, committed durably after
+        // the SMTP transaction, flushes it too; a claim lost in a PostgreSQL crash before that
+        // only reopens the delivery, the duplicate window every MTA has (docs/mta-outbound.md).
+        `WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)),
+         claimed AS (
            UPDATE deliveries SET lease_owner = $1, lease_until = now() + make_interval(secs => $2::float8 / 1000), updated_at = now()
+             FROM async_commit
             WHERE id = ANY($3) AND message_id = ANY($4) AND kind = 'remote'
               AND (state = 'queued' OR (state = 'deferred' AND next_attempt_at <= now()))
               AND (lease_until IS NULL OR lease_until < now())

@@ -2,19 +2,19 @@ import type { Pool } from "@mailstack/db";
 import type { Logger } from "@mailstack/telemetry";
 
 /**
- * Batches the dispatched_at stamps of deliveries published after their commit. The stamp only
- * tells the sweeper that a delivery still queued was published, so it waits a little
- * (lingerMs, well under the sweeper's undispatched threshold): by then most local deliveries
- * are filed and need no stamp, and everything published meanwhile is stamped by one UPDATE,
- * committed without waiting for the WAL flush (synchronous_commit off). A stamp lost in a
- * crash only makes the sweeper republish, and the consumers ignore a delivery already final;
- * the message itself was committed durably before its 250.
+ * Batches the dispatched_at stamps of deliveries published after their commit: everything
+ * published within lingerMs (well under the sweeper's undispatched threshold) is stamped, with
+ * its publish time, by one UPDATE committed without waiting for the WAL flush (synchronous_commit
+ * off). The stamp tells the sweeper a queued delivery was published and the journey when. A
+ * stamp lost in a crash only makes the sweeper republish, and the consumers ignore a delivery
+ * already final; the message itself was committed durably before its 250.
  */
 export class DispatchStamper {
   private readonly pool: Pool;
   private readonly logger: Logger;
   private readonly lingerMs: number;
   private pending: number[] = [];
+  private publishedAt: Date[] = [];
   private waiters: Array<{ resolve: () => void; reject: (error: unknown) => void }> = [];
   private running: Promise<void> | null = null;
   private wake: (() => void) | null = null;
@@ -27,7 +27,11 @@ export class DispatchStamper {
 
   mark(deliveryIds: number[]): Promise<void> {
     return new Promise((resolve, reject) => {
-      this.pending.push(...deliveryIds);
+      const now = new Date();
+      for (const id of deliveryIds) {
+        this.pending.push(id);
+        this.publishedAt.push(now);
+      }
       this.waiters.push({ resolve, reject });
       this.running ??= this.run();
     });
@@ -58,15 +62,19 @@ export class DispatchStamper {
   private async run(): Promise<void> {
     while (this.pending.length > 0) {
       await this.linger();
-      const ids = this.pending.splice(0);
+      // In id order, the order the MDA locks deliveries in, so the two never deadlock.
+      const stamps = this.pending.splice(0).map((id, i) => ({ id, at: this.publishedAt[i]! })).sort((a, b) => a.id - b.id);
+      this.publishedAt = [];
+      const ids = stamps.map((s) => s.id);
+      const times = stamps.map((s) => s.at);
       const waiters = this.waiters.splice(0);
       try {
         // One statement is its own transaction: set_config(..., true) applies to its commit.
         await this.pool.query(
           `WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))
-           UPDATE deliveries SET dispatched_at = now() FROM async_commit
-            WHERE id = ANY($1) AND state = 'queued' AND dispatched_at IS NULL`,
-          [ids],
+           UPDATE deliveries d SET dispatched_at = t.at FROM async_commit, unnest($1::bigint[], $2::timestamptz[]) AS t(id, at)
+            WHERE d.id = t.id AND d.dispatched_at IS NULL`,
+          [ids, times],
         );
         for (const w of waiters) w.resolve();
       } catch (error) {

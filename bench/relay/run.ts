@@ -3,7 +3,7 @@
  *
  *   mailstack: load generator --AUTH, TLS, port 465--> msa (commit, publish)
  *              --> mta-outbound worker process(es) --smart host--> smtp-sink
- *   reference: smtp-source --port PF_PORT--> Postfix 3.7 (own instance, bench/relay/postfix.sh)
+ *   reference: smtp-source -d --port PF_PORT--> Postfix 3.7 (own instance, bench/relay/postfix.sh)
  *              --relayhost--> smtp-sink
  *
  * The time runs from the first message offered until the sink has counted them all.
@@ -109,7 +109,8 @@ function postfixQueued(): number {
 
 function smtpSource(port: number, n: number, to = "user@far.example"): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = spawn("smtp-source", ["-s", String(sessions), "-m", String(n), "-l", String(size), "-f", "sender@remote.example", "-t", to, `127.0.0.1:${port}`], { stdio: "inherit" });
+    // -d: each session reuses its connection ("with connection reuse", as the issue's target says).
+    const child = spawn("smtp-source", ["-d", "-s", String(sessions), "-m", String(n), "-l", String(size), "-f", "sender@remote.example", "-t", to, `127.0.0.1:${port}`], { stdio: "inherit" });
     child.once("exit", (code) => (code === 0 ? resolve() : reject(new Error(`smtp-source exited ${code}`))));
   });
 }

@@ -76,11 +76,15 @@ async function startMdaProcess(): Promise<void> {
   child.stdout!.on("data", (chunk) => mdaLog.push(String(chunk)));
   child.stderr!.on("data", (chunk) => mdaLog.push(String(chunk)));
   mda = child;
+  // Under a full parallel test run, a start right after the NATS restart can take a while
+  // (JetStream recovering its streams); the log is in the error if it never gets ready.
   await waitFor(async () => {
     if (child.exitCode !== null) throw new Error(`mda exited: ${mdaLog.join("").slice(-2000)}`);
     const response = await fetch(`http://127.0.0.1:${opsPort}/readyz`).catch(() => null);
     return response?.status === 200;
-  }, 30_000, 100);
+  }, 60_000, 100).catch((error: Error) => {
+    throw new Error(`${error.message}; mda log: ${mdaLog.join("").slice(-2000)}`);
+  });
 }
 
 async function startInboundProcess(): Promise<void> {

@@ -37,7 +37,7 @@ export class AcceptBatcher {
   constructor(pool: Pool, service: string, options: AcceptBatcherOptions = {}) {
     this.pool = pool;
     this.service = service;
-    this.concurrency = options.concurrency ?? 2;
+    this.concurrency = options.concurrency ?? 1;
     this.maxBatch = options.maxBatch ?? 64;
   }
 

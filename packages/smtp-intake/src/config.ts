@@ -33,7 +33,7 @@ export const intakeShape = {
   /** What to do with bare CR or LF in a message: reject (550 5.6.11) or normalize to CRLF. */
   SMTP_BARE_LINE_ENDINGS: z.enum(["reject", "normalize"]).default("reject"),
   /** Group commit: accepts waiting while this many accept transactions are in flight join the next one. */
-  SMTP_ACCEPT_CONCURRENCY: integer(2, 1),
+  SMTP_ACCEPT_CONCURRENCY: integer(1, 1),
   SMTP_ACCEPT_BATCH_MAX: integer(64, 1),
   /** Message bytes all sessions together may hold in memory; past it a message is answered 452 4.3.1. */
   SMTP_MAX_BUFFERED: size("512M"),

@@ -57,7 +57,7 @@ export const defaultLimits: IntakeLimits = {
   greetingDelayMs: 0,
   reverseDns: false,
   bareLineEndings: "reject",
-  acceptConcurrency: 2,
+  acceptConcurrency: 1,
   acceptBatchMax: 64,
   maxBufferedBytes: 512 * 1024 * 1024,
 };

@@ -4,3 +4,4 @@ export * from "./ensure-database.ts";
 export * from "./directory.ts";
 export * from "./routing.ts";
 export * from "./filters.ts";
+export * from "./login-failures.ts";

@@ -1,6 +1,6 @@
 import { createHmac, randomBytes } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
-import type { Pool } from "@mailstack/db";
+import { loginFailures, loginKey, pruneLoginFailures, recordLoginFailure, type Pool } from "@mailstack/db";
 import { hashPassword, parseAddress, reply, verifyPassword, type SmtpReply } from "@mailstack/mail";
 import type { Logger } from "@mailstack/telemetry";
 
@@ -49,7 +49,6 @@ const dummyHash = hashPassword("mailstack-dummy-password");
  * connection after a few failures. Failures are answered slowly. Passwords are never logged.
  */
 export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimits) {
-  const windowSeconds = Math.max(1, Math.round(limits.windowMs / 1000));
   // Successful logins (like Dovecot's auth_cache): a keyed hash of user and password, valid while
   // the stored password hash is unchanged, so a password change or reset ends it at once.
   const cacheKey = randomBytes(32);
@@ -66,30 +65,6 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
     cache.set(fingerprint(address, password), { passwordHash, until: Date.now() + ttl });
   };
 
-  // auth_failures (migration 030, shared with POP3): one row per scope and key; a window starts
-  // at the first failure and a failure after it ends starts a new one.
-  async function failuresSoFar(ip: string, account: string): Promise<{ ip: number; account: number }> {
-    const result = await pool.query<{ scope: "ip" | "account"; failures: number }>(
-      `SELECT scope, failures FROM auth_failures
-        WHERE window_start > now() - make_interval(secs => $1::float8)
-          AND ((scope = 'ip' AND key = $2) OR (scope = 'account' AND key = $3))`,
-      [windowSeconds, ip, account],
-    );
-    const counts = { ip: 0, account: 0 };
-    for (const row of result.rows) counts[row.scope] = row.failures;
-    return counts;
-  }
-
-  async function recordFailure(ip: string, account: string): Promise<void> {
-    await pool.query(
-      `INSERT INTO auth_failures (scope, key, window_start, failures) VALUES ('ip', $2, now(), 1), ('account', $3, now(), 1)
-       ON CONFLICT (scope, key) DO UPDATE SET
-         failures = CASE WHEN auth_failures.window_start <= now() - make_interval(secs => $1::float8) THEN 1 ELSE auth_failures.failures + 1 END,
-         window_start = CASE WHEN auth_failures.window_start <= now() - make_interval(secs => $1::float8) THEN now() ELSE auth_failures.window_start END`,
-      [windowSeconds, ip, account],
-    );
-  }
-
   async function fail(state: ConnectionAuthState, reason: string, log: Record<string, unknown>): Promise<AuthOutcome> {
     state.failures++;
     logger.info({ ...log, reason, failures: state.failures }, "authentication failed");
@@ -103,10 +78,10 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
   return {
     async authenticate(username: string, password: string, ip: string, state: ConnectionAuthState): Promise<AuthOutcome> {
       const parsed = parseAddress(username, { utf8: true });
-      const accountKey = parsed.ok ? parsed.address : username.toLowerCase().slice(0, 320);
+      const accountKey = loginKey(username);
       const log = { user: accountKey, ip };
 
-      const counts = await failuresSoFar(ip, accountKey);
+      const counts = await loginFailures(pool, ip, username, limits.windowMs);
       if (counts.ip >= limits.maxFailuresPerIp || counts.account >= limits.maxFailuresPerAccount) {
         const limited = counts.ip >= limits.maxFailuresPerIp ? "ip" : "account";
         state.failures++;
@@ -128,11 +103,11 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
         ? true
         : await verifyPassword(password, row?.password_hash ?? (await dummyHash));
       if (!row || !valid) {
-        await recordFailure(ip, accountKey);
+        await recordLoginFailure(pool, ip, username, limits.windowMs);
         return fail(state, row ? "wrong password" : "unknown user", log);
       }
       if (row.disabled) {
-        await recordFailure(ip, accountKey);
+        await recordLoginFailure(pool, ip, username, limits.windowMs);
         return fail(state, "account disabled", log);
       }
       remember(row.address, password, row.password_hash);
@@ -147,6 +122,6 @@ export type Authenticator = ReturnType<typeof createAuthenticator>;
 /** Removes counter rows older than keepMs (at least a day, so other services' windows are not cut short). */
 export async function pruneCounters(pool: Pool, keepMs: number): Promise<void> {
   const seconds = Math.max(86_400, Math.round(keepMs / 1000));
-  await pool.query("DELETE FROM auth_failures WHERE window_start < now() - make_interval(secs => $1)", [seconds]);
+  await pruneLoginFailures(pool, seconds * 1000);
   await pool.query("DELETE FROM submission_counters WHERE window_start < now() - make_interval(secs => $1)", [seconds]);
 }

@@ -1,5 +1,5 @@
 import { createHash, timingSafeEqual } from "node:crypto";
-import { getAccount, type Pool } from "@mailstack/db";
+import { getAccount, loginFailures, pruneLoginFailures, recordLoginFailure, type Pool } from "@mailstack/db";
 import { verifyPassword } from "@mailstack/mail";
 
 export interface Account {
@@ -13,38 +13,16 @@ export interface ThrottleLimits {
   windowMs: number;
 }
 
-/** Account login names are addresses; the throttle key is their lower-cased form. */
-function accountKey(name: string): string {
-  return name.trim().toLowerCase().slice(0, 320);
-}
-
 /** True when this IP or this login name has used up its failed attempts in the current window. */
 export async function isThrottled(pool: Pool, ip: string, name: string, limits: ThrottleLimits): Promise<boolean> {
-  const result = await pool.query<{ scope: string; failures: number }>(
-    `SELECT scope, failures FROM auth_failures
-      WHERE ((scope = 'ip' AND key = $1) OR (scope = 'account' AND key = $2))
-        AND window_start > now() - make_interval(secs => $3)`,
-    [ip, accountKey(name), limits.windowMs / 1000],
-  );
-  return result.rows.some((row) =>
-    row.scope === "ip" ? row.failures >= limits.perIp : row.failures >= limits.perAccount,
-  );
+  const counts = await loginFailures(pool, ip, name, limits.windowMs);
+  return counts.ip >= limits.perIp || counts.account >= limits.perAccount;
 }
 
 export async function recordFailure(pool: Pool, ip: string, name: string, limits: ThrottleLimits): Promise<void> {
-  const window = limits.windowMs / 1000;
-  await pool.query(
-    `INSERT INTO auth_failures AS f (scope, key, window_start, failures)
-     VALUES ('ip', $1, now(), 1), ('account', $2, now(), 1)
-     ON CONFLICT (scope, key) DO UPDATE SET
-       failures = CASE WHEN f.window_start > now() - make_interval(secs => $3) THEN f.failures + 1 ELSE 1 END,
-       window_start = CASE WHEN f.window_start > now() - make_interval(secs => $3) THEN f.window_start ELSE now() END`,
-    [ip, accountKey(name), window],
-  );
+  await recordLoginFailure(pool, ip, name, limits.windowMs);
   // Expired windows are kept only until some later failure sweeps them.
-  if (Math.random() < 0.02) {
-    await pool.query("DELETE FROM auth_failures WHERE window_start < now() - make_interval(secs => $1)", [window]);
-  }
+  if (Math.random() < 0.02) await pruneLoginFailures(pool, limits.windowMs);
 }
 
 /** USER/PASS and AUTH PLAIN: the account when the password matches and the account is enabled. */

@@ -1,0 +1,48 @@
+import { parseAddress } from "@mailstack/mail";
+import type { Queryable } from "./pool.ts";
+
+/**
+ * Failed logins per client IP and per login name, in the auth_failures table (migration 030),
+ * shared by every service that checks passwords (POP3 and the MSA) and by all their replicas,
+ * so guessing through one protocol counts against the other too. A window starts at the first
+ * failure; a failure after the window ended starts a new one.
+ */
+export interface FailureCounts {
+  ip: number;
+  account: number;
+}
+
+/** The one key form for a login name: the normalised address, or the lower-cased name when it is none. */
+export function loginKey(name: string): string {
+  const parsed = parseAddress(name.trim(), { utf8: true });
+  return parsed.ok ? parsed.address : name.trim().toLowerCase().slice(0, 320);
+}
+
+/** Failures of this IP and of this login name within the current window. */
+export async function loginFailures(db: Queryable, ip: string, name: string, windowMs: number): Promise<FailureCounts> {
+  const result = await db.query<{ scope: "ip" | "account"; failures: number }>(
+    `SELECT scope, failures FROM auth_failures
+      WHERE window_start > now() - make_interval(secs => $1::float8 / 1000)
+        AND ((scope = 'ip' AND key = $2) OR (scope = 'account' AND key = $3))`,
+    [windowMs, ip, loginKey(name)],
+  );
+  const counts: FailureCounts = { ip: 0, account: 0 };
+  for (const row of result.rows) counts[row.scope] = row.failures;
+  return counts;
+}
+
+/** Counts one failed login against the IP and the login name. */
+export async function recordLoginFailure(db: Queryable, ip: string, name: string, windowMs: number): Promise<void> {
+  await db.query(
+    `INSERT INTO auth_failures AS f (scope, key, window_start, failures) VALUES ('ip', $2, now(), 1), ('account', $3, now(), 1)
+     ON CONFLICT (scope, key) DO UPDATE SET
+       failures = CASE WHEN f.window_start > now() - make_interval(secs => $1::float8 / 1000) THEN f.failures + 1 ELSE 1 END,
+       window_start = CASE WHEN f.window_start > now() - make_interval(secs => $1::float8 / 1000) THEN f.window_start ELSE now() END`,
+    [windowMs, ip, loginKey(name)],
+  );
+}
+
+/** Deletes counters whose window ended more than keepMs ago. */
+export async function pruneLoginFailures(db: Queryable, keepMs: number): Promise<void> {
+  await db.query("DELETE FROM auth_failures WHERE window_start < now() - make_interval(secs => $1::float8 / 1000)", [keepMs]);
+}

@@ -1,0 +1,39 @@
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
+import { loginFailures, loginKey, pruneLoginFailures, recordLoginFailure } from "../src/index.ts";
+
+let db: TestDatabase;
+before(async () => {
+  db = await createTestDatabase();
+});
+after(async () => db.drop());
+
+const WINDOW = 15 * 60_000;
+
+test("one key form for a login name, whichever service counts the failure", () => {
+  assert.equal(loginKey("  Alice@Example.TEST "), loginKey("alice@example.test"));
+  assert.equal(loginKey("alice@example.test"), "alice@example.test");
+  assert.equal(loginKey(" Not An Address "), "not an address");
+  assert.equal(loginKey("x".repeat(400)).length, 320);
+});
+
+test("failures count per IP and per login name within the window, then a new window starts", async () => {
+  // As POP3 and the MSA each call it: different spellings of one account, one IP.
+  await recordLoginFailure(db.pool, "192.0.2.7", "Bob@Example.test", WINDOW);
+  await recordLoginFailure(db.pool, "192.0.2.7", "bob@example.test", WINDOW);
+  await recordLoginFailure(db.pool, "192.0.2.8", " BOB@EXAMPLE.TEST", WINDOW);
+  assert.deepEqual(await loginFailures(db.pool, "192.0.2.7", "bob@example.test", WINDOW), { ip: 2, account: 3 });
+  assert.deepEqual(await loginFailures(db.pool, "192.0.2.9", "carol@example.test", WINDOW), { ip: 0, account: 0 });
+
+  // The window ends: nothing counts, and the next failure starts a new window at 1.
+  await db.pool.query("UPDATE auth_failures SET window_start = now() - interval '16 minutes'");
+  assert.deepEqual(await loginFailures(db.pool, "192.0.2.7", "bob@example.test", WINDOW), { ip: 0, account: 0 });
+  await recordLoginFailure(db.pool, "192.0.2.7", "bob@example.test", WINDOW);
+  assert.deepEqual(await loginFailures(db.pool, "192.0.2.7", "bob@example.test", WINDOW), { ip: 1, account: 1 });
+
+  // Pruning removes only windows that ended long enough ago.
+  await pruneLoginFailures(db.pool, WINDOW);
+  const left = await db.pool.query<{ scope: string; key: string }>("SELECT scope, key FROM auth_failures ORDER BY scope, key");
+  assert.deepEqual(left.rows, [{ scope: "account", key: "bob@example.test" }, { scope: "ip", key: "192.0.2.7" }]);
+});

@@ -335,6 +335,10 @@ export class Pop3Session {
     if (args.length !== 1) return this.reply("-ERR usage: RETR msg");
     const entry = await this.entry(args[0]);
     if (!entry) return;
+    // The response goes out first; the span, metrics and journey event are recorded after it,
+    // while the client reads, so they add nothing to the time a client waits for each message.
+    const startTime = performance.timeOrigin + performance.now();
+    const sent = await this.sendMessage(entry, null, `+OK ${entry.size} octets`);
     // A retrieval is its own trace, linked to the trace of the message's journey.
     const links: Link[] = entry.traceId && entry.traceSpanId
       ? [{ context: { traceId: entry.traceId, spanId: entry.traceSpanId, traceFlags: 1, isRemote: true } }]
@@ -342,10 +346,10 @@ export class Pop3Session {
     const span = tracer.startSpan("pop3 RETR", {
       kind: SpanKind.SERVER,
       root: true,
+      startTime,
       links,
       attributes: { "network.protocol.name": "pop3", "mail.message.id": entry.messageId, "mail.message.size": entry.size },
     });
-    const sent = await this.sendMessage(entry, null, `+OK ${entry.size} octets`);
     if (!sent) span.setStatus({ code: SpanStatusCode.ERROR, message: "message could not be read" });
     span.end();
     if (!sent) return;

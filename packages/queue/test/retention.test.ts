@@ -83,10 +83,12 @@ test("finished messages in no mailbox are purged after the retention with their 
   }
   for (const id of [inMailbox, waiting, localQueued, dsnPending, recent]) assert.ok(await exists(id), `message ${id} is still needed`);
 
-  // Once the owner deletes the last copy (a POP3 DELE + QUIT), the message goes too.
-  await env.pool.query("DELETE FROM mailbox_entries WHERE message_id = $1", [inMailbox]);
+  // Once the owner deletes the last copy (POP3 DELE + QUIT flags the entry), the message goes
+  // too, and the flagged entry with it.
+  await env.pool.query("UPDATE mailbox_entries SET deleted = true WHERE message_id = $1", [inMailbox]);
   assert.equal(await purgeFinishedMessages(env.pool, { retentionMs: 30 * DAY }), 1);
   assert.equal(await exists(inMailbox), false);
+  assert.equal((await env.pool.query("SELECT 1 FROM mailbox_entries WHERE message_id = $1", [inMailbox])).rowCount, 0);
 });
 
 test("mailctl queue purge deletes finished messages older than --older-than, and rejects a bad duration", async () => {

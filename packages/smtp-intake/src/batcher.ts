@@ -13,6 +13,8 @@ export interface AcceptBatcherOptions {
   concurrency?: number;
   /** Most messages committed by one transaction. */
   maxBatch?: number;
+  /** A message larger than this is committed in a transaction of its own, beside the batches, so it never holds them up. */
+  soloAboveBytes?: number;
 }
 
 /**
@@ -28,8 +30,11 @@ export class AcceptBatcher {
   private readonly service: string;
   private readonly concurrency: number;
   private readonly maxBatch: number;
+  private readonly soloAboveBytes: number;
   private queue: Pending[] = [];
   private inFlight = 0;
+  /** Large messages committed alone, beside the batches. */
+  private soloInFlight = 0;
   private idleWaiters: Array<() => void> = [];
   /** How many transactions were committed and the most messages one of them held. */
   readonly stats = { transactions: 0, largestBatch: 0 };
@@ -39,20 +44,41 @@ export class AcceptBatcher {
     this.service = service;
     this.concurrency = options.concurrency ?? 1;
     this.maxBatch = options.maxBatch ?? 64;
+    this.soloAboveBytes = options.soloAboveBytes ?? 1024 * 1024;
   }
 
   accept(message: NewMessage, deliveries: NewDelivery[]): Promise<AcceptedMessage> {
     if (deliveries.length === 0) return Promise.reject(new Error("a message needs at least one delivery"));
+    if (message.raw.length > this.soloAboveBytes) return this.acceptAlone(message, deliveries);
     return new Promise((resolve, reject) => {
       this.queue.push({ message, deliveries, resolve, reject });
       this.pump();
     });
   }
 
+  private async acceptAlone(message: NewMessage, deliveries: NewDelivery[]): Promise<AcceptedMessage> {
+    this.soloInFlight++;
+    try {
+      this.stats.transactions++;
+      return (await insertMessages(this.pool, [{ message, deliveries }], this.service))[0]!;
+    } finally {
+      this.soloInFlight--;
+      this.wakeIfIdle();
+    }
+  }
+
   /** Resolves when no accept is queued or in flight. */
   idle(): Promise<void> {
-    if (this.inFlight === 0 && this.queue.length === 0) return Promise.resolve();
+    if (this.isIdle()) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  private isIdle(): boolean {
+    return this.inFlight === 0 && this.soloInFlight === 0 && this.queue.length === 0;
+  }
+
+  private wakeIfIdle(): void {
+    if (this.isIdle()) for (const wake of this.idleWaiters.splice(0)) wake();
   }
 
   private pump(): void {
@@ -62,9 +88,7 @@ export class AcceptBatcher {
       void this.commit(batch).finally(() => {
         this.inFlight--;
         this.pump();
-        if (this.inFlight === 0 && this.queue.length === 0) {
-          for (const wake of this.idleWaiters.splice(0)) wake();
-        }
+        this.wakeIfIdle();
       });
     }
   }

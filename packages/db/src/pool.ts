@@ -47,13 +47,3 @@ export async function transaction<T>(pool: pg.Pool, fn: (client: pg.PoolClient) 
 export function isUniqueViolation(error: unknown): boolean {
   return (error as { code?: string })?.code === "23505";
 }
-
-/**
- * A query for the hot paths, run as a named prepared statement: PostgreSQL parses and plans it
- * once per connection instead of at every execution. One name, one text. (A pooler in front of
- * PostgreSQL must support protocol-level prepared statements: PgBouncer 1.21+ with
- * max_prepared_statements set.)
- */
-export function named(name: string, text: string, values: unknown[]): { name: string; text: string; values: unknown[] } {
-  return { name: `mailstack:${name}`, text, values };
-}

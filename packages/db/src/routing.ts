@@ -1,5 +1,5 @@
 import { splitAddress } from "@mailstack/mail";
-import { named, type Queryable } from "./pool.ts";
+import type { Queryable } from "./pool.ts";
 
 /** Where one final recipient's copy goes. */
 export type Route =
@@ -24,14 +24,15 @@ interface Lookup {
   catchAll: string[] | null;
 }
 
-const LOOKUP = `SELECT EXISTS (SELECT 1 FROM domains WHERE name = $2) AS local_domain,
-          (SELECT json_build_object('id', id, 'disabled', disabled) FROM accounts WHERE address = $1) AS account,
-          (SELECT targets FROM aliases WHERE address = $1) AS alias,
-          (SELECT targets FROM aliases WHERE address = '*@' || $2) AS catch_all`;
-
 async function lookup(db: Queryable, address: string): Promise<Lookup> {
   const { domain } = splitAddress(address);
-  const result = await db.query(named("route-lookup", LOOKUP, [address, domain]));
+  const result = await db.query(
+    `SELECT EXISTS (SELECT 1 FROM domains WHERE name = $2) AS local_domain,
+            (SELECT json_build_object('id', id, 'disabled', disabled) FROM accounts WHERE address = $1) AS account,
+            (SELECT targets FROM aliases WHERE address = $1) AS alias,
+            (SELECT targets FROM aliases WHERE address = '*@' || $2) AS catch_all`,
+    [address, domain],
+  );
   const row = result.rows[0];
   return { localDomain: row.local_domain, account: row.account, alias: row.alias, catchAll: row.catch_all };
 }

@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { named, transaction, type Pool, type PoolClient, type Queryable, type Route } from "@mailstack/db";
+import { transaction, type Pool, type PoolClient, type Queryable, type Route } from "@mailstack/db";
 
 export type MessageSource = "inbound" | "submission" | "lmtp" | "bounce" | "import" | "forward";
 
@@ -127,9 +127,7 @@ export async function insertMessages(
     rows.map((d) => d.dsnOrcpt ?? null),
     service,
   );
-  const result = await db.query<{ id: number | null; message_id: number; queue_id: string; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(named(
-    // The text depends only on the number of messages: one prepared statement per batch size.
-    `insert-messages-${batch.length}`,
+  const result = await db.query<{ id: number | null; message_id: number; queue_id: string; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(
     `WITH m AS (
        INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
                              message_id_header, auth_results, dsn_envid, dsn_ret, trace_id, trace_span_id)
@@ -150,7 +148,7 @@ export async function insertMessages(
      SELECT d.id, m.id AS message_id, m.queue_id, d.kind, d.final_recipient, d.remote_domain
        FROM m LEFT JOIN d ON d.message_id = m.id ORDER BY m.id, d.id`,
     values,
-  ));
+  );
   const byQueueId = new Map<string, { messageId: number; deliveries: AcceptedDelivery[] }>();
   for (const row of result.rows) {
     const entry = byQueueId.get(row.queue_id) ?? { messageId: row.message_id, deliveries: [] };

@@ -1,4 +1,4 @@
-import { named, type Pool } from "@mailstack/db";
+import type { Pool } from "@mailstack/db";
 import type { Logger } from "@mailstack/telemetry";
 
 /**
@@ -70,13 +70,12 @@ export class DispatchStamper {
       const waiters = this.waiters.splice(0);
       try {
         // One statement is its own transaction: set_config(..., true) applies to its commit.
-        await this.pool.query(named(
-          "stamp-dispatched",
+        await this.pool.query(
           `WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))
            UPDATE deliveries d SET dispatched_at = t.at FROM async_commit, unnest($1::bigint[], $2::timestamptz[]) AS t(id, at)
             WHERE d.id = t.id AND d.dispatched_at IS NULL`,
           [ids, times],
-        ));
+        );
         for (const w of waiters) w.resolve();
       } catch (error) {
         this.logger.warn({ err: error, count: ids.length }, "could not stamp dispatched deliveries; the sweeper will republish them");

@@ -1,4 +1,4 @@
-import { named, transaction } from "@mailstack/db";
+import { transaction } from "@mailstack/db";
 import { mailMetrics } from "@mailstack/telemetry";
 import {
   FINAL_STATES, ROW_COLUMNS, SERVICE, decideFor, deliverLocal, headerPrefix, observeFiled,
@@ -100,13 +100,12 @@ export class DeliveryBatcher {
     const unique = [...new Set(ids)];
     // The rows, with the raw bytes of small unparsed messages, in one query; a large one is fetched
     // alone, so a batch never holds many large messages in memory at once.
-    const rows = (await this.ctx.pool.query<Row & { raw: Buffer | null }>(named(
-      "mda-batch-rows",
+    const rows = (await this.ctx.pool.query<Row & { raw: Buffer | null }>(
       `SELECT ${ROW_COLUMNS}, CASE WHEN m.parsed IS NULL AND m.size <= $2 THEN m.raw END AS raw
          FROM deliveries d JOIN messages m ON m.id = d.message_id LEFT JOIN accounts a ON a.id = d.account_id
         WHERE d.id = ANY($1)`,
       [unique, BULK_PARSE_LIMIT],
-    ))).rows;
+    )).rows;
     const byId = new Map(rows.map((r) => [r.id, r]));
 
     // Parse once per message; what is parsed here is stored with the filing transaction.
@@ -149,22 +148,20 @@ export class DeliveryBatcher {
 
     const filed = await transaction(this.ctx.pool, async (client) => {
       // Locks in a fixed order (deliveries by id, then accounts by id, then folders) so batches never deadlock.
-      const pending = await client.query<{ id: number }>(named(
-        "mda-batch-lock-deliveries",
+      const pending = await client.query<{ id: number }>(
         "SELECT id FROM deliveries WHERE id = ANY($1) AND state IN ('queued', 'deferred') ORDER BY id FOR NO KEY UPDATE",
         [planned.map((p) => p.row.id).sort((a, b) => a - b)],
-      ));
+      );
       const pendingIds = new Set(pending.rows.map((r) => r.id));
       const live = planned.filter((p) => pendingIds.has(p.row.id)).sort((a, b) => a.row.id - b.row.id);
       for (const p of planned) if (!pendingIds.has(p.row.id)) outcomes.set(p.row.id, { status: "duplicate", state: "delivered" });
       if (live.length === 0) return [] as Array<Planned & { uid: number }>;
 
       const accountIds = [...new Set(live.map((p) => p.row.account_id!))].sort((a, b) => a - b);
-      const accounts = await client.query<{ id: number; used_bytes: number; quota_bytes: number | null }>(named(
-        "mda-batch-lock-accounts",
+      const accounts = await client.query<{ id: number; used_bytes: number; quota_bytes: number | null }>(
         "SELECT id, used_bytes, quota_bytes FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
         [accountIds],
-      ));
+      );
       const used = new Map(accounts.rows.map((a) => [a.id, { used: Number(a.used_bytes), quota: a.quota_bytes === null ? null : Number(a.quota_bytes) }]));
       const fits: Planned[] = [];
       for (const p of live) {
@@ -188,14 +185,13 @@ export class DeliveryBatcher {
       }
       const groups = [...byFolder.values()].sort((a, b) => a.accountId - b.accountId || (a.folder < b.folder ? -1 : a.folder > b.folder ? 1 : 0));
       // One UID range per folder: uid_next moves by the number of copies.
-      const ranges = await client.query<{ account_id: number; name: string; uid_next: number }>(named(
-        "mda-batch-uids",
+      const ranges = await client.query<{ account_id: number; name: string; uid_next: number }>(
         `INSERT INTO folders (account_id, name, uid_next)
          SELECT a, n, 1 + k FROM unnest($1::bigint[], $2::text[], $3::int[]) WITH ORDINALITY AS t(a, n, k, o) ORDER BY o
          ON CONFLICT (account_id, name) DO UPDATE SET uid_next = folders.uid_next + EXCLUDED.uid_next - 1
          RETURNING account_id, name, uid_next`,
         [groups.map((g) => g.accountId), groups.map((g) => g.folder), groups.map((g) => g.items.length)],
-      ));
+      );
       const nextOf = new Map(ranges.rows.map((r) => [`${r.account_id}\u0000${r.name}`, r.uid_next]));
       const withUid: Array<Planned & { uid: number }> = [];
       for (const group of groups) {
@@ -208,8 +204,7 @@ export class DeliveryBatcher {
       const parsedIds = [...new Set(withUid.map((p) => p.row.message_id))].filter((id) => parsedByMessage.has(id));
       // Everything else in one statement: the parsed summaries, the quota charge, the mailbox
       // entries, the deliveries' final state and their journey events.
-      await client.query(named(
-        "mda-batch-file",
+      await client.query(
         `WITH parsed AS (
            UPDATE messages m SET parsed = t.parsed FROM unnest($1::bigint[], $2::jsonb[]) AS t(id, parsed)
             WHERE m.id = t.id AND m.parsed IS NULL
@@ -235,7 +230,7 @@ export class DeliveryBatcher {
           SERVICE,
           withUid.map((p) => JSON.stringify({ folder: p.folder, uid: p.uid })),
         ],
-      ));
+      );
       return withUid;
     });
     for (const p of filed) {

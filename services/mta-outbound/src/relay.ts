@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { named, type Pool } from "@mailstack/db";
+import type { Pool } from "@mailstack/db";
 import type { JourneyEvent, RelayJob } from "@mailstack/queue";
 import { Counter, Histogram, SpanKind, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
@@ -130,8 +130,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     const ids = [...new Set(items.flatMap((i) => i.job.deliveryIds))];
     const messageIds = [...new Set(items.map((i) => i.job.messageId))];
     try {
-      const result = await pool.query<MessageRow & { id: number; claimed: JsonClaimed[] }>(named(
-        "relay-claim",
+      const result = await pool.query<MessageRow & { id: number; claimed: JsonClaimed[] }>(
         // The claim commits without waiting for the WAL flush: the result, committed durably after
         // the SMTP transaction, flushes it too; a claim lost in a PostgreSQL crash before that
         // only reopens the delivery, the duplicate window every MTA has (docs/mta-outbound.md).
@@ -146,7 +145,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
          SELECT m.id, m.envelope_from, m.raw, m.dsn_envid, m.dsn_ret, m.received_at, json_agg(c ORDER BY c.id) AS claimed
            FROM claimed c JOIN messages m ON m.id = c.message_id GROUP BY m.id`,
         [workerId, config.leaseMs, ids, messageIds],
-      ));
+      );
       const byMessage = new Map(result.rows.map((row) => [row.id, row]));
       // Each row goes to the first job listing it: a job and its redelivery in one batch do not both send.
       const assigned = new Set<number>();
@@ -297,8 +296,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     const all = items.map((i) => i.item);
     const events = all.flatMap((i) => i.events);
     try {
-      const updated = await pool.query<{ id: number }>(named(
-        "relay-record",
+      const updated = await pool.query<{ id: number }>(
         `WITH changed AS (
            UPDATE deliveries d SET state = r.state, attempts = d.attempts + 1, last_attempt_at = now(), last_reply = r.reply,
                   last_status = r.status, remote_mta = r.remote_mta, lease_owner = NULL, lease_until = NULL, updated_at = now(),
@@ -331,7 +329,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
           events.map((e) => e.reply ?? null),
           events.map((e) => JSON.stringify(e.detail ?? null)),
         ],
-      ));
+      );
       const kept = new Set(updated.rows.map((r) => r.id));
       for (const i of items) i.resolve(kept);
     } catch (error) {

@@ -54,8 +54,10 @@ export async function runService<S extends z.ZodRawShape>(definition: ServiceDef
 
   const pool = createPool({ url: config.DATABASE_URL, max: config.DATABASE_POOL_SIZE, applicationName: definition.name });
   await retry(() => migrate(pool), logger, "PostgreSQL");
+  logger.info("PostgreSQL reachable, migrations applied");
   const bus = await retry(() => connectBus({ url: config.NATS_URL, name: definition.name, prefix: config.BUS_PREFIX }), logger, "NATS");
   await provisionBus(bus);
+  logger.info("NATS reachable, streams and consumers in place");
 
   const ops = await startOpsServer({
     port: config[definition.opsPortVariable] as number,

@@ -57,6 +57,7 @@ async function stopNats(): Promise<void> {
 
 async function startMdaProcess(): Promise<void> {
   const opsPort = await freePort();
+  const logFrom = mdaLog.length;
   const child = spawn(process.execPath, [mainPath], {
     env: {
       ...process.env,
@@ -65,7 +66,8 @@ async function startMdaProcess(): Promise<void> {
       BUS_PREFIX: prefix,
       OPS_PORT: String(opsPort),
       LMTP_ENABLED: "false",
-      LOG_LEVEL: "warn",
+      // info: the startup steps are in the log that a start that never gets ready reports.
+      LOG_LEVEL: "info",
       MDA_SWEEP_INTERVAL: "1s",
       MDA_SWEEP_UNDISPATCHED_AFTER: "2s",
       // Jobs the killed process held unacked come back after ack_wait (60 s); the sweeper is faster.
@@ -76,14 +78,14 @@ async function startMdaProcess(): Promise<void> {
   child.stdout!.on("data", (chunk) => mdaLog.push(String(chunk)));
   child.stderr!.on("data", (chunk) => mdaLog.push(String(chunk)));
   mda = child;
-  // Under a full parallel test run, a start right after the NATS restart can take a while
-  // (JetStream recovering its streams); the log is in the error if it never gets ready.
+  // A start that never gets ready reports what /readyz says and the process's log since it started.
   await waitFor(async () => {
     if (child.exitCode !== null) throw new Error(`mda exited: ${mdaLog.join("").slice(-2000)}`);
     const response = await fetch(`http://127.0.0.1:${opsPort}/readyz`).catch(() => null);
     return response?.status === 200;
-  }, 60_000, 100).catch((error: Error) => {
-    throw new Error(`${error.message}; mda log: ${mdaLog.join("").slice(-2000)}`);
+  }, 60_000, 100).catch(async (error: Error) => {
+    const readyz = await fetch(`http://127.0.0.1:${opsPort}/readyz`).then((r) => `${r.status} ${r.statusText}`, (e: Error) => e.message);
+    throw new Error(`${error.message}; /readyz on ${opsPort}: ${readyz}; mda log since this start: ${mdaLog.slice(logFrom).join("").slice(0, 3000)}`);
   });
 }
 

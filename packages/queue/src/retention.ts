@@ -1,5 +1,6 @@
 import { transaction, type Pool } from "@mailstack/db";
 import type { Logger } from "@mailstack/telemetry";
+import { runEvery } from "./periodic.ts";
 
 export interface PurgeOptions {
   /** A finished message is kept this long after it was received (for its journey), then deleted. */
@@ -45,17 +46,9 @@ export async function purgeFinishedMessages(pool: Pool, options: PurgeOptions): 
 
 /** Runs purgeFinishedMessages every intervalMs until stopped. */
 export function startRetention(pool: Pool, logger: Logger, intervalMs: number, options: PurgeOptions): { stop(): Promise<void> } {
-  let running: Promise<unknown> = Promise.resolve();
-  const timer = setInterval(() => {
-    running = purgeFinishedMessages(pool, options)
+  return runEvery(intervalMs, () =>
+    purgeFinishedMessages(pool, options)
       .then((count) => count > 0 && logger.info({ count }, "purged finished messages past their retention"))
-      .catch((error) => logger.warn({ err: error }, "message purge failed; will try again"));
-  }, intervalMs);
-  timer.unref();
-  return {
-    async stop() {
-      clearInterval(timer);
-      await running;
-    },
-  };
+      .catch((error) => logger.warn({ err: error }, "message purge failed; will try again")),
+  );
 }

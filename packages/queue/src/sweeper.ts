@@ -2,6 +2,7 @@ import type { Bus } from "@mailstack/bus";
 import type { Pool } from "@mailstack/db";
 import type { Logger } from "@mailstack/telemetry";
 import { dispatchDeliveries, type DispatchItem } from "./dispatch.ts";
+import { runEvery } from "./periodic.ts";
 
 export interface SweepOptions {
   /** A queued delivery never dispatched for this long is republished (the accepting process died between commit and publish). */
@@ -53,17 +54,9 @@ export async function sweepUndispatched(bus: Bus, pool: Pool, options: SweepOpti
 
 /** Runs the sweeper every intervalMs until stopped. */
 export function startSweeper(bus: Bus, pool: Pool, logger: Logger, intervalMs = 10_000, options: SweepOptions = {}): { stop(): Promise<void> } {
-  let running: Promise<unknown> = Promise.resolve();
-  const timer = setInterval(() => {
-    running = sweepUndispatched(bus, pool, options)
+  return runEvery(intervalMs, () =>
+    sweepUndispatched(bus, pool, options)
       .then((count) => count > 0 && logger.info({ count }, "republished undispatched deliveries"))
-      .catch((error) => logger.warn({ err: error }, "sweeper failed; will try again"));
-  }, intervalMs);
-  timer.unref();
-  return {
-    async stop() {
-      clearInterval(timer);
-      await running;
-    },
-  };
+      .catch((error) => logger.warn({ err: error }, "sweeper failed; will try again")),
+  );
 }

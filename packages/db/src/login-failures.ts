@@ -42,7 +42,11 @@ export async function recordLoginFailure(db: Queryable, ip: string, name: string
   );
 }
 
-/** Deletes counters whose window ended more than keepMs ago. */
+// Each service has its own window setting (POP3_FAILURE_WINDOW, AUTH_FAILURE_WINDOW): a prune by
+// one service must not cut another's longer window short, so nothing younger than this goes.
+const PRUNE_FLOOR_MS = 24 * 3600 * 1000;
+
+/** Deletes counters whose window started more than keepMs (and at least a day) ago. */
 export async function pruneLoginFailures(db: Queryable, keepMs: number): Promise<void> {
-  await db.query("DELETE FROM auth_failures WHERE window_start < now() - make_interval(secs => $1::float8 / 1000)", [keepMs]);
+  await db.query("DELETE FROM auth_failures WHERE window_start < now() - make_interval(secs => $1::float8 / 1000)", [Math.max(keepMs, PRUNE_FLOOR_MS)]);
 }

@@ -32,7 +32,11 @@ test("failures count per IP and per login name within the window, then a new win
   await recordLoginFailure(db.pool, "192.0.2.7", "bob@example.test", WINDOW);
   assert.deepEqual(await loginFailures(db.pool, "192.0.2.7", "bob@example.test", WINDOW), { ip: 1, account: 1 });
 
-  // Pruning removes only windows that ended long enough ago.
+  // Pruning removes only windows that ended long enough ago, and never one younger than a day
+  // (another service may count with a longer window).
+  await pruneLoginFailures(db.pool, WINDOW);
+  assert.equal((await db.pool.query("SELECT 1 FROM auth_failures")).rowCount, 3, "the 16-minute-old window of 192.0.2.8 is kept for a day");
+  await db.pool.query("UPDATE auth_failures SET window_start = now() - interval '25 hours' WHERE window_start < now() - interval '15 minutes'");
   await pruneLoginFailures(db.pool, WINDOW);
   const left = await db.pool.query<{ scope: string; key: string }>("SELECT scope, key FROM auth_failures ORDER BY scope, key");
   assert.deepEqual(left.rows, [{ scope: "account", key: "bob@example.test" }, { scope: "ip", key: "192.0.2.7" }]);

@@ -121,7 +121,7 @@ export type Authenticator = ReturnType<typeof createAuthenticator>;
 
 /** Removes counter rows older than keepMs (at least a day, so other services' windows are not cut short). */
 export async function pruneCounters(pool: Pool, keepMs: number): Promise<void> {
+  await pruneLoginFailures(pool, keepMs);
   const seconds = Math.max(86_400, Math.round(keepMs / 1000));
-  await pruneLoginFailures(pool, seconds * 1000);
   await pool.query("DELETE FROM submission_counters WHERE window_start < now() - make_interval(secs => $1)", [seconds]);
 }

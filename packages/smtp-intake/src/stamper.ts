@@ -13,8 +13,8 @@ export class DispatchStamper {
   private readonly pool: Pool;
   private readonly logger: Logger;
   private readonly lingerMs: number;
-  private pending: number[] = [];
-  private publishedAt: Date[] = [];
+  /** Published deliveries not yet stamped, with their publish time. */
+  private pending: Array<{ id: number; at: Date }> = [];
   private waiters: Array<{ resolve: () => void; reject: (error: unknown) => void }> = [];
   private running: Promise<void> | null = null;
   private wake: (() => void) | null = null;
@@ -27,11 +27,8 @@ export class DispatchStamper {
 
   mark(deliveryIds: number[]): Promise<void> {
     return new Promise((resolve, reject) => {
-      const now = new Date();
-      for (const id of deliveryIds) {
-        this.pending.push(id);
-        this.publishedAt.push(now);
-      }
+      const at = new Date();
+      for (const id of deliveryIds) this.pending.push({ id, at });
       this.waiters.push({ resolve, reject });
       this.running ??= this.run();
     });
@@ -63,8 +60,7 @@ export class DispatchStamper {
     while (this.pending.length > 0) {
       await this.linger();
       // In id order, the order the MDA locks deliveries in, so the two never deadlock.
-      const stamps = this.pending.splice(0).map((id, i) => ({ id, at: this.publishedAt[i]! })).sort((a, b) => a.id - b.id);
-      this.publishedAt = [];
+      const stamps = this.pending.splice(0).sort((a, b) => a.id - b.id);
       const ids = stamps.map((s) => s.id);
       const times = stamps.map((s) => s.at);
       const waiters = this.waiters.splice(0);

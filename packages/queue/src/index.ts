@@ -6,3 +6,4 @@ export * from "./metrics.ts";
 export * from "./admin.ts";
 export * from "./event-publisher.ts";
 export * from "./retention.ts";
+export * from "./periodic.ts";

@@ -1,6 +1,6 @@
 import type { Bus } from "@mailstack/bus";
 import type { Pool } from "@mailstack/db";
-import { dispatchDeliveries, type DispatchItem } from "@mailstack/queue";
+import { dispatchDeliveries, runEvery, type DispatchItem } from "@mailstack/queue";
 import type { Logger } from "@mailstack/telemetry";
 
 /**
@@ -47,23 +47,9 @@ export async function scheduleDue(bus: Bus, pool: Pool, batchSize = 500): Promis
 
 /** Runs the scheduler every intervalMs until stopped. */
 export function startScheduler(bus: Bus, pool: Pool, logger: Logger, intervalMs: number): { stop(): Promise<void> } {
-  let stopped = false;
-  let running: Promise<unknown> = Promise.resolve();
-  let timer: NodeJS.Timeout;
-  const tick = () => {
-    running = scheduleDue(bus, pool)
+  return runEvery(intervalMs, () =>
+    scheduleDue(bus, pool)
       .then((count) => count > 0 && logger.info({ count }, "republished due deliveries"))
-      .catch((error) => logger.warn({ err: error }, "scheduler failed; will try again"))
-      .finally(() => {
-        if (!stopped) timer = setTimeout(tick, intervalMs);
-      });
-  };
-  timer = setTimeout(tick, intervalMs);
-  return {
-    async stop() {
-      stopped = true;
-      clearTimeout(timer);
-      await running;
-    },
-  };
+      .catch((error) => logger.warn({ err: error }, "scheduler failed; will try again")),
+  );
 }

@@ -243,18 +243,22 @@ try {
     `From: <sender@bench.test>\r\nTo: <user@far.example>\r\nSubject: relay bench\r\n\r\n` +
       "The quick brown fox jumps over the lazy dog, again and again and again.\r\n".repeat(Math.max(1, Math.floor((size - 80) / 74))),
   );
-  const oursRelayOnly = async (n: number): Promise<Round> => {
-    const held: AcceptedMessage[] = [];
+  /** Commits n messages to the remote recipient straight into the queue (20 at a time), calling then() on each. */
+  const acceptRemote = async (n: number, then: (accepted: AcceptedMessage) => Promise<void> | void): Promise<void> => {
     const route = { kind: "remote" as const, address: "user@far.example", domain: "far.example" };
     let next = 0;
     await Promise.all(
       Array.from({ length: 20 }, async () => {
         while (next < n) {
           next++;
-          held.push(await acceptMessage(env.pool, { raw, envelopeFrom: "sender@bench.test", source: "submission" }, [{ recipient: route.address, route }], "bench"));
+          await then(await acceptMessage(env.pool, { raw, envelopeFrom: "sender@bench.test", source: "submission" }, [{ recipient: route.address, route }], "bench"));
         }
       }),
     );
+  };
+  const oursRelayOnly = async (n: number): Promise<Round> => {
+    const held: AcceptedMessage[] = [];
+    await acceptRemote(n, (accepted) => void held.push(accepted));
     const base = oursSink.count();
     const t0 = performance.now();
     let i = 0;
@@ -293,17 +297,7 @@ try {
   /** Jobs already in the stream, workers started afterwards: the sink's first-to-last message rate. */
   const oursDrain = async (n: number): Promise<Round> => {
     await stopWorkers();
-    const route = { kind: "remote" as const, address: "user@far.example", domain: "far.example" };
-    let next = 0;
-    await Promise.all(
-      Array.from({ length: 20 }, async () => {
-        while (next < n) {
-          next++;
-          const accepted = await acceptMessage(env.pool, { raw, envelopeFrom: "sender@bench.test", source: "submission" }, [{ recipient: route.address, route }], "bench");
-          await dispatchAccepted(env.bus, env.pool, accepted);
-        }
-      }),
-    );
+    await acceptRemote(n, (accepted) => dispatchAccepted(env.bus, env.pool, accepted));
     const base = oursSink.count();
     await startWorkers();
     await oursSink.waitFor(base + n, 300_000);

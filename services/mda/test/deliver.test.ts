@@ -177,9 +177,10 @@ test("X-Spam-Flag: YES is filed into Junk; filter rules file, discard and forwar
   assert.deepEqual(folders, [{ name: "Bills", uid_next: 2 }, { name: "INBOX", uid_next: 3 }]);
 
   // The local forward became a new message, delivered to grace, sent by frank.
+  // The two forwarding deliveries are filed concurrently: order the forwards local first, not by id.
   const forwards = (await env.pool.query(
     `SELECT m.id, m.envelope_from, m.raw, d.final_recipient, d.kind, d.state FROM messages m JOIN deliveries d ON d.message_id = m.id
-      WHERE m.source = 'forward' ORDER BY m.id`,
+      WHERE m.source = 'forward' ORDER BY d.kind, m.id`,
   )).rows;
   assert.equal(forwards.length, 2);
   assert.equal(forwards[0].envelope_from, "frank@example.test");

@@ -8,6 +8,9 @@ const copyTo = copyStreams.to;
 const LOCK_CLASS = 4_207_110;
 // Read-ahead for consecutive small messages: a few queries per mailbox instead of one per RETR.
 const READ_AHEAD_COUNT = 256;
+const DOT = 0x2e;
+const LF_DOT = Buffer.from("\n.");
+const TERMINATOR = Buffer.from(".\r\n");
 const READ_AHEAD_BYTES = 2 * 1024 * 1024;
 // Messages up to this size are sized in batches; larger ones are read in slices.
 const SIZE_BATCH_BYTES = 8 * 1024 * 1024;
@@ -22,6 +25,8 @@ export interface Entry {
   /** Per-recipient header lines, ending with a line break. */
   headerPrefix: Buffer;
   rawLength: number;
+  /** Octets the stored message alone becomes (CRLF-normalised); equal to rawLength when it needs no change. */
+  rawSize: number;
   /** Octets RETR sends (before byte-stuffing). */
   size: number;
   uidl: string;
@@ -53,9 +58,13 @@ export class Maildrop {
   private readonly client: PoolClient;
   private readonly accountId: number;
   private readonly chunkSize: number;
-  /** Raw bytes of the small messages read ahead, by message id. */
-  private readAhead = new Map<number, Buffer>();
-  private inFlight: { ids: number[]; rows: Promise<Map<number, Buffer>> } | null = null;
+  /**
+   * Small messages read ahead, by message number: the stored bytes, and the complete RETR
+   * response (status line, message as sent, terminator) built for the whole batch in one buffer,
+   * so that a RETR of a message read ahead is one synchronous write of a view of it.
+   */
+  private readAhead = new Map<number, { raw: Buffer; response: Buffer }>();
+  private inFlight: { numbers: Set<number>; done: Promise<void> } | null = null;
   /** Index of the first entry not yet read ahead. */
   private nextIndex = 0;
   private closed = false;
@@ -102,6 +111,7 @@ export class Maildrop {
         let prefix = row.header_prefix;
         // The prefix must end a line, so that prefix and raw are encoded as one stream.
         if (prefix.length > 0 && prefix[prefix.length - 1] !== 0x0a) prefix = Buffer.concat([prefix, Buffer.from("\r\n")]);
+        const rawSize = rawSizes.get(row.message_id)!;
         return {
           number: index + 1,
           id: row.id,
@@ -110,7 +120,8 @@ export class Maildrop {
           deliveryId: row.delivery_id,
           headerPrefix: prefix,
           rawLength: row.raw_length,
-          size: canonicalLength([prefix]) + rawSizes.get(row.message_id)!,
+          rawSize,
+          size: canonicalLength([prefix]) + rawSize,
           uidl: `${uidValidity}.${row.uid}`,
           deleted: false,
           traceId: row.trace_id,
@@ -125,6 +136,30 @@ export class Maildrop {
   }
 
   /**
+   * The RETR response of a message read ahead (used once), or undefined. Synchronous: the
+   * common case, consecutive RETRs of small messages, needs no query and no await.
+   */
+  takeResponse(entry: Entry): Buffer | undefined {
+    const cached = this.readAhead.get(entry.number);
+    if (!cached) return undefined;
+    this.readAhead.delete(entry.number);
+    this.readAheadIfLow();
+    return cached.response;
+  }
+
+  /**
+   * The complete RETR response of a small message, reading it (and the small messages after it)
+   * ahead when it is not read yet; null for a message too large for that, which `send` streams.
+   */
+  async response(entry: Entry): Promise<Buffer | null> {
+    if (entry.rawLength > this.chunkSize) return null;
+    const cached = await this.cached(entry);
+    this.readAhead.delete(entry.number);
+    this.readAheadIfLow();
+    return cached.response;
+  }
+
+  /**
    * Produces one message as RETR (bodyLines null) or TOP n bodyLines sends it: CRLF line endings,
    * byte-stuffed, without the terminating ".". `emit` gets the encoded pieces of each slice read
    * (mostly zero-copy views of it) and may apply backpressure.
@@ -134,7 +169,7 @@ export class Maildrop {
     const parts: Buffer[] = [];
     encoder.pushTo(entry.headerPrefix, parts);
     if (entry.rawLength <= this.chunkSize) {
-      encoder.pushTo(await this.small(entry), parts);
+      encoder.pushTo((await this.cached(entry)).raw, parts);
     } else {
       for (let offset = 0; offset < entry.rawLength && !encoder.done; offset += this.chunkSize) {
         encoder.pushTo(await fetchSlice(this.client, entry.messageId, offset, this.chunkSize), parts);
@@ -146,53 +181,75 @@ export class Maildrop {
     await emit(parts);
   }
 
-  private async small(entry: Entry): Promise<Buffer> {
-    let raw = this.readAhead.get(entry.messageId);
-    if (!raw && this.inFlight?.ids.includes(entry.messageId)) {
-      const fetched = await this.inFlight.rows;
-      this.inFlight = null;
-      for (const [id, bytes] of fetched) this.readAhead.set(id, bytes);
-      raw = this.readAhead.get(entry.messageId);
+  /** A small message read ahead, reading it and the ones after it when it is not. */
+  private async cached(entry: Entry): Promise<{ raw: Buffer; response: Buffer }> {
+    let cached = this.readAhead.get(entry.number);
+    if (!cached && this.inFlight?.numbers.has(entry.number)) {
+      await this.inFlight.done;
+      cached = this.readAhead.get(entry.number);
     }
-    if (!raw) {
-      // Not read ahead (first RETR, or out of order): this message and the next small ones.
+    if (!cached) {
+      // Not read ahead (first RETR, out of order, or the read-ahead failed): this message and the next small ones.
       this.readAhead.clear();
       const batch = this.nextBatch(entry.number - 1);
       this.nextIndex = batch.nextIndex;
-      for (const [id, bytes] of await this.fetch(batch.ids)) this.readAhead.set(id, bytes);
-      raw = this.readAhead.get(entry.messageId);
-      if (!raw) throw new Error(`message ${entry.messageId} vanished`);
+      this.store(batch.entries, await fetchRaw(this.client, batch.entries.map((e) => e.messageId)));
+      cached = this.readAhead.get(entry.number);
+      if (!cached) throw new Error(`message ${entry.messageId} vanished`);
     }
-    this.readAhead.delete(entry.messageId);
-    // Keep the next batch on its way while the client reads this one.
-    if (!this.inFlight && this.readAhead.size < READ_AHEAD_COUNT / 2 && this.nextIndex < this.entries.length) {
-      const batch = this.nextBatch(this.nextIndex);
-      this.nextIndex = batch.nextIndex;
-      if (batch.ids.length > 0) {
-        // A failed read-ahead is not an error: the message is then read when it is asked for.
-        this.inFlight = { ids: batch.ids, rows: this.fetch(batch.ids).catch(() => new Map<number, Buffer>()) };
-      }
+    return cached;
+  }
+
+  /** Keeps the next batch on its way while the client reads this one. */
+  private readAheadIfLow(): void {
+    if (this.inFlight || this.closed || this.readAhead.size >= READ_AHEAD_COUNT / 2 || this.nextIndex >= this.entries.length) return;
+    const batch = this.nextBatch(this.nextIndex);
+    this.nextIndex = batch.nextIndex;
+    if (batch.entries.length === 0) return;
+    const numbers = new Set(batch.entries.map((e) => e.number));
+    // A failed read-ahead is not an error: the message is then read when it is asked for.
+    const done: Promise<void> = fetchRaw(this.client, batch.entries.map((e) => e.messageId))
+      .then((raws) => this.store(batch.entries, raws), () => undefined)
+      .finally(() => {
+        if (this.inFlight?.done === done) this.inFlight = null;
+      });
+    this.inFlight = { numbers, done };
+  }
+
+  /** Builds the RETR responses of a batch into one buffer and files them with their raw bytes. */
+  private store(entries: Entry[], raws: Map<number, Buffer>): void {
+    if (this.closed) return;
+    const built: Array<{ entry: Entry; raw: Buffer; parts: Buffer[]; length: number }> = [];
+    let total = 0;
+    for (const entry of entries) {
+      const raw = raws.get(entry.messageId);
+      if (!raw) continue;
+      const parts = [Buffer.from(`+OK ${entry.size} octets\r\n`), ...encodeMessage(entry, raw), TERMINATOR];
+      const length = parts.reduce((sum, part) => sum + part.length, 0);
+      built.push({ entry, raw, parts, length });
+      total += length;
     }
-    return raw;
+    const block = Buffer.allocUnsafeSlow(total);
+    let offset = 0;
+    for (const { entry, raw, parts, length } of built) {
+      for (const part of parts) offset += part.copy(block, offset);
+      this.readAhead.set(entry.number, { raw, response: block.subarray(offset - length, offset) });
+    }
   }
 
   /** Up to READ_AHEAD_COUNT small, undeleted messages from entries[start], within READ_AHEAD_BYTES. */
-  private nextBatch(start: number): { ids: number[]; nextIndex: number } {
-    const ids: number[] = [];
+  private nextBatch(start: number): { entries: Entry[]; nextIndex: number } {
+    const entries: Entry[] = [];
     let bytes = 0;
     let i = start;
-    for (; i < this.entries.length && ids.length < READ_AHEAD_COUNT; i++) {
+    for (; i < this.entries.length && entries.length < READ_AHEAD_COUNT; i++) {
       const next = this.entries[i]!;
       if (next.deleted || next.rawLength > this.chunkSize) continue;
-      if (ids.length > 0 && bytes + next.rawLength > READ_AHEAD_BYTES) break;
-      ids.push(next.messageId);
+      if (entries.length > 0 && bytes + next.rawLength > READ_AHEAD_BYTES) break;
+      entries.push(next);
       bytes += next.rawLength;
     }
-    return { ids, nextIndex: i };
-  }
-
-  private fetch(ids: number[]): Promise<Map<number, Buffer>> {
-    return fetchRaw(this.client, ids);
+    return { entries, nextIndex: i };
   }
 
   /** UPDATE state: marks the DELEted entries deleted in one transaction; returns how many. */
@@ -220,7 +277,7 @@ export class Maildrop {
     if (this.closed) return;
     this.closed = true;
     this.readAhead.clear();
-    await this.inFlight?.rows;
+    await this.inFlight?.done;
     this.inFlight = null;
     try {
       await this.client.query("SELECT pg_advisory_unlock($1, $2::int)", [LOCK_CLASS, this.accountId]);
@@ -234,6 +291,25 @@ export class Maildrop {
 }
 
 function ignoreError(): void {}
+
+/**
+ * A small message as RETR sends it, without the terminator: the header prefix and the stored
+ * bytes, CRLF-normalised and byte-stuffed. Stored mail that needs neither (CRLF only, which the
+ * cached size shows, and no line starting with ".") is used as it is.
+ */
+function encodeMessage(entry: Entry, raw: Buffer): Buffer[] {
+  const encoder = new MessageEncoder();
+  const parts: Buffer[] = [];
+  encoder.pushTo(entry.headerPrefix, parts);
+  if (entry.rawSize === raw.length && raw[0] !== DOT && raw.indexOf(LF_DOT) < 0) {
+    parts.push(raw);
+    return parts;
+  }
+  encoder.pushTo(raw, parts);
+  const tail = encoder.end();
+  if (tail.length) parts.push(tail);
+  return parts;
+}
 
 /**
  * The raw bytes of several messages by binary COPY: PostgreSQL sends the bytes as they are (no

@@ -186,8 +186,8 @@ class Connection implements SessionIo {
     try {
       while (this.queue.length > 0 && !this.closed && !this.stopping) {
         const line = this.queue.shift()!;
-        if (line === TOO_LONG) await this.session.lineTooLong();
-        else await this.session.handle(line);
+        const pending = line === TOO_LONG ? this.session.lineTooLong() : this.session.handle(line);
+        if (pending) await pending;
         if (this.queue.length <= MAX_QUEUED_LINES / 2 && this.socket.isPaused()) this.socket.resume();
       }
     } catch (error) {
@@ -207,6 +207,11 @@ class Connection implements SessionIo {
     if (this.closed || this.socket.destroyed) return Promise.resolve();
     if (this.socket.write(data)) return Promise.resolve();
     return this.drained();
+  }
+
+  writeNow(data: Buffer): Promise<void> | undefined {
+    if (this.closed || this.socket.destroyed) return undefined;
+    return this.socket.write(data) ? undefined : this.drained();
   }
 
   writeParts(parts: Buffer[]): Promise<void> {

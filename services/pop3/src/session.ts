@@ -13,6 +13,8 @@ export interface SessionIo {
   readonly secure: boolean;
   /** Writes, resolving once the socket can take more (backpressure). */
   write(data: string | Buffer): Promise<void>;
+  /** Writes; returns a promise (to wait on before writing more) only when the socket's buffer is full. */
+  writeNow(data: Buffer): Promise<void> | undefined;
   /** Writes several buffers as one (a gathered write, no copy), with the same backpressure. */
   writeParts(parts: Buffer[]): Promise<void>;
   /** Upgrades to TLS after "+OK" was written; input pipelined after STLS is discarded. */
@@ -105,8 +107,11 @@ export class Pop3Session {
     return this.reply("-ERR line too long");
   }
 
-  /** Handles one command line (without its CRLF). */
-  async handle(line: string): Promise<void> {
+  /**
+   * Handles one command line (without its CRLF). Returns nothing when the command completed
+   * synchronously (a RETR of a message read ahead), so the common case costs no promise.
+   */
+  handle(line: string): Promise<void> | void {
     if (this.state === "closed") return;
     if (this.awaitingSasl) {
       this.awaitingSasl = false;
@@ -285,18 +290,20 @@ export class Pop3Session {
     return { count, octets };
   }
 
+  /** The entry a message-number argument names, or the -ERR reply to give. */
+  private find(arg: string | undefined): Entry | string {
+    if (arg === undefined || !/^\d{1,9}$/.test(arg)) return "-ERR invalid message number";
+    const entry = this.maildrop!.entries[Number(arg) - 1];
+    if (!entry || entry.deleted) return "-ERR no such message";
+    return entry;
+  }
+
   /** The entry a message-number argument names, or null after answering -ERR. */
   private async entry(arg: string | undefined): Promise<Entry | null> {
-    if (arg === undefined || !/^\d{1,9}$/.test(arg)) {
-      await this.reply("-ERR invalid message number");
-      return null;
-    }
-    const entry = this.maildrop!.entries[Number(arg) - 1];
-    if (!entry || entry.deleted) {
-      await this.reply("-ERR no such message");
-      return null;
-    }
-    return entry;
+    const found = this.find(arg);
+    if (typeof found !== "string") return found;
+    await this.reply(found);
+    return null;
   }
 
   private stat(): Promise<void> {
@@ -331,15 +338,42 @@ export class Pop3Session {
     return this.io.write(lines.join("\r\n") + "\r\n");
   }
 
-  private async retr(args: string[]): Promise<void> {
+  private retr(args: string[]): Promise<void> | void {
     if (args.length !== 1) return this.reply("-ERR usage: RETR msg");
-    const entry = await this.entry(args[0]);
-    if (!entry) return;
+    const entry = this.find(args[0]);
+    if (typeof entry === "string") return this.reply(entry);
+    const startTime = performance.timeOrigin + performance.now();
+    const response = this.maildrop!.takeResponse(entry);
+    if (!response) return this.retrReading(entry, startTime);
     // The response goes out first; the span, metrics and journey event are recorded after it,
     // while the client reads, so they add nothing to the time a client waits for each message.
-    const startTime = performance.timeOrigin + performance.now();
-    const sent = await this.sendMessage(entry, null, `+OK ${entry.size} octets`);
-    // A retrieval is its own trace, linked to the trace of the message's journey.
+    const backpressure = this.io.writeNow(response);
+    this.retrieved(entry, startTime, true);
+    return backpressure;
+  }
+
+  /** RETR of a message not read ahead: reads it (and the next ones), or streams a large one. */
+  private async retrReading(entry: Entry, startTime: number): Promise<void> {
+    let sent: boolean;
+    let response: Buffer | null = null;
+    try {
+      response = await this.maildrop!.response(entry);
+    } catch (error) {
+      this.deps.logger.error({ err: error, entry: entry.id }, "pop3 could not read message");
+      await this.reply("-ERR [SYS/TEMP] could not read the message; try again later");
+      return this.retrieved(entry, startTime, false);
+    }
+    if (response) {
+      await this.io.write(response);
+      sent = true;
+    } else {
+      sent = await this.sendMessage(entry, null, `+OK ${entry.size} octets`);
+    }
+    this.retrieved(entry, startTime, sent);
+  }
+
+  /** Records a retrieval: its span (a trace of its own, linked to the message's journey), metrics and journey event. */
+  private retrieved(entry: Entry, startTime: number, sent: boolean): void {
     const links: Link[] = entry.traceId && entry.traceSpanId
       ? [{ context: { traceId: entry.traceId, spanId: entry.traceSpanId, traceFlags: 1, isRemote: true } }]
       : [];

@@ -103,6 +103,56 @@ test("every TRANSACTION command: exact sizes, byte-stuffing, TOP, UIDL, bare LF 
   assert.equal(events.rows[0].n, 2);
 });
 
+test("a mailbox larger than one read-ahead batch: every RETR exact, in order, out of order, after TOP and DELE", async () => {
+  const account = await plain("many@example.test");
+  // Four kinds of stored message, so the prepared responses cover the clean case and each kind of fixing.
+  const kinds = [
+    (n: number) => `Subject: clean ${n}\r\n\r\nbody ${n}\r\n`,
+    (n: number) => `Subject: dots ${n}\r\n\r\n.starts with a dot ${n}\r\n..\r\n`,
+    (n: number) => `Subject: lf ${n}\n\nbare lf ${n}\nno final line break`,
+    (n: number) => `.Subject-less first line ${n}\r\n\r\nx\r\n`,
+  ];
+  const expected: string[] = [];
+  const count = 600;
+  const rows = Array.from({ length: count }, (_, i) => kinds[i % kinds.length]!(i + 1));
+  const prefix = "Delivered-To: many@example.test\r\n";
+  // Filed in bulk (as fileMessage does, one statement): 600 transactions would dominate the test.
+  await env.pool.query(
+    `WITH m AS (INSERT INTO messages (queue_id, raw, size, envelope_from, source)
+                SELECT md5(random()::text), convert_to(raw, 'UTF8'), octet_length(raw), '', 'inbound'
+                  FROM unnest($2::text[]) WITH ORDINALITY AS t(raw, n) ORDER BY n RETURNING id)
+     INSERT INTO mailbox_entries (account_id, folder, uid, message_id, header_prefix, size)
+     SELECT $1, 'INBOX', row_number() OVER (ORDER BY id), id, convert_to($3, 'UTF8'), 0 FROM m`,
+    [account.id, rows, prefix],
+  );
+  await env.pool.query("UPDATE folders SET uid_next = $2 WHERE account_id = $1 AND name = 'INBOX'", [account.id, count + 1]);
+  for (const raw of rows) {
+    let text = prefix + raw.replace(/\r?\n/g, "\r\n");
+    if (!text.endsWith("\r\n")) text += "\r\n";
+    expected.push(text);
+  }
+
+  const { client } = await PopClient.connect(server.port);
+  await client.login(account);
+  const retr = async (n: number) => {
+    client.send(`RETR ${n}`);
+    const response = await client.multiline();
+    assert.equal(response.status, `+OK ${Buffer.byteLength(expected[n - 1]!)} octets`, `RETR ${n}`);
+    assert.equal(unstuff(response.body).toString(), expected[n - 1], `RETR ${n}`);
+  };
+  for (let n = 1; n <= 300; n++) await retr(n);
+  // Out of order, backwards, again, and TOP in between (which does not use up a read-ahead message).
+  for (const n of [550, 549, 7, 7, 301]) await retr(n);
+  client.send("TOP 302 0");
+  assert.equal((await client.multiline()).body.toString(), expected[301]!.slice(0, expected[301]!.indexOf("\r\n\r\n") + 4));
+  assert.equal(await client.command("DELE 303"), "+OK message 303 deleted");
+  assert.equal(await client.command("RETR 303"), "-ERR no such message");
+  for (let n = 302; n <= count; n++) if (n !== 303) await retr(n);
+  assert.equal(await client.command("RSET"), `+OK maildrop has ${count} messages (${expected.reduce((sum, text) => sum + Buffer.byteLength(text), 0)} octets)`);
+  await retr(303);
+  assert.equal(await client.command("QUIT"), "+OK bye (0 messages deleted)");
+});
+
 test("DELE + RSET restores; DELE + dropped connection deletes nothing; DELE + QUIT deletes atomically", async () => {
   const account = await plain("dele@example.test");
   for (let i = 1; i <= 3; i++) await fileMessage(env.pool, account.id, `Subject: ${i}\r\n\r\nbody ${i}\r\n`);

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { ConfigError, loadConfig } from "@mailstack/config";
+import { ConfigError, commonShape, loadConfig } from "@mailstack/config";
 import { pop3Shape } from "../src/config.ts";
 
 test("defaults: ports 110/995, 10-minute autologout, plaintext only on loopback, POP-before-SMTP off", () => {
@@ -11,6 +11,9 @@ test("defaults: ports 110/995, 10-minute autologout, plaintext only on loopback,
   assert.equal(config.POP3_ALLOW_PLAINTEXT, "loopback");
   assert.equal(config.POP_BEFORE_SMTP, false);
   assert.equal(config.TLS_DIR, ".data/tls");
+  // As runService combines them: pop3 keeps V8's own heap growth, the other services cap it.
+  assert.equal(loadConfig({ ...commonShape, ...pop3Shape }, {}).HEAP_GROWING_PERCENT, 0);
+  assert.equal(loadConfig(commonShape, {}).HEAP_GROWING_PERCENT, 50);
 });
 
 test("an autologout under RFC 1939's 10 minutes and a bad plaintext mode are refused, by name", () => {

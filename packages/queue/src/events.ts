@@ -13,19 +13,29 @@ export interface JourneyEvent {
   detail?: Record<string, unknown> | null;
 }
 
-/** Records journey events; call it inside the transaction that makes the change it reports. */
+/**
+ * Records journey events; call it inside the transaction that makes the change it reports.
+ * The events travel as one JSON document (serialised natively), not as six parallel arrays
+ * that pg would escape element by element.
+ */
 export async function recordEvents(db: Queryable, events: JourneyEvent[]): Promise<void> {
   if (events.length === 0) return;
   await db.query(
     `INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)
-     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[])`,
+     SELECT message_id, delivery_id, event, service, reply, detail
+       FROM jsonb_to_recordset($1::jsonb)
+         AS e(message_id bigint, delivery_id bigint, event text, service text, reply text, detail jsonb)`,
     [
-      events.map((e) => e.messageId),
-      events.map((e) => e.deliveryId ?? null),
-      events.map((e) => e.event),
-      events.map((e) => e.service),
-      events.map((e) => e.reply ?? null),
-      events.map((e) => (e.detail ? JSON.stringify(e.detail) : null)),
+      JSON.stringify(
+        events.map((e) => ({
+          message_id: e.messageId,
+          delivery_id: e.deliveryId ?? null,
+          event: e.event,
+          service: e.service,
+          reply: e.reply ?? null,
+          detail: e.detail ?? null,
+        })),
+      ),
     ],
   );
 }

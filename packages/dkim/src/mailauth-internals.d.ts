@@ -1,18 +1,11 @@
 // The parts of mailauth's DKIM signer that dkimSignatures uses directly (mailauth ships no
 // declarations for them).
-declare module "mailauth/lib/dkim/dkim-signer.js" {
-  export class DkimSigner {
-    constructor(options: {
-      canonicalization: string;
-      signTime: Date;
-      signatureData: object[];
-      headers: unknown;
-      bodyHash: string;
-    });
-    errors: Array<{ err?: Error }>;
-    signatureHeaders: string[];
-    finalize(): Promise<void>;
-  }
+declare module "mailauth/lib/dkim/header/index.js" {
+  export function generateCanonicalizedHeader(
+    type: "DKIM",
+    signingHeaderLines: unknown,
+    options: object,
+  ): { canonicalizedHeader: Buffer; dkimHeaderOpts: Record<string, unknown> };
 }
 
 declare module "mailauth/lib/dkim/body/index.js" {
@@ -24,5 +17,7 @@ declare module "mailauth/lib/dkim/body/index.js" {
 }
 
 declare module "mailauth/lib/tools.js" {
-  export function parseHeaders(header: Buffer): unknown;
+  export function parseHeaders(header: Buffer): { parsed: unknown[] };
+  export function getSigningHeaderLines(parsedHeaders: unknown[], fieldNames?: string): unknown;
+  export function formatSignatureHeaderLine(type: "DKIM", values: Record<string, unknown>, folded: boolean): string;
 }

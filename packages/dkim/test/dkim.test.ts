@@ -87,10 +87,13 @@ for (const algorithm of ["rsa-sha256", "ed25519-sha256"] as DkimAlgorithm[]) {
   });
 }
 
-test("signing a message in memory gives the same signature as mailauth's own streamed signer", async () => {
-  // ed25519 signatures are deterministic, so the two paths must produce identical header fields.
+test("signing a message in memory gives the same signatures as mailauth's own streamed signer", async () => {
+  // Ed25519 and RSA PKCS#1 v1.5 signatures are deterministic, so the two paths must produce
+  // identical header fields, for one key and for two.
   const key = await generateDkimKey("ed25519-sha256");
   const signing = { domain: "example.org", selector: "sel", algorithm: "ed25519-sha256" as const, privateKey: key.privateKeyPem };
+  const rsaKey = await generateDkimKey("rsa-sha256");
+  const rsa = { domain: "example.org", selector: "rsa", algorithm: "rsa-sha256" as const, privateKey: rsaKey.privateKeyPem };
   const signTime = new Date("2026-11-27T12:00:00Z");
   const awkward = [
     message,
@@ -106,10 +109,13 @@ test("signing a message in memory gives the same signature as mailauth's own str
     "From: a@example.org\r\nSubject: 8bit\r\n\r\nGr\u00fc\u00dfe  aus K\u00f6ln \r\n",
   ].map((text) => (Buffer.isBuffer(text) ? text : Buffer.from(text, "utf8")));
   for (const raw of awkward) {
-    const fast = await dkimSignatures(raw, [signing], signTime);
-    const streamed = await dkimSignatures(Readable.from([raw]), [signing], signTime);
-    assert.match(fast, /^DKIM-Signature: .*bh=/s);
-    assert.equal(fast, streamed, `signatures differ for ${JSON.stringify(raw.toString())}`);
+    for (const keys of [[signing], [rsa], [rsa, signing]]) {
+      const fast = await dkimSignatures(raw, keys, signTime);
+      const streamed = await dkimSignatures(Readable.from([raw]), keys, signTime);
+      assert.match(fast, /^DKIM-Signature: .*bh=/s);
+      assert.equal(fast.match(/^DKIM-Signature: /gm)?.length, keys.length);
+      assert.equal(fast, streamed, `signatures differ for ${JSON.stringify(raw.toString())} with ${keys.map((k) => k.algorithm)}`);
+    }
   }
   // A message of header fields only: mailauth's streamed signer gives no signature at all; this
   // path signs it with the empty body's hash (mailauth's verifier, with the same parser, sees no

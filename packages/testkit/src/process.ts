@@ -45,7 +45,9 @@ export async function startServiceProcess(name: string, env: Record<string, stri
   const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    if (child.exitCode !== null) throw new Error(`${name} exited with ${child.exitCode} before it was ready:\n${output}`);
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(`${name} exited with ${child.exitCode ?? child.signalCode} before it was ready:\n${output}`);
+    }
     try {
       const response = await fetch(`http://127.0.0.1:${opsPort}/readyz`);
       if (response.ok) break;

@@ -80,7 +80,7 @@ async function startMdaProcess(): Promise<void> {
   mda = child;
   // A start that never gets ready reports what /readyz says and the process's log since it started.
   await waitFor(async () => {
-    if (child.exitCode !== null) throw new Error(`mda exited: ${mdaLog.join("").slice(-2000)}`);
+    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`mda exited (${child.exitCode ?? child.signalCode}): ${mdaLog.join("").slice(-2000)}`);
     const response = await fetch(`http://127.0.0.1:${opsPort}/readyz`).catch(() => null);
     return response?.status === 200;
   }, 60_000, 100).catch(async (error: Error) => {
@@ -115,7 +115,7 @@ async function startInboundProcess(): Promise<void> {
   child.stderr!.on("data", (chunk) => log.push(String(chunk)));
   inbound = child;
   await waitFor(async () => {
-    if (child.exitCode !== null) throw new Error(`mta-inbound exited: ${log.join("").slice(-2000)}`);
+    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`mta-inbound exited (${child.exitCode ?? child.signalCode}): ${log.join("").slice(-2000)}`);
     return (await fetch(`http://127.0.0.1:${opsPort}/readyz`).catch(() => null))?.status === 200;
   }, 30_000, 100);
 }
@@ -195,7 +195,9 @@ test("2,000 messages through two MDA SIGKILLs and a NATS restart: every copy fil
     while (next < MESSAGES) {
       const i = next++;
       const fault = faultAt.get(i);
-      if (fault) faultsRunning.push(fault());
+      // Faults run one after another (sending goes on meanwhile): a SIGKILL must hit an MDA that
+      // finished starting, or the start it interrupts would wait for a process that is gone.
+      if (fault) faultsRunning.push((lastFault = lastFault.then(fault)));
       for (let attempt = 0; ; attempt++) {
         assert.ok(attempt < 200, `message ${i} never accepted`);
         try {
@@ -224,6 +226,7 @@ test("2,000 messages through two MDA SIGKILLs and a NATS restart: every copy fil
   };
 
   const faultsRunning: Array<Promise<void>> = [];
+  let lastFault: Promise<void> = Promise.resolve();
   let next = 0;
   const faultAt = new Map<number, () => Promise<void>>([
     [400, async () => {

@@ -23,7 +23,7 @@ async function startProcess(extra: Record<string, string> = {}): Promise<{ child
   child.stdout!.on("data", (chunk) => log.push(String(chunk)));
   child.stderr!.on("data", (chunk) => log.push(String(chunk)));
   await waitFor(async () => {
-    if (child.exitCode !== null) throw new Error(`exited: ${log.join("")}`);
+    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`exited: ${log.join("")}`);
     return (await fetch(`http://127.0.0.1:${opsPort}/readyz`).catch(() => null))?.status === 200;
   }, 30_000, 100);
   return { child, opsPort, lmtpPort, log };

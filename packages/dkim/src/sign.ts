@@ -5,6 +5,7 @@ import { generateCanonicalizedHeader } from "mailauth/lib/dkim/header/index.js";
 import { dkimBody } from "mailauth/lib/dkim/body/index.js";
 import { formatSignatureHeaderLine, getSigningHeaderLines, parseHeaders } from "mailauth/lib/tools.js";
 import type { DKIMSignOptions } from "mailauth";
+import { bodyStart } from "@mailstack/mail";
 import type { DkimAlgorithm } from "./keys.ts";
 
 export interface DkimSigningKey {
@@ -64,7 +65,8 @@ export async function dkimSignatures(message: Buffer | Readable, keys: DkimSigni
     if (result.errors.length > 0) throw signingError(result.errors);
     return result.signatures;
   }
-  const headerEnd = headerBlockEnd(message);
+  const start = bodyStart(message);
+  const headerEnd = start < 0 ? message.length : start;
   const bodyHasher = dkimBody("relaxed", "sha256", false);
   bodyHasher.update(message.subarray(headerEnd));
   const bodyHash = bodyHasher.digest("base64");
@@ -107,17 +109,4 @@ function signHeader(algorithm: DkimAlgorithm, canonicalizedHeader: Buffer, key: 
 
 function signingError(errors: Array<{ err?: Error; message?: string }>): Error {
   return new Error(`DKIM signing failed: ${errors.map((e) => e.err?.message ?? e.message).join("; ")}`);
-}
-
-/**
- * Where the body starts: after the first empty line (CRLF CRLF, or LF LF as mailauth's own
- * parser also accepts), or the message's end when it has no body.
- */
-export function headerBlockEnd(message: Buffer): number {
-  for (let lf = message.indexOf(0x0a); lf >= 0; lf = message.indexOf(0x0a, lf + 1)) {
-    const next = message[lf + 1];
-    if (next === 0x0a) return lf + 2;
-    if (next === 0x0d && message[lf + 2] === 0x0a) return lf + 3;
-  }
-  return message.length;
 }

@@ -1,3 +1,4 @@
 export * from "./address.ts";
 export * from "./reply.ts";
 export * from "./password.ts";
+export * from "./message.ts";

@@ -3,6 +3,7 @@ import { createRequire } from "node:module";
 import { isIP } from "node:net";
 import type { ARCResult, AuthenticateResult, DKIMVerifyResult, DMARCResult, SPFResult } from "mailauth";
 import type { Pool } from "@mailstack/db";
+import { bodyStart } from "@mailstack/mail";
 import { SmtpError, type IncomingMessage, type TransformResult } from "@mailstack/smtp-intake";
 import type { Logger } from "@mailstack/telemetry";
 
@@ -60,6 +61,18 @@ const require = createRequire(import.meta.url);
 const { dkimVerify } = require("mailauth/lib/dkim/verify.js") as {
   dkimVerify(input: Buffer, options: Record<string, unknown>): Promise<DKIMVerifyResult & { arc?: unknown }>;
 };
+const { DkimVerifier } = require("mailauth/lib/dkim/dkim-verifier.js") as {
+  DkimVerifier: new (options: Record<string, unknown>) => {
+    messageHeaders(headers: unknown): Promise<void>;
+    nextChunk(chunk: Buffer): Promise<void>;
+    finalChunk(): Promise<void>;
+    headerFrom: string[];
+    envelopeFrom: string | false;
+    results: DKIMVerifyResult["results"];
+    arc: unknown;
+  };
+};
+const { parseHeaders } = require("mailauth/lib/tools.js") as { parseHeaders(header: Buffer): unknown };
 const { spf } = require("mailauth/lib/spf/index.js") as { spf(options: Record<string, unknown>): Promise<SPFResult & { info: string; header: string }> };
 const { dmarc } = require("mailauth/lib/dmarc/index.js") as { dmarc(options: Record<string, unknown>): Promise<DMARCResult & { info?: string }> };
 const { arc } = require("mailauth/lib/arc/index.js") as { arc(chain: unknown, options: Record<string, unknown>): Promise<ARCResult & { info?: string }> };
@@ -81,7 +94,7 @@ export interface VerifyInput {
  */
 export async function verifyMessage(input: VerifyInput): Promise<AuthenticateResult> {
   const sender = input.sender || undefined;
-  const dkimResult = await dkimVerify(input.raw, { resolver: input.resolver, sender, minBitLength: 1024 });
+  const dkimResult = await verifyDkim(input.raw, { resolver: input.resolver, sender, minBitLength: 1024 });
   let helo = input.helo ?? input.ip;
   if (isIP(helo)) helo = `[${helo}]`;
   const spfResult = await spf({ ip: input.ip, helo, sender, mta: input.mta, resolver: input.resolver });
@@ -109,6 +122,31 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
   }
   headers.push(`Authentication-Results: ${input.mta};\r\n ${results.join(";\r\n ")}`);
   return { dkim: dkimResult, spf: spfResult, dmarc: dmarcResult, arc: arcResult, bimi: false, headers: `${headers.join("\r\n")}\r\n` };
+}
+
+/**
+ * mailauth's DKIM (and ARC chain) verification, driven directly: its verifier gets the parsed
+ * header block and the whole body in one call, as its stream parser would hand them over, but
+ * without that parser's byte-by-byte passes over the message (for an unsigned message they were
+ * all of the work). Messages reach this hook with CRLF line endings only (smtp-intake rejects or
+ * normalises bare ones), which is what the parser's line-break pass would have produced; one
+ * with a bare LF all the same, or without an empty line, goes through the stream parser.
+ */
+export async function verifyDkim(raw: Buffer, options: Record<string, unknown>): Promise<DKIMVerifyResult & { arc?: unknown }> {
+  const start = bodyStart(raw);
+  if (start < 0 || hasBareLf(raw)) return dkimVerify(raw, options);
+  const verifier = new DkimVerifier(options);
+  await verifier.messageHeaders(parseHeaders(raw.subarray(0, start)));
+  if (start < raw.length) await verifier.nextChunk(raw.subarray(start));
+  await verifier.finalChunk();
+  const result = { headerFrom: verifier.headerFrom, envelopeFrom: verifier.envelopeFrom, results: verifier.results } as DKIMVerifyResult & { arc?: unknown };
+  Object.defineProperty(result, "arc", { enumerable: false, value: verifier.arc });
+  return result;
+}
+
+function hasBareLf(raw: Buffer): boolean {
+  for (let lf = raw.indexOf(0x0a); lf >= 0; lf = raw.indexOf(0x0a, lf + 1)) if (lf === 0 || raw[lf - 1] !== 0x0d) return true;
+  return false;
 }
 
 type Action = "reject" | "quarantine" | "accept";

@@ -2,11 +2,12 @@ import assert from "node:assert/strict";
 import { generateKeyPairSync } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 import { dkimSign } from "mailauth";
+import { dkimVerify } from "mailauth/lib/dkim/verify.js";
 import { addAccount, addDomain } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "@mailstack/smtp-intake/testing";
-import { createResolver } from "../src/auth.ts";
+import { createResolver, verifyDkim } from "../src/auth.ts";
 import { startInbound, type Inbound } from "../src/inbound.ts";
 import { startDnsServer } from "./dns-server.ts";
 
@@ -139,4 +140,33 @@ test("the resolver cache answers repeated lookups, including 'no such name', fro
   await uncached("remote.example", "TXT");
   await uncached("remote.example", "TXT");
   assert.equal(asked() - before, 4);
+});
+
+test("DKIM verification driven directly gives mailauth's streamed results: signed, tampered, simple and relaxed, unsigned", async () => {
+  const { privateKey: rsa, publicKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
+  const record = `v=DKIM1; k=rsa; p=${publicKey.export({ type: "spki", format: "der" }).toString("base64")}`;
+  const resolver = async (name: string, type: string) => {
+    if (type === "TXT" && name === "k1._domainkey.direct.example") return [[record]];
+    throw Object.assign(new Error("NXDOMAIN"), { code: "ENOTFOUND" });
+  };
+  const pem = rsa.export({ type: "pkcs8", format: "pem" }).toString();
+  const base = "From: Someone <a@direct.example>\r\nTo: b@example.test\r\nSubject: direct\r\nContent-Type: text/plain\r\n\r\nline  one \r\n\r\nline two\r\n\r\n\r\n";
+  const messages: string[] = [base];
+  for (const canonicalization of ["relaxed/relaxed", "simple/simple", "relaxed/simple"]) {
+    const key = { signingDomain: "direct.example", selector: "k1", privateKey: pem, canonicalization };
+    const signed = await dkimSign(base, { ...key, canonicalization, signatureData: [key] } as never);
+    messages.push(signed.signatures + base, (signed.signatures + base).replace("line two", "line 2"));
+  }
+  const options = { resolver, sender: "bounce@direct.example", minBitLength: 1024 };
+  const outcomes: string[] = [];
+  for (const text of messages) {
+    const raw = Buffer.from(text);
+    const direct = await verifyDkim(raw, options);
+    const streamed = await dkimVerify(raw, options);
+    assert.deepEqual(JSON.parse(JSON.stringify(direct)), JSON.parse(JSON.stringify(streamed)));
+    assert.deepEqual((direct as { arc?: unknown }).arc, (streamed as { arc?: unknown }).arc);
+    outcomes.push(direct.results.map((r) => r.status.result).join(",") || "none");
+  }
+  // The comparison covered passing and failing signatures, not only unsigned mail.
+  assert.deepEqual(outcomes, ["none", "pass", "neutral", "pass", "neutral", "pass", "neutral"]);
 });

@@ -11,7 +11,9 @@ const READ_AHEAD_COUNT = 256;
 const DOT = 0x2e;
 const LF_DOT = Buffer.from("\n.");
 const TERMINATOR = Buffer.from(".\r\n");
-const READ_AHEAD_BYTES = 2 * 1024 * 1024;
+// Each batch is held twice (the stored bytes, for TOP, and the built responses), and a session
+// holds at most two batches: about 4 MiB per session.
+const READ_AHEAD_BYTES = 1024 * 1024;
 // Messages up to this size are sized in batches; larger ones are read in slices.
 const SIZE_BATCH_BYTES = 8 * 1024 * 1024;
 

@@ -155,10 +155,8 @@ export class Maildrop {
    */
   async response(entry: Entry): Promise<Buffer | null> {
     if (entry.rawLength > this.chunkSize) return null;
-    const cached = await this.cached(entry);
-    this.readAhead.delete(entry.number);
-    this.readAheadIfLow();
-    return cached.response;
+    await this.cached(entry);
+    return this.takeResponse(entry)!;
   }
 
   /**

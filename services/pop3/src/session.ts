@@ -354,8 +354,7 @@ export class Pop3Session {
 
   /** RETR of a message not read ahead: reads it (and the next ones), or streams a large one. */
   private async retrReading(entry: Entry, startTime: number): Promise<void> {
-    let sent: boolean;
-    let response: Buffer | null = null;
+    let response: Buffer | null;
     try {
       response = await this.maildrop!.response(entry);
     } catch (error) {
@@ -363,13 +362,9 @@ export class Pop3Session {
       await this.reply("-ERR [SYS/TEMP] could not read the message; try again later");
       return this.retrieved(entry, startTime, false);
     }
-    if (response) {
-      await this.io.write(response);
-      sent = true;
-    } else {
-      sent = await this.sendMessage(entry, null, `+OK ${entry.size} octets`);
-    }
-    this.retrieved(entry, startTime, sent);
+    if (!response) return this.retrieved(entry, startTime, await this.sendMessage(entry, null, `+OK ${entry.size} octets`));
+    await this.io.write(response);
+    this.retrieved(entry, startTime, true);
   }
 
   /** Records a retrieval: its span (a trace of its own, linked to the message's journey), metrics and journey event. */

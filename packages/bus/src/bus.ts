@@ -55,6 +55,10 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
     name: options.name,
     maxReconnectAttempts: -1,
     reconnectTimeWait: 500,
+    // nats.js otherwise builds Error objects with captured stack traces for every request (each
+    // JetStream publish), only to improve the trace of one that fails: about 20 µs of a 50 µs
+    // publish. Our logs say where a failed publish came from.
+    noAsyncTraces: true,
   });
   const prefix = options.prefix ?? "";
   const js = jetstream(nc, { timeout: 10_000 });

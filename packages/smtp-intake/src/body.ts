@@ -39,7 +39,8 @@ export class BodyScanner {
   }
 }
 
-function hasBareLineEnding(chunk: Buffer, previous: number): boolean {
+/** Whether the bytes hold a bare CR or LF (`previous`: the byte before them, when they continue a stream). */
+export function hasBareLineEnding(chunk: Buffer, previous = -1): boolean {
   // A CR that ended the previous chunk must be followed by LF here.
   if (previous === 0x0d && chunk.length > 0 && chunk[0] !== 0x0a) return true;
   for (let i = chunk.indexOf(0x0a); i >= 0; i = chunk.indexOf(0x0a, i + 1)) {

@@ -58,5 +58,5 @@ export { createIntakeServer, defaultLimits, SmtpError } from "./server.ts";
 export type { AcceptedRecipient, IncomingMessage, IntakeLimits, IntakeOptions, IntakeServer, IntakeSession, TransformResult } from "./server.ts";
 export { intakeShape, limitsFromConfig, type IntakeConfig } from "./config.ts";
 export { AcceptBatcher, type AcceptBatcherOptions } from "./batcher.ts";
-export { BodyScanner, headerValue, normalizeLineEndings } from "./body.ts";
+export { BodyScanner, hasBareLineEnding, headerValue, normalizeLineEndings } from "./body.ts";
 export { receivedHeader, rfc5322Date, type ReceivedFields } from "./received.ts";

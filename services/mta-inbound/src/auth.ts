@@ -4,7 +4,7 @@ import { isIP } from "node:net";
 import type { ARCResult, AuthenticateResult, DKIMVerifyResult, DMARCResult, SPFResult } from "mailauth";
 import type { Pool } from "@mailstack/db";
 import { bodyStart } from "@mailstack/mail";
-import { SmtpError, type IncomingMessage, type TransformResult } from "@mailstack/smtp-intake";
+import { SmtpError, hasBareLineEnding, type IncomingMessage, type TransformResult } from "@mailstack/smtp-intake";
 import type { Logger } from "@mailstack/telemetry";
 
 export type DnsResolver = (name: string, rrtype: string) => Promise<string[][] | string[]>;
@@ -130,11 +130,11 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
  * without that parser's byte-by-byte passes over the message (for an unsigned message they were
  * all of the work). Messages reach this hook with CRLF line endings only (smtp-intake rejects or
  * normalises bare ones), which is what the parser's line-break pass would have produced; one
- * with a bare LF all the same, or without an empty line, goes through the stream parser.
+ * with a bare CR or LF all the same, or without an empty line, goes through the stream parser.
  */
 export async function verifyDkim(raw: Buffer, options: Record<string, unknown>): Promise<DKIMVerifyResult & { arc?: unknown }> {
   const start = bodyStart(raw);
-  if (start < 0 || hasBareLf(raw)) return dkimVerify(raw, options);
+  if (start < 0 || hasBareLineEnding(raw)) return dkimVerify(raw, options);
   const verifier = new DkimVerifier(options);
   await verifier.messageHeaders(parseHeaders(raw.subarray(0, start)));
   if (start < raw.length) await verifier.nextChunk(raw.subarray(start));
@@ -142,11 +142,6 @@ export async function verifyDkim(raw: Buffer, options: Record<string, unknown>):
   const result = { headerFrom: verifier.headerFrom, envelopeFrom: verifier.envelopeFrom, results: verifier.results } as DKIMVerifyResult & { arc?: unknown };
   Object.defineProperty(result, "arc", { enumerable: false, value: verifier.arc });
   return result;
-}
-
-function hasBareLf(raw: Buffer): boolean {
-  for (let lf = raw.indexOf(0x0a); lf >= 0; lf = raw.indexOf(0x0a, lf + 1)) if (lf === 0 || raw[lf - 1] !== 0x0d) return true;
-  return false;
 }
 
 type Action = "reject" | "quarantine" | "accept";

@@ -40,6 +40,8 @@ const { values } = parseArgs({
   },
 });
 const count = Number(values.count);
+const pacedRate = values["paced-rate"] === undefined ? null : Number(values["paced-rate"]);
+if (pacedRate !== null && !(pacedRate > 0)) throw new Error(`--paced-rate must be a positive number of msgs/s, not ${values["paced-rate"]}`);
 const rounds = Number(values.rounds);
 const here = new URL(".", import.meta.url).pathname;
 const MAILDIR = "/var/mail/vhosts-inboundbench/bench.test/user1/new";
@@ -240,7 +242,7 @@ try {
   const best = (system: string, mode: string) =>
     results.filter((r) => r.system === system && r.mode === mode).sort((a, b) => b.visiblePerSecond - a.visiblePerSecond)[0];
   const peak = best("mailstack", modes[0]!.mode)!.visiblePerSecond;
-  const halfRate = values["paced-rate"] ? Number(values["paced-rate"]) : Math.round(peak / 2);
+  const halfRate = pacedRate ?? Math.round(peak / 2);
   const fromId = await maxMessageId(env.pool);
   const pacedResult = await paced(smtpPort, halfRate, Number(values["paced-seconds"]));
   await new Promise((resolve) => setTimeout(resolve, 2_000));
@@ -277,7 +279,7 @@ try {
     }
   }
   lines.push("");
-  lines.push(`paced at ${halfRate} msgs/s (${values["paced-rate"] ? "as asked" : "half the reused-connection peak"}) for ${values["paced-seconds"]} s over 10 sessions: ${pacedResult.sent} messages, accept→mailbox p50 ${pacedLatency.p50} ms, p99 ${pacedLatency.p99} ms; client-side DATA→250 p50 ${pacedResult.acceptP50} ms, p99 ${pacedResult.acceptP99} ms`);
+  lines.push(`paced at ${halfRate} msgs/s (${pacedRate ? "as asked" : "half the reused-connection peak"}) for ${values["paced-seconds"]} s over 10 sessions: ${pacedResult.sent} messages, accept→mailbox p50 ${pacedLatency.p50} ms, p99 ${pacedLatency.p99} ms; client-side DATA→250 p50 ${pacedResult.acceptP50} ms, p99 ${pacedResult.acceptP99} ms`);
   lines.push(`resident memory (VmRSS now / VmHWM peak): mta-inbound ${rss["mta-inbound"].rssMb} / ${rss["mta-inbound"].hwmMb} MB, mda ${rss.mda.rssMb} / ${rss.mda.hwmMb} MB`);
   lines.push(`mta-inbound ${heaps["mta-inbound"]}; mda ${heaps.mda}`);
   console.log(lines.join("\n"));

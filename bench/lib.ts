@@ -1,6 +1,6 @@
 // Small helpers the benchmarks share.
 import { spawn } from "node:child_process";
-import { readFile } from "node:fs/promises";
+import { readFile, readdir } from "node:fs/promises";
 
 /** Runs a command to its end; resolves its exit code and everything it printed. */
 export function sh(command: string, args: string[]): Promise<{ code: number | null; output: string }> {
@@ -19,4 +19,24 @@ export async function cpuMs(pid: number, children = false): Promise<number> {
   const fields = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1]!.split(" ");
   const ticks = children ? Number(fields[13]) + Number(fields[14]) : Number(fields[11]) + Number(fields[12]);
   return (ticks * 1000) / 100;
+}
+
+/** CPU time (user + system) of every running PostgreSQL process (server, backends, writers), in ms. */
+export async function postgresCpuMs(): Promise<number> {
+  let total = 0;
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = await readFile(`/proc/${entry}/stat`, "utf8").catch(() => "");
+    if (!stat.includes(" (postgres) ")) continue;
+    const fields = stat.split(") ")[1]!.split(" ");
+    total += Number(fields[11]) + Number(fields[12]);
+  }
+  return (total * 1000) / 100;
+}
+
+/** CPU time the whole machine spent busy (every core; all but idle and iowait), in ms. */
+export async function machineBusyMs(): Promise<number> {
+  const cpu = (await readFile("/proc/stat", "utf8")).split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const [user, nice, system, , , irq, softirq, steal] = cpu;
+  return ((user! + nice! + system! + irq! + softirq! + steal!) * 1000) / 100;
 }

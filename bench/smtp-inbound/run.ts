@@ -26,7 +26,7 @@ import { addAccount, addDomain, type Pool } from "../../packages/db/src/index.ts
 import { RawSmtp } from "../../packages/smtp-intake/src/testing.ts";
 import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } from "../../packages/testkit/src/index.ts";
 import { startDnsServer } from "../../services/mta-inbound/test/dns-server.ts";
-import { cpuMs, sh } from "../lib.ts";
+import { cpuMs, machineBusyMs, postgresCpuMs, sh } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -56,6 +56,9 @@ interface Round {
   /** CPU ms per message of mta-inbound and of the mda. */
   inboundCpu?: number;
   mdaCpu?: number;
+  /** CPU ms per message of all PostgreSQL processes, and of the whole machine (every process and the kernel, so it includes whatever else runs). */
+  postgresCpu?: number;
+  machineCpu?: number;
 }
 
 
@@ -210,7 +213,7 @@ try {
     for (const m of modes) {
       const before = await entryCount(env.pool);
       const fromId = await maxMessageId(env.pool);
-      const cpu0 = [await cpuMs(inbound.child.pid!), await cpuMs(mda.child.pid!)];
+      const cpu0 = [await cpuMs(inbound.child.pid!), await cpuMs(mda.child.pid!), await postgresCpuMs(), await machineBusyMs()];
       const t0 = performance.now();
       const source = await smtpSource(smtpPort, m.sessions, m.reuse);
       const accepted = (performance.now() - t0) / 1000;
@@ -220,21 +223,25 @@ try {
       const lat = await latency(env.pool, fromId);
       const inboundCpu = ((await cpuMs(inbound.child.pid!)) - cpu0[0]!) / count;
       const mdaCpu = ((await cpuMs(mda.child.pid!)) - cpu0[1]!) / count;
-      results.push({ system: "mailstack", mode: m.mode, acceptedPerSecond: count / accepted, visiblePerSecond: count / visible, ...lat, inboundCpu, mdaCpu });
+      const postgresCpu = ((await postgresCpuMs()) - cpu0[2]!) / count;
+      const machineCpu = ((await machineBusyMs()) - cpu0[3]!) / count;
+      results.push({ system: "mailstack", mode: m.mode, acceptedPerSecond: count / accepted, visiblePerSecond: count / visible, ...lat, inboundCpu, mdaCpu, postgresCpu, machineCpu });
       console.error(
-        `mailstack ${m.mode}: accepted ${(count / accepted).toFixed(0)}/s, visible ${(count / visible).toFixed(0)}/s, p50 ${lat.p50} ms, p99 ${lat.p99} ms, CPU/msg inbound ${inboundCpu.toFixed(2)} ms mda ${mdaCpu.toFixed(2)} ms`,
+        `mailstack ${m.mode}: accepted ${(count / accepted).toFixed(0)}/s, visible ${(count / visible).toFixed(0)}/s, p50 ${lat.p50} ms, p99 ${lat.p99} ms, CPU/msg inbound ${inboundCpu.toFixed(2)} ms mda ${mdaCpu.toFixed(2)} ms postgres ${postgresCpu.toFixed(2)} ms machine ${machineCpu.toFixed(2)} ms`,
       );
 
       if (pfPort) {
         await sh(join(here, "postfix.sh"), ["clean"]);
+        const busy0 = await machineBusyMs();
         const t1 = performance.now();
         const pf = await smtpSource(pfPort, m.sessions, m.reuse);
         const pfAccepted = (performance.now() - t1) / 1000;
         if (pf.code !== 0) throw new Error(`smtp-source (postfix) failed: ${pf.output}`);
         await until(async () => (await maildirCount()) >= count, 300_000);
         const pfVisible = (performance.now() - t1) / 1000;
-        results.push({ system: "postfix", mode: m.mode, acceptedPerSecond: count / pfAccepted, visiblePerSecond: count / pfVisible });
-        console.error(`postfix   ${m.mode}: accepted ${(count / pfAccepted).toFixed(0)}/s, visible ${(count / pfVisible).toFixed(0)}/s`);
+        const pfMachineCpu = ((await machineBusyMs()) - busy0) / count;
+        results.push({ system: "postfix", mode: m.mode, acceptedPerSecond: count / pfAccepted, visiblePerSecond: count / pfVisible, machineCpu: pfMachineCpu });
+        console.error(`postfix   ${m.mode}: accepted ${(count / pfAccepted).toFixed(0)}/s, visible ${(count / pfVisible).toFixed(0)}/s, machine CPU/msg ${pfMachineCpu.toFixed(2)} ms`);
       }
     }
   }
@@ -263,8 +270,8 @@ try {
   const lines = [
     `${count} messages per round, ${rounds} round(s): median over the rounds (best in brackets); 4 KiB payload (smtp-source -l 4096); auth checks ${values["no-auth"] ? "off" : "on (SPF/DKIM/DMARC, loopback DNS)"}`,
     "",
-    "| system | mode | accepted msgs/s | visible in mailbox msgs/s | accept→mailbox p50 / p99 (ms) | CPU ms/msg inbound + mda |",
-    "|---|---|---|---|---|---|",
+    "| system | mode | accepted msgs/s | visible in mailbox msgs/s | accept→mailbox p50 / p99 (ms) | CPU ms/msg inbound + mda + postgres | machine CPU ms/msg |",
+    "|---|---|---|---|---|---|---|",
   ];
   for (const m of modes) {
     for (const system of ["mailstack", "postfix"]) {
@@ -272,9 +279,9 @@ try {
       if (rs.length === 0) continue;
       const b = best(system, m.mode)!;
       const lat = system === "mailstack" ? `${median(rs.map((r) => r.p50!))} / ${median(rs.map((r) => r.p99!))}` : "—";
-      const cpu = system === "mailstack" ? `${median(rs.map((r) => r.inboundCpu!)).toFixed(2)} + ${median(rs.map((r) => r.mdaCpu!)).toFixed(2)}` : "—";
+      const cpu = system === "mailstack" ? [(r: Round) => r.inboundCpu!, (r: Round) => r.mdaCpu!, (r: Round) => r.postgresCpu!].map((f) => median(rs.map(f)).toFixed(2)).join(" + ") : "—";
       lines.push(
-        `| ${system} | ${m.mode} | ${median(rs.map((r) => r.acceptedPerSecond)).toFixed(0)} | ${median(rs.map((r) => r.visiblePerSecond)).toFixed(0)} (${b.visiblePerSecond.toFixed(0)}) | ${lat} | ${cpu} |`,
+        `| ${system} | ${m.mode} | ${median(rs.map((r) => r.acceptedPerSecond)).toFixed(0)} | ${median(rs.map((r) => r.visiblePerSecond)).toFixed(0)} (${b.visiblePerSecond.toFixed(0)}) | ${lat} | ${cpu} | ${median(rs.map((r) => r.machineCpu!)).toFixed(2)} |`,
       );
     }
   }

@@ -3,5 +3,6 @@ export * from "./migrate.ts";
 export * from "./ensure-database.ts";
 export * from "./directory.ts";
 export * from "./routing.ts";
+export * from "./directory-cache.ts";
 export * from "./filters.ts";
 export * from "./login-failures.ts";

@@ -15,16 +15,19 @@ export interface ResolveOptions {
   maxDepth?: number;
   /** Whether an address in a domain we do not serve may be a recipient (true for authenticated submission). */
   allowRemote?: boolean;
+  /** Where one address is looked up (a DirectoryCache's lookup); the database by default. */
+  lookup?: (address: string) => Promise<AddressLookup>;
 }
 
-interface Lookup {
+/** What the directory says about one address. */
+export interface AddressLookup {
   localDomain: boolean;
   account: { id: number; disabled: boolean } | null;
   alias: string[] | null;
   catchAll: string[] | null;
 }
 
-async function lookup(db: Queryable, address: string): Promise<Lookup> {
+export async function lookupAddress(db: Queryable, address: string): Promise<AddressLookup> {
   const { domain } = splitAddress(address);
   const result = await db.query(
     `SELECT EXISTS (SELECT 1 FROM domains WHERE name = $2) AS local_domain,
@@ -45,6 +48,7 @@ async function lookup(db: Queryable, address: string): Promise<Lookup> {
  */
 export async function resolveRecipient(db: Queryable, address: string, options: ResolveOptions = {}): Promise<Resolution> {
   const maxDepth = options.maxDepth ?? 10;
+  const lookup = options.lookup ?? ((current: string) => lookupAddress(db, current));
   const routes = new Map<string, Route>();
   let refusal: RouteRefusal | null = null;
 
@@ -57,7 +61,7 @@ export async function resolveRecipient(db: Queryable, address: string, options: 
       refusal ??= "too-deep";
       return;
     }
-    const found = await lookup(db, current);
+    const found = await lookup(current);
     if (!found.localDomain) {
       if (!viaAlias && !options.allowRemote) {
         refusal ??= "relay-denied";

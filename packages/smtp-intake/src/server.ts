@@ -3,7 +3,7 @@ import type { AddressInfo } from "node:net";
 import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
 import { SMTPConnection } from "smtp-server/lib/smtp-connection.js";
 import type { Bus } from "@mailstack/bus";
-import { resolveRecipient as resolveWithDirectory, type Pool, type Resolution, type Route, type RouteRefusal } from "@mailstack/db";
+import { DirectoryCache, resolveRecipient as resolveWithDirectory, type Pool, type Resolution, type Route, type RouteRefusal } from "@mailstack/db";
 import { Replies, parseAddress, reply, type AddressProblem, type SmtpReply } from "@mailstack/mail";
 import { dispatchAccepted, newQueueId, type AcceptedMessage, type MessageSource, type NewDelivery } from "@mailstack/queue";
 import { SpanKind, context, mailMetrics, trace, tracer, type Logger, type Span } from "@mailstack/telemetry";
@@ -132,6 +132,8 @@ export interface IntakeOptions {
   };
   /** MAIL FROM check (MSA: the sender belongs to the user). Throw SmtpError to refuse. */
   validateSender?(sender: string, session: IntakeSession): Promise<void>;
+  /** Recipient lookups from memory, shared by a service's servers; each server starts its own when not given. */
+  directory?: DirectoryCache;
   /** RCPT routing; the directory's resolveRecipient by default. */
   resolveRecipient?(address: string, session: IntakeSession): Promise<Resolution>;
   /** Whether recipients in domains we do not serve may be accepted (false: 554 5.7.1 relay denied). */
@@ -252,6 +254,9 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const batcher = new AcceptBatcher(pool, service, { concurrency: limits.acceptConcurrency, maxBatch: limits.acceptBatchMax });
   const busWatch = watchBus(bus);
   const stamper = new DispatchStamper(pool, logger);
+  const ownDirectory = options.directory ? null : new DirectoryCache(pool);
+  const directory = options.directory ?? ownDirectory!;
+  const lookup = (address: string) => directory.lookup(address);
   const markDispatched = (ids: number[]) => stamper.mark(ids);
   const inFlight = new Set<Promise<unknown>>();
   // Message bytes held in memory by all sessions (bounded by maxBufferedBytes).
@@ -423,7 +428,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     const allowRemote = typeof options.allowRemote === "function" ? options.allowRemote(s) : !!options.allowRemote;
     const resolving = options.resolveRecipient
       ? options.resolveRecipient(parsed.address, s)
-      : resolveWithDirectory(pool, parsed.address, { allowRemote });
+      : resolveWithDirectory(pool, parsed.address, { allowRemote, lookup });
     resolving.then(
       (resolution) => {
         if (!resolution.ok) return callback(smtpError(refusalReply(resolution.reason)));
@@ -658,7 +663,8 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   let boundPort = 0;
   return {
     server,
-    listen() {
+    async listen() {
+      await ownDirectory?.start();
       return new Promise((resolve, reject) => {
         server.server.once("error", reject);
         server.listen(options.port ?? 0, options.host ?? "127.0.0.1", () => {
@@ -677,6 +683,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       await batcher.idle();
       await stamper.idle();
       busWatch.stop();
+      await ownDirectory?.stop();
     },
   };
 }

@@ -101,8 +101,9 @@ export class DeliveryBatcher {
     // The rows, with the raw bytes of small unparsed messages, in one query; a large one is fetched
     // alone, so a batch never holds many large messages in memory at once.
     const rows = (await this.ctx.pool.query<Row & { raw: Buffer | null }>(
-      `SELECT ${ROW_COLUMNS}, CASE WHEN m.parsed IS NULL AND m.size <= $2 THEN m.raw END AS raw
-         FROM deliveries d JOIN messages m ON m.id = d.message_id LEFT JOIN accounts a ON a.id = d.account_id
+      `SELECT ${ROW_COLUMNS}, CASE WHEN p.parsed IS NULL AND m.size <= $2 THEN m.raw END AS raw
+         FROM deliveries d JOIN messages m ON m.id = d.message_id LEFT JOIN message_parsed p ON p.message_id = m.id
+              LEFT JOIN accounts a ON a.id = d.account_id
         WHERE d.id = ANY($1)`,
       [unique, BULK_PARSE_LIMIT],
     )).rows;
@@ -206,8 +207,8 @@ export class DeliveryBatcher {
       // entries, the deliveries' final state and their journey events.
       await client.query(
         `WITH parsed AS (
-           UPDATE messages m SET parsed = t.parsed FROM unnest($1::bigint[], $2::jsonb[]) AS t(id, parsed)
-            WHERE m.id = t.id AND m.parsed IS NULL
+           INSERT INTO message_parsed (message_id, parsed) SELECT * FROM unnest($1::bigint[], $2::jsonb[])
+           ON CONFLICT (message_id) DO NOTHING
          ), charged AS (
            UPDATE accounts a SET used_bytes = a.used_bytes + t.bytes FROM unnest($3::bigint[], $4::bigint[]) AS t(id, bytes) WHERE a.id = t.id
          ), entries AS (

@@ -161,7 +161,7 @@ export function observeFiled(row: Row): void {
 
 async function deliverOnce(ctx: DeliverContext, deliveryId: number, options: DeliverOptions): Promise<Outcome> {
   const pre = await ctx.pool.query<Row & { raw: Buffer | null }>(
-    `SELECT ${ROW_COLUMNS}, CASE WHEN m.parsed IS NULL THEN m.raw END AS raw ${ROW_FROM}`,
+    `SELECT ${ROW_COLUMNS}, CASE WHEN p.parsed IS NULL THEN m.raw END AS raw ${ROW_FROM}`,
     [deliveryId],
   );
   const head = pre.rows[0];
@@ -169,7 +169,7 @@ async function deliverOnce(ctx: DeliverContext, deliveryId: number, options: Del
   if (FINAL_STATES.has(head.state) || head.kind !== "local") return { status: "duplicate", state: head.state };
   if (head.raw) {
     head.parsed = await parseMessage(head.raw);
-    await ctx.pool.query("UPDATE messages SET parsed = $2 WHERE id = $1 AND parsed IS NULL", [head.message_id, JSON.stringify(head.parsed)]);
+    await ctx.pool.query("INSERT INTO message_parsed (message_id, parsed) VALUES ($1, $2) ON CONFLICT (message_id) DO NOTHING", [head.message_id, JSON.stringify(head.parsed)]);
   }
   // The common case (an account that exists, a copy to file) takes one statement; anything
   // else (rules that discard or forward, a full mailbox, a missing account) the transaction below.
@@ -240,10 +240,11 @@ async function fileFast(ctx: DeliverContext, row: Row, folder: string): Promise<
 }
 
 export const ROW_COLUMNS = `d.id, d.message_id, d.state, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
-       m.envelope_from, m.size AS message_size, m.trace_id, m.received_at, m.parsed, a.address, a.disabled,
+       m.envelope_from, m.size AS message_size, m.trace_id, m.received_at, p.parsed, a.address, a.disabled,
        COALESCE((SELECT json_agg(f ORDER BY f.position) FROM filter_rules f WHERE f.account_id = d.account_id), '[]') AS rules`;
 export const ROW_FROM = `FROM deliveries d
          JOIN messages m ON m.id = d.message_id
+         LEFT JOIN message_parsed p ON p.message_id = m.id
          LEFT JOIN accounts a ON a.id = d.account_id
         WHERE d.id = $1`;
 

@@ -65,7 +65,7 @@ test("a message lands in the mailbox byte-for-byte, with only Return-Path and De
   assert.equal((await entriesFor(second.deliveries[0]!.id))[0].uid, 2);
 
   // The message was parsed once and kept.
-  const parsed = (await env.pool.query("SELECT parsed FROM messages WHERE id = $1", [accepted.messageId])).rows[0].parsed;
+  const parsed = (await env.pool.query("SELECT parsed FROM message_parsed WHERE message_id = $1", [accepted.messageId])).rows[0].parsed;
   assert.equal(parsed.subject, "byte for byte");
   assert.equal(parsed.messageId, "<byteforbyte@remote.example>");
 });

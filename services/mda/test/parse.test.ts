@@ -208,13 +208,13 @@ test("a delivery stores the parse once, and a malformed message is still deliver
   const accepted = await send(env.pool, null, broken, [{ address: "ivy@example.test", accountId: id }]);
   const outcome = await deliverLocal({ pool: env.pool, logger }, accepted.deliveries[0]!.id);
   assert.equal(outcome.status, "delivered");
-  const parsed = (await env.pool.query("SELECT parsed FROM messages WHERE id = $1", [accepted.messageId])).rows[0].parsed;
+  const parsed = (await env.pool.query("SELECT parsed FROM message_parsed WHERE message_id = $1", [accepted.messageId])).rows[0].parsed;
   assert.equal(parsed.subject, "broken");
 
   // Parsed only when nothing is stored: a second delivery of the same message leaves it alone.
   const again = await send(env.pool, null, broken, [{ address: "ivy@example.test", accountId: id }]);
-  await env.pool.query(`UPDATE messages SET parsed = '{"marker": true}' WHERE id = $1`, [again.messageId]);
+  await env.pool.query(`INSERT INTO message_parsed (message_id, parsed) VALUES ($1, '{"marker": true}')`, [again.messageId]);
   await deliverLocal({ pool: env.pool, logger }, again.deliveries[0]!.id);
-  const kept = (await env.pool.query("SELECT parsed FROM messages WHERE id = $1", [again.messageId])).rows[0].parsed;
+  const kept = (await env.pool.query("SELECT parsed FROM message_parsed WHERE message_id = $1", [again.messageId])).rows[0].parsed;
   assert.deepEqual(kept, { marker: true });
 });

@@ -1,6 +1,6 @@
 import type { SMTPServerSession } from "smtp-server";
 import type { Bus } from "@mailstack/bus";
-import { resolveRecipient, type Pool } from "@mailstack/db";
+import { DirectoryCache, resolveRecipient, type Pool } from "@mailstack/db";
 import { createSigningPool, loadDkimKeys, type DkimSigningKey } from "@mailstack/dkim";
 import { Replies, reply, splitAddress, type SmtpReply } from "@mailstack/mail";
 import { startSweeper, type AcceptedMessage } from "@mailstack/queue";
@@ -93,6 +93,8 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
   const authenticator = createAuthenticator(pool, logger, settings.auth);
   const signer = createSigningPool(settings.dkimSignThreads ?? 0);
   const limiter = createSubmissionLimiter(pool, settings.submission);
+  // Recipient lookups from memory for both ports, kept true by the directory's notifications.
+  const directory = new DirectoryCache(pool);
   const sessions = new WeakMap<SMTPServerSession, SessionState>();
   // What to count once a message is committed, by queue id.
   const toCount = new Map<string, { accountId: number; recipients: number }>();
@@ -171,7 +173,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
       if (!transaction) throw new SmtpError(Replies.badSequence);
       if (!limiter.recipientAllowed(transaction.usage, transaction.recipients)) refuse("recipient-rate", MsaReplies.recipientRate);
       // Routing per DESIGN.md rule 5: local accounts and aliases become local deliveries, the rest remote.
-      const resolution = await resolveRecipient(pool, address, { allowRemote: true });
+      const resolution = await resolveRecipient(pool, address, { allowRemote: true, lookup: (a) => directory.lookup(a) });
       if (resolution.ok) transaction.recipients++;
       return resolution;
     },
@@ -217,6 +219,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
   };
 
   const common = {
+    directory,
     service: "msa",
     source: "submission" as const,
     pool,
@@ -233,6 +236,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     createIntakeServer({ ...common, port: settings.submissionPort, tlsMode: "starttls" }),
     createIntakeServer({ ...common, port: settings.submissionsPort, tlsMode: "implicit" }),
   ];
+  await directory.start();
   const [submissionPort, submissionsPort] = [await servers[0]!.listen(), await servers[1]!.listen()];
 
   // Old counter windows are removed now and then (every replica may do it; the deletes are idempotent).
@@ -250,6 +254,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     async stop() {
       clearInterval(pruner);
       await Promise.all(servers.map((server) => server.stop()));
+      await directory.stop();
       await sweeper.stop();
       await signer.close();
     },

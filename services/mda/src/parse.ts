@@ -212,6 +212,31 @@ async function mimeStructure(
   return root;
 }
 
+/**
+ * The MIME structure. A message whose top part is a single leaf (text, or one attachment as the
+ * whole body: no multipart, no attached message) has nothing below its header to walk: its
+ * header is read by the same splitter and its size is the rest of the message, which spares
+ * the line-by-line pass over the body. Anything else, or a header ended by a bare LF, gets the walk.
+ */
+export async function structureOf(raw: Buffer, attachments: ParsedMessage["attachments"]): Promise<MimePart | null> {
+  const headerEnd = raw.indexOf("\r\n\r\n");
+  const bareEnd = raw.indexOf("\n\n");
+  if (headerEnd >= 0 && headerEnd + 4 <= MAX_HEADER_SECTION && (bareEnd < 0 || bareEnd > headerEnd)) {
+    const head = raw.subarray(0, headerEnd + 4);
+    const root = await mimeStructure(head, []);
+    if (root && !root.parts && !root.type.startsWith("multipart/") && root.type !== "message/rfc822") {
+      root.size = raw.length - head.length;
+      return root;
+    }
+  }
+  return mimeStructure(raw, attachments);
+}
+
+/** The structure by walking the whole message (exported for the test that compares the two). */
+export function walkStructure(raw: Buffer, attachments: ParsedMessage["attachments"]): Promise<MimePart | null> {
+  return mimeStructure(raw, attachments);
+}
+
 /** The header section of a message (up to and including the blank line), bounded. */
 function headerSection(raw: Buffer): Buffer {
   const crlf = raw.indexOf("\r\n\r\n");
@@ -287,7 +312,7 @@ export async function parseMessage(raw: Buffer): Promise<ParsedMessage> {
   }
   parsed.spam = parsed.headers.some(([name, value]) => name === "x-spam-flag" && /^yes\b/i.test(value.trim()));
   try {
-    parsed.structure = await mimeStructure(raw, parsed.attachments);
+    parsed.structure = await structureOf(raw, parsed.attachments);
   } catch (error) {
     errors.push(`mime: ${(error as Error).message}`);
   }

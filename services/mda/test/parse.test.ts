@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { deliverLocal } from "../src/deliver.ts";
-import { parseMessage, type MimePart } from "../src/parse.ts";
+import { parseMessage, structureOf, walkStructure, type MimePart } from "../src/parse.ts";
 import { account, send } from "./helpers.ts";
 
 const crlf = (lines: string[]) => Buffer.from(lines.join("\r\n"), "utf8");
@@ -126,6 +126,28 @@ test("attachment sizes are the decoded sizes (base64 with padding, quoted-printa
     // The CRLF before a boundary belongs to the boundary, not to the part.
     { partId: "3", type: "text/plain", filename: "notes.txt", size: Buffer.byteLength("café and a very long line that is softly broken=") },
   ]);
+});
+
+test("a single-part message's structure, read from its header alone, is what the full walk gives", async () => {
+  const messages = [
+    crlf(["Subject: no content type", "", "line one", ".leading dot", "", "last line", ""]),
+    crlf(["Subject: qp", "MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8", "Content-Transfer-Encoding: quoted-printable", "", "caf=C3=A9 =", "soft break", ""]),
+    crlf(["Subject: html", "Content-Type: TEXT/HTML; charset=\"iso-8859-1\"", "Content-Transfer-Encoding: 8bit", "", "<p>hi</p>"]),
+    crlf(["Subject: a pdf as the whole body", "Content-Type: application/pdf; name=\"=?utf-8?q?r=C3=A9sum=C3=A9?=.pdf\"", "Content-Disposition: attachment;", " filename*=utf-8''r%C3%A9sum%C3%A9.pdf", "Content-Transfer-Encoding: base64", "", "JVBERi0xLjQK", "JSVFT0YK", ""]),
+    crlf(["Subject: empty body", "", ""]),
+    crlf(["Subject: nested", "Content-Type: message/rfc822", "", "Subject: inner", "", "inner body", ""]),
+    crlf(["Subject: multi", "Content-Type: multipart/mixed; boundary=b", "", "--b", "Content-Type: text/plain", "", "one", "--b--", ""]),
+    Buffer.from("Subject: bare LF header\n\nbody\r\n\r\nmore\r\n"),
+  ];
+  for (const raw of messages) {
+    const fast: Array<{ partId: string | null; type: string; filename: string | null; size: number }> = [];
+    const walked: typeof fast = [];
+    assert.deepEqual(await structureOf(raw, fast), await walkStructure(raw, walked), raw.toString("latin1").split("\r\n")[0]);
+    assert.deepEqual(fast, walked);
+  }
+  const pdf = await structureOf(messages[3]!, []);
+  assert.equal(pdf?.filename, "résumé.pdf");
+  assert.equal(pdf?.size, "JVBERi0xLjQK\r\nJSVFT0YK\r\n".length);
 });
 
 test("MIME structure: digest and nested message/rfc822 (plain and base64)", async () => {

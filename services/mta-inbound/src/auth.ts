@@ -53,6 +53,8 @@ export interface AuthCheckOptions {
   resolver: DnsResolver;
   /** Upper bound for all DNS work of one message; after it the message goes on with temperror. */
   timeoutMs?: number;
+  /** How long an SPF verdict is reused (the DNS cache's TTL); 0 evaluates every message. */
+  spfVerdictTtlMs?: number;
 }
 
 // mailauth's authenticate() also loads BIMI (VMC certificates, XML, an HTTP client: ~18 MB
@@ -77,6 +79,49 @@ const { spf } = require("mailauth/lib/spf/index.js") as { spf(options: Record<st
 const { dmarc } = require("mailauth/lib/dmarc/index.js") as { dmarc(options: Record<string, unknown>): Promise<DMARCResult & { info?: string }> };
 const { arc } = require("mailauth/lib/arc/index.js") as { arc(chain: unknown, options: Record<string, unknown>): Promise<ARCResult & { info?: string }> };
 
+export interface SpfCheck {
+  ip: string;
+  helo: string;
+  sender: string | undefined;
+  mta: string;
+  resolver: DnsResolver;
+}
+
+type SpfOutcome = SPFResult & { info: string; header: string };
+
+/**
+ * SPF verdicts reused for a while per client IP, HELO name and envelope sender: a peer sends
+ * the same sender's mail again and again, and the evaluation (policy parsing, macro expansion,
+ * the cached DNS answers) costs more CPU than the rest of the check. Everything the verdict
+ * depends on is in the key (macros can name the sender, the HELO and the IP), and it is kept no
+ * longer than the DNS answers it came from (DNS_CACHE_TTL). A temporary error is never kept.
+ */
+export class SpfVerdicts {
+  private readonly ttlMs: number;
+  private readonly maxEntries: number;
+  private readonly verdicts = new Map<string, { expires: number; result: SpfOutcome }>();
+
+  constructor(ttlMs: number, maxEntries = 10_000) {
+    this.ttlMs = ttlMs;
+    this.maxEntries = maxEntries;
+  }
+
+  async check(input: SpfCheck): Promise<SpfOutcome> {
+    if (this.ttlMs <= 0) return spf({ ...input });
+    const key = `${input.ip}\u0000${input.helo}\u0000${input.sender ?? ""}\u0000${input.mta}`;
+    const now = Date.now();
+    const kept = this.verdicts.get(key);
+    if (kept && kept.expires > now) return kept.result;
+    if (kept) this.verdicts.delete(key);
+    const result = await spf({ ...input });
+    if (result.status.result !== "temperror") {
+      if (this.verdicts.size >= this.maxEntries) this.verdicts.delete(this.verdicts.keys().next().value!);
+      this.verdicts.set(key, { expires: now + this.ttlMs, result });
+    }
+    return result;
+  }
+}
+
 export interface VerifyInput {
   raw: Buffer;
   ip: string;
@@ -86,6 +131,8 @@ export interface VerifyInput {
   /** authserv-id for Authentication-Results. */
   mta: string;
   resolver: DnsResolver;
+  /** Reused SPF verdicts; every message is evaluated afresh without it. */
+  spfVerdicts?: SpfVerdicts;
 }
 
 /**
@@ -97,7 +144,8 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
   const dkimResult = await verifyDkim(input.raw, { resolver: input.resolver, sender, minBitLength: 1024 });
   let helo = input.helo ?? input.ip;
   if (isIP(helo)) helo = `[${helo}]`;
-  const spfResult = await spf({ ip: input.ip, helo, sender, mta: input.mta, resolver: input.resolver });
+  const spfInput = { ip: input.ip, helo, sender, mta: input.mta, resolver: input.resolver };
+  const spfResult = await (input.spfVerdicts ? input.spfVerdicts.check(spfInput) : spf(spfInput));
   const arcResult = await arc(dkimResult.arc, { resolver: input.resolver, minBitLength: 1024 });
   const results: string[] = [];
   const headers: string[] = [];
@@ -167,6 +215,7 @@ export function summarize(result: AuthenticateResult): Record<string, unknown> {
  */
 export function createAuthCheck(options: AuthCheckOptions): (message: IncomingMessage) => Promise<TransformResult> {
   const timeoutMs = options.timeoutMs ?? 15_000;
+  const spfVerdicts = new SpfVerdicts(options.spfVerdictTtlMs ?? 0);
   return async (message) => {
     let result: AuthenticateResult;
     try {
@@ -178,6 +227,7 @@ export function createAuthCheck(options: AuthCheckOptions): (message: IncomingMe
           sender: message.sender,
           mta: options.hostname,
           resolver: options.resolver,
+          spfVerdicts,
         }),
         timeoutMs,
       );

@@ -65,7 +65,7 @@ export async function startInbound(options: { pool: Pool; bus: Bus; logger: Logg
   const config = { ...defaultInboundConfig, ...options.config };
   const { pool, bus, logger } = options;
   const authCheck = config.INBOUND_AUTH_CHECKS
-    ? createAuthCheck({ pool, logger, hostname: config.MAIL_HOSTNAME, resolver: createResolver(config.DNS_SERVERS, { cacheTtlMs: config.DNS_CACHE_TTL }), timeoutMs: config.INBOUND_AUTH_TIMEOUT })
+    ? createAuthCheck({ pool, logger, hostname: config.MAIL_HOSTNAME, resolver: createResolver(config.DNS_SERVERS, { cacheTtlMs: config.DNS_CACHE_TTL }), timeoutMs: config.INBOUND_AUTH_TIMEOUT, spfVerdictTtlMs: config.DNS_CACHE_TTL })
     : undefined;
   const intake = createIntakeServer({
     service: "mta-inbound",

@@ -7,7 +7,7 @@ import { addAccount, addDomain } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "@mailstack/smtp-intake/testing";
-import { createResolver, verifyDkim } from "../src/auth.ts";
+import { SpfVerdicts, createResolver, verifyDkim } from "../src/auth.ts";
 import { startInbound, type Inbound } from "../src/inbound.ts";
 import { startDnsServer } from "./dns-server.ts";
 
@@ -143,6 +143,32 @@ test("the resolver cache answers repeated lookups, including 'no such name', fro
   await uncached("remote.example", "TXT");
   await uncached("remote.example", "TXT");
   assert.equal(asked() - before, 4);
+});
+
+test("an SPF verdict is reused per client IP, HELO and sender; a temporary error is not", async () => {
+  const resolver = createResolver([dns.address], { cacheTtlMs: 0 });
+  const asked = () => dns.queries.filter((q) => q === "TXT remote.example").length;
+  const verdicts = new SpfVerdicts(60_000);
+  const check = (sender: string, ip = "127.0.0.1") => verdicts.check({ ip, helo: "mx.remote.example", sender, mta: "mx.example.test", resolver });
+  const before = asked();
+  const first = await check("alice@remote.example");
+  assert.equal(first.status.result, "pass");
+  assert.deepEqual(await check("alice@remote.example"), first);
+  assert.equal(asked() - before, 1, "evaluated once");
+  const other = await check("bob@remote.example");
+  assert.match(other.header, /bob@remote\.example/);
+  assert.equal((await check("alice@remote.example", "192.0.2.9")).status.result, "fail");
+  assert.equal(asked() - before, 3, "another sender or IP is evaluated afresh");
+
+  let calls = 0;
+  const failing = async () => {
+    calls++;
+    throw Object.assign(new Error("query timed out"), { code: "ETIMEOUT" });
+  };
+  const flaky = (sender: string) => verdicts.check({ ip: "127.0.0.1", helo: "mx.remote.example", sender, mta: "mx.example.test", resolver: failing });
+  assert.equal((await flaky("carol@remote.example")).status.result, "temperror");
+  await flaky("carol@remote.example");
+  assert.equal(calls, 2);
 });
 
 test("DKIM verification driven directly gives mailauth's streamed results: signed, tampered, simple and relaxed, unsigned", async () => {

@@ -1,6 +1,6 @@
 import { Readable } from "node:stream";
 import { MailParser, type AddressObject, type AttachmentStream, type EmailAddress, type MessageText } from "mailparser";
-import { Splitter } from "@zone-eu/mailsplit";
+import { MimeNode, Splitter } from "@zone-eu/mailsplit";
 import libmime from "libmime";
 
 /** One MIME part: its type, name and size (bytes of its body as transmitted, children included). */
@@ -137,6 +137,20 @@ class DecodedSize {
   }
 }
 
+const SPLITTER_OPTIONS = { ignoreEmbedded: true };
+/** Larger header sections take the full walk, whose splitter enforces its own header limit. */
+const SINGLE_PART_HEADER_LIMIT = 64 * 1024;
+
+/** A part as the splitter describes it, before its body is counted. */
+function partOf(node: SplitNode, partId: string): MimePart {
+  const part: MimePart = { partId, type: (node.contentType || "text/plain").toLowerCase(), size: 0 };
+  if (node.filename) part.filename = clip(String(node.filename), 255);
+  if (node.disposition) part.disposition = String(node.disposition);
+  if (node.encoding) part.encoding = String(node.encoding);
+  if (node.charset) part.charset = String(node.charset);
+  return part;
+}
+
 /**
  * Walks the MIME tree with mailsplit (the splitter mailparser itself uses), counting body bytes
  * per part. An attached message/rfc822 is walked as well (decoded when base64), as a child of its part.
@@ -148,7 +162,7 @@ async function mimeStructure(
   depth = 0,
   budget = { parts: MAX_PARTS },
 ): Promise<MimePart | null> {
-  const splitter = new Splitter({ ignoreEmbedded: true });
+  const splitter = new Splitter(SPLITTER_OPTIONS);
   const parts = new Map<unknown, MimePart>();
   const decoded = new Map<MimePart, DecodedSize>();
   const embedded = new Map<MimePart, Buffer[]>();
@@ -167,15 +181,8 @@ async function mimeStructure(
       // (mailsplit itself defaults every part without one to text/plain).
       const typed = node.headers ? node.headers.get("content-type").length > 0 : true;
       const inDigest = parent?.type === "multipart/digest" && !typed;
-      const part: MimePart = {
-        partId: node.root ? prefix.replace(/\.$/, "") : prefix + (partNr || String(count)),
-        type: inDigest ? "message/rfc822" : (node.contentType || "text/plain").toLowerCase(),
-        size: 0,
-      };
-      if (node.filename) part.filename = clip(String(node.filename), 255);
-      if (node.disposition) part.disposition = String(node.disposition);
-      if (node.encoding) part.encoding = String(node.encoding);
-      if (node.charset) part.charset = String(node.charset);
+      const part = partOf(node, node.root ? prefix.replace(/\.$/, "") : prefix + (partNr || String(count)));
+      if (inDigest) part.type = "message/rfc822";
       parts.set(chunk, part);
       if (!part.type.startsWith("multipart/")) decoded.set(part, new DecodedSize(part.encoding ?? ""));
       if (part.type === "message/rfc822" && depth < MAX_DEPTH) embedded.set(part, []);
@@ -221,11 +228,14 @@ async function mimeStructure(
 export async function structureOf(raw: Buffer, attachments: ParsedMessage["attachments"]): Promise<MimePart | null> {
   const headerEnd = raw.indexOf("\r\n\r\n");
   const bareEnd = raw.indexOf("\n\n");
-  if (headerEnd >= 0 && headerEnd + 4 <= MAX_HEADER_SECTION && (bareEnd < 0 || bareEnd > headerEnd)) {
-    const head = raw.subarray(0, headerEnd + 4);
-    const root = await mimeStructure(head, []);
-    if (root && !root.parts && !root.type.startsWith("multipart/") && root.type !== "message/rfc822") {
-      root.size = raw.length - head.length;
+  if (headerEnd >= 0 && headerEnd + 4 <= SINGLE_PART_HEADER_LIMIT && (bareEnd < 0 || bareEnd > headerEnd)) {
+    // The splitter's own header reader, without the stream around it.
+    const node = new MimeNode(false, SPLITTER_OPTIONS) as unknown as SplitNode & { addHeaderChunk(line: Buffer): boolean; parseHeaders(): void };
+    node.addHeaderChunk(raw.subarray(0, headerEnd + 4));
+    node.parseHeaders();
+    const root = partOf(node, "");
+    if (!root.type.startsWith("multipart/") && root.type !== "message/rfc822") {
+      root.size = raw.length - (headerEnd + 4);
       return root;
     }
   }

@@ -40,6 +40,7 @@ import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } fro
 import { runLoad } from "../smtp-submission/load.ts";
 import { DispatchStamper } from "../../packages/smtp-intake/src/stamper.ts";
 import { createLogger } from "../../packages/telemetry/src/index.ts";
+import { cpuMs, machineBusyMs, postgresCpuMs } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -127,13 +128,19 @@ interface Round {
   clock?: string;
   seconds: number;
   perSecond: number;
+  /** Machine CPU (every process and the kernel) per message over the whole round, holding phase included. */
+  machineCpuMs?: number;
+  /** mailstack: CPU ms per message of the accepting service, of all relay workers, of PostgreSQL. */
+  parts?: { accepting: number; relay: number; postgres: number };
 }
 
 function report(round: Round): void {
   const accepted = round.acceptSeconds
     ? `accepted in ${round.acceptSeconds.toFixed(2)} s  `
     : round.releaseSeconds !== undefined ? `published in ${round.releaseSeconds.toFixed(2)} s  ` : `${round.clock ?? ""}  `;
-  console.log(`${round.name.padEnd(28)} ${count} msgs  ${accepted}at the sink in ${round.seconds.toFixed(2)} s  ${round.perSecond.toFixed(1)} msgs/s`);
+  const parts = round.parts ? ` (accepting ${round.parts.accepting.toFixed(2)}, relay workers ${round.parts.relay.toFixed(2)}, postgres ${round.parts.postgres.toFixed(2)})` : "";
+  const cpu = round.machineCpuMs === undefined ? "" : `  machine CPU/msg ${round.machineCpuMs.toFixed(2)} ms${parts}`;
+  console.log(`${round.name.padEnd(28)} ${count} msgs  ${accepted}at the sink in ${round.seconds.toFixed(2)} s  ${round.perSecond.toFixed(1)} msgs/s${cpu}`);
 }
 
 const env = await createTestEnv();
@@ -151,34 +158,32 @@ try {
   children.push(oursSink.child);
 
   const [submission, submissions] = [await freePort(), await freePort()];
-  processes.push(
-    await startServiceProcess("msa", {
-      ...env.env,
-      LOG_LEVEL: "warn",
-      MAIL_HOSTNAME: "msa.bench.test",
-      SUBMISSION_LISTEN: "127.0.0.1",
-      SUBMISSION_PORT: String(submission),
-      SUBMISSIONS_PORT: String(submissions),
-      SUBMISSION_MAX_MESSAGES: "0",
-      SUBMISSION_MAX_RECIPIENTS: "0",
-      TLS_DIR: tlsDir,
-    }),
-  );
+  const msa = await startServiceProcess("msa", {
+    ...env.env,
+    LOG_LEVEL: "warn",
+    MAIL_HOSTNAME: "msa.bench.test",
+    SUBMISSION_LISTEN: "127.0.0.1",
+    SUBMISSION_PORT: String(submission),
+    SUBMISSIONS_PORT: String(submissions),
+    SUBMISSION_MAX_MESSAGES: "0",
+    SUBMISSION_MAX_RECIPIENTS: "0",
+    TLS_DIR: tlsDir,
+  });
+  processes.push(msa);
   // Port 25: mail for forward@bench.test goes to the remote user@far.example (an alias).
   await addAlias(env.pool, "forward@bench.test", ["user@far.example"]);
   const inboundPort = await freePort();
-  processes.push(
-    await startServiceProcess("mta-inbound", {
-      ...env.env,
-      LOG_LEVEL: "warn",
-      MAIL_HOSTNAME: "mx.bench.test",
-      SMTP_HOST: "127.0.0.1",
-      SMTP_PORT: String(inboundPort),
-      SMTP_MAX_CLIENTS_PER_IP: "200",
-      INBOUND_AUTH_CHECKS: "false",
-      TLS_DIR: tlsDir,
-    }),
-  );
+  const inbound = await startServiceProcess("mta-inbound", {
+    ...env.env,
+    LOG_LEVEL: "warn",
+    MAIL_HOSTNAME: "mx.bench.test",
+    SMTP_HOST: "127.0.0.1",
+    SMTP_PORT: String(inboundPort),
+    SMTP_MAX_CLIENTS_PER_IP: "200",
+    INBOUND_AUTH_CHECKS: "false",
+    TLS_DIR: tlsDir,
+  });
+  processes.push(inbound);
   const startWorkers = async () => {
     workers = await Promise.all(Array.from({ length: workerCount }, () => startServiceProcess("mta-outbound", {
         ...env.env,
@@ -214,6 +219,7 @@ try {
   const auth = { user: "sender@bench.test", pass: "bench-sender" };
   const ours = async (n: number): Promise<Round> => {
     const base = oursSink.count();
+    const cpu0 = await cpuNow(msa);
     const t0 = performance.now();
     const load = await runLoad({ count: n, sessions, size, port: submissions, tls: "implicit", auth, from: "sender@bench.test", to: "user@far.example" });
     // The msa may refuse some under load (its own limits); those are reported, not counted.
@@ -221,16 +227,28 @@ try {
     const accepted = performance.now();
     await oursSink.waitFor(base + load.sent, 300_000);
     const seconds = (performance.now() - t0) / 1000;
-    return { name: "mailstack (msa -> relay)", acceptSeconds: (accepted - t0) / 1000, seconds, perSecond: load.sent / seconds };
+    return { name: "mailstack (msa -> relay)", acceptSeconds: (accepted - t0) / 1000, seconds, perSecond: load.sent / seconds, parts: perMessage(cpu0, await cpuNow(msa), load.sent) };
   };
+  /** CPU ms so far of the accepting service, the relay workers and PostgreSQL. */
+  const cpuNow = async (accepting: ServiceProcess) => ({
+    accepting: await cpuMs(accepting.child.pid!),
+    relay: (await Promise.all(workers.map((w) => cpuMs(w.child.pid!)))).reduce((a, b) => a + b, 0),
+    postgres: await postgresCpuMs(),
+  });
+  const perMessage = (before: Awaited<ReturnType<typeof cpuNow>>, after: typeof before, n: number) => ({
+    accepting: (after.accepting - before.accepting) / n,
+    relay: (after.relay - before.relay) / n,
+    postgres: (after.postgres - before.postgres) / n,
+  });
   const ours25 = async (n: number): Promise<Round> => {
     const base = oursSink.count();
+    const cpu0 = await cpuNow(inbound);
     const t0 = performance.now();
     await smtpSource(inboundPort, n, "forward@bench.test");
     const accepted = performance.now();
     await oursSink.waitFor(base + n, 300_000);
     const seconds = (performance.now() - t0) / 1000;
-    return { name: "mailstack (port 25 -> relay)", acceptSeconds: (accepted - t0) / 1000, seconds, perSecond: n / seconds };
+    return { name: "mailstack (port 25 -> relay)", acceptSeconds: (accepted - t0) / 1000, seconds, perSecond: n / seconds, parts: perMessage(cpu0, await cpuNow(inbound), n) };
   };
   const postfix = async (n: number): Promise<Round> => {
     const base = pf!.sink.count();
@@ -335,7 +353,9 @@ try {
   if (values.mode === "both" || values.mode === "drain") runs.push(oursDrain, ...(pf ? [postfixDrain] : []));
   for (let i = 0; i < rounds; i++) {
     for (const run of runs) {
+      const busy0 = await machineBusyMs();
       const round = await run(count);
+      round.machineCpuMs = ((await machineBusyMs()) - busy0) / count;
       report(round);
       if (!best[round.name] || round.perSecond > best[round.name]!.perSecond) best[round.name] = round;
     }

@@ -111,6 +111,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   type Claimed = { rows: ClaimedRow[]; message: MessageRow } | null;
   type JsonClaimed = Omit<ClaimedRow, "created_at" | "delay_notified_at"> & { created_at: string; delay_notified_at: string | null };
   let claims: Array<{ job: RelayJob; resolve: (claimed: Claimed) => void; reject: (error: unknown) => void }> = [];
+  let claiming = false;
 
   /**
    * Leases the job's pending deliveries and loads the message; null when nothing is
@@ -120,13 +121,24 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   function claim(job: RelayJob): Promise<Claimed> {
     return new Promise((resolve, reject) => {
       claims.push({ job, resolve, reject });
-      if (claims.length === 1) setImmediate(flushClaims);
+      if (!claiming) {
+        claiming = true;
+        setImmediate(drainClaims);
+      }
     });
   }
 
-  async function flushClaims(): Promise<void> {
-    const items = claims;
-    claims = [];
+  /** One claim statement in flight at a time: jobs arriving meanwhile go together in the next. */
+  async function drainClaims(): Promise<void> {
+    while (claims.length > 0) {
+      const items = claims;
+      claims = [];
+      await flushClaims(items);
+    }
+    claiming = false;
+  }
+
+  async function flushClaims(items: typeof claims): Promise<void> {
     const ids = [...new Set(items.flatMap((i) => i.job.deliveryIds))];
     const messageIds = [...new Set(items.map((i) => i.job.messageId))];
     try {
@@ -277,6 +289,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     events: JourneyEvent[];
   }
   let batch: Array<{ item: RecordItem; resolve: (kept: Set<number>) => void; reject: (error: unknown) => void }> = [];
+  let recording = false;
 
   /**
    * Records results; the results of jobs finishing in the same event-loop turn share one
@@ -286,13 +299,24 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   function recordBatch(item: RecordItem): Promise<Set<number>> {
     return new Promise((resolve, reject) => {
       batch.push({ item, resolve, reject });
-      if (batch.length === 1) setImmediate(flushRecords);
+      if (!recording) {
+        recording = true;
+        setImmediate(drainRecords);
+      }
     });
   }
 
-  async function flushRecords(): Promise<void> {
-    const items = batch;
-    batch = [];
+  /** One result statement in flight at a time (its commit waits for the WAL flush): results arriving meanwhile share the next. */
+  async function drainRecords(): Promise<void> {
+    while (batch.length > 0) {
+      const items = batch;
+      batch = [];
+      await flushRecords(items);
+    }
+    recording = false;
+  }
+
+  async function flushRecords(items: typeof batch): Promise<void> {
     const all = items.map((i) => i.item);
     const events = all.flatMap((i) => i.events);
     try {

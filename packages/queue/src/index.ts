@@ -7,3 +7,4 @@ export * from "./admin.ts";
 export * from "./event-publisher.ts";
 export * from "./retention.ts";
 export * from "./periodic.ts";
+export * from "./states.ts";

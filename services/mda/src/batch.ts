@@ -1,7 +1,8 @@
 import { transaction } from "@mailstack/db";
+import { FINAL_STATES, stillPending } from "@mailstack/queue";
 import { mailMetrics } from "@mailstack/telemetry";
 import {
-  FINAL_STATES, ROW_COLUMNS, SERVICE, decideFor, deliverLocal, headerPrefix, observeFiled,
+  ROW_COLUMNS, SERVICE, decideFor, deliverLocal, headerPrefix, observeFiled,
   type DeliverContext, type Outcome, type Row,
 } from "./deliver.ts";
 import { mdaMetrics } from "./metrics.ts";
@@ -150,7 +151,7 @@ export class DeliveryBatcher {
     const filed = await transaction(this.ctx.pool, async (client) => {
       // Locks in a fixed order (deliveries by id, then accounts by id, then folders) so batches never deadlock.
       const pending = await client.query<{ id: number }>(
-        "SELECT id FROM deliveries WHERE id = ANY($1) AND state IN ('queued', 'deferred') ORDER BY id FOR NO KEY UPDATE",
+        `SELECT id FROM deliveries WHERE id = ANY($1) AND ${stillPending()} ORDER BY id FOR NO KEY UPDATE`,
         [planned.map((p) => p.row.id).sort((a, b) => a - b)],
       );
       const pendingIds = new Set(pending.rows.map((r) => r.id));

@@ -1,6 +1,6 @@
 import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, type FilterRuleRow, type Pool, type PoolClient } from "@mailstack/db";
-import { dispatchAccepted, insertMessage, recordEvents, type AcceptedMessage, type JourneyEvent } from "@mailstack/queue";
+import { FINAL_STATES, dispatchAccepted, insertMessage, recordEvents, stillPending, type AcceptedMessage, type JourneyEvent } from "@mailstack/queue";
 import { mailMetrics, type Logger } from "@mailstack/telemetry";
 import { decide, type Decision } from "./filters.ts";
 import { mdaMetrics } from "./metrics.ts";
@@ -31,7 +31,6 @@ export type Outcome =
   | { status: "forwarded"; to: string; messageId: number }
   | { status: "bounced"; code: number; enhanced: string; text: string };
 
-export const FINAL_STATES = new Set(["delivered", "bounced", "cancelled"]);
 
 export interface Row {
   id: number;
@@ -204,7 +203,7 @@ async function fileFast(ctx: DeliverContext, row: Row, folder: string): Promise<
   const size = prefix.length + row.message_size;
   const result = await ctx.pool.query<{ pending: number; uid: number | null }>(
     `WITH pending AS (
-       SELECT id FROM deliveries WHERE id = $1 AND state IN ('queued', 'deferred') FOR NO KEY UPDATE
+       SELECT id FROM deliveries WHERE id = $1 AND ${stillPending()} FOR NO KEY UPDATE
      ), quota AS (
        UPDATE accounts SET used_bytes = used_bytes + $4
         WHERE id = $2 AND EXISTS (SELECT 1 FROM pending) AND (quota_bytes IS NULL OR used_bytes + $4 <= quota_bytes)

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import type { Pool } from "@mailstack/db";
-import type { JourneyEvent, RelayJob } from "@mailstack/queue";
+import { stillPending, type JourneyEvent, type RelayJob } from "@mailstack/queue";
 import { Counter, Histogram, SpanKind, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
@@ -151,7 +151,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
            UPDATE deliveries SET lease_owner = $1, lease_until = now() + make_interval(secs => $2::float8 / 1000), updated_at = now()
              FROM async_commit
             WHERE id = ANY($3) AND message_id = ANY($4) AND kind = 'remote'
-              AND (state = 'queued' OR (state = 'deferred' AND next_attempt_at <= now()))
+              AND ${stillPending()} AND (state <> 'deferred' OR next_attempt_at <= now())
               AND (lease_until IS NULL OR lease_until < now())
             RETURNING id, message_id, recipient, final_recipient, dsn_notify, dsn_orcpt, attempts, created_at, delay_notified_at)
          SELECT m.id, m.envelope_from, m.raw, m.dsn_envid, m.dsn_ret, m.received_at, json_agg(c ORDER BY c.id) AS claimed
@@ -328,7 +328,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
                   dsn_state = CASE WHEN r.dsn = 'pending' OR (r.dsn = 'delay' AND d.dsn_state IS NULL) THEN 'pending' ELSE d.dsn_state END
              FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::text[])
                   AS r(id, state, reply, status, remote_mta, delay_ms, dsn)
-            WHERE d.id = r.id AND d.lease_owner = $8 AND d.state IN ('queued', 'deferred')
+            WHERE d.id = r.id AND d.lease_owner = $8 AND ${stillPending("d.state")}
             RETURNING d.id),
          logged AS (
            INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)

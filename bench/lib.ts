@@ -21,17 +21,25 @@ export async function cpuMs(pid: number, children = false): Promise<number> {
   return (ticks * 1000) / 100;
 }
 
-/** CPU time (user + system) of every running PostgreSQL process (server, backends, writers), in ms. */
+/**
+ * CPU time (user + system) of PostgreSQL, in ms: every running postgres process (server,
+ * backends, writers) plus what the server has collected from its children that exited (a pool
+ * closing an idle connection ends its backend), so the figure never goes back.
+ */
 export async function postgresCpuMs(): Promise<number> {
-  let total = 0;
+  const processes = new Map<string, string[]>();
   for (const entry of await readdir("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
     const stat = await readFile(`/proc/${entry}/stat`, "utf8").catch(() => "");
-    if (!stat.includes(" (postgres) ")) continue;
-    const fields = stat.split(") ")[1]!.split(" ");
-    total += Number(fields[11]) + Number(fields[12]);
+    if (stat.includes(" (postgres) ")) processes.set(entry, stat.split(") ")[1]!.split(" "));
   }
-  return (total * 1000) / 100;
+  let ticks = 0;
+  for (const fields of processes.values()) {
+    ticks += Number(fields[11]) + Number(fields[12]);
+    // The server itself (its parent is not a postgres process): add its reaped children.
+    if (!processes.has(fields[1]!)) ticks += Number(fields[13]) + Number(fields[14]);
+  }
+  return (ticks * 1000) / 100;
 }
 
 /** CPU time the whole machine spent busy (every core; all but idle and iowait), in ms. */

@@ -67,7 +67,14 @@ export async function dispatchDeliveries(bus: Bus, db: Queryable, items: Dispatc
   const results = await Promise.allSettled(work);
   if (published.length > 0) {
     if (options.markDispatched) await options.markDispatched(published);
-    else await db.query("UPDATE deliveries SET dispatched_at = now() WHERE id = ANY($1) AND dispatched_at IS NULL", [published]);
+    else {
+      // Locked in id order, as every other writer of deliveries locks them.
+      await db.query(
+        `WITH locked AS (SELECT id FROM deliveries WHERE id = ANY($1) AND dispatched_at IS NULL ORDER BY id FOR NO KEY UPDATE)
+         UPDATE deliveries d SET dispatched_at = now() FROM locked WHERE d.id = locked.id`,
+        [published],
+      );
+    }
   }
   const failed = results.find((r) => r.status === "rejected");
   if (failed) throw (failed as PromiseRejectedResult).reason;

@@ -59,17 +59,19 @@ export class DispatchStamper {
   private async run(): Promise<void> {
     while (this.pending.length > 0) {
       await this.linger();
-      // In id order, the order the MDA locks deliveries in, so the two never deadlock.
       const stamps = this.pending.splice(0).sort((a, b) => a.id - b.id);
       const ids = stamps.map((s) => s.id);
       const times = stamps.map((s) => s.at);
       const waiters = this.waiters.splice(0);
       try {
         // One statement is its own transaction: set_config(..., true) applies to its commit.
+        // The rows are locked in id order, as the MDA and the relay workers lock them, so none
+        // of them can deadlock with another (whatever plan the update itself gets).
         await this.pool.query(
-          `WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))
-           UPDATE deliveries d SET dispatched_at = t.at FROM async_commit, unnest($1::bigint[], $2::timestamptz[]) AS t(id, at)
-            WHERE d.id = t.id AND d.dispatched_at IS NULL`,
+          `WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)),
+           locked AS (SELECT id FROM deliveries WHERE id = ANY($1) AND dispatched_at IS NULL ORDER BY id FOR NO KEY UPDATE)
+           UPDATE deliveries d SET dispatched_at = t.at FROM async_commit, locked, unnest($1::bigint[], $2::timestamptz[]) AS t(id, at)
+            WHERE d.id = locked.id AND d.id = t.id`,
           [ids, times],
         );
         for (const w of waiters) w.resolve();

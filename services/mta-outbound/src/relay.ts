@@ -146,14 +146,19 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         // The claim commits without waiting for the WAL flush: the result, committed durably after
         // the SMTP transaction, flushes it too; a claim lost in a PostgreSQL crash before that
         // only reopens the delivery, the duplicate window every MTA has (docs/mta-outbound.md).
+        // Rows are locked in id order (as the MDA and the dispatch stamps lock them): no deadlocks.
         `WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)),
-         claimed AS (
-           UPDATE deliveries SET lease_owner = $1, lease_until = now() + make_interval(secs => $2::float8 / 1000), updated_at = now()
-             FROM async_commit
+         locked AS (
+           SELECT id FROM deliveries
             WHERE id = ANY($3) AND message_id = ANY($4) AND kind = 'remote'
               AND ${stillPending()} AND (state <> 'deferred' OR next_attempt_at <= now())
               AND (lease_until IS NULL OR lease_until < now())
-            RETURNING id, message_id, recipient, final_recipient, dsn_notify, dsn_orcpt, attempts, created_at, delay_notified_at)
+            ORDER BY id FOR NO KEY UPDATE),
+         claimed AS (
+           UPDATE deliveries d SET lease_owner = $1, lease_until = now() + make_interval(secs => $2::float8 / 1000), updated_at = now()
+             FROM async_commit, locked
+            WHERE d.id = locked.id
+            RETURNING d.id, d.message_id, d.recipient, d.final_recipient, d.dsn_notify, d.dsn_orcpt, d.attempts, d.created_at, d.delay_notified_at)
          SELECT m.id, m.envelope_from, m.raw, m.dsn_envid, m.dsn_ret, m.received_at, json_agg(c ORDER BY c.id) AS claimed
            FROM claimed c JOIN messages m ON m.id = c.message_id GROUP BY m.id`,
         [workerId, config.leaseMs, ids, messageIds],
@@ -321,14 +326,16 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     const events = all.flatMap((i) => i.events);
     try {
       const updated = await pool.query<{ id: number }>(
-        `WITH changed AS (
+        `WITH locked AS (SELECT id FROM deliveries WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE),
+         changed AS (
            UPDATE deliveries d SET state = r.state, attempts = d.attempts + 1, last_attempt_at = now(), last_reply = r.reply,
                   last_status = r.status, remote_mta = r.remote_mta, lease_owner = NULL, lease_until = NULL, updated_at = now(),
                   next_attempt_at = CASE WHEN r.state = 'deferred' THEN now() + make_interval(secs => r.delay_ms / 1000) ELSE NULL END,
                   dsn_state = CASE WHEN r.dsn = 'pending' OR (r.dsn = 'delay' AND d.dsn_state IS NULL) THEN 'pending' ELSE d.dsn_state END
              FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::text[])
                   AS r(id, state, reply, status, remote_mta, delay_ms, dsn)
-            WHERE d.id = r.id AND d.lease_owner = $8 AND ${stillPending("d.state")}
+             , locked
+            WHERE d.id = r.id AND d.id = locked.id AND d.lease_owner = $8 AND ${stillPending("d.state")}
             RETURNING d.id),
          logged AS (
            INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)

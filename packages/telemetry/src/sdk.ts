@@ -23,7 +23,7 @@ function exportConfigured(env: NodeJS.ProcessEnv): boolean {
  * Starts the OpenTelemetry SDK. Call it before importing anything that should be
  * instrumented (pg, net, dns): a service's main.ts starts it, then imports the rest.
  * The exporter, protocol, sampler and endpoint come from the standard OTEL_* variables;
- * with no endpoint configured, spans are created (for trace ids) but never exported.
+ * with no endpoint configured, spans are not recorded: they exist only for their ids.
  */
 export function startTelemetry(serviceName: string): void {
   if (sdk) return;
@@ -32,6 +32,10 @@ export function startTelemetry(serviceName: string): void {
   env.OTEL_METRICS_EXPORTER ??= "none";
   env.OTEL_LOGS_EXPORTER ??= "none";
   const exporting = exportConfigured(env);
+  // Nothing to export to: spans are not recorded at all (no attributes kept, no span processor),
+  // while every span still gets its trace and span ids, so logs, message rows and NATS headers
+  // carry them as before. An operator's own OTEL_TRACES_SAMPLER wins.
+  if (!exporting) env.OTEL_TRACES_SAMPLER ??= "always_off";
   sdk = new NodeSDK({
     serviceName: env.OTEL_SERVICE_NAME,
     ...(exporting ? {} : { traceExporter: discardingExporter as never }),

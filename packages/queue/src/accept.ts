@@ -83,6 +83,32 @@ export async function acceptMessage(pool: Pool, message: NewMessage, deliveries:
   return transaction(pool, (client) => insertMessage(client, message, deliveries, service));
 }
 
+const INSERT_MESSAGES_SQL = `WITH m AS (
+   INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
+                         message_id_header, auth_results, dsn_envid, dsn_ret, trace_id, trace_span_id)
+   SELECT t.queue_id, substring($1::bytea FROM t.start + 1 FOR t.size), t.size, t.envelope_from, t.source, t.client_ip,
+          t.client_helo, t.auth_user, t.message_id_header, t.auth_results::jsonb, t.dsn_envid, t.dsn_ret, t.trace_id, t.trace_span_id
+     FROM unnest($2::text[], $3::int[], $4::int[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                 $11::text[], $12::text[], $13::text[], $14::text[], $15::text[])
+          WITH ORDINALITY AS t(queue_id, start, size, envelope_from, source, client_ip, client_helo, auth_user, message_id_header,
+                               auth_results, dsn_envid, dsn_ret, trace_id, trace_span_id, position)
+    ORDER BY t.position
+   RETURNING id, queue_id
+ ), d AS (
+   INSERT INTO deliveries (message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
+   SELECT m.id, r.recipient, r.final_recipient, r.kind, r.account_id, r.remote_domain, r.folder,
+          CASE WHEN r.dsn_notify IS NULL THEN NULL ELSE string_to_array(r.dsn_notify, ',') END, r.dsn_orcpt
+     FROM unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::bigint[], $21::text[], $22::text[], $23::text[], $24::text[])
+          AS r(queue_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
+     JOIN m ON m.queue_id = r.queue_id
+   RETURNING id, message_id, kind, final_recipient, remote_domain
+ ), e AS (
+   INSERT INTO delivery_events (message_id, delivery_id, event, service, detail)
+   SELECT d.message_id, d.id, 'accepted', $25::text, jsonb_build_object('recipient', d.final_recipient) FROM d
+ )
+ SELECT d.id, m.id AS message_id, m.queue_id, d.kind, d.final_recipient, d.remote_domain
+   FROM m LEFT JOIN d ON d.message_id = m.id ORDER BY m.id, d.id`;
+
 /**
  * insertMessage for many messages at once, as ONE statement whatever their number (messages,
  * deliveries and their `accepted` events in data-modifying CTEs): called on a pool it is its
@@ -96,59 +122,54 @@ export async function insertMessages(
 ): Promise<AcceptedMessage[]> {
   if (batch.length === 0) return [];
   const queueIds = batch.map((b) => b.message.queueId ?? newQueueId());
-  // Messages as a multi-row VALUES rather than unnest: a Buffer parameter travels in binary,
-  // while a bytea[] array would be hex text twice the size of the messages.
-  const values: unknown[] = [];
-  const tuples = batch.map(({ message: m }, i) => {
-    const row = [
-      queueIds[i], m.raw, m.raw.length, m.envelopeFrom, m.source, m.clientIp ?? null, m.clientHelo ?? null, m.authUser ?? null,
-      m.messageIdHeader ?? null, m.authResults ? JSON.stringify(m.authResults) : null, m.dsnEnvid ?? null, m.dsnRet ?? null, m.traceId ?? null, m.traceSpanId ?? null,
-    ];
-    const first = values.length + 1;
-    values.push(...row);
-    return `(${row.map((_, j) => `$${first + j}${j === 2 ? "::bigint" : j === 9 ? "::jsonb" : ""}`).join(", ")})`;
-  });
+  // The message bodies travel as ONE binary parameter (a bytea[] array would be hex text twice
+  // their size) cut apart by offset in SQL, so the statement's text is the same for every batch:
+  // a prepared statement, parsed and planned once per connection instead of once per batch.
+  const offsets: number[] = [];
+  let offset = 0;
+  for (const { message } of batch) {
+    offsets.push(offset);
+    offset += message.raw.length;
+  }
+  const bodies = batch.length === 1 ? batch[0]!.message.raw : Buffer.concat(batch.map((b) => b.message.raw), offset);
+  const messages = batch.map((b) => b.message);
   const rows: Array<NewDelivery & { queueId: string }> = [];
   batch.forEach((b, i) => {
     const unique = new Map<string, NewDelivery>();
     for (const delivery of b.deliveries) if (!unique.has(delivery.route.address)) unique.set(delivery.route.address, delivery);
     for (const delivery of unique.values()) rows.push({ ...delivery, queueId: queueIds[i]! });
   });
-  const p = values.length;
-  values.push(
-    rows.map((d) => d.queueId),
-    rows.map((d) => d.recipient),
-    rows.map((d) => d.route.address),
-    rows.map((d) => d.route.kind),
-    rows.map((d) => (d.route.kind === "local" ? d.route.accountId : null)),
-    rows.map((d) => (d.route.kind === "remote" ? d.route.domain : null)),
-    rows.map((d) => d.folder ?? "INBOX"),
-    rows.map((d) => (d.dsnNotify?.length ? d.dsnNotify.join(",") : null)),
-    rows.map((d) => d.dsnOrcpt ?? null),
-    service,
-  );
-  const result = await db.query<{ id: number | null; message_id: number; queue_id: string; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>(
-    `WITH m AS (
-       INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
-                             message_id_header, auth_results, dsn_envid, dsn_ret, trace_id, trace_span_id)
-       VALUES ${tuples.join(", ")} RETURNING id, queue_id
-     ), d AS (
-       INSERT INTO deliveries (message_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
-       SELECT m.id, r.recipient, r.final_recipient, r.kind, r.account_id, r.remote_domain, r.folder,
-              CASE WHEN r.dsn_notify IS NULL THEN NULL ELSE string_to_array(r.dsn_notify, ',') END, r.dsn_orcpt
-       FROM unnest($${p + 1}::text[], $${p + 2}::text[], $${p + 3}::text[], $${p + 4}::text[], $${p + 5}::bigint[], $${p + 6}::text[],
-                   $${p + 7}::text[], $${p + 8}::text[], $${p + 9}::text[])
-            AS r(queue_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
-       JOIN m ON m.queue_id = r.queue_id
-       RETURNING id, message_id, kind, final_recipient, remote_domain
-     ), e AS (
-       INSERT INTO delivery_events (message_id, delivery_id, event, service, detail)
-       SELECT d.message_id, d.id, 'accepted', $${p + 10}::text, jsonb_build_object('recipient', d.final_recipient) FROM d
-     )
-     SELECT d.id, m.id AS message_id, m.queue_id, d.kind, d.final_recipient, d.remote_domain
-       FROM m LEFT JOIN d ON d.message_id = m.id ORDER BY m.id, d.id`,
-    values,
-  );
+  const result = await db.query<{ id: number | null; message_id: number; queue_id: string; kind: "local" | "remote"; final_recipient: string; remote_domain: string | null }>({
+    name: "accept-messages",
+    text: INSERT_MESSAGES_SQL,
+    values: [
+      bodies,
+      queueIds,
+      offsets,
+      messages.map((m) => m.raw.length),
+      messages.map((m) => m.envelopeFrom),
+      messages.map((m) => m.source),
+      messages.map((m) => m.clientIp ?? null),
+      messages.map((m) => m.clientHelo ?? null),
+      messages.map((m) => m.authUser ?? null),
+      messages.map((m) => m.messageIdHeader ?? null),
+      messages.map((m) => (m.authResults ? JSON.stringify(m.authResults) : null)),
+      messages.map((m) => m.dsnEnvid ?? null),
+      messages.map((m) => m.dsnRet ?? null),
+      messages.map((m) => m.traceId ?? null),
+      messages.map((m) => m.traceSpanId ?? null),
+      rows.map((d) => d.queueId),
+      rows.map((d) => d.recipient),
+      rows.map((d) => d.route.address),
+      rows.map((d) => d.route.kind),
+      rows.map((d) => (d.route.kind === "local" ? d.route.accountId : null)),
+      rows.map((d) => (d.route.kind === "remote" ? d.route.domain : null)),
+      rows.map((d) => d.folder ?? "INBOX"),
+      rows.map((d) => (d.dsnNotify?.length ? d.dsnNotify.join(",") : null)),
+      rows.map((d) => d.dsnOrcpt ?? null),
+      service,
+    ],
+  });
   const byQueueId = new Map<string, { messageId: number; deliveries: AcceptedDelivery[] }>();
   for (const row of result.rows) {
     const entry = byQueueId.get(row.queue_id) ?? { messageId: row.message_id, deliveries: [] };

@@ -8,34 +8,6 @@ import {
 import { mdaMetrics } from "./metrics.ts";
 import { parseMessage } from "./parse.ts";
 
-// The batch's statements are named (prepared once per connection): their text never changes, and
-// parsing and planning them cost PostgreSQL more than running them for a small batch.
-export const BATCH_ROWS_SQL = `SELECT ${ROW_COLUMNS}, CASE WHEN p.parsed IS NULL AND m.size <= $2 THEN m.raw END AS raw
-   FROM deliveries d JOIN messages m ON m.id = d.message_id LEFT JOIN message_parsed p ON p.message_id = m.id
-        LEFT JOIN accounts a ON a.id = d.account_id
-  WHERE d.id = ANY($1)`;
-export const LOCK_PENDING_SQL = `SELECT id FROM deliveries WHERE id = ANY($1) AND ${stillPending()} ORDER BY id FOR NO KEY UPDATE`;
-
-// Everything but the locks in one statement: the parsed summaries, the quota charge, the mailbox
-// entries, the deliveries' final state and their journey events. "AND id = ANY(...)" beside each
-// join with unnest: a generic plan cannot size unnest, and without it read all of deliveries.
-export const FILE_BATCH_SQL = `WITH parsed AS (
-   INSERT INTO message_parsed (message_id, parsed) SELECT * FROM unnest($1::bigint[], $2::jsonb[])
-   ON CONFLICT (message_id) DO NOTHING
- ), charged AS (
-   UPDATE accounts a SET used_bytes = a.used_bytes + t.bytes FROM unnest($3::bigint[], $4::bigint[]) AS t(id, bytes) WHERE a.id = t.id AND a.id = ANY($3)
- ), entries AS (
-   INSERT INTO mailbox_entries (account_id, folder, uid, message_id, delivery_id, header_prefix, size)
-   SELECT * FROM unnest($5::bigint[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bytea[], $11::bigint[])
- ), delivered AS (
-   UPDATE deliveries d SET state = 'delivered', folder = t.folder, attempts = d.attempts + 1, last_attempt_at = now(),
-          next_attempt_at = NULL, last_status = '2.0.0', last_reply = t.reply, updated_at = now()
-     FROM unnest($9::bigint[], $6::text[], $12::text[]) AS t(id, folder, reply) WHERE d.id = t.id AND d.id = ANY($9)
- )
- INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)
- SELECT t.message_id, t.delivery_id, 'delivered', $13::text, '250 2.0.0 Delivered', t.detail
-   FROM unnest($8::bigint[], $9::bigint[], $14::jsonb[]) AS t(message_id, delivery_id, detail)`;
-
 /** Messages up to this size are fetched for parsing together with the rest of a batch. */
 const BULK_PARSE_LIMIT = 256 * 1024;
 
@@ -129,7 +101,13 @@ export class DeliveryBatcher {
     const unique = [...new Set(ids)];
     // The rows, with the raw bytes of small unparsed messages, in one query; a large one is fetched
     // alone, so a batch never holds many large messages in memory at once.
-    const rows = (await this.ctx.pool.query<Row & { raw: Buffer | null }>({ name: "mda-batch-rows", text: BATCH_ROWS_SQL, values: [unique, BULK_PARSE_LIMIT] })).rows;
+    const rows = (await this.ctx.pool.query<Row & { raw: Buffer | null }>(
+      `SELECT ${ROW_COLUMNS}, CASE WHEN p.parsed IS NULL AND m.size <= $2 THEN m.raw END AS raw
+         FROM deliveries d JOIN messages m ON m.id = d.message_id LEFT JOIN message_parsed p ON p.message_id = m.id
+              LEFT JOIN accounts a ON a.id = d.account_id
+        WHERE d.id = ANY($1)`,
+      [unique, BULK_PARSE_LIMIT],
+    )).rows;
     const byId = new Map(rows.map((r) => [r.id, r]));
 
     // Parse once per message; what is parsed here is stored with the filing transaction.
@@ -172,22 +150,20 @@ export class DeliveryBatcher {
 
     const filed = await transaction(this.ctx.pool, async (client) => {
       // Locks in a fixed order (deliveries by id, then accounts by id, then folders) so batches never deadlock.
-      const pending = await client.query<{ id: number }>({
-        name: "mda-batch-lock",
-        text: LOCK_PENDING_SQL,
-        values: [planned.map((p) => p.row.id).sort((a, b) => a - b)],
-      });
+      const pending = await client.query<{ id: number }>(
+        `SELECT id FROM deliveries WHERE id = ANY($1) AND ${stillPending()} ORDER BY id FOR NO KEY UPDATE`,
+        [planned.map((p) => p.row.id).sort((a, b) => a - b)],
+      );
       const pendingIds = new Set(pending.rows.map((r) => r.id));
       const live = planned.filter((p) => pendingIds.has(p.row.id)).sort((a, b) => a.row.id - b.row.id);
       for (const p of planned) if (!pendingIds.has(p.row.id)) outcomes.set(p.row.id, { status: "duplicate", state: "delivered" });
       if (live.length === 0) return [] as Array<Planned & { uid: number }>;
 
       const accountIds = [...new Set(live.map((p) => p.row.account_id!))].sort((a, b) => a - b);
-      const accounts = await client.query<{ id: number; used_bytes: number; quota_bytes: number | null }>({
-        name: "mda-batch-accounts",
-        text: "SELECT id, used_bytes, quota_bytes FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-        values: [accountIds],
-      });
+      const accounts = await client.query<{ id: number; used_bytes: number; quota_bytes: number | null }>(
+        "SELECT id, used_bytes, quota_bytes FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        [accountIds],
+      );
       const used = new Map(accounts.rows.map((a) => [a.id, { used: Number(a.used_bytes), quota: a.quota_bytes === null ? null : Number(a.quota_bytes) }]));
       const fits: Planned[] = [];
       for (const p of live) {
@@ -211,14 +187,13 @@ export class DeliveryBatcher {
       }
       const groups = [...byFolder.values()].sort((a, b) => a.accountId - b.accountId || (a.folder < b.folder ? -1 : a.folder > b.folder ? 1 : 0));
       // One UID range per folder: uid_next moves by the number of copies.
-      const ranges = await client.query<{ account_id: number; name: string; uid_next: number }>({
-        name: "mda-batch-uids",
-        text: `INSERT INTO folders (account_id, name, uid_next)
+      const ranges = await client.query<{ account_id: number; name: string; uid_next: number }>(
+        `INSERT INTO folders (account_id, name, uid_next)
          SELECT a, n, 1 + k FROM unnest($1::bigint[], $2::text[], $3::int[]) WITH ORDINALITY AS t(a, n, k, o) ORDER BY o
          ON CONFLICT (account_id, name) DO UPDATE SET uid_next = folders.uid_next + EXCLUDED.uid_next - 1
          RETURNING account_id, name, uid_next`,
-        values: [groups.map((g) => g.accountId), groups.map((g) => g.folder), groups.map((g) => g.items.length)],
-      });
+        [groups.map((g) => g.accountId), groups.map((g) => g.folder), groups.map((g) => g.items.length)],
+      );
       const nextOf = new Map(ranges.rows.map((r) => [`${r.account_id}\u0000${r.name}`, r.uid_next]));
       const withUid: Array<Planned & { uid: number }> = [];
       for (const group of groups) {
@@ -229,10 +204,26 @@ export class DeliveryBatcher {
       const charge = new Map<number, number>();
       for (const p of fits) charge.set(p.row.account_id!, (charge.get(p.row.account_id!) ?? 0) + p.size);
       const parsedIds = [...new Set(withUid.map((p) => p.row.message_id))].filter((id) => parsedByMessage.has(id));
-      await client.query({
-        name: "mda-batch-file",
-        text: FILE_BATCH_SQL,
-        values: [
+      // Everything else in one statement: the parsed summaries, the quota charge, the mailbox
+      // entries, the deliveries' final state and their journey events.
+      await client.query(
+        `WITH parsed AS (
+           INSERT INTO message_parsed (message_id, parsed) SELECT * FROM unnest($1::bigint[], $2::jsonb[])
+           ON CONFLICT (message_id) DO NOTHING
+         ), charged AS (
+           UPDATE accounts a SET used_bytes = a.used_bytes + t.bytes FROM unnest($3::bigint[], $4::bigint[]) AS t(id, bytes) WHERE a.id = t.id
+         ), entries AS (
+           INSERT INTO mailbox_entries (account_id, folder, uid, message_id, delivery_id, header_prefix, size)
+           SELECT * FROM unnest($5::bigint[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bytea[], $11::bigint[])
+         ), delivered AS (
+           UPDATE deliveries d SET state = 'delivered', folder = t.folder, attempts = d.attempts + 1, last_attempt_at = now(),
+                  next_attempt_at = NULL, last_status = '2.0.0', last_reply = t.reply, updated_at = now()
+             FROM unnest($9::bigint[], $6::text[], $12::text[]) AS t(id, folder, reply) WHERE d.id = t.id
+         )
+         INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)
+         SELECT t.message_id, t.delivery_id, 'delivered', $13::text, '250 2.0.0 Delivered', t.detail
+           FROM unnest($8::bigint[], $9::bigint[], $14::jsonb[]) AS t(message_id, delivery_id, detail)`,
+        [
           parsedIds, parsedIds.map((id) => JSON.stringify(parsedByMessage.get(id))),
           [...charge.keys()], [...charge.values()],
           withUid.map((p) => p.row.account_id), withUid.map((p) => p.folder), withUid.map((p) => p.uid),
@@ -241,7 +232,7 @@ export class DeliveryBatcher {
           SERVICE,
           withUid.map((p) => JSON.stringify({ folder: p.folder, uid: p.uid })),
         ],
-      });
+      );
       return withUid;
     });
     for (const p of filed) {

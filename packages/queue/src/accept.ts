@@ -83,7 +83,7 @@ export async function acceptMessage(pool: Pool, message: NewMessage, deliveries:
   return transaction(pool, (client) => insertMessage(client, message, deliveries, service));
 }
 
-const INSERT_MESSAGES_SQL = `WITH m AS (
+export const INSERT_MESSAGES_SQL = `WITH m AS (
    INSERT INTO messages (queue_id, raw, size, envelope_from, source, client_ip, client_helo, auth_user,
                          message_id_header, auth_results, dsn_envid, dsn_ret, trace_id, trace_span_id)
    SELECT t.queue_id, substring($1::bytea FROM t.start + 1 FOR t.size), t.size, t.envelope_from, t.source, t.client_ip,

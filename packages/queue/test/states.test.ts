@@ -2,7 +2,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
 import { addAccount, addDomain } from "@mailstack/db";
-import { FINAL_STATES, insertMessages, stillPending } from "../src/index.ts";
+import { FINAL_STATES, INSERT_MESSAGES_SQL, insertMessages, stillPending } from "../src/index.ts";
 
 // A young table (no statistics yet) full of pending deliveries: the state in which the planner
 // thought deliveries_pending tiny and scanned all of it to find a handful of rows by id.
@@ -51,5 +51,21 @@ test("statements that find pending deliveries by id look them up by primary key"
   for (const text of plans) {
     assert.match(text, /deliveries_pkey/, text);
     assert.doesNotMatch(text, /deliveries_pending|Seq Scan on deliveries/, text);
+  }
+});
+
+test("the accept statement, prepared once per connection, keeps a generic plan that reads no big table", async () => {
+  const client = await db.pool.connect();
+  try {
+    await client.query("SET plan_cache_mode = force_generic_plan");
+    const types = ["bytea", "text[]", "int[]", "int[]", ...Array(11).fill("text[]"), "text[]", "text[]", "text[]", "text[]", "bigint[]", ...Array(4).fill("text[]"), "text"];
+    await client.query(`PREPARE accept_generic(${types.join(", ")}) AS ${INSERT_MESSAGES_SQL}`);
+    const args = ["'\\x00'", ...Array(types.length - 2).fill("'{}'"), "'test'"];
+    const text = (await client.query(`EXPLAIN EXECUTE accept_generic(${args.join(", ")})`)).rows.map((r) => r["QUERY PLAN"]).join("\n");
+    assert.match(text, /Insert on messages/, text);
+    assert.doesNotMatch(text, /Scan (using \S+ )?on (deliveries|messages|mailbox_entries)\b/, text);
+  } finally {
+    await client.query("DEALLOCATE ALL").catch(() => undefined);
+    client.release();
   }
 });

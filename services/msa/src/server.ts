@@ -92,7 +92,9 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
   installStrictSasl();
   const authenticator = createAuthenticator(pool, logger, settings.auth);
   const signer = createSigningPool(settings.dkimSignThreads ?? 0);
-  const limiter = createSubmissionLimiter(pool, settings.submission);
+  const limiter = createSubmissionLimiter(pool, settings.submission, {
+    onFlushError: (error) => logger.warn({ err: error }, "could not write submission counts; kept for the next write"),
+  });
   // Recipient lookups from memory for both ports, kept true by the directory's notifications.
   const directory = new DirectoryCache(pool);
   const sessions = new WeakMap<SMTPServerSession, SessionState>();
@@ -212,7 +214,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
       const count = toCount.get(accepted.queueId);
       if (count) {
         toCount.delete(accepted.queueId);
-        limiter.record(count.accountId, count.recipients).catch((error) => logger.warn({ err: error }, "could not count a submission"));
+        limiter.record(count.accountId, count.recipients);
       }
       options.onAccepted?.(accepted);
     },
@@ -254,6 +256,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     async stop() {
       clearInterval(pruner);
       await Promise.all(servers.map((server) => server.stop()));
+      await limiter.flush().catch((error) => logger.warn({ err: error }, "could not write the last submission counts"));
       await directory.stop();
       await sweeper.stop();
       await signer.close();

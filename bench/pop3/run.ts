@@ -127,6 +127,17 @@ function median(values: number[]): number {
   return sorted[Math.floor(sorted.length / 2)]!;
 }
 
+/** Waits until the pop3 service has recorded this many 'retrieved' journey events in all. */
+async function retrievedEvents(pool: TestEnv["pool"], total: number): Promise<void> {
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const n = (await pool.query<{ n: number }>("SELECT count(*)::int AS n FROM delivery_events WHERE event = 'retrieved'")).rows[0]!.n;
+    if (n >= total) return;
+    if (Date.now() > deadline) throw new Error(`only ${n} of ${total} retrieved events were recorded`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
 let env: TestEnv | undefined;
 let pop3: ServiceProcess | undefined;
 let dovecot = false;
@@ -160,6 +171,9 @@ try {
   for (let round = 0; round <= ROUNDS; round++) {
     const before = await cpuMs(pop3.child.pid!);
     results.mailstack!.push(await client(port));
+    // The service writes the round's journey events when the client pauses or leaves: wait for
+    // them, so that work is counted in our CPU and does not run during Dovecot's round.
+    await retrievedEvents(env.pool, (round + 1) * COUNT);
     cpu.push((await cpuMs(pop3.child.pid!)) - before);
     if (dovecot) {
       const dovecotBefore = await cpuMs(master, true);

@@ -46,7 +46,10 @@ export interface SessionDeps {
 
 type State = "authorization" | "transaction" | "closed";
 
-const EVENT_BATCH = 200;
+// Journey events of retrievals are written when the client pauses, not while it downloads: the
+// inserts would compete with the transfer for the CPU. At most this many wait in memory.
+const MAX_PENDING_EVENTS = 5000;
+const EVENT_QUIET_MS = 500;
 const WRITE_BATCH = 64 * 1024;
 const TERMINATOR = Buffer.from(".\r\n");
 
@@ -79,6 +82,7 @@ export class Pop3Session {
   private account: Account | null = null;
   private holdsSessionSlot = false;
   private events: JourneyEvent[] = [];
+  private eventTimer: NodeJS.Timeout | null = null;
 
   constructor(io: SessionIo, deps: SessionDeps) {
     this.io = io;
@@ -391,7 +395,12 @@ export class Pop3Session {
       service: "pop3",
       detail: { account: this.account!.address, uid: entry.uid, protocol: "pop3" },
     });
-    if (this.events.length >= EVENT_BATCH) void this.flushEvents();
+    if (this.events.length >= MAX_PENDING_EVENTS) void this.flushEvents();
+    else if (this.eventTimer) this.eventTimer.refresh();
+    else {
+      this.eventTimer = setTimeout(() => void this.flushEvents(), EVENT_QUIET_MS);
+      this.eventTimer.unref();
+    }
   }
 
   private async top(args: string[]): Promise<void> {
@@ -492,6 +501,8 @@ export class Pop3Session {
   }
 
   private async flushEvents(): Promise<void> {
+    if (this.eventTimer) clearTimeout(this.eventTimer);
+    this.eventTimer = null;
     const events = this.events;
     if (events.length === 0) return;
     this.events = [];

@@ -98,9 +98,25 @@ test("every TRANSACTION command: exact sizes, byte-stuffing, TOP, UIDL, bare LF 
   assert.deepEqual((await again.multiline()).body.toString().trim().split("\r\n"), uidl);
   await again.command("QUIT");
 
-  // RETR recorded 'retrieved' journey events.
-  const events = await env.pool.query("SELECT count(*)::int AS n FROM delivery_events WHERE event = 'retrieved' AND service = 'pop3'");
-  assert.equal(events.rows[0].n, 2);
+  // RETR recorded 'retrieved' journey events (written when the session ended).
+  const retrieved = async () =>
+    (await env.pool.query("SELECT count(*)::int AS n FROM delivery_events WHERE event = 'retrieved' AND service = 'pop3'")).rows[0].n as number;
+  await waitFor(async () => (await retrieved()) === 2, 5_000);
+});
+
+test("retrieved events are written once the client pauses, while its session stays open", async () => {
+  const account = await plain("pause@example.test");
+  const filed = await fileMessage(env.pool, account.id, "Subject: pause\r\n\r\nbody\r\n");
+  const count = async () =>
+    (await env.pool.query("SELECT count(*)::int AS n FROM delivery_events WHERE event = 'retrieved' AND message_id = $1", [filed.messageId])).rows[0].n as number;
+  const { client } = await PopClient.connect(server.port);
+  await client.login(account);
+  client.send("RETR 1");
+  await client.multiline();
+  assert.equal(await count(), 0, "not written during the download");
+  await waitFor(async () => (await count()) === 1, 5_000);
+  assert.equal(client.closed, false);
+  assert.equal(await client.command("QUIT"), "+OK bye (0 messages deleted)");
 });
 
 test("a mailbox larger than one read-ahead batch: every RETR exact, in order, out of order, after TOP and DELE", async () => {

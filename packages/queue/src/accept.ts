@@ -99,8 +99,9 @@ export const INSERT_MESSAGES_SQL = `WITH m AS (
    SELECT m.id, r.recipient, r.final_recipient, r.kind, r.account_id, r.remote_domain, r.folder,
           CASE WHEN r.dsn_notify IS NULL THEN NULL ELSE string_to_array(r.dsn_notify, ',') END, r.dsn_orcpt
      FROM unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::bigint[], $21::text[], $22::text[], $23::text[], $24::text[])
-          AS r(queue_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt)
+          WITH ORDINALITY AS r(queue_id, recipient, final_recipient, kind, account_id, remote_domain, folder, dsn_notify, dsn_orcpt, position)
      JOIN m ON m.queue_id = r.queue_id
+    ORDER BY r.position
    RETURNING id, message_id, kind, final_recipient, remote_domain
  ), e AS (
    INSERT INTO delivery_events (message_id, delivery_id, event, service, detail)
@@ -122,6 +123,7 @@ export async function insertMessages(
 ): Promise<AcceptedMessage[]> {
   if (batch.length === 0) return [];
   const queueIds = batch.map((b) => b.message.queueId ?? newQueueId());
+  // Rows are inserted in the order given, so ids follow the RCPT order whatever the join's plan.
   // The message bodies travel as ONE binary parameter (a bytea[] array would be hex text twice
   // their size) cut apart by offset in SQL, so the statement's text is the same for every batch:
   // a prepared statement, parsed and planned once per connection instead of once per batch.

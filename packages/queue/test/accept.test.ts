@@ -60,6 +60,8 @@ test("a batch stores every message byte for byte and every field as given, awkwa
   ];
   const accepted = await insertMessages(env.pool, batch, "test");
   assert.deepEqual(accepted.map((a) => a.deliveries.length), [1, 2, 1]);
+  const inOrder = (await env.pool.query("SELECT final_recipient FROM deliveries WHERE message_id = $1 ORDER BY id", [accepted[1]!.messageId])).rows;
+  assert.deepEqual(inOrder.map((r) => r.final_recipient), ["bob@example.test", "alice@example.test"], "delivery ids follow the RCPT order");
   for (const [i, a] of accepted.entries()) {
     const row = (await env.pool.query("SELECT * FROM messages WHERE id = $1", [a.messageId])).rows[0];
     const m = batch[i]!.message as Record<string, unknown>;

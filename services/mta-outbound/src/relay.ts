@@ -5,6 +5,7 @@ import { Counter, Histogram, SpanKind, mailMetrics, registry, withSpan, type Log
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
 import { hasEightBit } from "./dot-stuff.ts";
+import { SerialBatches } from "./serial-batches.ts";
 import { SmtpConnection, SmtpError, formatRemoteReply, type Envelope, type Timeouts, type TransactionResult } from "./smtp-client.ts";
 
 export const SERVICE = "mta-outbound";
@@ -110,8 +111,9 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
 
   type Claimed = { rows: ClaimedRow[]; message: MessageRow } | null;
   type JsonClaimed = Omit<ClaimedRow, "created_at" | "delay_notified_at"> & { created_at: string; delay_notified_at: string | null };
-  let claims: Array<{ job: RelayJob; resolve: (claimed: Claimed) => void; reject: (error: unknown) => void }> = [];
-  let claiming = false;
+  type PendingClaim = { job: RelayJob; resolve: (claimed: Claimed) => void; reject: (error: unknown) => void };
+  // One claim statement in flight at a time: jobs arriving meanwhile go together in the next.
+  const claims = new SerialBatches<PendingClaim>((items) => flushClaims(items));
 
   /**
    * Leases the job's pending deliveries and loads the message; null when nothing is
@@ -120,25 +122,11 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
    */
   function claim(job: RelayJob): Promise<Claimed> {
     return new Promise((resolve, reject) => {
-      claims.push({ job, resolve, reject });
-      if (!claiming) {
-        claiming = true;
-        setImmediate(drainClaims);
-      }
+      claims.add({ job, resolve, reject });
     });
   }
 
-  /** One claim statement in flight at a time: jobs arriving meanwhile go together in the next. */
-  async function drainClaims(): Promise<void> {
-    while (claims.length > 0) {
-      const items = claims;
-      claims = [];
-      await flushClaims(items);
-    }
-    claiming = false;
-  }
-
-  async function flushClaims(items: typeof claims): Promise<void> {
+  async function flushClaims(items: PendingClaim[]): Promise<void> {
     const ids = [...new Set(items.flatMap((i) => i.job.deliveryIds))];
     const messageIds = [...new Set(items.map((i) => i.job.messageId))];
     try {
@@ -293,8 +281,9 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     dsns: Array<string | null>;
     events: JourneyEvent[];
   }
-  let batch: Array<{ item: RecordItem; resolve: (kept: Set<number>) => void; reject: (error: unknown) => void }> = [];
-  let recording = false;
+  type PendingRecord = { item: RecordItem; resolve: (kept: Set<number>) => void; reject: (error: unknown) => void };
+  // One result statement in flight at a time (its commit waits for the WAL flush): results arriving meanwhile share the next.
+  const records = new SerialBatches<PendingRecord>((items) => flushRecords(items));
 
   /**
    * Records results; the results of jobs finishing in the same event-loop turn share one
@@ -303,25 +292,11 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
    */
   function recordBatch(item: RecordItem): Promise<Set<number>> {
     return new Promise((resolve, reject) => {
-      batch.push({ item, resolve, reject });
-      if (!recording) {
-        recording = true;
-        setImmediate(drainRecords);
-      }
+      records.add({ item, resolve, reject });
     });
   }
 
-  /** One result statement in flight at a time (its commit waits for the WAL flush): results arriving meanwhile share the next. */
-  async function drainRecords(): Promise<void> {
-    while (batch.length > 0) {
-      const items = batch;
-      batch = [];
-      await flushRecords(items);
-    }
-    recording = false;
-  }
-
-  async function flushRecords(items: typeof batch): Promise<void> {
+  async function flushRecords(items: PendingRecord[]): Promise<void> {
     const all = items.map((i) => i.item);
     const events = all.flatMap((i) => i.events);
     try {

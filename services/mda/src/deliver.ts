@@ -31,7 +31,6 @@ export type Outcome =
   | { status: "forwarded"; to: string; messageId: number }
   | { status: "bounced"; code: number; enhanced: string; text: string };
 
-
 export interface Row {
   id: number;
   message_id: number;

@@ -258,7 +258,10 @@ try {
   const heap = async (opsPort: number) => {
     const text = await (await fetch(`http://127.0.0.1:${opsPort}/metrics`)).text();
     const mb = (re: RegExp) => Math.round(Number(re.exec(text)?.[1] ?? 0) / 1e6);
-    return `heap used ${mb(/^nodejs_heap_size_used_bytes (\S+)/m)} MB of ${mb(/^nodejs_heap_size_total_bytes (\S+)/m)} MB (new space ${mb(/^nodejs_heap_space_size_total_bytes\{space="new"\} (\S+)/m)} MB), external ${mb(/^nodejs_external_memory_bytes (\S+)/m)} MB`;
+    const batches = Number(/^mail_accept_batch_size_count\{[^}]*\} (\S+)/m.exec(text)?.[1] ?? 0);
+    const batched = Number(/^mail_accept_batch_size_sum\{[^}]*\} (\S+)/m.exec(text)?.[1] ?? 0);
+    const group = batches > 0 ? `, ${(batched / batches).toFixed(1)} messages per accept transaction` : "";
+    return `heap used ${mb(/^nodejs_heap_size_used_bytes (\S+)/m)} MB of ${mb(/^nodejs_heap_size_total_bytes (\S+)/m)} MB (new space ${mb(/^nodejs_heap_space_size_total_bytes\{space="new"\} (\S+)/m)} MB), external ${mb(/^nodejs_external_memory_bytes (\S+)/m)} MB${group}`;
   };
   const heaps = { "mta-inbound": await heap(inbound.opsPort), mda: await heap(mda.opsPort) };
 

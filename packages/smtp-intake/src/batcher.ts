@@ -1,5 +1,6 @@
 import type { Pool } from "@mailstack/db";
 import { insertMessages, type AcceptedMessage, type NewDelivery, type NewMessage } from "@mailstack/queue";
+import { mailMetrics } from "@mailstack/telemetry";
 
 interface Pending {
   message: NewMessage;
@@ -96,6 +97,7 @@ export class AcceptBatcher {
   private async commit(batch: Pending[]): Promise<void> {
     this.stats.transactions++;
     this.stats.largestBatch = Math.max(this.stats.largestBatch, batch.length);
+    mailMetrics.acceptBatchSize.observe({ service: this.service }, batch.length);
     // One statement on the pool: its own transaction, one round trip with the commit.
     try {
       const results = await insertMessages(this.pool, batch, this.service);

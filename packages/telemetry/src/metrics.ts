@@ -19,6 +19,13 @@ export const mailMetrics = {
     labelNames: ["service"] as const,
     registers: [registry],
   }),
+  acceptBatchSize: new Histogram({
+    name: "mail_accept_batch_size",
+    help: "Messages committed per accept transaction (group commit), by service",
+    labelNames: ["service"] as const,
+    buckets: [1, 2, 4, 8, 16, 32, 64],
+    registers: [registry],
+  }),
   deliveriesFinal: new Counter({
     name: "mail_deliveries_total",
     help: "Deliveries that reached a final state, by kind (local/remote) and state",

@@ -50,6 +50,25 @@ export interface DispatchOptions {
   markDispatched?: (deliveryIds: number[]) => Promise<void>;
 }
 
+/**
+ * Records when deliveries were published (`dispatched_at`, which the sweeper reads). The rows are
+ * locked in id order, as the MDA and the relay workers lock deliveries, so no two of them can
+ * deadlock whatever plan the update gets. With asyncCommit the statement, which must then be its
+ * own transaction, commits without waiting for the WAL flush: a lost stamp only means a republish.
+ */
+export async function stampDispatched(db: Queryable, stamps: Array<{ id: number; at: Date }>, options: { asyncCommit?: boolean } = {}): Promise<void> {
+  if (stamps.length === 0) return;
+  const sorted = [...stamps].sort((a, b) => a.id - b.id);
+  const asyncCommit = options.asyncCommit ? "async_commit AS (SELECT set_config('synchronous_commit', 'off', true))," : "";
+  await db.query(
+    `WITH ${asyncCommit}
+     locked AS (SELECT id FROM deliveries WHERE id = ANY($1) AND dispatched_at IS NULL ORDER BY id FOR NO KEY UPDATE)
+     UPDATE deliveries d SET dispatched_at = t.at FROM ${options.asyncCommit ? "async_commit, " : ""}locked, unnest($1::bigint[], $2::timestamptz[]) AS t(id, at)
+      WHERE d.id = locked.id AND d.id = t.id`,
+    [sorted.map((s) => s.id), sorted.map((s) => s.at)],
+  );
+}
+
 export async function dispatchDeliveries(bus: Bus, db: Queryable, items: DispatchItem[], options: DispatchOptions = {}): Promise<void> {
   if (items.length === 0) return;
   const published: number[] = [];
@@ -67,14 +86,7 @@ export async function dispatchDeliveries(bus: Bus, db: Queryable, items: Dispatc
   const results = await Promise.allSettled(work);
   if (published.length > 0) {
     if (options.markDispatched) await options.markDispatched(published);
-    else {
-      // Locked in id order, as every other writer of deliveries locks them.
-      await db.query(
-        `WITH locked AS (SELECT id FROM deliveries WHERE id = ANY($1) AND dispatched_at IS NULL ORDER BY id FOR NO KEY UPDATE)
-         UPDATE deliveries d SET dispatched_at = now() FROM locked WHERE d.id = locked.id`,
-        [published],
-      );
-    }
+    else await stampDispatched(db, published.map((id) => ({ id, at: new Date() })));
   }
   const failed = results.find((r) => r.status === "rejected");
   if (failed) throw (failed as PromiseRejectedResult).reason;

@@ -1,4 +1,5 @@
 import type { Pool } from "@mailstack/db";
+import { stampDispatched } from "@mailstack/queue";
 import type { Logger } from "@mailstack/telemetry";
 
 /**
@@ -59,24 +60,14 @@ export class DispatchStamper {
   private async run(): Promise<void> {
     while (this.pending.length > 0) {
       await this.linger();
-      const stamps = this.pending.splice(0).sort((a, b) => a.id - b.id);
-      const ids = stamps.map((s) => s.id);
-      const times = stamps.map((s) => s.at);
+      const stamps = this.pending.splice(0);
       const waiters = this.waiters.splice(0);
       try {
-        // One statement is its own transaction: set_config(..., true) applies to its commit.
-        // The rows are locked in id order, as the MDA and the relay workers lock them, so none
-        // of them can deadlock with another (whatever plan the update itself gets).
-        await this.pool.query(
-          `WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)),
-           locked AS (SELECT id FROM deliveries WHERE id = ANY($1) AND dispatched_at IS NULL ORDER BY id FOR NO KEY UPDATE)
-           UPDATE deliveries d SET dispatched_at = t.at FROM async_commit, locked, unnest($1::bigint[], $2::timestamptz[]) AS t(id, at)
-            WHERE d.id = locked.id AND d.id = t.id`,
-          [ids, times],
-        );
+        // On the pool, one statement is its own transaction, so its commit may be asynchronous.
+        await stampDispatched(this.pool, stamps, { asyncCommit: true });
         for (const w of waiters) w.resolve();
       } catch (error) {
-        this.logger.warn({ err: error, count: ids.length }, "could not stamp dispatched deliveries; the sweeper will republish them");
+        this.logger.warn({ err: error, count: stamps.length }, "could not stamp dispatched deliveries; the sweeper will republish them");
         for (const w of waiters) w.reject(error);
       }
     }

@@ -71,12 +71,13 @@ export function createSubmissionLimiter(pool: Pool, limits: SubmissionLimits, ti
 
   async function flush(): Promise<void> {
     flushTimer = null;
-    const rows = [...leftovers.splice(0)];
-    const taken: Array<{ count: AccountCount; usage: Usage }> = [];
+    const earlier = leftovers.splice(0);
+    const rows = [...earlier];
+    const taken: Array<{ accountId: number; count: AccountCount; usage: Usage }> = [];
     for (const [accountId, count] of counts) {
       if (count.pending.messages === 0 && count.pending.recipients === 0) continue;
       rows.push({ accountId, window: count.window, usage: count.pending });
-      taken.push({ count, usage: count.pending });
+      taken.push({ accountId, count, usage: count.pending });
       count.pending = { messages: 0, recipients: 0 };
     }
     if (rows.length === 0) return;
@@ -94,10 +95,16 @@ export function createSubmissionLimiter(pool: Pool, limits: SubmissionLimits, ti
         count.shared.recipients += usage.recipients;
       }
     } catch (error) {
-      // Counted again at the next flush; nothing is lost.
-      for (const { count, usage } of taken) {
-        count.pending.messages += usage.messages;
-        count.pending.recipients += usage.recipients;
+      // Written with the next flush; nothing is lost. A count whose window ended meanwhile
+      // (its entry replaced) waits with the other leftovers.
+      leftovers.push(...earlier);
+      for (const { accountId, count, usage } of taken) {
+        if (counts.get(accountId) === count) {
+          count.pending.messages += usage.messages;
+          count.pending.recipients += usage.recipients;
+        } else {
+          leftovers.push({ accountId, window: count.window, usage });
+        }
       }
       schedule();
       throw error;

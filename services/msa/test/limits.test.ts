@@ -72,3 +72,29 @@ test("another replica's counts arrive with the next read; a timed write happens 
   await second.flush();
   assert.equal((await first.usage(cat)).messages, 3);
 });
+
+test("a write that fails keeps its counts for the next one", async () => {
+  const dan = (await addAccount(db.pool, { address: "dan@limits.test", password: "x" })).id;
+  let failNext = true;
+  const flaky = new Proxy(db.pool, {
+    get(target, key, receiver) {
+      if (key !== "query") return Reflect.get(target, key, receiver);
+      return (...args: unknown[]) => {
+        if (failNext && String(args[0]).startsWith("INSERT INTO submission_counters")) {
+          failNext = false;
+          return Promise.reject(new Error("the database went away"));
+        }
+        return (target.query as (...a: unknown[]) => unknown).apply(target, args);
+      };
+    },
+  });
+  const limiter = createSubmissionLimiter(flaky, { maxMessages: 10, maxRecipients: 0, windowMs: 3_600_000 }, { flushMs: 60_000, refreshMs: 60_000 });
+  await limiter.usage(dan);
+  limiter.record(dan, 3);
+  limiter.record(dan, 1);
+  await assert.rejects(limiter.flush(), /went away/);
+  assert.deepEqual(await limiter.usage(dan), { messages: 2, recipients: 4 }, "still counted in the process");
+  assert.equal(await stored(dan), undefined);
+  await limiter.flush();
+  assert.deepEqual(await stored(dan), { messages: 2, recipients: 4 });
+});

@@ -14,9 +14,14 @@ export function sh(command: string, args: string[]): Promise<{ code: number | nu
   });
 }
 
+/** The fields of a /proc/PID/stat line after the command name: [0] state, [1] ppid, [11] utime, [12] stime, [13] cutime, [14] cstime. */
+function statFields(stat: string): string[] {
+  return stat.split(") ")[1]!.split(" ");
+}
+
 /** CPU time (user + system) a process has used, in ms, from /proc; with children, that of its reaped children. */
 export async function cpuMs(pid: number, children = false): Promise<number> {
-  const fields = (await readFile(`/proc/${pid}/stat`, "utf8")).split(") ")[1]!.split(" ");
+  const fields = statFields(await readFile(`/proc/${pid}/stat`, "utf8"));
   const ticks = children ? Number(fields[13]) + Number(fields[14]) : Number(fields[11]) + Number(fields[12]);
   return (ticks * 1000) / 100;
 }
@@ -31,7 +36,7 @@ export async function postgresCpuMs(): Promise<number> {
   for (const entry of await readdir("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
     const stat = await readFile(`/proc/${entry}/stat`, "utf8").catch(() => "");
-    if (stat.includes(" (postgres) ")) processes.set(entry, stat.split(") ")[1]!.split(" "));
+    if (stat.includes(" (postgres) ")) processes.set(entry, statFields(stat));
   }
   let ticks = 0;
   for (const fields of processes.values()) {

@@ -14,7 +14,8 @@ export interface JourneyRecipient {
   finalRecipient: string;
   kind: "local" | "remote";
   state: string;
-  folder: string;
+  /** The folder a local delivery was filed into; null until then, and for remote deliveries. */
+  folder: string | null;
   attempts: number;
   lastReply: string | null;
   lastStatus: string | null;
@@ -146,7 +147,7 @@ export async function messageJourney(db: Queryable, query: JourneyQuery, options
         finalRecipient: d.final_recipient,
         kind: d.kind,
         state: d.state,
-        folder: d.folder,
+        folder: d.kind === "local" && d.state === "delivered" ? d.folder : null,
         attempts: d.attempts,
         lastReply: d.last_reply,
         lastStatus: d.last_status,

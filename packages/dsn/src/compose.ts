@@ -131,7 +131,7 @@ export function composeDsn(input: DsnInput): ComposedDsn {
     status += field("Action", r.action);
     status += field("Status", r.status);
     if (r.remoteMta) status += field("Remote-MTA", `dns; ${r.remoteMta}`);
-    if (r.diagnostic) status += field("Diagnostic-Code", r.diagnostic.startsWith("smtp;") ? r.diagnostic : `smtp; ${r.diagnostic}`);
+    if (r.diagnostic) status += field("Diagnostic-Code", diagnosticCode(r.diagnostic));
     if (r.lastAttemptDate) status += field("Last-Attempt-Date", r.lastAttemptDate.toUTCString());
     if (r.willRetryUntil && r.action === "delayed") status += field("Will-Retry-Until", r.willRetryUntil.toUTCString());
   }
@@ -167,4 +167,14 @@ export function composeDsn(input: DsnInput): ComposedDsn {
 
 function normaliseCrlf(raw: Buffer): Buffer {
   return Buffer.from(raw.toString("latin1").replace(/\r?\n/g, "\r\n"), "latin1");
+}
+
+/**
+ * RFC 3464 §2.3.6: the "smtp" type is for a remote server's reply; a failure of our own (no MX,
+ * a refused connection, a full mailbox decided here) gets an X- type of its own, as Postfix's
+ * "X-Postfix;" does.
+ */
+export function diagnosticCode(diagnostic: string): string {
+  if (/^(?:smtp|x-[a-z0-9-]+);/i.test(diagnostic)) return diagnostic;
+  return /^[245]\d\d(?:[ -]|$)/.test(diagnostic) ? `smtp; ${diagnostic}` : `X-mailstack; ${diagnostic}`;
 }

@@ -4,7 +4,7 @@ import { simpleParser } from "mailparser";
 import { addAccount, addDomain, resolveRecipient } from "@mailstack/db";
 import { acceptMessage, type NewDelivery } from "@mailstack/queue";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
-import { composeDsn, generateDsns, wantsNotice } from "../src/index.ts";
+import { composeDsn, diagnosticCode, generateDsns, wantsNotice } from "../src/index.ts";
 
 let env: TestEnv;
 
@@ -54,6 +54,14 @@ test("composeDsn builds a multipart/report that a parser reads back", async () =
   // RET=HDRS: the header only, as text/rfc822-headers.
   assert.match(text, /Content-Type: text\/rfc822-headers\r\n\r\nFrom: <sender@home\.test>[\s\S]*Subject: hello\r\n/);
   assert.doesNotMatch(text, /The body\./);
+});
+
+test("Diagnostic-Code: smtp for a remote reply, an X- type for a failure of our own", () => {
+  assert.equal(diagnosticCode("550 5.1.1 No such user"), "smtp; 550 5.1.1 No such user");
+  assert.equal(diagnosticCode("421"), "smtp; 421");
+  assert.equal(diagnosticCode("smtp; 552 too big"), "smtp; 552 too big");
+  assert.equal(diagnosticCode("gmail.example has no MX and no address records"), "X-mailstack; gmail.example has no MX and no address records");
+  assert.equal(diagnosticCode("5000 bytes is over the quota"), "X-mailstack; 5000 bytes is over the quota");
 });
 
 test("wantsNotice follows NOTIFY and the default policy", () => {

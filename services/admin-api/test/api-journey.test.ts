@@ -47,7 +47,7 @@ after(async () => h?.close());
 type Journey = {
   messages: {
     queueId: string; messageId: string; traceId: string; traceUrl: string; envelopeFrom: string;
-    recipients: { finalRecipient: string; state: string; attempts: number; lastReply: string | null; events: { event: string; service: string; reply: string | null; detail: unknown }[] }[];
+    recipients: { finalRecipient: string; state: string; folder: string | null; attempts: number; lastReply: string | null; events: { event: string; service: string; reply: string | null; detail: unknown }[] }[];
   }[];
 };
 
@@ -64,8 +64,10 @@ test("journey by queue id: every recipient's state and history, and the trace li
   assert.equal(alice.state, "delivered");
   assert.deepEqual(alice.events.map((e) => e.event), ["accepted", "dispatched", "delivered", "retrieved"]);
   assert.deepEqual(alice.events[2]!.detail, { folder: "INBOX", uid: 1 });
+  assert.equal(alice.folder, "INBOX");
   const bob = message.recipients.find((r) => r.finalRecipient === "bob@remote.test")!;
   assert.equal(bob.state, "delivered");
+  assert.equal(bob.folder, null, "a remote delivery has no folder");
   assert.equal(bob.attempts, 2);
   assert.deepEqual(bob.events.map((e) => `${e.event}:${e.reply ?? ""}`), [
     "accepted:", "dispatched:", "attempt:451 4.7.1 greylisted", "deferred:451 4.7.1 greylisted",

@@ -38,7 +38,7 @@ const journeyView = {
           finalRecipient: { type: "string" },
           kind: { type: "string" },
           state: { type: "string" },
-          folder: { type: "string" },
+          folder: nullableString,
           attempts: { type: "integer" },
           lastReply: nullableString,
           lastStatus: nullableString,

@@ -4,6 +4,7 @@ import { createPool, migrate, type Pool } from "@mailstack/db";
 import { connectBus, provisionBus, type Bus } from "@mailstack/bus";
 import { createLogger, startOpsServer, stopTelemetry, type Logger } from "@mailstack/telemetry";
 export * from "./tls.ts";
+export * from "./tls-reload.ts";
 
 export interface ServiceContext<C> {
   name: string;

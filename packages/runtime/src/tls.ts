@@ -2,7 +2,7 @@ import { createPrivateKey, X509Certificate } from "node:crypto";
 import { mkdir, readFile, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { createSecureContext, type SecureContext } from "node:tls";
-import { z } from "@mailstack/config";
+import { duration, z } from "@mailstack/config";
 import { generate } from "selfsigned";
 
 /** Settings of every service that speaks TLS; spread into a service's `shape`. */
@@ -12,6 +12,8 @@ export const tlsShape = {
   TLS_KEY_FILE: z.string().optional(),
   /** Where a generated self-signed pair is cached between starts (shared by every service). */
   TLS_DIR: z.string().default(".data/tls"),
+  /** How often TLS_CERT_FILE and TLS_KEY_FILE are read again, so a renewed certificate is served without a restart (SIGHUP reloads at once); 0 turns polling off. */
+  TLS_RELOAD_INTERVAL: duration("60s"),
 };
 
 export interface TlsOptions {
@@ -45,7 +47,7 @@ export async function loadTlsCredentials(options: TlsOptions = {}): Promise<TlsC
   if (options.certFile || options.keyFile) {
     if (!options.certFile || !options.keyFile) throw new Error("TLS_CERT_FILE and TLS_KEY_FILE must be set together");
     const [cert, key] = await Promise.all([readFile(options.certFile, "utf8"), readFile(options.keyFile, "utf8")]);
-    return credentials(key, cert, false, options.certFile);
+    return tlsCredentialsFrom(key, cert, options.certFile);
   }
   const hostname = options.hostname || "localhost";
   const dir = options.dir || ".data/tls";
@@ -93,6 +95,11 @@ function splitPem(text: string): { key: string; cert: string } {
   const certs = text.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g);
   if (!key || !certs) throw new Error("expected a private key and a certificate");
   return { key: `${key}\n`, cert: `${certs.join("\n")}\n` };
+}
+
+/** Checks an operator's PEM pair (the key must match the certificate) and builds the credentials. */
+export function tlsCredentialsFrom(key: string, cert: string, source: string): TlsCredentials {
+  return credentials(key, cert, false, source);
 }
 
 function credentials(key: string, cert: string, selfSigned: boolean, source: string): TlsCredentials {

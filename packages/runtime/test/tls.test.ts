@@ -5,7 +5,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { once } from "node:events";
 import tls from "node:tls";
+import { X509Certificate } from "node:crypto";
 import { loadTlsCredentials } from "../src/tls.ts";
+import { startTlsSource } from "../src/tls-reload.ts";
+import { registry } from "@mailstack/telemetry";
 
 test("generates a self-signed pair once, caches it, and serves TLS with it", async () => {
   const dir = await mkdtemp(join(tmpdir(), "tls-"));
@@ -51,6 +54,70 @@ test("operator files: both required, and key must match certificate", async () =
       loadTlsCredentials({ certFile: join(dir, "cert.pem"), keyFile: join(dir, "other-key.pem") }),
       /does not match/,
     );
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("startTlsSource: a renewed pair on disk is picked up, a half-written one is skipped", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "tls-"));
+  const certFile = join(dir, "tls.crt");
+  const keyFile = join(dir, "tls.key");
+  const a = await loadTlsCredentials({ dir: join(dir, "a"), hostname: "mail.example.test" });
+  const b = await loadTlsCredentials({ dir: join(dir, "b"), hostname: "mail.example.test" });
+  await writeFile(certFile, a.cert);
+  await writeFile(keyFile, a.key);
+  const source = await startTlsSource({ certFile, keyFile, reloadIntervalMs: 0 });
+  const server = tls.createServer(source.current().serverOptions, (socket) => socket.end("hello"));
+  source.onChange((next) => server.setSecureContext(next.serverOptions));
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const port = (server.address() as { port: number }).port;
+  const presented = async () => {
+    const socket = tls.connect({ port, host: "127.0.0.1", servername: "mail.example.test", rejectUnauthorized: false });
+    await once(socket, "secureConnect");
+    const fingerprint = socket.getPeerCertificate().fingerprint256;
+    socket.destroy();
+    return fingerprint;
+  };
+  const fingerprintOf = (pem: string) => new X509Certificate(pem).fingerprint256;
+  try {
+    assert.equal(await presented(), fingerprintOf(a.cert));
+    assert.equal(await source.reload(), false, "unchanged files are not a change");
+
+    // Rotation caught halfway: the new key is there, its certificate not yet.
+    await writeFile(keyFile, b.key);
+    assert.equal(await source.reload(), false);
+    assert.equal(source.current().cert, a.cert, "the old pair stays until a good pair replaces it");
+    assert.equal(await presented(), fingerprintOf(a.cert));
+
+    await writeFile(certFile, b.cert);
+    assert.equal(await source.reload(), true);
+    assert.equal(await presented(), fingerprintOf(b.cert), "new connections get the renewed certificate");
+
+    // SIGHUP reloads at once (certbot's deploy hook, an operator).
+    await writeFile(certFile, a.cert);
+    await writeFile(keyFile, a.key);
+    const changed = new Promise((resolve) => source.onChange(resolve));
+    process.kill(process.pid, "SIGHUP");
+    await changed;
+    assert.equal(await presented(), fingerprintOf(a.cert));
+  } finally {
+    source.stop();
+    server.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("the served certificate's expiry is a metric", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "tls-"));
+  try {
+    const source = await startTlsSource({ dir, hostname: "mail.example.test" });
+    const text = await registry.metrics();
+    const line = /^tls_certificate_expiry_timestamp_seconds (\d+)/m.exec(text);
+    assert.ok(line, "metric exported");
+    assert.equal(Number(line[1]), Math.floor(source.current().validTo.getTime() / 1000));
+    source.stop();
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests use as real peers (mail clients, MTAs, DNS, DKIM
-# verifier), when they are missing and this is a Debian machine we may install on.
+# verifier, promtool), when they are missing and this is a Debian machine we may install on.
 set -uo pipefail
 missing=()
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
@@ -13,6 +13,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import dkim" 2>/dev/null || missing+=(python3 python3-dkim)
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+# promtool checks and unit-tests the alerting rules (deploy/components/monitoring).
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "==> installing Debian packages: ${missing[*]}"

@@ -6,8 +6,13 @@ export type DsnAction = "failed" | "delayed" | "delivered" | "relayed" | "expand
 export interface DsnRecipient {
   /** The address the delivery was attempted to (Final-Recipient). */
   finalRecipient: string;
-  /** ORCPT as given (`rfc822;addr`) or the RCPT TO address; becomes Original-Recipient. */
+  /**
+   * The ORCPT parameter as given (`rfc822;addr`), the only source of Original-Recipient: without
+   * ORCPT that field MUST NOT appear (RFC 3461 6.3 d).
+   */
   originalRecipient?: string | null;
+  /** The RCPT TO address when alias expansion made it finalRecipient (named in the human-readable part). */
+  expandedFrom?: string | null;
   action: DsnAction;
   /** Enhanced status code, e.g. 5.1.1. */
   status: string;
@@ -43,6 +48,18 @@ function clean(text: string): string {
   return text.replace(/[\r\n]+/g, " ").replace(/[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]/g, "").trim();
 }
 
+const nonAscii = (text: string) => /[^\x00-\x7f]/.test(text);
+
+/** Non-ASCII characters as RFC 6533's \x{HEX}, for the fields of a (7-bit) message/delivery-status. */
+function asciiOnly(text: string): string {
+  return text.replace(/[^\x00-\x7f]/gu, (char) => `\\x{${char.codePointAt(0)!.toString(16).toUpperCase()}}`);
+}
+
+/** An RFC 5322 date-time in UTC. */
+function rfc5322Date(date: Date): string {
+  return date.toUTCString().replace("GMT", "+0000");
+}
+
 /** Folds a long header field at spaces so lines stay under 998 octets (RFC 5322 2.1.1). */
 function field(name: string, value: string): string {
   const words = clean(value).split(" ");
@@ -60,8 +77,10 @@ function field(name: string, value: string): string {
   return lines.join("\r\n") + "\r\n";
 }
 
+/** address-type;address (RFC 3464 2.1.2); a bare non-ASCII address is of type utf-8 (RFC 6533 3). */
 function addressType(address: string): string {
-  return address.includes(";") ? address : `rfc822;${address}`;
+  if (address.includes(";")) return address;
+  return nonAscii(address) ? `utf-8;${address}` : `rfc822;${address}`;
 }
 
 /** The header section of a message (up to and including the blank line), CRLF-normalised. */
@@ -77,6 +96,10 @@ export function headerSection(raw: Buffer): Buffer {
   return Buffer.from(head.toString("latin1").replace(/\r?\n/g, "\r\n"), "latin1");
 }
 
+function expanded(r: DsnRecipient): string {
+  return r.expandedFrom && r.expandedFrom.toLowerCase() !== r.finalRecipient.toLowerCase() ? ` (expanded from <${r.expandedFrom}>)` : "";
+}
+
 function humanText(input: DsnInput): string {
   const failed = input.recipients.filter((r) => r.action === "failed");
   const delayed = input.recipients.filter((r) => r.action === "delayed");
@@ -84,20 +107,20 @@ function humanText(input: DsnInput): string {
   const lines = [`This is the mail system at host ${input.reportingMta}.`, ""];
   if (failed.length) {
     lines.push("I'm sorry to have to inform you that your message could not be delivered to one or more", "recipients. It is attached below.", "");
-    for (const r of failed) lines.push(`<${r.finalRecipient}>: ${clean(r.diagnostic ?? r.status)}`);
+    for (const r of failed) lines.push(`<${r.finalRecipient}>${expanded(r)}: ${clean(r.diagnostic ?? r.status)}`);
     lines.push("");
   }
   if (delayed.length) {
     lines.push("Your message could not be delivered yet to the recipients below. The mail system will keep", "trying; you do not need to send it again.", "");
     for (const r of delayed) {
       const until = r.willRetryUntil ? ` (will retry until ${r.willRetryUntil.toUTCString()})` : "";
-      lines.push(`<${r.finalRecipient}>: ${clean(r.diagnostic ?? r.status)}${until}`);
+      lines.push(`<${r.finalRecipient}>${expanded(r)}: ${clean(r.diagnostic ?? r.status)}${until}`);
     }
     lines.push("");
   }
   if (done.length) {
     lines.push("Your message was delivered to the recipients below, as you asked to be told.", "");
-    for (const r of done) lines.push(`<${r.finalRecipient}>: ${r.action}`);
+    for (const r of done) lines.push(`<${r.finalRecipient}>${expanded(r)}: ${r.action}`);
     lines.push("");
   }
   return lines.join("\r\n");
@@ -112,18 +135,27 @@ function subject(input: DsnInput): string {
 /**
  * Builds an RFC 3464 delivery status notification: multipart/report with a human part,
  * the message/delivery-status part and the original message (RET=FULL) or its header (HDRS).
- * Every line ends in CRLF.
+ * Every line ends in CRLF. An internationalized original (UTF-8 addresses or header fields)
+ * gets RFC 6533's message/global-delivery-status, message/global and message/global-headers;
+ * 8-bit content is labelled 8bit on its part and on the report itself (RFC 2045 6.4).
  */
 export function composeDsn(input: DsnInput): ComposedDsn {
   if (input.recipients.length === 0) throw new Error("a DSN needs at least one recipient");
   const date = input.date ?? new Date();
   const boundary = `dsn-${randomBytes(12).toString("hex")}`;
   const messageId = `<${Date.now().toString(36)}.${randomBytes(8).toString("hex")}@${input.reportingMta}>`;
+  const originalHeader = headerSection(input.original);
+  const international =
+    nonAscii(input.to) ||
+    input.recipients.some((r) => nonAscii(r.finalRecipient) || nonAscii(r.originalRecipient ?? "")) ||
+    originalHeader.some((byte) => byte > 0x7f);
+  // A message/delivery-status is 7-bit text; the global one carries UTF-8 as it is.
+  const statusText = international ? (text: string) => text : asciiOnly;
 
   let status = "";
   status += field("Reporting-MTA", `dns; ${input.reportingMta}`);
-  if (input.originalEnvelopeId) status += field("Original-Envelope-Id", input.originalEnvelopeId);
-  if (input.arrivalDate) status += field("Arrival-Date", input.arrivalDate.toUTCString());
+  if (input.originalEnvelopeId) status += field("Original-Envelope-Id", statusText(input.originalEnvelopeId));
+  if (input.arrivalDate) status += field("Arrival-Date", rfc5322Date(input.arrivalDate));
   for (const r of input.recipients) {
     status += "\r\n";
     if (r.originalRecipient) status += field("Original-Recipient", addressType(r.originalRecipient));
@@ -131,32 +163,42 @@ export function composeDsn(input: DsnInput): ComposedDsn {
     status += field("Action", r.action);
     status += field("Status", r.status);
     if (r.remoteMta) status += field("Remote-MTA", `dns; ${r.remoteMta}`);
-    if (r.diagnostic) status += field("Diagnostic-Code", diagnosticCode(r.diagnostic));
-    if (r.lastAttemptDate) status += field("Last-Attempt-Date", r.lastAttemptDate.toUTCString());
-    if (r.willRetryUntil && r.action === "delayed") status += field("Will-Retry-Until", r.willRetryUntil.toUTCString());
+    if (r.diagnostic) status += field("Diagnostic-Code", statusText(diagnosticCode(r.diagnostic)));
+    if (r.lastAttemptDate) status += field("Last-Attempt-Date", rfc5322Date(r.lastAttemptDate));
+    if (r.willRetryUntil && r.action === "delayed") status += field("Will-Retry-Until", rfc5322Date(r.willRetryUntil));
   }
+
+  const human = humanText(input);
+  const original = input.ret === "FULL" ? normaliseCrlf(input.original) : originalHeader;
+  const originalType =
+    input.ret === "FULL" ? (international ? "message/global" : "message/rfc822") : international ? "message/global-headers" : "text/rfc822-headers";
+  const eightBit = { human: nonAscii(human), status: nonAscii(status), original: original.some((byte) => byte > 0x7f) };
+  const cte = (is8bit: boolean) => (is8bit ? "Content-Transfer-Encoding: 8bit\r\n" : "");
 
   const head =
     field("From", `Mail Delivery System <MAILER-DAEMON@${input.reportingMta}>`) +
     field("To", `<${input.to}>`) +
     field("Subject", subject(input)) +
-    field("Date", date.toUTCString().replace("GMT", "+0000")) +
+    field("Date", rfc5322Date(date)) +
     field("Message-ID", messageId) +
     field("Auto-Submitted", "auto-replied") +
     "MIME-Version: 1.0\r\n" +
-    `Content-Type: multipart/report; report-type=delivery-status;\r\n boundary="${boundary}"\r\n` +
+    `Content-Type: multipart/report; report-type=${international ? "global-delivery-status" : "delivery-status"};\r\n boundary="${boundary}"\r\n` +
+    cte(eightBit.human || eightBit.status || eightBit.original) +
     "\r\n";
 
-  const original = input.ret === "FULL" ? normaliseCrlf(input.original) : headerSection(input.original);
-  const eightBit = original.some((byte) => byte > 0x7f);
   const parts: Buffer[] = [
     Buffer.from(head + "This is a MIME-encapsulated message.\r\n\r\n"),
-    Buffer.from(`--${boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n${humanText(input)}\r\n`),
-    Buffer.from(`--${boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n${status}\r\n`),
+    Buffer.from(
+      `--${boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=${eightBit.human ? "utf-8" : "us-ascii"}\r\n${cte(eightBit.human)}\r\n${human}\r\n`,
+    ),
+    Buffer.from(
+      `--${boundary}\r\nContent-Description: Delivery report\r\nContent-Type: ${international ? "message/global-delivery-status" : "message/delivery-status"}\r\n${cte(eightBit.status)}\r\n${status}\r\n`,
+    ),
     Buffer.from(
       `--${boundary}\r\nContent-Description: ${input.ret === "FULL" ? "Undelivered Message" : "Undelivered Message Headers"}\r\n` +
-        `Content-Type: ${input.ret === "FULL" ? "message/rfc822" : "text/rfc822-headers"}\r\n` +
-        (eightBit ? "Content-Transfer-Encoding: 8bit\r\n" : "") +
+        `Content-Type: ${originalType}\r\n` +
+        cte(eightBit.original) +
         "\r\n",
     ),
     original,

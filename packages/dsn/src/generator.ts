@@ -108,7 +108,8 @@ async function handleMessage(
       const ret = message.dsn_ret ?? (onlyFailures && message.size <= (options.fullReturnLimit ?? 262_144) ? "FULL" : "HDRS");
       const recipients: DsnRecipient[] = notices.map(({ row, action }) => ({
         finalRecipient: row.final_recipient,
-        originalRecipient: row.dsn_orcpt ?? row.recipient,
+        originalRecipient: row.dsn_orcpt,
+        expandedFrom: row.recipient,
         action,
         status: statusOf(row, action),
         remoteMta: row.remote_mta,

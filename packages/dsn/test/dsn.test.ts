@@ -5,6 +5,7 @@ import { addAccount, addDomain, resolveRecipient } from "@mailstack/db";
 import { acceptMessage, type NewDelivery } from "@mailstack/queue";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { composeDsn, diagnosticCode, generateDsns, wantsNotice } from "../src/index.ts";
+import { parseWithPython } from "./python-email.ts";
 
 let env: TestEnv;
 
@@ -44,7 +45,7 @@ test("composeDsn builds a multipart/report that a parser reads back", async () =
   const body = parsed.text ?? "";
   assert.match(body, /Reporting-MTA: dns; mx\.home\.test/);
   assert.match(body, /Original-Envelope-Id: ENV1/);
-  assert.match(body, /Arrival-Date: Fri, 02 Jan 2026 03:04:05 GMT/);
+  assert.match(body, /Arrival-Date: Fri, 02 Jan 2026 03:04:05 \+0000/);
   assert.match(body, /Original-Recipient: rfc822;R@far\.test/);
   assert.match(body, /Final-Recipient: rfc822;r@far\.test/);
   assert.match(body, /Action: failed/);
@@ -54,6 +55,77 @@ test("composeDsn builds a multipart/report that a parser reads back", async () =
   // RET=HDRS: the header only, as text/rfc822-headers.
   assert.match(text, /Content-Type: text\/rfc822-headers\r\n\r\nFrom: <sender@home\.test>[\s\S]*Subject: hello\r\n/);
   assert.doesNotMatch(text, /The body\./);
+});
+
+test("Python's email package reads the report: per-message fields, one block per recipient, no defects", async () => {
+  const dsn = composeDsn({
+    reportingMta: "mx.home.test",
+    to: "sender@home.test",
+    arrivalDate: new Date("2026-01-02T03:04:05Z"),
+    ret: "HDRS",
+    original,
+    recipients: [
+      { finalRecipient: "r@far.test", originalRecipient: "rfc822;R@far.test", action: "failed", status: "5.1.1", remoteMta: "mx.far.test", diagnostic: "550 5.1.1 unknown" },
+      { finalRecipient: "s@far.test", expandedFrom: "list@home.test", action: "failed", status: "5.4.7", diagnostic: "delivery time expired" },
+    ],
+  });
+  const view = await parseWithPython(dsn.raw);
+  assert.deepEqual(view.defects, []);
+  assert.deepEqual(view.parts.map((p) => p.type), ["multipart/report", "text/plain", "message/delivery-status", "text/plain", "text/plain", "text/plain", "text/rfc822-headers"]);
+  assert.equal(view.autoSubmitted, "auto-replied");
+  assert.deepEqual(view.status, [
+    { "Reporting-MTA": "dns; mx.home.test", "Arrival-Date": "Fri, 02 Jan 2026 03:04:05 +0000" },
+    { "Original-Recipient": "rfc822;R@far.test", "Final-Recipient": "rfc822;r@far.test", Action: "failed", Status: "5.1.1", "Remote-MTA": "dns; mx.far.test", "Diagnostic-Code": "smtp; 550 5.1.1 unknown" },
+    // No ORCPT: no Original-Recipient (RFC 3461 6.3 d); our own failure: an X- diagnostic type.
+    { "Final-Recipient": "rfc822;s@far.test", Action: "failed", Status: "5.4.7", "Diagnostic-Code": "X-mailstack; delivery time expired" },
+  ]);
+  assert.match(dsn.raw.toString(), /<s@far\.test> \(expanded from <list@home\.test>\): delivery time expired/);
+});
+
+test("an 8-bit original is labelled 8bit on its part and on the report; a UTF-8 reply is escaped in the 7-bit status part", async () => {
+  const eightBit = Buffer.from("From: <sender@home.test>\r\nSubject: hello\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGr\u00fc\u00dfe\r\n", "utf8");
+  const dsn = composeDsn({
+    reportingMta: "mx.home.test",
+    to: "sender@home.test",
+    ret: "FULL",
+    original: eightBit,
+    recipients: [{ finalRecipient: "r@far.test", action: "failed", status: "5.1.1", remoteMta: "mx.far.test", diagnostic: "550 5.1.1 Benutzer unbekannt: J\u00fcrgen" }],
+  });
+  const text = dsn.raw.toString("utf8");
+  assert.match(text, /boundary="[^"]+"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n/, "the multipart itself says 8bit (RFC 2045 6.4)");
+  assert.match(text, /Content-Type: message\/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\nFrom: <sender@home\.test>/);
+  assert.match(text, /Content-Type: message\/delivery-status\r\n\r\n/, "the status part stays 7-bit");
+  assert.match(text, /Diagnostic-Code: smtp; 550 5\.1\.1 Benutzer unbekannt: J\\x\{FC\}rgen\r\n/);
+  assert.match(text, /Content-Type: text\/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n[\s\S]*J\u00fcrgen/, "the human part shows the reply as it was");
+  const view = await parseWithPython(dsn.raw);
+  assert.deepEqual(view.defects, []);
+  assert.equal(view.parts.find((p) => p.type === "message/rfc822")!.cte, "8bit");
+  const parsed = await simpleParser(dsn.raw);
+  assert.match(parsed.attachments.find((a) => a.contentType === "message/rfc822")!.content.toString("utf8"), /Gr\u00fc\u00dfe/);
+});
+
+test("an internationalized original (UTF-8 header fields and addresses) gets the RFC 6533 global types", async () => {
+  const utf8 = Buffer.from("From: <j\u00fcrgen@home.test>\r\nTo: <m\u00fcller@far.test>\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHallo.\r\n", "utf8");
+  for (const ret of ["HDRS", "FULL"] as const) {
+    const dsn = composeDsn({
+      reportingMta: "mx.home.test",
+      to: "j\u00fcrgen@home.test",
+      ret,
+      original: utf8,
+      recipients: [{ finalRecipient: "m\u00fcller@far.test", action: "failed", status: "5.1.1", remoteMta: "mx.far.test", diagnostic: "550 5.1.1 unknown" }],
+    });
+    const text = dsn.raw.toString("utf8");
+    assert.match(text, /Content-Type: multipart\/report; report-type=global-delivery-status;/);
+    assert.match(text, /Content-Type: message\/global-delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n\r\n/);
+    assert.match(text, /Final-Recipient: utf-8;m\u00fcller@far\.test\r\n/);
+    assert.match(text, new RegExp(`Content-Type: ${ret === "FULL" ? "message/global" : "message/global-headers"}\r\nContent-Transfer-Encoding: 8bit\r\n\r\nFrom: <j\u00fcrgen@home\\.test>`));
+    assert.doesNotMatch(text, /message\/rfc822|text\/rfc822-headers/, "no raw UTF-8 header fields inside a type that forbids them");
+    const view = await parseWithPython(dsn.raw);
+    assert.deepEqual(view.defects, []);
+    const parsed = await simpleParser(dsn.raw);
+    assert.equal(parsed.subject, "Undelivered Mail Returned to Sender");
+    assert.ok(parsed.attachments.some((a) => a.contentType === "message/global-delivery-status" && /Final-Recipient: utf-8;m\u00fcller@far\.test/.test(a.content.toString("utf8"))));
+  }
 });
 
 test("Diagnostic-Code: smtp for a remote reply, an X- type for a failure of our own", () => {
@@ -125,6 +197,7 @@ test("the generator sends ONE bounce per message from <> to a local sender, and 
   assert.match(text, /Final-Recipient: rfc822;a@far\.test/);
   assert.match(text, /Final-Recipient: rfc822;b@far\.test/);
   assert.doesNotMatch(text, /c@far\.test\r\nAction/, "NOTIFY=NEVER is left out");
+  assert.doesNotMatch(text, /Original-Recipient/, "no ORCPT was given (RFC 3461 6.3 d)");
   assert.deepEqual((await dsnStates(message.messageId)).map((r) => r.dsn_state), ["sent", "sent", "suppressed"]);
   // A second pass finds nothing: the rows were marked in the same transaction.
   assert.equal(await generateDsns(env.bus, env.pool, options), 0);

@@ -56,7 +56,8 @@ export function parseAddress(input: string, options: ParseOptions = {}): ParsedA
   if (!text) return { ok: false, problem: "empty" };
   if (text.length > 254) return { ok: false, problem: "too-long" };
   if (text.startsWith("@")) return { ok: false, problem: "source-route" };
-  if (/[\x00-\x1f\x7f]/.test(text)) return { ok: false, problem: "syntax" };
+  // U+FFFD is what bytes that were not UTF-8 decode to: such an address cannot be given back as sent.
+  if (/[\x00-\x1f\x7f\ufffd]/.test(text)) return { ok: false, problem: "syntax" };
   if (!options.utf8 && /[^\x00-\x7f]/.test(text.slice(0, text.lastIndexOf("@") >>> 0))) {
     return { ok: false, problem: "utf8-not-allowed" };
   }

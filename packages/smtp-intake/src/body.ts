@@ -89,3 +89,19 @@ export function headerValue(raw: Buffer, name: string): string | null {
   }
   return null;
 }
+
+// A header field's first line: a name of printable characters other than ":", then ":" (RFC 5322 2.2; the WSP is obs-optional).
+const FIELD_START = /^[\x21-\x39\x3b-\x7e]+[ \t]*:/;
+
+/**
+ * Gives a message that does not begin with a header field an empty header section (a leading
+ * CRLF), as Postfix's cleanup does, so that trace fields put on top of it stay a header
+ * section of their own: its first line must not become a malformed field, nor a leading space
+ * a continuation of our Received:. Other messages, and an empty one, are returned unchanged.
+ */
+export function withHeaderSection(raw: Buffer): Buffer {
+  if (raw.length === 0 || (raw[0] === 0x0d && raw[1] === 0x0a)) return raw;
+  const end = raw.indexOf("\r\n");
+  const firstLine = raw.subarray(0, end < 0 ? raw.length : end).toString("latin1");
+  return FIELD_START.test(firstLine) ? raw : Buffer.concat([Buffer.from("\r\n"), raw]);
+}

@@ -1,4 +1,5 @@
 import { bool, duration, integer, list, size, z } from "@mailstack/config";
+import { normalizeAddress } from "@mailstack/mail";
 import type { IntakeLimits } from "./server.ts";
 
 /**
@@ -39,6 +40,15 @@ export const intakeShape = {
   SMTP_MAX_BUFFERED: size("512M"),
   /** Banner text after the host name in the greeting. */
   SMTP_BANNER: z.string().default(""),
+  /**
+   * Where mail to postmaster goes (RFC 5321 4.5.1 requires accepting it): the bare `<postmaster>`
+   * and postmaster at any served domain without such an account or alias. Empty: postmaster@MAIL_HOSTNAME,
+   * which then has to be an address served here.
+   */
+  SMTP_POSTMASTER: z
+    .string()
+    .default("")
+    .refine((value) => value === "" || normalizeAddress(value) !== null, "must be an email address"),
   /** Hosts whose connections skip the per-IP limit (for example a local load balancer). */
   SMTP_PER_IP_EXEMPT: list(""),
 };

@@ -26,12 +26,15 @@
  *   (and STARTTLS/AUTH as above). Every reply carries an enhanced status code.
  * - MAIL FROM: the sender is parsed with @mailstack/mail (bad syntax 553 5.1.7), then
  *   `validateSender(sender, session)` runs; '' is the null sender. SIZE= over the limit: 552.
+ *   Parameters other than SIZE, BODY, SMTPUTF8, RET, ENVID (and AUTH where offered) or NOTIFY,
+ *   ORCPT are 555 5.5.4; malformed xtext in ENVID/ORCPT/AUTH is 501 5.5.4 (params.ts).
  * - RCPT TO: relay tricks (user%host@, host!user@, @route:, "a@b"@, IP literals) are
  *   554 5.7.1; then `resolveRecipient(address, session)` (default: the directory's
  *   resolveRecipient with `allowRemote`) decides: relay-denied 554 5.7.1, unknown 550 5.1.1,
  *   disabled 550 5.2.1, alias loop 550 5.4.6. Aliases fan out and merge here; a recipient
  *   given twice is one delivery. More than maxRecipients RCPTs: 452 4.5.3. NOTIFY and ORCPT
- *   are kept per recipient, RET and ENVID per message.
+ *   are kept per recipient, RET and ENVID per message. `<postmaster>`, and postmaster at a
+ *   served domain without such an address, go to `postmaster` (RFC 5321 4.5.1).
  * - DATA with no accepted recipient is 554 5.5.1 and the connection is closed, so a
  *   pipelined body can never run as commands. Command lines ending in a bare LF are 500
  *   5.5.2 and change nothing. TURN/SEND/SOML/SAML/EXPN are 502 5.5.1, VRFY 252.
@@ -44,6 +47,7 @@
  * - `transformMessage(message)` sees the message as received and may replace it, choose a
  *   folder for local deliveries (DMARC quarantine → 'Junk'), attach auth results for the
  *   messages row, or throw SmtpError to refuse (DMARC reject 550 5.7.1).
+ * - A message whose first line is not a header field gets an empty header section first.
  * - A Received: header with the queue id and `(trace <trace id>)` is prepended; then the
  *   message, its deliveries and their `accepted` events are committed in one transaction
  *   (group-committed with concurrent accepts) and only then is 250 sent; dispatch to NATS
@@ -58,5 +62,6 @@ export { createIntakeServer, defaultLimits, SmtpError } from "./server.ts";
 export type { AcceptedRecipient, IncomingMessage, IntakeLimits, IntakeOptions, IntakeServer, IntakeSession, TransformResult } from "./server.ts";
 export { intakeShape, limitsFromConfig, type IntakeConfig } from "./config.ts";
 export { AcceptBatcher, type AcceptBatcherOptions } from "./batcher.ts";
-export { BodyScanner, hasBareLineEnding, headerValue, normalizeLineEndings } from "./body.ts";
+export { BodyScanner, hasBareLineEnding, headerValue, normalizeLineEndings, withHeaderSection } from "./body.ts";
+export { checkParameters } from "./params.ts";
 export { receivedHeader, rfc5322Date, type ReceivedFields } from "./received.ts";

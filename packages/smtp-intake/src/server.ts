@@ -8,8 +8,9 @@ import { Replies, parseAddress, reply, type AddressProblem, type SmtpReply } fro
 import { dispatchAccepted, newQueueId, type AcceptedMessage, type MessageSource, type NewDelivery } from "@mailstack/queue";
 import { SpanKind, context, mailMetrics, trace, tracer, type Logger, type Span } from "@mailstack/telemetry";
 import { AcceptBatcher } from "./batcher.ts";
-import { BodyScanner, headerValue, normalizeLineEndings } from "./body.ts";
+import { BodyScanner, headerValue, normalizeLineEndings, withHeaderSection } from "./body.ts";
 import { watchBus } from "./bus-health.ts";
+import { checkParameters } from "./params.ts";
 import { receivedHeader } from "./received.ts";
 import { DispatchStamper } from "./stamper.ts";
 
@@ -92,7 +93,7 @@ export interface IncomingMessage {
   recipients: AcceptedRecipient[];
   queueId: string;
   traceId: string;
-  /** The message as received (dot-unstuffed, CRLF), before our Received: header. */
+  /** The message as received (dot-unstuffed, CRLF; a leading CRLF added when it had no header section), before our Received: header. */
   raw: Buffer;
 }
 
@@ -136,6 +137,11 @@ export interface IntakeOptions {
   directory?: DirectoryCache;
   /** RCPT routing; the directory's resolveRecipient by default. */
   resolveRecipient?(address: string, session: IntakeSession): Promise<Resolution>;
+  /**
+   * Where mail to postmaster goes (RFC 5321 4.5.1): the bare `<postmaster>`, and postmaster at a
+   * domain we serve that has no such account or alias. Default: postmaster@hostname, if served.
+   */
+  postmaster?: string;
   /** Whether recipients in domains we do not serve may be accepted (false: 554 5.7.1 relay denied). */
   allowRemote?: boolean | ((session: IntakeSession) => boolean);
   /** Last look at the message before it is committed. Throw SmtpError to refuse it. */
@@ -162,6 +168,7 @@ interface ConnectionInternals {
   _ready: boolean;
   _upgrading: boolean;
   secure: boolean;
+  hostNameAppearsAs: string | false;
   _nextHandler: unknown;
   _parser: { lastLineEnding?: string; hasPendingInput?: boolean } | false;
   session: SMTPServerSession;
@@ -189,6 +196,8 @@ if (!proto[GUARD]) {
 
 interface SessionState {
   commands: number;
+  /** Commands other than AUTH (and its continuation lines) before a login, where AUTH is required. */
+  unauthenticated: number;
   countedIp: string | null;
   connection: ConnectionInternals | null;
   sender: string | null;
@@ -199,6 +208,8 @@ interface SessionState {
 
 const RELAY_TRICKS = new Set<AddressProblem>(["source-route", "percent-hack", "bang-path", "ip-literal", "quoted-at"]);
 const OBSOLETE = new Set(["TURN", "SEND", "SOML", "SAML", "ETRN", "ATRN", "EXPN"]);
+// smtp-server's own bound (10) counted AUTH continuation lines too and answered 421 4.4.2; ours replaces it.
+const MAX_UNAUTHENTICATED_COMMANDS = 10;
 
 const R = {
   tooManyCommands: reply(421, "4.7.0", "Too many commands in one session, closing connection"),
@@ -206,7 +217,13 @@ const R = {
   bareLfCommand: reply(500, "5.5.2", "Bare LF is not allowed, end command lines with CRLF"),
   noValidRecipients: reply(554, "5.5.1", "No valid recipients, message and any pipelined input discarded"),
   needMail: reply(503, "5.5.1", "Need MAIL and RCPT commands first"),
-  vrfy: reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery"),
+  vrfy: reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"),
+  vrfySyntax: reply(501, "5.5.4", "Syntax: VRFY address"),
+  tlsActive: reply(503, "5.5.1", "TLS already active"),
+  // RFC 4954 section 6 (and 4: no AUTH inside a mail transaction).
+  encryptionRequired: reply(538, "5.7.11", "Encryption required for requested authentication mechanism, issue STARTTLS first"),
+  authInTransaction: reply(503, "5.5.1", "AUTH is not permitted during a mail transaction"),
+  tooManyUnauthenticated: reply(421, "4.7.0", "Too many commands without authentication, closing connection"),
   bareLineEnding: reply(550, "5.6.11", "Bare CR or LF in message is not allowed, use CRLF line endings"),
   nul: reply(554, "5.6.0", "Message contains NUL bytes"),
   eightBitHeader: reply(550, "5.6.7", "Non-ASCII message headers need the SMTPUTF8 extension"),
@@ -239,6 +256,18 @@ function refusalReply(reason: RouteRefusal): SmtpReply {
   }
 }
 
+/** Undoes what smtp-server applied to the envelope from a MAIL command that was then refused. */
+function forgetMailParameters(session: SMTPServerSession): void {
+  const envelope = session.envelope as SMTPServerSession["envelope"] & { bodyType?: string; smtpUtf8?: boolean; requireTLS?: boolean };
+  envelope.bodyType = "7bit";
+  envelope.smtpUtf8 = false;
+  envelope.requireTLS = false;
+  if (envelope.dsn) {
+    envelope.dsn.ret = null;
+    envelope.dsn.envid = null;
+  }
+}
+
 function randomTraceId(): string {
   return randomBytes(16).toString("hex");
 }
@@ -264,11 +293,15 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const tlsMode = options.tlsMode ?? "starttls";
   const authOffered = !!options.auth;
   const hideAuthBeforeTls = authOffered && tlsMode === "starttls" && !options.auth?.allowInsecure;
+  const authRequired = authOffered && !!options.auth?.required;
+
+  /** The bare "postmaster" (RFC 5321 4.1.1.3) stands for postmaster at our host name. */
+  const recipientAddress = (address: string): string => (address.toLowerCase() === "postmaster" ? `postmaster@${options.hostname}` : address);
 
   const stateOf = (session: SMTPServerSession): SessionState => {
     let state = states.get(session);
     if (!state) {
-      state = { commands: 0, countedIp: null, connection: null, sender: null, recipients: new Map(), finalCount: 0, span: null };
+      state = { commands: 0, unauthenticated: 0, countedIp: null, connection: null, sender: null, recipients: new Map(), finalCount: 0, span: null };
       states.set(session, state);
     }
     return state;
@@ -312,7 +345,21 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     const line = command.toString("latin1");
     const verb = line.split(" ", 1)[0]!.toUpperCase();
     if (OBSOLETE.has(verb)) return answer(Replies.commandNotImplemented);
-    if (verb === "VRFY") return answer(R.vrfy);
+    if (verb === "VRFY") return answer(line.trim().includes(" ") ? R.vrfy : R.vrfySyntax);
+    if (verb === "STARTTLS" && tlsMode === "implicit") return answer(R.tlsActive);
+    if (authRequired && !connection.session.user && verb !== "AUTH" && ++state.unauthenticated > MAX_UNAUTHENTICATED_COMMANDS) {
+      return answer(R.tooManyUnauthenticated);
+    }
+    if (verb === "AUTH" && authOffered && connection.hostNameAppearsAs) {
+      if (hideAuthBeforeTls && !connection.secure) return answer(R.encryptionRequired);
+      if (connection.session.envelope?.mailFrom) return answer(R.authInTransaction);
+    }
+    if ((verb === "MAIL" || verb === "RCPT") && connection.hostNameAppearsAs && (!authRequired || connection.session.user)) {
+      // Before smtp-server, which ignores unknown parameters, decodes xtext unchecked and
+      // answers a bad parameter value as a bad address. RCPT before MAIL is its 503.
+      const problem = verb === "MAIL" || connection.session.envelope?.mailFrom ? checkParameters(verb, line, { auth: authOffered }) : null;
+      if (problem) return answer(problem);
+    }
     if (verb === "EHLO" && hideAuthBeforeTls && !connection.secure) {
       // The library lists AUTH before STARTTLS too (and answers AUTH with 538); keep it off the EHLO reply.
       const send = connection.send;
@@ -384,12 +431,18 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       );
   };
 
-  const onMailFrom = (address: SMTPServerAddress, session: SMTPServerSession, callback: (error?: Error | null) => void) => {
+  const onMailFrom = (address: SMTPServerAddress, session: SMTPServerSession, done: (error?: Error | null) => void) => {
     const state = stateOf(session);
     endSpan(state, "abandoned");
     state.recipients.clear();
     state.finalCount = 0;
     state.sender = null;
+    // smtp-server applies SMTPUTF8, BODY, RET and ENVID to the envelope before asking us; a
+    // refused MAIL must not leave them for the next transaction.
+    const callback = (error?: Error | null) => {
+      if (error) forgetMailParameters(session);
+      done(error);
+    };
     let sender = "";
     if (address.address) {
       const parsed = parseAddress(address.address, { utf8: !!session.envelope.smtpUtf8 });
@@ -416,20 +469,37 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     return smtpError(Replies.localError);
   };
 
+  /** Where mail to postmaster goes when the directory has no such address (RFC 5321 4.5.1). */
+  const resolvePostmaster = async (): Promise<Resolution> => {
+    const target = options.postmaster || `postmaster@${options.hostname}`;
+    // A configured address may be anywhere, like an alias target; the default only here.
+    const resolution = await resolveWithDirectory(pool, target, { allowRemote: !!options.postmaster, lookup });
+    if (!resolution.ok) {
+      logger.warn({ target, reason: resolution.reason }, "mail to postmaster cannot be routed: set SMTP_POSTMASTER to an address that can");
+      return { ok: false, reason: "unknown-user" };
+    }
+    return resolution;
+  };
+
   const onRcptTo = (address: SMTPServerAddress, session: SMTPServerSession, callback: (error?: Error | null) => void) => {
     const state = stateOf(session);
-    const given = address.address.toLowerCase() === "postmaster" ? `postmaster@${options.hostname}` : address.address;
-    const parsed = parseAddress(given, { utf8: !!session.envelope.smtpUtf8 });
+    const parsed = parseAddress(recipientAddress(address.address), { utf8: !!session.envelope.smtpUtf8 });
     if (!parsed.ok) {
       if (RELAY_TRICKS.has(parsed.problem)) return callback(smtpError(Replies.relayDenied));
       return callback(smtpError(parsed.problem === "utf8-not-allowed" ? R.utf8Address : Replies.badRecipientSyntax));
     }
     const s = view(session);
     const allowRemote = typeof options.allowRemote === "function" ? options.allowRemote(s) : !!options.allowRemote;
-    const resolving = options.resolveRecipient
-      ? options.resolveRecipient(parsed.address, s)
-      : resolveWithDirectory(pool, parsed.address, { allowRemote, lookup });
-    resolving.then(
+    const resolve = async (): Promise<Resolution> => {
+      // The bare "postmaster" is ours whatever the session may relay to.
+      if (address.address.toLowerCase() === "postmaster") return resolvePostmaster();
+      const resolution = options.resolveRecipient
+        ? await options.resolveRecipient(parsed.address, s)
+        : await resolveWithDirectory(pool, parsed.address, { allowRemote, lookup });
+      const unknownPostmaster = !resolution.ok && resolution.reason === "unknown-user" && parsed.local === "postmaster";
+      return unknownPostmaster && (await directory.lookup(parsed.address)).localDomain ? resolvePostmaster() : resolution;
+    };
+    resolve().then(
       (resolution) => {
         if (!resolution.ok) return callback(smtpError(refusalReply(resolution.reason)));
         const previous = state.recipients.get(parsed.address);
@@ -528,11 +598,12 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       if (limits.bareLineEndings === "reject") throw new SmtpError(R.bareLineEnding);
       raw = normalizeLineEndings(raw);
     }
+    raw = withHeaderSection(raw);
     if (!busUp || !busWatch.connected()) throw new SmtpError(Replies.localError);
 
     const recipients = session.envelope.rcptTo
       .map((rcpt) => {
-        const parsed = parseAddress(rcpt.address.toLowerCase() === "postmaster" ? `postmaster@${options.hostname}` : rcpt.address, { utf8: true });
+        const parsed = parseAddress(recipientAddress(rcpt.address), { utf8: true });
         return parsed.ok ? state.recipients.get(parsed.address) : undefined;
       })
       .filter((r): r is AcceptedRecipient => !!r);
@@ -646,6 +717,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     disabledCommands: disabled,
     authMethods: options.auth?.methods ?? ["PLAIN", "LOGIN"],
     authOptional: !options.auth?.required,
+    maxAllowedUnauthenticatedCommands: Number.MAX_SAFE_INTEGER,
     allowInsecureAuth: !!options.auth?.allowInsecure,
     logger: false,
     onConnect,

@@ -51,6 +51,7 @@ export function settingsFromConfig(config: MsaConfig): MsaSettings {
     submissionsPort: config.SUBMISSIONS_PORT,
     authBeforeTls: config.SUBMISSION_AUTH_BEFORE_TLS,
     banner: config.SMTP_BANNER,
+    postmaster: config.SMTP_POSTMASTER,
     intake: limitsFromConfig(config),
     auth: {
       failureDelayMs: config.AUTH_FAILURE_DELAY,

@@ -24,6 +24,8 @@ export interface MsaSettings {
   /** Offer AUTH on 587 before STARTTLS. */
   authBeforeTls: boolean;
   banner?: string;
+  /** Where mail to postmaster goes (SMTP_POSTMASTER); postmaster@hostname when empty. */
+  postmaster?: string;
   intake: Partial<IntakeLimits>;
   auth: AuthLimits;
   submission: SubmissionLimits;
@@ -232,6 +234,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     tls: options.tls,
     limits: settings.intake,
     ...(settings.banner ? { banner: settings.banner } : {}),
+    ...(settings.postmaster ? { postmaster: settings.postmaster } : {}),
     ...hooks,
   };
   const servers: IntakeServer[] = [

@@ -28,6 +28,8 @@ export interface InboundConfig {
   SMTP_PORT: number;
   SMTP_HOST: string;
   SMTP_BANNER?: string;
+  /** Where mail to postmaster goes; postmaster@MAIL_HOSTNAME when empty. */
+  SMTP_POSTMASTER?: string;
   DNS_SERVERS: string[];
   DNS_CACHE_TTL: number;
   INBOUND_AUTH_CHECKS: boolean;
@@ -75,6 +77,7 @@ export async function startInbound(options: { pool: Pool; bus: Bus; logger: Logg
     logger,
     hostname: config.MAIL_HOSTNAME,
     ...(config.SMTP_BANNER ? { banner: config.SMTP_BANNER } : {}),
+    ...(config.SMTP_POSTMASTER ? { postmaster: config.SMTP_POSTMASTER } : {}),
     port: config.SMTP_PORT,
     host: config.SMTP_HOST,
     tlsMode: "starttls",

@@ -26,6 +26,7 @@ export async function main(): Promise<void> {
           SMTP_PORT: config.SMTP_PORT,
           SMTP_HOST: config.SMTP_HOST,
           SMTP_BANNER: config.SMTP_BANNER,
+          SMTP_POSTMASTER: config.SMTP_POSTMASTER,
           DNS_SERVERS: config.DNS_SERVERS,
           DNS_CACHE_TTL: config.DNS_CACHE_TTL,
           INBOUND_AUTH_CHECKS: config.INBOUND_AUTH_CHECKS,

@@ -1,0 +1,202 @@
+// RFC conformance of the SMTP server as a peer sees it: ESMTP parameters (RFC 5321, 3461,
+// 4954), postmaster (RFC 5321 4.5.1), trace fields on a message without a header section,
+// AUTH inside a transaction (RFC 4954 4). Everything over real sockets.
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import { createTestEnv, type TestEnv } from "@mailstack/testkit";
+import { RawSmtp, dataPayload, sampleMessage } from "../src/testing.ts";
+import type { IntakeServer } from "../src/index.ts";
+import { seedDirectory, startIntake } from "./fixtures.ts";
+
+let env: TestEnv;
+let intake: IntakeServer;
+const extra: IntakeServer[] = [];
+
+before(async () => {
+  env = await createTestEnv();
+  await seedDirectory(env.pool);
+  intake = await startIntake(env.pool, env.bus);
+});
+
+after(async () => {
+  for (const server of [intake, ...extra]) await server.stop(100);
+  await env.close();
+});
+
+async function open(port = intake.port()): Promise<RawSmtp> {
+  const client = await RawSmtp.connect(port);
+  assert.equal((await client.reply()).code, 220);
+  assert.equal((await client.command("EHLO client.remote.example")).code, 250);
+  return client;
+}
+
+async function lastStored(): Promise<{ raw: string; dsn_envid: string | null; dsn_ret: string | null; orcpt: string | null; targets: string[] }> {
+  const message = await env.pool.query<{ id: number; raw: Buffer; dsn_envid: string | null; dsn_ret: string | null }>(
+    "SELECT id, raw, dsn_envid, dsn_ret FROM messages ORDER BY id DESC LIMIT 1",
+  );
+  const row = message.rows[0]!;
+  const deliveries = await env.pool.query<{ final_recipient: string; kind: string; dsn_orcpt: string | null }>(
+    "SELECT final_recipient, kind, dsn_orcpt FROM deliveries WHERE message_id = $1 ORDER BY id",
+    [row.id],
+  );
+  return {
+    raw: row.raw.toString("latin1"),
+    dsn_envid: row.dsn_envid,
+    dsn_ret: row.dsn_ret,
+    orcpt: deliveries.rows[0]?.dsn_orcpt ?? null,
+    targets: deliveries.rows.map((d) => `${d.kind}:${d.final_recipient}`),
+  };
+}
+
+describe("ESMTP parameters", () => {
+  test("a MAIL or RCPT parameter we do not implement is 555 5.5.4; AUTH= is one on a port without AUTH", async () => {
+    const client = await open();
+    for (const mail of ["MAIL FROM:<a@remote.example> FOO=BAR", "MAIL FROM:<a@remote.example> MT-PRIORITY=3", "MAIL FROM:<a@remote.example> AUTH=<>"]) {
+      assert.match((await client.command(mail)).text, /^555 5\.5\.4 /, mail);
+    }
+    assert.equal((await client.command("MAIL FROM:<a@remote.example> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=x")).code, 250);
+    assert.match((await client.command("RCPT TO:<user1@example.test> XYZ")).text, /^555 5\.5\.4 /);
+    assert.equal((await client.command("RCPT TO:<user1@example.test> NOTIFY=FAILURE ORCPT=rfc822;user1@example.test")).code, 250);
+    client.close();
+  });
+
+  test("ENVID, ORCPT: malformed xtext, non-printable values and over-long values are 501 5.5.4", async () => {
+    const client = await open();
+    const badEnvids = ["a=b", "a+0", "a+2b", "a+0D+0Ab", "x".repeat(101)];
+    for (const envid of badEnvids) {
+      assert.match((await client.command(`MAIL FROM:<a@remote.example> ENVID=${envid}`)).text, /^501 5\.5\.4 /, envid);
+    }
+    assert.equal((await client.command(`MAIL FROM:<a@remote.example> ENVID=${"x".repeat(100)}`)).code, 250);
+    const badOrcpts = ["rfc822;a+zz", "rfc822;a=b", "rfc822;a+7F", `rfc822;${"a".repeat(500)}`, ";a@b.example"];
+    for (const orcpt of badOrcpts) {
+      assert.match((await client.command(`RCPT TO:<user1@example.test> ORCPT=${orcpt}`)).text, /^501 5\.5\.4 /, orcpt);
+    }
+    client.close();
+  });
+
+  test("ENVID and ORCPT in xtext are stored decoded", async () => {
+    const client = await open();
+    assert.equal((await client.command("MAIL FROM:<a@remote.example> RET=HDRS ENVID=id+2B1")).code, 250);
+    assert.equal((await client.command("RCPT TO:<user1@example.test> ORCPT=rfc822;User1+2Bx@example.test")).code, 250);
+    assert.equal((await client.command("DATA")).code, 354);
+    client.write(dataPayload(sampleMessage({ subject: "xtext" })));
+    assert.equal((await client.reply()).code, 250);
+    const stored = await lastStored();
+    assert.equal(stored.dsn_envid, "id+1");
+    assert.equal(stored.dsn_ret, "HDRS");
+    assert.equal(stored.orcpt, "rfc822;User1+x@example.test");
+    client.close();
+  });
+
+  test("a refused MAIL leaves no SMTPUTF8, RET or ENVID behind for the next transaction", async () => {
+    const client = await open();
+    const refused = await client.command(`MAIL FROM:<${"a".repeat(65)}@remote.example> SMTPUTF8 RET=HDRS ENVID=leaked`);
+    assert.match(refused.text, /^553 5\.1\.7 /, "a local part over 64 octets");
+    assert.equal((await client.command("MAIL FROM:<sender@remote.example>")).code, 250);
+    assert.equal((await client.command("RCPT TO:<user1@example.test>")).code, 250);
+    assert.equal((await client.command("DATA")).code, 354);
+    const eightBitHeader = Buffer.concat([Buffer.from("Subject: "), Buffer.from("héllo", "utf8"), Buffer.from("\r\n\r\nbody\r\n.\r\n")]);
+    client.write(eightBitHeader);
+    assert.match((await client.reply()).text, /^550 5\.6\.7 /, "SMTPUTF8 was not given with this MAIL");
+    assert.equal((await client.command("MAIL FROM:<sender@remote.example>")).code, 250);
+    assert.equal((await client.command("RCPT TO:<user1@example.test>")).code, 250);
+    assert.equal((await client.command("DATA")).code, 354);
+    client.write(dataPayload(sampleMessage({ subject: "no leftovers" })));
+    assert.equal((await client.reply()).code, 250);
+    const stored = await lastStored();
+    assert.equal(stored.dsn_ret, null);
+    assert.equal(stored.dsn_envid, null);
+    client.close();
+  });
+
+  test("with SMTPUTF8 an address that is not UTF-8 is a syntax error", async () => {
+    const client = await open();
+    const reply = await client.command("MAIL FROM:<\xfc@remote.example> SMTPUTF8");
+    assert.match(reply.text, /^553 5\.1\.7 /);
+    client.close();
+  });
+});
+
+describe("postmaster (RFC 5321 4.5.1)", () => {
+  test("<postmaster> in any case, and postmaster at a served domain without such an address, go to the configured postmaster", async () => {
+    const server = await startIntake(env.pool, env.bus, { postmaster: "user2@example.test" });
+    extra.push(server);
+    for (const rcpt of ["<postmaster>", "<PostMaster>", "<POSTMASTER@Example.TEST>"]) {
+      const client = await open(server.port());
+      assert.equal((await client.command("MAIL FROM:<>")).code, 250);
+      const accepted = await client.command(`RCPT TO:${rcpt}`);
+      assert.equal(accepted.code, 250, `${rcpt}: ${accepted.text}`);
+      assert.equal((await client.command("DATA")).code, 354);
+      client.write(dataPayload(sampleMessage({ subject: `to ${rcpt}` })));
+      assert.equal((await client.reply()).code, 250);
+      assert.deepEqual((await lastStored()).targets, ["local:user2@example.test"], rcpt);
+      client.close();
+    }
+  });
+
+  test("without a postmaster setting, <postmaster> is postmaster@hostname: never relayed elsewhere, 550 when not served here", async () => {
+    const client = await open();
+    assert.equal((await client.command("MAIL FROM:<sender@remote.example>")).code, 250);
+    assert.match((await client.command("RCPT TO:<postmaster>")).text, /^550 5\.1\.1 /, "the host name mx.example.test is not served");
+    client.close();
+    // A server that relays for its session (the msa) must still not send it to another host.
+    const relaying = await startIntake(env.pool, env.bus, { allowRemote: true });
+    extra.push(relaying);
+    const submitter = await open(relaying.port());
+    assert.equal((await submitter.command("MAIL FROM:<sender@remote.example>")).code, 250);
+    assert.match((await submitter.command("RCPT TO:<postmaster>")).text, /^550 5\.1\.1 /);
+    assert.equal((await submitter.command("RCPT TO:<someone@remote.example>")).code, 250, "other remote recipients still are");
+    submitter.close();
+  });
+});
+
+describe("trace fields", () => {
+  for (const [name, body] of [
+    ["a body line", "just a body line\r\nsecond line\r\n"],
+    ["a line starting with a space", " leading space\r\n"],
+    ["an mbox From_ line", "From someone@remote.example Fri Nov 27 09:00:00 2026\r\nhello\r\n"],
+  ] as const) {
+    test(`a message starting with ${name} gets an empty header section under our Received:`, async () => {
+      const client = await open();
+      assert.equal((await client.command("MAIL FROM:<sender@remote.example>")).code, 250);
+      assert.equal((await client.command("RCPT TO:<user1@example.test>")).code, 250);
+      assert.equal((await client.command("DATA")).code, 354);
+      client.write(dataPayload(body));
+      assert.equal((await client.reply()).code, 250);
+      const { raw } = await lastStored();
+      assert.match(raw, /^Received: [^]*?\r\n\t[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} \+0000\r\n\r\n/);
+      assert.ok(raw.endsWith(`\r\n\r\n${body}`), JSON.stringify(raw));
+      client.close();
+    });
+  }
+
+  test("a message with a header section, or an empty one, is stored as sent under our Received:", async () => {
+    for (const message of ["Subject: folded\r\n  continued\r\n\tmore\r\nX-A:  b \r\n\r\nbody\r\n", "\r\nbody after an empty header section\r\n"]) {
+      const client = await open();
+      assert.equal((await client.command("MAIL FROM:<sender@remote.example>")).code, 250);
+      assert.equal((await client.command("RCPT TO:<user1@example.test>")).code, 250);
+      assert.equal((await client.command("DATA")).code, 354);
+      client.write(dataPayload(message));
+      assert.equal((await client.reply()).code, 250);
+      const { raw } = await lastStored();
+      assert.ok(raw.endsWith(`+0000\r\n${message}`), JSON.stringify(raw));
+      client.close();
+    }
+  });
+});
+
+describe("AUTH (RFC 4954)", () => {
+  test("AUTH inside a mail transaction is 503 5.5.1", async () => {
+    const server = await startIntake(env.pool, env.bus, {
+      auth: { required: false, allowInsecure: true, authenticate: async ({ username }) => username },
+    });
+    extra.push(server);
+    const client = await open(server.port());
+    assert.equal((await client.command("MAIL FROM:<sender@remote.example>")).code, 250);
+    const plain = Buffer.from("\0user1@example.test\0secret-1").toString("base64");
+    assert.match((await client.command(`AUTH PLAIN ${plain}`)).text, /^503 5\.5\.1 /);
+    assert.equal((await client.command("RSET")).code, 250);
+    assert.equal((await client.command(`AUTH PLAIN ${plain}`)).code, 235, "allowed outside a transaction");
+    client.close();
+  });
+});

@@ -1,0 +1,91 @@
+// The submission ports as a client sees them, over real sockets: the replies RFC 4954 and
+// RFC 3207 ask for around AUTH and TLS.
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import tls from "node:tls";
+import { createTestEnv, type TestEnv } from "@mailstack/testkit";
+import { RawSmtp } from "@mailstack/smtp-intake/testing";
+import { startMsa, type Msa } from "../src/server.ts";
+import { memoryLogger, PASSWORDS, seedDirectory, testSettings, testTls } from "./helpers.ts";
+
+let env: TestEnv;
+let msa: Msa;
+const { logger } = memoryLogger();
+
+before(async () => {
+  env = await createTestEnv();
+  await seedDirectory(env.pool);
+  msa = await startMsa({ pool: env.pool, bus: env.bus, logger, settings: testSettings(), tls: await testTls() });
+});
+
+after(async () => {
+  await msa?.stop();
+  await env?.close();
+});
+
+const plain = (user: string, password: string) => Buffer.from(`\0${user}\0${password}`).toString("base64");
+
+async function overStartTls(): Promise<RawSmtp> {
+  const client = await RawSmtp.connect(msa.submissionPort);
+  assert.equal((await client.reply()).code, 220);
+  assert.equal((await client.command("EHLO client.example")).code, 250);
+  assert.equal((await client.command("STARTTLS")).code, 220);
+  await client.startTls();
+  assert.equal((await client.command("EHLO client.example")).code, 250);
+  return client;
+}
+
+async function implicitTls(): Promise<RawSmtp> {
+  const socket = tls.connect({ port: msa.submissionsPort, host: "127.0.0.1", rejectUnauthorized: false });
+  await new Promise<void>((resolve, reject) => socket.once("secureConnect", () => resolve()).once("error", reject));
+  const client = new RawSmtp(socket);
+  assert.equal((await client.reply()).code, 220);
+  return client;
+}
+
+test("AUTH before STARTTLS on 587 is 538 5.7.11 (RFC 4954 section 6)", async () => {
+  const client = await RawSmtp.connect(msa.submissionPort);
+  await client.reply();
+  await client.command("EHLO client.example");
+  const reply = await client.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`);
+  assert.match(reply.text, /^538 5\.7\.11 .*STARTTLS/);
+  client.close();
+});
+
+test("STARTTLS on 465, where TLS is already active, is 503 5.5.1 and the session goes on", async () => {
+  const client = await implicitTls();
+  const ehlo = await client.command("EHLO client.example");
+  assert.ok(!ehlo.lines.some((line) => /^STARTTLS/i.test(line)), "not offered");
+  assert.match((await client.command("STARTTLS")).text, /^503 5\.5\.1 /);
+  assert.equal((await client.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`)).code, 235);
+  client.close();
+});
+
+test("cancelled AUTH exchanges do not count as commands without authentication; ten other commands end with 421 4.7.0", async () => {
+  const client = await overStartTls();
+  for (let i = 0; i < 6; i++) {
+    assert.equal((await client.command("AUTH LOGIN")).code, 334);
+    assert.match((await client.command("*")).text, /^501 /, "RFC 4954 4: * cancels with 501");
+  }
+  assert.equal((await client.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`)).code, 235);
+  client.close();
+
+  const idle = await overStartTls(); // EHLO, STARTTLS, EHLO: three so far
+  let last = await idle.command("NOOP");
+  for (let i = 0; i < 10 && last.code === 250; i++) last = await idle.command("NOOP");
+  assert.match(last.text, /^421 4\.7\.0 /);
+  await idle.waitClosed();
+});
+
+test("MAIL FROM with AUTH=<> or an xtext AUTH= is accepted after AUTH; a malformed AUTH= is 501 5.5.4", async () => {
+  const client = await implicitTls();
+  await client.command("EHLO client.example");
+  assert.equal((await client.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`)).code, 235);
+  assert.equal((await client.command("MAIL FROM:<alice@example.test> AUTH=<>")).code, 250);
+  assert.equal((await client.command("RSET")).code, 250);
+  assert.equal((await client.command("MAIL FROM:<alice@example.test> AUTH=alice+40example.test")).code, 250);
+  assert.equal((await client.command("RSET")).code, 250);
+  assert.match((await client.command("MAIL FROM:<alice@example.test> AUTH=a+zz")).text, /^501 5\.5\.4 /);
+  assert.match((await client.command("MAIL FROM:<alice@example.test> FOO=1")).text, /^555 5\.5\.4 /);
+  client.close();
+});

@@ -26,6 +26,14 @@ export interface ReceivedFields {
 }
 
 /**
+ * The registered "with" type (RFC 3848). TLS and AUTH are ESMTP extensions, so a session that
+ * used them and then said HELO (smtp-server's SMTPS, SMTPA, SMTPSA) is written as ESMTP.
+ */
+function withType(protocol: string): string {
+  return /^SMTPS?A?$/.test(protocol) && protocol !== "SMTP" ? `E${protocol}` : protocol;
+}
+
+/**
  * A Received: header (RFC 5321 4.4) with the queue id and, as a comment, the trace id,
  * folded at reasonable places and ending in CRLF.
  */
@@ -34,7 +42,7 @@ export function receivedHeader(f: ReceivedFields): string {
   const from = `from ${clean(f.helo ?? "unknown")} (${f.clientHostname ? `${clean(f.clientHostname)} ` : ""}[${ip}])`;
   const auth = f.authenticatedUser ? `\r\n\t(Authenticated sender: ${clean(f.authenticatedUser, 320)})` : "";
   const tls = f.tlsCipher ? ` (${clean(f.tlsCipher)})` : "";
-  const by = `by ${clean(f.hostname)} (mailstack) with ${f.protocol}${tls} id ${f.queueId}${f.traceId ? ` (trace ${f.traceId})` : ""}`;
+  const by = `by ${clean(f.hostname)} (mailstack) with ${withType(f.protocol)}${tls} id ${f.queueId}${f.traceId ? ` (trace ${f.traceId})` : ""}`;
   const forPart = f.recipient ? `\r\n\tfor <${clean(f.recipient, 256)}>` : "";
   return `Received: ${from}${auth}\r\n\t${by}${forPart};\r\n\t${rfc5322Date(f.date)}\r\n`;
 }

@@ -200,3 +200,32 @@ describe("AUTH (RFC 4954)", () => {
     client.close();
   });
 });
+
+describe("Received: with types (RFC 3848)", () => {
+  test("ESMTP, ESMTPS after STARTTLS, SMTP for HELO, and ESMTPS (not SMTPS) for HELO after STARTTLS", async () => {
+    const cases: Array<[string, boolean, string]> = [
+      ["EHLO", false, "ESMTP"],
+      ["EHLO", true, "ESMTPS"],
+      ["HELO", false, "SMTP"],
+      ["HELO", true, "ESMTPS"],
+    ];
+    for (const [greeting, secure, expected] of cases) {
+      const client = await RawSmtp.connect(intake.port());
+      await client.reply();
+      if (secure) {
+        await client.command("EHLO client.remote.example");
+        assert.equal((await client.command("STARTTLS")).code, 220);
+        await client.startTls();
+      }
+      assert.equal((await client.command(`${greeting} client.remote.example`)).code, 250);
+      assert.equal((await client.command("MAIL FROM:<sender@remote.example>")).code, 250);
+      assert.equal((await client.command("RCPT TO:<user1@example.test>")).code, 250);
+      assert.equal((await client.command("DATA")).code, 354);
+      client.write(dataPayload(sampleMessage({ subject: `${greeting} ${secure}` })));
+      assert.equal((await client.reply()).code, 250);
+      const { raw } = await lastStored();
+      assert.match(raw, new RegExp(`^Received: from client\\.remote\\.example \\(\\[127\\.0\\.0\\.1\\]\\)\\r\\n\\tby mx\\.example\\.test \\(mailstack\\) with ${expected} id `), `${greeting} secure=${secure}`);
+      client.close();
+    }
+  });
+});

@@ -4,8 +4,9 @@ import type { SMTPConnection } from "smtp-server/lib/smtp-connection.js";
 // RFC 4648 base64 with padding, nothing else (smtp-server's decoder silently skips junk).
 const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
 
-/** Decodes strict base64; null when the text is not base64. */
+/** Decodes strict base64; null when the text is not base64. A lone "=" is the empty response (RFC 4954 4). */
 export function decodeBase64Strict(text: string): Buffer | null {
+  if (text === "=") return Buffer.alloc(0);
   if (!BASE64.test(text)) return null;
   return Buffer.from(text, "base64");
 }
@@ -14,6 +15,7 @@ export function decodeBase64Strict(text: string): Buffer | null {
 export function plainProblem(token: string): string | null {
   const decoded = decodeBase64Strict(token);
   if (!decoded || token === "") return "Malformed SASL data: not base64";
+  if (decoded.length === 0) return "Malformed SASL data: empty response";
   const parts = decoded.toString("utf8").split("\x00");
   if (parts.length !== 3) return "Malformed SASL data: expected authzid NUL authcid NUL password";
   if (!parts[1] && !parts[0]) return "Malformed SASL data: missing user name";

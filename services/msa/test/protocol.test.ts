@@ -89,3 +89,14 @@ test("MAIL FROM with AUTH=<> or an xtext AUTH= is accepted after AUTH; a malform
   assert.match((await client.command("MAIL FROM:<alice@example.test> FOO=1")).text, /^555 5\.5\.4 /);
   client.close();
 });
+
+test("AUTH with \"=\", the empty initial response (RFC 4954 4), is 501 5.5.2 as an empty response", async () => {
+  const client = await implicitTls();
+  await client.command("EHLO client.example");
+  assert.match((await client.command("AUTH PLAIN =")).text, /^501 5\.5\.2 .*empty response/);
+  assert.match((await client.command("AUTH LOGIN =")).text, /^501 5\.5\.2 .*missing user name/);
+  assert.equal((await client.command("AUTH PLAIN")).code, 334);
+  assert.match((await client.command("=")).text, /^501 5\.5\.2 .*empty response/);
+  assert.equal((await client.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`)).code, 235);
+  client.close();
+});

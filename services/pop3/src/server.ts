@@ -153,7 +153,7 @@ class Connection implements SessionIo {
 
   private receive(chunk: Buffer): void {
     if (this.closed) return;
-    this.resetTimer();
+    const queued = this.queue.length;
     this.buffer = this.buffer.length ? Buffer.concat([this.buffer, chunk]) : chunk;
     for (;;) {
       const lf = this.buffer.indexOf(0x0a);
@@ -176,6 +176,8 @@ class Connection implements SessionIo {
       this.buffer = Buffer.alloc(0);
       this.discardingLongLine = true;
     }
+    // RFC 1939: a command resets the autologout timer; bytes of a line that never ends do not.
+    if (this.queue.length > queued) this.resetTimer();
     if (this.queue.length > MAX_QUEUED_LINES) this.socket.pause();
     void this.process();
   }
@@ -228,6 +230,8 @@ class Connection implements SessionIo {
       const done = () => {
         this.socket.off("drain", done);
         this.socket.off("close", done);
+        // The client is reading: that is activity too.
+        this.resetTimer();
         resolve();
       };
       this.socket.on("drain", done);
@@ -294,7 +298,15 @@ class Connection implements SessionIo {
 
   private async onIdle(): Promise<void> {
     if (this.closed) return;
-    if (this.processing) return this.resetTimer();
+    if (this.processing) {
+      // Waiting on PostgreSQL or a TLS handshake (which has its own timeout): not the client's idleness.
+      if (!this.socket.writableNeedDrain) return this.resetTimer();
+      // Waiting for the client to read, and it has read nothing for the whole autologout time:
+      // drop it (no response can be sent in the middle of a message; no UPDATE), which releases the maildrop.
+      this.logger.info({ remoteAddress: this.remoteAddress }, "pop3 client stopped reading; connection dropped");
+      this.socket.destroy();
+      return;
+    }
     await this.session.autologout();
     this.close();
   }

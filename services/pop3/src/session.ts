@@ -298,7 +298,8 @@ export class Pop3Session {
   private find(arg: string | undefined): Entry | string {
     if (arg === undefined || !/^\d{1,9}$/.test(arg)) return "-ERR invalid message number";
     const entry = this.maildrop!.entries[Number(arg) - 1];
-    if (!entry || entry.deleted) return "-ERR no such message";
+    if (!entry) return "-ERR no such message";
+    if (entry.deleted) return `-ERR message ${entry.number} already deleted`;
     return entry;
   }
 
@@ -404,9 +405,10 @@ export class Pop3Session {
   }
 
   private async top(args: string[]): Promise<void> {
-    if (args.length !== 2 || !/^\d{1,9}$/.test(args[1]!)) return this.reply("-ERR usage: TOP msg lines");
+    if (args.length !== 2 || !/^\d+$/.test(args[1]!)) return this.reply("-ERR usage: TOP msg lines");
     const entry = await this.entry(args[0]);
     if (!entry) return;
+    // Any count of digits (fetchmail asks for 99999999 lines, others more); a huge one is the whole body.
     await this.sendMessage(entry, Number(args[1]), "+OK top of message follows");
   }
 

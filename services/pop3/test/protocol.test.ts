@@ -162,7 +162,7 @@ test("a mailbox larger than one read-ahead batch: every RETR exact, in order, ou
   client.send("TOP 302 0");
   assert.equal((await client.multiline()).body.toString(), expected[301]!.slice(0, expected[301]!.indexOf("\r\n\r\n") + 4));
   assert.equal(await client.command("DELE 303"), "+OK message 303 deleted");
-  assert.equal(await client.command("RETR 303"), "-ERR no such message");
+  assert.equal(await client.command("RETR 303"), "-ERR message 303 already deleted");
   for (let n = 302; n <= count; n++) if (n !== 303) await retr(n);
   assert.equal(await client.command("RSET"), `+OK maildrop has ${count} messages (${expected.reduce((sum, text) => sum + Buffer.byteLength(text), 0)} octets)`);
   await retr(303);
@@ -177,9 +177,9 @@ test("DELE + RSET restores; DELE + dropped connection deletes nothing; DELE + QU
   let { client } = await PopClient.connect(server.port);
   await client.login(account);
   assert.equal(await client.command("DELE 1"), "+OK message 1 deleted");
-  assert.equal(await client.command("DELE 1"), "-ERR no such message");
-  assert.equal(await client.command("RETR 1"), "-ERR no such message");
-  assert.equal(await client.command("LIST 1"), "-ERR no such message");
+  assert.equal(await client.command("DELE 1"), "-ERR message 1 already deleted");
+  assert.equal(await client.command("RETR 1"), "-ERR message 1 already deleted");
+  assert.equal(await client.command("LIST 1"), "-ERR message 1 already deleted");
   assert.equal(await client.command("STAT"), `+OK 2 ${2 * size}`);
   client.send("LIST");
   assert.equal((await client.multiline()).body.toString(), `2 ${size}\r\n3 ${size}\r\n`);
@@ -441,4 +441,110 @@ test("PostgreSQL connection lost mid-session: RETR and QUIT answer -ERR [SYS/TEM
   const again = (await PopClient.connect(server.port)).client;
   assert.match(await again.login(account), /^\+OK maildrop has 1 messages/, "nothing deleted, lock released");
   await again.command("QUIT");
+});
+
+test("a client that stops reading in the middle of a RETR is logged out after the autologout time: no UPDATE, lock released", async () => {
+  const quick = await startTestServer(env, { POP3_AUTOLOGOUT: 400 });
+  let stalled: PopClient | undefined;
+  try {
+    const account = await plain("stalled@example.test");
+    // Larger than what the loopback socket buffers can hold, so the server's writes block.
+    await fileMessage(env.pool, account.id, `Subject: big\r\n\r\n${`${"x".repeat(78)}\r\n`.repeat(200_000)}`);
+    await fileMessage(env.pool, account.id, "Subject: small\r\n\r\nbody\r\n");
+    const { client } = await PopClient.connect(quick.port);
+    stalled = client;
+    assert.match(await client.login(account), /^\+OK maildrop has 2 messages/);
+    assert.equal(await client.command("DELE 2"), "+OK message 2 deleted");
+    client.socket.pause(); // reads nothing more
+    client.send("RETR 1");
+    const again = await waitFor(async () => {
+      const attempt = (await PopClient.connect(quick.port)).client;
+      const reply = await attempt.login(account);
+      if (reply.startsWith("+OK")) return { attempt, reply };
+      attempt.close();
+      return null;
+    }, 5_000, 200);
+    assert.match(again.reply, /^\+OK maildrop has 2 messages/, "lock released and nothing deleted");
+    await again.attempt.command("QUIT");
+  } finally {
+    stalled?.close();
+    await quick.stop();
+  }
+});
+
+test("autologout counts commands, not bytes: a client trickling a line byte by byte is logged out", async () => {
+  const quick = await startTestServer(env, { POP3_AUTOLOGOUT: 400 });
+  try {
+    const { client } = await PopClient.connect(quick.port);
+    const started = Date.now();
+    for (let i = 0; i < 40 && !client.closed; i++) {
+      client.send(Buffer.from("N"));
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    assert.ok(client.closed, "still connected after 4 s of a line that never ends");
+    assert.ok(Date.now() - started < 2_000, `closed after ${Date.now() - started} ms`);
+  } finally {
+    await quick.stop();
+  }
+});
+
+test("TOP accepts any non-negative line count, however many digits", async () => {
+  const account = await plain("topdigits@example.test");
+  await fileMessage(env.pool, account.id, "Subject: t\r\n\r\none\r\ntwo\r\n");
+  const { client } = await PopClient.connect(server.port);
+  await client.login(account);
+  client.send("TOP 1 4294967296");
+  const top = await client.multiline();
+  assert.equal(top.status, "+OK top of message follows");
+  assert.equal(top.body.toString(), "Subject: t\r\n\r\none\r\ntwo\r\n");
+  client.send("TOP 1 000000000000000000001");
+  assert.equal((await client.multiline()).body.toString(), "Subject: t\r\n\r\none\r\n");
+  assert.match(await client.command("TOP 1 -1"), /^-ERR/);
+  assert.equal(await client.command("QUIT"), "+OK bye (0 messages deleted)");
+});
+
+test("a deleted message is answered 'already deleted' by every command that names it", async () => {
+  const account = await plain("already@example.test");
+  await fileMessage(env.pool, account.id, "Subject: a\r\n\r\nb\r\n");
+  const { client } = await PopClient.connect(server.port);
+  await client.login(account);
+  assert.equal(await client.command("DELE 1"), "+OK message 1 deleted");
+  for (const command of ["DELE 1", "RETR 1", "LIST 1", "UIDL 1", "TOP 1 0"]) {
+    assert.equal(await client.command(command), "-ERR message 1 already deleted", command);
+  }
+  assert.equal(await client.command("RETR 2"), "-ERR no such message");
+  assert.equal(await client.command("RSET"), `+OK maildrop has 1 messages (${Buffer.byteLength("Subject: a\r\n\r\nb\r\n")} octets)`);
+  assert.equal(await client.command("QUIT"), "+OK bye (0 messages deleted)");
+});
+
+test("a failed login takes as long for an unknown or disabled account as for a wrong password (no timing oracle)", async () => {
+  const timed = await startTestServer(env, { POP3_MAX_FAILURES_PER_IP: 1000, POP3_MAX_FAILURES_PER_ACCOUNT: 1000 });
+  try {
+    const known = await plain("timing@example.test");
+    const disabled = await plain("timing-off@example.test");
+    await env.pool.query("UPDATE accounts SET disabled = true WHERE id = $1", [disabled.id]);
+    const { client } = await PopClient.connect(timed.port);
+    const failure = async (name: string, password: string) => {
+      await client.command(`USER ${name}`);
+      const started = performance.now();
+      assert.match(await client.command(`PASS ${password}`), /^-ERR \[AUTH\] invalid user name or password/);
+      return performance.now() - started;
+    };
+    const median = (values: number[]) => values.sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
+    const samples = { known: [] as number[], unknown: [] as number[], disabled: [] as number[] };
+    for (let i = 0; i < 3; i++) {
+      samples.known.push(await failure(known.address, "wrong"));
+      samples.unknown.push(await failure(`nobody${i}@example.test`, "wrong"));
+      samples.disabled.push(await failure(disabled.address, disabled.password));
+    }
+    const knownMs = median(samples.known);
+    // The password hash dominates a failure (tens of milliseconds); a bare lookup takes about one.
+    for (const kind of ["unknown", "disabled"] as const) {
+      assert.ok(median(samples[kind]) > knownMs / 3, `${kind}: ${median(samples[kind]).toFixed(1)} ms vs ${knownMs.toFixed(1)} ms for a wrong password`);
+    }
+    client.close();
+  } finally {
+    await timed.stop();
+    await env.pool.query("DELETE FROM auth_failures");
+  }
 });

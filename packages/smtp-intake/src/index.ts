@@ -14,7 +14,7 @@
  *   transformMessage: async (message) => ({ raw: withDateMessageIdAndDkim(message.raw) }),
  * });
  * await intake.listen();            // resolves with the bound port (port 0 in tests)
- * await intake.stop();              // stop accepting, finish sessions' transactions, wait for commits
+ * await intake.stop();              // stop accepting, finish messages in DATA (other commands: 421), wait for commits
  * ```
  *
  * The contract:

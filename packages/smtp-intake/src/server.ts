@@ -157,7 +157,10 @@ export interface IntakeServer {
   port(): number;
   /** Group-commit figures: accept transactions committed, most messages in one. */
   stats(): { acceptTransactions: number; largestBatch: number };
-  /** Stops accepting, lets sessions finish their current transaction (up to graceMs), waits for commits. */
+  /**
+   * Stops accepting and waits for commits. A message already in DATA is received and answered
+   * (up to graceMs); any other command gets 421 at once, and idle sessions get 421 after graceMs.
+   */
   stop(graceMs?: number): Promise<void>;
 }
 
@@ -470,11 +473,14 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   };
 
   /** Where mail to postmaster goes when the directory has no such address (RFC 5321 4.5.1). */
+  let postmasterWarned = false;
   const resolvePostmaster = async (): Promise<Resolution> => {
     const target = options.postmaster || `postmaster@${options.hostname}`;
     // A configured address may be anywhere, like an alias target; the default only here.
     const resolution = await resolveWithDirectory(pool, target, { allowRemote: !!options.postmaster, lookup });
     if (!resolution.ok) {
+      if (postmasterWarned) return { ok: false, reason: "unknown-user" };
+      postmasterWarned = true;
       logger.warn({ target, reason: resolution.reason }, "mail to postmaster cannot be routed: set SMTP_POSTMASTER to an address that can");
       return { ok: false, reason: "unknown-user" };
     }

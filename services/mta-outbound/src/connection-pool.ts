@@ -90,7 +90,7 @@ export class ConnectionPool {
 
   /** Returns a connection after its transaction: kept idle for reuse, or closed. */
   release(key: string, hostKey: string, connection: SmtpConnection): void {
-    if (this.closing || connection.broken || connection.transactions >= this.options.maxTransactions) {
+    if (this.closing || !connection.reusable || connection.transactions >= this.options.maxTransactions) {
       void connection.quit().catch(() => undefined);
       this.closed(hostKey);
       return;
@@ -118,7 +118,8 @@ export class ConnectionPool {
       const item = list.pop()!;
       clearTimeout(item.timer);
       if (list.length === 0) this.idle.delete(key);
-      if (!item.connection.broken) return item.connection;
+      if (item.connection.reusable) return item.connection;
+      void item.connection.quit().catch(() => undefined);
       this.closed(item.hostKey);
     }
     return null;

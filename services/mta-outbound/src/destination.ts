@@ -120,6 +120,9 @@ export class DestinationResolver {
       }
       await Promise.all(
         hosts.map(async (host) => {
+          // An MX names a host, never an address (RFC 1123 2.1: a host name is never dotted-decimal):
+          // "MX 10 192.0.2.1" is a broken record, skipped as Postfix and Exim do.
+          if (net.isIP(host.hostname)) return;
           host.addresses = await this.addresses(host.hostname).catch(() => []);
         }),
       );

@@ -4,9 +4,9 @@ import { stillPending, type JourneyEvent, type RelayJob } from "@mailstack/queue
 import { Counter, Histogram, SpanKind, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
-import { hasEightBit } from "./dot-stuff.ts";
+import { hasEightBit, headerHasEightBit } from "./dot-stuff.ts";
 import { SerialBatches } from "./serial-batches.ts";
-import { SmtpConnection, SmtpError, formatRemoteReply, type Envelope, type Timeouts, type TransactionResult } from "./smtp-client.ts";
+import { SmtpConnection, SmtpError, formatRemoteReply, type Envelope, type MessageContent, type Timeouts, type TransactionResult } from "./smtp-client.ts";
 
 export const SERVICE = "mta-outbound";
 
@@ -80,9 +80,15 @@ export interface Relay {
   readonly workerId: string;
 }
 
-function statusFromReply(code: number, enhanced: string | null): string {
-  if (enhanced && enhanced[0] === String(code)[0]) return enhanced;
-  return code >= 500 ? "5.0.0" : code >= 400 ? "4.0.0" : "2.0.0";
+/** The enhanced status of a recipient's outcome: the server's own code when it gave one, in the class of what we do. */
+function statusFor(state: Outcome["state"], code: number, enhanced: string | null): string {
+  const status = enhanced && enhanced[0] === String(code)[0] ? enhanced : "X.0.0";
+  return `${state === "delivered" ? 2 : state === "deferred" ? 4 : 5}${status.slice(1)}`;
+}
+
+/** A reused connection that failed before the server took anything of the transaction: it had gone stale while idle. */
+function staleConnection(error: unknown): boolean {
+  return error instanceof SmtpError && error.temporary && error.stage === "mail" && (!error.reply || error.reply.code === 421);
 }
 
 /** Backoff for the attempt after `attempts` failed ones. */
@@ -187,7 +193,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
 
   /** Tries every host (and each of its addresses) in order until one gives recipient-level answers. */
   async function attempt(destination: Destination, envelope: Envelope, raw: Buffer, domain: string): Promise<Map<string, Outcome>> {
-    const eightBit = hasEightBit(raw);
+    const content: MessageContent = { eightBit: hasEightBit(raw), utf8Header: headerHasEightBit(raw) };
     let lastFailure: Outcome | null = null;
     let anyTemporary = false;
     for (const host of destination.hosts) {
@@ -217,15 +223,14 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         let result: TransactionResult | null = null;
         let connection: SmtpConnection | null = null;
         try {
-          // A reused connection the server has meanwhile closed gets one fresh retry.
+          // A reused connection the server has meanwhile closed (or given up with a 421) gets one fresh retry.
           for (let round = 0; round < 2 && !result; round++) {
             const got = await connections.acquire(key, hostKey, open);
             connection = got.connection;
             try {
-              result = await connection.send(envelope, raw, eightBit);
+              result = await connection.send(envelope, raw, content);
             } catch (error) {
-              // Only when nothing of this transaction can have been taken: the failure came reading the MAIL reply.
-              if (got.reused && error instanceof SmtpError && !error.reply && error.temporary && error.stage === "mail" && round === 0) {
+              if (round === 0 && got.reused && staleConnection(error)) {
                 connection.destroy();
                 connections.release(key, hostKey, connection);
                 connection = null;
@@ -242,7 +247,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
           lastFailure = failureOutcome(error, host.hostname);
           if (lastFailure.state === "deferred") anyTemporary = true;
           logger.info({ domain, host: host.hostname, address, err: (error as Error).message }, "relay attempt to host failed");
-          // A permanent refusal of the message itself (MAIL 5xx, SIZE, 8BITMIME) is final; anything else tries the next host.
+          // A permanent refusal of the message itself (MAIL 5xx, SIZE, 8BITMIME, SMTPUTF8) is final; anything else tries the next host.
           if (error instanceof SmtpError && !error.temporary && (error.stage === "mail" || error.stage === "message")) {
             return new Map(envelope.recipients.map((r) => [r.address, lastFailure!]));
           }
@@ -250,15 +255,26 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         }
         const outcomes = new Map<string, Outcome>();
         const remoteDsn = connection!.extensions.has("DSN");
-        for (const r of result!.recipients) {
-          const state = r.accepted ? "delivered" : r.reply.code >= 500 ? "bounced" : "deferred";
-          outcomes.set(r.address, {
-            state,
-            reply: formatRemoteReply(r.reply),
-            status: statusFromReply(r.reply.code, r.reply.enhanced),
-            remoteMta: host.hostname,
-            remoteDsn,
-          });
+        const note = (done: TransactionResult) => {
+          for (const r of done.recipients) {
+            const state = r.accepted ? "delivered" : r.permanent ? "bounced" : "deferred";
+            outcomes.set(r.address, { state, reply: formatRemoteReply(r.reply), status: statusFor(state, r.reply.code, r.reply.enhanced), remoteMta: host.hostname, remoteDsn });
+          }
+        };
+        note(result!);
+        // "452 too many recipients" (RFC 5321 4.5.3.1.10, or the old 552): the rest go in further
+        // transactions on this connection, for as long as each one delivers to someone.
+        for (let done = result!; done.recipients.some((r) => r.accepted) && connection!.reusable; ) {
+          const rest = new Set(done.recipients.filter((r) => !r.accepted && !r.permanent && (r.reply.code === 452 || r.reply.code === 552)).map((r) => r.address));
+          if (rest.size === 0) break;
+          try {
+            done = await connection!.send({ ...envelope, recipients: envelope.recipients.filter((r) => rest.has(r.address)) }, raw, content);
+          } catch (error) {
+            // Those recipients keep their deferral from the 452.
+            logger.info({ domain, host: host.hostname, address, err: (error as Error).message }, "relay follow-up transaction failed");
+            break;
+          }
+          note(done);
         }
         // The transaction is complete: the connection can carry the next job while this one records.
         connections.release(key, hostKey, connection!);

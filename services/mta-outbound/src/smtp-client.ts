@@ -1,4 +1,5 @@
 import net from "node:net";
+import { StringDecoder } from "node:string_decoder";
 import tls from "node:tls";
 import { SpanKind, withSpan } from "@mailstack/telemetry";
 import { DotStuffer } from "./dot-stuff.ts";
@@ -35,7 +36,9 @@ export class SmtpError extends Error {
     this.temporary = options.temporary;
     this.stage = options.stage;
     this.reply = options.reply ?? null;
-    this.status = options.status ?? options.reply?.enhanced ?? (options.temporary ? "4.4.1" : "5.0.0");
+    // A reply without an enhanced code gets X.0.0 (RFC 3463); the class always says what we do with it.
+    const status = options.status ?? options.reply?.enhanced ?? (options.reply || !options.temporary ? "4.0.0" : "4.4.1");
+    this.status = `${options.temporary ? 4 : 5}${status.slice(1)}`;
   }
 }
 
@@ -90,15 +93,32 @@ export interface Envelope {
   ret?: "FULL" | "HDRS" | null;
 }
 
+/** What the message needs from the server. */
+export interface MessageContent {
+  /** A byte above 127 anywhere: BODY=8BITMIME. */
+  eightBit: boolean;
+  /** A byte above 127 in the header section: an internationalized message (RFC 6532), SMTPUTF8. */
+  utf8Header: boolean;
+}
+
 export interface TransactionResult {
-  /** One per envelope recipient, in order: its RCPT reply, or the DATA outcome for accepted ones. */
-  recipients: Array<{ address: string; reply: Reply; accepted: boolean }>;
+  /**
+   * One per envelope recipient, in order: its RCPT reply, or the DATA outcome for accepted ones.
+   * permanent: the refusal is final (5xx, except 552 to RCPT: RFC 5321 4.5.3.1.10 "too many recipients").
+   */
+  recipients: Array<{ address: string; reply: Reply; accepted: boolean; permanent: boolean }>;
   /** The reply after the final dot; null when no data was sent. */
   data: Reply | null;
 }
 
-const REPLY_LINE = /^(\d{3})([ -])(.*)$/;
-const ENHANCED = /^([245]\.\d{1,3}\.\d{1,3})\s+(.*)$/s;
+/** A reply line: the code, then "-" on all but the last line; the text (and the space before it) may be absent (RFC 5321 4.2). */
+const REPLY_LINE = /^(\d{3})(?:([ -])(.*))?$/;
+const ENHANCED = /^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)/;
+/** Lines of one multi-line reply at most (an EHLO list is a few dozen). */
+const MAX_REPLY_LINES = 1_000;
+
+/** Positive completion (2xx), by the first digit as RFC 5321 4.2.1 says clients decide. */
+const positive = (reply: Reply) => reply.code >= 200 && reply.code < 300;
 
 /** RFC 3461 xtext: '+', '=' and characters outside 33-126 become +HH. */
 export function xtext(value: string): string {
@@ -121,14 +141,20 @@ export class SmtpConnection {
   socket: net.Socket;
   extensions = new Map<string, string>();
   secure = false;
+  /** The socket is unusable (closed, timed out, a 421, a reply nobody asked for): close it without QUIT. */
   broken = false;
+  /** Usable but not to be reused (RSET refused): QUIT, then close. */
+  retired = false;
   transactions = 0;
   greeting = "";
+  private decoder = new StringDecoder("utf8");
   private buffer = "";
   private lines: string[] = [];
   private replies: Reply[] = [];
   private waiter: { resolve: (reply: Reply) => void; reject: (error: Error) => void } | null = null;
   private failure: Error | null = null;
+  /** Between transactions no reply is due: one arriving is the server giving up (e.g. "421 idle timeout"). */
+  private idle = false;
 
   private constructor(options: ConnectOptions, socket: net.Socket) {
     this.options = options;
@@ -143,11 +169,18 @@ export class SmtpConnection {
     const connection = new SmtpConnection(options, socket);
     try {
       await connection.handshake();
+      connection.idle = true;
       return connection;
     } catch (error) {
-      connection.destroy();
+      // RFC 5321 3.8 (and 3.1 for a 554 greeting): the client ends the session with QUIT, not by dropping it.
+      void connection.quit().catch(() => undefined);
       throw error;
     }
+  }
+
+  /** Whether the connection may carry another transaction. */
+  get reusable(): boolean {
+    return !this.broken && !this.retired;
   }
 
   private attach(socket: net.Socket): void {
@@ -164,7 +197,7 @@ export class SmtpConnection {
   }
 
   private onData(chunk: Buffer): void {
-    this.buffer += chunk.toString("utf8");
+    this.buffer += this.decoder.write(chunk);
     if (this.buffer.length > (this.options.maxReplyBytes ?? 1_048_576)) {
       this.fail(new Error("the server's reply is too long"));
       this.socket.destroy();
@@ -175,35 +208,40 @@ export class SmtpConnection {
       const line = this.buffer.slice(0, index).replace(/\r$/, "");
       this.buffer = this.buffer.slice(index + 1);
       const match = REPLY_LINE.exec(line);
-      if (!match) {
-        this.fail(new Error(`unparseable reply line: ${line.slice(0, 100)}`));
+      if (!match || this.lines.length >= MAX_REPLY_LINES) {
+        this.fail(new Error(match ? "the server's reply has too many lines" : `unparseable reply line: ${line.slice(0, 100)}`));
         this.socket.destroy();
         return;
       }
-      this.lines.push(line);
-      if (match[2] === " ") this.pushReply();
+      this.lines.push(match[3] ?? "");
+      if (match[2] !== "-") this.pushReply(Number(match[1]), line);
     }
   }
 
-  private pushReply(): void {
-    const lines = this.lines;
+  /** Ends a reply at its last line, whose code is the reply's (RFC 5321 4.2.1: the lines should all agree). */
+  private pushReply(code: number, lastLine: string): void {
+    const texts = this.lines;
     this.lines = [];
-    const code = Number(lines[lines.length - 1]!.slice(0, 3));
-    const texts = lines.map((l) => l.slice(4));
     let enhanced: string | null = null;
     const first = ENHANCED.exec(texts[0] ?? "");
     if (first && first[1]![0] === String(code)[0]) {
       enhanced = first[1]!;
-      for (let i = 0; i < texts.length; i++) texts[i] = texts[i]!.replace(/^[245]\.\d{1,3}\.\d{1,3}\s+/, "");
+      for (let i = 0; i < texts.length; i++) texts[i] = texts[i]!.replace(/^[245]\.\d{1,3}\.\d{1,3}(?:\s+|$)/, "");
     }
-    const reply: Reply = { code, enhanced, text: texts.join(" ").trim(), line: lines[lines.length - 1]!, lines: texts };
+    const reply: Reply = { code, enhanced, text: texts.join(" ").trim(), line: lastLine, lines: texts };
+    // 421: the server is closing the channel (RFC 5321 3.8), whatever it was answering.
+    if (code === 421) this.broken = true;
     if (this.waiter) {
       const waiter = this.waiter;
       this.waiter = null;
       waiter.resolve(reply);
-    } else {
-      this.replies.push(reply);
+      return;
     }
+    if (this.idle) {
+      this.broken = true;
+      this.failure ??= new Error(`the server said, unasked: ${formatRemoteReply(reply)}`);
+    }
+    this.replies.push(reply);
   }
 
   private fail(error: Error): void {
@@ -272,7 +310,7 @@ export class SmtpConnection {
       this.readReply(this.options.timeouts.greeting, "greeting"),
     );
     this.greeting = greeting.line;
-    if (greeting.code !== 220) throw new SmtpError(`greeting: ${formatRemoteReply(greeting)}`, { temporary: greeting.code < 500, stage: "greeting", reply: greeting });
+    if (!positive(greeting)) throw new SmtpError(`greeting: ${formatRemoteReply(greeting)}`, { temporary: greeting.code < 500, stage: "greeting", reply: greeting });
     await this.hello();
     if (this.options.tls !== "none" && !this.secure) {
       if (this.extensions.has("STARTTLS")) {
@@ -288,7 +326,7 @@ export class SmtpConnection {
   private async hello(): Promise<void> {
     const ehlo = await this.command(`EHLO ${this.options.heloName}`, "ehlo");
     this.extensions = new Map();
-    if (ehlo.code === 250) {
+    if (positive(ehlo)) {
       const all = ehlo.lines ?? [];
       for (const text of all.slice(1)) {
         const [keyword, ...params] = text.trim().split(/\s+/);
@@ -298,7 +336,7 @@ export class SmtpConnection {
     }
     if (ehlo.code >= 500 && ehlo.code < 600) {
       const helo = await this.command(`HELO ${this.options.heloName}`, "ehlo");
-      if (helo.code === 250) return;
+      if (positive(helo)) return;
       throw new SmtpError(`HELO: ${formatRemoteReply(helo)}`, { temporary: helo.code < 500, stage: "ehlo", reply: helo });
     }
     throw new SmtpError(`EHLO: ${formatRemoteReply(ehlo)}`, { temporary: ehlo.code < 500, stage: "ehlo", reply: ehlo });
@@ -306,7 +344,7 @@ export class SmtpConnection {
 
   private async startTls(): Promise<void> {
     const reply = await this.command("STARTTLS", "starttls");
-    if (reply.code !== 220) {
+    if (!positive(reply)) {
       if (this.options.tls === "required") {
         throw new SmtpError(`STARTTLS: ${formatRemoteReply(reply)}`, { temporary: true, stage: "starttls", reply, status: "4.7.10" });
       }
@@ -314,6 +352,13 @@ export class SmtpConnection {
     }
     const plain = this.socket;
     this.detach(plain);
+    // Whatever came after the 220 in clear (RFC 3207 5: a man in the middle's injected replies) is thrown away.
+    this.buffer = "";
+    this.lines = [];
+    this.replies = [];
+    this.decoder = new StringDecoder("utf8");
+    // A failed handshake leaves nothing to say QUIT on.
+    this.broken = true;
     const secured = await withSpan("smtp tls handshake", { kind: SpanKind.CLIENT, attributes: this.spanAttributes() }, () =>
       new Promise<tls.TLSSocket>((resolve, reject) => {
         const socket = tls.connect({
@@ -340,7 +385,7 @@ export class SmtpConnection {
     secured.removeAllListeners("error");
     this.socket = secured;
     this.secure = true;
-    this.buffer = "";
+    this.broken = false;
     this.attach(secured);
   }
 
@@ -348,32 +393,39 @@ export class SmtpConnection {
     if (!this.secure) throw new SmtpError("refusing to send credentials without TLS", { temporary: true, stage: "auth", status: "4.7.10" });
     const token = Buffer.from(`\0${auth.user}\0${auth.pass}`).toString("base64");
     const reply = await this.command(`AUTH PLAIN ${token}`, "auth");
-    if (reply.code !== 235) throw new SmtpError(`AUTH: ${formatRemoteReply(reply)}`, { temporary: reply.code < 500 || reply.code === 535, stage: "auth", reply });
+    if (!positive(reply)) throw new SmtpError(`AUTH: ${formatRemoteReply(reply)}`, { temporary: reply.code < 500 || reply.code === 535, stage: "auth", reply });
   }
 
   /**
    * One mail transaction: MAIL, RCPT per recipient and DATA (pipelined when offered),
    * then the message dot-stuffed with CRLF line endings. Refuses before sending when the
-   * message is too big for the server's SIZE or needs 8BITMIME / SMTPUTF8 it does not offer.
+   * message is too big for the server's SIZE or needs 8BITMIME / SMTPUTF8 it does not offer:
+   * 8-bit data needs 8BITMIME (RFC 6152), a non-ASCII address or header field needs
+   * SMTPUTF8 (RFC 6531 3.2: such a message is never sent to a server without it).
    */
-  async send(envelope: Envelope, body: Buffer, eightBit: boolean): Promise<TransactionResult> {
+  async send(envelope: Envelope, body: Buffer, content: MessageContent): Promise<TransactionResult> {
+    // Closed or given up by the server while idle: nothing of this transaction was sent.
+    if (this.broken) throw new SmtpError(this.failure?.message ?? "the connection is no longer usable", { temporary: true, stage: "mail" });
     const ext = this.extensions;
     const maxSize = Number(ext.get("SIZE") ?? 0);
     if (ext.has("SIZE") && maxSize > 0 && body.length > maxSize) {
       throw new SmtpError(`message size ${body.length} exceeds the server's limit of ${maxSize}`, { temporary: false, stage: "mail", status: "5.3.4" });
     }
-    const utf8 = [envelope.from, ...envelope.recipients.map((r) => r.address)].some((a) => !isAscii(a));
-    if (utf8 && !ext.has("SMTPUTF8")) {
+    const utf8Envelope = [envelope.from, ...envelope.recipients.map((r) => r.address)].some((a) => !isAscii(a));
+    if (utf8Envelope && !ext.has("SMTPUTF8")) {
       throw new SmtpError("the envelope needs SMTPUTF8, which the server does not offer", { temporary: false, stage: "mail", status: "5.6.7" });
     }
-    if (eightBit && !ext.has("8BITMIME")) {
+    if (content.utf8Header && !ext.has("SMTPUTF8")) {
+      throw new SmtpError("the message has non-ASCII header fields, which need SMTPUTF8, and the server does not offer it", { temporary: false, stage: "mail", status: "5.6.7" });
+    }
+    if (content.eightBit && !ext.has("8BITMIME")) {
       throw new SmtpError("the message has 8-bit data and the server does not offer 8BITMIME", { temporary: false, stage: "mail", status: "5.6.3" });
     }
     const dsn = ext.has("DSN");
     let mail = `MAIL FROM:<${envelope.from}>`;
     if (ext.has("SIZE")) mail += ` SIZE=${body.length}`;
-    if (eightBit) mail += " BODY=8BITMIME";
-    if (utf8) mail += " SMTPUTF8";
+    if (content.eightBit) mail += " BODY=8BITMIME";
+    if (utf8Envelope || content.utf8Header) mail += " SMTPUTF8";
     if (dsn && envelope.ret) mail += ` RET=${envelope.ret}`;
     if (dsn && envelope.envid) mail += ` ENVID=${xtext(envelope.envid)}`;
     const rcpts = envelope.recipients.map((r) => {
@@ -383,59 +435,75 @@ export class SmtpConnection {
       return line;
     });
     this.transactions++;
-    const t = this.options.timeouts;
-    const result: TransactionResult = { recipients: [], data: null };
+    this.idle = false;
+    try {
+      return await withSpan("smtp transaction", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.recipients.count": rcpts.length, "mail.smtp.pipelining": ext.has("PIPELINING") ? 1 : 0 }) }, () =>
+        this.transaction(mail, rcpts, envelope, body),
+      );
+    } finally {
+      this.idle = true;
+    }
+  }
 
-    return withSpan("smtp transaction", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.recipients.count": rcpts.length, "mail.smtp.pipelining": ext.has("PIPELINING") ? 1 : 0 }) }, async () => {
-      let mailReply: Reply;
-      const rcptReplies: Reply[] = [];
-      let dataReply: Reply;
-      if (ext.has("PIPELINING")) {
-        this.write(`${mail}\r\n${rcpts.join("\r\n")}\r\nDATA\r\n`);
-        mailReply = await this.readReply(t.command, "mail");
-        for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await this.readReply(t.command, "rcpt"));
-        dataReply = await this.readReply(t.dataInit, "data");
-      } else {
-        mailReply = await this.command(mail, "mail");
-        if (mailReply.code === 250) {
-          for (const rcpt of rcpts) rcptReplies.push(await this.command(rcpt, "rcpt"));
-        }
-        dataReply = rcptReplies.some((r) => r.code === 250 || r.code === 251)
-          ? await this.command("DATA", "data", t.dataInit)
-          : { code: 554, enhanced: "5.5.1", text: "no valid recipients", line: "554 no valid recipients" };
+  private async transaction(mail: string, rcpts: string[], envelope: Envelope, body: Buffer): Promise<TransactionResult> {
+    const t = this.options.timeouts;
+    const ext = this.extensions;
+    const result: TransactionResult = { recipients: [], data: null };
+    let mailReply: Reply;
+    const rcptReplies: Reply[] = [];
+    let dataReply: Reply;
+    if (ext.has("PIPELINING")) {
+      this.write(`${mail}\r\n${rcpts.join("\r\n")}\r\nDATA\r\n`);
+      mailReply = await this.readReply(t.command, "mail");
+      for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await this.readReply(t.command, "rcpt"));
+      dataReply = await this.readReply(t.dataInit, "data");
+    } else {
+      mailReply = await this.command(mail, "mail");
+      if (positive(mailReply)) {
+        for (const rcpt of rcpts) rcptReplies.push(await this.command(rcpt, "rcpt"));
       }
-      if (mailReply.code !== 250) {
-        if (dataReply.code === 354) await this.abortData();
-        await this.reset();
-        throw new SmtpError(`MAIL FROM: ${formatRemoteReply(mailReply)}`, { temporary: mailReply.code < 500, stage: "mail", reply: mailReply });
-      }
-      const accepted = rcptReplies.map((r) => r.code === 250 || r.code === 251);
-      envelope.recipients.forEach((r, i) => result.recipients.push({ address: r.address, reply: rcptReplies[i]!, accepted: accepted[i]! }));
-      if (!accepted.some(Boolean)) {
-        if (dataReply.code === 354) await this.abortData();
-        await this.reset();
-        return result;
-      }
-      if (dataReply.code !== 354) {
-        await this.reset();
-        // DATA refused: every accepted recipient gets that reply.
-        result.recipients.forEach((r) => r.accepted && Object.assign(r, { reply: dataReply, accepted: false }));
-        return result;
-      }
-      const final = await withSpan("smtp message", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.message.size": body.length }) }, async (span) => {
-        await this.writeBody(body);
-        const reply = await this.readReply(t.dataEnd, "message");
-        span.setAttribute("smtp.reply.code", reply.code);
-        return reply;
-      });
-      result.data = final;
+      dataReply = rcptReplies.some(positive)
+        ? await this.command("DATA", "data", t.dataInit)
+        : { code: 554, enhanced: "5.5.1", text: "no valid recipients", line: "554 no valid recipients" };
+    }
+    const goAhead = dataReply.code >= 300 && dataReply.code < 400;
+    if (!positive(mailReply)) {
+      if (goAhead) await this.abortData();
+      await this.reset();
+      throw new SmtpError(`MAIL FROM: ${formatRemoteReply(mailReply)}`, { temporary: mailReply.code < 500, stage: "mail", reply: mailReply });
+    }
+    envelope.recipients.forEach((r, i) => {
+      const reply = rcptReplies[i]!;
+      // 552 to RCPT is the old "too many recipients" (RFC 5321 4.5.3.1.10): try again later.
+      result.recipients.push({ address: r.address, reply, accepted: positive(reply), permanent: reply.code >= 500 && reply.code !== 552 });
+    });
+    if (!result.recipients.some((r) => r.accepted)) {
+      if (goAhead) await this.abortData();
+      await this.reset();
+      return result;
+    }
+    if (!goAhead) {
+      await this.reset();
+      // DATA refused: every accepted recipient gets that reply.
       for (const r of result.recipients) {
-        if (!r.accepted) continue;
-        r.reply = final;
-        r.accepted = final.code >= 200 && final.code < 300;
+        if (r.accepted) Object.assign(r, { reply: dataReply, accepted: false, permanent: dataReply.code >= 500 });
       }
       return result;
+    }
+    const final = await withSpan("smtp message", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.message.size": body.length }) }, async (span) => {
+      await this.writeBody(body);
+      const reply = await this.readReply(t.dataEnd, "message");
+      span.setAttribute("smtp.reply.code", reply.code);
+      return reply;
     });
+    result.data = final;
+    for (const r of result.recipients) {
+      if (!r.accepted) continue;
+      r.reply = final;
+      r.accepted = positive(final);
+      r.permanent = final.code >= 500;
+    }
+    return result;
   }
 
   private async writeBody(body: Buffer): Promise<void> {
@@ -477,7 +545,7 @@ export class SmtpConnection {
   async reset(): Promise<void> {
     try {
       const reply = await this.command("RSET", "mail", 30_000);
-      if (reply.code !== 250) this.broken = true;
+      if (!positive(reply)) this.retired = true;
     } catch {
       this.broken = true;
     }

@@ -15,6 +15,8 @@ export interface ZoneEntry {
   mx?: Array<{ exchange: string; priority: number }>;
   a?: string[];
   aaaa?: string[];
+  /** An alias: answered with the CNAME and, as a recursive resolver does, the target's records. */
+  cname?: string;
 }
 
 /** A real DNS server on loopback (UDP) answering from a zone that tests may change. */
@@ -24,18 +26,25 @@ export async function startDns(zone: Record<string, ZoneEntry>): Promise<{ serve
     const answers = response.answers as unknown[];
     response.header.aa = 1;
     const question = request.questions[0]!;
-    const name = question.name.toLowerCase().replace(/\.$/, "");
+    let name = question.name.toLowerCase().replace(/\.$/, "");
+    let owner = question.name;
+    for (let hops = 0; zone[name]?.cname && hops < 8; hops++) {
+      const target = zone[name]!.cname!;
+      answers.push({ name: owner, type: Packet.TYPE.CNAME, class: Packet.CLASS.IN, ttl: 60, domain: target });
+      name = target;
+      owner = target;
+    }
     const entry = zone[name];
     if (!entry) {
       response.header.rcode = 3; // NXDOMAIN
     } else if (entry.servfail) {
       response.header.rcode = 2;
     } else if (question.type === Packet.TYPE.MX) {
-      for (const mx of entry.mx ?? []) answers.push({ name: question.name, type: Packet.TYPE.MX, class: Packet.CLASS.IN, ttl: 60, exchange: mx.exchange, priority: mx.priority });
+      for (const mx of entry.mx ?? []) answers.push({ name: owner, type: Packet.TYPE.MX, class: Packet.CLASS.IN, ttl: 60, exchange: mx.exchange, priority: mx.priority });
     } else if (question.type === Packet.TYPE.A) {
-      for (const address of entry.a ?? []) answers.push({ name: question.name, type: Packet.TYPE.A, class: Packet.CLASS.IN, ttl: 60, address });
+      for (const address of entry.a ?? []) answers.push({ name: owner, type: Packet.TYPE.A, class: Packet.CLASS.IN, ttl: 60, address });
     } else if (question.type === Packet.TYPE.AAAA) {
-      for (const address of entry.aaaa ?? []) answers.push({ name: question.name, type: Packet.TYPE.AAAA, class: Packet.CLASS.IN, ttl: 60, address });
+      for (const address of entry.aaaa ?? []) answers.push({ name: owner, type: Packet.TYPE.AAAA, class: Packet.CLASS.IN, ttl: 60, address });
     }
     void send(response);
   });

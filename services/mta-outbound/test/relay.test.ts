@@ -8,7 +8,9 @@ import { startOutbound, type OutboundService } from "../src/service.ts";
 import { SmtpConnection, SmtpError, rfcTimeouts } from "../src/smtp-client.ts";
 import { createRelay } from "../src/relay.ts";
 import { relayConfig } from "../src/service.ts";
+import { parseWithPython } from "../../../packages/dsn/test/python-email.ts";
 import { deliveryStates, startDns, startMx, submit, testConfig, type ReceivedMessage } from "./helpers.ts";
+import { startScriptedMx } from "./scripted-mx.ts";
 
 let env: TestEnv;
 let dns: Awaited<ReturnType<typeof startDns>>;
@@ -20,6 +22,13 @@ let small: Awaited<ReturnType<typeof startMx>>;
 let smart: Awaited<ReturnType<typeof startMx>>;
 let oldTls: Awaited<ReturnType<typeof startMx>>;
 let silent: Server;
+let greet554: Awaited<ReturnType<typeof startScriptedMx>>;
+let tooMany: Awaited<ReturnType<typeof startScriptedMx>>;
+let idle421: Awaited<ReturnType<typeof startScriptedMx>>;
+let ipLiteral: Awaited<ReturnType<typeof startScriptedMx>>;
+let dropper: Awaited<ReturnType<typeof startScriptedMx>>;
+let afterDot: Awaited<ReturnType<typeof startScriptedMx>>;
+let noUtf8: Awaited<ReturnType<typeof startScriptedMx>>;
 let outbound: OutboundService;
 let relayEnv: Record<string, string>;
 const flakyAttempts = new Map<string, number>();
@@ -49,6 +58,37 @@ before(async () => {
   // An MX that accepts connections and never says a word.
   silent = createServer(() => undefined);
   await new Promise<void>((resolve) => silent.listen(port, "127.0.0.7", resolve));
+  // Scripted MX hosts for the answers smtp-server does not give.
+  greet554 = await startScriptedMx("127.0.0.11", port, { greeting: "554 5.7.1 mx.greet554.test no SMTP service for you" });
+  // At most two RCPTs per transaction: the third gets 452 (or the old 552 for toomany552.test).
+  let rcpts = 0;
+  tooMany = await startScriptedMx("127.0.0.12", port, {
+    reply(command) {
+      if (command.startsWith("MAIL")) rcpts = 0;
+      if (!command.startsWith("RCPT")) return undefined;
+      if (++rcpts <= 2) return undefined;
+      return command.includes("@toomany552.test") ? "552 5.5.3 Too many recipients" : "452 4.5.3 Too many recipients";
+    },
+  });
+  // Gives up on an idle connection with a 421, and closes it only a while later.
+  idle421 = await startScriptedMx("127.0.0.13", port, {
+    dataReply(_data, connection) {
+      setTimeout(() => connection.write("421 4.4.2 mx.stale.test Error: timeout exceeded\r\n"), 50);
+      setTimeout(() => connection.close(), 1_500);
+      return undefined;
+    },
+  });
+  ipLiteral = await startScriptedMx("127.0.0.14", port);
+  // Drops the connection when the client says DATA.
+  dropper = await startScriptedMx("127.0.0.15", port, {
+    reply(command, connection) {
+      if (command !== "DATA") return undefined;
+      connection.close();
+      return null;
+    },
+  });
+  noUtf8 = await startScriptedMx("127.0.0.17", port, { extensions: ["PIPELINING", "8BITMIME", "DSN"] });
+  afterDot = await startScriptedMx("127.0.0.16", port, { dataReply: (data) => (data.includes("reject-me") ? "554 5.6.0 Content refused" : "451 4.3.0 Queue full, later") });
   dns = await startDns({
     "pref.test": { mx: [{ exchange: "mx-b.pref.test", priority: 20 }, { exchange: "mx-a.pref.test", priority: 10 }] },
     "mx-a.pref.test": { a: ["127.0.0.2"] },
@@ -79,6 +119,25 @@ before(async () => {
     "mx.silent.test": { a: ["127.0.0.7"] },
     "v6.test": { mx: [{ exchange: "mx.v6.test", priority: 10 }] },
     "mx.v6.test": { aaaa: ["::1"] },
+    "v6implicit.test": { aaaa: ["::1"] },
+    "greet554.test": { mx: [{ exchange: "mx.greet554.test", priority: 10 }, { exchange: "mx-b.pref.test", priority: 20 }] },
+    "mx.greet554.test": { a: ["127.0.0.11"] },
+    "toomany.test": { mx: [{ exchange: "mx.toomany.test", priority: 10 }] },
+    "toomany552.test": { mx: [{ exchange: "mx.toomany.test", priority: 10 }] },
+    "mx.toomany.test": { a: ["127.0.0.12"] },
+    "stale.test": { mx: [{ exchange: "mx.stale.test", priority: 10 }] },
+    "mx.stale.test": { a: ["127.0.0.13"] },
+    "iplit.test": { mx: [{ exchange: "127.0.0.14", priority: 10 }, { exchange: "mx-b.pref.test", priority: 20 }] },
+    "cname.test": { mx: [{ exchange: "alias.cname.test", priority: 10 }] },
+    "alias.cname.test": { cname: "mx-b.pref.test" },
+    "noaddr.test": { mx: [{ exchange: "nowhere.noaddr.test", priority: 10 }, { exchange: "empty.noaddr.test", priority: 15 }, { exchange: "mx-b.pref.test", priority: 20 }] },
+    "empty.noaddr.test": {},
+    "drop.test": { mx: [{ exchange: "mx.drop.test", priority: 10 }, { exchange: "mx-b.pref.test", priority: 20 }] },
+    "mx.drop.test": { a: ["127.0.0.15"] },
+    "dot.test": { mx: [{ exchange: "mx.dot.test", priority: 10 }] },
+    "mx.dot.test": { a: ["127.0.0.16"] },
+    "noutf8.test": { mx: [{ exchange: "mx.noutf8.test", priority: 10 }] },
+    "mx.noutf8.test": { a: ["127.0.0.17"] },
   });
   relayEnv = {
     DNS_SERVERS: dns.server,
@@ -101,7 +160,7 @@ before(async () => {
 
 after(async () => {
   await outbound?.stop();
-  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls].map((s) => s?.close()));
+  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8].map((s) => s?.close()));
   silent?.close();
   await dns?.close();
   await env?.close();
@@ -408,4 +467,129 @@ test("DNS: SERVFAIL defers (4.4.3), a domain that does not exist bounces (5.1.2)
   assert.equal(gone!.state, "bounced");
   assert.equal(gone!.last_status, "5.1.2");
   await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [broken.messageId]);
+});
+
+test("a 554 greeting: QUIT, then the next MX (RFC 5321 3.1, 5.1)", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["g@greet554.test"] });
+  const [row] = await finalStates(accepted.messageId);
+  assert.equal(row!.state, "delivered");
+  assert.equal(row!.remote_mta, "mx-b.pref.test");
+  assert.equal(row!.attempts, 1);
+  await waitFor(() => greet554.commands().includes("QUIT"), 2_000);
+  assert.deepEqual(greet554.commands(), ["QUIT"], "nothing but QUIT to a server that refused service");
+});
+
+test("452 (and the old 552) 'too many recipients': the rest go in further transactions at once, none bounces", async () => {
+  const four = ["a", "b", "c", "d"].map((n) => `${n}@toomany.test`);
+  const five = ["a", "b", "c", "d", "e"].map((n) => `${n}@toomany552.test`);
+  const first = await submit(env.pool, env.bus, { from: "alice@origin.test", to: four });
+  const second = await submit(env.pool, env.bus, { from: "alice@origin.test", to: five });
+  for (const [accepted, count] of [[first, 4], [second, 5]] as const) {
+    const rows = await finalStates(accepted.messageId);
+    assert.deepEqual(rows.map((r) => [r.state, r.attempts]), Array(count).fill(["delivered", 1]), "each delivered on the first attempt");
+  }
+  const messages = tooMany.connections.flatMap((c) => c.messages);
+  assert.equal(messages.length, 2 + 3, "two transactions for four recipients, three for five");
+});
+
+test("a pooled connection the server gave up on while idle (421, not yet closed) is not a failed attempt", async () => {
+  const first = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["one@stale.test"] });
+  await finalStates(first.messageId);
+  await waitFor(() => idle421.connections[0]!.commands.length > 0 && idle421.connections.length === 1, 2_000);
+  await new Promise((resolve) => setTimeout(resolve, 200)); // the 421 has arrived; the socket is still open
+  const second = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["two@stale.test"] });
+  const [row] = await finalStates(second.messageId);
+  assert.deepEqual([row!.state, row!.attempts], ["delivered", 1]);
+  const events = await env.pool.query("SELECT event FROM delivery_events WHERE message_id = $1 ORDER BY id", [second.messageId]);
+  assert.ok(!events.rows.some((e) => e.event === "deferred"), "no deferral recorded");
+  assert.equal(idle421.connections.length, 2, "a fresh connection carried the second message");
+  assert.ok(!idle421.connections[0]!.commands.some((c) => c.includes("two@stale.test")), "nothing of it went to the stale one");
+});
+
+test("MX selection: an MX holding an IP address is skipped; an MX that is an alias (CNAME) or has no address is followed or skipped", async () => {
+  const literal = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["i@iplit.test"] });
+  const alias = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["c@cname.test"] });
+  const noAddress = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["n@noaddr.test"] });
+  const [viaLiteral] = await finalStates(literal.messageId);
+  assert.equal(viaLiteral!.state, "delivered");
+  assert.equal(viaLiteral!.remote_mta, "mx-b.pref.test");
+  assert.equal(ipLiteral.connections.length, 0, "no connection to the address in the MX record");
+  const [viaAlias] = await finalStates(alias.messageId);
+  assert.deepEqual([viaAlias!.state, viaAlias!.remote_mta], ["delivered", "alias.cname.test"]);
+  assert.equal(to(mxB, "c@cname.test").length, 1);
+  const [viaThird] = await finalStates(noAddress.messageId);
+  assert.deepEqual([viaThird!.state, viaThird!.remote_mta, viaThird!.attempts], ["delivered", "mx-b.pref.test", 1]);
+});
+
+test("the implicit MX of a domain with only an AAAA record, on ::1", async () => {
+  const v6 = await startMx("::1", mxA.port);
+  try {
+    const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["w@v6implicit.test"] });
+    const [row] = await finalStates(accepted.messageId);
+    assert.deepEqual([row!.state, row!.remote_mta], ["delivered", "v6implicit.test"]);
+    assert.equal(v6.received.length, 1);
+  } finally {
+    await v6.close();
+  }
+});
+
+test("a server that drops the connection mid-transaction: the next MX delivers", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["d@drop.test"] });
+  const [row] = await finalStates(accepted.messageId);
+  assert.deepEqual([row!.state, row!.remote_mta, row!.attempts], ["delivered", "mx-b.pref.test", 1]);
+  assert.ok(dropper.commands().includes("DATA"));
+});
+
+test("after the final dot: 5xx bounces with the server's status, 4xx defers", async () => {
+  const refused = await submit(env.pool, env.bus, { from: "", to: ["r@dot.test"], raw: "Subject: x\r\n\r\nreject-me\r\n" });
+  const later = await submit(env.pool, env.bus, { from: "", to: ["l@dot.test"] });
+  const [bounced] = await finalStates(refused.messageId);
+  assert.deepEqual([bounced!.state, bounced!.last_status, bounced!.last_reply], ["bounced", "5.6.0", "554 5.6.0 Content refused"]);
+  const row = await waitFor(async () => {
+    const rows = await deliveryStates(env.pool, later.messageId);
+    return rows[0]!.attempts >= 1 ? rows[0] : null;
+  });
+  assert.deepEqual([row!.state, row!.last_status], ["deferred", "4.3.0"]);
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [later.messageId]);
+});
+
+test("the bounce as Python's email package reads it: ORCPT as Original-Recipient, the remote's status and reply, the 8-bit original", async () => {
+  const raw = Buffer.from("From: <alice@origin.test>\r\nSubject: py\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGr\u00fc\u00dfe\r\n", "utf8");
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["bad-py@bounce.test"], orcpt: "rfc822;Bad-Py@Bounce.test", envid: "PY-1", raw });
+  await finalStates(accepted.messageId);
+  const [dsn] = await dsnsFor("bad-py@bounce.test");
+  assert.equal(dsn!.mailParams.BODY, "8BITMIME", "the 8-bit report went with BODY=8BITMIME");
+  const view = await parseWithPython(dsn!.body);
+  assert.deepEqual(view.defects, []);
+  assert.equal(view.subject, "Undelivered Mail Returned to Sender");
+  assert.deepEqual(view.parts.map((p) => [p.type, p.cte]).filter(([type]) => type !== "text/plain"), [
+    ["multipart/report", "8bit"],
+    ["message/delivery-status", null],
+    ["message/rfc822", "8bit"],
+  ]);
+  const [perMessage, perRecipient] = view.status;
+  assert.equal(perMessage!["Reporting-MTA"], "dns; relay.test");
+  assert.equal(perMessage!["Original-Envelope-Id"], "PY-1");
+  assert.match(perMessage!["Arrival-Date"]!, /^\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000$/);
+  assert.deepEqual(
+    { ...perRecipient, "Last-Attempt-Date": undefined },
+    {
+      "Original-Recipient": "rfc822;Bad-Py@Bounce.test",
+      "Final-Recipient": "rfc822;bad-py@bounce.test",
+      Action: "failed",
+      Status: "5.1.1",
+      "Remote-MTA": "dns; mx.bounce.test",
+      "Diagnostic-Code": "smtp; 550 5.1.1 No such user here",
+      "Last-Attempt-Date": undefined,
+    },
+  );
+});
+
+test("UTF-8 header fields to a server without SMTPUTF8 bounce with 5.6.7 and nothing is sent (RFC 6531 3.2)", async () => {
+  const raw = Buffer.from("From: <alice@origin.test>\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHallo.\r\n", "utf8");
+  const accepted = await submit(env.pool, env.bus, { from: "", to: ["u@noutf8.test"], raw });
+  const [row] = await finalStates(accepted.messageId);
+  assert.deepEqual([row!.state, row!.last_status], ["bounced", "5.6.7"]);
+  assert.match(row!.last_reply!, /SMTPUTF8/);
+  assert.ok(!noUtf8.commands().some((c) => c.startsWith("MAIL")), "no MAIL was sent");
 });

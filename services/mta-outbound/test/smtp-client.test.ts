@@ -1,0 +1,207 @@
+import assert from "node:assert/strict";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { test } from "node:test";
+import { loadTlsCredentials } from "@mailstack/runtime";
+import { waitFor } from "@mailstack/testkit";
+import { SmtpConnection, SmtpError, rfcTimeouts, type ConnectOptions, type Envelope, type Timeouts } from "../src/smtp-client.ts";
+import { startScriptedMx } from "./scripted-mx.ts";
+
+// The SMTP client against scripted servers on loopback: the answers a real server can give
+// that smtp-server will not (no text after the code, silence, a 421 while idle, injected lines).
+
+const plain = { eightBit: false, utf8Header: false };
+const message = Buffer.from("Subject: hi\r\n\r\nHello.\r\n");
+const envelope = (...to: string[]): Envelope => ({ from: "a@origin.test", recipients: to.map((address) => ({ address })) });
+
+function options(server: { host: string; port: number }, extra: Partial<ConnectOptions> = {}, timeouts: Partial<Timeouts> = {}): ConnectOptions {
+  return { hostname: "mx.test", address: server.host, port: server.port, heloName: "relay.test", tls: "none", timeouts: { ...rfcTimeouts, ...timeouts }, ...extra };
+}
+
+test("replies with nothing after the code ('250', '550 5.1.1') are complete replies (RFC 5321 4.2)", async () => {
+  const server = await startScriptedMx("127.0.1.1", 0, {
+    reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550 5.1.1" : command.startsWith("MAIL") ? "250" : undefined),
+    dataReply: () => "250",
+  });
+  try {
+    const connection = await SmtpConnection.open(options(server));
+    const result = await connection.send(envelope("good@x.test", "bad@x.test"), message, plain);
+    assert.deepEqual(
+      result.recipients.map((r) => [r.address, r.accepted, r.permanent, r.reply.code, r.reply.enhanced]),
+      [
+        ["good@x.test", true, false, 250, null],
+        ["bad@x.test", false, true, 550, "5.1.1"],
+      ],
+    );
+    assert.equal(connection.reusable, true);
+    await connection.quit();
+  } finally {
+    await server.close();
+  }
+});
+
+test("a multi-line reply whose lines disagree is read to its last line, whose code counts", async () => {
+  const server = await startScriptedMx("127.0.1.2", 0, {
+    reply: (command) => (command.startsWith("MAIL") ? "250-2.1.0 fine\r\n451-4.3.0 but\r\n451 4.3.0 not now" : undefined),
+  });
+  try {
+    const connection = await SmtpConnection.open(options(server));
+    await assert.rejects(connection.send(envelope("x@x.test"), message, plain), (error) => {
+      assert.ok(error instanceof SmtpError);
+      assert.equal(error.reply?.code, 451);
+      assert.equal(error.temporary, true);
+      return true;
+    });
+    await connection.quit();
+  } finally {
+    await server.close();
+  }
+});
+
+test("a 554 greeting: the client says QUIT before it closes (RFC 5321 3.1, 3.8)", async () => {
+  const server = await startScriptedMx("127.0.1.3", 0, { greeting: "554 5.7.1 no service for you" });
+  try {
+    await assert.rejects(SmtpConnection.open(options(server)), (error) => {
+      assert.ok(error instanceof SmtpError);
+      assert.equal(error.stage, "greeting");
+      assert.equal(error.temporary, false);
+      assert.equal(error.status, "5.7.1");
+      return true;
+    });
+    await waitFor(() => server.commands().includes("QUIT"), 2_000);
+    assert.deepEqual(server.commands(), ["QUIT"]);
+  } finally {
+    await server.close();
+  }
+});
+
+test("a refused RSET: the connection is not reused, and it still ends with QUIT", async () => {
+  const server = await startScriptedMx("127.0.1.4", 0, {
+    reply: (command) => (command.startsWith("RCPT") ? "550 5.1.1 no" : command === "RSET" ? "502 5.5.2 no RSET here" : undefined),
+  });
+  try {
+    const connection = await SmtpConnection.open(options(server));
+    const result = await connection.send(envelope("x@x.test"), message, plain);
+    assert.equal(result.recipients[0]!.accepted, false);
+    assert.equal(connection.reusable, false);
+    await connection.quit();
+    assert.deepEqual(server.commands().slice(-2), ["RSET", "QUIT"]);
+  } finally {
+    await server.close();
+  }
+});
+
+test("STARTTLS: replies sent in clear after the 220 are discarded, not read as the answers to later commands", async () => {
+  const credentials = await loadTlsCredentials({ dir: mkdtempSync(join(tmpdir(), "relay-tls-")), hostname: "mx.test" });
+  const server = await startScriptedMx("127.0.1.5", 0, {
+    tls: { key: credentials.key, cert: credentials.cert },
+    // A man in the middle appends an EHLO answer of its own and a MAIL answer.
+    reply: (command) => (command === "STARTTLS" ? "220 2.0.0 Ready\r\n250-injected\r\n250 INJECTED\r\n250 2.1.0 injected" : undefined),
+  });
+  try {
+    const connection = await SmtpConnection.open(options(server, { tls: "required" }));
+    assert.equal(connection.secure, true);
+    assert.equal(connection.extensions.has("INJECTED"), false);
+    assert.equal(connection.extensions.has("PIPELINING"), true, "the extensions are the ones the server gave over TLS");
+    const result = await connection.send(envelope("x@x.test"), message, plain);
+    assert.equal(result.recipients[0]!.accepted, true);
+    assert.equal(server.connections[0]!.messages.length, 1);
+    await connection.quit();
+  } finally {
+    await server.close();
+  }
+});
+
+test("a reply nobody asked for while idle (421 idle timeout) makes the connection unusable; the next send fails before writing", async () => {
+  const server = await startScriptedMx("127.0.1.6", 0);
+  try {
+    const connection = await SmtpConnection.open(options(server));
+    await connection.send(envelope("x@x.test"), message, plain);
+    // The server gives up on the idle connection but has not closed it yet.
+    server.connections[0]!.write("421 4.4.2 mx.test idle timeout, closing\r\n");
+    await waitFor(() => !connection.reusable, 2_000);
+    const commands = server.commands().length;
+    await assert.rejects(connection.send(envelope("y@x.test"), message, plain), (error) => {
+      assert.ok(error instanceof SmtpError);
+      assert.equal(error.stage, "mail");
+      assert.equal(error.reply, null, "the 421 is not taken as the answer to a MAIL never sent");
+      return true;
+    });
+    assert.equal(server.commands().length, commands, "nothing was sent");
+    connection.destroy();
+  } finally {
+    await server.close();
+  }
+});
+
+test("a 421 to RCPT marks the connection unusable (the server is closing it)", async () => {
+  const server = await startScriptedMx("127.0.1.7", 0, {
+    extensions: ["8BITMIME"],
+    reply: (command) => (command.startsWith("RCPT TO:<second") ? "421 4.3.2 shutting down" : undefined),
+  });
+  try {
+    const connection = await SmtpConnection.open(options(server));
+    const result = await connection.send(envelope("first@x.test", "second@x.test"), message, plain);
+    assert.deepEqual(result.recipients.map((r) => [r.accepted, r.permanent]), [[true, false], [false, false]]);
+    assert.equal(connection.reusable, false);
+    connection.destroy();
+  } finally {
+    await server.close();
+  }
+});
+
+test("552 to RCPT is the old 'too many recipients' and not permanent (RFC 5321 4.5.3.1.10); 2xx other than 250 accepts", async () => {
+  const server = await startScriptedMx("127.0.1.8", 0, {
+    reply: (command) =>
+      command.startsWith("RCPT TO:<c") ? "552 5.5.3 too many recipients" : command.startsWith("RCPT TO:<b") ? "251 2.1.5 will forward" : undefined,
+  });
+  try {
+    const connection = await SmtpConnection.open(options(server));
+    const result = await connection.send(envelope("a@x.test", "b@x.test", "c@x.test"), message, plain);
+    assert.deepEqual(result.recipients.map((r) => [r.address, r.accepted, r.permanent]), [
+      ["a@x.test", true, false],
+      ["b@x.test", true, false],
+      ["c@x.test", false, false],
+    ]);
+    await connection.quit();
+  } finally {
+    await server.close();
+  }
+});
+
+test("UTF-8 header fields need SMTPUTF8: refused before MAIL without it (RFC 6531 3.2), declared with it", async () => {
+  const withoutUtf8 = await startScriptedMx("127.0.1.9", 0, { extensions: ["PIPELINING", "8BITMIME"] });
+  const withUtf8 = await startScriptedMx("127.0.1.10", 0);
+  const international = { eightBit: true, utf8Header: true };
+  const raw = Buffer.from("Subject: caf\u00e9\r\n\r\nBody.\r\n", "utf8");
+  try {
+    const refusing = await SmtpConnection.open(options(withoutUtf8));
+    await assert.rejects(refusing.send(envelope("x@x.test"), raw, international), (error) => error instanceof SmtpError && error.status === "5.6.7" && !error.temporary);
+    await assert.rejects(refusing.send(envelope("j\u00fcrgen@x.test"), message, plain), (error) => error instanceof SmtpError && error.status === "5.6.7");
+    assert.equal(withoutUtf8.commands().filter((c) => c.startsWith("MAIL")).length, 0, "nothing sent");
+    await refusing.quit();
+    const accepting = await SmtpConnection.open(options(withUtf8));
+    await accepting.send(envelope("x@x.test"), raw, international);
+    const mail = withUtf8.commands().find((c) => c.startsWith("MAIL"))!;
+    assert.match(mail, / BODY=8BITMIME/);
+    assert.match(mail, / SMTPUTF8/);
+    await accepting.quit();
+  } finally {
+    await Promise.all([withoutUtf8.close(), withUtf8.close()]);
+  }
+});
+
+test("timeouts per stage (RFC 5321 4.5.3.2): the DATA reply and the final dot's reply each have their own", async () => {
+  const noDataReply = await startScriptedMx("127.0.1.11", 0, { extensions: ["8BITMIME"], reply: (command) => (command === "DATA" ? null : undefined) });
+  const noFinalReply = await startScriptedMx("127.0.1.12", 0, { dataReply: () => null });
+  try {
+    const first = await SmtpConnection.open(options(noDataReply, {}, { dataInit: 300, dataEnd: 60_000 }));
+    await assert.rejects(first.send(envelope("x@x.test"), message, plain), (error) => error instanceof SmtpError && error.stage === "data" && error.status === "4.4.2" && /300 ms/.test(error.message));
+    assert.equal(first.reusable, false);
+    const second = await SmtpConnection.open(options(noFinalReply, {}, { dataInit: 60_000, dataEnd: 300 }));
+    await assert.rejects(second.send(envelope("x@x.test"), message, plain), (error) => error instanceof SmtpError && error.stage === "message" && /300 ms/.test(error.message));
+  } finally {
+    await Promise.all([noDataReply.close(), noFinalReply.close()]);
+  }
+});

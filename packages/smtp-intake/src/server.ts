@@ -479,9 +479,8 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     // A configured address may be anywhere, like an alias target; the default only here.
     const resolution = await resolveWithDirectory(pool, target, { allowRemote: !!options.postmaster, lookup });
     if (!resolution.ok) {
-      if (postmasterWarned) return { ok: false, reason: "unknown-user" };
+      if (!postmasterWarned) logger.warn({ target, reason: resolution.reason }, "mail to postmaster cannot be routed: set SMTP_POSTMASTER to an address that can");
       postmasterWarned = true;
-      logger.warn({ target, reason: resolution.reason }, "mail to postmaster cannot be routed: set SMTP_POSTMASTER to an address that can");
       return { ok: false, reason: "unknown-user" };
     }
     return resolution;

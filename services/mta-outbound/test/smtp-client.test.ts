@@ -1,10 +1,12 @@
 import assert from "node:assert/strict";
-import { mkdtempSync } from "node:fs";
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync } from "node:fs";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { loadTlsCredentials } from "@mailstack/runtime";
-import { waitFor } from "@mailstack/testkit";
+import { freePort, waitFor } from "@mailstack/testkit";
 import { SmtpConnection, SmtpError, rfcTimeouts, type ConnectOptions, type Envelope, type Timeouts } from "../src/smtp-client.ts";
 import { startScriptedMx } from "./scripted-mx.ts";
 
@@ -203,5 +205,55 @@ test("timeouts per stage (RFC 5321 4.5.3.2): the DATA reply and the final dot's 
     await assert.rejects(second.send(envelope("x@x.test"), message, plain), (error) => error instanceof SmtpError && error.stage === "message" && /300 ms/.test(error.message));
   } finally {
     await Promise.all([noDataReply.close(), noFinalReply.close()]);
+  }
+});
+
+/** Postfix's smtp-sink on host with the given options; resolves once it accepts connections. */
+async function smtpSink(host: string, options: string[]): Promise<{ host: string; port: number; child: ChildProcess }> {
+  const port = await freePort();
+  const child = spawn("smtp-sink", ["-u", "postfix", ...options, `${host}:${port}`, "10"], { stdio: "ignore" });
+  await waitFor(
+    () =>
+      new Promise<boolean>((resolve) => {
+        const probe = connect(port, host);
+        probe.once("connect", () => {
+          probe.destroy();
+          resolve(true);
+        });
+        probe.once("error", () => resolve(false));
+      }),
+    5_000,
+  );
+  return { host, port, child };
+}
+
+test("Postfix's smtp-sink: a 5xx greeting, HELO without 8BITMIME, a hang-up after RCPT, 4xx and 5xx after the dot", { skip: !existsSync("/usr/sbin/smtp-sink") }, async () => {
+  const sinks = await Promise.all([
+    smtpSink("127.0.1.20", ["-f", "connect"]),
+    smtpSink("127.0.1.21", ["-e", "-8", "-B", "550 5.7.1 go away", "-f", "."]),
+    smtpSink("127.0.1.22", ["-q", "rcpt"]),
+    smtpSink("127.0.1.23", ["-r", "."]),
+  ]);
+  const [refusing, helo, hangUp, soft] = sinks;
+  try {
+    await assert.rejects(SmtpConnection.open(options(refusing!)), (error) => error instanceof SmtpError && error.stage === "greeting" && !error.temporary && error.status === "5.3.0");
+
+    const old = await SmtpConnection.open(options(helo!));
+    assert.equal(old.extensions.size, 0, "EHLO refused: HELO, no extensions");
+    await assert.rejects(old.send(envelope("x@x.test"), Buffer.from("Subject: x\r\n\r\ncaf\u00e9\r\n", "utf8"), { eightBit: true, utf8Header: false }), (error) => error instanceof SmtpError && error.status === "5.6.3");
+    const refused = await old.send(envelope("x@x.test"), message, plain);
+    assert.deepEqual(refused.recipients.map((r) => [r.accepted, r.permanent, r.reply.code, r.reply.enhanced]), [[false, true, 550, "5.7.1"]]);
+    await old.quit();
+
+    const dropped = await SmtpConnection.open(options(hangUp!));
+    await assert.rejects(dropped.send(envelope("x@x.test"), message, plain), (error) => error instanceof SmtpError && error.temporary && error.stage === "rcpt");
+    assert.equal(dropped.reusable, false);
+
+    const later = await SmtpConnection.open(options(soft!));
+    const deferred = await later.send(envelope("x@x.test"), message, plain);
+    assert.deepEqual(deferred.recipients.map((r) => [r.accepted, r.permanent, r.reply.code]), [[false, false, 450]]);
+    await later.quit();
+  } finally {
+    for (const sink of sinks) sink.child.kill();
   }
 });

@@ -113,6 +113,8 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
   };
 
   const identityFor = async (state: SessionState, session: IntakeSession, sender: string): Promise<Identity | null> => {
+    // The library forgets the login at STARTTLS (RFC 3207 4.2); so does this.
+    if (!session.user) state.identity = null;
     if (state.identity) return state.identity;
     if (!settings.popBeforeSmtp.enabled) return null;
     // POP-before-SMTP: an account that recently logged in over POP3 from this address and owns the sender.

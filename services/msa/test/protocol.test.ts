@@ -100,3 +100,27 @@ test("AUTH with \"=\", the empty initial response (RFC 4954 4), is 501 5.5.2 as 
   assert.equal((await client.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`)).code, 235);
   client.close();
 });
+
+test("STARTTLS forgets a login made before it (RFC 3207 4.2), also where MAIL without AUTH is possible", async () => {
+  const lax = await startMsa({
+    pool: env.pool,
+    bus: env.bus,
+    logger,
+    settings: testSettings({ authBeforeTls: true, popBeforeSmtp: { enabled: true, windowMs: 600_000 } }),
+    tls: await testTls(),
+  });
+  const client = await RawSmtp.connect(lax.submissionPort);
+  try {
+    await client.reply();
+    await client.command("EHLO client.example");
+    assert.equal((await client.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`)).code, 235);
+    assert.equal((await client.command("STARTTLS")).code, 220);
+    await client.startTls();
+    await client.command("EHLO client.example");
+    // No POP3 login from this address either: nothing left to submit as.
+    assert.match((await client.command("MAIL FROM:<alice@example.test>")).text, /^530 5\.7\.0 /);
+  } finally {
+    client.close();
+    await lax.stop();
+  }
+});

@@ -364,7 +364,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       if (problem) return answer(problem);
     }
     if (verb === "EHLO" && hideAuthBeforeTls && !connection.secure) {
-      // The library lists AUTH before STARTTLS too (and answers AUTH with 538); keep it off the EHLO reply.
+      // The library lists AUTH before STARTTLS too (AUTH itself is answered 538 above); keep it off the EHLO reply.
       const send = connection.send;
       connection.send = (code, data, context) => {
         connection.send = send;

@@ -7,6 +7,7 @@ import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startOutbound, type OutboundService } from "../src/service.ts";
 import { SmtpConnection, SmtpError, rfcTimeouts } from "../src/smtp-client.ts";
 import { createRelay } from "../src/relay.ts";
+import { DestinationResolver } from "../src/destination.ts";
 import { relayConfig } from "../src/service.ts";
 import { parseWithPython } from "../../../packages/dsn/test/python-email.ts";
 import { deliveryStates, startDns, startMx, submit, testConfig, type ReceivedMessage } from "./helpers.ts";
@@ -29,6 +30,7 @@ let ipLiteral: Awaited<ReturnType<typeof startScriptedMx>>;
 let dropper: Awaited<ReturnType<typeof startScriptedMx>>;
 let afterDot: Awaited<ReturnType<typeof startScriptedMx>>;
 let noUtf8: Awaited<ReturnType<typeof startScriptedMx>>;
+let resetting: Awaited<ReturnType<typeof startScriptedMx>>;
 let outbound: OutboundService;
 let relayEnv: Record<string, string>;
 const flakyAttempts = new Map<string, number>();
@@ -88,6 +90,8 @@ before(async () => {
     },
   });
   noUtf8 = await startScriptedMx("127.0.0.17", port, { extensions: ["PIPELINING", "8BITMIME", "DSN"] });
+  // Refuses recipients named "bad..." with a reply that has no enhanced status code.
+  resetting = await startScriptedMx("127.0.0.18", port, { reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550 no such user" : undefined) });
   afterDot = await startScriptedMx("127.0.0.16", port, { dataReply: (data) => (data.includes("reject-me") ? "554 5.6.0 Content refused" : "451 4.3.0 Queue full, later") });
   dns = await startDns({
     "pref.test": { mx: [{ exchange: "mx-b.pref.test", priority: 20 }, { exchange: "mx-a.pref.test", priority: 10 }] },
@@ -136,6 +140,12 @@ before(async () => {
     "mx.drop.test": { a: ["127.0.0.15"] },
     "dot.test": { mx: [{ exchange: "mx.dot.test", priority: 10 }] },
     "mx.dot.test": { a: ["127.0.0.16"] },
+    "rset.test": { mx: [{ exchange: "mx.rset.test", priority: 10 }] },
+    "mx.rset.test": { a: ["127.0.0.18"] },
+    "equal.test": { mx: [{ exchange: "c.equal.test", priority: 5 }, { exchange: "a.equal.test", priority: 1 }, { exchange: "b.equal.test", priority: 1 }] },
+    "a.equal.test": { a: ["127.0.0.2"] },
+    "b.equal.test": { a: ["127.0.0.3"] },
+    "c.equal.test": { a: ["127.0.0.4"] },
     "noutf8.test": { mx: [{ exchange: "mx.noutf8.test", priority: 10 }] },
     "mx.noutf8.test": { a: ["127.0.0.17"] },
   });
@@ -160,7 +170,7 @@ before(async () => {
 
 after(async () => {
   await outbound?.stop();
-  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8].map((s) => s?.close()));
+  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8, resetting].map((s) => s?.close()));
   silent?.close();
   await dns?.close();
   await env?.close();
@@ -592,4 +602,28 @@ test("UTF-8 header fields to a server without SMTPUTF8 bounce with 5.6.7 and not
   assert.deepEqual([row!.state, row!.last_status], ["bounced", "5.6.7"]);
   assert.match(row!.last_reply!, /SMTPUTF8/);
   assert.ok(!noUtf8.commands().some((c) => c.startsWith("MAIL")), "no MAIL was sent");
+});
+
+test("a connection is reused after RSET for the next job; a 5xx without an enhanced code bounces as 5.0.0", async () => {
+  const bad = await submit(env.pool, env.bus, { from: "", to: ["bad@rset.test"] });
+  const [bounced] = await finalStates(bad.messageId);
+  assert.deepEqual([bounced!.state, bounced!.last_status, bounced!.last_reply], ["bounced", "5.0.0", "550 no such user"]);
+  const good = await submit(env.pool, env.bus, { from: "", to: ["good@rset.test"] });
+  const [delivered] = await finalStates(good.messageId);
+  assert.equal(delivered!.state, "delivered");
+  assert.equal(resetting.connections.length, 1, "one connection for both jobs");
+  const commands = resetting.connections[0]!.commands.filter((c) => !c.startsWith("EHLO"));
+  assert.deepEqual(commands.slice(0, 5).map((c) => c.split(":")[0]), ["MAIL FROM", "RCPT TO", "DATA", "RSET", "MAIL FROM"]);
+});
+
+test("MX order: ascending preference, random order among equal preferences (RFC 5321 5.1)", async () => {
+  const resolver = new DestinationResolver(relayConfig(testConfig(relayEnv)).destination);
+  const orders = new Set<string>();
+  for (let i = 0; i < 40; i++) {
+    const destination = await resolver.resolve("equal.test");
+    const names = destination.hosts.map((h) => h.hostname);
+    assert.equal(names[2], "c.equal.test", "the higher preference comes last");
+    orders.add(names.slice(0, 2).join(","));
+  }
+  assert.deepEqual([...orders].sort(), ["a.equal.test,b.equal.test", "b.equal.test,a.equal.test"]);
 });

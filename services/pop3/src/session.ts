@@ -206,7 +206,8 @@ export class Pop3Session {
   }
 
   private async auth(args: string[]): Promise<void> {
-    if (args.length === 0) return this.io.write("+OK supported mechanisms\r\nPLAIN\r\n.\r\n");
+    // The same mechanisms as CAPA's SASL line (Thunderbird chooses from this list).
+    if (args.length === 0) return this.io.write(`+OK supported mechanisms\r\n${this.plaintextAllowed() ? "PLAIN\r\n" : ""}.\r\n`);
     if (args[0]!.toUpperCase() !== "PLAIN") return this.reply("-ERR unsupported authentication mechanism");
     if (!this.plaintextAllowed()) return this.reply("-ERR [AUTH] plaintext authentication is disabled without TLS; use STLS");
     if (args.length > 2) return this.reply("-ERR usage: AUTH PLAIN [initial-response]");

@@ -548,3 +548,21 @@ test("a failed login takes as long for an unknown or disabled account as for a w
     await env.pool.query("DELETE FROM auth_failures");
   }
 });
+
+test("bare AUTH lists PLAIN only where CAPA offers SASL PLAIN (not before TLS when plaintext is refused)", async () => {
+  const strict = await startTestServer(env, { POP3_ALLOW_PLAINTEXT: "never" });
+  try {
+    const { client } = await PopClient.connect(strict.port);
+    client.send("AUTH");
+    const before = await client.multiline();
+    assert.equal(before.status, "+OK supported mechanisms");
+    assert.equal(before.body.toString(), "", "nothing a client could use here");
+    assert.equal(await client.command("STLS"), "+OK begin TLS negotiation");
+    await client.upgrade(strict.tls.cert);
+    client.send("AUTH");
+    assert.equal((await client.multiline()).body.toString(), "PLAIN\r\n");
+    assert.equal(await client.command("QUIT"), "+OK bye");
+  } finally {
+    await strict.stop();
+  }
+});

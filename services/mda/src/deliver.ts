@@ -21,6 +21,11 @@ export interface DeliverOptions {
    * dsn_state 'suppressed' instead of 'pending'.
    */
   failureReported?: boolean;
+  /**
+   * With failureReported: a full mailbox is a temporary failure (452 4.2.2) that the client
+   * retries, as Dovecot's quota_full_tempfail; this copy is then cancelled, not bounced.
+   */
+  quotaFullTempfail?: boolean;
 }
 
 export type Outcome =
@@ -29,7 +34,8 @@ export type Outcome =
   | { status: "delivered"; folder: string; uid: number; forwardedTo?: string }
   | { status: "discarded"; ruleId: number }
   | { status: "forwarded"; to: string; messageId: number }
-  | { status: "bounced"; code: number; enhanced: string; text: string };
+  | { status: "bounced"; code: number; enhanced: string; text: string }
+  | { status: "tempfail"; code: number; enhanced: string; text: string };
 
 export interface Row {
   id: number;
@@ -78,6 +84,19 @@ async function bounce(client: PoolClient, row: Row, options: DeliverOptions, cod
   );
   await recordEvents(client, [{ messageId: row.message_id, deliveryId: row.id, event: "bounced", service: SERVICE, reply, detail: { recipient: row.final_recipient } }]);
   return { status: "bounced", code, enhanced, text };
+}
+
+/** A temporary failure told to the client, which retries: this copy ends here, without a DSN. */
+async function tempfail(client: PoolClient, row: Row, code: number, enhanced: string, text: string): Promise<Outcome> {
+  const reply = `${code} ${enhanced} ${text}`;
+  await client.query(
+    `UPDATE deliveries SET state = 'cancelled', attempts = attempts + 1, last_attempt_at = now(), next_attempt_at = NULL,
+            last_status = $2, last_reply = $3, dsn_state = NULL, updated_at = now()
+      WHERE id = $1`,
+    [row.id, enhanced, reply],
+  );
+  await recordEvents(client, [{ messageId: row.message_id, deliveryId: row.id, event: "deferred", service: SERVICE, reply, detail: { recipient: row.final_recipient, retriedBy: "client" } }]);
+  return { status: "tempfail", code, enhanced, text };
 }
 
 interface Filed {
@@ -299,7 +318,9 @@ export async function deliverInTransaction(ctx: DeliverContext, deliveryId: numb
           // A bounce and a forward must not both happen: undo the forwarded copy.
           if (forwarded) await client.query("ROLLBACK TO SAVEPOINT forward");
           forwarded = null;
-          outcome = await bounce(client, row, options, 552, "5.2.2", "Mailbox full");
+          outcome = options.failureReported && options.quotaFullTempfail
+            ? await tempfail(client, row, 452, "4.2.2", "Mailbox full")
+            : await bounce(client, row, options, 552, "5.2.2", "Mailbox full");
         } else {
           if (decision.ruleId !== null || decision.reason === "spam") {
             events.push({ messageId: row.message_id, deliveryId: row.id, event: "filtered", service: SERVICE, detail: { rule: decision.ruleId, reason: decision.reason, folder: filed.folder } });
@@ -323,6 +344,8 @@ export async function deliverInTransaction(ctx: DeliverContext, deliveryId: numb
     mailMetrics.deliveriesFinal.inc({ kind: "local", state: "delivered" });
   } else if (outcome.status === "bounced") {
     mailMetrics.deliveriesFinal.inc({ kind: "local", state: "bounced" });
+  } else if (outcome.status === "tempfail") {
+    mailMetrics.deliveriesFinal.inc({ kind: "local", state: "cancelled" });
   }
   if (forwarded && ctx.bus) {
     await dispatchAccepted(ctx.bus, ctx.pool, forwarded).catch((error) =>

@@ -1,8 +1,9 @@
 import type { AddressInfo } from "node:net";
 import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
-import { parseAddress, replyClass } from "@mailstack/mail";
-import { resolveRecipient, type Route } from "@mailstack/db";
+import { Replies, parseAddress, parseReply, replyClass, type SmtpReply } from "@mailstack/mail";
+import { resolveRecipient, type Pool, type Route } from "@mailstack/db";
 import { acceptMessage, dispatchAccepted, newQueueId, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
+import { BodyScanner, headerValue, normalizeLineEndings } from "@mailstack/smtp-intake";
 import { SpanKind, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
 import { deliverLocal, SERVICE, type DeliverContext, type Outcome } from "./deliver.ts";
 import { allowedClient, networkList } from "./networks.ts";
@@ -18,6 +19,12 @@ export interface LmtpOptions {
   hostname: string;
   /** Client networks allowed to connect (CIDR or single addresses); LMTP has no authentication. */
   allowedNetworks: string[];
+  /** Bare CR or LF in a message: refused with 550 5.6.11 per recipient, or rewritten as CRLF. */
+  bareLineEndings?: "reject" | "normalize";
+  /** A full mailbox answers 452 4.2.2 (the client retries) instead of 552 5.2.2. */
+  quotaFullTempfail?: boolean;
+  /** How long (ms) a retransmission of the same message is recognised and not filed again; 0 turns it off. */
+  duplicateWindow?: number;
 }
 
 export interface LmtpServer {
@@ -33,25 +40,55 @@ function replyError(code: number, text: string): ReplyError {
   return error;
 }
 
+function refusal(r: SmtpReply): ReplyError {
+  return replyError(r.code, `${r.enhanced} ${r.text}`);
+}
+
+const R = {
+  bareLfCommand: { code: 500, enhanced: "5.5.2", text: "Bare LF is not allowed, end command lines with CRLF" },
+  noValidRecipients: { code: 554, enhanced: "5.5.1", text: "No valid recipients, message and any pipelined input discarded" },
+  needMail: { code: 503, enhanced: "5.5.1", text: "Need MAIL and RCPT commands first" },
+  notLmtp: { code: 500, enhanced: "5.5.1", text: "This is an LMTP server: say LHLO (RFC 2033)" },
+  bareLineEnding: { code: 550, enhanced: "5.6.11", text: "Bare CR or LF in message is not allowed, use CRLF line endings" },
+  nul: { code: 554, enhanced: "5.6.0", text: "Message contains NUL bytes" },
+} satisfies Record<string, SmtpReply>;
+
 /** The per-recipient LMTP reply (RFC 2033 §4.2) for the outcomes of that recipient's deliveries. */
 export function replyFor(outcomes: Array<Outcome | "queued">): string | ReplyError {
-  const failures = outcomes.filter((o): o is Extract<Outcome, { status: "bounced" }> => o !== "queued" && o.status === "bounced");
+  type Failure = Extract<Outcome, { status: "bounced" | "tempfail" }>;
+  const failures = outcomes.filter((o): o is Failure => o !== "queued" && (o.status === "bounced" || o.status === "tempfail"));
   if (failures.length > 0 && failures.length === outcomes.length) return replyError(failures[0]!.code, `${failures[0]!.enhanced} ${failures[0]!.text}`);
   if (outcomes.every((o) => o !== "queued")) return "2.0.0 Delivered";
   return "2.0.0 Queued for delivery";
 }
 
-async function readMessage(stream: SMTPServerDataStream, maxSize: number): Promise<Buffer | null> {
+interface ReadResult {
+  raw: Buffer | null;
+  refusal: SmtpReply | null;
+}
+
+async function readMessage(stream: SMTPServerDataStream, options: LmtpOptions): Promise<ReadResult> {
   const chunks: Buffer[] = [];
+  const scanner = new BodyScanner();
   let size = 0;
   for await (const chunk of stream) {
     size += (chunk as Buffer).length;
     // Past the limit the rest is read and dropped, never kept in memory.
-    if (size <= maxSize) chunks.push(chunk as Buffer);
+    if (size > options.maxSize) continue;
+    scanner.push(chunk as Buffer);
+    chunks.push(chunk as Buffer);
   }
-  // smtp-server (rejectOversized) answers 552 for every recipient itself.
-  if (stream.sizeExceeded || size > maxSize) return null;
-  return Buffer.concat(chunks);
+  if (stream.sizeExceeded || size > options.maxSize) return { raw: null, refusal: Replies.messageTooBig };
+  scanner.finish();
+  // The same guards as the SMTP ports (smuggling material, NUL); 8-bit headers are let through:
+  // the MTA in front accepted them already and LMTP is its last hop.
+  if (scanner.nul) return { raw: null, refusal: R.nul };
+  let raw: Buffer = Buffer.concat(chunks, size);
+  if (scanner.bareLineEnding) {
+    if ((options.bareLineEndings ?? "reject") === "reject") return { raw: null, refusal: R.bareLineEnding };
+    raw = normalizeLineEndings(raw);
+  }
+  return { raw, refusal: null };
 }
 
 function receivedHeader(session: SMTPServerSession, hostname: string, queueId: string, traceId: string | undefined): string {
@@ -62,59 +99,167 @@ function receivedHeader(session: SMTPServerSession, hostname: string, queueId: s
 }
 
 /**
+ * The replies already given for the same message: a client that lost our replies after the
+ * final dot (a dropped connection, a timeout) sends the message again, and RFC 2033 clients
+ * such as Postfix then log "message may be sent more than once". The same Message-ID, envelope
+ * sender and bytes through LMTP within the window is that retransmission: its recipients get
+ * the earlier outcome again instead of a second copy. A copy that was cancelled because the
+ * client was told to retry (452) is not an earlier outcome.
+ */
+async function earlierReplies(pool: Pool, raw: Buffer, from: string, windowMs: number): Promise<Map<string, string | ReplyError>> {
+  const found = new Map<string, string | ReplyError>();
+  const messageId = headerValue(raw, "message-id");
+  if (!messageId || windowMs <= 0) return found;
+  const result = await pool.query<{ queue_id: string; recipient: string; state: string; last_reply: string | null }>(
+    `SELECT m.queue_id, d.recipient, d.state, d.last_reply
+       FROM messages m JOIN deliveries d ON d.message_id = m.id
+      WHERE m.message_id_header = $1 AND m.source = 'lmtp' AND m.envelope_from = $2
+        AND m.received_at > now() - make_interval(secs => $3) AND length(m.raw) > $4
+        AND substring(m.raw from length(m.raw) - $4 + 1) = $5 AND d.state <> 'cancelled'
+      ORDER BY m.id, d.id`,
+    [messageId, from, windowMs / 1000, raw.length, raw],
+  );
+  const byRecipient = new Map<string, Array<{ queueId: string; state: string; reply: SmtpReply | null }>>();
+  for (const row of result.rows) {
+    const key = row.recipient.toLowerCase();
+    const list = byRecipient.get(key) ?? [];
+    list.push({ queueId: row.queue_id, state: row.state, reply: row.last_reply ? parseReply(row.last_reply) : null });
+    byRecipient.set(key, list);
+  }
+  for (const [recipient, rows] of byRecipient) {
+    const queueId = rows[0]!.queueId;
+    if (rows.every((r) => r.state === "bounced" && r.reply)) found.set(recipient, refusal(rows[0]!.reply!));
+    else if (rows.every((r) => r.state === "delivered" || r.state === "bounced")) found.set(recipient, `2.0.0 Delivered (${queueId}), a copy of a message already received`);
+    else found.set(recipient, `2.0.0 Queued for delivery (${queueId}), a copy of a message already received`);
+  }
+  return found;
+}
+
+/** The parts of smtp-server's connection the command guard uses. */
+interface Connection {
+  _ready: boolean;
+  _upgrading: boolean;
+  _nextHandler: unknown;
+  _parser: { lastLineEnding?: string; hasPendingInput?: boolean } | false;
+  session: SMTPServerSession;
+  send(code: number, data?: string | string[] | null, context?: string | false): void;
+  close(): void;
+  _whenWritable(next: () => void): void;
+  _onCommand(command: Buffer, callback?: () => void): void;
+}
+
+/**
+ * Screens each command line before smtp-server runs it, as the SMTP ports do: a command line
+ * ended by a bare LF is refused, and DATA without an accepted recipient closes the connection,
+ * so that a body pipelined behind it is never run as commands (a transaction injected by the
+ * message's author).
+ */
+function guardCommands(connection: Connection): void {
+  const run = connection._onCommand.bind(connection);
+  connection._onCommand = (command: Buffer, callback?: () => void) => {
+    if (!connection._ready || connection._upgrading || connection._nextHandler) return run(command, callback);
+    const answer = (r: SmtpReply) => {
+      connection.send(r.code, `${r.enhanced} ${r.text}`);
+      setImmediate(() => connection._whenWritable(callback ?? (() => undefined)));
+    };
+    const parser = connection._parser;
+    if (parser && parser.lastLineEnding === "\n") return answer(R.bareLfCommand);
+    const verb = command.toString("latin1").split(" ", 1)[0]!.toUpperCase();
+    if (verb === "HELO" || verb === "EHLO") return answer(R.notLmtp);
+    if (verb === "DATA" && !connection.session.envelope?.rcptTo?.length) {
+      const inTransaction = !!connection.session.envelope?.mailFrom;
+      answer(inTransaction ? R.noValidRecipients : R.needMail);
+      if (inTransaction || (parser && parser.hasPendingInput)) connection.close();
+      return;
+    }
+    run(command, callback);
+  };
+}
+
+/**
  * The LMTP listener (RFC 2033): RCPT accepts local recipients only (aliases expand here as at
  * port 25); after DATA the message and its deliveries are committed with acceptMessage, each
- * delivery is filed at once, and every recipient gets a reply of its own, e.g. 552 5.2.2 for a
- * full mailbox while the others get 250. A delivery that could not be filed at once (a
- * transient error) stays queued and is dispatched to the consumer: its recipient gets 250,
- * because the message is committed and will be delivered.
+ * delivery is filed at once, and every accepted RCPT gets a reply of its own, in order, e.g.
+ * 552 5.2.2 for a full mailbox while the others get 250. A delivery that could not be filed at
+ * once (a transient error) stays queued and is dispatched to the consumer: its recipient gets
+ * 250, because the message is committed and will be delivered.
  */
 export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Promise<LmtpServer> {
   const routesOf = new WeakMap<SMTPServerAddress, Route[]>();
+  // Every RCPT that got 250, in order and repeats included: smtp-server merges a repeated
+  // recipient, but RFC 2033 §4.2 wants one reply per successful RCPT. Keyed by the envelope,
+  // which smtp-server replaces at every MAIL, RSET and after DATA.
+  const acceptedOf = new WeakMap<object, SMTPServerAddress[]>();
   const allowed = networkList(options.allowedNetworks);
 
-  const onRcptTo = (address: SMTPServerAddress, _session: SMTPServerSession, callback: (err?: Error | null) => void) => {
+  const onRcptTo = (address: SMTPServerAddress, session: SMTPServerSession, callback: (err?: Error | null) => void) => {
     const parsed = parseAddress(address.address, { utf8: true });
-    if (!parsed.ok) return callback(replyError(553, "5.1.3 Bad recipient address syntax"));
+    if (!parsed.ok) return callback(refusal(Replies.badRecipientSyntax));
+    const envelope = session.envelope;
     resolveRecipient(ctx.pool, parsed.address)
       .then((resolution) => {
         if (!resolution.ok) {
           if (resolution.reason === "relay-denied") return callback(replyError(554, "5.7.1 Relay access denied: not a local domain"));
           if (resolution.reason === "disabled") return callback(replyError(550, "5.2.1 Mailbox disabled"));
-          return callback(replyError(550, "5.1.1 No such user here"));
+          return callback(refusal(Replies.unknownUser));
         }
         routesOf.set(address, resolution.routes);
+        const accepted = acceptedOf.get(envelope) ?? [];
+        accepted.push(address);
+        acceptedOf.set(envelope, accepted);
         callback();
       })
       .catch((error) => {
         ctx.logger.warn({ err: error }, "recipient lookup failed");
-        callback(replyError(451, "4.3.0 Temporary local problem, please try again later"));
+        callback(refusal(Replies.localError));
       });
   };
 
-  const handleData = async (stream: SMTPServerDataStream, session: SMTPServerSession): Promise<Array<string | ReplyError> | undefined> => {
-    const raw = await readMessage(stream, options.maxSize);
-    if (!raw) return undefined;
-    const recipients = session.envelope.rcptTo;
+  const handleData = async (stream: SMTPServerDataStream, session: SMTPServerSession, accepted: SMTPServerAddress[]): Promise<Array<string | ReplyError>> => {
+    const read = await readMessage(stream, options);
+    if (!read.raw) return accepted.map(() => refusal(read.refusal!));
+    const raw = read.raw;
+    const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
+    const replies = new Map<string, string | ReplyError>();
+    const earlier = await earlierReplies(ctx.pool, raw, from, options.duplicateWindow ?? 0);
+    // One entry per recipient (smtp-server merged repeats), minus those the earlier copy covers.
+    const recipients = session.envelope.rcptTo.filter((rcpt) => {
+      const before = earlier.get(rcpt.address.toLowerCase());
+      if (before) replies.set(rcpt.address.toLowerCase(), before);
+      return !before;
+    });
+    if (recipients.length > 0) {
+      for (const [address, reply] of await acceptAndFile(raw, from, session, recipients)) replies.set(address, reply);
+    }
+    return accepted.map((rcpt) => {
+      const reply = replies.get(rcpt.address.toLowerCase()) ?? refusal(Replies.localError);
+      mailMetrics.smtpReplies.inc({ service: "mda-lmtp", class: typeof reply === "string" ? "2xx" : replyClass(reply.responseCode) });
+      return reply;
+    });
+  };
+
+  const acceptAndFile = async (raw: Buffer, from: string, session: SMTPServerSession, recipients: SMTPServerAddress[]): Promise<Map<string, string | ReplyError>> => {
     const deliveries: NewDelivery[] = [];
     for (const rcpt of recipients) {
       for (const route of routesOf.get(rcpt) ?? []) deliveries.push({ recipient: rcpt.address, route });
     }
     const queueId = newQueueId();
     const traceId = currentTraceId();
-    const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
     const stored = Buffer.concat([Buffer.from(receivedHeader(session, options.hostname, queueId, traceId)), raw]);
     let accepted: AcceptedMessage;
     try {
       accepted = await acceptMessage(
         ctx.pool,
-        { raw: stored, envelopeFrom: from, source: "lmtp", clientIp: session.remoteAddress, clientHelo: session.hostNameAppearsAs, queueId, traceId: traceId ?? null },
+        {
+          raw: stored, envelopeFrom: from, source: "lmtp", clientIp: session.remoteAddress, clientHelo: session.hostNameAppearsAs,
+          messageIdHeader: headerValue(raw, "message-id"), queueId, traceId: traceId ?? null,
+        },
         deliveries,
         SERVICE,
       );
     } catch (error) {
       ctx.logger.error({ err: error }, "could not store an LMTP message");
-      throw replyError(451, "4.3.0 Temporary local problem, please try again later");
+      throw refusal(Replies.localError);
     }
     mailMetrics.messagesAccepted.inc({ service: "mda-lmtp" });
 
@@ -138,7 +283,8 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
         continue;
       }
       try {
-        outcomes.set(delivery.finalRecipient, await deliverLocal(ctx, delivery.id, { failureReported: singleFinal.has(delivery.finalRecipient) }));
+        const reported = singleFinal.has(delivery.finalRecipient);
+        outcomes.set(delivery.finalRecipient, await deliverLocal(ctx, delivery.id, { failureReported: reported, quotaFullTempfail: options.quotaFullTempfail ?? false }));
       } catch (error) {
         ctx.logger.warn({ err: error, deliveryId: delivery.id }, "immediate LMTP delivery failed; queued for the consumer");
         outcomes.set(delivery.finalRecipient, "queued");
@@ -150,11 +296,12 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
         ctx.logger.warn({ err: error }, "dispatch failed; the sweeper will publish the deliveries"),
       );
     }
-    return recipients.map((rcpt) => {
+    const replies = new Map<string, string | ReplyError>();
+    for (const rcpt of recipients) {
       const reply = replyFor((routesOf.get(rcpt) ?? []).map((route) => outcomes.get(route.address) ?? "queued"));
-      mailMetrics.smtpReplies.inc({ service: "mda-lmtp", class: typeof reply === "string" ? "2xx" : replyClass(reply.responseCode) });
-      return typeof reply === "string" ? `${reply} (${accepted.queueId})` : reply;
-    });
+      replies.set(rcpt.address.toLowerCase(), typeof reply === "string" ? `${reply} (${accepted.queueId})` : reply);
+    }
+    return replies;
   };
 
   const server = new SMTPServer({
@@ -166,9 +313,12 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     hideSTARTTLS: true,
     disableReverseLookup: true,
     size: options.maxSize,
-    rejectOversized: true,
-    // Enhanced status codes are written into our reply texts (Postfix's LMTP client reads them there).
-    hideENHANCEDSTATUSCODES: true,
+    // The size limit is enforced by readMessage, which answers once per accepted RCPT.
+    rejectOversized: false,
+    // Every reply carries an enhanced status code (RFC 2034); Postfix reads them for its logs and bounces.
+    hideENHANCEDSTATUSCODES: false,
+    // LMTP clients are MTAs on trusted networks: no early-talker pause before the greeting.
+    greetingDelay: 0,
     maxClients: options.maxClients,
     socketTimeout: options.socketTimeout,
     closeTimeout: 10_000,
@@ -180,15 +330,26 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     },
     onRcptTo,
     onData(stream, session, callback) {
-      withSpan("lmtp DATA", { kind: SpanKind.SERVER, attributes: { "network.peer.address": session.remoteAddress } }, () => handleData(stream, session))
-        .then((replies) => callback(null, replies))
+      const accepted = acceptedOf.get(session.envelope) ?? session.envelope.rcptTo;
+      withSpan("lmtp DATA", { kind: SpanKind.SERVER, attributes: { "network.peer.address": session.remoteAddress } }, () => handleData(stream, session, accepted))
+        .then((replies) => callback(null, replies as unknown as string))
         .catch((error: Error) => {
           stream.resume();
-          callback((error as ReplyError).responseCode ? error : replyError(451, "4.3.0 Temporary local problem, please try again later"));
+          const failure = (error as ReplyError).responseCode ? (error as ReplyError) : refusal(Replies.localError);
+          if (failure !== error) ctx.logger.error({ err: error }, "LMTP DATA failed");
+          for (let i = 0; i < accepted.length; i++) mailMetrics.smtpReplies.inc({ service: "mda-lmtp", class: replyClass(failure.responseCode) });
+          callback(null, accepted.map(() => failure) as unknown as string);
         });
     },
-  });
+  } as ConstructorParameters<typeof SMTPServer>[0] & { greetingDelay: number });
   server.on("error", (error) => ctx.logger.error({ err: error }, "LMTP server error"));
+  // Each new connection's commands go through the guard first.
+  const connections = server.connections as unknown as Set<Connection>;
+  const add = connections.add.bind(connections);
+  connections.add = (connection: Connection) => {
+    guardCommands(connection);
+    return add(connection);
+  };
 
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);

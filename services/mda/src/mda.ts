@@ -24,6 +24,12 @@ export const mdaShape = {
       ctx.addIssue({ code: z.ZodIssueCode.custom, message: (error as Error).message });
     }
   }),
+  /** Bare CR or LF in an LMTP message: reject (550 5.6.11 per recipient) or normalize to CRLF. */
+  LMTP_BARE_LINE_ENDINGS: z.enum(["reject", "normalize"]).default("reject"),
+  /** A full mailbox answers LMTP clients 452 4.2.2 (they retry) instead of 552 5.2.2, as Dovecot's quota_full_tempfail. */
+  LMTP_QUOTA_FULL_TEMPFAIL: bool(false),
+  /** A message an LMTP client sends again (same Message-ID, sender and bytes) within this time is not filed twice; 0 turns it off. */
+  LMTP_DUPLICATE_WINDOW: duration("5d"),
   /** Jobs handled at once by this process. */
   MDA_CONCURRENCY: integer(64, 1),
   /**
@@ -49,6 +55,9 @@ export interface MdaConfig {
   LMTP_MAX_CLIENTS: number;
   LMTP_IDLE_TIMEOUT: number;
   LMTP_ALLOWED_NETWORKS: string[];
+  LMTP_BARE_LINE_ENDINGS: "reject" | "normalize";
+  LMTP_QUOTA_FULL_TEMPFAIL: boolean;
+  LMTP_DUPLICATE_WINDOW: number;
   MDA_CONCURRENCY: number;
   MDA_BATCH_MAX: number;
   MDA_BATCH_PARALLEL: number;
@@ -66,6 +75,9 @@ export const defaultMdaConfig: MdaConfig = {
   LMTP_MAX_CLIENTS: 200,
   LMTP_IDLE_TIMEOUT: 60_000,
   LMTP_ALLOWED_NETWORKS: ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
+  LMTP_BARE_LINE_ENDINGS: "reject",
+  LMTP_QUOTA_FULL_TEMPFAIL: false,
+  LMTP_DUPLICATE_WINDOW: 5 * 24 * 3600_000,
   MDA_CONCURRENCY: 64,
   MDA_BATCH_MAX: 64,
   MDA_BATCH_PARALLEL: 1,
@@ -119,6 +131,9 @@ export async function startMda(options: { pool: Pool; bus: Bus; logger: Logger; 
         socketTimeout: config.LMTP_IDLE_TIMEOUT,
         hostname: config.MAIL_HOSTNAME,
         allowedNetworks: config.LMTP_ALLOWED_NETWORKS,
+        bareLineEndings: config.LMTP_BARE_LINE_ENDINGS,
+        quotaFullTempfail: config.LMTP_QUOTA_FULL_TEMPFAIL,
+        duplicateWindow: config.LMTP_DUPLICATE_WINDOW,
       });
     }
   } catch (error) {

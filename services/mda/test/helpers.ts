@@ -35,6 +35,8 @@ export function message(subject: string, body = "Hello.\r\n", extraHeaders = "")
 export class LineClient {
   private buffer = "";
   private waiters: Array<() => void> = [];
+  /** Every line of the last reply read (a multi-line reply's continuation lines included). */
+  lastReplyLines: string[] = [];
   readonly socket: Socket;
   private constructor(socket: Socket) {
     this.socket = socket;
@@ -63,6 +65,7 @@ export class LineClient {
       const match = /^(\d{3}) [^\r\n]*\r\n/m.exec(this.buffer);
       if (match) {
         const end = match.index + match[0].length;
+        this.lastReplyLines = this.buffer.slice(0, end).split("\r\n").filter((line) => line !== "");
         this.buffer = this.buffer.slice(end);
         return match[0].trimEnd();
       }
@@ -79,6 +82,21 @@ export class LineClient {
   async command(line: string): Promise<string> {
     this.write(`${line}\r\n`);
     return this.reply();
+  }
+  /** Whether the server closed the connection (waits up to timeoutMs for it). */
+  async closed(timeoutMs = 2_000): Promise<boolean> {
+    if (this.socket.destroyed || this.socket.readableEnded) return true;
+    return new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => resolve(false), timeoutMs);
+      this.socket.once("close", () => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+    });
+  }
+  /** Whatever the server sent that no reply() has read yet. */
+  pending(): string {
+    return this.buffer;
   }
   close(): void {
     this.socket.destroy();

@@ -90,7 +90,8 @@ test("an alias fans out at RCPT, a recipient given twice gets one copy, several 
     assert.match(await client.command("RCPT TO:<OK1@example.test>"), /^250 /);
     assert.match(await client.command("DATA"), /^354 /);
     client.write(`${message(`fan out ${i}`)}.\r\n`);
-    // smtp-server merges the repeated RCPT: two recipients, two replies.
+    // RFC 2033 §4.2: one reply per successful RCPT, the repeated one included.
+    assert.match(await client.reply(), /^250 /);
     assert.match(await client.reply(), /^250 /);
     assert.match(await client.reply(), /^250 /);
   }
@@ -177,4 +178,208 @@ test("only clients in LMTP_ALLOWED_NETWORKS may connect", async () => {
   } finally {
     await closed.stop();
   }
+});
+
+/** A session of its own on an LMTP server started with other options (the shared one keeps the defaults). */
+async function withLmtp<T>(options: Partial<import("../src/lmtp.ts").LmtpOptions>, fn: (port: number) => Promise<T>): Promise<T> {
+  const { startLmtp } = await import("../src/lmtp.ts");
+  const server = await startLmtp(
+    { pool: env.pool, logger: createLogger("mda-test", "silent") },
+    { port: 0, host: "127.0.0.1", maxSize: 20_000, maxClients: 5, socketTimeout: 5000, hostname: "mx.example.test", allowedNetworks: ["127.0.0.1"], ...options },
+  );
+  try {
+    return await fn(server.port);
+  } finally {
+    await server.stop();
+  }
+}
+
+async function countMessages(pattern: string): Promise<number> {
+  return (await env.pool.query("SELECT count(*)::int AS n FROM messages WHERE position($1 in convert_from(raw, 'LATIN1')) > 0", [pattern])).rows[0].n;
+}
+
+test("LHLO advertises ENHANCEDSTATUSCODES and the replies carry them (RFC 2034); HELO and EHLO are refused", async () => {
+  const client = await LineClient.open(port);
+  await client.reply();
+  assert.match(await client.command("HELO client.example"), /^500 5\.5\.1 /);
+  assert.match(await client.command("EHLO client.example"), /^500 5\.5\.1 /);
+  assert.match(await client.command("LHLO client.example"), /^250 /);
+  assert.deepEqual(
+    client.lastReplyLines.slice(1).map((line) => line.slice(4).split(" ")[0]).sort(),
+    ["8BITMIME", "ENHANCEDSTATUSCODES", "PIPELINING", "SIZE", "SMTPUTF8"],
+  );
+  assert.match(await client.command("DATA"), /^503 5\.5\.1 /);
+  assert.match(await client.command("MAIL FROM:<sender@remote.example> SIZE=999999"), /^552 5\.3\.4 /);
+  assert.match(await client.command("MAIL FROM:<sender@remote.example> BODY=8BITMIME SIZE=100"), /^250 2\.\d\.\d /);
+  assert.match(await client.command("RCPT TO:<ok1@example.test>"), /^250 2\.\d\.\d /);
+  assert.match(await client.command("RCPT TO:<nobody@example.test>"), /^550 5\.1\.1 /);
+  assert.match(await client.command("DATA"), /^354 /);
+  client.write(`${message("enhanced codes")}.\r\n`);
+  assert.match(await client.reply(), /^250 2\.0\.0 Delivered \([0-9A-Z]+\)$/);
+  assert.match(await client.command("RSET"), /^250 2\.\d\.\d /);
+  assert.match(await client.command("NOOP"), /^250 2\.\d\.\d /);
+  assert.match(await client.command("QUIT"), /^221 2\.\d\.\d /);
+  client.close();
+});
+
+test("a recipient given twice gets two replies after DATA, in RCPT order, and one copy (RFC 2033 §4.2)", async () => {
+  const client = await session();
+  assert.match(await client.command("MAIL FROM:<sender@remote.example>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<full@example.test>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<ok2@example.test>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<OK2@example.test>"), /^250 /);
+  assert.match(await client.command("DATA"), /^354 /);
+  client.write(`${message("twice given", "x\r\n".repeat(60))}.\r\n`);
+  assert.match(await client.reply(), /^552 5\.2\.2 /, "full");
+  assert.match(await client.reply(), /^250 2\.0\.0 /, "ok2");
+  assert.match(await client.reply(), /^250 2\.0\.0 /, "OK2");
+  assert.match(await client.command("NOOP"), /^250 /, "no reply was left over or missing");
+  // Over the size limit: one 552 per RCPT as well.
+  assert.match(await client.command("MAIL FROM:<sender@remote.example>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<ok2@example.test>"), /^250 /);
+  assert.match(await client.command("RCPT TO:<ok2@example.test>"), /^250 /);
+  assert.match(await client.command("DATA"), /^354 /);
+  client.write(`${message("twice too large", `${"z".repeat(998)}\r\n`.repeat(30))}.\r\n`);
+  assert.match(await client.reply(), /^552 5\.3\.4 /);
+  assert.match(await client.reply(), /^552 5\.3\.4 /);
+  assert.match(await client.command("NOOP"), /^250 /);
+  client.close();
+  assert.equal((await entries("ok2@example.test")).filter((r) => /twice given/.test(r.raw.toString())).length, 1);
+  assert.equal(await countMessages("twice too large"), 0);
+});
+
+test("smuggling material in DATA (bare LF, bare CR, <LF>.<CR><LF>, NUL) is refused for every recipient and nothing is stored", async () => {
+  const payloads = [
+    ["lf-dot", "x\n.\r\nMAIL FROM:<evil@remote.example>\r\nRCPT TO:<ok2@example.test>\r\nDATA\r\nSubject: smuggled-lf-dot\r\n\r\ny\r\n", /^550 5\.6\.11 /],
+    ["dot-lf", "x\r\n.\nMAIL FROM:<evil@remote.example>\r\nRCPT TO:<ok2@example.test>\r\nDATA\r\nSubject: smuggled-dot-lf\r\n\r\ny\r\n", /^550 5\.6\.11 /],
+    ["cr", "x\r.\rMAIL FROM:<evil@remote.example>\r\nSubject: smuggled-cr\r\n", /^550 5\.6\.11 /],
+    ["nul", "x\u0000y\r\n", /^554 5\.6\.0 /],
+  ] as const;
+  for (const [name, body, expected] of payloads) {
+    const client = await session();
+    assert.match(await client.command("MAIL FROM:<sender@remote.example>"), /^250 /);
+    assert.match(await client.command("RCPT TO:<ok1@example.test>"), /^250 /);
+    assert.match(await client.command("RCPT TO:<ok2@example.test>"), /^250 /);
+    assert.match(await client.command("DATA"), /^354 /);
+    client.write(`Subject: smuggle-${name}\r\n\r\n${body}.\r\n`);
+    assert.match(await client.reply(), expected, name);
+    assert.match(await client.reply(), expected, name);
+    assert.match(await client.command("NOOP"), /^250 /, `${name}: nothing smuggled ran as a command`);
+    client.close();
+    assert.equal(await countMessages(`smuggle-${name}`), 0, name);
+  }
+  assert.equal(await countMessages("smuggled-"), 0);
+});
+
+test("with LMTP_BARE_LINE_ENDINGS=normalize a bare LF or CR becomes CRLF and the message is one message", async () => {
+  await withLmtp({ bareLineEndings: "normalize" }, async (lmtpPort) => {
+    const client = await LineClient.open(lmtpPort);
+    await client.reply();
+    await client.command("LHLO client.example");
+    await client.command("MAIL FROM:<sender@remote.example>");
+    assert.match(await client.command("RCPT TO:<ok1@example.test>"), /^250 /);
+    assert.match(await client.command("DATA"), /^354 /);
+    client.write("Subject: normalized bare\r\n\r\nx\n.\r\nMAIL FROM:<evil@remote.example>\rend\r\n.\r\n");
+    assert.match(await client.reply(), /^250 2\.0\.0 /);
+    client.close();
+  });
+  const rows = (await entries("ok1@example.test")).filter((r) => /normalized bare/.test(r.raw.toString()));
+  assert.equal(rows.length, 1);
+  assert.ok(rows[0].raw.toString().endsWith("Subject: normalized bare\r\n\r\nx\r\n.\r\nMAIL FROM:<evil@remote.example>\r\nend\r\n"));
+});
+
+test("a body pipelined behind DATA after every RCPT was refused never runs as commands; a bare-LF command line is refused", async () => {
+  const client = await session();
+  client.write(
+    "MAIL FROM:<sender@remote.example>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\n"
+    + "MAIL FROM:<evil@remote.example>\r\nRCPT TO:<ok2@example.test>\r\nDATA\r\nSubject: injected-by-pipelining\r\n\r\nx\r\n.\r\n",
+  );
+  assert.match(await client.reply(), /^250 /);
+  assert.match(await client.reply(), /^550 5\.1\.1 /);
+  assert.match(await client.reply(), /^554 5\.5\.1 /);
+  assert.equal(await client.closed(), true, "the connection is closed with the pipelined body unread");
+  assert.doesNotMatch(client.pending(), /^(250|354)/m);
+  client.close();
+  assert.equal(await countMessages("injected-by-pipelining"), 0);
+
+  const second = await session();
+  second.write("MAIL FROM:<sender@remote.example>\n");
+  assert.match(await second.reply(), /^500 5\.5\.2 /);
+  assert.match(await second.command("RCPT TO:<ok1@example.test>"), /^503 /, "the bare-LF MAIL did not start a transaction");
+  second.close();
+});
+
+test("the Message-ID is stored with an LMTP message, so its journey can be found by it", async () => {
+  const client = await session();
+  await client.command("MAIL FROM:<sender@remote.example>");
+  await client.command("RCPT TO:<ok1@example.test>");
+  await client.command("DATA");
+  client.write(`${message("lmtp journey id")}.\r\n`);
+  const queueId = /\(([0-9A-Z]+)\)/.exec(await client.reply())![1];
+  client.close();
+  const rows = (await env.pool.query("SELECT queue_id, source FROM messages WHERE message_id_header = '<lmtpjourneyid@remote.example>'")).rows;
+  assert.deepEqual(rows, [{ queue_id: queueId, source: "lmtp" }]);
+});
+
+test("a message sent again after the client lost our replies is not filed twice: the earlier replies are given again", async () => {
+  const body = message("sent twice", "the same bytes\r\n");
+  const transaction = async (recipients: string[], text = body) => {
+    const client = await session();
+    await client.command("MAIL FROM:<retry@remote.example>");
+    for (const r of recipients) assert.match(await client.command(`RCPT TO:<${r}>`), /^250 /);
+    assert.match(await client.command("DATA"), /^354 /);
+    client.write(`${text}.\r\n`);
+    const replies = [];
+    for (let i = 0; i < recipients.length; i++) replies.push(await client.reply());
+    client.close();
+    return replies;
+  };
+  const first = await transaction(["ok1@example.test", "full@example.test"]);
+  assert.match(first[0]!, /^250 2\.0\.0 Delivered \(([0-9A-Z]+)\)$/);
+  assert.match(first[1]!, /^552 5\.2\.2 /);
+  const queueId = /\(([0-9A-Z]+)\)/.exec(first[0]!)![1]!;
+  // The client did not see those replies and sends the same message again, plus a new recipient.
+  const again = await transaction(["ok1@example.test", "full@example.test", "ok2@example.test"]);
+  assert.match(again[0]!, new RegExp(`^250 2\\.0\\.0 Delivered \\(${queueId}\\)`));
+  assert.match(again[1]!, /^552 5\.2\.2 /);
+  assert.match(again[2]!, /^250 2\.0\.0 Delivered \((?![^)]*\b${queueId}\b)/);
+  assert.equal((await entries("ok1@example.test")).filter((r) => /sent twice/.test(r.raw.toString())).length, 1);
+  assert.equal((await entries("ok2@example.test")).filter((r) => /sent twice/.test(r.raw.toString())).length, 1);
+  // Other bytes under the same Message-ID are another message.
+  await transaction(["ok1@example.test"], message("sent twice", "other bytes\r\n"));
+  assert.equal((await entries("ok1@example.test")).filter((r) => /sent twice/.test(r.raw.toString())).length, 2);
+  // With the window at 0 the check is off.
+  await withLmtp({ duplicateWindow: 0 }, async (lmtpPort) => {
+    const client = await LineClient.open(lmtpPort);
+    await client.reply();
+    await client.command("LHLO client.example");
+    await client.command("MAIL FROM:<retry@remote.example>");
+    await client.command("RCPT TO:<ok1@example.test>");
+    await client.command("DATA");
+    client.write(`${body}.\r\n`);
+    assert.match(await client.reply(), /^250 /);
+    client.close();
+  });
+  assert.equal((await entries("ok1@example.test")).filter((r) => /sent twice/.test(r.raw.toString())).length, 3);
+});
+
+test("LMTP_QUOTA_FULL_TEMPFAIL: a full mailbox is 452 4.2.2 for its recipient, the copy is cancelled, no DSN", async () => {
+  await withLmtp({ quotaFullTempfail: true }, async (lmtpPort) => {
+    const client = await LineClient.open(lmtpPort);
+    await client.reply();
+    await client.command("LHLO client.example");
+    await client.command("MAIL FROM:<sender@remote.example>");
+    assert.match(await client.command("RCPT TO:<full@example.test>"), /^250 /);
+    assert.match(await client.command("RCPT TO:<ok2@example.test>"), /^250 /);
+    assert.match(await client.command("DATA"), /^354 /);
+    client.write(`${message("tempfail quota", "x\r\n".repeat(60))}.\r\n`);
+    assert.match(await client.reply(), /^452 4\.2\.2 Mailbox full/);
+    assert.match(await client.reply(), /^250 2\.0\.0 /);
+    client.close();
+  });
+  const rows = (await env.pool.query(
+    `SELECT d.state, d.dsn_state, d.last_reply FROM deliveries d JOIN messages m ON m.id = d.message_id
+      WHERE d.final_recipient = 'full@example.test' AND position('tempfail quota' in convert_from(m.raw, 'LATIN1')) > 0`,
+  )).rows;
+  assert.deepEqual(rows, [{ state: "cancelled", dsn_state: null, last_reply: "452 4.2.2 Mailbox full" }]);
 });

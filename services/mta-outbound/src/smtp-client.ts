@@ -449,27 +449,38 @@ export class SmtpConnection {
     const t = this.options.timeouts;
     const ext = this.extensions;
     const result: TransactionResult = { recipients: [], data: null };
+    // After a 421 the server closes the channel (RFC 5321 3.8): the commands after it get that answer, unread.
+    let closing: Reply | null = null;
+    const answer = async (reply: Promise<Reply>) => {
+      const got = await reply;
+      if (got.code === 421) closing = got;
+      return got;
+    };
     let mailReply: Reply;
     const rcptReplies: Reply[] = [];
     let dataReply: Reply;
     if (ext.has("PIPELINING")) {
       this.write(`${mail}\r\n${rcpts.join("\r\n")}\r\nDATA\r\n`);
-      mailReply = await this.readReply(t.command, "mail");
-      for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await this.readReply(t.command, "rcpt"));
-      dataReply = await this.readReply(t.dataInit, "data");
+      mailReply = await answer(this.readReply(t.command, "mail"));
+      for (let i = 0; i < rcpts.length; i++) rcptReplies.push(closing ?? (await answer(this.readReply(t.command, "rcpt"))));
+      dataReply = closing ?? (await answer(this.readReply(t.dataInit, "data")));
     } else {
-      mailReply = await this.command(mail, "mail");
+      mailReply = await answer(this.command(mail, "mail"));
       if (positive(mailReply)) {
-        for (const rcpt of rcpts) rcptReplies.push(await this.command(rcpt, "rcpt"));
+        for (const rcpt of rcpts) rcptReplies.push(closing ?? (await answer(this.command(rcpt, "rcpt"))));
       }
-      dataReply = rcptReplies.some(positive)
-        ? await this.command("DATA", "data", t.dataInit)
-        : { code: 554, enhanced: "5.5.1", text: "no valid recipients", line: "554 no valid recipients" };
+      dataReply = closing ?? (rcptReplies.some(positive)
+        ? await answer(this.command("DATA", "data", t.dataInit))
+        : { code: 554, enhanced: "5.5.1", text: "no valid recipients", line: "554 no valid recipients" });
     }
     const goAhead = dataReply.code >= 300 && dataReply.code < 400;
-    if (!positive(mailReply)) {
+    const finish = async () => {
+      if (closing) return;
       if (goAhead) await this.abortData();
       await this.reset();
+    };
+    if (!positive(mailReply)) {
+      await finish();
       throw new SmtpError(`MAIL FROM: ${formatRemoteReply(mailReply)}`, { temporary: mailReply.code < 500, stage: "mail", reply: mailReply });
     }
     envelope.recipients.forEach((r, i) => {
@@ -478,12 +489,11 @@ export class SmtpConnection {
       result.recipients.push({ address: r.address, reply, accepted: positive(reply), permanent: reply.code >= 500 && reply.code !== 552 });
     });
     if (!result.recipients.some((r) => r.accepted)) {
-      if (goAhead) await this.abortData();
-      await this.reset();
+      await finish();
       return result;
     }
     if (!goAhead) {
-      await this.reset();
+      await finish();
       // DATA refused: every accepted recipient gets that reply.
       for (const r of result.recipients) {
         if (r.accepted) Object.assign(r, { reply: dataReply, accepted: false, permanent: dataReply.code >= 500 });

@@ -31,6 +31,7 @@ let dropper: Awaited<ReturnType<typeof startScriptedMx>>;
 let afterDot: Awaited<ReturnType<typeof startScriptedMx>>;
 let noUtf8: Awaited<ReturnType<typeof startScriptedMx>>;
 let resetting: Awaited<ReturnType<typeof startScriptedMx>>;
+let oneEach: Awaited<ReturnType<typeof startScriptedMx>>;
 let outbound: OutboundService;
 let relayEnv: Record<string, string>;
 const flakyAttempts = new Map<string, number>();
@@ -91,6 +92,14 @@ before(async () => {
   });
   noUtf8 = await startScriptedMx("127.0.0.17", port, { extensions: ["PIPELINING", "8BITMIME", "DSN"] });
   // Refuses recipients named "bad..." with a reply that has no enhanced status code.
+  // One message per connection: the second MAIL gets 421 and the connection is closed.
+  oneEach = await startScriptedMx("127.0.0.19", port, {
+    reply(command, connection) {
+      if (!command.startsWith("MAIL") || connection.commands.filter((c) => c.startsWith("MAIL")).length < 2) return undefined;
+      connection.close();
+      return "421 4.7.0 mx.busy.test Too many messages on this connection";
+    },
+  });
   resetting = await startScriptedMx("127.0.0.18", port, { reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550 no such user" : undefined) });
   afterDot = await startScriptedMx("127.0.0.16", port, { dataReply: (data) => (data.includes("reject-me") ? "554 5.6.0 Content refused" : "451 4.3.0 Queue full, later") });
   dns = await startDns({
@@ -140,6 +149,8 @@ before(async () => {
     "mx.drop.test": { a: ["127.0.0.15"] },
     "dot.test": { mx: [{ exchange: "mx.dot.test", priority: 10 }] },
     "mx.dot.test": { a: ["127.0.0.16"] },
+    "busy.test": { mx: [{ exchange: "mx.busy.test", priority: 10 }] },
+    "mx.busy.test": { a: ["127.0.0.19"] },
     "rset.test": { mx: [{ exchange: "mx.rset.test", priority: 10 }] },
     "mx.rset.test": { a: ["127.0.0.18"] },
     "equal.test": { mx: [{ exchange: "c.equal.test", priority: 5 }, { exchange: "a.equal.test", priority: 1 }, { exchange: "b.equal.test", priority: 1 }] },
@@ -170,7 +181,7 @@ before(async () => {
 
 after(async () => {
   await outbound?.stop();
-  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8, resetting].map((s) => s?.close()));
+  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8, resetting, oneEach].map((s) => s?.close()));
   silent?.close();
   await dns?.close();
   await env?.close();
@@ -514,6 +525,16 @@ test("a pooled connection the server gave up on while idle (421, not yet closed)
   assert.ok(!events.rows.some((e) => e.event === "deferred"), "no deferral recorded");
   assert.equal(idle421.connections.length, 2, "a fresh connection carried the second message");
   assert.ok(!idle421.connections[0]!.commands.some((c) => c.includes("two@stale.test")), "nothing of it went to the stale one");
+});
+
+test("a pooled connection whose next MAIL gets 421 (and is closed): the job goes on a fresh connection, no failed attempt", async () => {
+  for (const name of ["one", "two"]) {
+    const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: [`${name}@busy.test`] });
+    const [row] = await finalStates(accepted.messageId);
+    assert.deepEqual([row!.state, row!.attempts], ["delivered", 1], name);
+  }
+  assert.equal(oneEach.connections.length, 2);
+  assert.equal(oneEach.connections.flatMap((c) => c.messages).length, 2);
 });
 
 test("MX selection: an MX holding an IP address is skipped; an MX that is an alias (CNAME) or has no address is followed or skipped", async () => {

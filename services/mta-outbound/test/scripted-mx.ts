@@ -12,7 +12,7 @@ export interface ScriptedConnection {
   closed: boolean;
   /** Writes raw text to the client. */
   write(text: string): void;
-  /** Closes the connection from the server side. */
+  /** Closes the connection from the server side, after what is being written. */
   close(): void;
 }
 
@@ -78,9 +78,10 @@ export async function startScriptedMx(host: string, port: number, script: Script
       write: (text) => {
         if (!stream.destroyed) stream.write(text);
       },
+      // Ends the connection after the reply being written (if any); nothing more is read.
       close: () => {
         connection.closed = true;
-        stream.end();
+        setImmediate(() => stream.end());
         setTimeout(() => stream.destroy(), 50).unref();
       },
     };
@@ -92,6 +93,7 @@ export async function startScriptedMx(host: string, port: number, script: Script
     const onData = (chunk: Buffer) => {
       buffer = Buffer.concat([buffer, chunk]);
       for (;;) {
+        if (connection.closed) return;
         if (inData) {
           const text = buffer.toString("latin1");
           const end = text.startsWith(".\r\n") ? 0 : text.indexOf("\r\n.\r\n");

@@ -137,7 +137,32 @@ test("a reply nobody asked for while idle (421 idle timeout) makes the connectio
   }
 });
 
-test("a 421 to RCPT marks the connection unusable (the server is closing it)", async () => {
+test("a pipelined MAIL answered 421 (and the connection closed) fails at MAIL at once, not at a later RCPT", async () => {
+  const server = await startScriptedMx("127.0.1.13", 0, {
+    reply(command, connection) {
+      if (!command.startsWith("MAIL") || connection.commands.filter((c) => c.startsWith("MAIL")).length < 2) return undefined;
+      connection.close();
+      return "421 4.7.0 Too many messages on this connection";
+    },
+  });
+  try {
+    const connection = await SmtpConnection.open(options(server, {}, { command: 60_000 }));
+    await connection.send(envelope("x@x.test"), message, plain);
+    const started = Date.now();
+    await assert.rejects(connection.send(envelope("y@x.test", "z@x.test"), message, plain), (error) => {
+      assert.ok(error instanceof SmtpError);
+      assert.equal(error.stage, "mail", "the stage a relay retries on a fresh connection");
+      assert.equal(error.reply?.code, 421);
+      return true;
+    });
+    assert.ok(Date.now() - started < 1_000, "no wait for replies that will never come");
+    assert.ok(!server.commands().includes("RSET"), "no RSET to a server that is closing");
+  } finally {
+    await server.close();
+  }
+});
+
+test("a 421 to RCPT: the server is closing, so no DATA, every recipient deferred, the connection unusable", async () => {
   const server = await startScriptedMx("127.0.1.7", 0, {
     extensions: ["8BITMIME"],
     reply: (command) => (command.startsWith("RCPT TO:<second") ? "421 4.3.2 shutting down" : undefined),
@@ -145,8 +170,10 @@ test("a 421 to RCPT marks the connection unusable (the server is closing it)", a
   try {
     const connection = await SmtpConnection.open(options(server));
     const result = await connection.send(envelope("first@x.test", "second@x.test"), message, plain);
-    assert.deepEqual(result.recipients.map((r) => [r.accepted, r.permanent]), [[true, false], [false, false]]);
+    // Nothing more is said to a server that is closing: the accepted recipient is deferred too.
+    assert.deepEqual(result.recipients.map((r) => [r.accepted, r.permanent, r.reply.code]), [[false, false, 421], [false, false, 421]]);
     assert.equal(connection.reusable, false);
+    assert.ok(!server.commands().includes("DATA"));
     connection.destroy();
   } finally {
     await server.close();

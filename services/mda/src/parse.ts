@@ -65,11 +65,15 @@ function mailboxes(value: AddressObject | AddressObject[] | undefined): Mailbox[
   return out;
 }
 
-/** Unfolds and decodes the raw header lines of the top-level header (RFC 5322 §2.2.3, RFC 2047). */
+/**
+ * Unfolds and decodes the raw header lines of the top-level header (RFC 5322 §2.2.3, RFC 2047).
+ * mailparser hands the lines over as one character per byte; the section it read is UTF-8.
+ */
 function headerList(lines: ReadonlyArray<{ key: string; line: string }>): Array<[string, string]> {
   const out: Array<[string, string]> = [];
-  for (const { key, line } of lines.slice(0, MAX_HEADERS)) {
+  for (const { key, line: bytes } of lines.slice(0, MAX_HEADERS)) {
     if (!key) continue;
+    const line = Buffer.from(bytes, "latin1").toString("utf8");
     const colon = line.indexOf(":");
     const raw = (colon >= 0 ? line.slice(colon + 1) : "").replace(/\r?\n(?=[ \t])/g, "").trim();
     let value = raw;
@@ -93,6 +97,7 @@ interface SplitNode {
   charset?: string | false;
   partNr?: Array<number | string> | false;
   headers?: { get(key: string): unknown[] } | false;
+  _boundary?: Buffer | false;
 }
 
 const MAX_DEPTH = 8;
@@ -138,6 +143,13 @@ class DecodedSize {
 }
 
 const SPLITTER_OPTIONS = { ignoreEmbedded: true };
+const TOO_MANY_PARTS = `mime: more than ${MAX_PARTS} parts, the rest are not listed`;
+
+/** Parts left to list in the whole tree, and what could not be read as given. */
+interface Budget {
+  parts: number;
+  notes: string[];
+}
 /** Larger header sections take the full walk, whose splitter enforces its own header limit. */
 const SINGLE_PART_HEADER_LIMIT = 64 * 1024;
 
@@ -160,19 +172,24 @@ async function mimeStructure(
   attachments: ParsedMessage["attachments"],
   prefix = "",
   depth = 0,
-  budget = { parts: MAX_PARTS },
+  budget: Budget = { parts: MAX_PARTS, notes: [] },
 ): Promise<MimePart | null> {
   const splitter = new Splitter(SPLITTER_OPTIONS);
   const parts = new Map<unknown, MimePart>();
   const decoded = new Map<MimePart, DecodedSize>();
   const embedded = new Map<MimePart, Buffer[]>();
+  // What a multipart holds outside its parts (preamble, epilogue, or all of it without a boundary).
+  const unsplit = new Map<MimePart, number>();
   let root: MimePart | null = null;
   let count = 0;
   Readable.from([raw]).pipe(splitter as unknown as NodeJS.WritableStream);
   for await (const chunk of splitter as AsyncIterable<{ type: string; value?: Buffer; node?: unknown } & SplitNode>) {
     if (chunk.type === "node") {
       const node = chunk as SplitNode;
-      if (budget.parts <= 0) continue;
+      if (budget.parts <= 0) {
+        if (!budget.notes.includes(TOO_MANY_PARTS)) budget.notes.push(TOO_MANY_PARTS);
+        continue;
+      }
       budget.parts--;
       count++;
       const partNr = Array.isArray(node.partNr) ? node.partNr.filter((n) => typeof n === "number").join(".") : "";
@@ -185,6 +202,7 @@ async function mimeStructure(
       if (inDigest) part.type = "message/rfc822";
       parts.set(chunk, part);
       if (!part.type.startsWith("multipart/")) decoded.set(part, new DecodedSize(part.encoding ?? ""));
+      else unsplit.set(part, 0);
       if (part.type === "message/rfc822" && depth < MAX_DEPTH) embedded.set(part, []);
       if (parent) (parent.parts ??= []).push(part);
       else if (!root) root = part;
@@ -194,7 +212,19 @@ async function mimeStructure(
       part.size += chunk.value.length;
       decoded.get(part)?.add(chunk.value);
       embedded.get(part)?.push(chunk.value);
+    } else if (chunk.type === "data" && chunk.value && chunk.node) {
+      const part = parts.get(chunk.node);
+      if (part && unsplit.has(part)) unsplit.set(part, unsplit.get(part)! + chunk.value.length);
     }
+  }
+  // A multipart without a boundary, or whose boundary never occurs, has no parts: its body is
+  // read as text/plain, as RFC 2045 §5.2 says of a Content-Type that cannot be used.
+  for (const [part, bytes] of unsplit) {
+    // (When the part budget ran out its parts may just not be listed.)
+    if (part.parts?.length || budget.parts <= 0) continue;
+    budget.notes.push(`mime: ${part.type} ${part.partId ? `part ${part.partId} ` : ""}has no parts (no usable boundary); read as text/plain`);
+    part.type = "text/plain";
+    part.size = bytes;
   }
   // A multipart's size is the sum of its parts' bodies.
   const total = (part: MimePart): number => {
@@ -225,7 +255,7 @@ async function mimeStructure(
  * header is read by the same splitter and its size is the rest of the message, which spares
  * the line-by-line pass over the body. Anything else, or a header ended by a bare LF, gets the walk.
  */
-export async function structureOf(raw: Buffer, attachments: ParsedMessage["attachments"]): Promise<MimePart | null> {
+export async function structureOf(raw: Buffer, attachments: ParsedMessage["attachments"], notes: string[] = []): Promise<MimePart | null> {
   const headerEnd = raw.indexOf("\r\n\r\n");
   const bareEnd = raw.indexOf("\n\n");
   if (headerEnd >= 0 && headerEnd + 4 <= SINGLE_PART_HEADER_LIMIT && (bareEnd < 0 || bareEnd > headerEnd)) {
@@ -239,7 +269,7 @@ export async function structureOf(raw: Buffer, attachments: ParsedMessage["attac
       return root;
     }
   }
-  return mimeStructure(raw, attachments);
+  return mimeStructure(raw, attachments, "", 0, { parts: MAX_PARTS, notes });
 }
 
 /** The structure by walking the whole message (exported for the test that compares the two). */
@@ -254,6 +284,41 @@ function headerSection(raw: Buffer): Buffer {
   const ends = [crlf >= 0 ? crlf + 4 : -1, lf >= 0 ? lf + 2 : -1].filter((n) => n >= 0);
   const end = ends.length ? Math.min(...ends) : raw.length;
   return raw.subarray(0, Math.min(end, MAX_HEADER_SECTION));
+}
+
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
+const windows1252 = new TextDecoder("windows-1252");
+
+/**
+ * The header section with every line in UTF-8. RFC 6532 header fields are UTF-8 already;
+ * a line whose 8-bit bytes are not UTF-8 is legacy mail (RFC 5322 forbids it, senders still
+ * write Latin-1 or Windows-1252), read as Windows-1252, a superset of Latin-1 for text, rather
+ * than turned into U+FFFD by a UTF-8 reading.
+ */
+export function utf8HeaderSection(section: Buffer): Buffer {
+  let eightBit = false;
+  for (const byte of section) {
+    if (byte >= 0x80) {
+      eightBit = true;
+      break;
+    }
+  }
+  if (!eightBit) return section;
+  const lines: Buffer[] = [];
+  let start = 0;
+  while (start < section.length) {
+    const lf = section.indexOf(0x0a, start);
+    const end = lf < 0 ? section.length : lf + 1;
+    const line = section.subarray(start, end);
+    try {
+      strictUtf8.decode(line);
+      lines.push(line);
+    } catch {
+      lines.push(Buffer.from(windows1252.decode(line), "utf8"));
+    }
+    start = end;
+  }
+  return Buffer.concat(lines);
 }
 
 /**
@@ -283,7 +348,7 @@ async function readHeaders(raw: Buffer, parsed: ParsedMessage): Promise<void> {
   await new Promise<void>((resolve, reject) => {
     parser.once("end", resolve);
     parser.once("error", reject);
-    parser.end(headerSection(raw));
+    parser.end(utf8HeaderSection(headerSection(raw)));
   });
   const text = (name: string) => {
     const value = headers.get(name);
@@ -294,15 +359,18 @@ async function readHeaders(raw: Buffer, parsed: ParsedMessage): Promise<void> {
   parsed.to = mailboxes(headers.get("to") as AddressObject | AddressObject[] | undefined);
   parsed.cc = mailboxes(headers.get("cc") as AddressObject | AddressObject[] | undefined);
   parsed.replyTo = mailboxes(headers.get("reply-to") as AddressObject | undefined);
+  parsed.headers = headerList(lines);
+  // mailparser puts the current time in place of a Date it cannot read: that is no date.
   const date = headers.get("date");
-  parsed.date = date instanceof Date && !Number.isNaN(date.getTime()) ? date.toISOString() : null;
+  const given = parsed.headers.find(([name]) => name === "date")?.[1];
+  const readable = given !== undefined && !Number.isNaN(new Date(given).getTime());
+  parsed.date = readable && date instanceof Date && !Number.isNaN(date.getTime()) ? date.toISOString() : null;
   parsed.messageId = text("message-id");
   parsed.inReplyTo = text("in-reply-to");
   const references = headers.get("references");
   parsed.references = (Array.isArray(references) ? references : typeof references === "string" ? [references] : [])
     .slice(0, 100)
     .map((r) => clip(String(r)));
-  parsed.headers = headerList(lines);
 }
 
 /**
@@ -322,7 +390,7 @@ export async function parseMessage(raw: Buffer): Promise<ParsedMessage> {
   }
   parsed.spam = parsed.headers.some(([name, value]) => name === "x-spam-flag" && /^yes\b/i.test(value.trim()));
   try {
-    parsed.structure = await structureOf(raw, parsed.attachments);
+    parsed.structure = await structureOf(raw, parsed.attachments, errors);
   } catch (error) {
     errors.push(`mime: ${(error as Error).message}`);
   }

@@ -240,3 +240,77 @@ test("a delivery stores the parse once, and a malformed message is still deliver
   const kept = (await env.pool.query("SELECT parsed FROM message_parsed WHERE message_id = $1", [again.messageId])).rows[0].parsed;
   assert.deepEqual(kept, { marker: true });
 });
+
+test("real-world tricky messages through LMTP: every one is delivered and its stored summary is right", async () => {
+  const { startMda } = await import("../src/mda.ts");
+  const { addFilterRule } = await import("@mailstack/db");
+  const { LineClient } = await import("./helpers.ts");
+  await account(env.pool, "tricky@example.test");
+  // A rule on a UTF-8 subject: it must see the subject as the sender wrote it.
+  await addFilterRule(env.pool, "tricky@example.test", { condition: { kind: "header", header: "Subject", op: "contains", value: "Grüße" }, action: { kind: "fileinto", folder: "Grüße" } });
+  const mda = await startMda({ pool: env.pool, bus: env.bus, logger: createLogger("mda-test", "silent"), config: { LMTP_PORT: 0, LMTP_HOST: "127.0.0.1" } });
+  const many = ["Subject: many parts", "Content-Type: multipart/mixed; boundary=P", ""];
+  for (let i = 0; i < 600; i++) many.push("--P", `Content-Type: text/plain; name="f${i}.txt"`, "Content-Disposition: attachment", "", `part ${i}`);
+  many.push("--P--", "");
+  const samples: Record<string, Buffer> = {
+    latin1: Buffer.concat([Buffer.from("Subject: Gr\xfc\xdfe in Latin-1\r\nFrom: J\xfcrgen <j@x.example>\r\nDate: 21 Nov 97 09:55:06 GMT\r\n\r\nbody\r\n", "latin1")]),
+    utf8: crlf(["Subject: Grüße in UTF-8", "From: Jürgen <j@x.example>", "Date: Fri, 21 Nov 1997 09:55:06 PDT", "", "body", ""]),
+    badDate: crlf(["Subject: bad date", "Date: yesterday-ish", "", "body", ""]),
+    encodedFrom: crlf(["From: =?ISO-8859-1?Q?Andr=E9?= Pirard <PIRARD@vm1.ulg.ac.be>", "Subject: =?ISO-8859-1?B?SWYgeW91IGNhbiByZWFkIHRoaXMgeW8=?=", "    =?ISO-8859-2?B?dSB1bmRlcnN0YW5kIHRoZSBleGFtcGxlLg==?=", "Date: Thu, 13 Feb 1969 23:32:54 -0330 (Newfoundland Time)", "", "x", ""]),
+    noBoundary: crlf(["Subject: no boundary", "Content-Type: multipart/mixed", "", "--X", "Content-Type: text/plain", "", "t", "--X--", ""]),
+    neverCloses: crlf(["Subject: unclosed", "Content-Type: multipart/mixed; boundary=U", "", "--U", "Content-Type: text/plain", "", "one", "--U", "Content-Type: application/pdf; name=a.pdf", "Content-Transfer-Encoding: base64", "", "JVBERi0xLjQK", ""]),
+    rfc2231: crlf(["Subject: 2231", "Content-Type: multipart/mixed; boundary=R", "", "--R", "Content-Type: application/octet-stream", "Content-Disposition: attachment;", " filename*0*=UTF-8''%E6%97%A5%E6%9C%AC;", " filename*1*=%E8%AA%9E.txt", "", "x", "--R", "Content-Type: application/octet-stream", "Content-Disposition: attachment; filename*=iso-8859-1'de'M%FCller.txt", "", "y", "--R--", ""]),
+    digest: crlf(["Subject: digest", "Content-Type: multipart/digest; boundary=D", "", "--D", "", "Subject: first", "", "one", "--D", "", "Subject: second", "Content-Type: message/rfc822", "", "Subject: nested", "", "deep", "--D--", ""]),
+    many: crlf(many),
+  };
+  const queueIds: Record<string, string> = {};
+  try {
+    const client = await LineClient.open(mda.lmtpPort!);
+    await client.reply();
+    await client.command("LHLO client.example");
+    for (const [name, raw] of Object.entries(samples)) {
+      assert.match(await client.command(`MAIL FROM:<sender@remote.example>${name === "utf8" ? " SMTPUTF8" : ""}`), /^250 /);
+      assert.match(await client.command("RCPT TO:<tricky@example.test>"), /^250 /);
+      assert.match(await client.command("DATA"), /^354 /);
+      client.socket.write(Buffer.concat([raw, Buffer.from(".\r\n")]));
+      const reply = await client.reply();
+      assert.match(reply, /^250 2\.0\.0 Delivered/, name);
+      queueIds[name] = /\(([0-9A-Z]+)\)/.exec(reply)![1]!;
+    }
+    client.close();
+  } finally {
+    await mda.stop();
+  }
+  const stored = async (name: string) => (await env.pool.query(
+    `SELECT p.parsed, d.folder FROM messages m JOIN message_parsed p ON p.message_id = m.id JOIN deliveries d ON d.message_id = m.id WHERE m.queue_id = $1`,
+    [queueIds[name]],
+  )).rows[0] as { parsed: import("../src/parse.ts").ParsedMessage; folder: string };
+
+  const latin1 = await stored("latin1");
+  assert.equal(latin1.parsed.subject, "Grüße in Latin-1");
+  assert.deepEqual(latin1.parsed.from, [{ name: "Jürgen", address: "j@x.example" }]);
+  assert.equal(latin1.parsed.date, "1997-11-21T09:55:06.000Z");
+  assert.equal(latin1.folder, "Grüße");
+  const utf8 = await stored("utf8");
+  assert.deepEqual(utf8.parsed.headers.find(([name]) => name === "subject"), ["subject", "Grüße in UTF-8"]);
+  assert.deepEqual(utf8.parsed.from, [{ name: "Jürgen", address: "j@x.example" }]);
+  assert.equal(utf8.parsed.date, "1997-11-21T16:55:06.000Z");
+  assert.equal(utf8.folder, "Grüße", "the filter rule saw the UTF-8 subject");
+  assert.equal((await stored("badDate")).parsed.date, null, "an unreadable Date is no date, not the time of parsing");
+  const encoded = await stored("encodedFrom");
+  assert.deepEqual(encoded.parsed.from, [{ name: "André Pirard", address: "PIRARD@vm1.ulg.ac.be" }]);
+  assert.equal(encoded.parsed.subject, "If you can read this you understand the example.");
+  assert.equal(encoded.parsed.date, "1969-02-14T03:02:54.000Z");
+  const noBoundary = (await stored("noBoundary")).parsed;
+  assert.deepEqual(noBoundary.structure, { partId: "", type: "text/plain", size: Buffer.byteLength("--X\r\nContent-Type: text/plain\r\n\r\nt\r\n--X--\r\n") });
+  assert.match(noBoundary.errors?.join() ?? "", /multipart\/mixed has no parts/);
+  const unclosed = (await stored("neverCloses")).parsed;
+  assert.deepEqual(unclosed.structure?.parts?.map((p) => [p.type, p.filename ?? null]), [["text/plain", null], ["application/pdf", "a.pdf"]]);
+  assert.deepEqual((await stored("rfc2231")).parsed.attachments.map((a) => a.filename), ["日本語.txt", "Müller.txt"]);
+  const digest = (await stored("digest")).parsed.structure!;
+  assert.deepEqual(digest.parts?.map((p) => p.type), ["message/rfc822", "message/rfc822"]);
+  assert.equal(digest.parts?.[1]?.parts?.[0]?.type, "message/rfc822", "a message inside a digest message");
+  const manyParts = (await stored("many")).parsed;
+  assert.equal(manyParts.structure?.parts?.length, 499);
+  assert.match(manyParts.errors?.join() ?? "", /more than 500 parts/);
+});

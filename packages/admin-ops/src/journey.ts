@@ -62,9 +62,23 @@ function iso(value: Date | null): string | null {
 }
 
 /**
+ * Whether the tenant sent the message. Only a sender the system vouches for counts: the
+ * submission service checked the login and that the envelope sender belongs to it, and a
+ * forward is made by the MDA for one of the tenant's accounts. The envelope sender of mail
+ * from outside (port 25, LMTP) is whatever the other side wrote: anybody can put a tenant's
+ * domain there, and must not see the recipients of other tenants that way.
+ */
+function sentBy(message: { source: string; envelope_from: string; auth_user: string | null }, tenant: string): boolean {
+  const fromTenant = message.envelope_from !== "" && domainOf(message.envelope_from) === tenant;
+  if (message.source === "submission") return fromTenant || (message.auth_user !== null && domainOf(message.auth_user) === tenant);
+  if (message.source === "forward") return fromTenant;
+  return false;
+}
+
+/**
  * The journey of a message: each recipient's state and event history, and the trace id with
- * a Jaeger link. A tenant sees a message it sent in full; a message it only received shows
- * just its own recipients; anything else does not exist for it.
+ * a Jaeger link. A tenant sees a message it sent in full (see `sentBy`); a message it only
+ * received shows just its own recipients; anything else does not exist for it.
  */
 export async function messageJourney(db: Queryable, query: JourneyQuery, options: JourneyOptions = {}): Promise<JourneyMessage[]> {
   const limit = Math.min(Math.max(options.limit ?? 20, 1), 100);
@@ -85,8 +99,9 @@ export async function messageJourney(db: Queryable, query: JourneyQuery, options
   if (tenantDomain !== null) {
     params.push(tenantDomain);
     const n = params.length;
-    where += ` AND (lower(substring(envelope_from from '[^@]*$')) = $${n}
-                    OR lower(substring(coalesce(auth_user, '') from '[^@]*$')) = $${n}
+    where += ` AND ((source = 'submission' AND (lower(substring(envelope_from from '[^@]*$')) = $${n}
+                                                OR lower(substring(coalesce(auth_user, '') from '[^@]*$')) = $${n}))
+                    OR (source = 'forward' AND lower(substring(envelope_from from '[^@]*$')) = $${n})
                     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = messages.id
                                AND (lower(substring(d.final_recipient from '[^@]*$')) = $${n}
                                     OR lower(substring(d.recipient from '[^@]*$')) = $${n})))`;
@@ -112,9 +127,7 @@ export async function messageJourney(db: Queryable, query: JourneyQuery, options
       [message.id],
     );
     const tenant = options.domain ?? null;
-    const sentByTenant = tenant === null
-      || (message.envelope_from !== "" && domainOf(message.envelope_from) === tenant)
-      || (message.auth_user !== null && domainOf(message.auth_user) === tenant);
+    const sentByTenant = tenant === null || sentBy(message, tenant);
     const visible = sentByTenant
       ? deliveries.rows
       : deliveries.rows.filter((d) => domainOf(d.final_recipient) === tenant || domainOf(d.recipient) === tenant);

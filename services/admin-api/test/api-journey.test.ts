@@ -94,3 +94,34 @@ test("a tenant sees only its own recipients of a message it received, and nothin
   const hidden = await h.call("GET", `/journey?queueId=${queueId}`, { token: other });
   assert.equal(hidden.status, 404);
 });
+
+test("a sender address from outside proves nothing: forging a tenant's domain in MAIL FROM shows that tenant no other tenant's recipients", async () => {
+  const pool = h.db.pool;
+  const alice = await pool.query("SELECT id FROM accounts WHERE address = 'alice@local.test'");
+  const route = { kind: "local" as const, accountId: alice.rows[0].id as number, address: "alice@local.test" };
+  // Mail from the Internet whose envelope sender claims other.test (anybody can write that).
+  const forged = await acceptMessage(
+    pool,
+    { raw: Buffer.from("Message-ID: <forged@x.test>\r\n\r\nx\r\n"), envelopeFrom: "someone@other.test", source: "inbound", messageIdHeader: "<forged@x.test>" },
+    [{ recipient: "alice@local.test", route }],
+    "mta-inbound",
+  );
+  // Mail other.test really sent, through submission after a login.
+  const sent = await acceptMessage(
+    pool,
+    { raw: Buffer.from("Message-ID: <sent@other.test>\r\n\r\nx\r\n"), envelopeFrom: "carl@other.test", authUser: "carl@other.test", source: "submission", messageIdHeader: "<sent@other.test>" },
+    [{ recipient: "alice@local.test", route }],
+    "msa",
+  );
+  const { token: other } = await createApiToken(pool, "other-tenant-2", { domain: "other.test" });
+  for (const path of [`/journey?queueId=${forged.queueId}`, "/journey?messageId=forged@x.test"]) {
+    const response = await h.call("GET", path, { token: other });
+    assert.equal(response.status, 404, path);
+  }
+  const own = (await (await h.call("GET", `/journey?queueId=${sent.queueId}`, { token: other })).json()) as Journey;
+  assert.deepEqual(own.messages[0]!.recipients.map((r) => r.finalRecipient), ["alice@local.test"], "a message it sent is shown in full");
+  // The recipient's tenant still sees its own recipient of the forged message.
+  const { token: local } = await createApiToken(pool, "local-tenant-2", { domain: "local.test" });
+  const seen = (await (await h.call("GET", `/journey?queueId=${forged.queueId}`, { token: local })).json()) as Journey;
+  assert.deepEqual(seen.messages[0]!.recipients.map((r) => r.finalRecipient), ["alice@local.test"]);
+});

@@ -157,6 +157,8 @@ export interface IntakeServer {
   port(): number;
   /** Group-commit figures: accept transactions committed, most messages in one. */
   stats(): { acceptTransactions: number; largestBatch: number };
+  /** Serves this certificate to every TLS handshake from now on (a renewed one); sessions already in TLS keep theirs. */
+  updateTls(tls: { key: string | Buffer; cert: string | Buffer }): void;
   /**
    * Stops accepting and waits for commits. A message already in DATA is received and answered
    * (up to graceMs); any other command gets 421 at once, and idle sessions get 421 after graceMs.
@@ -740,6 +742,9 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   let boundPort = 0;
   return {
     server,
+    updateTls(tls) {
+      server.updateSecureContext({ key: tls.key, cert: tls.cert });
+    },
     async listen() {
       await ownDirectory?.start();
       return new Promise((resolve, reject) => {

@@ -51,6 +51,8 @@ export interface MsaOptions {
 export interface Msa {
   submissionPort: number;
   submissionsPort: number;
+  /** Serves a renewed certificate on both ports from the next handshake on. */
+  updateTls(tls: { key: string | Buffer; cert: string | Buffer }): void;
   stop(): Promise<void>;
 }
 
@@ -258,6 +260,9 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
   return {
     submissionPort,
     submissionsPort,
+    updateTls(tls) {
+      for (const server of servers) server.updateTls(tls);
+    },
     async stop() {
       clearInterval(pruner);
       await Promise.all(servers.map((server) => server.stop()));

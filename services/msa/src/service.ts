@@ -1,4 +1,4 @@
-import { loadTlsCredentials, runService } from "@mailstack/runtime";
+import { runService, startTlsSource } from "@mailstack/runtime";
 import { msaShape, settingsFromConfig } from "./config.ts";
 import { startMsa } from "./server.ts";
 
@@ -9,15 +9,24 @@ export async function main(): Promise<void> {
     opsPortDefault: 9587,
     shape: msaShape,
     async start({ config, pool, bus, logger }) {
-      const tls = await loadTlsCredentials({
+      const tlsSource = await startTlsSource({
         certFile: config.TLS_CERT_FILE,
         keyFile: config.TLS_KEY_FILE,
         dir: config.TLS_DIR,
         hostname: config.MAIL_HOSTNAME,
+        reloadIntervalMs: config.TLS_RELOAD_INTERVAL,
+        logger,
       });
+      const tls = tlsSource.current();
       if (tls.selfSigned) logger.warn({ source: tls.source }, "using a self-signed TLS certificate; set TLS_CERT_FILE and TLS_KEY_FILE");
       const msa = await startMsa({ pool, bus, logger, settings: settingsFromConfig(config), tls: { key: tls.key, cert: tls.cert } });
-      return { stop: () => msa.stop() };
+      tlsSource.onChange((next) => msa.updateTls({ key: next.key, cert: next.cert }));
+      return {
+        async stop() {
+          tlsSource.stop();
+          await msa.stop();
+        },
+      };
     },
   });
 }

@@ -2,7 +2,7 @@ import net from "node:net";
 import tls from "node:tls";
 import { once } from "node:events";
 import { createPool, type Pool } from "@mailstack/db";
-import { loadTlsCredentials, type TlsCredentials } from "@mailstack/runtime";
+import { startTlsSource, type TlsCredentials } from "@mailstack/runtime";
 import type { Logger } from "@mailstack/telemetry";
 import type { Pop3Config } from "./config.ts";
 import { pop3Metrics as metrics } from "./metrics.ts";
@@ -37,8 +37,20 @@ export interface Pop3Server {
 
 export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
   const { config, logger, pool } = options;
-  const credentials =
-    options.tls ?? (await loadTlsCredentials({ certFile: config.TLS_CERT_FILE, keyFile: config.TLS_KEY_FILE, dir: config.TLS_DIR, hostname: config.MAIL_HOSTNAME }));
+  // The operator's certificate is read again when it changes on disk (or on SIGHUP); new
+  // handshakes on 995 and new STLS upgrades get the renewed one.
+  const tlsSource = options.tls
+    ? null
+    : await startTlsSource({
+        certFile: config.TLS_CERT_FILE,
+        keyFile: config.TLS_KEY_FILE,
+        dir: config.TLS_DIR,
+        hostname: config.MAIL_HOSTNAME,
+        reloadIntervalMs: config.TLS_RELOAD_INTERVAL,
+        logger,
+      });
+  let credentials = options.tls ?? tlsSource!.current();
+  const currentTls = () => credentials;
   const sessionPool = createPool({ url: config.DATABASE_URL, max: config.POP3_MAX_SESSIONS, applicationName: "pop3-session" });
   let lockedSessions = 0;
   const settings: SessionSettings = {
@@ -69,7 +81,7 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
       socket.end("-ERR [SYS/TEMP] too many connections; try again later\r\n");
       return;
     }
-    const connection = new Connection(socket, listener === "pop3s", { pool, sessionPool, logger, settings }, config, credentials);
+    const connection = new Connection(socket, listener === "pop3s", { pool, sessionPool, logger, settings }, config, currentTls);
     connections.add(connection);
     metrics.open.inc();
     connection.finished.then(() => {
@@ -81,6 +93,10 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
   const plain = net.createServer((socket) => accept(socket, "pop3"));
   const secure = tls.createServer({ ...credentials.serverOptions, handshakeTimeout: TLS_HANDSHAKE_TIMEOUT_MS }, (socket) => accept(socket, "pop3s"));
   secure.on("tlsClientError", (error) => logger.debug({ err: error }, "pop3s handshake failed"));
+  tlsSource?.onChange((next) => {
+    credentials = next;
+    secure.setSecureContext(next.serverOptions);
+  });
   plain.listen(config.POP3_PORT, config.POP3_HOST);
   secure.listen(config.POP3S_PORT, config.POP3_HOST);
   await Promise.all([once(plain, "listening"), once(secure, "listening")]);
@@ -91,11 +107,14 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
   return {
     port,
     tlsPort,
-    tls: credentials,
+    get tls() {
+      return credentials;
+    },
     listening: () => plain.listening && secure.listening && !stopping,
     async stop() {
       if (stopping) return;
       stopping = true;
+      tlsSource?.stop();
       const closed = Promise.all([new Promise((resolve) => plain.close(resolve)), new Promise((resolve) => secure.close(resolve))]);
       await Promise.all([...connections].map((connection) => connection.shutdown()));
       await closed;
@@ -112,7 +131,7 @@ class Connection implements SessionIo {
   private socket: net.Socket | tls.TLSSocket;
   private readonly session: Pop3Session;
   private readonly config: Pop3Config;
-  private readonly credentials: TlsCredentials;
+  private readonly currentTls: () => TlsCredentials;
   private readonly logger: Logger;
   private buffer: Buffer = Buffer.alloc(0);
   private discardingLongLine = false;
@@ -129,12 +148,12 @@ class Connection implements SessionIo {
     secure: boolean,
     deps: ConstructorParameters<typeof Pop3Session>[1],
     config: Pop3Config,
-    credentials: TlsCredentials,
+    currentTls: () => TlsCredentials,
   ) {
     this.socket = socket;
     this.secure = secure;
     this.config = config;
-    this.credentials = credentials;
+    this.currentTls = currentTls;
     this.logger = deps.logger;
     this.remoteAddress = socket.remoteAddress ?? "";
     socket.setNoDelay(true);
@@ -247,7 +266,7 @@ class Connection implements SessionIo {
     const raw = this.socket;
     raw.off("data", this.onData);
     raw.removeAllListeners("close");
-    const secureSocket = new tls.TLSSocket(raw, { isServer: true, secureContext: this.credentials.context });
+    const secureSocket = new tls.TLSSocket(raw, { isServer: true, secureContext: this.currentTls().context });
     const handshake = setTimeout(() => secureSocket.destroy(), TLS_HANDSHAKE_TIMEOUT_MS);
     this.socket = secureSocket;
     this.attach(secureSocket);

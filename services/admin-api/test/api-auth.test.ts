@@ -158,3 +158,41 @@ test("with API_DOCS_PUBLIC=false the OpenAPI document needs a token too", async 
     await closed.close();
   }
 });
+
+test("input PostgreSQL cannot hold is a 400 naming the field, never a 500", async () => {
+  assert.equal((await h.call("POST", "/domains", { body: { name: "limits.test" } })).status, 201);
+  assert.equal((await h.call("POST", "/accounts", { body: { address: "l@limits.test", password: "pw" } })).status, 201);
+  const refusals: Array<[string, string, unknown, string]> = [
+    ["POST", "/accounts", { address: "m@limits.test", password: "pw", quotaBytes: 1e20 }, "quotaBytes"],
+    ["PATCH", "/accounts/l@limits.test", { quotaBytes: 2 ** 53 }, "quotaBytes"],
+    ["POST", "/accounts/l@limits.test/filters", { condition: { kind: "size", op: "over", bytes: 1e20 }, action: { kind: "discard" } }, "condition.bytes"],
+    ["POST", "/accounts/l@limits.test/filters", { condition: { kind: "header", header: "Subject", op: "contains", value: "a\u0000b" }, action: { kind: "discard" } }, "condition.value"],
+    ["DELETE", "/accounts/l@limits.test/filters/99999999999999999999", undefined, "id"],
+    ["GET", "/queue/deliveries/99999999999999999999", undefined, "id"],
+    ["POST", "/queue/deliveries/9223372036854775808/retry", undefined, "id"],
+    ["GET", "/queue?domain=a%00b.test", undefined, "domain"],
+    ["GET", "/journey?messageId=%00", undefined, "messageId"],
+    ["POST", "/accounts", { address: "n@limits.test", password: "pw\u0000" }, "password"],
+  ];
+  for (const [method, path, body, field] of refusals) {
+    const response = await h.call(method, path, { body });
+    const answer = (await response.json()) as { field?: string; message: string };
+    assert.equal(response.status, 400, `${method} ${path}: ${answer.message}`);
+    assert.equal(answer.field, field, `${method} ${path}`);
+  }
+  // Which alias target was refused: the field says.
+  const missingTarget = await h.call("POST", "/aliases", { body: { address: "al@limits.test", targets: ["l@limits.test", "nobody@limits.test"] } });
+  assert.equal(missingTarget.status, 404);
+  assert.equal(((await missingTarget.json()) as { field: string }).field, "targets.1");
+  const badTarget = await h.call("POST", "/aliases", { body: { address: "al@limits.test", targets: ["l@limits.test", "user%x@limits.test"] } });
+  assert.equal(badTarget.status, 400);
+  assert.equal(((await badTarget.json()) as { field: string }).field, "targets.1");
+  // Unicode and upper-case domains, trailing dots: one normal form everywhere.
+  const idn = await h.call("POST", "/domains", { body: { name: "Bücher.Limits.TEST." } });
+  assert.equal(idn.status, 201);
+  assert.equal(((await idn.json()) as { domain: { name: string } }).domain.name, "xn--bcher-kva.limits.test");
+  assert.equal((await h.call("POST", "/accounts", { body: { address: "Ünï@BÜCHER.limits.test", password: "pw" } })).status, 201);
+  const found = await h.call("GET", `/accounts/${encodeURIComponent("ünï@xn--bcher-kva.limits.test.")}`);
+  assert.equal(found.status, 200);
+  assert.equal(((await found.json()) as { address: string }).address, "ünï@xn--bcher-kva.limits.test");
+});

@@ -69,6 +69,9 @@ test("bad input gets a one-line error, a non-zero exit and changes nothing", asy
     { args: ["account", "remove", "nobody@example.test"], error: /no such account/, code: 1 },
     { args: ["domain", "remove", "example.test"], error: /still has accounts/, code: 1 },
     { args: ["domain", "frobnicate"], error: /unknown command/, code: 2 },
+    // Numbers past what PostgreSQL's bigint holds are usage errors, not a database error (exit 70).
+    { args: ["account", "quota", "alice@example.test", "99999999999999999999"], error: /invalid quota/, code: 2 },
+    { args: ["queue", "show", "99999999999999999999"], error: /invalid id/, code: 2 },
   ];
   for (const c of cases) {
     const result = await mailctl(c.args, c.stdin);

@@ -48,6 +48,40 @@ function validationField(error: FastifyError): string | undefined {
   return leaf ? (path ? `${path}.${leaf}` : leaf) : path || undefined;
 }
 
+/** The path of the first string holding a NUL character inside a parsed JSON value, or null. */
+function nulPath(value: unknown, path: string): string | null {
+  if (typeof value === "string") return value.includes("\u0000") ? path : null;
+  if (Array.isArray(value)) {
+    for (const [i, item] of value.entries()) {
+      const found = nulPath(item, path ? `${path}.${i}` : String(i));
+      if (found !== null) return found;
+    }
+    return null;
+  }
+  // Objects of data (JSON, the query, the params), not an import's body stream.
+  if (value !== null && typeof value === "object" && !Buffer.isBuffer(value) && typeof (value as { pipe?: unknown }).pipe !== "function") {
+    for (const [key, item] of Object.entries(value as Record<string, unknown>)) {
+      const found = nulPath(item, path ? `${path}.${key}` : key);
+      if (found !== null) return found;
+    }
+  }
+  return null;
+}
+
+/**
+ * No text PostgreSQL stores may hold NUL (it refuses the whole statement): a NUL anywhere in the
+ * parameters, the query or a JSON body is a 400 naming the field, before any route runs.
+ */
+export function installNulGuard(app: FastifyInstance): void {
+  app.addHook("preValidation", async (request) => {
+    const parts = { params: request.params, querystring: request.query, body: request.body } as const;
+    for (const [where, value] of Object.entries(parts)) {
+      const field = nulPath(value, "");
+      if (field !== null) throw new ApiError(400, `${where}: ${field || "value"} may not contain NUL characters`, field || undefined);
+    }
+  });
+}
+
 /** One error shape for every refusal: { statusCode, error, message, field? }; 5xx details stay in the log. */
 export function installErrorHandler(app: FastifyInstance): void {
   app.setErrorHandler((error: FastifyError, request, reply) => {

@@ -25,6 +25,10 @@ export const addressString = { type: "string", minLength: 3, maxLength: 320, pat
 export const domainString = { type: "string", minLength: 1, maxLength: 253, pattern: "^[^@\\s/]+\\.[^@\\s/]+$" } as const;
 export const folderString = { type: "string", minLength: 1, maxLength: 255 } as const;
 
+/** Byte counts and row ids: JSON numbers past 2^53 are not exact, and PostgreSQL's bigint ends soon after. */
+export const byteCount = { type: "integer", minimum: 0, maximum: Number.MAX_SAFE_INTEGER } as const;
+export const rowId = { type: "integer", minimum: 1, maximum: Number.MAX_SAFE_INTEGER } as const;
+
 export const nullableString = { type: ["string", "null"] } as const;
 export const nullableInteger = { type: ["integer", "null"] } as const;
 export const dateTime = { type: "string", format: "date-time" } as const;

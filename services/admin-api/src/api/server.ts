@@ -6,7 +6,7 @@ import type { Pool } from "@mailstack/db";
 import type { Logger } from "@mailstack/telemetry";
 import { installAuth } from "./auth.ts";
 import type { ApiConfig } from "./config.ts";
-import { installErrorHandler } from "./errors.ts";
+import { installErrorHandler, installNulGuard } from "./errors.ts";
 import { installMetrics } from "./metrics.ts";
 import { directoryRoutes } from "./routes/directory.ts";
 import { filterRoutes } from "./routes/filters.ts";
@@ -54,6 +54,7 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
   installErrorHandler(app);
   installMetrics(app);
   installAuth(app, pool, config.API_DOCS_PUBLIC ? ["/docs"] : []);
+  installNulGuard(app);
   directoryRoutes(app, pool, config);
   filterRoutes(app, pool);
   journeyRoutes(app, pool, config);

@@ -20,6 +20,6 @@ export function parse<O extends Options>(args: string[], options: O, positionals
 
 export function sizeArgument(text: string, what: string): number {
   const bytes = parseSize(text);
-  if (bytes === null) throw new UsageError(`invalid ${what}: ${text} (expected a size such as 1G, 500M or 1048576)`);
+  if (bytes === null || !Number.isSafeInteger(bytes)) throw new UsageError(`invalid ${what}: ${text} (expected a size such as 1G, 500M or 1048576)`);
   return bytes;
 }

@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import {
-  addAccount, addAlias, addDomain, getAccount, getDomain, listAccounts, listAliases, listDomains, removeAccount,
+  DirectoryError, addAccount, addAlias, addDomain, getAccount, getDomain, listAccounts, listAliases, listDomains, removeAccount,
   removeAlias, removeDomain, setAccountDisabled, setAccountPassword, setAccountQuota, transaction, type AccountRow,
   type AliasRow, type DomainRow, type Pool,
 } from "@mailstack/db";
@@ -9,7 +9,7 @@ import { domainDnsRecords } from "@mailstack/admin-ops";
 import { domainOfAddress, inScope, requireOperator } from "../auth.ts";
 import type { ApiConfig } from "../config.ts";
 import { ApiError, forField, notFound } from "../errors.ts";
-import { addressString, dateTime, domainString, errorResponses, noContent, nullableInteger, nullableString } from "../schemas.ts";
+import { addressString, byteCount, dateTime, domainString, errorResponses, noContent, nullableInteger, nullableString } from "../schemas.ts";
 
 const domainView = {
   type: "object",
@@ -95,6 +95,22 @@ export async function visibleAccount(pool: Pool, request: FastifyRequest, addres
 }
 
 type Params<K extends string> = { Params: Record<K, string> };
+
+/**
+ * A refusal of addAlias with the field at fault: an invalid target is a 400 naming `targets.N`
+ * (it was reported as `address`), and a target in a served domain that has no such account or
+ * alias stays a 404 but names `targets.N` too, so a client knows which of its targets it was.
+ */
+function aliasRefusal(error: unknown, address: string, targets: string[]): unknown {
+  if (!(error instanceof DirectoryError)) return error;
+  const mentions = (text: string) => error.message.includes(text) || error.message.includes(text.toLowerCase());
+  const target = targets.findIndex((t) => mentions(t));
+  if (/^target /.test(error.message) || (target >= 0 && !mentions(address))) {
+    return new ApiError(error.code === "not-found" ? 404 : 400, error.message, target >= 0 ? `targets.${target}` : "targets");
+  }
+  if (error.code === "invalid") return new ApiError(400, error.message, "address");
+  return error;
+}
 
 export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiConfig): void {
   const records = (name: string) => domainDnsRecords(pool, name, { mxHost: config.MAIL_HOSTNAME, dmarcPolicy: config.DMARC_POLICY });
@@ -192,7 +208,7 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
         properties: {
           address: addressString,
           password: { type: "string", minLength: 1, maxLength: 1024 },
-          quotaBytes: { type: ["integer", "null"], minimum: 0 },
+          quotaBytes: { ...byteCount, type: ["integer", "null"] },
         },
       },
       response: { 201: accountView, ...errorResponses },
@@ -221,7 +237,7 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
         type: "object", additionalProperties: false, minProperties: 1,
         properties: {
           password: { type: "string", minLength: 1, maxLength: 1024 },
-          quotaBytes: { type: ["integer", "null"], minimum: 0 },
+          quotaBytes: { ...byteCount, type: ["integer", "null"] },
           disabled: { type: "boolean" },
         },
       },
@@ -285,7 +301,9 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
         throw new ApiError(403, `a tenant alias may target only its own domain or remote addresses: ${target}`, `targets.${i}`);
       }
     }
-    const alias = await forField("address", () => addAlias(pool, address, targets));
+    const alias = await addAlias(pool, address, targets).catch((error: unknown) => {
+      throw aliasRefusal(error, address, targets);
+    });
     reply.status(201);
     return showAlias(alias);
   });

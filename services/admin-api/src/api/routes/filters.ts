@@ -4,7 +4,7 @@ import {
   type FilterRuleRow, type Pool,
 } from "@mailstack/db";
 import { ApiError } from "../errors.ts";
-import { addressString, dateTime, errorResponses, noContent, nullableInteger, nullableString } from "../schemas.ts";
+import { addressString, byteCount, dateTime, errorResponses, noContent, nullableInteger, nullableString, rowId } from "../schemas.ts";
 import { visibleAccount } from "./directory.ts";
 
 const ruleView = {
@@ -102,7 +102,7 @@ export function filterRoutes(app: FastifyInstance, pool: Pool): void {
               header: { type: "string", minLength: 1, maxLength: 76 },
               op: { type: "string", enum: ["contains", "is", "exists", "over", "under"] },
               value: { type: "string", minLength: 1, maxLength: 1000 },
-              bytes: { type: "integer", minimum: 0 },
+              bytes: byteCount,
             },
           },
           action: {
@@ -136,7 +136,7 @@ export function filterRoutes(app: FastifyInstance, pool: Pool): void {
   app.delete<{ Params: { address: string; id: number } }>("/accounts/:address/filters/:id", {
     schema: {
       tags: ["filters"], summary: "Remove one filter rule",
-      params: { type: "object", properties: { address: addressString, id: { type: "integer", minimum: 1 } }, required: ["address", "id"] },
+      params: { type: "object", properties: { address: addressString, id: rowId }, required: ["address", "id"] },
       response: { ...noContent, ...errorResponses },
     },
   }, async (request, reply) => {

@@ -3,7 +3,7 @@ import type { Pool } from "@mailstack/db";
 import { QueueError, deleteDelivery, deliveriesOfQueueId, listQueue, retryDeliveries, showDelivery, type QueueEntry } from "@mailstack/queue";
 import { requireOperator } from "../auth.ts";
 import { ApiError } from "../errors.ts";
-import { dateTime, domainString, errorResponses, noContent, nullableString } from "../schemas.ts";
+import { dateTime, domainString, errorResponses, noContent, nullableString, rowId } from "../schemas.ts";
 
 const STATES = ["queued", "deferred", "delivered", "bounced", "cancelled"];
 
@@ -46,7 +46,7 @@ const detailView = {
 } as const;
 
 const idsView = { type: "object", properties: { deliveryIds: { type: "array", items: { type: "integer" } } } } as const;
-const deliveryParams = { type: "object", properties: { id: { type: "integer", minimum: 1 } }, required: ["id"] } as const;
+const deliveryParams = { type: "object", properties: { id: rowId }, required: ["id"] } as const;
 const messageParams = { type: "object", properties: { queueId: { type: "string", pattern: "^[0-9A-Z]{1,64}$" } }, required: ["queueId"] } as const;
 
 function showEntry(e: QueueEntry) {

@@ -16,7 +16,11 @@ async function refusals<T>(fn: () => Promise<T>): Promise<T> {
 
 /** A delivery id (digits) or a message's queue id (all its deliveries). */
 async function idsOf(pool: Parameters<typeof deliveriesOfQueueId>[0], text: string): Promise<number[]> {
-  if (/^\d+$/.test(text)) return [Number(text)];
+  if (/^\d+$/.test(text)) {
+    const id = Number(text);
+    if (!Number.isSafeInteger(id)) throw new UsageError(`invalid id: ${text} (too large)`);
+    return [id];
+  }
   if (!/^[0-9A-Z]+$/.test(text)) throw new UsageError(`invalid id: ${text} (a delivery id or a queue id)`);
   return refusals(() => deliveriesOfQueueId(pool, text));
 }
@@ -30,7 +34,7 @@ register(
     async run(args, { pool, out }) {
       const { values } = parse(args, { state: { type: "string" }, domain: { type: "string" }, limit: { type: "string" } }, { min: 0, max: 0 });
       const limit = values.limit === undefined ? 1000 : Number(values.limit);
-      if (!Number.isInteger(limit) || limit < 1) throw new UsageError(`invalid --limit: ${values.limit}`);
+      if (!Number.isSafeInteger(limit) || limit < 1) throw new UsageError(`invalid --limit: ${values.limit}`);
       const entries = await refusals(() => listQueue(pool, { state: values.state, domain: values.domain, limit }));
       for (const e of entries) {
         out([e.id, e.queueId, e.state, `attempts=${e.attempts}`, `next=${time(e.nextAttemptAt)}`, `<${e.sender}> -> <${e.recipient}>`, e.lastReply ?? ""].join("\t"));

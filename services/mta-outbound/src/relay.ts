@@ -425,6 +425,37 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     const claimed = await claim(job);
     if (!claimed) return; // already final, not due, or another worker holds them
     const { rows, message } = claimed;
+    const lease = keepLease(rows.map((r) => r.id));
+    try {
+      await sendAndRecord(job, rows, message, started);
+    } finally {
+      lease.stop();
+    }
+  }
+
+  /**
+   * Renews the lease on a job's deliveries every third of the lease while the worker still works
+   * on them (waiting for a per-destination slot, trying MX host after MX host with RFC 5321's
+   * timeouts, recording the result). A lease that ran out would let the scheduler hand the
+   * deliveries to another worker, which would send them a second time.
+   */
+  function keepLease(ids: number[]): { stop(): void } {
+    const timer = setInterval(() => {
+      pool
+        .query(
+          // Locked in id order, like every multi-row writer of deliveries.
+          `WITH locked AS (SELECT id FROM deliveries WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE)
+           UPDATE deliveries d SET lease_until = now() + make_interval(secs => $2::float8 / 1000)
+             FROM locked WHERE d.id = locked.id AND d.lease_owner = $3 AND ${stillPending("d.state")}`,
+          [ids, config.leaseMs, workerId],
+        )
+        .catch((error) => logger.warn({ err: error, deliveries: ids.length }, "could not renew a relay lease"));
+    }, Math.max(50, Math.floor(config.leaseMs / 3)));
+    timer.unref();
+    return { stop: () => clearInterval(timer) };
+  }
+
+  async function sendAndRecord(job: RelayJob, rows: ClaimedRow[], message: MessageRow, started: number): Promise<void> {
     await withSpan(
       "relay attempt",
       { kind: SpanKind.INTERNAL, attributes: { "mail.message.id": job.messageId, "mail.destination.domain": job.domain, "mail.recipients.count": rows.length } },

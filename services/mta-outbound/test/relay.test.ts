@@ -32,6 +32,7 @@ let afterDot: Awaited<ReturnType<typeof startScriptedMx>>;
 let noUtf8: Awaited<ReturnType<typeof startScriptedMx>>;
 let resetting: Awaited<ReturnType<typeof startScriptedMx>>;
 let oneEach: Awaited<ReturnType<typeof startScriptedMx>>;
+let slow: Awaited<ReturnType<typeof startScriptedMx>>;
 let outbound: OutboundService;
 let relayEnv: Record<string, string>;
 const flakyAttempts = new Map<string, number>();
@@ -100,6 +101,13 @@ before(async () => {
       return "421 4.7.0 mx.busy.test Too many messages on this connection";
     },
   });
+  // Answers the final dot only after 1.2 s: longer than the short lease of the lease test.
+  slow = await startScriptedMx("127.0.0.20", port, {
+    dataReply(_data, connection) {
+      setTimeout(() => connection.write("250 2.0.0 queued after a while\r\n"), 1_200);
+      return null;
+    },
+  });
   resetting = await startScriptedMx("127.0.0.18", port, { reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550 no such user" : undefined) });
   afterDot = await startScriptedMx("127.0.0.16", port, { dataReply: (data) => (data.includes("reject-me") ? "554 5.6.0 Content refused" : "451 4.3.0 Queue full, later") });
   dns = await startDns({
@@ -152,6 +160,8 @@ before(async () => {
     "busy.test": { mx: [{ exchange: "mx.busy.test", priority: 10 }] },
     "mx.busy.test": { a: ["127.0.0.19"] },
     "rset.test": { mx: [{ exchange: "mx.rset.test", priority: 10 }] },
+    "lease.test": { mx: [{ exchange: "mx.lease.test", priority: 10 }] },
+    "mx.lease.test": { a: ["127.0.0.20"] },
     "mx.rset.test": { a: ["127.0.0.18"] },
     "equal.test": { mx: [{ exchange: "c.equal.test", priority: 5 }, { exchange: "a.equal.test", priority: 1 }, { exchange: "b.equal.test", priority: 1 }] },
     "a.equal.test": { a: ["127.0.0.2"] },
@@ -181,7 +191,7 @@ before(async () => {
 
 after(async () => {
   await outbound?.stop();
-  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8, resetting, oneEach].map((s) => s?.close()));
+  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8, resetting, oneEach, slow].map((s) => s?.close()));
   silent?.close();
   await dns?.close();
   await env?.close();
@@ -473,6 +483,30 @@ test("the same job handled three times at once (two workers, and twice in one) i
   const rows = await deliveryStates(env.pool, accepted.messageId);
   assert.deepEqual(rows.map((r) => [r.state, r.attempts]), [["delivered", 1], ["delivered", 1]]);
   assert.equal(to(mxA, "once1@pref.test").length, 1);
+});
+
+test("a worker renews its lease while a slow attempt lasts: another worker cannot take the job and send it again", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["holder@lease.test"], dispatch: false });
+  const logger = createLogger("test", "silent");
+  const shortLease = { ...testConfig({ ...relayEnv, RELAY_LEASE: "300ms" }) };
+  const one = createRelay({ pool: env.pool, logger, config: relayConfig(shortLease) });
+  const two = createRelay({ pool: env.pool, logger, config: relayConfig(shortLease) });
+  const job = { messageId: accepted.messageId, domain: "lease.test", deliveryIds: accepted.deliveries.map((d) => d.id) };
+  const first = one.handle(job);
+  // Well past the first lease, while the remote still holds back its answer to the dot.
+  await waitFor(() => slow.connections.some((c) => c.messages.length > 0), 5_000);
+  await new Promise((resolve) => setTimeout(resolve, 600));
+  const { rows } = await env.pool.query<{ lease_owner: string | null; held: boolean }>(
+    "SELECT lease_owner, lease_until > now() AS held FROM deliveries WHERE id = $1",
+    [accepted.deliveries[0]!.id],
+  );
+  assert.deepEqual(rows[0], { lease_owner: one.workerId, held: true }, "the lease is still the first worker's");
+  await two.handle(job);
+  await first;
+  await Promise.all([one.close(), two.close()]);
+  assert.equal(slow.connections.reduce((n, c) => n + c.messages.length, 0), 1, "the remote got one copy");
+  const states = await deliveryStates(env.pool, accepted.messageId);
+  assert.deepEqual(states.map((r) => [r.state, r.attempts]), [["delivered", 1]]);
 });
 
 test("DNS: SERVFAIL defers (4.4.3), a domain that does not exist bounces (5.1.2)", async () => {

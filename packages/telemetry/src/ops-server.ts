@@ -39,7 +39,8 @@ export async function startOpsServer(options: OpsServerOptions): Promise<Server>
   server.keepAliveTimeout = 5_000;
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
-    server.listen(options.port, options.host ?? "0.0.0.0", () => resolve());
+    // No host: every address, IPv6 and IPv4, so probes work in IPv6-only clusters too.
+    server.listen(options.port, options.host, () => resolve());
   });
   return server;
 }

@@ -12,7 +12,8 @@ import { networkList } from "./networks.ts";
 export const mdaShape = {
   LMTP_ENABLED: bool(true),
   LMTP_PORT: port(24),
-  LMTP_HOST: z.string().default("0.0.0.0"),
+  /** Listen address; empty: every address of the host, IPv6 and IPv4. */
+  LMTP_HOST: z.string().default(""),
   LMTP_MAX_SIZE: size("50M"),
   LMTP_MAX_CLIENTS: integer(200, 1),
   LMTP_IDLE_TIMEOUT: duration("60s"),
@@ -70,7 +71,7 @@ export const defaultMdaConfig: MdaConfig = {
   MAIL_HOSTNAME: "localhost",
   LMTP_ENABLED: true,
   LMTP_PORT: 24,
-  LMTP_HOST: "0.0.0.0",
+  LMTP_HOST: "",
   LMTP_MAX_SIZE: 50 * 1024 * 1024,
   LMTP_MAX_CLIENTS: 200,
   LMTP_IDLE_TIMEOUT: 60_000,

@@ -12,7 +12,8 @@ export const msaShape = {
   /** Port 465: TLS from the first byte (RFC 8314). */
   SUBMISSIONS_PORT: port(465),
   /** Address both listeners bind to. */
-  SUBMISSION_LISTEN: z.string().default("0.0.0.0"),
+  /** Listen address; empty: every address of the host, IPv6 and IPv4. */
+  SUBMISSION_LISTEN: z.string().default(""),
   /** Offer and accept AUTH on 587 before STARTTLS (passwords in clear: for trusted networks only). */
   SUBMISSION_AUTH_BEFORE_TLS: bool(false),
   /** A failed login is answered after this delay times the failures so far on the connection. */

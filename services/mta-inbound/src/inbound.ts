@@ -10,7 +10,8 @@ import { createAuthCheck, createResolver } from "./auth.ts";
 export const inboundShape = {
   ...intakeShape,
   SMTP_PORT: port(25),
-  SMTP_HOST: z.string().default("0.0.0.0"),
+  /** Listen address; empty: every address of the host, IPv6 and IPv4 (an MX with an AAAA record must answer on both). */
+  SMTP_HOST: z.string().default(""),
   /** DNS servers for SPF/DKIM/DMARC lookups ("ip" or "ip:port", comma-separated); the system's when empty. */
   DNS_SERVERS: list(""),
   /** How long DNS answers for SPF/DKIM/DMARC are reused in-process (0: no cache). */
@@ -43,7 +44,7 @@ export interface InboundConfig {
 export const defaultInboundConfig: InboundConfig = {
   MAIL_HOSTNAME: "localhost",
   SMTP_PORT: 25,
-  SMTP_HOST: "0.0.0.0",
+  SMTP_HOST: "",
   DNS_SERVERS: [],
   DNS_CACHE_TTL: 60_000,
   INBOUND_AUTH_CHECKS: true,

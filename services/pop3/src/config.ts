@@ -6,7 +6,8 @@ const TEN_MINUTES = 10 * 60_000;
 export const pop3Shape = {
   ...tlsShape,
   /** Address both listeners bind to. */
-  POP3_HOST: z.string().default("0.0.0.0"),
+  /** Listen address; empty: every address of the host, IPv6 and IPv4. */
+  POP3_HOST: z.string().default(""),
   /** Cleartext POP3 with STLS (0: an ephemeral port, for tests). */
   POP3_PORT: port(110),
   /** Implicit TLS (RFC 8314). */

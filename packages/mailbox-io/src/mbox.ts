@@ -29,10 +29,13 @@ export function parseAsctime(text: string): Date | null {
   return Number.isNaN(date.getTime()) ? null : date;
 }
 
-/** The separator line for a message; the null sender is written as MAILER-DAEMON, as mail tools do. */
+/**
+ * The separator line for a message; the null sender is written as MAILER-DAEMON, as mail tools
+ * do. The sender is written in UTF-8: an SMTPUTF8 address (RFC 6531) may hold any character.
+ */
 export function fromLine(envelopeFrom: string, receivedAt: Date): Buffer {
   const sender = envelopeFrom && !/\s/.test(envelopeFrom) ? envelopeFrom : "MAILER-DAEMON";
-  return Buffer.from(`From ${sender} ${asctime(receivedAt)}\n`, "latin1");
+  return Buffer.from(`From ${sender} ${asctime(receivedAt)}\n`, "utf8");
 }
 
 function isQuotedFrom(line: Buffer, start: number): boolean {
@@ -97,7 +100,7 @@ export async function* readMboxrd(input: AsyncIterable<Buffer | string>, maxMess
   const takeLine = (line: Buffer): MboxMessage | null => {
     if (line.length >= FROM.length && line.compare(FROM, 0, FROM.length, 0, FROM.length) === 0) {
       const done = finish();
-      const text = line.toString("latin1").replace(/\r?\n$/, "");
+      const text = line.toString("utf8").replace(/\r?\n$/, "");
       const match = /^From (\S*)\s*(.*)$/.exec(text);
       const sender = match?.[1] ?? "";
       current = {

@@ -95,7 +95,8 @@ export interface ImportedMessage {
 
 function headerValue(raw: Buffer, name: string): string | null {
   const end = raw.indexOf("\r\n\r\n") >= 0 ? raw.indexOf("\r\n\r\n") : raw.indexOf("\n\n");
-  const head = raw.subarray(0, Math.min(end >= 0 ? end : raw.length, 256 * 1024)).toString("latin1");
+  // UTF-8: Return-Path may hold an SMTPUTF8 address (RFC 6531/6532).
+  const head = raw.subarray(0, Math.min(end >= 0 ? end : raw.length, 256 * 1024)).toString("utf8");
   const match = new RegExp(`^${name}:[ \\t]*((?:.*)(?:\\r?\\n[ \\t].*)*)`, "im").exec(head);
   return match ? match[1]!.replace(/\r?\n[ \t]+/g, " ").trim() || null : null;
 }

@@ -218,3 +218,33 @@ test("API: a client that goes away mid-export releases the cursor and its databa
   // And the API still answers.
   assert.equal((await h.call("GET", "/accounts/big@io.test")).status, 200);
 });
+
+test("API: an SMTPUTF8 envelope sender survives the mbox From_ line and the .eml Return-Path round trip", async () => {
+  const sender = "用户@例子.test";
+  for (const name of ["utf-src", "utf-mbox", "utf-eml"]) await addAccount(h.db.pool, { address: `${name}@io.test`, password: "pw" });
+  const source = await accountId("utf-src@io.test");
+  const raw = Buffer.from("Subject: from far away\r\n\r\nFrom the other side\r\n");
+  await transaction(h.db.pool, async (client) => {
+    const stored = await insertMessage(client, { raw, envelopeFrom: sender, source: "inbound" }, [], "test");
+    const prefix = Buffer.from(`Return-Path: <${sender}>\r\nDelivered-To: utf-src@io.test\r\n`);
+    await client.query("INSERT INTO folders (account_id, name) VALUES ($1, 'INBOX') ON CONFLICT DO NOTHING", [source]);
+    const uid = await client.query("UPDATE folders SET uid_next = uid_next + 1 WHERE account_id = $1 AND name = 'INBOX' RETURNING uid_next - 1 AS uid", [source]);
+    await client.query(
+      "INSERT INTO mailbox_entries (account_id, folder, uid, message_id, header_prefix, size) VALUES ($1, 'INBOX', $2, $3, $4, $5)",
+      [source, uid.rows[0].uid, stored.messageId, prefix, prefix.length + raw.length],
+    );
+  });
+  const envelopeOf = async (address: string) => (await h.db.pool.query(
+    "SELECT m.envelope_from FROM mailbox_entries e JOIN messages m ON m.id = e.message_id WHERE e.account_id = $1",
+    [await accountId(address)],
+  )).rows.map((r) => r.envelope_from);
+
+  const mbox = Buffer.from(await (await h.call("GET", "/accounts/utf-src@io.test/export?format=mbox")).arrayBuffer());
+  assert.ok(mbox.toString("utf8").startsWith(`From ${sender} `), mbox.subarray(0, 60).toString("utf8"));
+  assert.equal((await h.call("POST", "/accounts/utf-mbox@io.test/import?format=mbox", { raw: mbox, contentType: "application/mbox" })).status, 200);
+  assert.deepEqual(await envelopeOf("utf-mbox@io.test"), [sender]);
+
+  const tar = Buffer.from(await (await h.call("GET", "/accounts/utf-src@io.test/export?format=eml")).arrayBuffer());
+  assert.equal((await h.call("POST", "/accounts/utf-eml@io.test/import?format=eml", { raw: tar, contentType: "application/x-tar" })).status, 200);
+  assert.deepEqual(await envelopeOf("utf-eml@io.test"), [sender]);
+});

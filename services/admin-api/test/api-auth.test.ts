@@ -196,3 +196,32 @@ test("input PostgreSQL cannot hold is a 400 naming the field, never a 500", asyn
   assert.equal(found.status, 200);
   assert.equal(((await found.json()) as { address: string }).address, "ünï@xn--bcher-kva.limits.test");
 });
+
+test("the OpenAPI document matches what the routes answer, the non-JSON bodies of export and import included", async () => {
+  const doc = (await (await h.call("GET", "/docs/json", { token: null })).json()) as {
+    paths: Record<string, Record<string, { responses: Record<string, { content?: Record<string, unknown> }>; requestBody?: { content: Record<string, unknown> } }>>;
+  };
+  const exportOk = doc.paths["/accounts/{address}/export"]!.get!.responses["200"]!;
+  assert.deepEqual(Object.keys(exportOk.content ?? {}).sort(), ["application/mbox", "application/x-tar"]);
+  const importOp = doc.paths["/accounts/{address}/import"]!.post!;
+  assert.deepEqual(Object.keys(importOp.requestBody?.content ?? {}).sort(), ["application/mbox", "application/octet-stream", "application/x-tar", "message/rfc822"]);
+  assert.ok(importOp.responses["415"], "415 (no body) is documented");
+
+  // What the routes really answer is documented, for good requests and for refused ones.
+  assert.equal((await h.call("POST", "/domains", { body: { name: "doc.test" } })).status, 201);
+  assert.equal((await h.call("POST", "/accounts", { body: { address: "d@doc.test", password: "pw" } })).status, 201);
+  const one = Buffer.from("Subject: one\r\n\r\nbody\r\n");
+  const imported = await h.call("POST", "/accounts/d@doc.test/import?format=eml", { raw: one, contentType: "message/rfc822" });
+  assert.equal(imported.status, 200);
+  const exported = await h.call("GET", "/accounts/d@doc.test/export?format=mbox");
+  assert.ok(Object.keys(exportOk.content!).includes(exported.headers.get("content-type")!));
+  const noBody = await h.call("POST", "/accounts/d@doc.test/import?format=mbox");
+  assert.ok(importOp.responses[String(noBody.status)], `import without a body answers ${noBody.status}, documented`);
+  for (const [path, methods] of Object.entries(doc.paths)) {
+    for (const [method, operation] of Object.entries(methods)) {
+      const concrete = path.replace(/\{[^}]+\}/g, "x@doc.test");
+      const response = await h.call(method.toUpperCase(), concrete, { body: method === "get" || method === "delete" ? undefined : {} });
+      assert.ok(operation.responses[String(response.status)], `${method.toUpperCase()} ${concrete} answered ${response.status}, which is not documented`);
+    }
+  }
+});

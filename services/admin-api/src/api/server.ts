@@ -11,7 +11,7 @@ import { installMetrics } from "./metrics.ts";
 import { directoryRoutes } from "./routes/directory.ts";
 import { filterRoutes } from "./routes/filters.ts";
 import { journeyRoutes } from "./routes/journey.ts";
-import { mailboxRoutes } from "./routes/mailbox.ts";
+import { documentMailboxBodies, mailboxRoutes } from "./routes/mailbox.ts";
 import { queueRoutes } from "./routes/queue.ts";
 
 export interface AdminApiOptions {
@@ -48,6 +48,7 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
       components: { securitySchemes: { bearer: { type: "http", scheme: "bearer" } } },
       security: [{ bearer: [] }],
     },
+    transformObject: (document) => ("openapiObject" in document ? documentMailboxBodies(document.openapiObject) : document.swaggerObject),
   });
   await app.register(swaggerUi, { routePrefix: "/docs" });
 

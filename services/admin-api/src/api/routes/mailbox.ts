@@ -7,7 +7,7 @@ import {
 } from "@mailstack/mailbox-io";
 import type { ApiConfig } from "../config.ts";
 import { ApiError } from "../errors.ts";
-import { addressString, errorResponses, folderString } from "../schemas.ts";
+import { addressString, errorResponses, errorSchema, folderString } from "../schemas.ts";
 import { visibleAccount } from "./directory.ts";
 
 const MBOX = "application/mbox";
@@ -21,6 +21,33 @@ const formatQuery = {
 } as const;
 
 type Route = { Params: { address: string }; Querystring: { format: "mbox" | "eml"; folder?: string } };
+
+type OpenApiDocument = { paths?: Record<string, Record<string, Record<string, unknown>>> };
+
+const binary = { schema: { type: "string", format: "binary" } };
+
+/**
+ * The bodies Fastify does not validate as JSON, written into the OpenAPI document: the export
+ * answers mbox or tar bytes (not JSON), and the import takes one of the formats as its request
+ * body (a route body schema would make Fastify validate the upload stream against it).
+ */
+export function documentMailboxBodies<T extends object>(document: T): T {
+  const doc = document as OpenApiDocument;
+  const exportOp = doc.paths?.["/accounts/{address}/export"]?.get as { responses?: Record<string, Record<string, unknown>> } | undefined;
+  const ok = exportOp?.responses?.["200"];
+  if (ok) ok.content = { [MBOX]: binary, [TAR]: binary };
+  const importOp = doc.paths?.["/accounts/{address}/import"]?.post as { requestBody?: unknown; responses?: Record<string, unknown> } | undefined;
+  if (importOp) {
+    importOp.requestBody = {
+      required: true,
+      description: "format=mbox: an mboxrd file; format=eml: a tar of .eml files, or one message as message/rfc822",
+      content: { [MBOX]: binary, [TAR]: binary, [EML]: binary, "application/octet-stream": binary },
+    };
+    importOp.responses ??= {};
+    importOp.responses["415"] = { description: "No request body", content: { "application/json": { schema: errorSchema } } };
+  }
+  return document;
+}
 
 /**
  * Export streams rows from a cursor into the response (mbox for one folder; a tar of .eml files

@@ -164,3 +164,44 @@ test("filter rules: add, list in order (mailctl sees them too), refuse bad parts
   const left = await json<{ rules: { id: number }[] }>(await h.call("GET", "/accounts/alice@example.test/filters"), 200);
   assert.deepEqual(left.rules.map((r) => r.id), [second.id]);
 });
+
+test("lists come a page at a time: limit, after and next walk every object once, even when objects change between pages", async () => {
+  assert.equal((await h.call("POST", "/domains", { body: { name: "pages.test" } })).status, 201);
+  const names = ["ann", "bea", "cai", "dan", "eve", "ünï"];
+  for (const name of names) assert.equal((await h.call("POST", "/accounts", { body: { address: `${name}@pages.test`, password: "pw" } })).status, 201);
+  type Page = { accounts: { address: string }[]; next: string | null };
+  const walk = async (limit: number, between?: (page: number) => Promise<void>) => {
+    const seen: string[] = [];
+    let after: string | null = null;
+    for (let n = 0; n < 20; n++) {
+      const query = `/accounts?domain=pages.test&limit=${limit}${after ? `&after=${encodeURIComponent(after)}` : ""}`;
+      const body = await json<Page>(await h.call("GET", query), 200);
+      assert.ok(body.accounts.length <= limit);
+      seen.push(...body.accounts.map((a) => a.address));
+      await between?.(n);
+      if (body.next === null) return seen;
+      assert.equal(body.next, body.accounts.at(-1)!.address);
+      after = body.next;
+    }
+    throw new Error("pagination did not end");
+  };
+  assert.deepEqual(await walk(2), names.map((n) => `${n}@pages.test`));
+  assert.deepEqual(await walk(100), names.map((n) => `${n}@pages.test`));
+  // An account removed behind the cursor and one added ahead of it: nothing is skipped or repeated.
+  const changed = await walk(2, async (n) => {
+    if (n === 0) {
+      assert.equal((await h.call("DELETE", "/accounts/ann@pages.test")).status, 204);
+      assert.equal((await h.call("POST", "/accounts", { body: { address: "fay@pages.test", password: "pw" } })).status, 201);
+    }
+  });
+  assert.deepEqual(changed, ["ann", "bea", "cai", "dan", "eve", "fay", "ünï"].map((n) => `${n}@pages.test`));
+  // The same for domains and aliases; a bad limit is a 400 naming it.
+  const domains = await json<{ domains: { name: string }[]; next: string | null }>(await h.call("GET", "/domains?limit=1"), 200);
+  assert.equal(domains.domains.length, 1);
+  assert.equal(domains.next, domains.domains[0]!.name);
+  const aliases = await json<{ aliases: unknown[]; next: string | null }>(await h.call("GET", "/aliases?domain=pages.test&limit=5"), 200);
+  assert.deepEqual(aliases, { aliases: [], next: null });
+  const bad = await h.call("GET", "/accounts?limit=0");
+  assert.equal(bad.status, 400);
+  assert.equal(((await bad.json()) as { field: string }).field, "limit");
+});

@@ -9,6 +9,7 @@ import { domainDnsRecords } from "@mailstack/admin-ops";
 import { domainOfAddress, inScope, requireOperator } from "../auth.ts";
 import type { ApiConfig } from "../config.ts";
 import { ApiError, forField, notFound } from "../errors.ts";
+import { nextKey, page, pageQuery, type PageRequest } from "../pagination.ts";
 import { addressString, byteCount, dateTime, domainString, errorResponses, noContent, nullableInteger, nullableString } from "../schemas.ts";
 
 const domainView = {
@@ -116,14 +117,15 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
   const records = (name: string) => domainDnsRecords(pool, name, { mxHost: config.MAIL_HOSTNAME, dmarcPolicy: config.DMARC_POLICY });
 
   // ---- domains
-  app.get("/domains", {
+  app.get<{ Querystring: PageRequest }>("/domains", {
     schema: {
-      tags: ["domains"], summary: "List served domains",
-      response: { 200: { type: "object", properties: { domains: { type: "array", items: domainView } } }, ...errorResponses },
+      tags: ["domains"], summary: "List served domains, by name, a page at a time",
+      querystring: { type: "object", additionalProperties: false, properties: pageQuery },
+      response: { 200: { type: "object", properties: { domains: { type: "array", items: domainView }, next: nextKey } }, ...errorResponses },
     },
   }, async (request) => {
-    const domains = (await listDomains(pool)).filter((d) => inScope(request, d.name));
-    return { domains: domains.map(showDomain) };
+    const domains = page((await listDomains(pool)).filter((d) => inScope(request, d.name)), (d) => d.name, request.query);
+    return { domains: domains.items.map(showDomain), next: domains.next };
   });
 
   app.post<{ Body: { name: string; dkim?: { selector?: string; algorithm?: DkimAlgorithm } | boolean } }>("/domains", {
@@ -188,16 +190,17 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
   });
 
   // ---- accounts
-  app.get<{ Querystring: { domain?: string } }>("/accounts", {
+  app.get<{ Querystring: { domain?: string } & PageRequest }>("/accounts", {
     schema: {
-      tags: ["accounts"], summary: "List accounts, optionally of one domain",
-      querystring: { type: "object", additionalProperties: false, properties: { domain: domainString } },
-      response: { 200: { type: "object", properties: { accounts: { type: "array", items: accountView } } }, ...errorResponses },
+      tags: ["accounts"], summary: "List accounts, optionally of one domain, by address, a page at a time",
+      querystring: { type: "object", additionalProperties: false, properties: { domain: domainString, ...pageQuery } },
+      response: { 200: { type: "object", properties: { accounts: { type: "array", items: accountView }, next: nextKey } }, ...errorResponses },
     },
   }, async (request) => {
     const domain = request.query.domain ?? request.principal.domain ?? undefined;
     if (domain !== undefined) await visibleDomain(pool, request, domain);
-    return { accounts: (await listAccounts(pool, domain)).map(showAccount) };
+    const accounts = page(await listAccounts(pool, domain), (a) => a.address, request.query);
+    return { accounts: accounts.items.map(showAccount), next: accounts.next };
   });
 
   app.post<{ Body: { address: string; password: string; quotaBytes?: number | null } }>("/accounts", {
@@ -267,16 +270,17 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
   });
 
   // ---- aliases
-  app.get<{ Querystring: { domain?: string } }>("/aliases", {
+  app.get<{ Querystring: { domain?: string } & PageRequest }>("/aliases", {
     schema: {
-      tags: ["aliases"], summary: "List aliases, optionally of one domain",
-      querystring: { type: "object", additionalProperties: false, properties: { domain: domainString } },
-      response: { 200: { type: "object", properties: { aliases: { type: "array", items: aliasView } } }, ...errorResponses },
+      tags: ["aliases"], summary: "List aliases, optionally of one domain, by address, a page at a time",
+      querystring: { type: "object", additionalProperties: false, properties: { domain: domainString, ...pageQuery } },
+      response: { 200: { type: "object", properties: { aliases: { type: "array", items: aliasView }, next: nextKey } }, ...errorResponses },
     },
   }, async (request) => {
     const domain = request.query.domain ?? request.principal.domain ?? undefined;
     if (domain !== undefined) await visibleDomain(pool, request, domain);
-    return { aliases: (await listAliases(pool, domain)).map(showAlias) };
+    const aliases = page(await listAliases(pool, domain), (a) => a.address, request.query);
+    return { aliases: aliases.items.map(showAlias), next: aliases.next };
   });
 
   app.post<{ Body: { address: string; targets: string[] } }>("/aliases", {

@@ -174,8 +174,8 @@ test("lists come a page at a time: limit, after and next walk every object once,
     const seen: string[] = [];
     let after: string | null = null;
     for (let n = 0; n < 20; n++) {
-      const query = `/accounts?domain=pages.test&limit=${limit}${after ? `&after=${encodeURIComponent(after)}` : ""}`;
-      const body = await json<Page>(await h.call("GET", query), 200);
+      const query: string = `/accounts?domain=pages.test&limit=${limit}${after ? `&after=${encodeURIComponent(after)}` : ""}`;
+      const body: Page = await json<Page>(await h.call("GET", query), 200);
       assert.ok(body.accounts.length <= limit);
       seen.push(...body.accounts.map((a) => a.address));
       await between?.(n);

@@ -3,7 +3,7 @@ import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMT
 import { Replies, parseAddress, parseReply, replyClass, type SmtpReply } from "@mailstack/mail";
 import { resolveRecipient, type Pool, type Route } from "@mailstack/db";
 import { acceptMessage, dispatchAccepted, newQueueId, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
-import { BodyScanner, headerValue, normalizeLineEndings } from "@mailstack/smtp-intake";
+import { BodyScanner, headerValue, normalizeLineEndings, withHeaderSection } from "@mailstack/smtp-intake";
 import { SpanKind, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
 import { deliverLocal, SERVICE, type DeliverContext, type Outcome } from "./deliver.ts";
 import { allowedClient, networkList } from "./networks.ts";
@@ -245,7 +245,9 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     }
     const queueId = newQueueId();
     const traceId = currentTraceId();
-    const stored = Buffer.concat([Buffer.from(receivedHeader(session, options.hostname, queueId, traceId)), raw]);
+    // A message that does not begin with a header field gets an empty header section first, so
+    // that its first line cannot become part of our Received: field (or a malformed field).
+    const stored = Buffer.concat([Buffer.from(receivedHeader(session, options.hostname, queueId, traceId)), withHeaderSection(raw)]);
     let accepted: AcceptedMessage;
     try {
       accepted = await acceptMessage(

@@ -383,3 +383,22 @@ test("LMTP_QUOTA_FULL_TEMPFAIL: a full mailbox is 452 4.2.2 for its recipient, t
   )).rows;
   assert.deepEqual(rows, [{ state: "cancelled", dsn_state: null, last_reply: "452 4.2.2 Mailbox full" }]);
 });
+
+test("a message that does not begin with a header field keeps its first line out of our Received: field", async () => {
+  const client = await session();
+  for (const [subject, text] of [["indented", " indented first line\r\nSubject: x\r\n\r\nheaderless-indented\r\n"], ["plain", "no header here, headerless-plain\r\n"]] as const) {
+    await client.command("MAIL FROM:<sender@remote.example>");
+    await client.command("RCPT TO:<ok1@example.test>");
+    await client.command("DATA");
+    client.write(`${text}.\r\n`);
+    assert.match(await client.reply(), /^250 /, subject);
+  }
+  client.close();
+  for (const [marker, text] of [["headerless-indented", " indented first line\r\nSubject: x\r\n\r\nheaderless-indented\r\n"], ["headerless-plain", "no header here, headerless-plain\r\n"]] as const) {
+    const row = (await entries("ok1@example.test")).find((r) => r.raw.toString().includes(marker))!;
+    const raw = row.raw.toString();
+    // Our Received: field, then an empty line (an empty header section of the message's own), then the text as sent.
+    assert.match(raw, /^Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n\tby mx\.example\.test with LMTP id [0-9A-Z]+[^\r\n]*\r\n\t[^\r\n]+\r\n\r\n/, marker);
+    assert.ok(raw.endsWith(`\r\n\r\n${text}`), marker);
+  }
+});

@@ -34,7 +34,7 @@ test("the service process serves the API on API_PORT, traced by @fastify/otel wi
     headers: { authorization: `Bearer ${token}`, traceparent: `00-${traceId}-b7ad6b7169203331-01` },
   });
   assert.equal(response.status, 200);
-  assert.deepEqual(await response.json(), { domains: [] });
+  assert.deepEqual(await response.json(), { domains: [], next: null });
   assert.equal((await fetch(`http://127.0.0.1:${apiPort}/domains`)).status, 401);
 
   const metrics = await (await fetch(`http://127.0.0.1:${service.opsPort}/metrics`)).text();

@@ -45,7 +45,8 @@ export interface AliasRow {
 
 function requireDomainName(name: string): string {
   const domain = normalizeDomain(name);
-  if (!domain || !domain.includes(".")) throw new DirectoryError("invalid", `invalid domain name: ${name}`);
+  // An all-numeric top-level label is no host name (RFC 1123 2.1, RFC 3696 2): "1.2.3.4" is an address.
+  if (!domain || !domain.includes(".") || /\.\d+$/.test(domain)) throw new DirectoryError("invalid", `invalid domain name: ${name}`);
   return domain;
 }
 

@@ -61,6 +61,7 @@ test("bad input gets a one-line error, a non-zero exit and changes nothing", asy
     { args: ["account", "add", "alice@example.test", "--password", "x"], error: /already exists/, code: 1 },
     { args: ["domain", "add", "example.test"], error: /domain already exists/, code: 1 },
     { args: ["domain", "add", "bad_domain!"], error: /invalid domain/, code: 1 },
+    { args: ["domain", "add", "192.0.2.1"], error: /invalid domain/, code: 1 },
     { args: ["account", "add", "dave@example.test"], error: /password is needed/, code: 2 },
     { args: ["account", "add", "dave@example.test", "--password", "x", "--quota", "lots"], error: /invalid quota/, code: 2 },
     { args: ["alias", "add", "list@example.test", "ghost@example.test"], error: /no account or alias/, code: 1 },

@@ -21,6 +21,21 @@ export interface TlsSourceOptions extends TlsOptions {
   logger?: Logger;
 }
 
+/** The settings of tlsShape (and MAIL_HOSTNAME, the generated certificate's name) as startTlsSource's options. */
+export function tlsSourceOptions(
+  config: { TLS_CERT_FILE?: string | undefined; TLS_KEY_FILE?: string | undefined; TLS_DIR: string; TLS_RELOAD_INTERVAL: number; MAIL_HOSTNAME: string },
+  logger: Logger,
+): TlsSourceOptions {
+  return {
+    certFile: config.TLS_CERT_FILE,
+    keyFile: config.TLS_KEY_FILE,
+    dir: config.TLS_DIR,
+    hostname: config.MAIL_HOSTNAME,
+    reloadIntervalMs: config.TLS_RELOAD_INTERVAL,
+    logger,
+  };
+}
+
 /**
  * Loads the credentials like loadTlsCredentials and keeps them current: a renewed certificate
  * (cert-manager rewriting a mounted Secret, certbot's deploy hook sending SIGHUP) is served to

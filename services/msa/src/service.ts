@@ -1,4 +1,4 @@
-import { runService, startTlsSource } from "@mailstack/runtime";
+import { runService, startTlsSource, tlsSourceOptions } from "@mailstack/runtime";
 import { msaShape, settingsFromConfig } from "./config.ts";
 import { startMsa } from "./server.ts";
 
@@ -9,14 +9,7 @@ export async function main(): Promise<void> {
     opsPortDefault: 9587,
     shape: msaShape,
     async start({ config, pool, bus, logger }) {
-      const tlsSource = await startTlsSource({
-        certFile: config.TLS_CERT_FILE,
-        keyFile: config.TLS_KEY_FILE,
-        dir: config.TLS_DIR,
-        hostname: config.MAIL_HOSTNAME,
-        reloadIntervalMs: config.TLS_RELOAD_INTERVAL,
-        logger,
-      });
+      const tlsSource = await startTlsSource(tlsSourceOptions(config, logger));
       const tls = tlsSource.current();
       if (tls.selfSigned) logger.warn({ source: tls.source }, "using a self-signed TLS certificate; set TLS_CERT_FILE and TLS_KEY_FILE");
       const msa = await startMsa({ pool, bus, logger, settings: settingsFromConfig(config), tls: { key: tls.key, cert: tls.cert } });

@@ -1,4 +1,4 @@
-import { runService, startTlsSource, tlsShape } from "@mailstack/runtime";
+import { runService, startTlsSource, tlsShape, tlsSourceOptions } from "@mailstack/runtime";
 import { limitsFromConfig } from "@mailstack/smtp-intake";
 import { inboundShape, startInbound } from "./inbound.ts";
 
@@ -10,14 +10,7 @@ export async function main(): Promise<void> {
     shape: { ...inboundShape, ...tlsShape },
     async start({ config, pool, bus, logger }) {
       // STARTTLS certificate: TLS_CERT_FILE/TLS_KEY_FILE, else a cached self-signed pair.
-      const tlsSource = await startTlsSource({
-        certFile: config.TLS_CERT_FILE,
-        keyFile: config.TLS_KEY_FILE,
-        dir: config.TLS_DIR,
-        hostname: config.MAIL_HOSTNAME,
-        reloadIntervalMs: config.TLS_RELOAD_INTERVAL,
-        logger,
-      });
+      const tlsSource = await startTlsSource(tlsSourceOptions(config, logger));
       const tls = tlsSource.current();
       logger.info({ source: tls.source, selfSigned: tls.selfSigned, validTo: tls.validTo }, "TLS certificate loaded");
       const inbound = await startInbound({

@@ -2,7 +2,7 @@ import net from "node:net";
 import tls from "node:tls";
 import { once } from "node:events";
 import { createPool, type Pool } from "@mailstack/db";
-import { startTlsSource, type TlsCredentials } from "@mailstack/runtime";
+import { startTlsSource, tlsSourceOptions, type TlsCredentials } from "@mailstack/runtime";
 import type { Logger } from "@mailstack/telemetry";
 import type { Pop3Config } from "./config.ts";
 import { pop3Metrics as metrics } from "./metrics.ts";
@@ -39,16 +39,7 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
   const { config, logger, pool } = options;
   // The operator's certificate is read again when it changes on disk (or on SIGHUP); new
   // handshakes on 995 and new STLS upgrades get the renewed one.
-  const tlsSource = options.tls
-    ? null
-    : await startTlsSource({
-        certFile: config.TLS_CERT_FILE,
-        keyFile: config.TLS_KEY_FILE,
-        dir: config.TLS_DIR,
-        hostname: config.MAIL_HOSTNAME,
-        reloadIntervalMs: config.TLS_RELOAD_INTERVAL,
-        logger,
-      });
+  const tlsSource = options.tls ? null : await startTlsSource(tlsSourceOptions(config, logger));
   let credentials = options.tls ?? tlsSource!.current();
   const currentTls = () => credentials;
   const sessionPool = createPool({ url: config.DATABASE_URL, max: config.POP3_MAX_SESSIONS, applicationName: "pop3-session" });

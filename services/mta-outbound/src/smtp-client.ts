@@ -310,7 +310,10 @@ export class SmtpConnection {
       this.readReply(this.options.timeouts.greeting, "greeting"),
     );
     this.greeting = greeting.line;
-    if (!positive(greeting)) throw new SmtpError(`greeting: ${formatRemoteReply(greeting)}`, { temporary: greeting.code < 500, stage: "greeting", reply: greeting });
+    // A 5xx greeting says "no service here" about this host, not about the message (RFC 5321 3.1):
+    // the next MX is tried, and when every host refuses, the delivery is deferred, not bounced
+    // (Postfix's smtp_skip_5xx_greeting): a misconfigured or overloaded MX must not lose mail.
+    if (!positive(greeting)) throw new SmtpError(`greeting: ${formatRemoteReply(greeting)}`, { temporary: true, stage: "greeting", reply: greeting });
     await this.hello();
     if (this.options.tls !== "none" && !this.secure) {
       if (this.extensions.has("STARTTLS")) {

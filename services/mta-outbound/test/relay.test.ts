@@ -143,6 +143,7 @@ before(async () => {
     "v6implicit.test": { aaaa: ["::1"] },
     "greet554.test": { mx: [{ exchange: "mx.greet554.test", priority: 10 }, { exchange: "mx-b.pref.test", priority: 20 }] },
     "mx.greet554.test": { a: ["127.0.0.11"] },
+    "greetonly.test": { mx: [{ exchange: "mx.greet554.test", priority: 10 }] },
     "toomany.test": { mx: [{ exchange: "mx.toomany.test", priority: 10 }] },
     "toomany552.test": { mx: [{ exchange: "mx.toomany.test", priority: 10 }] },
     "mx.toomany.test": { a: ["127.0.0.12"] },
@@ -532,6 +533,19 @@ test("a 554 greeting: QUIT, then the next MX (RFC 5321 3.1, 5.1)", async () => {
   assert.equal(row!.attempts, 1);
   await waitFor(() => greet554.commands().includes("QUIT"), 2_000);
   assert.deepEqual(greet554.commands(), ["QUIT"], "nothing but QUIT to a server that refused service");
+});
+
+test("every MX refusing at its greeting (554) defers the delivery, it does not bounce", async () => {
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["g@greetonly.test"] });
+  const row = await waitFor(async () => {
+    const [r] = await deliveryStates(env.pool, accepted.messageId);
+    return r && r.attempts >= 1 ? r : null;
+  });
+  assert.equal(row.state, "deferred");
+  assert.match(row.last_status ?? "", /^4\./);
+  assert.match(row.last_reply ?? "", /554/);
+  // No more attempts for the rest of this file.
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled', next_attempt_at = NULL WHERE message_id = $1", [accepted.messageId]);
 });
 
 test("452 (and the old 552) 'too many recipients': the rest go in further transactions at once, none bounces", async () => {

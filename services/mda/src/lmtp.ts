@@ -3,7 +3,7 @@ import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMT
 import { Replies, parseAddress, parseReply, replyClass, type SmtpReply } from "@mailstack/mail";
 import { resolveRecipient, type Pool, type Route } from "@mailstack/db";
 import { acceptMessage, dispatchAccepted, newQueueId, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
-import { BodyScanner, headerValue, normalizeLineEndings, withHeaderSection } from "@mailstack/smtp-intake";
+import { BodyScanner, headerValue, normalizeLineEndings, receivedHeader, withHeaderSection } from "@mailstack/smtp-intake";
 import { SpanKind, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
 import { deliverLocal, SERVICE, type DeliverContext, type Outcome } from "./deliver.ts";
 import { allowedClient, networkList } from "./networks.ts";
@@ -91,11 +91,17 @@ async function readMessage(stream: SMTPServerDataStream, options: LmtpOptions): 
   return { raw, refusal: null };
 }
 
-function receivedHeader(session: SMTPServerSession, hostname: string, queueId: string, traceId: string | undefined): string {
-  const helo = (session.hostNameAppearsAs || "unknown").replace(/[^\x21-\x7e]/g, "");
-  const ip = session.remoteAddress.replace(/^::ffff:/, "");
-  const trace = traceId ? ` (trace ${traceId})` : "";
-  return `Received: from ${helo} ([${ip}])\r\n\tby ${hostname} with LMTP id ${queueId}${trace};\r\n\t${new Date().toUTCString().replace("GMT", "+0000")}\r\n`;
+/** Our Received: field (RFC 5321 4.4), the same builder as the SMTP ports', with "LMTP" as the "with" type (RFC 3848). */
+function lmtpReceived(session: SMTPServerSession, hostname: string, queueId: string, traceId: string | undefined): string {
+  return receivedHeader({
+    helo: session.hostNameAppearsAs || null,
+    clientHostname: null,
+    clientIp: session.remoteAddress.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, ""),
+    hostname,
+    protocol: "LMTP",
+    queueId,
+    traceId: traceId ?? null,
+  });
 }
 
 /**
@@ -247,7 +253,7 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     const traceId = currentTraceId();
     // A message that does not begin with a header field gets an empty header section first, so
     // that its first line cannot become part of our Received: field (or a malformed field).
-    const stored = Buffer.concat([Buffer.from(receivedHeader(session, options.hostname, queueId, traceId)), withHeaderSection(raw)]);
+    const stored = Buffer.concat([Buffer.from(lmtpReceived(session, options.hostname, queueId, traceId)), withHeaderSection(raw)]);
     let accepted: AcceptedMessage;
     try {
       accepted = await acceptMessage(

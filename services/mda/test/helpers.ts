@@ -50,8 +50,8 @@ export class LineClient {
     });
     socket.on("error", () => undefined);
   }
-  static async open(port: number): Promise<LineClient> {
-    const socket = connect(port, "127.0.0.1");
+  static async open(port: number, host = "127.0.0.1"): Promise<LineClient> {
+    const socket = connect(port, host);
     await new Promise<void>((resolve, reject) => socket.once("connect", resolve).once("error", reject));
     return new LineClient(socket);
   }

@@ -398,7 +398,23 @@ test("a message that does not begin with a header field keeps its first line out
     const row = (await entries("ok1@example.test")).find((r) => r.raw.toString().includes(marker))!;
     const raw = row.raw.toString();
     // Our Received: field, then an empty line (an empty header section of the message's own), then the text as sent.
-    assert.match(raw, /^Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n\tby mx\.example\.test with LMTP id [0-9A-Z]+[^\r\n]*\r\n\t[^\r\n]+\r\n\r\n/, marker);
+    assert.match(raw, /^Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n\tby mx\.example\.test \(mailstack\) with LMTP id [0-9A-Z]+[^\r\n]*\r\n\t[^\r\n]+\r\n\r\n/, marker);
     assert.ok(raw.endsWith(`\r\n\r\n${text}`), marker);
   }
+});
+
+test("a client over IPv6 is written as an IPv6 address literal in our Received: field (RFC 5321 4.1.3)", async () => {
+  await withLmtp({ host: "::1", allowedNetworks: ["::1/128"] }, async (v6Port) => {
+    const client = await LineClient.open(v6Port, "::1");
+    assert.match(await client.reply(), /^220 /);
+    assert.match(await client.command("LHLO client6.example"), /^250 /);
+    await client.command("MAIL FROM:<sender@remote.example>");
+    assert.match(await client.command("RCPT TO:<ok2@example.test>"), /^250 /);
+    assert.match(await client.command("DATA"), /^354 /);
+    client.write("Subject: over-ipv6\r\n\r\nhello\r\n.\r\n");
+    assert.match(await client.reply(), /^250 /);
+    client.close();
+  });
+  const row = (await entries("ok2@example.test")).find((r) => r.raw.toString().includes("over-ipv6"))!;
+  assert.match(row.raw.toString(), /^Received: from client6\.example \(\[IPv6:::1\]\)\r\n\tby mx\.example\.test \(mailstack\) with LMTP id /);
 });

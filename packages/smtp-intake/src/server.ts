@@ -1,7 +1,6 @@
 import { randomBytes } from "node:crypto";
 import type { AddressInfo } from "node:net";
 import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
-import { SMTPConnection } from "smtp-server/lib/smtp-connection.js";
 import type { Bus } from "@mailstack/bus";
 import { DirectoryCache, resolveRecipient as resolveWithDirectory, type Pool, type Resolution, type Route, type RouteRefusal } from "@mailstack/db";
 import { Replies, parseAddress, reply, type AddressProblem, type SmtpReply } from "@mailstack/mail";
@@ -10,6 +9,7 @@ import { SpanKind, context, mailMetrics, trace, tracer, type Logger, type Span }
 import { AcceptBatcher } from "./batcher.ts";
 import { BodyScanner, headerValue, normalizeLineEndings, withHeaderSection } from "./body.ts";
 import { watchBus } from "./bus-health.ts";
+import { GuardReplies, guardCommands, refuseBareLf, refuseEmptyData, type CommandGuard, type GuardedConnection } from "./guard.ts";
 import { checkParameters } from "./params.ts";
 import { receivedHeader } from "./received.ts";
 import { DispatchStamper } from "./stamper.ts";
@@ -168,36 +168,7 @@ export interface IntakeServer {
 
 // --- internals ------------------------------------------------------------------------------
 
-interface ConnectionInternals {
-  _server: SMTPServer & { [GUARD]?: Guard };
-  _ready: boolean;
-  _upgrading: boolean;
-  secure: boolean;
-  hostNameAppearsAs: string | false;
-  _nextHandler: unknown;
-  _parser: { lastLineEnding?: string; hasPendingInput?: boolean } | false;
-  session: SMTPServerSession;
-  send(code: number, data?: string | string[] | null, context?: string | false): void;
-  close(): void;
-  _whenWritable(next: () => void): void;
-}
-
-type Guard = (connection: ConnectionInternals, command: Buffer, callback: (() => void) | undefined, original: OnCommand) => void;
-type OnCommand = (this: ConnectionInternals, command: Buffer, callback?: () => void) => void;
-
-const GUARD = Symbol.for("mailstack.smtp-intake.guard");
-
-// Commands the library would run are screened first, for the servers created here only.
-const proto = SMTPConnection.prototype as unknown as { _onCommand: OnCommand; [GUARD]?: boolean };
-if (!proto[GUARD]) {
-  const original = proto._onCommand;
-  proto._onCommand = function (this: ConnectionInternals, command: Buffer, callback?: () => void) {
-    const guard = this._server[GUARD];
-    if (!guard) return original.call(this, command, callback);
-    guard(this, command, callback, original);
-  };
-  proto[GUARD] = true;
-}
+type ConnectionInternals = GuardedConnection;
 
 interface SessionState {
   commands: number;
@@ -219,9 +190,6 @@ const MAX_UNAUTHENTICATED_COMMANDS = 10;
 const R = {
   tooManyCommands: reply(421, "4.7.0", "Too many commands in one session, closing connection"),
   tooManyFromIp: reply(421, "4.7.0", "Too many connections from your address, try again later"),
-  bareLfCommand: reply(500, "5.5.2", "Bare LF is not allowed, end command lines with CRLF"),
-  noValidRecipients: reply(554, "5.5.1", "No valid recipients, message and any pipelined input discarded"),
-  needMail: reply(503, "5.5.1", "Need MAIL and RCPT commands first"),
   vrfy: reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"),
   vrfySyntax: reply(501, "5.5.4", "Syntax: VRFY address"),
   tlsActive: reply(503, "5.5.1", "TLS already active"),
@@ -330,7 +298,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     state.span = null;
   };
 
-  const guard: Guard = (connection, command, callback, original) => {
+  const guard: CommandGuard = (connection, command, callback, original) => {
     const next = () => connection._whenWritable(callback ?? (() => undefined));
     // The library's own checks come first while the greeting is pending, during TLS
     // negotiation and for AUTH continuation lines.
@@ -344,8 +312,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       if (r.code !== 421) setImmediate(next);
     };
     if (++state.commands > limits.maxCommands) return answer(R.tooManyCommands);
-    const parser = connection._parser;
-    if (parser && parser.lastLineEnding === "\n") return answer(R.bareLfCommand);
+    if (refuseBareLf(connection, answer)) return;
 
     const line = command.toString("latin1");
     const verb = line.split(" ", 1)[0]!.toUpperCase();
@@ -383,17 +350,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         if (!parsed.ok && RELAY_TRICKS.has(parsed.problem)) return answer(Replies.relayDenied);
       }
     }
-    if (verb === "DATA") {
-      const envelope = connection.session.envelope;
-      if (!envelope?.rcptTo?.length) {
-        // Anything pipelined behind this DATA is a message body; running it as commands
-        // would let it inject a transaction. Refuse and drop the connection with it.
-        const inTransaction = !!envelope?.mailFrom;
-        answer(inTransaction ? R.noValidRecipients : R.needMail);
-        if (inTransaction || (parser && parser.hasPendingInput)) connection.close();
-        return;
-      }
-    }
+    if (refuseEmptyData(connection, verb, answer)) return;
     return original.call(connection, command, callback);
   };
 
@@ -614,7 +571,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         return parsed.ok ? state.recipients.get(parsed.address) : undefined;
       })
       .filter((r): r is AcceptedRecipient => !!r);
-    if (recipients.length === 0) throw new SmtpError(R.noValidRecipients);
+    if (recipients.length === 0) throw new SmtpError(GuardReplies.noValidRecipients);
 
     const span = state.span ?? tracer.startSpan("smtp transaction", { kind: SpanKind.SERVER });
     state.span = null;
@@ -736,7 +693,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     // Our settings that the patched library reads (patches/smtp-server@*.patch).
     ...({ greetingDelay: limits.greetingDelayMs } as object),
   });
-  (server as SMTPServer & { [GUARD]?: Guard })[GUARD] = guard;
+  guardCommands(server, guard);
   server.on("error", (error) => logger.debug({ err: error }, "smtp connection error"));
 
   let boundPort = 0;

@@ -3,7 +3,7 @@ import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMT
 import { Replies, parseAddress, parseReply, replyClass, type SmtpReply } from "@mailstack/mail";
 import { resolveRecipient, type Pool, type Route } from "@mailstack/db";
 import { acceptMessage, dispatchAccepted, newQueueId, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
-import { BodyScanner, headerValue, normalizeLineEndings, receivedHeader, withHeaderSection } from "@mailstack/smtp-intake";
+import { BodyScanner, guardCommands, headerValue, normalizeLineEndings, receivedHeader, refuseBareLf, refuseEmptyData, withHeaderSection, type CommandGuard } from "@mailstack/smtp-intake";
 import { SpanKind, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
 import { deliverLocal, SERVICE, type DeliverContext, type Outcome } from "./deliver.ts";
 import { allowedClient, networkList } from "./networks.ts";
@@ -45,9 +45,6 @@ function refusal(r: SmtpReply): ReplyError {
 }
 
 const R = {
-  bareLfCommand: { code: 500, enhanced: "5.5.2", text: "Bare LF is not allowed, end command lines with CRLF" },
-  noValidRecipients: { code: 554, enhanced: "5.5.1", text: "No valid recipients, message and any pipelined input discarded" },
-  needMail: { code: 503, enhanced: "5.5.1", text: "Need MAIL and RCPT commands first" },
   notLmtp: { code: 500, enhanced: "5.5.1", text: "This is an LMTP server: say LHLO (RFC 2033)" },
   bareLineEnding: { code: 550, enhanced: "5.6.11", text: "Bare CR or LF in message is not allowed, use CRLF line endings" },
   nul: { code: 554, enhanced: "5.6.0", text: "Message contains NUL bytes" },
@@ -141,46 +138,24 @@ async function earlierReplies(pool: Pool, raw: Buffer, from: string, windowMs: n
   return found;
 }
 
-/** The parts of smtp-server's connection the command guard uses. */
-interface Connection {
-  _ready: boolean;
-  _upgrading: boolean;
-  _nextHandler: unknown;
-  _parser: { lastLineEnding?: string; hasPendingInput?: boolean } | false;
-  session: SMTPServerSession;
-  send(code: number, data?: string | string[] | null, context?: string | false): void;
-  close(): void;
-  _whenWritable(next: () => void): void;
-  _onCommand(command: Buffer, callback?: () => void): void;
-}
-
 /**
- * Screens each command line before smtp-server runs it, as the SMTP ports do: a command line
- * ended by a bare LF is refused, and DATA without an accepted recipient closes the connection,
- * so that a body pipelined behind it is never run as commands (a transaction injected by the
- * message's author).
+ * Screens each command line before smtp-server runs it, with the SMTP ports' checks: a command
+ * line ended by a bare LF is refused, and DATA without an accepted recipient closes the
+ * connection, so that a body pipelined behind it is never run as commands (a transaction
+ * injected by the message's author). HELO and EHLO are not LMTP (RFC 2033 4.1).
  */
-function guardCommands(connection: Connection): void {
-  const run = connection._onCommand.bind(connection);
-  connection._onCommand = (command: Buffer, callback?: () => void) => {
-    if (!connection._ready || connection._upgrading || connection._nextHandler) return run(command, callback);
-    const answer = (r: SmtpReply) => {
-      connection.send(r.code, `${r.enhanced} ${r.text}`);
-      setImmediate(() => connection._whenWritable(callback ?? (() => undefined)));
-    };
-    const parser = connection._parser;
-    if (parser && parser.lastLineEnding === "\n") return answer(R.bareLfCommand);
-    const verb = command.toString("latin1").split(" ", 1)[0]!.toUpperCase();
-    if (verb === "HELO" || verb === "EHLO") return answer(R.notLmtp);
-    if (verb === "DATA" && !connection.session.envelope?.rcptTo?.length) {
-      const inTransaction = !!connection.session.envelope?.mailFrom;
-      answer(inTransaction ? R.noValidRecipients : R.needMail);
-      if (inTransaction || (parser && parser.hasPendingInput)) connection.close();
-      return;
-    }
-    run(command, callback);
+const lmtpGuard: CommandGuard = (connection, command, callback, original) => {
+  if (!connection._ready || connection._upgrading || connection._nextHandler) return original.call(connection, command, callback);
+  const answer = (r: SmtpReply) => {
+    connection.send(r.code, `${r.enhanced} ${r.text}`);
+    setImmediate(() => connection._whenWritable(callback ?? (() => undefined)));
   };
-}
+  if (refuseBareLf(connection, answer)) return;
+  const verb = command.toString("latin1").split(" ", 1)[0]!.toUpperCase();
+  if (verb === "HELO" || verb === "EHLO") return answer(R.notLmtp);
+  if (refuseEmptyData(connection, verb, answer)) return;
+  original.call(connection, command, callback);
+};
 
 /**
  * The LMTP listener (RFC 2033): RCPT accepts local recipients only (aliases expand here as at
@@ -351,13 +326,7 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     },
   } as ConstructorParameters<typeof SMTPServer>[0] & { greetingDelay: number });
   server.on("error", (error) => ctx.logger.error({ err: error }, "LMTP server error"));
-  // Each new connection's commands go through the guard first.
-  const connections = server.connections as unknown as Set<Connection>;
-  const add = connections.add.bind(connections);
-  connections.add = (connection: Connection) => {
-    guardCommands(connection);
-    return add(connection);
-  };
+  guardCommands(server, lmtpGuard);
 
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);

@@ -229,3 +229,29 @@ describe("Received: with types (RFC 3848)", () => {
     }
   });
 });
+
+test("DATA and RSET with an argument are 501 5.5.4 and change nothing (RFC 5321 4.1.1.4, 4.1.1.5)", async () => {
+  const client = await open();
+  assert.equal((await client.command("MAIL FROM:<a@remote.example>")).code, 250);
+  assert.equal((await client.command("RCPT TO:<user1@example.test>")).code, 250);
+  assert.match((await client.command("RSET now")).text, /^501 5\.5\.4 /);
+  assert.match((await client.command("DATA please")).text, /^501 5\.5\.4 /);
+  // The transaction is still there: DATA without an argument goes on.
+  assert.equal((await client.command("DATA")).code, 354);
+  client.write(dataPayload(sampleMessage({ subject: "after 501s" })));
+  assert.equal((await client.reply()).code, 250);
+  assert.equal((await client.command("RSET")).code, 250);
+  client.close();
+
+  // With every RCPT refused, "DATA x" and the body pipelined behind it still end the session.
+  const injector = await open();
+  const body = "MAIL FROM:<evil@remote.example>\r\nRCPT TO:<user1@example.test>\r\nDATA\r\nSubject: injected-by-data-arg\r\n\r\nx\r\n.\r\n";
+  injector.write(`MAIL FROM:<a@remote.example>\r\nRCPT TO:<nobody@elsewhere.example>\r\nDATA x\r\n${body}`);
+  assert.equal((await injector.reply()).code, 250);
+  assert.match((await injector.reply()).text, /^554 5\.7\.1 /);
+  assert.match((await injector.reply()).text, /^554 5\.5\.1 /);
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const injected = await env.pool.query("SELECT count(*)::int AS n FROM messages WHERE position('injected-by-data-arg' in convert_from(raw, 'LATIN1')) > 0");
+  assert.equal(injected.rows[0].n, 0);
+  injector.close();
+});

@@ -6,7 +6,17 @@ import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
 import { hasEightBit, headerHasEightBit } from "./dot-stuff.ts";
 import { SerialBatches } from "./serial-batches.ts";
-import { SmtpConnection, SmtpError, formatRemoteReply, type Envelope, type MessageContent, type Timeouts, type TransactionResult } from "./smtp-client.ts";
+import {
+  SmtpConnection,
+  SmtpError,
+  formatRemoteReply,
+  isAscii,
+  type Envelope,
+  type EnvelopeRecipient,
+  type MessageContent,
+  type Timeouts,
+  type TransactionResult,
+} from "./smtp-client.ts";
 
 export const SERVICE = "mta-outbound";
 
@@ -222,13 +232,20 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         };
         let result: TransactionResult | null = null;
         let connection: SmtpConnection | null = null;
+        let refused: EnvelopeRecipient[] = [];
         try {
           // A reused connection the server has meanwhile closed (or given up with a 421) gets one fresh retry.
           for (let round = 0; round < 2 && !result; round++) {
             const got = await connections.acquire(key, hostKey, open);
             connection = got.connection;
+            // RFC 6531 3.2: a non-ASCII address never goes to a server without SMTPUTF8. Only those
+            // recipients are refused; the others go in the transaction, unless the message itself
+            // needs SMTPUTF8 (send() refuses it for all). When no recipient is ASCII, send() refuses them all.
+            const nonAscii = connection.extensions.has("SMTPUTF8") ? [] : envelope.recipients.filter((r) => !isAscii(r.address));
+            refused = nonAscii.length < envelope.recipients.length ? nonAscii : [];
+            const sendable = refused.length === 0 ? envelope : { ...envelope, recipients: envelope.recipients.filter((r) => isAscii(r.address)) };
             try {
-              result = await connection.send(envelope, raw, content);
+              result = await connection.send(sendable, raw, content);
             } catch (error) {
               if (round === 0 && got.reused && staleConnection(error)) {
                 connection.destroy();
@@ -262,6 +279,9 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
           }
         };
         note(result!);
+        for (const r of refused) {
+          outcomes.set(r.address, { state: "bounced", reply: `the recipient address is not ASCII and ${host.hostname} does not offer SMTPUTF8 (RFC 6531 3.2)`, status: "5.6.7", remoteMta: host.hostname });
+        }
         // "452 too many recipients" (RFC 5321 4.5.3.1.10, or the old 552): the rest go in further
         // transactions on this connection, for as long as each one delivers to someone.
         for (let done = result!; done.recipients.some((r) => r.accepted) && connection!.reusable; ) {

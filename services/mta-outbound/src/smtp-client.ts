@@ -129,7 +129,8 @@ export function xtext(value: string): string {
   return out;
 }
 
-const isAscii = (text: string) => !/[^\x00-\x7f]/.test(text);
+/** An address (or any text) without a character outside ASCII: it may go to a server without SMTPUTF8. */
+export const isAscii = (text: string) => !/[^\x00-\x7f]/.test(text);
 
 /**
  * One SMTP client connection: EHLO (HELO fallback), STARTTLS, AUTH PLAIN, then any number
@@ -415,11 +416,17 @@ export class SmtpConnection {
       throw new SmtpError(`message size ${body.length} exceeds the server's limit of ${maxSize}`, { temporary: false, stage: "mail", status: "5.3.4" });
     }
     const utf8Envelope = [envelope.from, ...envelope.recipients.map((r) => r.address)].some((a) => !isAscii(a));
-    if (utf8Envelope && !ext.has("SMTPUTF8")) {
-      throw new SmtpError("the envelope needs SMTPUTF8, which the server does not offer", { temporary: false, stage: "mail", status: "5.6.7" });
-    }
-    if (content.utf8Header && !ext.has("SMTPUTF8")) {
-      throw new SmtpError("the message has non-ASCII header fields, which need SMTPUTF8, and the server does not offer it", { temporary: false, stage: "mail", status: "5.6.7" });
+    if (!ext.has("SMTPUTF8")) {
+      // X.6.7 "non-ASCII addresses not permitted", X.6.9 "UTF-8 header message cannot be transferred" (RFC 6531 3.5).
+      if (!isAscii(envelope.from)) {
+        throw new SmtpError("the sender address is not ASCII and the server does not offer SMTPUTF8 (RFC 6531 3.2)", { temporary: false, stage: "mail", status: "5.6.7" });
+      }
+      if (utf8Envelope) {
+        throw new SmtpError("the recipient address is not ASCII and the server does not offer SMTPUTF8 (RFC 6531 3.2)", { temporary: false, stage: "mail", status: "5.6.7" });
+      }
+      if (content.utf8Header) {
+        throw new SmtpError("the message has UTF-8 header fields, which need SMTPUTF8, and the server does not offer it (RFC 6531 3.2)", { temporary: false, stage: "mail", status: "5.6.9" });
+      }
     }
     if (content.eightBit && !ext.has("8BITMIME")) {
       throw new SmtpError("the message has 8-bit data and the server does not offer 8BITMIME", { temporary: false, stage: "mail", status: "5.6.3" });

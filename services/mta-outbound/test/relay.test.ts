@@ -33,6 +33,7 @@ let noUtf8: Awaited<ReturnType<typeof startScriptedMx>>;
 let resetting: Awaited<ReturnType<typeof startScriptedMx>>;
 let oneEach: Awaited<ReturnType<typeof startScriptedMx>>;
 let slow: Awaited<ReturnType<typeof startScriptedMx>>;
+let asciiOnly: Awaited<ReturnType<typeof startScriptedMx>>;
 let outbound: OutboundService;
 let relayEnv: Record<string, string>;
 const flakyAttempts = new Map<string, number>();
@@ -108,6 +109,8 @@ before(async () => {
       return null;
     },
   });
+  // 8BITMIME and DSN but no SMTPUTF8, for the per-recipient SMTPUTF8 tests.
+  asciiOnly = await startScriptedMx("127.0.0.21", port, { extensions: ["PIPELINING", "8BITMIME", "DSN"] });
   resetting = await startScriptedMx("127.0.0.18", port, { reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550 no such user" : undefined) });
   afterDot = await startScriptedMx("127.0.0.16", port, { dataReply: (data) => (data.includes("reject-me") ? "554 5.6.0 Content refused" : "451 4.3.0 Queue full, later") });
   dns = await startDns({
@@ -170,6 +173,8 @@ before(async () => {
     "c.equal.test": { a: ["127.0.0.4"] },
     "noutf8.test": { mx: [{ exchange: "mx.noutf8.test", priority: 10 }] },
     "mx.noutf8.test": { a: ["127.0.0.17"] },
+    "asciionly.test": { mx: [{ exchange: "mx.asciionly.test", priority: 10 }] },
+    "mx.asciionly.test": { a: ["127.0.0.21"] },
   });
   relayEnv = {
     DNS_SERVERS: dns.server,
@@ -192,7 +197,7 @@ before(async () => {
 
 after(async () => {
   await outbound?.stop();
-  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8, resetting, oneEach, slow].map((s) => s?.close()));
+  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8, resetting, oneEach, slow, asciiOnly].map((s) => s?.close()));
   silent?.close();
   await dns?.close();
   await env?.close();
@@ -664,13 +669,43 @@ test("the bounce as Python's email package reads it: ORCPT as Original-Recipient
   );
 });
 
-test("UTF-8 header fields to a server without SMTPUTF8 bounce with 5.6.7 and nothing is sent (RFC 6531 3.2)", async () => {
+test("UTF-8 header fields to a server without SMTPUTF8 bounce with 5.6.9 and nothing is sent (RFC 6531 3.2, 3.5)", async () => {
   const raw = Buffer.from("From: <alice@origin.test>\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHallo.\r\n", "utf8");
   const accepted = await submit(env.pool, env.bus, { from: "", to: ["u@noutf8.test"], raw });
   const [row] = await finalStates(accepted.messageId);
-  assert.deepEqual([row!.state, row!.last_status], ["bounced", "5.6.7"]);
+  assert.deepEqual([row!.state, row!.last_status], ["bounced", "5.6.9"]);
   assert.match(row!.last_reply!, /SMTPUTF8/);
   assert.ok(!noUtf8.commands().some((c) => c.startsWith("MAIL")), "no MAIL was sent");
+});
+
+test("a non-ASCII recipient at a server without SMTPUTF8 bounces alone (5.6.7); the message goes to its ASCII recipients (RFC 6531 3.2)", async () => {
+  // ASCII header fields (the UTF-8 recipient is not named in them): the message itself needs no SMTPUTF8.
+  const ascii = "From: <alice@origin.test>\r\nTo: <ascii@asciionly.test>\r\nSubject: per recipient\r\nMessage-ID: <ascii-1@origin.test>\r\n\r\nHello.\r\n";
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["ascii@asciionly.test", "\u7528\u6237@asciionly.test"], raw: ascii });
+  const rows = await finalStates(accepted.messageId);
+  assert.deepEqual(rows.map((r) => [r.final_recipient, r.state, r.last_status]), [
+    ["ascii@asciionly.test", "delivered", "2.0.0"],
+    ["\u7528\u6237@asciionly.test", "bounced", "5.6.7"],
+  ]);
+  assert.equal(rows[1]!.last_reply, "the recipient address is not ASCII and mx.asciionly.test does not offer SMTPUTF8 (RFC 6531 3.2)");
+  assert.equal(rows[1]!.remote_mta, "mx.asciionly.test");
+  const sent = asciiOnly.connections.flatMap((c) => c.commands).filter((c) => /^(MAIL|RCPT)/.test(c));
+  assert.deepEqual(sent, ["MAIL FROM:<alice@origin.test>", "RCPT TO:<ascii@asciionly.test>"], "only the ASCII recipient, and no SMTPUTF8");
+  assert.equal(asciiOnly.connections.flatMap((c) => c.messages).length, 1);
+  // The sender learns about the one refused recipient, with our own diagnostic.
+  const [dsn] = await dsnsFor("\u7528\u6237@asciionly.test");
+  const report = dsn!.body.toString("utf8");
+  assert.match(report, /Final-Recipient: utf-8;\u7528\u6237@asciionly\.test\r\nAction: failed\r\nStatus: 5\.6\.7\r\n/);
+  assert.match(report, /Diagnostic-Code: X-mailstack; the recipient address is not ASCII and\s+mx\.asciionly\.test does not offer SMTPUTF8/);
+  assert.doesNotMatch(report, /Final-Recipient: rfc822;ascii@asciionly\.test/);
+
+  // UTF-8 header fields: the message itself needs SMTPUTF8, so every recipient fails and nothing is sent.
+  const raw = Buffer.from("From: <alice@origin.test>\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHallo.\r\n", "utf8");
+  const international = await submit(env.pool, env.bus, { from: "", to: ["ascii2@asciionly.test", "\u7528\u62372@asciionly.test"], raw });
+  const failed = await finalStates(international.messageId);
+  assert.deepEqual(failed.map((r) => [r.state, r.last_status]), [["bounced", "5.6.9"], ["bounced", "5.6.9"]]);
+  assert.match(failed[0]!.last_reply!, /UTF-8 header fields.*SMTPUTF8/);
+  assert.equal(asciiOnly.connections.flatMap((c) => c.commands).filter((c) => c.startsWith("MAIL")).length, 1, "no MAIL for it");
 });
 
 test("a connection is reused after RSET for the next job; a 5xx without an enhanced code bounces as 5.0.0", async () => {

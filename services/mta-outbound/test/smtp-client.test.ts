@@ -199,14 +199,14 @@ test("552 to RCPT is the old 'too many recipients' and not permanent (RFC 5321 4
   }
 });
 
-test("UTF-8 header fields need SMTPUTF8: refused before MAIL without it (RFC 6531 3.2), declared with it", async () => {
+test("UTF-8 header fields need SMTPUTF8: refused before MAIL without it (5.6.9, RFC 6531 3.2, 3.5), declared with it", async () => {
   const withoutUtf8 = await startScriptedMx("127.0.1.9", 0, { extensions: ["PIPELINING", "8BITMIME"] });
   const withUtf8 = await startScriptedMx("127.0.1.10", 0);
   const international = { eightBit: true, utf8Header: true };
   const raw = Buffer.from("Subject: caf\u00e9\r\n\r\nBody.\r\n", "utf8");
   try {
     const refusing = await SmtpConnection.open(options(withoutUtf8));
-    await assert.rejects(refusing.send(envelope("x@x.test"), raw, international), (error) => error instanceof SmtpError && error.status === "5.6.7" && !error.temporary);
+    await assert.rejects(refusing.send(envelope("x@x.test"), raw, international), (error) => error instanceof SmtpError && error.status === "5.6.9" && !error.temporary);
     await assert.rejects(refusing.send(envelope("j\u00fcrgen@x.test"), message, plain), (error) => error instanceof SmtpError && error.status === "5.6.7");
     assert.equal(withoutUtf8.commands().filter((c) => c.startsWith("MAIL")).length, 0, "nothing sent");
     await refusing.quit();

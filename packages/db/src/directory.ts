@@ -67,8 +67,58 @@ export async function addDomain(db: Queryable, name: string): Promise<DomainRow>
   }
 }
 
+// Directory lists are read a page at a time (keyset pagination): the rows whose key (a domain
+// name or an address) sorts after `after`, in key order. Keys are compared in PostgreSQL's "C"
+// collation, by the bytes of their UTF-8 form (Unicode code point order), the same whatever the
+// database's locale, so every row is on exactly one page and a page stays exact when rows before
+// it were added or removed since the previous one.
+
+export interface KeyPage {
+  /** At most this many rows (a positive integer). */
+  limit: number;
+  /** Only the rows whose key sorts after this one. */
+  after?: string | undefined;
+}
+
+export interface KeyedRows<T> {
+  rows: T[];
+  /** The key to pass as `after` for the page after this one; null on the last page. */
+  next: string | null;
+}
+
+async function keyedRows<T extends object>(
+  db: Queryable, table: "domains" | "accounts" | "aliases", key: "name" | "address",
+  filter: { column: "name" | "domain_id"; value: string | number } | null, page: KeyPage | null,
+): Promise<KeyedRows<T>> {
+  if (page && (!Number.isSafeInteger(page.limit) || page.limit < 1)) throw new DirectoryError("invalid", `invalid page size: ${page.limit}`);
+  const where: string[] = [];
+  const values: unknown[] = [];
+  if (filter) {
+    values.push(filter.value);
+    where.push(`${filter.column} = $${values.length}`);
+  }
+  if (page?.after !== undefined) {
+    values.push(page.after);
+    where.push(`${key} COLLATE "C" > $${values.length}`);
+  }
+  // One row more than asked tells whether there is a next page; LIMIT NULL is no limit.
+  values.push(page ? page.limit + 1 : null);
+  const sql = `SELECT * FROM ${table}${where.length ? ` WHERE ${where.join(" AND ")}` : ""}
+    ORDER BY ${key} COLLATE "C" LIMIT $${values.length}`;
+  const rows = (await db.query<T>(sql, values)).rows;
+  if (!page || rows.length <= page.limit) return { rows, next: null };
+  rows.length = page.limit;
+  return { rows, next: (rows[rows.length - 1] as Record<string, unknown>)[key] as string };
+}
+
+/** Every domain, by name. */
 export async function listDomains(db: Queryable): Promise<DomainRow[]> {
-  return (await db.query<DomainRow>("SELECT * FROM domains ORDER BY name")).rows;
+  return (await keyedRows<DomainRow>(db, "domains", "name", null, null)).rows;
+}
+
+/** A page of domains by name; `only` restricts it to that one domain (a tenant's view). */
+export async function pageDomains(db: Queryable, page: KeyPage, only?: string): Promise<KeyedRows<DomainRow>> {
+  return keyedRows<DomainRow>(db, "domains", "name", only === undefined ? null : { column: "name", value: only }, page);
 }
 
 export async function getDomain(db: Queryable, name: string): Promise<DomainRow | null> {
@@ -167,10 +217,18 @@ export async function setAccountDisabled(db: Queryable, address: string, disable
   await db.query("UPDATE accounts SET disabled = $2 WHERE id = $1", [account.id, disabled]);
 }
 
+/** Every account (of one domain, which must exist), by address. */
 export async function listAccounts(db: Queryable, domain?: string): Promise<AccountRow[]> {
-  if (domain === undefined) return (await db.query<AccountRow>("SELECT * FROM accounts ORDER BY address")).rows;
-  const domainRow = await requireDomain(db, domain);
-  return (await db.query<AccountRow>("SELECT * FROM accounts WHERE domain_id = $1 ORDER BY address", [domainRow.id])).rows;
+  return (await keyedRows<AccountRow>(db, "accounts", "address", await domainFilter(db, domain), null)).rows;
+}
+
+/** A page of accounts (of one domain, which must exist), by address. */
+export async function pageAccounts(db: Queryable, page: KeyPage, domain?: string): Promise<KeyedRows<AccountRow>> {
+  return keyedRows<AccountRow>(db, "accounts", "address", await domainFilter(db, domain), page);
+}
+
+async function domainFilter(db: Queryable, domain: string | undefined): Promise<{ column: "domain_id"; value: number } | null> {
+  return domain === undefined ? null : { column: "domain_id", value: (await requireDomain(db, domain)).id };
 }
 
 /** Removes an account and its mailbox entries; messages stay while other deliveries reference them. */
@@ -221,10 +279,14 @@ export async function addAlias(db: Queryable, address: string, targets: string[]
   }
 }
 
+/** Every alias (of one domain, which must exist), by address. */
 export async function listAliases(db: Queryable, domain?: string): Promise<AliasRow[]> {
-  if (domain === undefined) return (await db.query<AliasRow>("SELECT * FROM aliases ORDER BY address")).rows;
-  const domainRow = await requireDomain(db, domain);
-  return (await db.query<AliasRow>("SELECT * FROM aliases WHERE domain_id = $1 ORDER BY address", [domainRow.id])).rows;
+  return (await keyedRows<AliasRow>(db, "aliases", "address", await domainFilter(db, domain), null)).rows;
+}
+
+/** A page of aliases (of one domain, which must exist), by address. */
+export async function pageAliases(db: Queryable, page: KeyPage, domain?: string): Promise<KeyedRows<AliasRow>> {
+  return keyedRows<AliasRow>(db, "aliases", "address", await domainFilter(db, domain), page);
 }
 
 export async function removeAlias(db: Queryable, address: string): Promise<void> {

@@ -33,7 +33,16 @@ export interface QueueFilter {
   /** One state; by default the waiting ones (queued and deferred). */
   state?: string;
   domain?: string;
+  /** At most this many entries (default 1000, at most 100000). */
   limit?: number;
+  /** Only the deliveries whose id is greater: the `next` of the previous page. */
+  after?: number;
+}
+
+export interface QueuePage {
+  entries: QueueEntry[];
+  /** The id to pass as `after` for the page after this one; null on the last page. */
+  next: number | null;
 }
 
 interface EntryRow {
@@ -75,16 +84,36 @@ function checkState(state: string | undefined): DeliveryState[] {
   return [state as DeliveryState];
 }
 
-/** Deliveries in the queue, oldest first. */
-export async function listQueue(db: Queryable, filter: QueueFilter = {}): Promise<QueueEntry[]> {
+const DELIVERY_COLUMNS = "id, message_id, final_recipient, kind, remote_domain, state, attempts, next_attempt_at, last_reply, created_at";
+
+/**
+ * Deliveries in the queue, oldest (lowest id) first, a page at a time. Each state is its own
+ * range of the index on (state, id) for the waiting ones, merged by id: one scan over both
+ * states would walk the primary key past every finished delivery, or sort every waiting one.
+ */
+export async function listQueue(db: Queryable, filter: QueueFilter = {}): Promise<QueuePage> {
   const states = checkState(filter.state);
+  const limit = filter.limit ?? 1000;
+  if (!Number.isSafeInteger(limit) || limit < 1 || limit > 100_000) throw new QueueError("invalid", `invalid limit ${limit} (1 to 100000)`);
+  const after = filter.after ?? 0;
+  if (!Number.isSafeInteger(after) || after < 0) throw new QueueError("invalid", `invalid cursor ${after} (a delivery id)`);
+  const values: unknown[] = [after, limit + 1];
+  let byDomain = "";
+  if (filter.domain !== undefined) {
+    values.push(filter.domain);
+    byDomain = ` AND remote_domain = lower($${values.length})`;
+  }
+  const ranges = states.map((state) => {
+    values.push(state);
+    return `(SELECT ${DELIVERY_COLUMNS} FROM deliveries WHERE state = $${values.length} AND id > $1${byDomain} ORDER BY id LIMIT $2)`;
+  });
   const result = await db.query<EntryRow>(
-    `SELECT ${ENTRY_COLUMNS} FROM deliveries d JOIN messages m ON m.id = d.message_id
-      WHERE d.state = ANY($1) AND ($2::text IS NULL OR d.remote_domain = lower($2))
-      ORDER BY d.id LIMIT $3`,
-    [states, filter.domain ?? null, Math.min(filter.limit ?? 1000, 100_000)],
+    `SELECT ${ENTRY_COLUMNS} FROM (${ranges.join(" UNION ALL ")}) d JOIN messages m ON m.id = d.message_id
+      ORDER BY d.id LIMIT $2`,
+    values,
   );
-  return result.rows.map(toEntry);
+  const entries = result.rows.slice(0, limit).map(toEntry);
+  return { entries, next: result.rows.length > limit ? entries[entries.length - 1]!.id : null };
 }
 
 export interface DeliveryDetail extends QueueEntry {

@@ -1,4 +1,5 @@
 import { createApiToken } from "@mailstack/admin-ops";
+import type { Pool } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestDatabase, runMailctl, type TestDatabase } from "@mailstack/testkit";
 import { apiConfig, type ApiConfig } from "../src/api/config.ts";
@@ -61,3 +62,32 @@ export async function startHarness(overrides: Partial<ApiConfig> = {}): Promise<
 
 /** Runs the real mailctl as a process, as an operator would. */
 export const mailctl = runMailctl;
+
+export interface WatchedQuery {
+  text: string;
+  values: unknown[];
+  /** Rows PostgreSQL sent back. */
+  rows: number;
+}
+
+/**
+ * Runs fn while noting every query the (real) pool runs and how many rows each returned: what
+ * the API read from PostgreSQL to answer, and the SQL text to EXPLAIN.
+ */
+export async function watchQueries(pool: Pool, fn: () => Promise<void>): Promise<WatchedQuery[]> {
+  const seen: WatchedQuery[] = [];
+  const original = pool.query;
+  const watched = async (...args: unknown[]) => {
+    const result = await (original as (...a: unknown[]) => Promise<{ rows: unknown[] }>).apply(pool, args);
+    const query = typeof args[0] === "string" ? { text: args[0], values: args[1] } : (args[0] as { text: string; values?: unknown[] });
+    seen.push({ text: query.text, values: (query.values as unknown[] | undefined) ?? [], rows: result.rows.length });
+    return result;
+  };
+  pool.query = watched as typeof pool.query;
+  try {
+    await fn();
+  } finally {
+    pool.query = original;
+  }
+  return seen;
+}

@@ -1,6 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import {
-  DirectoryError, addAccount, addAlias, addDomain, getAccount, getDomain, listAccounts, listAliases, listDomains, removeAccount,
+  DirectoryError, addAccount, addAlias, addDomain, getAccount, getDomain, pageAccounts, pageAliases, pageDomains, removeAccount,
   removeAlias, removeDomain, setAccountDisabled, setAccountPassword, setAccountQuota, transaction, type AccountRow,
   type AliasRow, type DomainRow, type Pool,
 } from "@mailstack/db";
@@ -9,7 +9,7 @@ import { domainDnsRecords } from "@mailstack/admin-ops";
 import { domainOfAddress, inScope, requireOperator } from "../auth.ts";
 import type { ApiConfig } from "../config.ts";
 import { ApiError, forField, notFound } from "../errors.ts";
-import { nextKey, page, pageQuery, type PageRequest } from "../pagination.ts";
+import { keyPage, nextKey, pageQuery, type PageRequest } from "../pagination.ts";
 import { addressString, byteCount, dateTime, domainString, errorResponses, noContent, nullableInteger, nullableString } from "../schemas.ts";
 
 const domainView = {
@@ -124,8 +124,8 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
       response: { 200: { type: "object", properties: { domains: { type: "array", items: domainView }, next: nextKey } }, ...errorResponses },
     },
   }, async (request) => {
-    const domains = page((await listDomains(pool)).filter((d) => inScope(request, d.name)), (d) => d.name, request.query);
-    return { domains: domains.items.map(showDomain), next: domains.next };
+    const domains = await pageDomains(pool, keyPage(request.query), request.principal.domain ?? undefined);
+    return { domains: domains.rows.map(showDomain), next: domains.next };
   });
 
   app.post<{ Body: { name: string; dkim?: { selector?: string; algorithm?: DkimAlgorithm } | boolean } }>("/domains", {
@@ -199,8 +199,8 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
   }, async (request) => {
     const domain = request.query.domain ?? request.principal.domain ?? undefined;
     if (domain !== undefined) await visibleDomain(pool, request, domain);
-    const accounts = page(await listAccounts(pool, domain), (a) => a.address, request.query);
-    return { accounts: accounts.items.map(showAccount), next: accounts.next };
+    const accounts = await pageAccounts(pool, keyPage(request.query), domain);
+    return { accounts: accounts.rows.map(showAccount), next: accounts.next };
   });
 
   app.post<{ Body: { address: string; password: string; quotaBytes?: number | null } }>("/accounts", {
@@ -279,8 +279,8 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
   }, async (request) => {
     const domain = request.query.domain ?? request.principal.domain ?? undefined;
     if (domain !== undefined) await visibleDomain(pool, request, domain);
-    const aliases = page(await listAliases(pool, domain), (a) => a.address, request.query);
-    return { aliases: aliases.items.map(showAlias), next: aliases.next };
+    const aliases = await pageAliases(pool, keyPage(request.query), domain);
+    return { aliases: aliases.rows.map(showAlias), next: aliases.next };
   });
 
   app.post<{ Body: { address: string; targets: string[] } }>("/aliases", {

@@ -3,6 +3,7 @@ import type { Pool } from "@mailstack/db";
 import { QueueError, deleteDelivery, deliveriesOfQueueId, listQueue, retryDeliveries, showDelivery, type QueueEntry } from "@mailstack/queue";
 import { requireOperator } from "../auth.ts";
 import { ApiError } from "../errors.ts";
+import { idPageQuery, nextId } from "../pagination.ts";
 import { dateTime, domainString, errorResponses, noContent, nullableString, rowId } from "../schemas.ts";
 
 const STATES = ["queued", "deferred", "delivered", "bounced", "cancelled"];
@@ -58,18 +59,18 @@ export async function queueRoutes(app: FastifyInstance, pool: Pool): Promise<voi
   // An encapsulated hook: it runs after authentication, for these routes only.
   app.addHook("onRequest", async (request) => requireOperator(request));
 
-  app.get<{ Querystring: { state?: string; domain?: string; limit?: number } }>("/queue", {
+  app.get<{ Querystring: { state?: string; domain?: string; limit?: number; after?: number } }>("/queue", {
     schema: {
-      tags: ["queue"], summary: "Deliveries by state (default: queued and deferred) and destination domain, oldest first",
+      tags: ["queue"], summary: "Deliveries by state (default: queued and deferred) and destination domain, oldest (lowest id) first, a page at a time",
       querystring: {
         type: "object", additionalProperties: false,
-        properties: { state: { type: "string", enum: STATES }, domain: domainString, limit: { type: "integer", minimum: 1, maximum: 10000, default: 1000 } },
+        properties: { state: { type: "string", enum: STATES }, domain: domainString, ...idPageQuery },
       },
-      response: { 200: { type: "object", properties: { entries: { type: "array", items: entryView } } }, ...errorResponses },
+      response: { 200: { type: "object", properties: { entries: { type: "array", items: entryView }, next: nextId } }, ...errorResponses },
     },
   }, async (request) => {
-    const entries = await listQueue(pool, request.query);
-    return { entries: entries.map(showEntry) };
+    const page = await listQueue(pool, request.query);
+    return { entries: page.entries.map(showEntry), next: page.next };
   });
 
   app.get<{ Params: { id: number } }>("/queue/deliveries/:id", {

@@ -1,6 +1,6 @@
 import {
-  addAccount, addAlias, addDomain, listAccounts, listAliases, listDomains, removeAccount, removeAlias,
-  removeDomain, setAccountDisabled, setAccountPassword, setAccountQuota,
+  addAccount, addAlias, addDomain, pageAccounts, pageAliases, pageDomains, removeAccount, removeAlias,
+  removeDomain, setAccountDisabled, setAccountPassword, setAccountQuota, type KeyedRows,
 } from "@mailstack/db";
 import { parse, sizeArgument } from "../args.ts";
 import { register, UsageError, type CommandContext } from "../registry.ts";
@@ -28,6 +28,18 @@ async function passwordFrom(values: { password?: string | undefined; "password-s
   throw new UsageError("a password is needed: --password P or --password-stdin");
 }
 
+/** Prints a whole list, read a page at a time so that a long one is never in memory at once. */
+async function printAll<T>(read: (after: string | undefined) => Promise<KeyedRows<T>>, print: (row: T) => void): Promise<void> {
+  let after: string | undefined;
+  do {
+    const page = await read(after);
+    for (const row of page.rows) print(row);
+    after = page.next ?? undefined;
+  } while (after !== undefined);
+}
+
+const PAGE = 1000;
+
 const passwordOptions = { password: { type: "string" }, "password-stdin": { type: "boolean" } } as const;
 
 register(
@@ -45,9 +57,9 @@ register(
     usage: "domain list",
     async run(args, { pool, out }) {
       parse(args, {}, { min: 0, max: 0 });
-      for (const domain of await listDomains(pool)) {
+      await printAll((after) => pageDomains(pool, { limit: PAGE, after }), (domain) => {
         out(`${domain.name}${domain.dkim_selector ? `\tdkim=${domain.dkim_selector}` : ""}`);
-      }
+      });
     },
   },
   {
@@ -115,10 +127,10 @@ register(
     usage: "account list [DOMAIN]",
     async run(args, { pool, out }) {
       const { positionals } = parse(args, {}, { min: 0, max: 1 });
-      for (const account of await listAccounts(pool, positionals[0])) {
+      await printAll((after) => pageAccounts(pool, { limit: PAGE, after }, positionals[0]), (account) => {
         const state = account.disabled ? "\tdisabled" : "";
         out(`${account.address}\tused ${formatBytes(account.used_bytes)} of ${formatBytes(account.quota_bytes)}${state}`);
-      }
+      });
     },
   },
   {
@@ -144,7 +156,7 @@ register(
     usage: "alias list [DOMAIN]",
     async run(args, { pool, out }) {
       const { positionals } = parse(args, {}, { min: 0, max: 1 });
-      for (const alias of await listAliases(pool, positionals[0])) out(`${alias.address}\t${alias.targets.join(", ")}`);
+      await printAll((after) => pageAliases(pool, { limit: PAGE, after }, positionals[0]), (alias) => out(`${alias.address}\t${alias.targets.join(", ")}`));
     },
   },
   {

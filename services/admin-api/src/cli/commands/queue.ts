@@ -30,16 +30,19 @@ const time = (date: Date | null) => (date ? date.toISOString().replace(/\.\d+Z$/
 register(
   {
     name: "queue list",
-    usage: "queue list [--state queued|deferred|delivered|bounced|cancelled] [--domain D] [--limit N]",
+    usage: "queue list [--state queued|deferred|delivered|bounced|cancelled] [--domain D] [--limit N] [--after ID]   (oldest first)",
     async run(args, { pool, out }) {
-      const { values } = parse(args, { state: { type: "string" }, domain: { type: "string" }, limit: { type: "string" } }, { min: 0, max: 0 });
+      const { values } = parse(args, { state: { type: "string" }, domain: { type: "string" }, limit: { type: "string" }, after: { type: "string" } }, { min: 0, max: 0 });
       const limit = values.limit === undefined ? 1000 : Number(values.limit);
-      if (!Number.isSafeInteger(limit) || limit < 1) throw new UsageError(`invalid --limit: ${values.limit}`);
-      const entries = await refusals(() => listQueue(pool, { state: values.state, domain: values.domain, limit }));
-      for (const e of entries) {
+      if (!Number.isSafeInteger(limit) || limit < 1 || limit > 100_000) throw new UsageError(`invalid --limit: ${values.limit} (1 to 100000)`);
+      const after = values.after === undefined ? undefined : Number(values.after);
+      if (after !== undefined && (!/^\d+$/.test(values.after!) || !Number.isSafeInteger(after))) throw new UsageError(`invalid --after: ${values.after} (a delivery id)`);
+      const page = await refusals(() => listQueue(pool, { state: values.state, domain: values.domain, limit, after }));
+      for (const e of page.entries) {
         out([e.id, e.queueId, e.state, `attempts=${e.attempts}`, `next=${time(e.nextAttemptAt)}`, `<${e.sender}> -> <${e.recipient}>`, e.lastReply ?? ""].join("\t"));
       }
-      if (entries.length === 0) out("queue is empty");
+      if (page.entries.length === 0) out(after === undefined ? "queue is empty" : "no more entries");
+      if (page.next !== null) out(`more entries: add --after ${page.next}`);
     },
   },
   {

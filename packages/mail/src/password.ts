@@ -31,3 +31,20 @@ export async function verifyPassword(password: string, stored: string): Promise<
   const key = await derive(password, Buffer.from(saltText!, "base64"), { N: Number(n), r: Number(r), p: Number(p) }, expected.length);
   return timingSafeEqual(key, expected);
 }
+
+// Verified against when there is no account. Any well-formed hash with hashPassword's parameters
+// costs the same scrypt run; random bytes in place of a derived key match no password.
+const DUMMY_HASH = ["scrypt", N, R, P, randomBytes(16).toString("base64"), randomBytes(KEY_LENGTH).toString("base64")].join("$");
+
+/**
+ * A login's password check: against the account's stored hash, or, when there is no account
+ * (`null`/`undefined`), the same work against a dummy hash and false, so that the time a failed
+ * login takes does not tell which accounts exist.
+ */
+export async function verifyAccountPassword(password: string, stored: string | null | undefined): Promise<boolean> {
+  if (stored === null || stored === undefined) {
+    await verifyPassword(password, DUMMY_HASH);
+    return false;
+  }
+  return verifyPassword(password, stored);
+}

@@ -1,7 +1,7 @@
 import { createHmac, randomBytes } from "node:crypto";
 import { setTimeout as sleep } from "node:timers/promises";
 import { loginFailures, loginKey, pruneLoginFailures, recordLoginFailure, type Pool } from "@mailstack/db";
-import { hashPassword, parseAddress, reply, verifyPassword, type SmtpReply } from "@mailstack/mail";
+import { parseAddress, reply, verifyAccountPassword, type SmtpReply } from "@mailstack/mail";
 import type { Logger } from "@mailstack/telemetry";
 
 export interface AuthLimits {
@@ -39,9 +39,6 @@ export const AuthReplies = {
 export interface ConnectionAuthState {
   failures: number;
 }
-
-// A hash to verify against when the account does not exist, so timing does not tell which names exist.
-const dummyHash = hashPassword("mailstack-dummy-password");
 
 /**
  * Password checks for AUTH with failure limits shared by every replica (PostgreSQL counters):
@@ -101,7 +98,7 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
         : undefined;
       const valid = row && cachedValid(row.address, password, row.password_hash)
         ? true
-        : await verifyPassword(password, row?.password_hash ?? (await dummyHash));
+        : await verifyAccountPassword(password, row?.password_hash);
       if (!row || !valid) {
         await recordLoginFailure(pool, ip, username, limits.windowMs);
         return fail(state, row ? "wrong password" : "unknown user", log);

@@ -1,6 +1,6 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { getAccount, loginFailures, pruneLoginFailures, recordLoginFailure, type Pool } from "@mailstack/db";
-import { hashPassword, verifyPassword } from "@mailstack/mail";
+import { verifyAccountPassword } from "@mailstack/mail";
 
 export interface Account {
   id: number;
@@ -25,14 +25,11 @@ export async function recordFailure(pool: Pool, ip: string, name: string, limits
   if (Math.random() < 0.02) await pruneLoginFailures(pool, limits.windowMs);
 }
 
-// Verified against when the account does not exist, so that the time of a failure does not tell
-// which login names exist (or are disabled). Made at the first use, not at start.
-let dummyHash: Promise<string> | null = null;
-
 /** USER/PASS and AUTH PLAIN: the account when the password matches and the account is enabled. */
 export async function checkPassword(pool: Pool, name: string, password: string): Promise<Account | null> {
   const account = await getAccount(pool, name);
-  const valid = await verifyPassword(password, account?.password_hash ?? (await (dummyHash ??= hashPassword("mailstack-pop3-no-such-account"))));
+  // Unknown and disabled accounts cost the same scrypt run as a wrong password (no timing oracle).
+  const valid = await verifyAccountPassword(password, account?.password_hash);
   if (!account || !valid || account.disabled) return null;
   return { id: account.id, address: account.address };
 }

@@ -81,8 +81,13 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
     });
   };
 
-  const plain = net.createServer((socket) => accept(socket, "pop3"));
-  const secure = tls.createServer({ ...credentials.serverOptions, handshakeTimeout: TLS_HANDSHAKE_TIMEOUT_MS }, (socket) => accept(socket, "pop3s"));
+  // allowHalfOpen: a client that half-closes after sending its commands (`printf ... | nc -N`) still
+  // gets every reply, and its QUIT is carried out; the connection closes after the last reply.
+  const plain = net.createServer({ allowHalfOpen: true }, (socket) => accept(socket, "pop3"));
+  const secure = tls.createServer(
+    { ...credentials.serverOptions, handshakeTimeout: TLS_HANDSHAKE_TIMEOUT_MS, allowHalfOpen: true },
+    (socket) => accept(socket, "pop3s"),
+  );
   secure.on("tlsClientError", (error) => logger.debug({ err: error }, "pop3s handshake failed"));
   tlsSource?.onChange((next) => {
     credentials = next;
@@ -130,9 +135,15 @@ class Connection implements SessionIo {
   private processing = false;
   private closed = false;
   private stopping = false;
+  /** The client half-closed: what it sent is answered, then the connection is closed. */
+  private inputEnded = false;
   private timer: NodeJS.Timeout | null = null;
   private resolveFinished!: () => void;
   private readonly onData = (chunk: Buffer) => this.receive(chunk);
+  private readonly onEnd = () => {
+    this.inputEnded = true;
+    void this.process();
+  };
 
   constructor(
     socket: net.Socket | tls.TLSSocket,
@@ -157,6 +168,7 @@ class Connection implements SessionIo {
 
   private attach(socket: net.Socket | tls.TLSSocket): void {
     socket.on("data", this.onData);
+    socket.on("end", this.onEnd);
     socket.on("error", (error) => this.logger.debug({ err: error }, "pop3 connection error"));
     socket.on("close", () => this.onClose());
   }
@@ -212,6 +224,10 @@ class Connection implements SessionIo {
     if (this.stopping && !this.closed) {
       await this.write("-ERR [SYS/TEMP] server shutting down\r\n");
       this.close();
+    } else if (this.inputEnded && !this.closed && this.queue.length === 0) {
+      // Every command the half-closed client sent is answered (an unterminated last line is
+      // not a command); without a QUIT among them, no UPDATE.
+      this.close();
     } else if (this.closed) await this.finish();
   }
 
@@ -256,13 +272,21 @@ class Connection implements SessionIo {
     this.discardingLongLine = false;
     const raw = this.socket;
     raw.off("data", this.onData);
+    raw.off("end", this.onEnd);
+    if (this.inputEnded) {
+      // The client half-closed after STLS: it cannot take part in a handshake.
+      this.close();
+      return;
+    }
     raw.removeAllListeners("close");
     const secureSocket = new tls.TLSSocket(raw, { isServer: true, secureContext: this.currentTls().context });
     const handshake = setTimeout(() => secureSocket.destroy(), TLS_HANDSHAKE_TIMEOUT_MS);
     this.socket = secureSocket;
     this.attach(secureSocket);
     try {
-      await Promise.race([once(secureSocket, "secure"), once(secureSocket, "close").then(() => Promise.reject(new Error("closed during TLS handshake")))]);
+      // A client that half-closes before the handshake is done can never finish it.
+      const gone = (event: "close" | "end") => once(secureSocket, event).then(() => Promise.reject(new Error(`${event} during TLS handshake`)));
+      await Promise.race([once(secureSocket, "secure"), gone("close"), gone("end")]);
       this.secure = true;
     } catch {
       this.close();

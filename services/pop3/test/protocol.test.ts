@@ -566,3 +566,82 @@ test("bare AUTH lists PLAIN only where CAPA offers SASL PLAIN (not before TLS wh
     await strict.stop();
   }
 });
+
+test("a client that half-closes after pipelining its commands gets every reply and its QUIT is carried out (110, STLS, 995); without QUIT nothing is deleted", async () => {
+  const body = (n: number) => `Subject: ${n}\r\n\r\nbody ${n}\r\n`;
+  const size = Buffer.byteLength(body(1));
+  const deletedFlags = async (accountId: number) =>
+    (await env.pool.query("SELECT deleted FROM mailbox_entries WHERE account_id = $1 ORDER BY uid", [accountId])).rows.map((r) => r.deleted as boolean);
+  // Writes the commands and half-closes (FIN) in one go, like `printf ... | nc -N`; returns every line until the server closes.
+  const pipelineAndEnd = async (client: PopClient, commands: string[]) => {
+    client.socket.end(commands.map((c) => `${c}\r\n`).join(""));
+    const lines: string[] = [];
+    for (;;) {
+      try {
+        lines.push(await client.line(5_000));
+      } catch (error) {
+        if (client.closed) return lines;
+        throw error;
+      }
+    }
+  };
+  const kinds = [
+    { name: "110", connect: async () => (await PopClient.connect(server.port)).client },
+    {
+      name: "STLS",
+      connect: async () => {
+        const { client } = await PopClient.connect(server.port);
+        assert.equal(await client.command("STLS"), "+OK begin TLS negotiation");
+        await client.upgrade(server.tls.cert);
+        return client;
+      },
+    },
+    { name: "995", connect: async () => (await PopClient.connect(server.tlsPort, { tls: true, ca: server.tls.cert })).client },
+  ];
+  for (const kind of kinds) {
+    const account = await plain(`halfclose-${kind.name.toLowerCase()}@example.test`);
+    for (let i = 1; i <= 2; i++) await fileMessage(env.pool, account.id, body(i));
+    const login = [`USER ${account.address}`, `PASS ${account.password}`];
+
+    // Without QUIT: every command answered, then the server closes; no UPDATE, the lock released.
+    const noQuit = await pipelineAndEnd(await kind.connect(), [...login, "STAT", "DELE 1"]);
+    assert.deepEqual(noQuit, ["+OK send PASS", `+OK maildrop has 2 messages (${2 * size} octets)`, `+OK 2 ${2 * size}`, "+OK message 1 deleted"], kind.name);
+    assert.deepEqual(await deletedFlags(account.id), [false, false], `${kind.name}: a half-close without QUIT deletes nothing`);
+
+    const withQuit = await pipelineAndEnd(await kind.connect(), [...login, "DELE 1", "QUIT"]);
+    assert.deepEqual(withQuit, ["+OK send PASS", `+OK maildrop has 2 messages (${2 * size} octets)`, "+OK message 1 deleted", "+OK bye (1 messages deleted)"], kind.name);
+    assert.deepEqual(await deletedFlags(account.id), [true, false], `${kind.name}: the QUIT before the half-close was carried out`);
+  }
+
+  // STLS and then a half-close: no handshake can follow, so the connection closes at once (not after the handshake timeout).
+  const { client } = await PopClient.connect(server.port);
+  const started = Date.now();
+  assert.deepEqual(await pipelineAndEnd(client, ["STLS"]), ["+OK begin TLS negotiation"]);
+  assert.ok(Date.now() - started < 2_000, `closed after ${Date.now() - started} ms`);
+});
+
+test("a half-closed client that does not read its RETR is still dropped after the autologout time, without UPDATE", async () => {
+  const quick = await startTestServer(env, { POP3_AUTOLOGOUT: 400 });
+  let stalled: PopClient | undefined;
+  try {
+    const account = await plain("halfclose-stalled@example.test");
+    // Larger than what the loopback socket buffers can hold, so the server's writes block.
+    await fileMessage(env.pool, account.id, `Subject: big\r\n\r\n${`${"x".repeat(78)}\r\n`.repeat(200_000)}`);
+    const { client } = await PopClient.connect(quick.port);
+    stalled = client;
+    client.socket.pause();
+    client.socket.end(`USER ${account.address}\r\nPASS ${account.password}\r\nDELE 1\r\nRSET\r\nRETR 1\r\nDELE 1\r\nQUIT\r\n`);
+    const again = await waitFor(async () => {
+      const attempt = (await PopClient.connect(quick.port)).client;
+      const reply = await attempt.login(account);
+      if (reply.startsWith("+OK")) return { attempt, reply };
+      attempt.close();
+      return null;
+    }, 5_000, 200);
+    assert.match(again.reply, /^\+OK maildrop has 1 messages/, "lock released and nothing deleted");
+    await again.attempt.command("QUIT");
+  } finally {
+    stalled?.close();
+    await quick.stop();
+  }
+});

@@ -1,5 +1,3 @@
-import { bodyStart } from "@mailstack/mail";
-
 const CR = 0x0d;
 const LF = 0x0a;
 const DOT = 0x2e;
@@ -60,12 +58,6 @@ export class DotStuffer {
 export function dotStuff(raw: Buffer): Buffer {
   const stuffer = new DotStuffer();
   return Buffer.concat([stuffer.push(raw), stuffer.end()]);
-}
-
-/** True when the header section (up to the first empty line) holds a byte above 127: UTF-8 header fields (RFC 6532). */
-export function headerHasEightBit(raw: Buffer): boolean {
-  const start = bodyStart(raw);
-  return hasEightBit(start < 0 ? raw : raw.subarray(0, start));
 }
 
 /** True when the message holds any byte above 127 (needs 8BITMIME). */

@@ -4,7 +4,8 @@ import { stillPending, type JourneyEvent, type RelayJob } from "@mailstack/queue
 import { Counter, Histogram, SpanKind, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
-import { hasEightBit, headerHasEightBit } from "./dot-stuff.ts";
+import { hasEightBit } from "./dot-stuff.ts";
+import { hasUtf8HeaderFields } from "./mime-utf8.ts";
 import { SerialBatches } from "./serial-batches.ts";
 import {
   SmtpConnection,
@@ -203,7 +204,9 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
 
   /** Tries every host (and each of its addresses) in order until one gives recipient-level answers. */
   async function attempt(destination: Destination, envelope: Envelope, raw: Buffer, domain: string): Promise<Map<string, Outcome>> {
-    const content: MessageContent = { eightBit: hasEightBit(raw), utf8Header: headerHasEightBit(raw) };
+    // UTF-8 header fields anywhere in the MIME structure, not only at the top: a DSN returning an
+    // internationalized message carries them in its message/global or message/global-headers part.
+    const content: MessageContent = { eightBit: hasEightBit(raw), utf8Header: hasUtf8HeaderFields(raw) };
     let lastFailure: Outcome | null = null;
     let anyTemporary = false;
     for (const host of destination.hosts) {

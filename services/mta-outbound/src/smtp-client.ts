@@ -97,7 +97,10 @@ export interface Envelope {
 export interface MessageContent {
   /** A byte above 127 anywhere: BODY=8BITMIME. */
   eightBit: boolean;
-  /** A byte above 127 in the header section: an internationalized message (RFC 6532), SMTPUTF8. */
+  /**
+   * UTF-8 header fields (RFC 6532) at any level of the MIME structure (the message's own header, a
+   * part's, a returned message/global or message/global-headers): SMTPUTF8 (RFC 6531 3.2).
+   */
   utf8Header: boolean;
 }
 
@@ -425,7 +428,7 @@ export class SmtpConnection {
         throw new SmtpError("the recipient address is not ASCII and the server does not offer SMTPUTF8 (RFC 6531 3.2)", { temporary: false, stage: "mail", status: "5.6.7" });
       }
       if (content.utf8Header) {
-        throw new SmtpError("the message has UTF-8 header fields, which need SMTPUTF8, and the server does not offer it (RFC 6531 3.2)", { temporary: false, stage: "mail", status: "5.6.9" });
+        throw new SmtpError("the message has UTF-8 header fields (in its header, or in a MIME part such as a returned message/global or message/global-headers), which need SMTPUTF8, and the server does not offer it (RFC 6531 3.2)", { temporary: false, stage: "mail", status: "5.6.9" });
       }
     }
     if (content.eightBit && !ext.has("8BITMIME")) {

@@ -708,6 +708,40 @@ test("a non-ASCII recipient at a server without SMTPUTF8 bounces alone (5.6.7); 
   assert.equal(asciiOnly.connections.flatMap((c) => c.commands).filter((c) => c.startsWith("MAIL")).length, 1, "no MAIL for it");
 });
 
+test("a DSN returning an internationalized original (message/global, message/global-headers) goes with SMTPUTF8, and never to a server without it (RFC 6531 3.2, RFC 6533)", async () => {
+  const original = (from: string, id: string) => Buffer.from(`From: <${from}>\r\nTo: <x@bounce.test>\r\nSubject: Gr\u00fc\u00dfe\r\nMessage-ID: <${id}@origin.test>\r\n\r\nHallo.\r\n`, "utf8");
+  const full = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["bad-intl-full@bounce.test"], raw: original("alice@origin.test", "intl-full") });
+  const headers = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["bad-intl-hdrs@bounce.test"], raw: original("alice@origin.test", "intl-hdrs"), ret: "HDRS" });
+  await Promise.all([finalStates(full.messageId), finalStates(headers.messageId)]);
+  const [dsnFull] = await dsnsFor("bad-intl-full@bounce.test");
+  const [dsnHeaders] = await dsnsFor("bad-intl-hdrs@bounce.test");
+  for (const [dsn, returned] of [[dsnFull!, "message/global"], [dsnHeaders!, "message/global-headers"]] as const) {
+    // The report's own header is ASCII: only its returned part holds the UTF-8 header fields.
+    assert.equal(dsn.mailParams.SMTPUTF8, true, `the DSN with ${returned} went with SMTPUTF8`);
+    assert.equal(dsn.mailParams.BODY, "8BITMIME");
+    const view = await parseWithPython(dsn.body);
+    const types = view.parts.map((p) => p.type);
+    assert.equal(types[0], "multipart/report");
+    assert.ok(types.includes("message/global-delivery-status") && types.includes(returned), types.join(" "));
+    assert.match(dsn.body.toString("utf8"), /\r\nSubject: Gr\u00fc\u00dfe\r\n/);
+  }
+
+  // The sender's server does not offer SMTPUTF8: the DSN is not sent. It bounces (5.6.9), and
+  // being from <> it is reported to nobody (the sender's server could not have taken it).
+  const lost = await submit(env.pool, env.bus, { from: "carol@asciionly.test", to: ["bad-intl-carol@bounce.test"], raw: original("carol@asciionly.test", "intl-carol") });
+  await finalStates(lost.messageId);
+  const dsnDelivery = await waitFor(async () => {
+    const result = await env.pool.query<{ state: string; last_status: string; last_reply: string; dsn_state: string | null }>(
+      "SELECT d.state, d.last_status, d.last_reply, d.dsn_state FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE m.source = 'bounce' AND d.final_recipient = 'carol@asciionly.test'",
+    );
+    const row = result.rows[0];
+    return row && row.state === "bounced" && row.dsn_state === "suppressed" ? row : null;
+  }, 15_000);
+  assert.equal(dsnDelivery!.last_status, "5.6.9");
+  assert.match(dsnDelivery!.last_reply, /UTF-8 header fields .*message\/global.*SMTPUTF8/);
+  assert.ok(!asciiOnly.commands().some((c) => c.startsWith("MAIL FROM:<>")), "nothing was sent to the sender's server");
+});
+
 test("a connection is reused after RSET for the next job; a 5xx without an enhanced code bounces as 5.0.0", async () => {
   const bad = await submit(env.pool, env.bus, { from: "", to: ["bad@rset.test"] });
   const [bounced] = await finalStates(bad.messageId);

@@ -1,6 +1,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { addAccount, addDomain, removeAccount } from "@mailstack/db";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import type { Pop3Server } from "../src/server.ts";
 import { createAccount, fileMessage, PopClient, startTestServer, unstuff, type TestAccount } from "./helpers.ts";
@@ -644,4 +645,46 @@ test("a half-closed client that does not read its RETR is still dropped after th
     stalled?.close();
     await quick.stop();
   }
+});
+
+test("an account removed and added again within one second gets UIDLs its predecessor never had (RFC 1939 section 7)", async () => {
+  await addDomain(env.pool, "reborn.test");
+  const address = "reborn@reborn.test";
+  const apopSecret = "reborn-apop-secret";
+  const uidls: string[] = [];
+  // From the start of a second, so that the three incarnations share it (as uid_validity in seconds did).
+  do await new Promise((resolve) => setTimeout(resolve, 1000 - (Date.now() % 1000) + 5));
+  while (Date.now() % 1000 > 100);
+  const started = Date.now();
+  for (let i = 0; i < 3; i++) {
+    const account = await addAccount(env.pool, { address, password: "reborn-pw", apopSecret });
+    await fileMessage(env.pool, account.id, `Subject: incarnation ${i}\r\n\r\nbody ${i}\r\n`);
+    // APOP: no scrypt run, so the three fit in one second.
+    const { client, greeting } = await PopClient.connect(server.port);
+    const digest = createHash("md5").update(greeting.slice(greeting.indexOf("<")) + apopSecret).digest("hex");
+    assert.match(await client.command(`APOP ${address} ${digest}`), /^\+OK maildrop has 1 messages/);
+    const uidl = await client.command("UIDL 1");
+    assert.match(uidl, /^\+OK 1 [\x21-\x7e]{1,70}$/);
+    uidls.push(uidl.slice("+OK 1 ".length));
+    assert.equal(await client.command("QUIT"), "+OK bye (0 messages deleted)");
+    await removeAccount(env.pool, address);
+  }
+  const elapsed = Date.now() - started;
+  assert.equal(new Set(uidls).size, 3, `UIDLs ${uidls.join(", ")} (three incarnations in ${elapsed} ms)`);
+  // uid_validity: ascending, and within IMAP's 32 bits.
+  const validities = uidls.map((uidl) => Number(uidl.split(".")[0]));
+  assert.ok(validities[0]! < validities[1]! && validities[1]! < validities[2]! && validities[2]! <= 0xffffffff, validities.join(", "));
+
+  // The MDA's upsert into an existing folder (every delivery) draws no uid_validity: the 32-bit range lasts.
+  const account = await addAccount(env.pool, { address, password: "reborn-pw" });
+  const drawn = async () => (await env.pool.query("SELECT last_value FROM folder_uid_validity")).rows[0].last_value as number;
+  const before = await drawn();
+  for (let i = 0; i < 5; i++) {
+    await env.pool.query(
+      `INSERT INTO folders (account_id, name, uid_next) VALUES ($1, 'INBOX', 2)
+       ON CONFLICT (account_id, name) DO UPDATE SET uid_next = folders.uid_next + 1`,
+      [account.id],
+    );
+  }
+  assert.equal(await drawn(), before);
 });

@@ -124,3 +124,41 @@ test("STARTTLS forgets a login made before it (RFC 3207 4.2), also where MAIL wi
     await lax.stop();
   }
 });
+
+test("a failed AUTH takes as long for an unknown or disabled account as for a wrong password (no timing oracle)", async () => {
+  await env.pool.query("UPDATE accounts SET disabled = true WHERE address = 'dave@example.test'");
+  const timed = await startMsa({
+    pool: env.pool, bus: env.bus, logger,
+    settings: testSettings({ auth: { failureDelayMs: 0, maxFailuresPerConnection: 100, maxFailuresPerIp: 1000, maxFailuresPerAccount: 1000, windowMs: 900_000 } }),
+    tls: await testTls(),
+  });
+  try {
+    const socket = tls.connect({ port: timed.submissionsPort, host: "127.0.0.1", rejectUnauthorized: false });
+    await new Promise<void>((resolve, reject) => socket.once("secureConnect", () => resolve()).once("error", reject));
+    const client = new RawSmtp(socket);
+    assert.equal((await client.reply()).code, 220);
+    assert.equal((await client.command("EHLO client.example")).code, 250);
+    const failure = async (user: string, password: string) => {
+      const started = performance.now();
+      assert.match((await client.command(`AUTH PLAIN ${plain(user, password)}`)).text, /^535 5\.7\.8 /);
+      return performance.now() - started;
+    };
+    const median = (values: number[]) => values.sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
+    const samples = { known: [] as number[], unknown: [] as number[], disabled: [] as number[] };
+    for (let i = 0; i < 3; i++) {
+      samples.known.push(await failure("alice@example.test", "wrong"));
+      samples.unknown.push(await failure(`nobody${i}@example.test`, "wrong"));
+      samples.disabled.push(await failure("dave@example.test", PASSWORDS.dave));
+    }
+    const knownMs = median(samples.known);
+    // The password hash dominates a failure (tens of milliseconds); a bare lookup takes about one.
+    for (const kind of ["unknown", "disabled"] as const) {
+      assert.ok(median(samples[kind]) > knownMs / 3, `${kind}: ${median(samples[kind]).toFixed(1)} ms vs ${knownMs.toFixed(1)} ms for a wrong password`);
+    }
+    client.close();
+  } finally {
+    await timed.stop();
+    await env.pool.query("UPDATE accounts SET disabled = false WHERE address = 'dave@example.test'");
+    await env.pool.query("DELETE FROM auth_failures");
+  }
+});

@@ -84,14 +84,33 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
   // allowHalfOpen: a client that half-closes after sending its commands (`printf ... | nc -N`) still
   // gets every reply, and its QUIT is carried out; the connection closes after the last reply.
   const plain = net.createServer({ allowHalfOpen: true }, (socket) => accept(socket, "pop3"));
-  const secure = tls.createServer(
-    { ...credentials.serverOptions, handshakeTimeout: TLS_HANDSHAKE_TIMEOUT_MS, allowHalfOpen: true },
-    (socket) => accept(socket, "pop3s"),
-  );
-  secure.on("tlsClientError", (error) => logger.debug({ err: error }, "pop3s handshake failed"));
+  // 995 wraps each connection itself, as STLS does, rather than through tls.createServer: a
+  // half-open TLS server's native handshake never notices a client that leaves before its
+  // ClientHello (a TCP probe, a port scan), which then held a socket until the handshake timeout
+  // and held up shutdown.
+  const handshaking = new Set<tls.TLSSocket>();
+  const secure = net.createServer({ allowHalfOpen: true }, (raw) => {
+    const socket = new tls.TLSSocket(raw, { isServer: true, secureContext: credentials.context });
+    handshaking.add(socket);
+    const timer = setTimeout(() => socket.destroy(), TLS_HANDSHAKE_TIMEOUT_MS);
+    const settle = () => {
+      clearTimeout(timer);
+      handshaking.delete(socket);
+      socket.off("end", abandon).off("close", abandon);
+    };
+    const abandon = () => {
+      settle();
+      socket.destroy();
+    };
+    socket.once("secure", () => {
+      settle();
+      accept(socket, "pop3s");
+    });
+    socket.once("end", abandon).once("close", abandon);
+    socket.on("error", (error) => logger.debug({ err: error }, "pop3s connection error"));
+  });
   tlsSource?.onChange((next) => {
     credentials = next;
-    secure.setSecureContext(next.serverOptions);
   });
   plain.listen(config.POP3_PORT, config.POP3_HOST);
   secure.listen(config.POP3S_PORT, config.POP3_HOST);
@@ -112,6 +131,7 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
       stopping = true;
       tlsSource?.stop();
       const closed = Promise.all([new Promise((resolve) => plain.close(resolve)), new Promise((resolve) => secure.close(resolve))]);
+      for (const socket of handshaking) socket.destroy();
       await Promise.all([...connections].map((connection) => connection.shutdown()));
       await closed;
       await sessionPool.end();

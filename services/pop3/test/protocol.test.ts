@@ -688,3 +688,27 @@ test("an account removed and added again within one second gets UIDLs its predec
   }
   assert.equal(await drawn(), before);
 });
+
+test("995: a client that leaves before its TLS handshake, or never starts one, holds nothing: stop() is prompt", async () => {
+  const { connect } = await import("node:net");
+  const opened = async (port: number) => {
+    const socket = connect(port, "127.0.0.1");
+    await new Promise<void>((resolve, reject) => socket.once("connect", resolve).once("error", reject));
+    return socket;
+  };
+  // A TCP probe: connects and leaves at once. Its server side must go with it, not at the handshake timeout.
+  const probed = await startTestServer(env);
+  (await opened(probed.tlsPort)).destroy();
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  let started = performance.now();
+  await probed.stop();
+  assert.ok(performance.now() - started < 3_000, `stop() took ${(performance.now() - started).toFixed(0)} ms after a probe`);
+
+  // A client that connects and never says a word: stop() ends its handshake instead of waiting for it.
+  const waiting = await startTestServer(env);
+  const silent = await opened(waiting.tlsPort);
+  started = performance.now();
+  await waiting.stop();
+  assert.ok(performance.now() - started < 3_000, `stop() took ${(performance.now() - started).toFixed(0)} ms with a silent client`);
+  silent.destroy();
+});

@@ -12,6 +12,8 @@ import { Pop3Session, type SessionIo, type SessionSettings } from "./session.ts"
 // At most this many pipelined command lines wait in memory before the socket is paused.
 const MAX_QUEUED_LINES = 64;
 const TLS_HANDSHAKE_TIMEOUT_MS = 30_000;
+/** How long a session may take to finish its current command when the server stops. */
+const SHUTDOWN_GRACE_MS = 5_000;
 // Queued in place of a discarded over-long line.
 const TOO_LONG = Symbol("line too long");
 
@@ -372,10 +374,16 @@ class Connection implements SessionIo {
       this.queue.length = 0;
       // When a command is in progress, the processing loop says goodbye after it.
       if (!this.processing) {
-        await this.write("-ERR [SYS/TEMP] server shutting down\r\n");
-        this.close();
+        void this.write("-ERR [SYS/TEMP] server shutting down\r\n").then(() => this.close());
       }
     }
-    await this.finished;
+    // A client that does not read (a RETR blocked on a full socket) would hold the shutdown until
+    // its autologout; after a grace it is cut off, without UPDATE: nothing it marked is deleted.
+    const cut = setTimeout(() => this.socket.destroy(), SHUTDOWN_GRACE_MS);
+    try {
+      await this.finished;
+    } finally {
+      clearTimeout(cut);
+    }
   }
 }

@@ -712,3 +712,27 @@ test("995: a client that leaves before its TLS handshake, or never starts one, h
   assert.ok(performance.now() - started < 3_000, `stop() took ${(performance.now() - started).toFixed(0)} ms with a silent client`);
   silent.destroy();
 });
+
+test("SIGTERM-style stop() with a client that stopped reading mid-RETR ends within the grace, without UPDATE", async () => {
+  const stopping = await startTestServer(env);
+  const account = await plain("stopping@example.test");
+  // Larger than what the loopback socket buffers can hold, so the server's writes block.
+  await fileMessage(env.pool, account.id, `Subject: big\r\n\r\n${`${"x".repeat(78)}\r\n`.repeat(200_000)}`);
+  await fileMessage(env.pool, account.id, "Subject: small\r\n\r\nbody\r\n");
+  const { client } = await PopClient.connect(stopping.port);
+  try {
+    assert.match(await client.login(account), /^\+OK maildrop has 2 messages/);
+    assert.equal(await client.command("DELE 2"), "+OK message 2 deleted");
+    client.socket.pause(); // reads nothing more
+    client.send("RETR 1");
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const started = performance.now();
+    await stopping.stop();
+    const took = performance.now() - started;
+    assert.ok(took < 8_000, `stop() took ${took.toFixed(0)} ms (the autologout is 10 minutes)`);
+  } finally {
+    client.close();
+  }
+  const left = await env.pool.query("SELECT count(*)::int AS n FROM mailbox_entries WHERE account_id = $1 AND NOT deleted", [account.id]);
+  assert.equal(left.rows[0].n, 2, "DELE without QUIT deletes nothing");
+});

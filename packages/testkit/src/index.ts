@@ -158,4 +158,5 @@ export async function waitFor<T>(fn: () => Promise<T> | T, timeoutMs = 10_000, i
 }
 
 export { startOtlpReceiver, type OtlpReceiver, type ReceivedSpan } from "./otlp.ts";
+export { assertNoLoginTimingOracle } from "./timing.ts";
 export { freePort, runMailctl, startServiceProcess, type CommandResult, type ServiceProcess } from "./process.ts";

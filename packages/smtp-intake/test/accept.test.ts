@@ -7,7 +7,7 @@ import { Replies } from "@mailstack/mail";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "../src/testing.ts";
 import { SmtpError, type IntakeServer } from "../src/index.ts";
-import { deliveryTargets, messageCount, seedDirectory, startIntake, tcpProxy } from "./fixtures.ts";
+import { deliveryTargets, messageCount, openSession, seedDirectory, startIntake, tcpProxy } from "./fixtures.ts";
 
 let env: TestEnv;
 let intake: IntakeServer;
@@ -24,12 +24,7 @@ after(async () => {
   await env.close();
 });
 
-async function open(port = intake.port()): Promise<RawSmtp> {
-  const client = await RawSmtp.connect(port);
-  assert.equal((await client.reply()).code, 220);
-  assert.equal((await client.command("EHLO client.remote.example")).code, 250);
-  return client;
-}
+const open = (port = intake.port()): Promise<RawSmtp> => openSession(port);
 
 async function send(client: RawSmtp, from: string, to: string[], message: string | Buffer) {
   assert.equal((await client.command(`MAIL FROM:<${from}>`)).code, 250);

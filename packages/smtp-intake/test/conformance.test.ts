@@ -6,7 +6,7 @@ import { after, before, describe, test } from "node:test";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "../src/testing.ts";
 import type { IntakeServer } from "../src/index.ts";
-import { seedDirectory, startIntake } from "./fixtures.ts";
+import { openSession, seedDirectory, startIntake } from "./fixtures.ts";
 
 let env: TestEnv;
 let intake: IntakeServer;
@@ -23,12 +23,7 @@ after(async () => {
   await env.close();
 });
 
-async function open(port = intake.port()): Promise<RawSmtp> {
-  const client = await RawSmtp.connect(port);
-  assert.equal((await client.reply()).code, 220);
-  assert.equal((await client.command("EHLO client.remote.example")).code, 250);
-  return client;
-}
+const open = (port = intake.port()): Promise<RawSmtp> => openSession(port);
 
 async function lastStored(): Promise<{ raw: string; dsn_envid: string | null; dsn_ret: string | null; orcpt: string | null; targets: string[] }> {
   const message = await env.pool.query<{ id: number; raw: Buffer; dsn_envid: string | null; dsn_ret: string | null }>(

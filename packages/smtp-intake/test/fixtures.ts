@@ -2,7 +2,9 @@ import net from "node:net";
 import { addAccount, addAlias, addDomain, type Pool } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
 import type { Bus } from "@mailstack/bus";
+import assert from "node:assert/strict";
 import { createIntakeServer, type IntakeOptions, type IntakeServer } from "../src/index.ts";
+import { RawSmtp } from "../src/testing.ts";
 
 export const logger = createLogger("test", process.env.TEST_LOG_LEVEL ?? "silent");
 
@@ -74,4 +76,12 @@ export async function messageCount(pool: Pool): Promise<number> {
 export async function deliveryTargets(pool: Pool): Promise<string[]> {
   const result = await pool.query<{ final_recipient: string }>("SELECT final_recipient FROM deliveries ORDER BY final_recipient");
   return result.rows.map((r) => r.final_recipient);
+}
+
+/** A session past its greeting and EHLO, as a remote MTA opens one. */
+export async function openSession(port: number): Promise<RawSmtp> {
+  const client = await RawSmtp.connect(port);
+  assert.equal((await client.reply()).code, 220);
+  assert.equal((await client.command("EHLO client.remote.example")).code, 250);
+  return client;
 }

@@ -3,7 +3,7 @@ import { after, before, describe, test } from "node:test";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "../src/testing.ts";
 import type { IntakeServer } from "../src/index.ts";
-import { messageCount, seedDirectory, startIntake } from "./fixtures.ts";
+import { messageCount, openSession, seedDirectory, startIntake } from "./fixtures.ts";
 
 let env: TestEnv;
 let intake: IntakeServer;
@@ -20,14 +20,7 @@ after(async () => {
   await env.close();
 });
 
-async function open(port = intake.port()): Promise<RawSmtp> {
-  const client = await RawSmtp.connect(port);
-  const greeting = await client.reply();
-  assert.equal(greeting.code, 220);
-  const ehlo = await client.command("EHLO client.remote.example");
-  assert.equal(ehlo.code, 250);
-  return client;
-}
+const open = (port = intake.port()): Promise<RawSmtp> => openSession(port);
 
 describe("session basics", () => {
   test("EHLO advertises the extensions of the issue and no AUTH on port 25", async () => {

@@ -206,7 +206,9 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   async function attempt(destination: Destination, envelope: Envelope, raw: Buffer, domain: string): Promise<Map<string, Outcome>> {
     // UTF-8 header fields anywhere in the MIME structure, not only at the top: a DSN returning an
     // internationalized message carries them in its message/global or message/global-headers part.
-    const content: MessageContent = { eightBit: hasEightBit(raw), utf8Header: hasUtf8HeaderFields(raw) };
+    const eightBit = hasEightBit(raw);
+    // A 7-bit message (the usual case) is scanned once; only an 8-bit one has its MIME structure walked.
+    const content: MessageContent = { eightBit, utf8Header: eightBit && hasUtf8HeaderFields(raw) };
     let lastFailure: Outcome | null = null;
     let anyTemporary = false;
     for (const host of destination.hosts) {

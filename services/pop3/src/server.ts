@@ -92,24 +92,13 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
   // and held up shutdown.
   const handshaking = new Set<tls.TLSSocket>();
   const secure = net.createServer({ allowHalfOpen: true }, (raw) => {
-    const socket = new tls.TLSSocket(raw, { isServer: true, secureContext: credentials.context });
+    const { socket, secured } = serverTls(raw, credentials.context);
     handshaking.add(socket);
-    const timer = setTimeout(() => socket.destroy(), TLS_HANDSHAKE_TIMEOUT_MS);
-    const settle = () => {
-      clearTimeout(timer);
-      handshaking.delete(socket);
-      socket.off("end", abandon).off("close", abandon);
-    };
-    const abandon = () => {
-      settle();
-      socket.destroy();
-    };
-    socket.once("secure", () => {
-      settle();
-      accept(socket, "pop3s");
-    });
-    socket.once("end", abandon).once("close", abandon);
     socket.on("error", (error) => logger.debug({ err: error }, "pop3s connection error"));
+    void secured.then((ok) => {
+      handshaking.delete(socket);
+      if (ok) accept(socket, "pop3s");
+    });
   });
   tlsSource?.onChange((next) => {
     credentials = next;
@@ -139,6 +128,28 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
       await sessionPool.end();
     },
   };
+}
+
+/**
+ * Server-side TLS on a plain socket, for 995 and for STLS alike. `secured` resolves true once the
+ * handshake is done, false (the socket destroyed) when the client leaves or half-closes before
+ * that, or the handshake takes longer than its timeout.
+ */
+function serverTls(raw: net.Socket, secureContext: tls.SecureContext): { socket: tls.TLSSocket; secured: Promise<boolean> } {
+  const socket = new tls.TLSSocket(raw, { isServer: true, secureContext });
+  const secured = new Promise<boolean>((resolve) => {
+    const settle = (ok: boolean) => {
+      clearTimeout(timer);
+      socket.off("secure", onSecure).off("end", onGone).off("close", onGone);
+      if (!ok) socket.destroy();
+      resolve(ok);
+    };
+    const onSecure = () => settle(true);
+    const onGone = () => settle(false);
+    const timer = setTimeout(onGone, TLS_HANDSHAKE_TIMEOUT_MS);
+    socket.once("secure", onSecure).once("end", onGone).once("close", onGone);
+  });
+  return { socket, secured };
 }
 
 /** One client connection: line framing, command queue, STLS upgrade, autologout. */
@@ -301,20 +312,11 @@ class Connection implements SessionIo {
       return;
     }
     raw.removeAllListeners("close");
-    const secureSocket = new tls.TLSSocket(raw, { isServer: true, secureContext: this.currentTls().context });
-    const handshake = setTimeout(() => secureSocket.destroy(), TLS_HANDSHAKE_TIMEOUT_MS);
-    this.socket = secureSocket;
-    this.attach(secureSocket);
-    try {
-      // A client that half-closes before the handshake is done can never finish it.
-      const gone = (event: "close" | "end") => once(secureSocket, event).then(() => Promise.reject(new Error(`${event} during TLS handshake`)));
-      await Promise.race([once(secureSocket, "secure"), gone("close"), gone("end")]);
-      this.secure = true;
-    } catch {
-      this.close();
-    } finally {
-      clearTimeout(handshake);
-    }
+    const { socket, secured } = serverTls(raw, this.currentTls().context);
+    this.socket = socket;
+    this.attach(socket);
+    if (await secured) this.secure = true;
+    else this.close();
   }
 
   close(): void {

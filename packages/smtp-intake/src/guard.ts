@@ -46,6 +46,8 @@ export const GuardReplies = {
   bareLfCommand: reply(500, "5.5.2", "Bare LF is not allowed, end command lines with CRLF"),
   noValidRecipients: reply(554, "5.5.1", "No valid recipients, message and any pipelined input discarded"),
   needMail: reply(503, "5.5.1", "Need MAIL and RCPT commands first"),
+  dataSyntax: reply(501, "5.5.4", "Syntax: DATA (no argument)"),
+  rsetSyntax: reply(501, "5.5.4", "Syntax: RSET (no argument)"),
 };
 
 /** A command line ended by a bare LF is refused (no state change); true when it answered. */
@@ -68,5 +70,16 @@ export function refuseEmptyData(connection: GuardedConnection, verb: string, ans
   const parser = connection._parser;
   answer(inTransaction ? GuardReplies.noValidRecipients : GuardReplies.needMail);
   if (inTransaction || (parser && parser.hasPendingInput)) connection.close();
+  return true;
+}
+
+/**
+ * DATA and RSET take no argument (RFC 5321 4.1.1.4-5, and LMTP's alike; QUIT's is ignored, as
+ * Postfix does). Call it after refuseEmptyData: a DATA refused there must still close the
+ * connection whose pipelined body follows it. True when it answered.
+ */
+export function refuseArguments(verb: string, line: string, answer: (r: SmtpReply) => void): boolean {
+  if ((verb !== "DATA" && verb !== "RSET") || line.trim().length === verb.length) return false;
+  answer(verb === "DATA" ? GuardReplies.dataSyntax : GuardReplies.rsetSyntax);
   return true;
 }

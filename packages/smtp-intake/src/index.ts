@@ -64,5 +64,5 @@ export { intakeShape, limitsFromConfig, type IntakeConfig } from "./config.ts";
 export { AcceptBatcher, type AcceptBatcherOptions } from "./batcher.ts";
 export { BodyScanner, hasBareLineEnding, headerValue, normalizeLineEndings, withHeaderSection } from "./body.ts";
 export { checkParameters } from "./params.ts";
-export { GuardReplies, guardCommands, refuseBareLf, refuseEmptyData, type CommandGuard, type GuardedConnection } from "./guard.ts";
+export { GuardReplies, guardCommands, refuseArguments, refuseBareLf, refuseEmptyData, type CommandGuard, type GuardedConnection } from "./guard.ts";
 export { receivedHeader, rfc5322Date, type ReceivedFields } from "./received.ts";

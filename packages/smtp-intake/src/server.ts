@@ -9,7 +9,7 @@ import { SpanKind, context, mailMetrics, trace, tracer, type Logger, type Span }
 import { AcceptBatcher } from "./batcher.ts";
 import { BodyScanner, headerValue, normalizeLineEndings, withHeaderSection } from "./body.ts";
 import { watchBus } from "./bus-health.ts";
-import { GuardReplies, guardCommands, refuseBareLf, refuseEmptyData, type CommandGuard, type GuardedConnection } from "./guard.ts";
+import { GuardReplies, guardCommands, refuseArguments, refuseBareLf, refuseEmptyData, type CommandGuard, type GuardedConnection } from "./guard.ts";
 import { checkParameters } from "./params.ts";
 import { receivedHeader } from "./received.ts";
 import { DispatchStamper } from "./stamper.ts";
@@ -192,8 +192,6 @@ const R = {
   tooManyFromIp: reply(421, "4.7.0", "Too many connections from your address, try again later"),
   vrfy: reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"),
   vrfySyntax: reply(501, "5.5.4", "Syntax: VRFY address"),
-  dataSyntax: reply(501, "5.5.4", "Syntax: DATA (no argument)"),
-  rsetSyntax: reply(501, "5.5.4", "Syntax: RSET (no argument)"),
   tlsActive: reply(503, "5.5.1", "TLS already active"),
   // RFC 4954 section 6 (and 4: no AUTH inside a mail transaction).
   encryptionRequired: reply(538, "5.7.11", "Encryption required for requested authentication mechanism, issue STARTTLS first"),
@@ -320,8 +318,6 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     const verb = line.split(" ", 1)[0]!.toUpperCase();
     if (OBSOLETE.has(verb)) return answer(Replies.commandNotImplemented);
     if (verb === "VRFY") return answer(line.trim().includes(" ") ? R.vrfy : R.vrfySyntax);
-    // RFC 5321 4.1.1.5: RSET takes no argument (QUIT's is ignored, as Postfix does).
-    if (verb === "RSET" && line.trim().length > verb.length) return answer(R.rsetSyntax);
     if (verb === "STARTTLS" && tlsMode === "implicit") return answer(R.tlsActive);
     if (authRequired && !connection.session.user && verb !== "AUTH" && ++state.unauthenticated > MAX_UNAUTHENTICATED_COMMANDS) {
       return answer(R.tooManyUnauthenticated);
@@ -354,10 +350,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         if (!parsed.ok && RELAY_TRICKS.has(parsed.problem)) return answer(Replies.relayDenied);
       }
     }
-    if (refuseEmptyData(connection, verb, answer)) return;
-    // RFC 5321 4.1.1.4: DATA takes no argument. Checked after the empty-DATA guard, which must
-    // still close a connection whose pipelined body follows a refused transaction.
-    if (verb === "DATA" && line.trim().length > verb.length) return answer(R.dataSyntax);
+    if (refuseEmptyData(connection, verb, answer) || refuseArguments(verb, line, answer)) return;
     return original.call(connection, command, callback);
   };
 

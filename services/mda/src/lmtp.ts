@@ -3,7 +3,7 @@ import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMT
 import { Replies, parseAddress, parseReply, replyClass, type SmtpReply } from "@mailstack/mail";
 import { resolveRecipient, type Pool, type Route } from "@mailstack/db";
 import { acceptMessage, dispatchAccepted, newQueueId, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
-import { BodyScanner, guardCommands, headerValue, normalizeLineEndings, receivedHeader, refuseBareLf, refuseEmptyData, withHeaderSection, type CommandGuard } from "@mailstack/smtp-intake";
+import { BodyScanner, guardCommands, headerValue, normalizeLineEndings, receivedHeader, refuseArguments, refuseBareLf, refuseEmptyData, withHeaderSection, type CommandGuard } from "@mailstack/smtp-intake";
 import { SpanKind, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
 import { deliverLocal, SERVICE, type DeliverContext, type Outcome } from "./deliver.ts";
 import { allowedClient, networkList } from "./networks.ts";
@@ -151,9 +151,10 @@ const lmtpGuard: CommandGuard = (connection, command, callback, original) => {
     setImmediate(() => connection._whenWritable(callback ?? (() => undefined)));
   };
   if (refuseBareLf(connection, answer)) return;
-  const verb = command.toString("latin1").split(" ", 1)[0]!.toUpperCase();
+  const line = command.toString("latin1");
+  const verb = line.split(" ", 1)[0]!.toUpperCase();
   if (verb === "HELO" || verb === "EHLO") return answer(R.notLmtp);
-  if (refuseEmptyData(connection, verb, answer)) return;
+  if (refuseEmptyData(connection, verb, answer) || refuseArguments(verb, line, answer)) return;
   original.call(connection, command, callback);
 };
 

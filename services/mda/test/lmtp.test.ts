@@ -418,3 +418,15 @@ test("a client over IPv6 is written as an IPv6 address literal in our Received: 
   const row = (await entries("ok2@example.test")).find((r) => r.raw.toString().includes("over-ipv6"))!;
   assert.match(row.raw.toString(), /^Received: from client6\.example \(\[IPv6:::1\]\)\r\n\tby mx\.example\.test \(mailstack\) with LMTP id /);
 });
+
+test("DATA and RSET with an argument are 501 5.5.4, as at the SMTP ports", async () => {
+  const client = await session();
+  await client.command("MAIL FROM:<sender@remote.example>");
+  assert.match(await client.command("RCPT TO:<ok1@example.test>"), /^250 /);
+  assert.match(await client.command("RSET now"), /^501 5\.5\.4 /);
+  assert.match(await client.command("DATA please"), /^501 5\.5\.4 /);
+  assert.match(await client.command("DATA"), /^354 /, "the transaction is still there");
+  client.write("Subject: after-501\r\n\r\nx\r\n.\r\n");
+  assert.match(await client.reply(), /^250 /);
+  client.close();
+});

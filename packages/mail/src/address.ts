@@ -50,11 +50,17 @@ function splitAtLastAt(text: string): [string, string] | null {
  * Parses an RFC 5321 mailbox (without angle brackets) and normalises it: the domain
  * lower-cased in IDNA form, the local part lower-cased (this system treats local parts
  * case-insensitively). Forms used for relay tricks are reported as such.
+ *
+ * A Quoted-string local part (RFC 5321 4.1.2) names the same mailbox however it is quoted:
+ * its content is unescaped, written bare when it is a dot-atom (`"john"` is `john`), else
+ * quoted again with a backslash only before `"` and `\` (`"a\ b"` is `"a b"`). That canonical
+ * form is the address everywhere: lookups, stored envelopes, headers, the relay's commands.
+ * Lengths are octets as sent: local part at most 64, mailbox at most 254 (a 256-octet path
+ * with its angle brackets, RFC 5321 4.5.3.1).
  */
 export function parseAddress(input: string, options: ParseOptions = {}): ParsedAddress {
   const text = input.trim();
   if (!text) return { ok: false, problem: "empty" };
-  if (text.length > 254) return { ok: false, problem: "too-long" };
   if (text.startsWith("@")) return { ok: false, problem: "source-route" };
   // U+FFFD is what bytes that were not UTF-8 decode to: such an address cannot be given back as sent.
   if (/[\x00-\x1f\x7f\ufffd]/.test(text)) return { ok: false, problem: "syntax" };
@@ -63,6 +69,7 @@ export function parseAddress(input: string, options: ParseOptions = {}): ParsedA
   }
 
   let local: string;
+  let sentLocal: string;
   let domainPart: string;
   if (text.startsWith('"')) {
     const close = findClosingQuote(text);
@@ -71,23 +78,44 @@ export function parseAddress(input: string, options: ParseOptions = {}): ParsedA
     if (quoted.includes("@")) return { ok: false, problem: "quoted-at" };
     if (quoted.includes("%")) return { ok: false, problem: "percent-hack" };
     if (quoted.includes("!")) return { ok: false, problem: "bang-path" };
-    local = isDotAtom(quoted, options.utf8) ? quoted : text.slice(0, close + 1);
+    sentLocal = text.slice(0, close + 1);
+    local = isDotAtom(quoted, options.utf8) ? quoted : `"${quoted.replace(/["\\]/g, "\\$&")}"`;
     domainPart = text.slice(close + 2);
   } else {
     const parts = splitAtLastAt(text);
     if (!parts) return { ok: false, problem: "syntax" };
     [local, domainPart] = parts;
+    sentLocal = local;
     if (local.includes("@")) return { ok: false, problem: "syntax" };
     if (local.includes("%")) return { ok: false, problem: "percent-hack" };
     if (local.includes("!")) return { ok: false, problem: "bang-path" };
     if (!isDotAtom(local, options.utf8)) return { ok: false, problem: "syntax" };
   }
-  if (local.length > 64) return { ok: false, problem: "too-long" };
+  if (Buffer.byteLength(sentLocal) > 64) return { ok: false, problem: "too-long" };
   if (domainPart.startsWith("[")) return { ok: false, problem: "ip-literal" };
   const domain = normalizeDomain(domainPart);
-  if (!domain) return { ok: false, problem: "bad-domain" };
+  if (!domain) return { ok: false, problem: domainPart.length > 253 ? "too-long" : "bad-domain" };
+  if (Buffer.byteLength(sentLocal) + 1 + domain.length > 254) return { ok: false, problem: "too-long" };
   const normalizedLocal = local.toLowerCase();
   return { ok: true, local: normalizedLocal, domain, address: `${normalizedLocal}@${domain}` };
+}
+
+/**
+ * Where the path of a MAIL or RCPT command ends: `text` starts with its "<", the result is
+ * the index after its ">" (quoted strings skipped, so `<"a>b"@x>` is one path), or -1 when
+ * there is no such path.
+ */
+export function pathEnd(text: string): number {
+  if (text[0] !== "<") return -1;
+  let quoted = false;
+  for (let i = 1; i < text.length; i++) {
+    const c = text[i];
+    if (quoted && c === "\\") i++;
+    else if (c === '"') quoted = !quoted;
+    else if (!quoted && c === ">") return i + 1;
+    else if (!quoted && c === "<") return -1;
+  }
+  return -1;
 }
 
 function findClosingQuote(text: string): number {

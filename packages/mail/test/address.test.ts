@@ -38,6 +38,38 @@ test("quoted local parts without tricks are accepted", () => {
   assert.equal(plain.ok && plain.address, "john@x.test");
 });
 
+test("a quoted local part is canonical: unescaped, bare when a dot-atom, else quoted with only \\ and \" escaped", () => {
+  const cases: Array<[string, string]> = [
+    ['"John\\ Doe"@X.test', '"john doe"@x.test'],
+    ['"j\\ohn"@x.test', "john@x.test"],
+    ['"a.b"@x.test', "a.b@x.test"],
+    ['"a..b"@x.test', '"a..b"@x.test'],
+    ['"say \\"hi\\""@x.test', '"say \\"hi\\""@x.test'],
+    ['"back\\\\slash"@x.test', '"back\\\\slash"@x.test'],
+    ['"a>b <c>"@x.test', '"a>b <c>"@x.test'],
+    ['""@x.test', '""@x.test'],
+  ];
+  for (const [input, canonical] of cases) {
+    const parsed = parseAddress(input);
+    assert.equal(parsed.ok && parsed.address, canonical, input);
+    // The canonical form parses to itself.
+    assert.equal(parsed.ok && (parseAddress(canonical) as { address: string }).address, canonical, canonical);
+  }
+});
+
+test("lengths are octets as sent: local part 64, mailbox 254", () => {
+  assert.ok(parseAddress(`${"a".repeat(64)}@x.test`).ok);
+  assert.deepEqual(parseAddress(`${"a".repeat(65)}@x.test`), { ok: false, problem: "too-long" });
+  // 64 octets quoted, 62 unquoted: the limit is on the local part as sent.
+  assert.ok(parseAddress(`"${"a b".repeat(20)}ab"@x.test`).ok);
+  assert.deepEqual(parseAddress(`"${"a".repeat(63)}"@x.test`), { ok: false, problem: "too-long" });
+  assert.ok(parseAddress(`${"é".repeat(32)}@x.test`, { utf8: true }).ok);
+  assert.deepEqual(parseAddress(`${"é".repeat(33)}@x.test`, { utf8: true }), { ok: false, problem: "too-long" });
+  const domain = (n: number) => `${"b".repeat(63)}.${"c".repeat(63)}.${"d".repeat(n - 128 - 5)}.test`;
+  assert.ok(parseAddress(`${"a".repeat(64)}@${domain(189)}`).ok);
+  assert.deepEqual(parseAddress(`${"a".repeat(64)}@${domain(190)}`), { ok: false, problem: "too-long" });
+});
+
 test("replies parse with and without enhanced codes", () => {
   assert.deepEqual(parseReply("550 5.1.1 no such user"), { code: 550, enhanced: "5.1.1", text: "no such user" });
   assert.deepEqual(parseReply("451 try later"), { code: 451, enhanced: "4.0.0", text: "try later" });

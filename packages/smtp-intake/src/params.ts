@@ -1,4 +1,4 @@
-import { reply, type SmtpReply } from "@mailstack/mail";
+import { pathEnd, reply, type SmtpReply } from "@mailstack/mail";
 
 /**
  * Checks the ESMTP parameters of a MAIL or RCPT command line, as sent (before smtp-server
@@ -10,10 +10,12 @@ import { reply, type SmtpReply } from "@mailstack/mail";
  * 501 5.5.4. Returns the refusal, or null.
  */
 export function checkParameters(verb: "MAIL" | "RCPT", line: string, options: { auth: boolean }): SmtpReply | null {
-  const close = line.indexOf(">");
-  if (close < 0) return null; // the library answers the syntax error
+  // The parameters follow the path; a quoted local part may hold ">".
+  const open = line.indexOf("<");
+  const end = open < 0 ? -1 : pathEnd(line.slice(open));
+  if (end < 0) return null; // the library answers the syntax error
   const known = verb === "MAIL" ? MAIL_KEYWORDS : RCPT_KEYWORDS;
-  for (const param of line.slice(close + 1).trim().split(/\s+/)) {
+  for (const param of line.slice(open + end).trim().split(/\s+/)) {
     if (!param) continue;
     const eq = param.indexOf("=");
     const keyword = (eq < 0 ? param : param.slice(0, eq)).toUpperCase();

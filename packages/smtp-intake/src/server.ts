@@ -3,7 +3,7 @@ import type { AddressInfo } from "node:net";
 import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
 import type { Bus } from "@mailstack/bus";
 import { DirectoryCache, resolveRecipient as resolveWithDirectory, type Pool, type Resolution, type Route, type RouteRefusal } from "@mailstack/db";
-import { Replies, parseAddress, reply, type AddressProblem, type SmtpReply } from "@mailstack/mail";
+import { Replies, parseAddress, pathEnd, reply, type AddressProblem, type SmtpReply } from "@mailstack/mail";
 import { dispatchAccepted, newQueueId, type AcceptedMessage, type MessageSource, type NewDelivery } from "@mailstack/queue";
 import { SpanKind, context, mailMetrics, trace, tracer, type Logger, type Span } from "@mailstack/telemetry";
 import { AcceptBatcher } from "./batcher.ts";
@@ -204,6 +204,9 @@ const R = {
   disabled: reply(550, "5.2.1", "Mailbox disabled"),
   loop: reply(550, "5.4.6", "Alias loop or chain too deep"),
   utf8Address: reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 extension"),
+  // RFC 5321 4.5.3.1.10: over 64 octets of local part or 254 of mailbox.
+  senderTooLong: reply(501, "5.1.7", "Path too long"),
+  recipientTooLong: reply(501, "5.1.3", "Path too long"),
   badAuth: reply(535, "5.7.8", "Authentication credentials invalid"),
   tooManyFinal: reply(452, "4.5.3", "Too many recipients after alias expansion"),
   busy: reply(452, "4.3.1", "Insufficient system storage, try again later"),
@@ -213,6 +216,13 @@ function smtpError(r: SmtpReply): Error & { responseCode: number } {
   const error = new Error(`${r.enhanced} ${r.text}`) as Error & { responseCode: number };
   error.responseCode = r.code;
   return error;
+}
+
+/** The reply to a MAIL or RCPT address that parseAddress refused (relay tricks in RCPT are handled first). */
+function addressReply(problem: AddressProblem, verb: "MAIL" | "RCPT"): SmtpReply {
+  if (problem === "utf8-not-allowed") return R.utf8Address;
+  if (problem === "too-long") return verb === "MAIL" ? R.senderTooLong : R.recipientTooLong;
+  return verb === "MAIL" ? Replies.badSenderSyntax : Replies.badRecipientSyntax;
 }
 
 function refusalReply(reason: RouteRefusal): SmtpReply {
@@ -342,9 +352,10 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       };
     }
     if (verb === "RCPT") {
-      const match = /^RCPT\s+TO:\s*<([^>]*)>/i.exec(line);
-      if (match) {
-        const address = match[1]!;
+      const to = /^RCPT\s+TO:\s*/i.exec(line);
+      const end = to ? pathEnd(line.slice(to[0].length)) : -1;
+      if (to && end > 0) {
+        const address = line.slice(to[0].length + 1, to[0].length + end - 1);
         if (address.startsWith("@")) return answer(Replies.relayDenied);
         const parsed = parseAddress(address, { utf8: true });
         if (!parsed.ok && RELAY_TRICKS.has(parsed.problem)) return answer(Replies.relayDenied);
@@ -408,7 +419,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     let sender = "";
     if (address.address) {
       const parsed = parseAddress(address.address, { utf8: !!session.envelope.smtpUtf8 });
-      if (!parsed.ok) return callback(smtpError(parsed.problem === "utf8-not-allowed" ? R.utf8Address : Replies.badSenderSyntax));
+      if (!parsed.ok) return callback(smtpError(addressReply(parsed.problem, "MAIL")));
       sender = parsed.address;
     }
     const check = options.validateSender ? options.validateSender(sender, view(session)) : Promise.resolve();
@@ -450,7 +461,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     const parsed = parseAddress(recipientAddress(address.address), { utf8: !!session.envelope.smtpUtf8 });
     if (!parsed.ok) {
       if (RELAY_TRICKS.has(parsed.problem)) return callback(smtpError(Replies.relayDenied));
-      return callback(smtpError(parsed.problem === "utf8-not-allowed" ? R.utf8Address : Replies.badRecipientSyntax));
+      return callback(smtpError(addressReply(parsed.problem, "RCPT")));
     }
     const s = view(session);
     const allowRemote = typeof options.allowRemote === "function" ? options.allowRemote(s) : !!options.allowRemote;

@@ -88,8 +88,10 @@ const DELIVERY_COLUMNS = "id, message_id, final_recipient, kind, remote_domain, 
 
 /**
  * Deliveries in the queue, oldest (lowest id) first, a page at a time. Each state is its own
- * range of the index on (state, id) for the waiting ones, merged by id: one scan over both
- * states would walk the primary key past every finished delivery, or sort every waiting one.
+ * range in id order, merged by id: of deliveries_pending, deliveries_bounced_cancelled or, with
+ * a domain, deliveries_domain (migration 075); delivered rows, most of the table, through the
+ * primary key. One scan over several states would walk the primary key past every other
+ * delivery, or sort every matching one.
  */
 export async function listQueue(db: Queryable, filter: QueueFilter = {}): Promise<QueuePage> {
   const states = checkState(filter.state);

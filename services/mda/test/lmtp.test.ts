@@ -81,6 +81,23 @@ test("after DATA each recipient gets its own reply: 250 for the delivered ones, 
   assert.deepEqual(full, [{ state: "bounced", dsn_state: "suppressed", last_reply: "552 5.2.2 Mailbox full" }]);
 });
 
+test("a quoted local part (RFC 5321 4.1.2): any quoting of the account's name reaches it once, one reply per RCPT; the trace lines quote it", async () => {
+  await account(env.pool, '"John Doe"@example.test');
+  const client = await session();
+  assert.match(await client.command('MAIL FROM:<"a b"@remote.example>'), /^250 /);
+  assert.match(await client.command('RCPT TO:<"John\\ Doe"@example.test>'), /^250 /);
+  assert.match(await client.command('RCPT TO:<"john doe"@example.test>'), /^250 /);
+  assert.match(await client.command("DATA"), /^354 /);
+  client.write(`${message("lmtp quoted")}.\r\n`);
+  assert.match(await client.reply(), /^250 /);
+  assert.match(await client.reply(), /^250 /);
+  assert.match(await client.command("QUIT"), /^221 /);
+  client.close();
+  const rows = await entries('"john doe"@example.test');
+  assert.equal(rows.length, 1);
+  assert.match(rows[0].header_prefix.toString(), /^Return-Path: <"a b"@remote\.example>\r\nDelivered-To: "john doe"@example\.test\r\n/);
+});
+
 test("an alias fans out at RCPT, a recipient given twice gets one copy, several transactions per connection", async () => {
   const client = await session();
   for (let i = 0; i < 2; i++) {

@@ -5,7 +5,7 @@ import { mkdirSync, existsSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { DEFAULT_DATABASE_URL, DEFAULT_NATS_URL } from "@mailstack/config";
+import { DEFAULT_DATABASE_URL, DEFAULT_NATS_URL, defaultMailHostname } from "@mailstack/config";
 import { createPool, ensureDatabase, migrate } from "@mailstack/db";
 import { loadTlsCredentials } from "@mailstack/runtime";
 
@@ -188,17 +188,19 @@ try {
   say(applied.length ? `migrations applied: ${applied.join(", ")}` : "schema is up to date");
   // Generated once here (when no certificate is configured) so every service reads the same cached pair.
   const tlsDir = process.env.TLS_DIR ?? path.join(dataDir, "tls");
+  const mailHostname = process.env.MAIL_HOSTNAME ?? defaultMailHostname();
   const tls = await loadTlsCredentials({
     certFile: process.env.TLS_CERT_FILE,
     keyFile: process.env.TLS_KEY_FILE,
     dir: tlsDir,
-    hostname: process.env.MAIL_HOSTNAME ?? "localhost",
+    hostname: mailHostname,
   });
   const env: NodeJS.ProcessEnv = {
     ...process.env,
     DATABASE_URL: databaseUrl,
     NATS_URL: natsUrl,
     TLS_DIR: tlsDir,
+    MAIL_HOSTNAME: mailHostname,
   };
   for (const spec of services) startService(spec, env);
   const ready = await Promise.all(services.map(waitReady));
@@ -223,6 +225,7 @@ try {
     `  Database                  ${databaseUrl.replace(/:[^:@/]*@/, ":***@")}`,
     `  NATS                      ${natsUrl}`,
     `  TLS certificate           ${tls.source}${tls.selfSigned ? " (self-signed)" : ""}`,
+    `  Mail host name            ${mailHostname}${mailHostname === "localhost" ? " (set MAIL_HOSTNAME to this host's public name before exchanging mail with other servers)" : ""}`,
     "",
     "Add a first account and send a first mail (in another terminal):",
     ...(databaseUrl === DEFAULT_DATABASE_URL ? [] : [`  export DATABASE_URL=${databaseUrl}`]),

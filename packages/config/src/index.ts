@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { hostname } from "node:os";
 
 export { z };
 
@@ -122,6 +123,20 @@ const url = (fallback: string, protocols: string[]) =>
       }
     }, `expected a URL starting with ${protocols.join(" or ")}//`);
 
+/** The system's host name when it is a fully qualified domain name, else "localhost". */
+export function defaultMailHostname(systemName: string = hostname()): string {
+  const name = systemName.toLowerCase().replace(/\.$/, "");
+  return isFullyQualified(name) ? name : "localhost";
+}
+
+/** A name with at least two dot-separated labels of letters, digits and inner hyphens, not all-numeric at the top. */
+export function isFullyQualified(name: string): boolean {
+  const labels = name.split(".");
+  if (labels.length < 2 || name.length > 253) return false;
+  if (!labels.every((label) => /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/i.test(label))) return false;
+  return !/^[0-9]+$/.test(labels[labels.length - 1]!);
+}
+
 export const DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/mailstack";
 export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";
 
@@ -133,8 +148,11 @@ export const commonShape = {
   /** Prefix for stream names and subjects; lets several deployments (or test files) share one NATS. */
   BUS_PREFIX: z.string().regex(/^[A-Za-z0-9_-]*$/, "letters, digits, _ and - only").default(""),
   LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
-  /** The name this host gives itself in SMTP greetings, Received: headers and DSNs. */
-  MAIL_HOSTNAME: z.string().default("localhost"),
+  /**
+   * The name this host gives itself in SMTP greetings, EHLO, Received: headers and DSNs. Like
+   * Postfix's myhostname, it defaults to the system's name when that is fully qualified.
+   */
+  MAIL_HOSTNAME: z.string().default(defaultMailHostname()),
   SHUTDOWN_TIMEOUT: duration("25s"),
   /**
    * V8 starts a full garbage collection when the heap has grown by this percentage over what

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { ConfigError, commonShape, loadConfig, parseDuration, parseSize, port, size } from "../src/index.ts";
+import { ConfigError, commonShape, defaultMailHostname, isFullyQualified, loadConfig, parseDuration, parseSize, port, size } from "../src/index.ts";
 
 test("defaults apply when variables are absent", () => {
   const config = loadConfig(commonShape, {});
@@ -32,4 +32,16 @@ test("sizes and durations parse with units", () => {
   assert.equal(parseDuration("250ms"), 250);
   assert.equal(parseDuration("30"), 30_000);
   assert.equal(parseDuration("soon"), null);
+});
+
+test("MAIL_HOSTNAME defaults to the system's name only when it is fully qualified", () => {
+  assert.equal(defaultMailHostname("MX1.Example.ORG"), "mx1.example.org");
+  assert.equal(defaultMailHostname("mx1.example.org."), "mx1.example.org");
+  assert.equal(defaultMailHostname("vm"), "localhost");
+  assert.equal(defaultMailHostname("mta-outbound-7d9f8-abcde"), "localhost");
+  assert.equal(defaultMailHostname("10.0.0.7"), "localhost");
+  assert.equal(defaultMailHostname("bad_name.example"), "localhost");
+  assert.equal(loadConfig(commonShape, { MAIL_HOSTNAME: "mail.example.net" }).MAIL_HOSTNAME, "mail.example.net");
+  assert.equal(isFullyQualified("mail.example.net"), true);
+  assert.equal(isFullyQualified("localhost"), false);
 });

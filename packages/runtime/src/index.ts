@@ -1,5 +1,5 @@
 import v8 from "node:v8";
-import { ConfigError, commonShape, loadConfig, port, type CommonConfig, type z } from "@mailstack/config";
+import { ConfigError, commonShape, isFullyQualified, loadConfig, port, type CommonConfig, type z } from "@mailstack/config";
 import { createPool, migrate, type Pool } from "@mailstack/db";
 import { connectBus, provisionBus, type Bus } from "@mailstack/bus";
 import { createLogger, startOpsServer, stopTelemetry, type Logger } from "@mailstack/telemetry";
@@ -48,6 +48,10 @@ export async function runService<S extends z.ZodRawShape>(definition: ServiceDef
     throw error;
   }
   const logger = createLogger(definition.name, config.LOG_LEVEL);
+  if (!isFullyQualified(config.MAIL_HOSTNAME)) {
+    // Many MTAs refuse or score down an EHLO that is not a fully qualified name (Postfix's reject_non_fqdn_helo_hostname).
+    logger.warn({ mailHostname: config.MAIL_HOSTNAME }, "MAIL_HOSTNAME is not a fully qualified domain name; set it to this host's public name (its MX target) before exchanging mail with other servers");
+  }
   // Not allowed in NODE_OPTIONS, and read by V8 at every full collection, so set here.
   if (config.HEAP_GROWING_PERCENT > 0) v8.setFlagsFromString(`--heap-growing-percent=${config.HEAP_GROWING_PERCENT}`);
   let shuttingDown = false;

@@ -82,3 +82,24 @@ test("a bad setting is reported by name and the process exits 78", async () => {
   assert.match(output, /SMTP_MAX_MESSAGE_SIZE/);
   assert.match(output, /SMTP_PORT/);
 });
+
+test("a MAIL_HOSTNAME that is not fully qualified is warned about at start", async () => {
+  const child = spawn(process.execPath, [main], {
+    env: { ...process.env, ...env.env, SMTP_PORT: String(await freePort()), SMTP_HOST: "127.0.0.1", OPS_PORT: String(await freePort()), MAIL_HOSTNAME: "localhost", LOG_LEVEL: "info", INBOUND_AUTH_CHECKS: "false", TLS_DIR: await mkdtemp(join(tmpdir(), "inbound-tls-")) },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  child.stdout!.on("data", (d) => (output += d));
+  child.stderr!.on("data", (d) => (output += d));
+  const exit = exited(child);
+  try {
+    await waitFor(() => output.includes("mta-inbound ready"), 20_000, 50);
+  } finally {
+    child.kill("SIGTERM");
+  }
+  await exit;
+  const warning = output.split("\n").find((line) => line.includes("MAIL_HOSTNAME is not a fully qualified"));
+  assert.ok(warning, output);
+  assert.equal(JSON.parse(warning).level, "warn");
+  assert.equal(JSON.parse(warning).mailHostname, "localhost");
+});

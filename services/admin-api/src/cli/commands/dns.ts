@@ -1,4 +1,5 @@
 import { domainDnsRecords } from "@mailstack/admin-ops";
+import { defaultMailHostname } from "@mailstack/config";
 import { DirectoryError, getDomain } from "@mailstack/db";
 import { parse } from "../args.ts";
 import { register } from "../registry.ts";
@@ -11,7 +12,7 @@ register({
     const domain = await getDomain(pool, positionals[0]!);
     if (!domain) throw new DirectoryError("not-found", `no such domain: ${positionals[0]}`);
     const policy = env.DMARC_POLICY === "none" || env.DMARC_POLICY === "reject" ? env.DMARC_POLICY : "quarantine";
-    const records = await domainDnsRecords(pool, domain.name, { mxHost: values.mx ?? env.MAIL_HOSTNAME ?? "localhost", dmarcPolicy: policy });
+    const records = await domainDnsRecords(pool, domain.name, { mxHost: values.mx ?? env.MAIL_HOSTNAME ?? defaultMailHostname(), dmarcPolicy: policy });
     for (const r of records) {
       // Zone files carry TXT data as strings of at most 255 characters (a DKIM key is longer).
       const strings = r.value.match(/.{1,255}/g) ?? [""];

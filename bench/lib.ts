@@ -1,6 +1,9 @@
 // Small helpers the benchmarks share.
 import { spawn } from "node:child_process";
-import { readFile, readdir } from "node:fs/promises";
+import { mkdtemp, readFile, readdir } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { freePort, startServiceProcess, type ServiceProcess } from "../packages/testkit/src/index.ts";
 
 /** Runs a command to its end; resolves its exit code and everything it printed. */
 export function sh(command: string, args: string[]): Promise<{ code: number | null; output: string }> {
@@ -52,4 +55,26 @@ export async function machineBusyMs(): Promise<number> {
   const cpu = (await readFile("/proc/stat", "utf8")).split("\n")[0]!.trim().split(/\s+/).slice(1).map(Number);
   const [user, nice, system, , , irq, softirq, steal] = cpu;
   return ((user! + nice! + system! + irq! + softirq! + steal!) * 1000) / 100;
+}
+
+/**
+ * The msa as the benchmarks run it: its own process on loopback, submission limits off (the
+ * benchmarks measure the path, not the limiter), a TLS directory of its own.
+ * Returns the process and its two ports (587-style STARTTLS and 465-style TLS).
+ */
+export async function startBenchMsa(testEnv: Record<string, string>, extra: Record<string, string> = {}): Promise<{ msa: ServiceProcess; submission: number; submissions: number }> {
+  const [submission, submissions] = [await freePort(), await freePort()];
+  const msa = await startServiceProcess("msa", {
+    ...testEnv,
+    LOG_LEVEL: "warn",
+    MAIL_HOSTNAME: "msa.bench.test",
+    SUBMISSION_LISTEN: "127.0.0.1",
+    SUBMISSION_PORT: String(submission),
+    SUBMISSIONS_PORT: String(submissions),
+    SUBMISSION_MAX_MESSAGES: "0",
+    SUBMISSION_MAX_RECIPIENTS: "0",
+    TLS_DIR: await mkdtemp(join(tmpdir(), "bench-msa-tls-")),
+    ...extra,
+  });
+  return { msa, submission, submissions };
 }

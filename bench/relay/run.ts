@@ -40,7 +40,7 @@ import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } fro
 import { runLoad } from "../smtp-submission/load.ts";
 import { DispatchStamper } from "../../packages/smtp-intake/src/stamper.ts";
 import { createLogger } from "../../packages/telemetry/src/index.ts";
-import { cpuMs, machineBusyMs, postgresCpuMs } from "../lib.ts";
+import { cpuMs, machineBusyMs, postgresCpuMs, startBenchMsa } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -157,18 +157,7 @@ try {
   const oursSink = startSink(oursSinkPort);
   children.push(oursSink.child);
 
-  const [submission, submissions] = [await freePort(), await freePort()];
-  const msa = await startServiceProcess("msa", {
-    ...env.env,
-    LOG_LEVEL: "warn",
-    MAIL_HOSTNAME: "msa.bench.test",
-    SUBMISSION_LISTEN: "127.0.0.1",
-    SUBMISSION_PORT: String(submission),
-    SUBMISSIONS_PORT: String(submissions),
-    SUBMISSION_MAX_MESSAGES: "0",
-    SUBMISSION_MAX_RECIPIENTS: "0",
-    TLS_DIR: tlsDir,
-  });
+  const { msa, submission, submissions } = await startBenchMsa(env.env);
   processes.push(msa);
   // Port 25: mail for forward@bench.test goes to the remote user@far.example (an alias).
   await addAlias(env.pool, "forward@bench.test", ["user@far.example"]);

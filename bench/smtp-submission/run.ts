@@ -22,6 +22,7 @@ import { createDomainDkimKey } from "../../packages/dkim/src/index.ts";
 import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } from "../../packages/testkit/src/index.ts";
 import { startDnsServer } from "../../services/mta-inbound/test/dns-server.ts";
 import { runLoad, type LoadResult } from "./load.ts";
+import { startBenchMsa } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -79,18 +80,8 @@ try {
   if (!values["no-dkim"]) await createDomainDkimKey(env.pool, "bench.test", { selector: "bench", algorithm });
   const tlsDir = await mkdtemp(join(tmpdir(), "bench-msa-tls-"));
 
-  const [submission, submissions] = [await freePort(), await freePort()];
-  const msa = await startServiceProcess("msa", {
-    ...env.env,
-    LOG_LEVEL: "warn",
-    MAIL_HOSTNAME: "msa.bench.test",
-    SUBMISSION_LISTEN: "127.0.0.1",
-    SUBMISSION_PORT: String(submission),
-    SUBMISSIONS_PORT: String(submissions),
-    SUBMISSION_MAX_MESSAGES: "0",
-    SUBMISSION_MAX_RECIPIENTS: "0",
+  const { msa, submission, submissions } = await startBenchMsa(env.env, {
     SUBMISSION_AUTH_BEFORE_TLS: values.plain ? "true" : "false",
-    TLS_DIR: tlsDir,
     ...(values["sign-threads"] !== undefined ? { DKIM_SIGN_THREADS: values["sign-threads"] } : {}),
     // For profiling: MSA_NODE_OPTIONS="--cpu-prof --cpu-prof-dir=/tmp/prof".
     ...(process.env.MSA_NODE_OPTIONS ? { NODE_OPTIONS: process.env.MSA_NODE_OPTIONS } : {}),

@@ -30,7 +30,8 @@ function exited(child: ChildProcess): Promise<number | null> {
   return new Promise((resolve) => child.once("exit", (code) => resolve(code)));
 }
 
-test("the service starts from its environment, accepts mail, and stops gracefully on SIGTERM", async () => {
+/** The service as its own process on loopback ports; `output()` is everything it printed. */
+async function spawnInbound(settings: Record<string, string>) {
   const [smtpPort, opsPort] = [await freePort(), await freePort()];
   const child = spawn(process.execPath, [main], {
     env: {
@@ -39,17 +40,20 @@ test("the service starts from its environment, accepts mail, and stops gracefull
       SMTP_PORT: String(smtpPort),
       SMTP_HOST: "127.0.0.1",
       OPS_PORT: String(opsPort),
-      MAIL_HOSTNAME: "mx.example.test",
       INBOUND_AUTH_CHECKS: "false",
-      SMTP_MAX_MESSAGE_SIZE: "1M",
       TLS_DIR: await mkdtemp(join(tmpdir(), "inbound-tls-")),
+      ...settings,
     },
     stdio: ["ignore", "pipe", "pipe"],
   });
   let output = "";
   child.stdout!.on("data", (d) => (output += d));
   child.stderr!.on("data", (d) => (output += d));
-  const exit = exited(child);
+  return { child, smtpPort, opsPort, exit: exited(child), output: () => output };
+}
+
+test("the service starts from its environment, accepts mail, and stops gracefully on SIGTERM", async () => {
+  const { child, smtpPort, opsPort, exit, output } = await spawnInbound({ MAIL_HOSTNAME: "mx.example.test", SMTP_MAX_MESSAGE_SIZE: "1M" });
   try {
     await waitFor(async () => (await fetch(`http://127.0.0.1:${opsPort}/readyz`)).ok, 20_000, 100);
     const { stdout } = await run("swaks", ["--server", "127.0.0.1", "--port", String(smtpPort), "--from", "x@remote.example", "--to", "ann@example.test"]);
@@ -68,38 +72,28 @@ test("the service starts from its environment, accepts mail, and stops gracefull
   } finally {
     child.kill("SIGTERM");
   }
-  assert.equal(await exit, 0, output);
+  assert.equal(await exit, 0, output());
   const rows = await env.pool.query("SELECT count(*)::int AS n FROM messages");
   assert.equal(rows.rows[0].n, 1);
 });
 
 test("a bad setting is reported by name and the process exits 78", async () => {
-  const child = spawn(process.execPath, [main], { env: { ...process.env, ...env.env, SMTP_MAX_MESSAGE_SIZE: "huge", SMTP_PORT: "99999" }, stdio: ["ignore", "pipe", "pipe"] });
-  let output = "";
-  child.stdout!.on("data", (d) => (output += d));
-  child.stderr!.on("data", (d) => (output += d));
-  assert.equal(await exited(child), 78);
-  assert.match(output, /SMTP_MAX_MESSAGE_SIZE/);
-  assert.match(output, /SMTP_PORT/);
+  const { exit, output } = await spawnInbound({ SMTP_MAX_MESSAGE_SIZE: "huge", SMTP_PORT: "99999" });
+  assert.equal(await exit, 78);
+  assert.match(output(), /SMTP_MAX_MESSAGE_SIZE/);
+  assert.match(output(), /SMTP_PORT/);
 });
 
 test("a MAIL_HOSTNAME that is not fully qualified is warned about at start", async () => {
-  const child = spawn(process.execPath, [main], {
-    env: { ...process.env, ...env.env, SMTP_PORT: String(await freePort()), SMTP_HOST: "127.0.0.1", OPS_PORT: String(await freePort()), MAIL_HOSTNAME: "localhost", LOG_LEVEL: "info", INBOUND_AUTH_CHECKS: "false", TLS_DIR: await mkdtemp(join(tmpdir(), "inbound-tls-")) },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let output = "";
-  child.stdout!.on("data", (d) => (output += d));
-  child.stderr!.on("data", (d) => (output += d));
-  const exit = exited(child);
+  const { child, exit, output } = await spawnInbound({ MAIL_HOSTNAME: "localhost", LOG_LEVEL: "info" });
   try {
-    await waitFor(() => output.includes("mta-inbound ready"), 20_000, 50);
+    await waitFor(() => output().includes("mta-inbound ready"), 20_000, 50);
   } finally {
     child.kill("SIGTERM");
   }
   await exit;
-  const warning = output.split("\n").find((line) => line.includes("MAIL_HOSTNAME is not a fully qualified"));
-  assert.ok(warning, output);
+  const warning = output().split("\n").find((line) => line.includes("MAIL_HOSTNAME is not a fully qualified"));
+  assert.ok(warning, output());
   assert.equal(JSON.parse(warning).level, "warn");
   assert.equal(JSON.parse(warning).mailHostname, "localhost");
 });

@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { utf8AddrXtext } from "@mailstack/mail";
 
 /** RFC 3464 section 2.3.3 actions. */
 export type DsnAction = "failed" | "delayed" | "delivered" | "relayed" | "expanded";
@@ -7,8 +8,8 @@ export interface DsnRecipient {
   /** The address the delivery was attempted to (Final-Recipient). */
   finalRecipient: string;
   /**
-   * The ORCPT parameter as given (`rfc822;addr`), the only source of Original-Recipient: without
-   * ORCPT that field MUST NOT appear (RFC 3461 6.3 d).
+   * The ORCPT parameter as stored (`rfc822;addr`, or `utf-8;addr` decoded), the only source of
+   * Original-Recipient: without ORCPT that field MUST NOT appear (RFC 3461 6.3 d).
    */
   originalRecipient?: string | null;
   /** The RCPT TO address when alias expansion made it finalRecipient (named in the human-readable part). */
@@ -83,6 +84,17 @@ function addressType(address: string): string {
   return nonAscii(address) ? `utf-8;${address}` : `rfc822;${address}`;
 }
 
+/**
+ * The Original-Recipient value: a utf-8 address as UTF-8 in a global status part, in its 7-bit
+ * utf-8-addr-xtext form (\x{HEX}) in a plain one (RFC 6533 3); other types as given.
+ */
+function originalRecipient(orcpt: string, global: boolean): string {
+  const typed = addressType(orcpt);
+  const semicolon = typed.indexOf(";");
+  if (global || typed.slice(0, semicolon).toLowerCase() !== "utf-8") return typed;
+  return `utf-8;${utf8AddrXtext(typed.slice(semicolon + 1))}`;
+}
+
 /** The header section of a message (up to and including the blank line), CRLF-normalised. */
 export function headerSection(raw: Buffer): Buffer {
   let end = raw.indexOf("\r\n\r\n");
@@ -145,10 +157,8 @@ export function composeDsn(input: DsnInput): ComposedDsn {
   const boundary = `dsn-${randomBytes(12).toString("hex")}`;
   const messageId = `<${Date.now().toString(36)}.${randomBytes(8).toString("hex")}@${input.reportingMta}>`;
   const originalHeader = headerSection(input.original);
-  const international =
-    nonAscii(input.to) ||
-    input.recipients.some((r) => nonAscii(r.finalRecipient) || nonAscii(r.originalRecipient ?? "")) ||
-    originalHeader.some((byte) => byte > 0x7f);
+  // A UTF-8 ORCPT alone does not make the report global: its 7-bit form fits a plain status part.
+  const international = nonAscii(input.to) || input.recipients.some((r) => nonAscii(r.finalRecipient)) || originalHeader.some((byte) => byte > 0x7f);
   // A message/delivery-status is 7-bit text; the global one carries UTF-8 as it is.
   const statusText = international ? (text: string) => text : asciiOnly;
 
@@ -158,7 +168,7 @@ export function composeDsn(input: DsnInput): ComposedDsn {
   if (input.arrivalDate) status += field("Arrival-Date", rfc5322Date(input.arrivalDate));
   for (const r of input.recipients) {
     status += "\r\n";
-    if (r.originalRecipient) status += field("Original-Recipient", addressType(r.originalRecipient));
+    if (r.originalRecipient) status += field("Original-Recipient", originalRecipient(r.originalRecipient, international));
     status += field("Final-Recipient", addressType(r.finalRecipient));
     status += field("Action", r.action);
     status += field("Status", r.status);

@@ -128,6 +128,23 @@ test("an internationalized original (UTF-8 header fields and addresses) gets the
   }
 });
 
+test("a utf-8 ORCPT: Original-Recipient in UTF-8 in a global status part, in the \\x{HEX} utf-8-addr-xtext form in a plain one (RFC 6533 3)", async () => {
+  const recipient = { finalRecipient: "r@far.test", originalRecipient: "utf-8;m\u00fcller+x@far.test", action: "failed" as const, status: "5.1.1", diagnostic: "550 5.1.1 unknown" };
+  // An ASCII original: the UTF-8 ORCPT alone keeps the report plain and 7-bit.
+  const plain = composeDsn({ reportingMta: "mx.home.test", to: "sender@home.test", ret: "HDRS", original, recipients: [recipient] });
+  assert.ok(!plain.raw.some((byte) => byte > 0x7f), "7-bit");
+  const view = await parseWithPython(plain.raw);
+  assert.deepEqual(view.defects, []);
+  assert.ok(view.parts.some((p) => p.type === "message/delivery-status"));
+  assert.equal(view.status[1]!["Original-Recipient"], "utf-8;m\\x{FC}ller\\x{2B}x@far.test");
+  // A UTF-8 original: the global status part carries the address as it is.
+  const utf8 = Buffer.from("From: <sender@home.test>\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHallo.\r\n", "utf8");
+  const global = composeDsn({ reportingMta: "mx.home.test", to: "sender@home.test", ret: "HDRS", original: utf8, recipients: [recipient] });
+  const parsed = await simpleParser(global.raw);
+  const status = parsed.attachments.find((a) => a.contentType === "message/global-delivery-status")!.content.toString("utf8");
+  assert.match(status, /\r\nOriginal-Recipient: utf-8;m\u00fcller\+x@far\.test\r\nFinal-Recipient: rfc822;r@far\.test\r\n/);
+});
+
 test("Diagnostic-Code: smtp for a remote reply, an X- type for a failure of our own", () => {
   assert.equal(diagnosticCode("550 5.1.1 No such user"), "smtp; 550 5.1.1 No such user");
   assert.equal(diagnosticCode("421"), "smtp; 421");

@@ -1,4 +1,4 @@
-import { pathEnd, reply, type SmtpReply } from "@mailstack/mail";
+import { decodeUtf8Addr, pathEnd, reply, type SmtpReply } from "@mailstack/mail";
 
 /**
  * Checks the ESMTP parameters of a MAIL or RCPT command line, as sent (before smtp-server
@@ -7,9 +7,10 @@ import { pathEnd, reply, type SmtpReply } from "@mailstack/mail";
  * without checking it. Here: a keyword we do not implement is 555 5.5.4 (RFC 5321 4.1.1.11);
  * ENVID, ORCPT and AUTH must be well-formed xtext (RFC 3461 4, RFC 4954 5) of printable
  * US-ASCII, ENVID at most 100 characters and ORCPT at most 500 (RFC 3461 4.2, 4.4): else
- * 501 5.5.4. Returns the refusal, or null.
+ * 501 5.5.4. An ORCPT of addr-type utf-8 is RFC 6533's form instead (see orcptProblem).
+ * `smtpUtf8`: the transaction's MAIL carried SMTPUTF8. Returns the refusal, or null.
  */
-export function checkParameters(verb: "MAIL" | "RCPT", line: string, options: { auth: boolean }): SmtpReply | null {
+export function checkParameters(verb: "MAIL" | "RCPT", line: string, options: { auth: boolean; smtpUtf8?: boolean }): SmtpReply | null {
   // The parameters follow the path; a quoted local part may hold ">".
   const open = line.indexOf("<");
   const end = open < 0 ? -1 : pathEnd(line.slice(open));
@@ -28,10 +29,8 @@ export function checkParameters(verb: "MAIL" | "RCPT", line: string, options: { 
         if (!printableXtext(value, 100)) return reply(501, "5.5.4", "Bad ENVID parameter syntax (xtext of printable US-ASCII, at most 100 characters)");
         break;
       case "ORCPT": {
-        const semicolon = value.indexOf(";");
-        if (value.length > 500 || semicolon < 1 || !ADDR_TYPE.test(value.slice(0, semicolon)) || !printableXtext(value.slice(semicolon + 1), 500)) {
-          return reply(501, "5.5.4", "Bad ORCPT parameter syntax (addr-type;xtext, at most 500 characters)");
-        }
+        const problem = orcptProblem(value, !!options.smtpUtf8);
+        if (problem) return problem;
         break;
       }
       case "AUTH":
@@ -40,6 +39,38 @@ export function checkParameters(verb: "MAIL" | "RCPT", line: string, options: { 
     }
   }
   return null;
+}
+
+/**
+ * ORCPT=addr-type;xtext (RFC 3461 4.2), at most 500 characters. For addr-type utf-8 (RFC 6533 3)
+ * the address is in utf-8-addr-xtext (\x{HEX} for non-ASCII, always allowed) or, only in a
+ * transaction with SMTPUTF8, utf-8-addr-unitext (UTF-8 as it is); anything else is refused.
+ */
+function orcptProblem(value: string, smtpUtf8: boolean): SmtpReply | null {
+  const semicolon = value.indexOf(";");
+  const bad = reply(501, "5.5.4", "Bad ORCPT parameter syntax (addr-type;xtext, at most 500 characters)");
+  if (value.length > 500 || semicolon < 1 || !ADDR_TYPE.test(value.slice(0, semicolon))) return bad;
+  const address = value.slice(semicolon + 1);
+  if (value.slice(0, semicolon).toLowerCase() !== "utf-8") return printableXtext(address, 500) ? null : bad;
+  if (!smtpUtf8 && /[^\x00-\x7f]/.test(address)) {
+    return reply(501, "5.6.7", "Non-ASCII ORCPT needs SMTPUTF8; without it use the utf-8-addr-xtext form (RFC 6533 3)");
+  }
+  if (decodeUtf8Addr(address, { unitext: smtpUtf8 }) === null) {
+    return reply(501, "5.5.4", "Bad ORCPT parameter syntax (utf-8;utf-8-addr-xtext or utf-8-addr-unitext, RFC 6533 3)");
+  }
+  return null;
+}
+
+/**
+ * The ORCPT as stored (and used for Original-Recipient and passed on by the relay): addr-type;
+ * address, decoded. smtp-server has already undone the xtext; a utf-8 address is decoded from
+ * RFC 6533's form here (checkParameters has checked it), with the addr-type in lower case.
+ */
+export function storedOrcpt(value: string): string {
+  const semicolon = value.indexOf(";");
+  if (semicolon < 1 || value.slice(0, semicolon).toLowerCase() !== "utf-8") return value;
+  const address = decodeUtf8Addr(value.slice(semicolon + 1), { unitext: true });
+  return address === null ? value : `utf-8;${address}`;
 }
 
 const MAIL_KEYWORDS = new Set(["SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"]);

@@ -10,7 +10,7 @@ import { AcceptBatcher } from "./batcher.ts";
 import { BodyScanner, headerValue, normalizeLineEndings, withHeaderSection } from "./body.ts";
 import { watchBus } from "./bus-health.ts";
 import { GuardReplies, guardCommands, refuseArguments, refuseBareLf, refuseEmptyData, type CommandGuard, type GuardedConnection } from "./guard.ts";
-import { checkParameters } from "./params.ts";
+import { checkParameters, storedOrcpt } from "./params.ts";
 import { receivedHeader } from "./received.ts";
 import { DispatchStamper } from "./stamper.ts";
 
@@ -339,7 +339,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     if ((verb === "MAIL" || verb === "RCPT") && connection.hostNameAppearsAs && (!authRequired || connection.session.user)) {
       // Before smtp-server, which ignores unknown parameters, decodes xtext unchecked and
       // answers a bad parameter value as a bad address. RCPT before MAIL is its 503.
-      const problem = verb === "MAIL" || connection.session.envelope?.mailFrom ? checkParameters(verb, line, { auth: authOffered }) : null;
+      const problem = verb === "MAIL" || connection.session.envelope?.mailFrom ? checkParameters(verb, line, { auth: authOffered, smtpUtf8: !!connection.session.envelope?.smtpUtf8 }) : null;
       if (problem) return answer(problem);
     }
     if (verb === "EHLO" && hideAuthBeforeTls && !connection.secure) {
@@ -485,7 +485,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
           recipient: parsed.address,
           routes: resolution.routes,
           dsnNotify: address.dsn?.notify ?? null,
-          dsnOrcpt: address.dsn?.orcpt ?? null,
+          dsnOrcpt: address.dsn?.orcpt ? storedOrcpt(address.dsn.orcpt) : null,
         });
         callback();
       },

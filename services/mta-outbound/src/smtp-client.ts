@@ -1,6 +1,7 @@
 import net from "node:net";
 import { StringDecoder } from "node:string_decoder";
 import tls from "node:tls";
+import { utf8AddrUnitext, utf8AddrXtext } from "@mailstack/mail";
 import { SpanKind, withSpan } from "@mailstack/telemetry";
 import { DotStuffer } from "./dot-stuff.ts";
 
@@ -134,6 +135,20 @@ export function xtext(value: string): string {
 
 /** An address (or any text) without a character outside ASCII: it may go to a server without SMTPUTF8. */
 export const isAscii = (text: string) => !/[^\x00-\x7f]/.test(text);
+
+/**
+ * The ORCPT parameter's value for a stored ORCPT (`addr-type;address`, decoded). A utf-8 address
+ * (RFC 6533 3) goes as utf-8-addr-unitext in a transaction with SMTPUTF8 and as the 7-bit
+ * utf-8-addr-xtext otherwise; any other type as xtext (RFC 3461 4.2). A bare address is rfc822,
+ * or utf-8 when it is not ASCII.
+ */
+export function orcptParameter(orcpt: string, smtpUtf8: boolean): string {
+  const semicolon = orcpt.indexOf(";");
+  const type = semicolon > 0 ? orcpt.slice(0, semicolon) : isAscii(orcpt) ? "rfc822" : "utf-8";
+  const address = semicolon > 0 ? orcpt.slice(semicolon + 1) : orcpt;
+  if (type.toLowerCase() !== "utf-8") return `${type};${xtext(address)}`;
+  return `utf-8;${smtpUtf8 ? utf8AddrUnitext(address) : utf8AddrXtext(address)}`;
+}
 
 /**
  * One SMTP client connection: EHLO (HELO fallback), STARTTLS, AUTH PLAIN, then any number
@@ -438,13 +453,14 @@ export class SmtpConnection {
     let mail = `MAIL FROM:<${envelope.from}>`;
     if (ext.has("SIZE")) mail += ` SIZE=${body.length}`;
     if (content.eightBit) mail += " BODY=8BITMIME";
-    if (utf8Envelope || content.utf8Header) mail += " SMTPUTF8";
+    const smtpUtf8 = utf8Envelope || content.utf8Header;
+    if (smtpUtf8) mail += " SMTPUTF8";
     if (dsn && envelope.ret) mail += ` RET=${envelope.ret}`;
     if (dsn && envelope.envid) mail += ` ENVID=${xtext(envelope.envid)}`;
     const rcpts = envelope.recipients.map((r) => {
       let line = `RCPT TO:<${r.address}>`;
       if (dsn && r.notify?.length) line += ` NOTIFY=${r.notify.join(",")}`;
-      if (dsn && r.orcpt) line += ` ORCPT=${r.orcpt.includes(";") ? `${r.orcpt.split(";", 1)[0]};${xtext(r.orcpt.slice(r.orcpt.indexOf(";") + 1))}` : `rfc822;${xtext(r.orcpt)}`}`;
+      if (dsn && r.orcpt) line += ` ORCPT=${orcptParameter(r.orcpt, smtpUtf8)}`;
       return line;
     });
     this.transactions++;

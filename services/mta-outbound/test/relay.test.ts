@@ -34,6 +34,8 @@ let resetting: Awaited<ReturnType<typeof startScriptedMx>>;
 let oneEach: Awaited<ReturnType<typeof startScriptedMx>>;
 let slow: Awaited<ReturnType<typeof startScriptedMx>>;
 let asciiOnly: Awaited<ReturnType<typeof startScriptedMx>>;
+let eaiAscii: Awaited<ReturnType<typeof startScriptedMx>>;
+let eaiUtf8: Awaited<ReturnType<typeof startScriptedMx>>;
 let outbound: OutboundService;
 let relayEnv: Record<string, string>;
 const flakyAttempts = new Map<string, number>();
@@ -111,6 +113,9 @@ before(async () => {
   });
   // 8BITMIME and DSN but no SMTPUTF8, for the per-recipient SMTPUTF8 tests.
   asciiOnly = await startScriptedMx("127.0.0.21", port, { extensions: ["PIPELINING", "8BITMIME", "DSN"] });
+  // For the RFC 6533 tests (DSNs of internationalized messages, utf-8 ORCPT): DSN without and with SMTPUTF8.
+  eaiAscii = await startScriptedMx("127.0.0.22", port, { extensions: ["PIPELINING", "8BITMIME", "DSN"] });
+  eaiUtf8 = await startScriptedMx("127.0.0.23", port);
   resetting = await startScriptedMx("127.0.0.18", port, { reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550 no such user" : undefined) });
   afterDot = await startScriptedMx("127.0.0.16", port, { dataReply: (data) => (data.includes("reject-me") ? "554 5.6.0 Content refused" : "451 4.3.0 Queue full, later") });
   dns = await startDns({
@@ -175,6 +180,10 @@ before(async () => {
     "mx.noutf8.test": { a: ["127.0.0.17"] },
     "asciionly.test": { mx: [{ exchange: "mx.asciionly.test", priority: 10 }] },
     "mx.asciionly.test": { a: ["127.0.0.21"] },
+    "eai-ascii.test": { mx: [{ exchange: "mx.eai-ascii.test", priority: 10 }] },
+    "mx.eai-ascii.test": { a: ["127.0.0.22"] },
+    "eai-utf8.test": { mx: [{ exchange: "mx.eai-utf8.test", priority: 10 }] },
+    "mx.eai-utf8.test": { a: ["127.0.0.23"] },
   });
   relayEnv = {
     DNS_SERVERS: dns.server,
@@ -197,7 +206,7 @@ before(async () => {
 
 after(async () => {
   await outbound?.stop();
-  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8, resetting, oneEach, slow, asciiOnly].map((s) => s?.close()));
+  await Promise.all([mxA, mxB, origin, plain, small, smart, oldTls, greet554, tooMany, idle421, ipLiteral, dropper, afterDot, noUtf8, resetting, oneEach, slow, asciiOnly, eaiAscii, eaiUtf8].map((s) => s?.close()));
   silent?.close();
   await dns?.close();
   await env?.close();
@@ -740,6 +749,25 @@ test("a DSN returning an internationalized original (message/global, message/glo
   assert.equal(dsnDelivery!.last_status, "5.6.9");
   assert.match(dsnDelivery!.last_reply, /UTF-8 header fields .*message\/global.*SMTPUTF8/);
   assert.ok(!asciiOnly.commands().some((c) => c.startsWith("MAIL FROM:<>")), "nothing was sent to the sender's server");
+});
+
+test("a utf-8 ORCPT is passed on as utf-8-addr-xtext, or as utf-8-addr-unitext in a transaction with SMTPUTF8 (RFC 6533 3)", async () => {
+  const ascii = (id: string) => `From: <alice@origin.test>\r\nSubject: orcpt\r\nMessage-ID: <${id}@origin.test>\r\n\r\nHello.\r\n`;
+  const orcpt = "utf-8;m\u00fcller+x@origin.test";
+  const noUtf8Hop = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["o1@eai-ascii.test"], raw: ascii("orcpt-1"), orcpt, notify: ["FAILURE"] });
+  const unused = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["o2@eai-utf8.test"], raw: ascii("orcpt-2"), orcpt });
+  const used = await submit(env.pool, env.bus, {
+    from: "alice@origin.test",
+    to: ["o3@eai-utf8.test"],
+    raw: Buffer.from("From: <alice@origin.test>\r\nSubject: Gr\u00fc\u00dfe\r\nMessage-ID: <orcpt-3@origin.test>\r\n\r\nHallo.\r\n", "utf8"),
+    orcpt,
+  });
+  for (const m of [noUtf8Hop, unused, used]) assert.deepEqual((await finalStates(m.messageId)).map((r) => r.state), ["delivered"]);
+  const rcpt = (server: Awaited<ReturnType<typeof startScriptedMx>>, to: string) => server.commands().find((c) => c.startsWith(`RCPT TO:<${to}>`));
+  assert.equal(rcpt(eaiAscii, "o1@eai-ascii.test"), "RCPT TO:<o1@eai-ascii.test> NOTIFY=FAILURE ORCPT=utf-8;m\\x{FC}ller\\x{2B}x@origin.test");
+  assert.equal(rcpt(eaiUtf8, "o2@eai-utf8.test"), "RCPT TO:<o2@eai-utf8.test> ORCPT=utf-8;m\\x{FC}ller\\x{2B}x@origin.test", "SMTPUTF8 offered but not used");
+  assert.equal(rcpt(eaiUtf8, "o3@eai-utf8.test"), "RCPT TO:<o3@eai-utf8.test> ORCPT=utf-8;m\u00fcller\\x{2B}x@origin.test");
+  assert.ok(eaiUtf8.commands().some((c) => /^MAIL FROM:<alice@origin\.test> .*BODY=8BITMIME SMTPUTF8$/.test(c)), "that transaction used SMTPUTF8");
 });
 
 test("a connection is reused after RSET for the next job; a 5xx without an enhanced code bounces as 5.0.0", async () => {

@@ -5,7 +5,7 @@ import { generateCanonicalizedHeader } from "mailauth/lib/dkim/header/index.js";
 import { dkimBody } from "mailauth/lib/dkim/body/index.js";
 import { formatSignatureHeaderLine, getSigningHeaderLines, parseHeaders } from "mailauth/lib/tools.js";
 import type { DKIMSignOptions } from "mailauth";
-import { bodyStart } from "@mailstack/mail";
+import { headerBoundary } from "@mailstack/mail";
 import type { DkimAlgorithm } from "./keys.ts";
 
 export interface DkimSigningKey {
@@ -59,18 +59,20 @@ export async function dkimSignatures(message: Buffer | Readable, keys: DkimSigni
     algorithm: key.algorithm,
     canonicalization: "relaxed/relaxed",
   }));
-  if (!Buffer.isBuffer(message)) {
+  const boundary = Buffer.isBuffer(message) ? headerBoundary(message) : null;
+  // mailauth's parser does not take an empty first line for the end of an empty header section:
+  // such a message is left to it, so that its signature is the one mailauth makes.
+  if (!Buffer.isBuffer(message) || boundary?.headerEnd === 0) {
     const options = { canonicalization: "relaxed/relaxed", signTime, signatureData } as unknown as DKIMSignOptions;
     const result = await dkimSign(message, options);
     if (result.errors.length > 0) throw signingError(result.errors);
     return result.signatures;
   }
-  const start = bodyStart(message);
-  const headerEnd = start < 0 ? message.length : start;
+  const bodyStart = boundary ? boundary.bodyStart : message.length;
   const bodyHasher = dkimBody("relaxed", "sha256", false);
-  bodyHasher.update(message.subarray(headerEnd));
+  bodyHasher.update(message.subarray(bodyStart));
   const bodyHash = bodyHasher.digest("base64");
-  const signingHeaderLines = getSigningHeaderLines(parseHeaders(message.subarray(0, headerEnd)).parsed);
+  const signingHeaderLines = getSigningHeaderLines(parseHeaders(message.subarray(0, bodyStart)).parsed);
   const lines: string[] = [];
   for (const data of signatureData) {
     const { canonicalizedHeader, dkimHeaderOpts } = generateCanonicalizedHeader("DKIM", signingHeaderLines, {

@@ -107,6 +107,8 @@ test("signing a message in memory gives the same signatures as mailauth's own st
     "From: a@example.org\r\nSubject: empty body\r\n\r\n",
     // 8-bit body
     "From: a@example.org\r\nSubject: 8bit\r\n\r\nGr\u00fc\u00dfe  aus K\u00f6ln \r\n",
+    // an empty line first (no header fields), then what looks like header fields
+    "\r\nFrom: a@example.org\r\nSubject: empty first line\r\n\r\nbody\r\n",
   ].map((text) => (Buffer.isBuffer(text) ? text : Buffer.from(text, "utf8")));
   for (const raw of awkward) {
     for (const keys of [[signing], [rsa], [rsa, signing]]) {

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import addressparser, { type Address } from "nodemailer/lib/addressparser";
-import { parseAddress, reply, type SmtpReply } from "@mailstack/mail";
+import { headerBoundary, parseAddress, reply, type SmtpReply } from "@mailstack/mail";
 
 /** The largest header section examined; a bigger one is refused. */
 export const MAX_HEADER_BYTES = 1024 * 1024;
@@ -167,10 +167,10 @@ function refuse(code: number, text: string): FixResult {
  * several; removes Bcc:. The body is not touched.
  */
 export function fixMessage(raw: Buffer, context: FixContext): FixResult {
-  const blank = raw.indexOf("\r\n\r\n");
-  const headerEnd = blank < 0 ? raw.length : blank;
+  const boundary = headerBoundary(raw);
+  const headerEnd = boundary ? boundary.headerEnd : raw.length;
   if (headerEnd > MAX_HEADER_BYTES) return refuse(552, "5.3.4 Header section too large");
-  const bodyStart = blank < 0 ? raw.length : blank + 4;
+  const bodyStart = boundary ? boundary.bodyStart : raw.length;
   const text = raw.subarray(0, headerEnd).toString("latin1").replace(/\r\n$/, "");
   const parsed = text ? parseHeaderSection(text) : null;
   if (!parsed) {

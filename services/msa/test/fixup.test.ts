@@ -73,7 +73,7 @@ test("a missing From: is the envelope sender", () => {
 });
 
 test("a message without a valid header block is refused with a clear reply", () => {
-  for (const text of ["just a body line\r\nand another\r\n", "\r\nbody after an empty header\r\n", " folded: first\r\n\r\nx\r\n"]) {
+  for (const text of ["just a body line\r\nand another\r\n", "\r\nbody after an empty header\r\n", "\r\nFrom: <alice@example.test>\r\n\r\nbody after an empty header\r\n", " folded: first\r\n\r\nx\r\n"]) {
     const result = fix(text);
     assert.ok(!result.ok, text);
     assert.equal(result.reply.code, 554);

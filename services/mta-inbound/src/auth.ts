@@ -3,7 +3,7 @@ import { createRequire } from "node:module";
 import { isIP } from "node:net";
 import type { ARCResult, AuthenticateResult, DKIMVerifyResult, DMARCResult, SPFResult } from "mailauth";
 import type { Pool } from "@mailstack/db";
-import { bodyStart } from "@mailstack/mail";
+import { headerBoundary } from "@mailstack/mail";
 import { SmtpError, hasBareLineEnding, type IncomingMessage, type TransformResult } from "@mailstack/smtp-intake";
 import type { Logger } from "@mailstack/telemetry";
 
@@ -178,11 +178,13 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
  * without that parser's byte-by-byte passes over the message (for an unsigned message they were
  * all of the work). Messages reach this hook with CRLF line endings only (smtp-intake rejects or
  * normalises bare ones), which is what the parser's line-break pass would have produced; one
- * with a bare CR or LF all the same, or without an empty line, goes through the stream parser.
+ * with a bare CR or LF all the same, without an empty line, or starting with one (which that
+ * parser does not take for the end of an empty header section) goes through the stream parser.
  */
 export async function verifyDkim(raw: Buffer, options: Record<string, unknown>): Promise<DKIMVerifyResult & { arc?: unknown }> {
-  const start = bodyStart(raw);
-  if (start < 0 || hasBareLineEnding(raw)) return dkimVerify(raw, options);
+  const boundary = headerBoundary(raw);
+  if (!boundary || boundary.headerEnd === 0 || hasBareLineEnding(raw)) return dkimVerify(raw, options);
+  const start = boundary.bodyStart;
   const verifier = new DkimVerifier(options);
   await verifier.messageHeaders(parseHeaders(raw.subarray(0, start)));
   if (start < raw.length) await verifier.nextChunk(raw.subarray(start));

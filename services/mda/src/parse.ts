@@ -2,6 +2,7 @@ import { Readable } from "node:stream";
 import { MailParser, type AddressObject, type AttachmentStream, type EmailAddress, type MessageText } from "mailparser";
 import { MimeNode, Splitter } from "@zone-eu/mailsplit";
 import libmime from "libmime";
+import { headerBoundary } from "@mailstack/mail";
 
 /** One MIME part: its type, name and size (bytes of its body as transmitted, children included). */
 export interface MimePart {
@@ -256,16 +257,16 @@ async function mimeStructure(
  * the line-by-line pass over the body. Anything else, or a header ended by a bare LF, gets the walk.
  */
 export async function structureOf(raw: Buffer, attachments: ParsedMessage["attachments"], notes: string[] = []): Promise<MimePart | null> {
-  const headerEnd = raw.indexOf("\r\n\r\n");
-  const bareEnd = raw.indexOf("\n\n");
-  if (headerEnd >= 0 && headerEnd + 4 <= SINGLE_PART_HEADER_LIMIT && (bareEnd < 0 || bareEnd > headerEnd)) {
+  const boundary = headerBoundary(raw);
+  // Four bytes from the end of the fields to the body: CRLF CRLF (a bare LF, or an empty first line, is fewer).
+  if (boundary && boundary.bodyStart - boundary.headerEnd === 4 && boundary.bodyStart <= SINGLE_PART_HEADER_LIMIT) {
     // The splitter's own header reader, without the stream around it.
     const node = new MimeNode(false, SPLITTER_OPTIONS) as unknown as SplitNode & { addHeaderChunk(line: Buffer): boolean; parseHeaders(): void };
-    node.addHeaderChunk(raw.subarray(0, headerEnd + 4));
+    node.addHeaderChunk(raw.subarray(0, boundary.bodyStart));
     node.parseHeaders();
     const root = partOf(node, "");
     if (!root.type.startsWith("multipart/") && root.type !== "message/rfc822") {
-      root.size = raw.length - (headerEnd + 4);
+      root.size = raw.length - boundary.bodyStart;
       return root;
     }
   }
@@ -277,13 +278,9 @@ export function walkStructure(raw: Buffer, attachments: ParsedMessage["attachmen
   return mimeStructure(raw, attachments);
 }
 
-/** The header section of a message (up to and including the blank line), bounded. */
+/** The header section of a message (up to and including the empty line), bounded. */
 function headerSection(raw: Buffer): Buffer {
-  const crlf = raw.indexOf("\r\n\r\n");
-  const lf = raw.indexOf("\n\n");
-  const ends = [crlf >= 0 ? crlf + 4 : -1, lf >= 0 ? lf + 2 : -1].filter((n) => n >= 0);
-  const end = ends.length ? Math.min(...ends) : raw.length;
-  return raw.subarray(0, Math.min(end, MAX_HEADER_SECTION));
+  return raw.subarray(0, Math.min(headerBoundary(raw)?.bodyStart ?? raw.length, MAX_HEADER_SECTION));
 }
 
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true });

@@ -138,6 +138,9 @@ test("a single-part message's structure, read from its header alone, is what the
     crlf(["Subject: nested", "Content-Type: message/rfc822", "", "Subject: inner", "", "inner body", ""]),
     crlf(["Subject: multi", "Content-Type: multipart/mixed; boundary=b", "", "--b", "Content-Type: text/plain", "", "one", "--b--", ""]),
     Buffer.from("Subject: bare LF header\n\nbody\r\n\r\nmore\r\n"),
+    // The header ends at the first empty line, whatever ends it: what follows is body.
+    Buffer.from("Subject: bare LF, then CRLF\n\r\nContent-Type: application/pdf\r\n\r\nbody\r\n"),
+    crlf(["", "Content-Type: application/pdf; name=a.pdf", "", "JVBERi0xLjQK", ""]),
   ];
   for (const raw of messages) {
     const fast: Array<{ partId: string | null; type: string; filename: string | null; size: number }> = [];

@@ -1,3 +1,5 @@
+import { headerBoundary } from "@mailstack/mail";
+
 /**
  * Checks a message body as it streams in, without holding more than one chunk's worth of
  * state: bare CR or LF (the raw material of SMTP smuggling), NUL bytes, and 8-bit bytes
@@ -73,10 +75,9 @@ export function normalizeLineEndings(raw: Buffer): Buffer {
   return Buffer.from(out.subarray(0, n));
 }
 
-/** The header section of a message (up to the blank line), as latin1 text. */
+/** The header fields of a message (up to its first empty line), as latin1 text. */
 export function headerSection(raw: Buffer, limit = 256 * 1024): string {
-  let end = raw.indexOf("\r\n\r\n");
-  if (end < 0) end = Math.min(raw.length, limit);
+  const end = headerBoundary(raw)?.headerEnd ?? raw.length;
   return raw.subarray(0, Math.min(end, limit)).toString("latin1");
 }
 

@@ -80,6 +80,16 @@ describe("accepting a message", () => {
     client.close();
   });
 
+  test("a message that starts with an empty line has no header fields: no Message-ID is taken from its body", async () => {
+    const client = await open();
+    const message = "\r\nMessage-ID: <in-the-body@remote.example>\r\n\r\nthe body\r\n";
+    assert.equal((await send(client, "sender@remote.example", ["user1@example.test"], message)).code, 250);
+    const row = await lastMessage();
+    assert.ok(row.raw.toString("latin1").endsWith(`\r\n${message}`), "stored as received, under our Received:");
+    assert.equal(row.message_id_header, null);
+    client.close();
+  });
+
   test("aliases fan out and merge into one delivery per final recipient", async () => {
     const client = await open();
     const reply = await send(client, "sender@remote.example", ["team@example.test", "user1@example.test", "first@example.test", "chain1@example.test", "anyone@other.test", "fwd@example.test"], sampleMessage());

@@ -1,5 +1,6 @@
 import Cursor from "pg-cursor";
 import { transaction, type Pool, type PoolClient } from "@mailstack/db";
+import { headerBoundary } from "@mailstack/mail";
 import { insertMessage } from "@mailstack/queue";
 import { mboxrdEntry } from "./mbox.ts";
 
@@ -94,9 +95,9 @@ export interface ImportedMessage {
 }
 
 function headerValue(raw: Buffer, name: string): string | null {
-  const end = raw.indexOf("\r\n\r\n") >= 0 ? raw.indexOf("\r\n\r\n") : raw.indexOf("\n\n");
+  const end = headerBoundary(raw)?.headerEnd ?? raw.length;
   // UTF-8: Return-Path may hold an SMTPUTF8 address (RFC 6531/6532).
-  const head = raw.subarray(0, Math.min(end >= 0 ? end : raw.length, 256 * 1024)).toString("utf8");
+  const head = raw.subarray(0, Math.min(end, 256 * 1024)).toString("utf8");
   const match = new RegExp(`^${name}:[ \\t]*((?:.*)(?:\\r?\\n[ \\t].*)*)`, "im").exec(head);
   return match ? match[1]!.replace(/\r?\n[ \t]+/g, " ").trim() || null : null;
 }

@@ -1,7 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { Readable } from "node:stream";
-import { asctime, mboxrdEntry, parseAsctime, readMboxrd, readTar, tarStream, MailboxIoError } from "../src/index.ts";
+import { asctime, mboxrdEntry, parseAsctime, readMboxrd, readTar, returnPath, tarStream, MailboxIoError } from "../src/index.ts";
 
 const tricky: Buffer[] = [
   Buffer.from("From: a@example.test\r\nSubject: one\r\n\r\nFrom the start\r\n>From quoted once\r\n>>From twice\r\nFromage\r\n"),
@@ -79,4 +79,18 @@ test("tar of .eml files reads back byte for byte, including long folder paths", 
   await assert.rejects(async () => {
     for await (const _ of readTar(chunks(tar.subarray(0, 700), 100), 1 << 20));
   }, MailboxIoError);
+});
+
+test("an .eml file's envelope sender is its Return-Path, looked for in the header section only", () => {
+  const eml = (text: string) => returnPath(Buffer.from(text));
+  assert.equal(eml("Return-Path: <a@x.test>\r\nSubject: s\r\n\r\nbody\r\n"), "a@x.test");
+  assert.equal(eml("Subject: s\nReturn-Path:\n <b@x.test>\n\nbody\n"), "b@x.test");
+  assert.equal(eml("Return-Path: <>\r\n\r\n"), "");
+  // The header ends at the first empty line, LF or CRLF: a Return-Path in the body is not the sender.
+  assert.equal(eml("Subject: s\n\nReturn-Path: <body@x.test>\r\n\r\nmore\r\n"), "");
+  assert.equal(eml("Subject: s\r\n\nReturn-Path: <body@x.test>\r\n\r\nmore\r\n"), "");
+  // An empty first line: no header fields at all.
+  assert.equal(eml("\r\nReturn-Path: <body@x.test>\r\n\r\nmore\r\n"), "");
+  // No empty line: all header.
+  assert.equal(eml("Subject: s\r\nReturn-Path: <c@x.test>\r\n"), "c@x.test");
 });

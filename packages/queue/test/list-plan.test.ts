@@ -6,7 +6,7 @@
 // Checked with EXPLAIN ANALYZE on a table where most rows are of other states and other domains.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
+import { analyzeTableScans, createTestDatabase, type TableScans, type TestDatabase } from "@mailstack/testkit";
 import { addAccount, addDomain, type Queryable } from "@mailstack/db";
 import { listQueue, type QueueFilter } from "../src/index.ts";
 
@@ -38,31 +38,8 @@ before(async () => {
 });
 after(async () => db.drop());
 
-interface PlanNode {
-  "Node Type": string;
-  "Relation Name"?: string;
-  "Index Name"?: string;
-  "Actual Rows": number;
-  "Actual Loops": number;
-  "Rows Removed by Filter"?: number;
-  Plans?: PlanNode[];
-}
-
-/** Rows of deliveries the plan's scans looked at (returned or filtered out), and the scans. */
-function deliveriesScanned(node: PlanNode): { rows: number; scans: string[] } {
-  const own = node["Relation Name"] === "deliveries";
-  let rows = own ? (node["Actual Rows"] + (node["Rows Removed by Filter"] ?? 0)) * node["Actual Loops"] : 0;
-  const scans = own ? [`${node["Node Type"]}${node["Index Name"] ? ` (${node["Index Name"]})` : ""}`] : [];
-  for (const child of node.Plans ?? []) {
-    const below = deliveriesScanned(child);
-    rows += below.rows;
-    scans.push(...below.scans);
-  }
-  return { rows, scans };
-}
-
 /** Runs listQueue, then EXPLAIN ANALYZEs the statement it sent. */
-async function pageScan(filter: QueueFilter): Promise<{ rows: number; scans: string[]; entries: number }> {
+async function pageScan(filter: QueueFilter): Promise<TableScans & { entries: number }> {
   let sent: { text: string; values: unknown[] } | undefined;
   const recorder = {
     query: (text: string, values: unknown[] = []) => {
@@ -72,8 +49,7 @@ async function pageScan(filter: QueueFilter): Promise<{ rows: number; scans: str
   } as unknown as Queryable;
   const page = await listQueue(recorder, filter);
   assert.ok(sent, "listQueue sent a query");
-  const explained = await db.pool.query(`EXPLAIN (ANALYZE, FORMAT JSON) ${sent.text}`, sent.values);
-  return { ...deliveriesScanned(explained.rows[0]["QUERY PLAN"][0].Plan as PlanNode), entries: page.entries.length };
+  return { ...(await analyzeTableScans(db.pool, sent, "deliveries")), entries: page.entries.length };
 }
 
 test("a page of the queue list, by any state and destination domain, reads about a page of deliveries", async () => {

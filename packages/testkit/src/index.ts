@@ -159,4 +159,5 @@ export async function waitFor<T>(fn: () => Promise<T> | T, timeoutMs = 10_000, i
 
 export { startOtlpReceiver, type OtlpReceiver, type ReceivedSpan } from "./otlp.ts";
 export { assertNoLoginTimingOracle } from "./timing.ts";
+export { analyzeTableScans, type TableScans } from "./plan.ts";
 export { freePort, runMailctl, startServiceProcess, type CommandResult, type ServiceProcess } from "./process.ts";

@@ -1,6 +1,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createApiToken } from "@mailstack/admin-ops";
+import { analyzeTableScans } from "@mailstack/testkit";
 import { mailctl, startHarness, watchQueries, type ApiHarness } from "./helpers.ts";
 
 // Long lists walked through the real API with small pages: every object once, in order, and the
@@ -201,27 +202,6 @@ test("the queue: hundreds of deliveries walked by id with small pages, with and 
   assert.deepEqual(cli, deferredB.keys);
 });
 
-interface PlanNode {
-  "Node Type": string;
-  "Relation Name"?: string;
-  "Actual Rows": number;
-  "Actual Loops": number;
-  "Rows Removed by Filter"?: number;
-  Plans?: PlanNode[];
-}
-
-/** Rows of `table` that the plan's scans looked at (returned or filtered out). */
-function rowsScanned(node: PlanNode, table: string): { rows: number; seqScan: boolean } {
-  let rows = node["Relation Name"] === table ? (node["Actual Rows"] + (node["Rows Removed by Filter"] ?? 0)) * node["Actual Loops"] : 0;
-  let seqScan = node["Relation Name"] === table && node["Node Type"] === "Seq Scan";
-  for (const child of node.Plans ?? []) {
-    const below = rowsScanned(child, table);
-    rows += below.rows;
-    seqScan ||= below.seqScan;
-  }
-  return { rows, seqScan };
-}
-
 test("a queue page reads about a page of deliveries (EXPLAIN ANALYZE), however many finished ones the table holds", async () => {
   // 20,000 deliveries, one in fifty still waiting: the primary key in id order would walk past
   // about fifty finished rows for each waiting one.
@@ -236,10 +216,8 @@ test("a queue page reads about a page of deliveries (EXPLAIN ANALYZE), however m
       assert.equal((await h.call("GET", `/queue?limit=${limit}&after=${middle}${filter}`)).status, 200);
     });
     const page = queries.find((q) => q.text.includes("FROM deliveries"))!;
-    const explained = await h.db.pool.query(`EXPLAIN (ANALYZE, FORMAT JSON) ${page.text}`, page.values);
-    const plan = (explained.rows[0]["QUERY PLAN"] as { Plan: PlanNode }[])[0]!.Plan;
-    const scanned = rowsScanned(plan, "deliveries");
-    assert.equal(scanned.seqScan, false, `no sequential scan of deliveries: ${JSON.stringify(plan)}`);
+    const scanned = await analyzeTableScans(h.db.pool, page, "deliveries");
+    assert.ok(!scanned.scans.includes("Seq Scan"), `no sequential scan of deliveries: ${scanned.scans.join(", ")}`);
     // At most limit + 1 rows from each state's range of the index.
     const states = filter ? 1 : 2;
     assert.ok(scanned.rows <= states * (limit + 1), `${filter || "waiting"}: the page scanned ${scanned.rows} delivery rows (${waiting.length} waiting, 20,000+ in all)`);

@@ -5,7 +5,7 @@ import { Counter, Histogram, SpanKind, mailMetrics, registry, withSpan, type Log
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
 import { hasEightBit } from "./dot-stuff.ts";
-import { hasUtf8HeaderFields } from "./mime-utf8.ts";
+import { hasUtf8HeaderFields, sevenBitReport } from "./mime-utf8.ts";
 import { SerialBatches } from "./serial-batches.ts";
 import {
   SmtpConnection,
@@ -68,6 +68,8 @@ interface ClaimedRow {
 
 interface MessageRow {
   envelope_from: string;
+  /** 'bounce': a DSN this system composed (see attempt: it may be re-encoded for the next hop). */
+  source: string;
   raw: Buffer;
   dsn_envid: string | null;
   dsn_ret: "FULL" | "HDRS" | null;
@@ -164,7 +166,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
              FROM async_commit, locked
             WHERE d.id = locked.id
             RETURNING d.id, d.message_id, d.recipient, d.final_recipient, d.dsn_notify, d.dsn_orcpt, d.attempts, d.created_at, d.delay_notified_at)
-         SELECT m.id, m.envelope_from, m.raw, m.dsn_envid, m.dsn_ret, m.received_at, json_agg(c ORDER BY c.id) AS claimed
+         SELECT m.id, m.envelope_from, m.source, m.raw, m.dsn_envid, m.dsn_ret, m.received_at, json_agg(c ORDER BY c.id) AS claimed
            FROM claimed c JOIN messages m ON m.id = c.message_id GROUP BY m.id`,
         [workerId, config.leaseMs, ids, messageIds],
       );
@@ -203,12 +205,30 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   }
 
   /** Tries every host (and each of its addresses) in order until one gives recipient-level answers. */
-  async function attempt(destination: Destination, envelope: Envelope, raw: Buffer, domain: string): Promise<Map<string, Outcome>> {
+  async function attempt(destination: Destination, envelope: Envelope, message: MessageRow, domain: string): Promise<Map<string, Outcome>> {
+    const raw = message.raw;
     // UTF-8 header fields anywhere in the MIME structure, not only at the top: a DSN returning an
     // internationalized message carries them in its message/global or message/global-headers part.
     const eightBit = hasEightBit(raw);
     // A 7-bit message (the usual case) is scanned once; only an 8-bit one has its MIME structure walked.
     const content: MessageContent = { eightBit, utf8Header: eightBit && hasUtf8HeaderFields(raw) };
+    // A DSN of ours that the server cannot take as it is (a returned message/global without
+    // SMTPUTF8, 8-bit parts without 8BITMIME) goes with its parts base64-encoded, as RFC 6533
+    // has it for a return path without SMTPUTF8. Decided per server, not when the DSN is composed,
+    // so that one offering SMTPUTF8 still gets the 8-bit form RFC 6532 recommends and every parser
+    // reads. Only our own DSNs: they carry no DKIM signature (only the msa signs, at submission),
+    // whereas re-encoding a message someone signed would break its DKIM body hash and ARC seal.
+    const ours = message.source === "bounce" && message.envelope_from === "";
+    let sevenBit: { raw: Buffer; content: MessageContent } | null | undefined;
+    const payloadFor = (extensions: Map<string, string>) => {
+      const blocked = (content.utf8Header && !extensions.has("SMTPUTF8")) || (content.eightBit && !extensions.has("8BITMIME"));
+      if (!blocked || !ours) return { raw, content };
+      if (sevenBit === undefined) {
+        const encoded = sevenBitReport(raw);
+        sevenBit = encoded && { raw: encoded, content: { eightBit: false, utf8Header: false } };
+      }
+      return sevenBit ?? { raw, content };
+    };
     let lastFailure: Outcome | null = null;
     let anyTemporary = false;
     for (const host of destination.hosts) {
@@ -237,6 +257,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         };
         let result: TransactionResult | null = null;
         let connection: SmtpConnection | null = null;
+        let payload = { raw, content };
         let refused: EnvelopeRecipient[] = [];
         try {
           // A reused connection the server has meanwhile closed (or given up with a 421) gets one fresh retry.
@@ -249,8 +270,9 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
             const nonAscii = connection.extensions.has("SMTPUTF8") ? [] : envelope.recipients.filter((r) => !isAscii(r.address));
             refused = nonAscii.length < envelope.recipients.length ? nonAscii : [];
             const sendable = refused.length === 0 ? envelope : { ...envelope, recipients: envelope.recipients.filter((r) => isAscii(r.address)) };
+            payload = payloadFor(connection.extensions);
             try {
-              result = await connection.send(sendable, raw, content);
+              result = await connection.send(sendable, payload.raw, payload.content);
             } catch (error) {
               if (round === 0 && got.reused && staleConnection(error)) {
                 connection.destroy();
@@ -293,7 +315,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
           const rest = new Set(done.recipients.filter((r) => !r.accepted && !r.permanent && (r.reply.code === 452 || r.reply.code === 552)).map((r) => r.address));
           if (rest.size === 0) break;
           try {
-            done = await connection!.send({ ...envelope, recipients: envelope.recipients.filter((r) => rest.has(r.address)) }, raw, content);
+            done = await connection!.send({ ...envelope, recipients: envelope.recipients.filter((r) => rest.has(r.address)) }, payload.raw, payload.content);
           } catch (error) {
             // Those recipients keep their deferral from the 452.
             logger.info({ domain, host: host.hostname, address, err: (error as Error).message }, "relay follow-up transaction failed");
@@ -496,7 +518,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         try {
           try {
             const destination = await resolver.resolve(job.domain);
-            outcomes = await attempt(destination, envelope, message.raw, job.domain);
+            outcomes = await attempt(destination, envelope, message, job.domain);
           } catch (error) {
             const failure = failureOutcome(error, null);
             outcomes = new Map(rows.map((r) => [r.final_recipient, failure]));

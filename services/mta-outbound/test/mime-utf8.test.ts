@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { composeDsn } from "@mailstack/dsn";
-import { hasUtf8HeaderFields } from "../src/mime-utf8.ts";
+import { simpleParser } from "mailparser";
+import { hasUtf8HeaderFields, sevenBitReport } from "../src/mime-utf8.ts";
 
 const utf8 = (text: string) => Buffer.from(text, "utf8");
 
@@ -56,4 +57,27 @@ test("the DSN of an internationalized original needs SMTPUTF8 (message/global, m
   assert.match(aboutRecipient.toString(), /Content-Type: message\/global-delivery-status\r\n/);
   assert.equal(hasUtf8HeaderFields(aboutRecipient), false);
   assert.equal(hasUtf8HeaderFields(dsnOf(ascii, "FULL")), false, "an 8-bit body in message/rfc822");
+});
+
+test("sevenBitReport: every 8-bit part of a DSN in base64, the report relabelled 7bit; null where no encoding can make it 7-bit", async () => {
+  for (const ret of ["FULL", "HDRS"] as const) {
+    // A UTF-8 recipient too: the human part is 8-bit text.
+    const dsn = dsnOf(internationalOriginal, ret, "\u7528\u6237@far.test");
+    const seven = sevenBitReport(dsn)!;
+    assert.ok(!seven.some((byte) => byte > 0x7f), "7-bit");
+    assert.equal(hasUtf8HeaderFields(seven), false);
+    const text = seven.toString("latin1");
+    assert.equal(text.match(/^Content-Transfer-Encoding: /gm)!.length, 4, "the report and its three parts, once each");
+    assert.match(text, /\r\nContent-Transfer-Encoding: 7bit\r\n\r\nThis is a MIME-encapsulated message\./);
+    const parsed = await simpleParser(seven);
+    assert.match(parsed.text ?? "", /<\u7528\u6237@far\.test>: 550 5\.1\.1 unknown/);
+    const returned = parsed.attachments.find((a) => a.contentType === (ret === "FULL" ? "message/global" : "message/global-headers"))!.content;
+    assert.deepEqual(returned, ret === "FULL" ? internationalOriginal : utf8("From: <alice@origin.test>\r\nSubject: Gr\u00fc\u00dfe\r\n\r\n"));
+    assert.match(parsed.attachments.find((a) => a.contentType === "message/global-delivery-status")!.content.toString("utf8"), /\r\nFinal-Recipient: utf-8;\u7528\u6237@far\.test\r\n/);
+  }
+  // A returned message/rfc822 with an 8-bit body may not be encoded (RFC 2046 5.2.1).
+  assert.equal(sevenBitReport(dsnOf(utf8("Subject: hello\r\n\r\nGr\u00fc\u00dfe\r\n"), "FULL")), null);
+  // UTF-8 in the report's own header (a UTF-8 To:), or not a multipart at all.
+  assert.equal(sevenBitReport(Buffer.from(dsnOf(internationalOriginal, "HDRS").toString("utf8").replace("To: <alice@origin.test>", "To: <\u7528\u6237@origin.test>"), "utf8")), null);
+  assert.equal(sevenBitReport(internationalOriginal), null);
 });

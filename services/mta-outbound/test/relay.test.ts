@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { createServer, type Server } from "node:net";
 import { after, before, test } from "node:test";
 import { simpleParser } from "mailparser";
+import { composeDsn } from "@mailstack/dsn";
 import { createLogger, registry } from "@mailstack/telemetry";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startOutbound, type OutboundService } from "../src/service.ts";
@@ -717,7 +718,7 @@ test("a non-ASCII recipient at a server without SMTPUTF8 bounces alone (5.6.7); 
   assert.equal(asciiOnly.connections.flatMap((c) => c.commands).filter((c) => c.startsWith("MAIL")).length, 1, "no MAIL for it");
 });
 
-test("a DSN returning an internationalized original (message/global, message/global-headers) goes with SMTPUTF8, and never to a server without it (RFC 6531 3.2, RFC 6533)", async () => {
+test("a DSN returning an internationalized original (message/global, message/global-headers) goes unencoded with SMTPUTF8 to a server that offers it (RFC 6531 3.2, RFC 6533)", async () => {
   const original = (from: string, id: string) => Buffer.from(`From: <${from}>\r\nTo: <x@bounce.test>\r\nSubject: Gr\u00fc\u00dfe\r\nMessage-ID: <${id}@origin.test>\r\n\r\nHallo.\r\n`, "utf8");
   const full = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["bad-intl-full@bounce.test"], raw: original("alice@origin.test", "intl-full") });
   const headers = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["bad-intl-hdrs@bounce.test"], raw: original("alice@origin.test", "intl-hdrs"), ret: "HDRS" });
@@ -733,22 +734,75 @@ test("a DSN returning an internationalized original (message/global, message/glo
     assert.equal(types[0], "multipart/report");
     assert.ok(types.includes("message/global-delivery-status") && types.includes(returned), types.join(" "));
     assert.match(dsn.body.toString("utf8"), /\r\nSubject: Gr\u00fc\u00dfe\r\n/);
+    assert.doesNotMatch(dsn.body.toString("latin1"), /base64/i, "a server with SMTPUTF8 gets the 8-bit form");
   }
+});
 
-  // The sender's server does not offer SMTPUTF8: the DSN is not sent. It bounces (5.6.9), and
-  // being from <> it is reported to nobody (the sender's server could not have taken it).
-  const lost = await submit(env.pool, env.bus, { from: "carol@asciionly.test", to: ["bad-intl-carol@bounce.test"], raw: original("carol@asciionly.test", "intl-carol") });
+/** The messages from <> that a scripted MX took, with the dot-stuffing undone. */
+function bouncesAt(server: Awaited<ReturnType<typeof startScriptedMx>>, recipient: string): Buffer[] {
+  return server.connections
+    .filter((c) => c.commands.includes("MAIL FROM:<>") && c.commands.some((l) => l.startsWith(`RCPT TO:<${recipient}>`)))
+    .flatMap((c) => c.messages.map((m) => Buffer.from(m.replace(/^\.\./gm, "."), "latin1")));
+}
+
+test("a DSN of ours to a server without SMTPUTF8: its message/global* parts go base64-encoded and 7-bit, and a parser reads them back (RFC 6533, RFC 6532 3.7)", async () => {
+  const original = Buffer.from("From: J\u00fcrgen <carol@eai-ascii.test>\r\nTo: <x@bounce.test>\r\nSubject: Gr\u00fc\u00dfe\r\nMessage-ID: <eai-carol@eai-ascii.test>\r\n\r\nHallo.\r\n", "utf8");
+  const lost = await submit(env.pool, env.bus, { from: "carol@eai-ascii.test", to: ["bad-eai@bounce.test"], raw: original, orcpt: "utf-8;m\u00fcller@bounce.test", envid: "EAI-1" });
   await finalStates(lost.messageId);
   const dsnDelivery = await waitFor(async () => {
-    const result = await env.pool.query<{ state: string; last_status: string; last_reply: string; dsn_state: string | null }>(
-      "SELECT d.state, d.last_status, d.last_reply, d.dsn_state FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE m.source = 'bounce' AND d.final_recipient = 'carol@asciionly.test'",
+    const result = await env.pool.query<{ state: string; last_reply: string }>(
+      "SELECT d.state, d.last_reply FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE m.source = 'bounce' AND d.final_recipient = 'carol@eai-ascii.test'",
+    );
+    const row = result.rows[0];
+    return row && (row.state === "delivered" || row.state === "bounced") ? row : null;
+  }, 15_000);
+  assert.equal(dsnDelivery!.state, "delivered", dsnDelivery!.last_reply);
+  const mail = eaiAscii.connections.flatMap((c) => c.commands).filter((c) => c.startsWith("MAIL FROM:<>"));
+  assert.deepEqual(mail, ["MAIL FROM:<>"], "neither SMTPUTF8 nor BODY=8BITMIME: the report is 7-bit");
+  const [raw] = bouncesAt(eaiAscii, "carol@eai-ascii.test");
+  assert.ok(!raw!.some((byte) => byte > 0x7f), "no 8-bit byte");
+  assert.match(raw!.toString("latin1"), /Content-Type: message\/global\r\nContent-Transfer-Encoding: base64\r\n/);
+
+  const parsed = await simpleParser(raw!);
+  assert.equal(parsed.subject, "Undelivered Mail Returned to Sender");
+  const status = parsed.attachments.find((a) => a.contentType === "message/global-delivery-status")!.content.toString("utf8");
+  assert.match(status, /^Reporting-MTA: dns; relay\.test\r\nOriginal-Envelope-Id: EAI-1\r\n/);
+  assert.match(status, /\r\n\r\nOriginal-Recipient: utf-8;m\u00fcller@bounce\.test\r\nFinal-Recipient: rfc822;bad-eai@bounce\.test\r\nAction: failed\r\nStatus: 5\.1\.1\r\n/);
+  assert.match(status, /\r\nDiagnostic-Code: smtp; 550 5\.1\.1 No such user here\r\n/);
+  const returned = parsed.attachments.find((a) => a.contentType === "message/global")!.content;
+  assert.deepEqual(returned, original, "the original comes back byte for byte");
+  const inner = await simpleParser(returned);
+  assert.equal(inner.subject, "Gr\u00fc\u00dfe");
+  assert.equal(inner.from?.value[0]?.name, "J\u00fcrgen");
+
+  // A sender address that is not ASCII cannot be written to that server at all: the DSN fails (5.6.7), reported to nobody.
+  const cjk = await submit(env.pool, env.bus, { from: "\u7528\u6237@eai-ascii.test", to: ["bad-eai-cjk@bounce.test"], raw: original });
+  await finalStates(cjk.messageId);
+  const refused = await waitFor(async () => {
+    const result = await env.pool.query<{ state: string; last_status: string; dsn_state: string | null }>(
+      "SELECT d.state, d.last_status, d.dsn_state FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE m.source = 'bounce' AND d.final_recipient = $1",
+      ["\u7528\u6237@eai-ascii.test"],
     );
     const row = result.rows[0];
     return row && row.state === "bounced" && row.dsn_state === "suppressed" ? row : null;
   }, 15_000);
-  assert.equal(dsnDelivery!.last_status, "5.6.9");
-  assert.match(dsnDelivery!.last_reply, /UTF-8 header fields .*message\/global.*SMTPUTF8/);
-  assert.ok(!asciiOnly.commands().some((c) => c.startsWith("MAIL FROM:<>")), "nothing was sent to the sender's server");
+  assert.equal(refused!.last_status, "5.6.7");
+  assert.equal(bouncesAt(eaiAscii, "\u7528\u6237@eai-ascii.test").length, 0);
+});
+
+test("a message that is not our own DSN is never re-encoded: UTF-8 in a returned part of someone else's report still needs SMTPUTF8 (5.6.9)", async () => {
+  const report = composeDsn({
+    reportingMta: "mx.elsewhere.test",
+    to: "alice@origin.test",
+    ret: "HDRS",
+    original: Buffer.from("From: <alice@origin.test>\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nx\r\n", "utf8"),
+    recipients: [{ finalRecipient: "x@elsewhere.test", action: "failed", status: "5.1.1" }],
+  }).raw;
+  // A remote server's DSN from <>, forwarded: it may carry that server's DKIM signature.
+  const forwarded = await submit(env.pool, env.bus, { from: "", to: ["fwd-dsn@eai-ascii.test"], raw: report });
+  const [row] = await finalStates(forwarded.messageId);
+  assert.deepEqual([row!.state, row!.last_status], ["bounced", "5.6.9"]);
+  assert.equal(bouncesAt(eaiAscii, "fwd-dsn@eai-ascii.test").length, 0);
 });
 
 test("a utf-8 ORCPT is passed on as utf-8-addr-xtext, or as utf-8-addr-unitext in a transaction with SMTPUTF8 (RFC 6533 3)", async () => {

@@ -26,7 +26,11 @@ export function loadConfig<T extends z.ZodRawShape>(
     input[key] = value === "" ? undefined : value;
   }
   const result = z.object(shape).safeParse(input);
-  if (result.success) return result.data;
+  if (result.success) {
+    const problems = crossChecks.map((check) => check(result.data as Record<string, unknown>)).filter((problem) => problem !== null);
+    if (problems.length > 0) throw new ConfigError(problems);
+    return result.data;
+  }
   const problems = result.error.issues.map((issue) => {
     const name = issue.path.join(".");
     const given = input[name];
@@ -136,6 +140,31 @@ export function isFullyQualified(name: string): boolean {
   if (!labels.every((label) => /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/i.test(label))) return false;
   return !/^[0-9]+$/.test(labels[labels.length - 1]!);
 }
+
+/**
+ * Sender Rewriting Scheme for mail this system forwards (docs/srs.md): off unless SRS_DOMAIN is
+ * set. Read by mta-outbound (writes SRS senders) and mta-inbound (takes bounces to them back).
+ */
+export const srsShape = {
+  /** The domain SRS addresses are written in; its MX must be this system. Empty: no SRS. */
+  SRS_DOMAIN: z
+    .string()
+    .default("")
+    .transform((text) => text.trim().toLowerCase().replace(/\.$/, ""))
+    .refine((name) => name === "" || isFullyQualified(name), "expected a fully qualified domain name (ASCII, A-labels for IDN)"),
+  /** Comma-separated; the first signs new SRS addresses, every one verifies (rotation). */
+  SRS_SECRETS: list(""),
+  /** How long an SRS address stays valid (whole days; at most 1023, the timestamp's cycle). */
+  SRS_MAX_AGE: duration("21d").refine((ms) => ms >= 86_400_000 && ms < 1024 * 86_400_000, "expected between 1d and 1023d"),
+};
+
+/** Rules between variables, which no single variable's schema can state; each gives a problem or null. */
+const crossChecks: Array<(config: Record<string, unknown>) => string | null> = [
+  (config) =>
+    config.SRS_DOMAIN && Array.isArray(config.SRS_SECRETS) && config.SRS_SECRETS.length === 0
+      ? "SRS_SECRETS: required when SRS_DOMAIN is set (the first secret signs rewritten senders) (missing)"
+      : null,
+];
 
 export const DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/mailstack";
 export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";

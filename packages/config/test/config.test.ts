@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { ConfigError, commonShape, defaultMailHostname, isFullyQualified, loadConfig, parseDuration, parseSize, port, size } from "../src/index.ts";
+import { ConfigError, commonShape, defaultMailHostname, isFullyQualified, loadConfig, parseDuration, parseSize, port, size, srsShape } from "../src/index.ts";
 
 test("defaults apply when variables are absent", () => {
   const config = loadConfig(commonShape, {});
@@ -44,4 +44,19 @@ test("MAIL_HOSTNAME defaults to the system's name only when it is fully qualifie
   assert.equal(loadConfig(commonShape, { MAIL_HOSTNAME: "mail.example.net" }).MAIL_HOSTNAME, "mail.example.net");
   assert.equal(isFullyQualified("mail.example.net"), true);
   assert.equal(isFullyQualified("localhost"), false);
+});
+
+test("SRS is off by default; SRS_DOMAIN without a secret is refused at start", () => {
+  const off = loadConfig(srsShape, {});
+  assert.deepEqual(off, { SRS_DOMAIN: "", SRS_SECRETS: [], SRS_MAX_AGE: 21 * 86_400_000 });
+  const on = loadConfig(srsShape, { SRS_DOMAIN: "SRS.Example.ORG.", SRS_SECRETS: "new-secret, old-secret", SRS_MAX_AGE: "30d" });
+  assert.deepEqual(on, { SRS_DOMAIN: "srs.example.org", SRS_SECRETS: ["new-secret", "old-secret"], SRS_MAX_AGE: 30 * 86_400_000 });
+  assert.throws(
+    () => loadConfig(srsShape, { SRS_DOMAIN: "srs.example.org" }),
+    (error: unknown) => error instanceof ConfigError && error.problems.length === 1 && /^SRS_SECRETS: required when SRS_DOMAIN is set/.test(error.problems[0]!),
+  );
+  assert.throws(() => loadConfig(srsShape, { SRS_DOMAIN: "localhost", SRS_SECRETS: "s" }), /SRS_DOMAIN: expected a fully qualified domain name/);
+  assert.throws(() => loadConfig(srsShape, { SRS_DOMAIN: "srs.example.org", SRS_SECRETS: "s", SRS_MAX_AGE: "2000d" }), /SRS_MAX_AGE: expected between 1d and 1023d/);
+  // Secrets without a domain change nothing (SRS stays off) and are not an error.
+  assert.equal(loadConfig(srsShape, { SRS_SECRETS: "s" }).SRS_DOMAIN, "");
 });

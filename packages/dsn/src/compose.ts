@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { utf8AddrXtext } from "@mailstack/mail";
+import { headerBoundary, utf8AddrXtext } from "@mailstack/mail";
 
 /** RFC 3464 section 2.3.3 actions. */
 export type DsnAction = "failed" | "delayed" | "delivered" | "relayed" | "expanded";
@@ -97,14 +97,8 @@ function originalRecipient(orcpt: string, global: boolean): string {
 
 /** The header section of a message (up to and including the blank line), CRLF-normalised. */
 export function headerSection(raw: Buffer): Buffer {
-  let end = raw.indexOf("\r\n\r\n");
-  let sep = 4;
-  const lf = raw.indexOf("\n\n");
-  if (lf >= 0 && (end < 0 || lf < end)) {
-    end = lf;
-    sep = 2;
-  }
-  const head = end < 0 ? raw : raw.subarray(0, end + sep);
+  const boundary = headerBoundary(raw);
+  const head = boundary ? raw.subarray(0, boundary.bodyStart) : raw;
   return Buffer.from(head.toString("latin1").replace(/\r?\n/g, "\r\n"), "latin1");
 }
 

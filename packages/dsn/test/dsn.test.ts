@@ -4,7 +4,7 @@ import { simpleParser } from "mailparser";
 import { addAccount, addDomain, resolveRecipient } from "@mailstack/db";
 import { acceptMessage, type NewDelivery } from "@mailstack/queue";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
-import { composeDsn, diagnosticCode, generateDsns, wantsNotice } from "../src/index.ts";
+import { composeDsn, diagnosticCode, generateDsns, headerSection, wantsNotice } from "../src/index.ts";
 import { parseWithPython } from "./python-email.ts";
 
 let env: TestEnv;
@@ -243,4 +243,12 @@ test("a delay notice for NOTIFY=DELAY records delay_notified_at; a remote sender
   assert.equal(bounce!.kind, "remote");
   assert.match(bounce!.raw.toString(), /Action: delayed/);
   assert.match(bounce!.raw.toString(), /Subject: Delayed Mail/);
+});
+
+test("the returned header section ends at the first empty line, whatever its line ending", () => {
+  // An LF-ended header followed by a CRLF empty line: the body's later "\n\n" is not the end.
+  assert.equal(headerSection(Buffer.from("Subject: a\n\r\nX-In-Body: 1\n\nmore")).toString("latin1"), "Subject: a\r\n\r\n");
+  // An empty first line: no header fields; the body's field-like lines are not returned.
+  assert.equal(headerSection(Buffer.from("\r\nX-In-Body: 1\r\n\r\nmore")).toString("latin1"), "\r\n");
+  assert.equal(headerSection(Buffer.from("Subject: b\r\nTo: c@d\r\n\r\nbody\r\n")).toString("latin1"), "Subject: b\r\nTo: c@d\r\n\r\n");
 });

@@ -51,14 +51,12 @@ function entityHasUtf8Header(entity: string, defaultType: string, depth: number)
  */
 export function sevenBitReport(raw: Buffer): Buffer | null {
   const text = raw.toString("latin1");
-  const blank = /\r?\n\r?\n/.exec(text);
-  if (!blank) return null;
-  const header = text.slice(0, blank.index);
+  const { header, body } = splitEntity(text);
+  if (header === text) return null;
   const contentType = headerField(header, "content-type");
   if (EIGHT_BIT.test(header) || !contentType || !mediaType(contentType).startsWith("multipart/")) return null;
   const boundary = boundaryOf(contentType);
   if (!boundary) return null;
-  const body = text.slice(blank.index + blank[0].length);
   let out = "";
   let last = 0;
   for (const [start, end] of partRanges(body, boundary)) {
@@ -71,7 +69,7 @@ export function sevenBitReport(raw: Buffer): Buffer | null {
   out += body.slice(last);
   if (EIGHT_BIT.test(out)) return null;
   // The report's own label said 8bit; it now holds 7-bit data only (RFC 2045 6.4).
-  return Buffer.from(withEncoding(header, "7bit") + blank[0] + out, "latin1");
+  return Buffer.from(withEncoding(header, "7bit") + "\r\n\r\n" + out, "latin1");
 }
 
 /** A body part (ending in the line break that belongs to the next delimiter) with its content in base64; null when that is not allowed. */

@@ -1,8 +1,9 @@
-import { bool, duration, list, port, z } from "@mailstack/config";
+import { bool, duration, list, port, srsShape, z } from "@mailstack/config";
 import type { Bus } from "@mailstack/bus";
-import type { Pool } from "@mailstack/db";
+import { DirectoryCache, resolveRecipient, type Pool, type Resolution } from "@mailstack/db";
+import { reply, srsReverse, isSrsAddress, type SrsSettings } from "@mailstack/mail";
 import { startSweeper } from "@mailstack/queue";
-import { createIntakeServer, defaultLimits, intakeShape, type IntakeLimits, type IntakeServer } from "@mailstack/smtp-intake";
+import { SmtpError, createIntakeServer, defaultLimits, intakeShape, type IntakeLimits, type IntakeServer } from "@mailstack/smtp-intake";
 import type { Logger } from "@mailstack/telemetry";
 import { createAuthCheck, createResolver } from "./auth.ts";
 
@@ -22,6 +23,8 @@ export const inboundShape = {
   /** The sweeper republishing deliveries committed but never dispatched. */
   INBOUND_SWEEP_INTERVAL: duration("10s"),
   INBOUND_SWEEP_UNDISPATCHED_AFTER: duration("15s"),
+  /** SRS_DOMAIN, SRS_SECRETS, SRS_MAX_AGE: mail to an SRS address of ours goes back to its sender (off by default). */
+  ...srsShape,
 };
 
 export interface InboundConfig {
@@ -39,6 +42,8 @@ export interface InboundConfig {
   INBOUND_SWEEP_UNDISPATCHED_AFTER: number;
   limits: Partial<IntakeLimits>;
   tls?: { key: string | Buffer; cert: string | Buffer };
+  /** Sender Rewriting Scheme (docs/srs.md): RCPT TO an SRS address in its domain is routed back; null or absent: off. */
+  srs?: SrsSettings | null;
 }
 
 export const defaultInboundConfig: InboundConfig = {
@@ -53,6 +58,27 @@ export const defaultInboundConfig: InboundConfig = {
   INBOUND_SWEEP_UNDISPATCHED_AFTER: 15_000,
   limits: defaultLimits,
 };
+
+const invalidSrs = reply(550, "5.1.1", "Invalid or expired SRS address");
+
+/**
+ * RCPT routing with SRS on: an SRS0/SRS1 address in the SRS domain whose hash checks out with
+ * one of the secrets (and, for SRS0, whose stamp is at most maxAgeDays old) is routed to the
+ * address it stands for, wherever that is, for any sender, <> or not; the hash is what stops
+ * anyone from making one up (docs/srs.md). Every other address is routed as without SRS.
+ */
+export function srsRouting(pool: Pool, directory: DirectoryCache, srs: SrsSettings, logger: Logger): (address: string) => Promise<Resolution> {
+  const lookup = (key: string) => directory.lookup(key);
+  return async (address) => {
+    if (!isSrsAddress(srs, address)) return resolveRecipient(pool, address, { allowRemote: false, lookup });
+    const reversed = srsReverse(srs, address, new Date());
+    if (!reversed.ok) {
+      logger.info({ rcpt: address, problem: reversed.problem }, "SRS address refused");
+      throw new SmtpError(invalidSrs);
+    }
+    return resolveRecipient(pool, reversed.address, { allowRemote: true, lookup });
+  };
+}
 
 export interface Inbound {
   port: number;
@@ -70,6 +96,9 @@ export async function startInbound(options: { pool: Pool; bus: Bus; logger: Logg
   const authCheck = config.INBOUND_AUTH_CHECKS
     ? createAuthCheck({ pool, logger, hostname: config.MAIL_HOSTNAME, resolver: createResolver(config.DNS_SERVERS, { cacheTtlMs: config.DNS_CACHE_TTL }), timeoutMs: config.INBOUND_AUTH_TIMEOUT, spfVerdictTtlMs: config.DNS_CACHE_TTL })
     : undefined;
+  // Only with SRS on does the intake get a routing hook (and then this directory to answer it).
+  const srs = config.srs ?? null;
+  const directory = srs ? new DirectoryCache(pool) : null;
   const intake = createIntakeServer({
     service: "mta-inbound",
     source: "inbound",
@@ -85,17 +114,20 @@ export async function startInbound(options: { pool: Pool; bus: Bus; logger: Logg
     ...(config.tls ? { tls: config.tls } : {}),
     limits: config.limits,
     allowRemote: false,
+    ...(srs && directory ? { directory, resolveRecipient: srsRouting(pool, directory, srs, logger) } : {}),
     ...(authCheck ? { transformMessage: authCheck } : {}),
   });
+  await directory?.start();
   const port = await intake.listen();
   const sweeper = startSweeper(bus, pool, logger, config.INBOUND_SWEEP_INTERVAL, { undispatchedAfterMs: config.INBOUND_SWEEP_UNDISPATCHED_AFTER });
-  logger.info({ port }, "inbound SMTP listening");
+  logger.info({ port, srsDomain: srs?.domain ?? null }, "inbound SMTP listening");
   return {
     port,
     intake,
     async stop() {
       await intake.stop();
       await sweeper.stop();
+      await directory?.stop();
     },
   };
 }

@@ -1,4 +1,5 @@
 import { runService, startTlsSource, tlsShape, tlsSourceOptions } from "@mailstack/runtime";
+import { srsFromConfig } from "@mailstack/mail";
 import { limitsFromConfig } from "@mailstack/smtp-intake";
 import { inboundShape, startInbound } from "./inbound.ts";
 
@@ -31,6 +32,7 @@ export async function main(): Promise<void> {
           INBOUND_SWEEP_UNDISPATCHED_AFTER: config.INBOUND_SWEEP_UNDISPATCHED_AFTER,
           limits: limitsFromConfig(config),
           tls: { key: tls.key, cert: tls.cert },
+          srs: srsFromConfig(config),
         },
       });
       tlsSource.onChange((next) => inbound.intake.updateTls({ key: next.key, cert: next.cert }));

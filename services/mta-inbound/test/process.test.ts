@@ -84,6 +84,12 @@ test("a bad setting is reported by name and the process exits 78", async () => {
   assert.match(output(), /SMTP_PORT/);
 });
 
+test("SRS_DOMAIN without SRS_SECRETS: the process refuses to start (exit 78) and says why", async () => {
+  const { exit, output } = await spawnInbound({ SRS_DOMAIN: "srs.example.test" });
+  assert.equal(await exit, 78);
+  assert.match(output(), /SRS_SECRETS: required when SRS_DOMAIN is set/);
+});
+
 test("a MAIL_HOSTNAME that is not fully qualified is warned about at start", async () => {
   const { child, exit, output } = await spawnInbound({ MAIL_HOSTNAME: "localhost", LOG_LEVEL: "info" });
   try {

@@ -1,5 +1,6 @@
 import { randomBytes } from "node:crypto";
 import type { Pool } from "@mailstack/db";
+import type { SrsSettings } from "@mailstack/mail";
 import { stillPending, type JourneyEvent, type RelayJob } from "@mailstack/queue";
 import { Counter, Histogram, SpanKind, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
@@ -7,6 +8,7 @@ import { DestinationError, DestinationResolver, type Destination, type Destinati
 import { hasEightBit } from "./dot-stuff.ts";
 import { hasUtf8HeaderFields, sevenBitReport } from "./mime-utf8.ts";
 import { SerialBatches } from "./serial-batches.ts";
+import { createSenderRewriter } from "./srs-sender.ts";
 import {
   SmtpConnection,
   SmtpError,
@@ -53,6 +55,8 @@ export interface RelayConfig {
   maxPerDestination: number;
   idleConnectionMs: number;
   maxMessagesPerConnection: number;
+  /** Sender Rewriting Scheme for forwarded mail (srs-sender.ts); null or absent: off. */
+  srs?: SrsSettings | null;
 }
 
 interface ClaimedRow {
@@ -127,6 +131,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     maxTransactions: config.maxMessagesPerConnection,
   });
   const perDestination = new KeyedLimiter(config.maxPerDestination);
+  const senderFor = createSenderRewriter(pool, config.srs ?? null);
 
   type Claimed = { rows: ClaimedRow[]; message: MessageRow } | null;
   type JsonClaimed = Omit<ClaimedRow, "created_at" | "delay_notified_at"> & { created_at: string; delay_notified_at: string | null };
@@ -517,6 +522,8 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         let outcomes: Map<string, Outcome>;
         try {
           try {
+            // A failure to decide it (the database) defers the job like any other temporary failure.
+            envelope.from = await senderFor({ envelopeFrom: message.envelope_from, receivedAt: message.received_at, deliveries: rows });
             const destination = await resolver.resolve(job.domain);
             outcomes = await attempt(destination, envelope, message, job.domain);
           } catch (error) {

@@ -1,7 +1,8 @@
-import { bool, duration, integer, list, parseDuration, port, z } from "@mailstack/config";
+import { bool, duration, integer, list, parseDuration, port, srsShape, z } from "@mailstack/config";
 import { Consumers, Streams, Subjects, consume, type Bus } from "@mailstack/bus";
 import type { Pool } from "@mailstack/db";
 import { startDsnGenerator } from "@mailstack/dsn";
+import { srsFromConfig } from "@mailstack/mail";
 import { registerQueueDepthMetric, startSweeper, type RelayJob } from "@mailstack/queue";
 import { runService } from "@mailstack/runtime";
 import type { Logger } from "@mailstack/telemetry";
@@ -62,6 +63,8 @@ export const shape = {
   RELAY_DATA_END_TIMEOUT: duration("10m"),
   /** The sweeper republishes remote deliveries never dispatched (accepting process died). */
   RELAY_SWEEP_INTERVAL: duration("10s"),
+  /** SRS_DOMAIN, SRS_SECRETS, SRS_MAX_AGE: the sender of forwarded mail in its SRS form (off by default). */
+  ...srsShape,
 };
 
 export type OutboundConfig = z.infer<z.ZodObject<typeof shape>> & { MAIL_HOSTNAME: string };
@@ -106,6 +109,7 @@ export function relayConfig(config: OutboundConfig): RelayConfig {
     maxPerDestination: config.RELAY_MAX_PER_DESTINATION,
     idleConnectionMs: config.RELAY_IDLE_CONNECTION,
     maxMessagesPerConnection: config.RELAY_MAX_MESSAGES_PER_CONNECTION,
+    srs: srsFromConfig(config),
   };
 }
 

@@ -32,3 +32,9 @@ test("smart hosts, DNS servers and a bad backoff", () => {
   assert.equal(c.destination.smartHost!.tls, "required", "credentials never go out in clear");
   assert.throws(() => config({ RELAY_BACKOFF: "1m,soon" }), (error) => error instanceof ConfigError && /RELAY_BACKOFF/.test(error.message));
 });
+
+test("SRS: off by default; SRS_DOMAIN with its secrets turns it on; SRS_DOMAIN without a secret is refused", () => {
+  assert.equal(config({}).srs, null);
+  assert.deepEqual(config({ SRS_DOMAIN: "srs.example.org", SRS_SECRETS: "new,old" }).srs, { domain: "srs.example.org", secrets: ["new", "old"], maxAgeDays: 21 });
+  assert.throws(() => config({ SRS_DOMAIN: "srs.example.org" }), (error: unknown) => error instanceof ConfigError && /^SRS_SECRETS: /.test(error.problems.join("\n")));
+});

@@ -71,20 +71,21 @@ export class DirectoryCache {
     return this.listening;
   }
 
-  async lookup(address: string): Promise<AddressLookup> {
+  /** What the directory holds under a lookup key (addressKey in @mailstack/mail), as lookupAddress. */
+  async lookup(key: string): Promise<AddressLookup> {
     const now = Date.now();
-    const cached = this.listening ? this.entries.get(address) : undefined;
+    const cached = this.listening ? this.entries.get(key) : undefined;
     if (cached && cached.expiresAt > now) {
       this.stats.hits++;
       return cached.lookup;
     }
     this.stats.misses++;
     const generation = this.generation;
-    const found = await lookupAddress(this.pool, address);
+    const found = await lookupAddress(this.pool, key);
     const unknownLocal = found.localDomain && !found.account && !found.alias && !found.catchAll;
     if (this.listening && generation === this.generation && !unknownLocal) {
       if (this.entries.size >= this.maxEntries) this.entries.delete(this.entries.keys().next().value!);
-      this.entries.set(address, { lookup: found, expiresAt: now + this.ttlMs });
+      this.entries.set(key, { lookup: found, expiresAt: now + this.ttlMs });
     }
     return found;
   }

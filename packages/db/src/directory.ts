@@ -50,10 +50,19 @@ function requireDomainName(name: string): string {
   return domain;
 }
 
-function requireAddress(input: string): { local: string; domain: string; address: string } {
+function requireAddress(input: string): { local: string; domain: string; address: string; key: string } {
   const parsed = parseAddress(input, { utf8: true });
   if (!parsed.ok) throw new DirectoryError("invalid", `invalid address: ${input} (${parsed.problem})`);
   return parsed;
+}
+
+/**
+ * An address of ours as the directory names it: accounts and aliases are stored (and found)
+ * under their lookup key, so `Alice@d` and `alice@d` are one mailbox.
+ */
+function requireMailbox(input: string): { local: string; domain: string; address: string } {
+  const { domain, key } = requireAddress(input);
+  return { local: splitAddress(key).local, domain, address: key };
 }
 
 export async function addDomain(db: Queryable, name: string): Promise<DomainRow> {
@@ -161,7 +170,7 @@ export interface NewAccount {
 }
 
 export async function addAccount(db: Queryable, input: NewAccount): Promise<AccountRow> {
-  const { local, domain, address } = requireAddress(input.address);
+  const { local, domain, address } = requireMailbox(input.address);
   if (local === "*") throw new DirectoryError("invalid", "an account cannot be a catch-all; use an alias *@domain");
   if (!input.password) throw new DirectoryError("invalid", "the password must not be empty");
   if (input.quotaBytes != null && (!Number.isInteger(input.quotaBytes) || input.quotaBytes < 0)) {
@@ -188,7 +197,7 @@ export async function addAccount(db: Queryable, input: NewAccount): Promise<Acco
 export async function getAccount(db: Queryable, address: string): Promise<AccountRow | null> {
   const parsed = parseAddress(address, { utf8: true });
   if (!parsed.ok) return null;
-  return (await db.query<AccountRow>("SELECT * FROM accounts WHERE address = $1", [parsed.address])).rows[0] ?? null;
+  return (await db.query<AccountRow>("SELECT * FROM accounts WHERE address = $1", [parsed.key])).rows[0] ?? null;
 }
 
 async function requireAccount(db: Queryable, address: string): Promise<AccountRow> {
@@ -237,9 +246,6 @@ export async function removeAccount(db: Queryable, address: string): Promise<voi
   await db.query("DELETE FROM accounts WHERE id = $1", [account.id]);
 }
 
-function normalizeAliasTarget(target: string): string {
-  return requireAddress(target).address;
-}
 
 /**
  * Adds an alias. `*@domain` is the domain's catch-all. Each target is a local account,
@@ -250,27 +256,32 @@ export async function addAlias(db: Queryable, address: string, targets: string[]
   const isCatchAll = address.slice(0, atSign) === "*";
   const parsed = isCatchAll
     ? { local: "*", domain: requireDomainName(address.slice(atSign + 1)), address: "" }
-    : requireAddress(address);
+    : requireMailbox(address);
   const aliasAddress = isCatchAll ? `*@${parsed.domain}` : parsed.address;
   if (targets.length === 0) throw new DirectoryError("invalid", "an alias needs at least one target");
-  const normalizedTargets = [...new Set(targets.map(normalizeAliasTarget))];
-  if (normalizedTargets.includes(aliasAddress)) throw new DirectoryError("invalid", `alias ${aliasAddress} cannot target itself`);
+  const parsedTargets = targets.map(requireAddress);
+  if (parsedTargets.some((target) => target.key === aliasAddress)) throw new DirectoryError("invalid", `alias ${aliasAddress} cannot target itself`);
   const domainRow = await requireDomain(db, parsed.domain);
-  for (const target of normalizedTargets) {
-    const { domain } = splitAddress(target);
-    if (await getDomain(db, domain)) {
+  // A target in a served domain must exist and is stored as the directory names it; a remote one
+  // is stored as written (its local part's case is the remote host's business, RFC 5321 2.4).
+  const normalizedTargets: string[] = [];
+  for (const target of parsedTargets) {
+    if (await getDomain(db, target.domain)) {
       const exists = await db.query(
         "SELECT 1 FROM accounts WHERE address = $1 UNION ALL SELECT 1 FROM aliases WHERE address = $1",
-        [target],
+        [target.key],
       );
-      if (!exists.rowCount) throw new DirectoryError("not-found", `target ${target} is in a served domain but is no account or alias`);
+      if (!exists.rowCount) throw new DirectoryError("not-found", `target ${target.key} is in a served domain but is no account or alias`);
+      normalizedTargets.push(target.key);
+    } else {
+      normalizedTargets.push(target.address);
     }
   }
   await assertAddressFree(db, aliasAddress);
   try {
     const result = await db.query<AliasRow>(
       "INSERT INTO aliases (domain_id, local_part, address, targets) VALUES ($1, $2, $3, $4) RETURNING *",
-      [domainRow.id, parsed.local, aliasAddress, normalizedTargets],
+      [domainRow.id, parsed.local, aliasAddress, [...new Set(normalizedTargets)]],
     );
     return result.rows[0]!;
   } catch (error) {
@@ -291,7 +302,7 @@ export async function pageAliases(db: Queryable, page: KeyPage, domain?: string)
 
 export async function removeAlias(db: Queryable, address: string): Promise<void> {
   const atSign = address.lastIndexOf("@");
-  const key = address.slice(0, atSign) === "*" ? `*@${requireDomainName(address.slice(atSign + 1))}` : requireAddress(address).address;
+  const key = address.slice(0, atSign) === "*" ? `*@${requireDomainName(address.slice(atSign + 1))}` : requireMailbox(address).address;
   const result = await db.query("DELETE FROM aliases WHERE address = $1", [key]);
   if (!result.rowCount) throw new DirectoryError("not-found", `no such alias: ${address}`);
 }

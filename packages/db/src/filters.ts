@@ -44,15 +44,16 @@ function requireFolder(name: string): string {
   return folder.toUpperCase() === "INBOX" ? "INBOX" : folder;
 }
 
-async function requireAccountId(db: Queryable, address: string): Promise<number> {
+async function requireAccount(db: Queryable, address: string): Promise<{ id: number; address: string }> {
   const account = await getAccount(db, address);
   if (!account) throw new DirectoryError("not-found", `no such account: ${address}`);
-  return account.id;
+  return account;
 }
 
 /** Appends a rule to the end of an account's list. */
 export async function addFilterRule(db: Queryable, accountAddress: string, rule: NewFilterRule): Promise<FilterRuleRow> {
-  const accountId = await requireAccountId(db, accountAddress);
+  const account = await requireAccount(db, accountAddress);
+  const accountId = account.id;
   const c = rule.condition;
   let headerName: string | null = null;
   let value: string | null = null;
@@ -76,7 +77,7 @@ export async function addFilterRule(db: Queryable, accountAddress: string, rule:
     const parsed = parseAddress(a.to, { utf8: true });
     if (!parsed.ok) throw new DirectoryError("invalid", `invalid forward address: ${a.to} (${parsed.problem})`);
     forwardTo = parsed.address;
-    if (forwardTo === accountAddress.toLowerCase()) throw new DirectoryError("invalid", "an account cannot forward to itself");
+    if (parsed.key === account.address) throw new DirectoryError("invalid", "an account cannot forward to itself");
   }
   const count = await db.query<{ n: number; next: number }>(
     "SELECT count(*)::int AS n, coalesce(max(position) + 1, 0)::int AS next FROM filter_rules WHERE account_id = $1",
@@ -94,13 +95,13 @@ export async function addFilterRule(db: Queryable, accountAddress: string, rule:
 
 /** An account's rules in the order the MDA applies them. */
 export async function listFilterRules(db: Queryable, accountAddress: string): Promise<FilterRuleRow[]> {
-  const accountId = await requireAccountId(db, accountAddress);
+  const accountId = (await requireAccount(db, accountAddress)).id;
   return (await db.query<FilterRuleRow>("SELECT * FROM filter_rules WHERE account_id = $1 ORDER BY position", [accountId])).rows;
 }
 
 /** Removes one rule of an account, by its id. */
 export async function removeFilterRule(db: Queryable, accountAddress: string, ruleId: number): Promise<void> {
-  const accountId = await requireAccountId(db, accountAddress);
+  const accountId = (await requireAccount(db, accountAddress)).id;
   const result = await db.query("DELETE FROM filter_rules WHERE account_id = $1 AND id = $2", [accountId, ruleId]);
   if (!result.rowCount) throw new DirectoryError("not-found", `no rule ${ruleId} for ${accountAddress}`);
 }

@@ -12,10 +12,10 @@ export interface FailureCounts {
   account: number;
 }
 
-/** The one key form for a login name: the normalised address, or the lower-cased name when it is none. */
+/** The one key form for a login name: the address's lookup key, or the lower-cased name when it is none. */
 export function loginKey(name: string): string {
   const parsed = parseAddress(name.trim(), { utf8: true });
-  return parsed.ok ? parsed.address : name.trim().toLowerCase().slice(0, 320);
+  return parsed.ok ? parsed.key : name.trim().toLowerCase().slice(0, 320);
 }
 
 /** Failures of this IP and of this login name within the current window. */

@@ -95,3 +95,28 @@ test("a disabled account refuses mail; a removed one is gone", async () => {
   await removeAccount(db.pool, "temp@example.test");
   assert.equal(await getAccount(db.pool, "temp@example.test"), null);
 });
+
+test("our local parts are found however cased; remote alias targets and recipients keep theirs (RFC 5321 2.4)", async () => {
+  const alias = await addAlias(db.pool, "Mixed.Case@Example.test", ["BOB@example.test", "Ann.Other@Dest.Test", "ann.other@dest.test"]);
+  // The alias is named by its key, a local target too; remote targets are kept as written (two of them).
+  assert.equal(alias.address, "mixed.case@example.test");
+  assert.deepEqual(alias.targets, ["bob@example.test", "Ann.Other@dest.test", "ann.other@dest.test"]);
+  await rejects(() => addAlias(db.pool, "self@example.test", ["SELF@Example.test"]), "invalid");
+  await rejects(() => addAlias(db.pool, "x@example.test", ["GHOST@example.test"]), "not-found");
+
+  const resolved = await resolveRecipient(db.pool, "MIXED.case@example.test");
+  assert.ok(resolved.ok);
+  assert.deepEqual(resolved.routes.map((r) => `${r.kind} ${r.address}`).sort(), ["local bob@example.test", "remote Ann.Other@dest.test", "remote ann.other@dest.test"]);
+  const account = await resolveRecipient(db.pool, "ALICE@example.test");
+  assert.ok(account.ok && account.routes[0]!.kind === "local" && account.routes[0]!.address === "alice@example.test");
+  const remote = await resolveRecipient(db.pool, "Some.One@remote.test", { allowRemote: true });
+  assert.ok(remote.ok && remote.routes[0]!.address === "Some.One@remote.test");
+
+  // Rows written before local parts kept their case (every target lower-cased) are found as before.
+  await db.pool.query("INSERT INTO aliases (domain_id, local_part, address, targets) SELECT domain_id, 'legacy', 'legacy@example.test', '{alice@example.test,old@remote.test}' FROM accounts WHERE address = 'alice@example.test'");
+  const legacy = await resolveRecipient(db.pool, "Legacy@EXAMPLE.test");
+  assert.ok(legacy.ok);
+  assert.deepEqual(legacy.routes.map((r) => r.address).sort(), ["alice@example.test", "old@remote.test"]);
+  await removeAlias(db.pool, "LEGACY@example.test");
+  await removeAlias(db.pool, "mixed.CASE@example.test");
+});

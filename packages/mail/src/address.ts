@@ -13,8 +13,16 @@ export type AddressProblem =
   | "bad-domain"
   | "utf8-not-allowed";
 
+/**
+ * A parsed mailbox. `local` and `address` keep the local part's case as it was written (RFC 5321
+ * 2.4: a local part is case-sensitive; only its own host may decide otherwise): that is the
+ * form recorded and sent on (envelope sender, remote recipients and alias targets, the relay's
+ * MAIL FROM/RCPT TO). `key` is the form this system's own mailboxes are named and found by
+ * (addressKey): accounts, aliases, the catch-all, login names and sender rights are
+ * case-insensitive. The domain is lower-case in both.
+ */
 export type ParsedAddress =
-  | { ok: true; local: string; domain: string; address: string }
+  | { ok: true; local: string; domain: string; address: string; key: string }
   | { ok: false; problem: AddressProblem };
 
 export interface ParseOptions {
@@ -48,13 +56,14 @@ function splitAtLastAt(text: string): [string, string] | null {
 
 /**
  * Parses an RFC 5321 mailbox (without angle brackets) and normalises it: the domain
- * lower-cased in IDNA form, the local part lower-cased (this system treats local parts
- * case-insensitively). Forms used for relay tricks are reported as such.
+ * lower-cased in IDNA form, the local part in its canonical quoting with its case kept (see
+ * ParsedAddress for `address` and `key`). Forms used for relay tricks are reported as such.
  *
  * A Quoted-string local part (RFC 5321 4.1.2) names the same mailbox however it is quoted:
- * its content is unescaped, written bare when it is a dot-atom (`"john"` is `john`), else
- * quoted again with a backslash only before `"` and `\` (`"a\ b"` is `"a b"`). That canonical
- * form is the address everywhere: lookups, stored envelopes, headers, the relay's commands.
+ * its content is unescaped, written bare when it is a dot-atom (`"John"` is `John`), else
+ * quoted again with a backslash only before `"` and `\` (`"a\ B"` is `"a B"`). That canonical
+ * form is the address everywhere: stored envelopes, headers, the relay's commands, and
+ * (lower-cased, as `key`) lookups.
  * Lengths are octets as sent: local part at most 64, mailbox at most 254 (a 256-octet path
  * with its angle brackets, RFC 5321 4.5.3.1).
  */
@@ -96,8 +105,18 @@ export function parseAddress(input: string, options: ParseOptions = {}): ParsedA
   const domain = normalizeDomain(domainPart);
   if (!domain) return { ok: false, problem: domainPart.length > 253 ? "too-long" : "bad-domain" };
   if (Buffer.byteLength(sentLocal) + 1 + domain.length > 254) return { ok: false, problem: "too-long" };
-  const normalizedLocal = local.toLowerCase();
-  return { ok: true, local: normalizedLocal, domain, address: `${normalizedLocal}@${domain}` };
+  const address = `${local}@${domain}`;
+  return { ok: true, local, domain, address, key: addressKey(address) };
+}
+
+/**
+ * The lookup key of a canonical address (parseAddress's `address`, or an address stored in
+ * that form): the local part lower-cased, the domain being lower-case already. Accounts and
+ * aliases are stored under it; every match of an address against this system's own mailboxes
+ * (routing, logins, sender rights) compares keys. Never sent or recorded in place of the address.
+ */
+export function addressKey(address: string): string {
+  return address.toLowerCase();
 }
 
 /**
@@ -131,7 +150,7 @@ function isDotAtom(text: string, utf8 = false): boolean {
   return text.split(".").every((part) => part.length > 0 && atom.test(part));
 }
 
-/** Normalises an address or returns null; for lookups where the reason does not matter. */
+/** Normalises an address (parseAddress's `address`, case kept) or returns null; for checks where the reason does not matter. */
 export function normalizeAddress(input: string, options: ParseOptions = {}): string | null {
   const parsed = parseAddress(input, options);
   return parsed.ok ? parsed.address : null;

@@ -1,10 +1,12 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { normalizeDomain, parseAddress, parseReply, hashPassword, verifyPassword } from "../src/index.ts";
+import { addressKey, normalizeAddress, normalizeDomain, parseAddress, parseReply, hashPassword, verifyPassword } from "../src/index.ts";
 
-test("addresses are normalised: domain lower-case IDNA, local part lower-case", () => {
+test("addresses are normalised: domain lower-case IDNA, the local part's case kept (RFC 5321 2.4); the lookup key lower-case", () => {
   const parsed = parseAddress("Alice.Smith@Example.TEST");
-  assert.deepEqual(parsed, { ok: true, local: "alice.smith", domain: "example.test", address: "alice.smith@example.test" });
+  assert.deepEqual(parsed, { ok: true, local: "Alice.Smith", domain: "example.test", address: "Alice.Smith@example.test", key: "alice.smith@example.test" });
+  assert.equal(addressKey("Alice.Smith@example.test"), "alice.smith@example.test");
+  assert.equal(normalizeAddress("Bob.Sender@Origin.Test"), "Bob.Sender@origin.test");
   assert.equal(normalizeDomain("bücher.example"), "xn--bcher-kva.example");
   const idn = parseAddress("bob@Bücher.Example");
   assert.ok(idn.ok && idn.domain === "xn--bcher-kva.example");
@@ -40,7 +42,7 @@ test("quoted local parts without tricks are accepted", () => {
 
 test("a quoted local part is canonical: unescaped, bare when a dot-atom, else quoted with only \\ and \" escaped", () => {
   const cases: Array<[string, string]> = [
-    ['"John\\ Doe"@X.test', '"john doe"@x.test'],
+    ['"John\\ Doe"@X.test', '"John Doe"@x.test'],
     ['"j\\ohn"@x.test', "john@x.test"],
     ['"a.b"@x.test', "a.b@x.test"],
     ['"a..b"@x.test', '"a..b"@x.test'],
@@ -55,6 +57,9 @@ test("a quoted local part is canonical: unescaped, bare when a dot-atom, else qu
     // The canonical form parses to itself.
     assert.equal(parsed.ok && (parseAddress(canonical) as { address: string }).address, canonical, canonical);
   }
+  // However it is quoted and cased, a local part has one lookup key.
+  const keys = ['"John\\ Doe"@x.test', '"john doe"@X.TEST', '"JOHN DOE"@x.test'].map((input) => (parseAddress(input) as { key: string }).key);
+  assert.deepEqual(keys, ['"john doe"@x.test', '"john doe"@x.test', '"john doe"@x.test']);
 });
 
 test("lengths are octets as sent: local part 64, mailbox 254", () => {

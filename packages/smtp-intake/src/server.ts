@@ -79,7 +79,7 @@ export interface IntakeSession {
 }
 
 export interface AcceptedRecipient {
-  /** The RCPT TO address, normalised. */
+  /** The RCPT TO address as parseAddress gives it: canonical quoting, domain lower-case, the local part's case kept. */
   recipient: string;
   routes: Route[];
   dsnNotify: string[] | null;
@@ -88,7 +88,7 @@ export interface AcceptedRecipient {
 
 export interface IncomingMessage {
   session: IntakeSession;
-  /** Normalised envelope sender, '' for <>. */
+  /** The envelope sender as parseAddress gives it (the local part's case kept), '' for <>. */
   sender: string;
   recipients: AcceptedRecipient[];
   queueId: string;
@@ -177,6 +177,12 @@ interface SessionState {
   countedIp: string | null;
   connection: ConnectionInternals | null;
   sender: string | null;
+  /**
+   * The accepted RCPTs in order, by address as given (parseAddress's `address`). smtp-server's
+   * own list merges addresses that differ only in case, so it is not used for the deliveries: a
+   * remote `A@r` and `a@r` are two recipients (RFC 5321 2.4); a local mailbox named twice is
+   * still one delivery, since its routes have one address (the account's key).
+   */
   recipients: Map<string, AcceptedRecipient>;
   finalCount: number;
   span: Span | null;
@@ -471,8 +477,8 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       const resolution = options.resolveRecipient
         ? await options.resolveRecipient(parsed.address, s)
         : await resolveWithDirectory(pool, parsed.address, { allowRemote, lookup });
-      const unknownPostmaster = !resolution.ok && resolution.reason === "unknown-user" && parsed.local === "postmaster";
-      return unknownPostmaster && (await directory.lookup(parsed.address)).localDomain ? resolvePostmaster() : resolution;
+      const unknownPostmaster = !resolution.ok && resolution.reason === "unknown-user" && parsed.key === `postmaster@${parsed.domain}`;
+      return unknownPostmaster && (await directory.lookup(parsed.key)).localDomain ? resolvePostmaster() : resolution;
     };
     resolve().then(
       (resolution) => {
@@ -576,12 +582,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     raw = withHeaderSection(raw);
     if (!busUp || !busWatch.connected()) throw new SmtpError(Replies.localError);
 
-    const recipients = session.envelope.rcptTo
-      .map((rcpt) => {
-        const parsed = parseAddress(recipientAddress(rcpt.address), { utf8: true });
-        return parsed.ok ? state.recipients.get(parsed.address) : undefined;
-      })
-      .filter((r): r is AcceptedRecipient => !!r);
+    const recipients = [...state.recipients.values()];
     if (recipients.length === 0) throw new SmtpError(GuardReplies.noValidRecipients);
 
     const span = state.span ?? tracer.startSpan("smtp transaction", { kind: SpanKind.SERVER });

@@ -67,9 +67,33 @@ describe("quoted local parts", () => {
       'RCPT TO:<""@remote.example>',
     ]);
     assert.deepEqual(await stored(queueId), {
-      from: '"sender name"@example.test',
+      from: '"Sender Name"@example.test',
       recipients: ['""@remote.example', '"a>b <c>"@remote.example', '"back\\\\slash"@remote.example', '"dots..here."@remote.example', '"say \\"hi\\""@remote.example', '"x y"@remote.example'].sort(),
     });
+    client.close();
+  });
+
+  test("a local part keeps its case (RFC 5321 2.4): a mailbox of ours named in two cases is one delivery, a remote A@r and a@r are two", async () => {
+    const client = await openSession(submission.port());
+    const queueId = await transaction(client, "MAIL FROM:<Bob.Sender@Origin.Example>", [
+      "RCPT TO:<USER1@example.test>",
+      "RCPT TO:<user1@Example.TEST>",
+      "RCPT TO:<Team@example.test>",
+      "RCPT TO:<Ann.Other@Remote.Example>",
+      "RCPT TO:<ann.other@remote.example>",
+      'RCPT TO:<"Ann Other"@remote.example>',
+      'RCPT TO:<"Ann\ Other"@remote.example>',
+    ]);
+    assert.deepEqual(await stored(queueId), {
+      from: "Bob.Sender@origin.example",
+      recipients: ['"Ann Other"@remote.example', "Ann.Other@remote.example", "ann.other@remote.example", "user1@example.test", "user2@example.test"],
+    });
+    const rcpts = await env.pool.query<{ recipient: string }>(
+      "SELECT d.recipient FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE m.queue_id = $1 AND d.kind = 'local' ORDER BY d.id",
+      [queueId],
+    );
+    // The local copy records the RCPT as it was first given.
+    assert.deepEqual(rcpts.rows.map((r) => r.recipient), ["USER1@example.test", "Team@example.test"]);
     client.close();
   });
 

@@ -30,7 +30,8 @@ test("mailctl filter add, list and remove manage an account's rules in order", a
     [2, "header", "list-id", "exists", "forward"],
   ]);
   assert.equal(rules[1]!.size_bytes, 10 * 1024 * 1024);
-  assert.equal(rules[2]!.forward_to, "other@remote.example");
+  // A forward target leaves the system: its local part's case is kept (RFC 5321 2.4).
+  assert.equal(rules[2]!.forward_to, "Other@remote.example");
   assert.equal(rules[2]!.keep_copy, true);
 
   const list = await mailctl(["filter", "list", "rules@example.test"]);

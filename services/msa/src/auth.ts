@@ -93,7 +93,7 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
       const row = parsed.ok
         ? (await pool.query<{ id: number; address: string; password_hash: string; disabled: boolean }>(
             "SELECT id, address, password_hash, disabled FROM accounts WHERE address = $1",
-            [parsed.address],
+            [parsed.key],
           )).rows[0]
         : undefined;
       const valid = row && cachedValid(row.address, password, row.password_hash)

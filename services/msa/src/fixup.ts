@@ -8,7 +8,7 @@ export const MAX_HEADER_BYTES = 1024 * 1024;
 export interface FixContext {
   /** The authenticated account's address (the Sender: when one is added). */
   user: string;
-  /** Normalised addresses the account may send as. */
+  /** The lookup keys (addressKey) of the addresses the account may send as. */
   owned: ReadonlySet<string>;
   /** The envelope sender (already checked to be owned). */
   envelopeFrom: string;
@@ -23,7 +23,7 @@ export type FixResult =
   | {
       ok: true;
       message: Buffer;
-      /** Normalised From: addresses (their domains are the DKIM signing candidates). */
+      /** From: addresses as lookup keys (their domains are the DKIM signing candidates). */
       fromAddresses: string[];
       messageId: string | null;
       /** Names of the header fields this service added, changed or removed. */
@@ -148,10 +148,11 @@ function completeAddresses(field: Field, domain: string): Field | null {
   return { name: field.name, text: `${displayName}: ${formatList(list)}` };
 }
 
+/** An author address's lookup key, as `owned` holds them. */
 function normalized(address: string): string | null {
   // Header bytes are handled as latin1; an address is compared in its UTF-8 form.
   const parsed = parseAddress(Buffer.from(address, "latin1").toString("utf8"), { utf8: true });
-  return parsed.ok ? parsed.address : null;
+  return parsed.ok ? parsed.key : null;
 }
 
 function refuse(code: number, text: string): FixResult {

@@ -2,7 +2,7 @@ import type { SMTPServerSession } from "smtp-server";
 import type { Bus } from "@mailstack/bus";
 import { DirectoryCache, resolveRecipient, type Pool } from "@mailstack/db";
 import { createSigningPool, loadDkimKeys, type DkimSigningKey } from "@mailstack/dkim";
-import { Replies, reply, splitAddress, type SmtpReply } from "@mailstack/mail";
+import { Replies, addressKey, reply, splitAddress, type SmtpReply } from "@mailstack/mail";
 import { startSweeper, type AcceptedMessage } from "@mailstack/queue";
 import {
   createIntakeServer, SmtpError, type IncomingMessage, type IntakeLimits, type IntakeServer, type IntakeSession, type TransformResult,
@@ -76,6 +76,7 @@ const metrics = {
 
 interface Identity {
   user: SubmissionUser;
+  /** The lookup keys (addressKey) of the addresses the account may send as. */
   owned: Set<string>;
 }
 
@@ -122,7 +123,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     // POP-before-SMTP: an account that recently logged in over POP3 from this address and owns the sender.
     for (const account of await popBeforeSmtpAccounts(pool, session.clientIp, settings.popBeforeSmtp.windowMs)) {
       const owned = await ownedAddresses(pool, account.id);
-      if (owned.has(sender)) return { user: { accountId: account.id, username: account.address }, owned };
+      if (owned.has(addressKey(sender))) return { user: { accountId: account.id, username: account.address }, owned };
     }
     return null;
   };
@@ -170,7 +171,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
       const identity = await identityFor(state, session, sender);
       if (!identity) refuse("no-auth", Replies.authRequired);
       if (sender === "") refuse("null-sender", MsaReplies.nullSender);
-      if (!identity.owned.has(sender)) refuse("sender-not-owned", Replies.senderNotOwned);
+      if (!identity.owned.has(addressKey(sender))) refuse("sender-not-owned", Replies.senderNotOwned);
       const usage = await limiter.usage(identity.user.accountId);
       if (!limiter.messageAllowed(usage)) refuse("message-rate", MsaReplies.messageRate);
       state.transaction = { identity, usage, recipients: 0 };

@@ -161,3 +161,4 @@ export { startOtlpReceiver, type OtlpReceiver, type ReceivedSpan } from "./otlp.
 export { assertNoLoginTimingOracle } from "./timing.ts";
 export { analyzeTableScans, type TableScans } from "./plan.ts";
 export { freePort, runMailctl, startServiceProcess, type CommandResult, type ServiceProcess } from "./process.ts";
+export { postfixAvailable, startPostfix, type Postfix, type PostfixOptions } from "./postfix.ts";

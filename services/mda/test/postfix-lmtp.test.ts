@@ -1,32 +1,25 @@
 // Postfix hands mail to the MDA over LMTP (virtual_transport = lmtp:inet:...), as an existing
-// MTA in front of mailstack would. A Postfix instance of this test's own: its config, queue and
-// data directories under /tmp, its own port; nothing of the system's Postfix (/etc/postfix) is
-// read or changed (only set-gid tools such as postqueue need a directory listed in
-// alternate_config_directories, and the test uses none of them).
+// MTA in front of mailstack would. A Postfix instance of this test's own (testkit's
+// startPostfix: its directories under /tmp, its own port, nothing of /etc/postfix changed).
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, connect, type Server, type Socket } from "node:net";
 import { promisify } from "node:util";
 import { createLogger } from "@mailstack/telemetry";
-import { freePort, createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { createTestEnv, postfixAvailable, startPostfix, waitFor, type Postfix, type TestEnv } from "@mailstack/testkit";
 import { startMda, type Mda } from "../src/mda.ts";
 import { startLmtp, type LmtpServer } from "../src/lmtp.ts";
 import { account } from "./helpers.ts";
 
 const run = promisify(execFile);
-const ROOT = "/tmp/mailstack-mda-lmtp-postfix";
-const DIR = `${ROOT}/etc`;
-const QUEUE = `${ROOT}/spool`;
-const DATA = `${ROOT}/lib`;
-const LOG = `${ROOT}/maillog`;
-const available = existsSync("/usr/sbin/postfix") && process.getuid?.() === 0;
+const available = postfixAvailable;
 
 let env: TestEnv;
 let mda: Mda;
 let tempfailLmtp: LmtpServer;
 let proxy: LossyProxy;
+let postfix: Postfix;
 let postfixPort: number;
 
 /**
@@ -74,7 +67,7 @@ class LossyProxy {
 }
 
 function postfixLog(): string {
-  return existsSync(LOG) ? readFileSync(LOG, "utf8") : "";
+  return postfix.log();
 }
 
 before(async () => {
@@ -88,47 +81,22 @@ before(async () => {
   );
   proxy = new LossyProxy(mda.lmtpPort!);
   await proxy.listen();
-  postfixPort = await freePort();
-  await run("postfix", ["-c", DIR, "stop"]).catch(() => undefined);
-  rmSync(ROOT, { recursive: true, force: true });
-  for (const dir of [DIR, QUEUE, DATA]) mkdirSync(dir, { recursive: true });
-  await run("chown", ["postfix", DATA]);
-  const master = readFileSync("/etc/postfix/master.cf", "utf8").replace(/^smtp(\s+)inet/m, `${postfixPort}$1inet`);
-  writeFileSync(`${DIR}/master.cf`, master);
-  writeFileSync(
-    `${DIR}/main.cf`,
-    [
-      "compatibility_level = 3.6",
-      `queue_directory = ${QUEUE}`,
-      `data_directory = ${DATA}`,
-      "myhostname = postfix.lmtp.test",
-      "mydestination =",
-      "inet_interfaces = 127.0.0.1",
-      "inet_protocols = ipv4",
-      "mynetworks = 127.0.0.0/8",
-      "virtual_mailbox_domains = lmtp.test, tempfail.lmtp.test, retry.lmtp.test",
-      `virtual_transport = lmtp:inet:127.0.0.1:${mda.lmtpPort}`,
-      `transport_maps = inline:{ tempfail.lmtp.test=lmtp:inet:127.0.0.1:${tempfailLmtp.port}, retry.lmtp.test=lmtp:inet:127.0.0.1:${proxy.port} }`,
-      "smtpd_reject_unlisted_recipient = no",
-      // Retries come quickly, so that the test sees Postfix send a message again.
-      "queue_run_delay = 1s",
-      "minimal_backoff_time = 1s",
-      "maximal_backoff_time = 2s",
-      `maillog_file_prefixes = ${ROOT}`,
-      `maillog_file = ${LOG}`,
-      "alias_maps =",
-      "alias_database =",
-      "",
-    ].join("\n"),
-  );
-  await run("postconf", ["-c", DIR, "-F", "*/*/chroot = n"]);
-  await run("postfix", ["-c", DIR, "check"]);
-  await run("postfix", ["-c", DIR, "start"]);
+  postfix = await startPostfix({
+    root: "/tmp/mailstack-mda-lmtp-postfix",
+    myhostname: "postfix.lmtp.test",
+    main: {
+      virtual_mailbox_domains: "lmtp.test, tempfail.lmtp.test, retry.lmtp.test",
+      virtual_transport: `lmtp:inet:127.0.0.1:${mda.lmtpPort}`,
+      transport_maps: `inline:{ tempfail.lmtp.test=lmtp:inet:127.0.0.1:${tempfailLmtp.port}, retry.lmtp.test=lmtp:inet:127.0.0.1:${proxy.port} }`,
+      smtpd_reject_unlisted_recipient: "no",
+    },
+  });
+  postfixPort = postfix.port;
 });
 
 after(async () => {
   if (!available) return;
-  await run("postfix", ["-c", DIR, "stop"]).catch(() => undefined);
+  await postfix.stop();
   proxy.server.close();
   await tempfailLmtp.stop();
   await mda.stop();

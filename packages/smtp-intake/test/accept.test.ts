@@ -4,10 +4,10 @@ import nodemailer from "nodemailer";
 import { connectBus, provisionBus } from "@mailstack/bus";
 import { createPool } from "@mailstack/db";
 import { Replies } from "@mailstack/mail";
-import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { createTestEnv, tcpProxy, waitFor, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "../src/testing.ts";
 import { SmtpError, type IntakeServer } from "../src/index.ts";
-import { deliveryTargets, messageCount, openSession, seedDirectory, startIntake, tcpProxy } from "./fixtures.ts";
+import { deliveryTargets, messageCount, openSession, seedDirectory, startIntake } from "./fixtures.ts";
 
 let env: TestEnv;
 let intake: IntakeServer;

@@ -1,4 +1,3 @@
-import net from "node:net";
 import { addAccount, addAlias, addDomain, type Pool } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
 import type { Bus } from "@mailstack/bus";
@@ -45,29 +44,6 @@ export async function startIntake(pool: Pool, bus: Bus, overrides: Partial<Intak
 }
 
 /** A TCP relay to a real server that a test can cut, to take PostgreSQL or NATS away for real. */
-export async function tcpProxy(targetPort: number): Promise<{ port: number; cut(): Promise<void> }> {
-  const sockets = new Set<net.Socket>();
-  const server = net.createServer((client) => {
-    const upstream = net.connect(targetPort, "127.0.0.1");
-    sockets.add(client).add(upstream);
-    client.pipe(upstream).pipe(client);
-    const drop = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    client.on("error", drop).on("close", drop);
-    upstream.on("error", drop).on("close", drop);
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return {
-    port: (server.address() as net.AddressInfo).port,
-    async cut() {
-      for (const socket of sockets) socket.destroy();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    },
-  };
-}
-
 export async function messageCount(pool: Pool): Promise<number> {
   const result = await pool.query<{ n: number }>("SELECT count(*)::int AS n FROM messages");
   return result.rows[0]!.n;

@@ -162,3 +162,4 @@ export { assertNoLoginTimingOracle } from "./timing.ts";
 export { analyzeTableScans, type TableScans } from "./plan.ts";
 export { freePort, runMailctl, startServiceProcess, type CommandResult, type ServiceProcess } from "./process.ts";
 export { postfixAvailable, startPostfix, type Postfix, type PostfixOptions } from "./postfix.ts";
+export { tcpProxy, type TcpProxy } from "./proxy.ts";

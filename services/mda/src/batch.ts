@@ -1,4 +1,3 @@
-import { transaction } from "@mailstack/db";
 import { FINAL_STATES, stillPending } from "@mailstack/queue";
 import { mailMetrics } from "@mailstack/telemetry";
 import {
@@ -148,93 +147,26 @@ export class DeliveryBatcher {
     }
     if (planned.length === 0) return { outcomes, slow };
 
-    const filed = await transaction(this.ctx.pool, async (client) => {
-      // Locks in a fixed order (deliveries by id, then accounts by id, then folders) so batches never deadlock.
-      const pending = await client.query<{ id: number }>(
-        `SELECT id FROM deliveries WHERE id = ANY($1) AND ${stillPending()} ORDER BY id FOR NO KEY UPDATE`,
-        [planned.map((p) => p.row.id).sort((a, b) => a - b)],
-      );
-      const pendingIds = new Set(pending.rows.map((r) => r.id));
-      const live = planned.filter((p) => pendingIds.has(p.row.id)).sort((a, b) => a.row.id - b.row.id);
-      for (const p of planned) if (!pendingIds.has(p.row.id)) outcomes.set(p.row.id, { status: "duplicate", state: "delivered" });
-      if (live.length === 0) return [] as Array<Planned & { uid: number }>;
-
-      const accountIds = [...new Set(live.map((p) => p.row.account_id!))].sort((a, b) => a - b);
-      const accounts = await client.query<{ id: number; used_bytes: number; quota_bytes: number | null }>(
-        "SELECT id, used_bytes, quota_bytes FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-        [accountIds],
-      );
-      const used = new Map(accounts.rows.map((a) => [a.id, { used: Number(a.used_bytes), quota: a.quota_bytes === null ? null : Number(a.quota_bytes) }]));
-      const fits: Planned[] = [];
-      for (const p of live) {
-        const account = used.get(p.row.account_id!);
-        if (!account || (account.quota !== null && account.used + p.size > account.quota)) {
-          // Over quota (or gone): bounced by the general path, after this commit.
-          slow.push(p.row.id);
-          continue;
-        }
-        account.used += p.size;
-        fits.push(p);
-      }
-      if (fits.length === 0) return [] as Array<Planned & { uid: number }>;
-
-      const byFolder = new Map<string, { accountId: number; folder: string; items: Planned[] }>();
-      for (const p of fits) {
-        const key = `${p.row.account_id}\u0000${p.folder}`;
-        const group = byFolder.get(key) ?? { accountId: p.row.account_id!, folder: p.folder, items: [] };
-        group.items.push(p);
-        byFolder.set(key, group);
-      }
-      const groups = [...byFolder.values()].sort((a, b) => a.accountId - b.accountId || (a.folder < b.folder ? -1 : a.folder > b.folder ? 1 : 0));
-      // One UID range per folder: uid_next moves by the number of copies.
-      const ranges = await client.query<{ account_id: number; name: string; uid_next: number }>(
-        `INSERT INTO folders (account_id, name, uid_next)
-         SELECT a, n, 1 + k FROM unnest($1::bigint[], $2::text[], $3::int[]) WITH ORDINALITY AS t(a, n, k, o) ORDER BY o
-         ON CONFLICT (account_id, name) DO UPDATE SET uid_next = folders.uid_next + EXCLUDED.uid_next - 1
-         RETURNING account_id, name, uid_next`,
-        [groups.map((g) => g.accountId), groups.map((g) => g.folder), groups.map((g) => g.items.length)],
-      );
-      const nextOf = new Map(ranges.rows.map((r) => [`${r.account_id}\u0000${r.name}`, r.uid_next]));
-      const withUid: Array<Planned & { uid: number }> = [];
-      for (const group of groups) {
-        const first = nextOf.get(`${group.accountId}\u0000${group.folder}`)! - group.items.length;
-        group.items.forEach((p, i) => withUid.push({ ...p, uid: first + i }));
-      }
-
-      const charge = new Map<number, number>();
-      for (const p of fits) charge.set(p.row.account_id!, (charge.get(p.row.account_id!) ?? 0) + p.size);
-      const parsedIds = [...new Set(withUid.map((p) => p.row.message_id))].filter((id) => parsedByMessage.has(id));
-      // Everything else in one statement: the parsed summaries, the quota charge, the mailbox
-      // entries, the deliveries' final state and their journey events.
-      await client.query(
-        `WITH parsed AS (
-           INSERT INTO message_parsed (message_id, parsed) SELECT * FROM unnest($1::bigint[], $2::jsonb[])
-           ON CONFLICT (message_id) DO NOTHING
-         ), charged AS (
-           UPDATE accounts a SET used_bytes = a.used_bytes + t.bytes FROM unnest($3::bigint[], $4::bigint[]) AS t(id, bytes) WHERE a.id = t.id
-         ), entries AS (
-           INSERT INTO mailbox_entries (account_id, folder, uid, message_id, delivery_id, header_prefix, size)
-           SELECT * FROM unnest($5::bigint[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bytea[], $11::bigint[])
-         ), delivered AS (
-           UPDATE deliveries d SET state = 'delivered', folder = t.folder, attempts = d.attempts + 1, last_attempt_at = now(),
-                  next_attempt_at = NULL, last_status = '2.0.0', last_reply = t.reply, updated_at = now()
-             FROM unnest($9::bigint[], $6::text[], $12::text[]) AS t(id, folder, reply) WHERE d.id = t.id
-         )
-         INSERT INTO delivery_events (message_id, delivery_id, event, service, reply, detail)
-         SELECT t.message_id, t.delivery_id, 'delivered', $13::text, '250 2.0.0 Delivered', t.detail
-           FROM unnest($8::bigint[], $9::bigint[], $14::jsonb[]) AS t(message_id, delivery_id, detail)`,
-        [
-          parsedIds, parsedIds.map((id) => JSON.stringify(parsedByMessage.get(id))),
-          [...charge.keys()], [...charge.values()],
-          withUid.map((p) => p.row.account_id), withUid.map((p) => p.folder), withUid.map((p) => p.uid),
-          withUid.map((p) => p.row.message_id), withUid.map((p) => p.row.id), withUid.map((p) => p.prefix), withUid.map((p) => p.size),
-          withUid.map((p) => `250 2.0.0 Delivered to ${p.folder} as UID ${p.uid}`),
-          SERVICE,
-          withUid.map((p) => JSON.stringify({ folder: p.folder, uid: p.uid })),
-        ],
-      );
-      return withUid;
-    });
+    // One call files the batch in its own transaction (migration 076 has the steps and the lock order).
+    planned.sort((a, b) => a.row.id - b.row.id);
+    const parsedIds = [...new Set(planned.map((p) => p.row.message_id))].filter((id) => parsedByMessage.has(id));
+    const result = await this.ctx.pool.query<{ delivery_id: number; outcome: "filed" | "not_pending" | "unfitted"; folder: string | null; uid: number | null }>(
+      "SELECT delivery_id, outcome, folder, uid FROM mda_file_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+      [
+        planned.map((p) => p.row.id), planned.map((p) => p.row.account_id), planned.map((p) => p.folder), planned.map((p) => p.size),
+        planned.map((p) => p.row.message_id), planned.map((p) => p.prefix),
+        parsedIds, parsedIds.map((id) => JSON.stringify(parsedByMessage.get(id))),
+        SERVICE,
+      ],
+    );
+    const plannedById = new Map(planned.map((p) => [p.row.id, p]));
+    const filed: Array<Planned & { uid: number }> = [];
+    for (const r of result.rows) {
+      const p = plannedById.get(r.delivery_id)!;
+      if (r.outcome === "filed") filed.push({ ...p, uid: r.uid! });
+      else if (r.outcome === "not_pending") outcomes.set(r.delivery_id, { status: "duplicate", state: "delivered" });
+      else slow.push(r.delivery_id);
+    }
     for (const p of filed) {
       outcomes.set(p.row.id, { status: "delivered", folder: p.folder, uid: p.uid });
       mailMetrics.deliveriesFinal.inc({ kind: "local", state: "delivered" });

@@ -1,6 +1,6 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { addFilterRule } from "@mailstack/db";
+import { addFilterRule, createPool } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { DeliveryBatcher } from "../src/batch.ts";
@@ -61,4 +61,49 @@ test("a mixed batch: plain copies share one transaction, quota is checked copy b
   assert.equal(delivered, entries.length, "one delivered event per copy");
   const folders = (await env.pool.query("SELECT account_id, name, uid_next FROM folders WHERE account_id = ANY($1) ORDER BY 1, 2", [[plain, ruled]])).rows;
   assert.deepEqual(folders.map((f) => `${f.name}:${f.uid_next}`), ["INBOX:11", "B:5", "INBOX:1"]);
+});
+
+test("batch filing finds its rows by key on a large table, also once its plans are cached", async () => {
+  const logger = createLogger("mda-test", "silent");
+  const owner = await account(env.pool, "big@example.test");
+  await env.pool.query(
+    `INSERT INTO accounts (domain_id, local_part, address, password_hash) SELECT a.domain_id, 'filler' || n, 'filler' || n || '@example.test', a.password_hash
+       FROM accounts a, generate_series(1, 3000) AS n WHERE a.id = $1`,
+    [owner],
+  );
+  // 20,000 finished deliveries around the pending ones, and fresh statistics.
+  const filler = await send(env.pool, null, message("filler"), [{ address: "big@example.test", accountId: owner }]);
+  await env.pool.query(
+    `INSERT INTO deliveries (message_id, recipient, final_recipient, kind, account_id, state)
+     SELECT $1, 'x' || n || '@example.test', 'x' || n || '@example.test', 'local', $2, 'delivered' FROM generate_series(1, 20000) AS n`,
+    [filler.messageId, owner],
+  );
+  const ids: number[] = [];
+  for (let i = 0; i < 80; i++) ids.push((await send(env.pool, null, message(`big${i}`), [{ address: "big@example.test", accountId: owner }])).deliveries[0]!.id);
+  await env.pool.query("ANALYZE deliveries; ANALYZE accounts; ANALYZE folders; ANALYZE mailbox_entries");
+
+  // One connection, so its cached plans serve every call after the first few.
+  const pool = createPool({ url: env.db.url, max: 1 });
+  try {
+    const scans = async () => {
+      await pool.query("SELECT pg_stat_force_next_flush()");
+      const client = await pool.connect();
+      try {
+        // A fresh snapshot of the statistics, after this connection's counts were flushed.
+        await client.query("SELECT pg_stat_clear_snapshot()");
+        return (await client.query("SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname IN ('deliveries', 'accounts', 'mailbox_entries')")).rows
+          .map((r) => `${r.relname}:${r.seq_scan}`).sort();
+      } finally {
+        client.release();
+      }
+    };
+    const before = await scans();
+    const batcher = new DeliveryBatcher({ pool, logger }, { maxBatch: 4, maxParallel: 1 });
+    for (let i = 0; i < ids.length; i += 4) await Promise.all(ids.slice(i, i + 4).map((id) => batcher.deliver(id)));
+    assert.deepEqual(await scans(), before, "no sequential scan of deliveries, accounts or mailbox_entries in 20 batches");
+  } finally {
+    await pool.end();
+  }
+  const filed = (await env.pool.query("SELECT count(*)::int AS n FROM mailbox_entries WHERE account_id = $1 AND delivery_id = ANY($2)", [owner, ids])).rows[0].n;
+  assert.equal(filed, ids.length);
 });

@@ -61,7 +61,7 @@
  *   (early talkers get 421; 0 = off, a setting through our smtp-server patch), reverse DNS
  *   off unless configured.
  */
-export { createIntakeServer, defaultLimits, SmtpError } from "./server.ts";
+export { addressReply, createIntakeServer, defaultLimits, SmtpError } from "./server.ts";
 export type { AcceptedRecipient, IncomingMessage, IntakeLimits, IntakeOptions, IntakeServer, IntakeSession, TransformResult } from "./server.ts";
 export { intakeShape, limitsFromConfig, type IntakeConfig } from "./config.ts";
 export { AcceptBatcher, type AcceptBatcherOptions } from "./batcher.ts";

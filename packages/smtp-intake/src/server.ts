@@ -225,7 +225,7 @@ function smtpError(r: SmtpReply): Error & { responseCode: number } {
 }
 
 /** The reply to a MAIL or RCPT address that parseAddress refused (relay tricks in RCPT are handled first). */
-function addressReply(problem: AddressProblem, verb: "MAIL" | "RCPT"): SmtpReply {
+export function addressReply(problem: AddressProblem, verb: "MAIL" | "RCPT"): SmtpReply {
   if (problem === "utf8-not-allowed") return R.utf8Address;
   if (problem === "too-long") return verb === "MAIL" ? R.senderTooLong : R.recipientTooLong;
   return verb === "MAIL" ? Replies.badSenderSyntax : Replies.badRecipientSyntax;

@@ -3,7 +3,7 @@ import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMT
 import { Replies, parseAddress, parseReply, replyClass, type SmtpReply } from "@mailstack/mail";
 import { resolveRecipient, type Pool, type Route } from "@mailstack/db";
 import { acceptMessage, dispatchAccepted, newQueueId, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
-import { BodyScanner, guardCommands, headerValue, normalizeLineEndings, receivedHeader, refuseArguments, refuseBareLf, refuseEmptyData, withHeaderSection, type CommandGuard } from "@mailstack/smtp-intake";
+import { BodyScanner, addressReply, guardCommands, headerValue, normalizeLineEndings, receivedHeader, refuseArguments, refuseBareLf, refuseEmptyData, withHeaderSection, type CommandGuard } from "@mailstack/smtp-intake";
 import { SpanKind, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
 import { deliverLocal, SERVICE, type DeliverContext, type Outcome } from "./deliver.ts";
 import { allowedClient, networkList } from "./networks.ts";
@@ -176,7 +176,7 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
 
   const onRcptTo = (address: SMTPServerAddress, session: SMTPServerSession, callback: (err?: Error | null) => void) => {
     const parsed = parseAddress(address.address, { utf8: true });
-    if (!parsed.ok) return callback(refusal(Replies.badRecipientSyntax));
+    if (!parsed.ok) return callback(refusal(addressReply(parsed.problem, "RCPT")));
     const envelope = session.envelope;
     resolveRecipient(ctx.pool, parsed.address)
       .then((resolution) => {

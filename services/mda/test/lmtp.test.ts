@@ -447,3 +447,12 @@ test("DATA and RSET with an argument are 501 5.5.4, as at the SMTP ports", async
   assert.match(await client.reply(), /^250 /);
   client.close();
 });
+
+test("a recipient path over RFC 5321's limits is 501 5.1.3 Path too long, as at the SMTP ports", async () => {
+  const client = await session();
+  await client.command("MAIL FROM:<sender@remote.example>");
+  assert.match(await client.command(`RCPT TO:<${"a".repeat(65)}@example.test>`), /^501 5\.1\.3 Path too long/);
+  assert.match(await client.command(`RCPT TO:<${"a".repeat(64)}@example.test>`), /^550 5\.1\.1 /, "64 octets is a name, just not one of ours");
+  assert.match(await client.command("RCPT TO:<a b@example.test>"), /^5\d\d /);
+  client.close();
+});

@@ -1,5 +1,5 @@
 import { createHmac, timingSafeEqual } from "node:crypto";
-import { normalizeAddress, parseAddress, splitAddress } from "./address.ts";
+import { normalizeAddress, splitAddress } from "./address.ts";
 
 /**
  * The Sender Rewriting Scheme as libsrs2 (Shevek's paper) and postsrsd write it, so addresses
@@ -84,21 +84,11 @@ function unquote(local: string): string {
 }
 
 /**
- * local@domain in this system's canonical form (quoted only when it must be), or null when it
- * is no valid address. The case of the local part is kept: SRS0=, not srs0=, goes out.
+ * local@domain in this system's canonical form (quoted only when it must be; the local part's
+ * case kept, so SRS0=, not srs0=, goes out), or null when it is no valid address.
  */
 function canonical(local: string, domain: string): string | null {
-  const bare = local.startsWith('"') ? null : parseAddress(`${local}@${domain}`, { utf8: true });
-  if (bare?.ok) return `${local}@${bare.domain}`;
-  const quoted = `"${local.replace(/["\\]/g, "\\$&")}"`;
-  const parsed = parseAddress(`${quoted}@${domain}`, { utf8: true });
-  return parsed.ok ? `${quoted}@${parsed.domain}` : null;
-}
-
-/** local@domain as this system stores addresses (local part lower-cased, address.ts). */
-function normalised(local: string, domain: string): string | null {
-  const address = canonical(local, domain);
-  return address && normalizeAddress(address, { utf8: true });
+  return normalizeAddress(`"${local.replace(/["\\]/g, "\\$&")}"@${domain}`, { utf8: true });
 }
 
 /**
@@ -111,7 +101,7 @@ function splitSrs1(local: string): { hash: string; first: string; rest: string }
 }
 
 /**
- * The SRS form of a (normalised, non-null) envelope sender, as of `at`: SRS0 for an ordinary
+ * The SRS form of a (canonical, non-null) envelope sender, as of `at`: SRS0 for an ordinary
  * address, SRS1 for an SRS0 or SRS1 address of another forwarder; the sender itself when it
  * is already in the SRS domain. Null when the result would be no valid address (a local part
  * over 64 octets): such an address could not even be given back to this system's port 25.
@@ -152,7 +142,7 @@ export function srsReverse(settings: SrsSettings, address: string, now: Date): S
     const srs1 = splitSrs1(local);
     if (!srs1) return { ok: false, problem: "malformed" };
     if (!hashMatches(settings, srs1.hash, [srs1.first, srs1.rest])) return { ok: false, problem: "bad-hash" };
-    const original = normalised(`SRS0${srs1.rest}`, srs1.first);
+    const original = canonical(`SRS0${srs1.rest}`, srs1.first);
     return original ? { ok: true, address: original } : { ok: false, problem: "malformed" };
   }
   const fields = local.slice(5).split("=");
@@ -161,6 +151,6 @@ export function srsReverse(settings: SrsSettings, address: string, now: Date): S
   if (fields.length < 4 || !given || !stamp || !domain || !user) return { ok: false, problem: "malformed" };
   if (!timestampValid(stamp, now, settings.maxAgeDays)) return { ok: false, problem: "expired" };
   if (!hashMatches(settings, given, [stamp, domain, user])) return { ok: false, problem: "bad-hash" };
-  const original = normalised(user, domain);
+  const original = canonical(user, domain);
   return original ? { ok: true, address: original } : { ok: false, problem: "malformed" };
 }

@@ -123,7 +123,7 @@ export function workspaceDependencies(serviceDir: string): string[] {
 
 // Keys of zod shapes (`SMTP_PORT: port(25)`, `TLS_DIR: z.string()`, `X: commonShape.X`) and
 // direct reads (`process.env.X`, `env.X`, `env["X"]`) and the ops port variable of runService.
-const SHAPE_KEY = /(?:^|[{,])\s*([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*)\s*:\s*(?:port|integer|bool|size|duration|list|url|secret|z\.|[A-Za-z]+Shape\.)/gm;
+const SHAPE_KEY = /(?:^|[{,])\s*([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*)\s*:\s*(?:port|integer|bool|size|duration|list|url|secret|z\s*\.|[A-Za-z]+Shape\.)/gm;
 const ENV_READ = /\benv(?:\.([A-Z][A-Z0-9_]*)|\[\s*["'`]([A-Z][A-Z0-9_]*)["'`]\s*\])/g;
 const OPS_VARIABLE = /opsPortVariable:\s*["']([A-Z][A-Z0-9_]*)["']/g;
 const PORT_DEFAULT = /([A-Z][A-Z0-9_]*_PORT)\s*:\s*port\(\s*(\d+)\s*\)/g;

@@ -82,3 +82,23 @@ test("bad input gets a one-line error, a non-zero exit and changes nothing", asy
   }
   assert.deepEqual({ domains: await count("domains"), accounts: await count("accounts"), aliases: await count("aliases") }, before);
 });
+
+test("--help shows a command's or a group's usage and exits 0, without the database; a bare group names its commands", async () => {
+  // No PostgreSQL listens here: help must not need one.
+  const nowhere = "postgres://nobody@127.0.0.1:1/none";
+  const one = await runMailctl(nowhere, ["queue", "list", "--help"]);
+  assert.equal(one.code, 0, one.stderr);
+  assert.match(one.stdout, /^usage: mailctl queue list \[--state /);
+  const group = await runMailctl(nowhere, ["queue", "-h"]);
+  assert.equal(group.code, 0, group.stderr);
+  for (const name of ["list", "show", "retry", "delete", "purge"]) assert.match(group.stdout, new RegExp(`mailctl queue ${name} `));
+  assert.doesNotMatch(group.stdout, /mailctl domain /);
+  const bare = await runMailctl(nowhere, ["account"]);
+  assert.equal(bare.code, 2);
+  assert.match(bare.stderr, /account needs a subcommand/);
+  assert.match(bare.stderr, /mailctl account add /);
+  // After "--", --help is an argument, not a request for help.
+  const literal = await mailctl(["account", "add", "x@example.test", "--password", "p", "--", "--help"]);
+  assert.equal(literal.code, 2);
+  assert.match(literal.stderr, /unexpected argument: --help/);
+});

@@ -7,6 +7,14 @@ function usage(): string {
   return ["usage: mailctl COMMAND", "", ...allCommands().map((c) => `  mailctl ${c.usage}`)].join("\n");
 }
 
+/** The usage of every command of a group (`mailctl queue`), or null when the word names none. */
+function groupUsage(group: string | undefined): string | null {
+  const members = allCommands().filter((c) => c.name.split(" ")[0] === group);
+  return members.length ? ["usage:", ...members.map((c) => `  mailctl ${c.usage}`)].join("\n") : null;
+}
+
+const HELP_FLAGS = new Set(["--help", "-h"]);
+
 async function readStdin(): Promise<string> {
   const chunks: Buffer[] = [];
   for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
@@ -26,9 +34,21 @@ export async function mailctl(
     io.out(usage());
     return argv.length === 0 ? 2 : 0;
   }
+  // `--help` anywhere before a `--` asks for the usage of what precedes it, without touching the database.
+  const end = argv.includes("--") ? argv.indexOf("--") : argv.length;
+  if (argv.slice(0, end).some((arg) => HELP_FLAGS.has(arg))) {
+    const words = argv.slice(0, end).filter((arg) => !HELP_FLAGS.has(arg));
+    const asked = findCommand(words);
+    const text = asked ? `usage: mailctl ${asked.command.usage}` : groupUsage(words[0]);
+    if (text) {
+      io.out(text);
+      return 0;
+    }
+  }
   const found = findCommand(argv);
   if (!found) {
-    io.err(`mailctl: unknown command: ${argv.join(" ")}\n${usage()}`);
+    const group = argv.length === 1 ? groupUsage(argv[0]) : null;
+    io.err(group ? `mailctl: ${argv[0]} needs a subcommand\n${group}` : `mailctl: unknown command: ${argv.join(" ")}\n${usage()}`);
     return 2;
   }
   let config;

@@ -1,7 +1,7 @@
 import { FINAL_STATES, stillPending } from "@mailstack/queue";
 import { mailMetrics } from "@mailstack/telemetry";
 import {
-  ROW_COLUMNS, SERVICE, decideFor, deliverLocal, headerPrefix, observeFiled,
+  ROW_COLUMNS, SERVICE, decideFor, deliverLocal, headerPrefix, observeFiled, wantsSuccessNotice,
   type DeliverContext, type Outcome, type Row,
 } from "./deliver.ts";
 import { mdaMetrics } from "./metrics.ts";
@@ -133,7 +133,7 @@ export class DeliveryBatcher {
         continue;
       }
       row.parsed ??= parsedByMessage.get(row.message_id) ?? null;
-      if (row.account_id === null || row.address === null || row.disabled) {
+      if (row.account_id === null || row.address === null || row.disabled || wantsSuccessNotice(row)) {
         slow.push(id);
         continue;
       }

@@ -66,6 +66,15 @@ export function headerPrefix(envelopeFrom: string, finalRecipient: string): Buff
   return Buffer.from(`Return-Path: <${headerSafe(envelopeFrom)}>\r\nDelivered-To: ${headerSafe(finalRecipient)}\r\n`, "utf8");
 }
 
+/**
+ * A filed copy whose sender asked to be told of success (NOTIFY=SUCCESS, RFC 3461 5.2.2): we are
+ * the final MTA, so the "delivered" notice is ours (dsn_state 'pending', sent by the DSN
+ * generator). Never to <>. Such copies take the one-by-one path, which records it.
+ */
+export function wantsSuccessNotice(row: Pick<Row, "dsn_notify" | "envelope_from">): boolean {
+  return row.envelope_from !== "" && (row.dsn_notify ?? []).some((n) => n.toUpperCase() === "SUCCESS");
+}
+
 /** DSN bookkeeping for a failed delivery: no bounce to <>, none when NOTIFY excludes FAILURE, none when the client was told. */
 function dsnStateFor(row: Row, options: DeliverOptions): "pending" | "suppressed" {
   if (options.failureReported || row.envelope_from === "") return "suppressed";
@@ -129,12 +138,13 @@ async function fileCopy(client: PoolClient, row: Row, folder: string): Promise<F
   return { ok: true, folder, uid: uid.rows[0]!.uid };
 }
 
-async function markDelivered(client: PoolClient, row: Row, folder: string, reply: string, events: JourneyEvent[]): Promise<void> {
+/** dsnState 'pending' asks the DSN generator for a "delivered" notice (wantsSuccessNotice). */
+async function markDelivered(client: PoolClient, row: Row, folder: string, reply: string, events: JourneyEvent[], dsnState: "pending" | null = null): Promise<void> {
   await client.query(
     `UPDATE deliveries SET state = 'delivered', folder = $2, attempts = attempts + 1, last_attempt_at = now(),
-            next_attempt_at = NULL, last_status = '2.0.0', last_reply = $3, updated_at = now()
+            next_attempt_at = NULL, last_status = '2.0.0', last_reply = $3, dsn_state = $4, updated_at = now()
       WHERE id = $1`,
-    [row.id, folder, reply],
+    [row.id, folder, reply, dsnState],
   );
   await recordEvents(client, events);
 }
@@ -190,7 +200,7 @@ async function deliverOnce(ctx: DeliverContext, deliveryId: number, options: Del
   }
   // The common case (an account that exists, a copy to file) takes one statement; anything
   // else (rules that discard or forward, a full mailbox, a missing account) the transaction below.
-  if (head.account_id !== null && head.address !== null && !head.disabled) {
+  if (head.account_id !== null && head.address !== null && !head.disabled && !wantsSuccessNotice(head)) {
     const decision = decideFor(head);
     if (decision.kind === "file" && decision.ruleId === null && decision.reason === "default") {
       const fast = await fileFast(ctx, head, decision.folder);
@@ -326,7 +336,7 @@ export async function deliverInTransaction(ctx: DeliverContext, deliveryId: numb
             events.push({ messageId: row.message_id, deliveryId: row.id, event: "filtered", service: SERVICE, detail: { rule: decision.ruleId, reason: decision.reason, folder: filed.folder } });
           }
           events.push({ messageId: row.message_id, deliveryId: row.id, event: "delivered", service: SERVICE, reply: "250 2.0.0 Delivered", detail: { folder: filed.folder, uid: filed.uid } });
-          await markDelivered(client, row, filed.folder, `250 2.0.0 Delivered to ${filed.folder} as UID ${filed.uid}`, events);
+          await markDelivered(client, row, filed.folder, `250 2.0.0 Delivered to ${filed.folder} as UID ${filed.uid}`, events, wantsSuccessNotice(row) ? "pending" : null);
           observeFiled(row);
           outcome = { status: "delivered", folder: filed.folder, uid: filed.uid, ...(forwarded ? { forwardedTo: (forwarded as AcceptedMessage).deliveries[0]?.finalRecipient } : {}) };
         }

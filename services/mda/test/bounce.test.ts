@@ -53,3 +53,36 @@ test("an over-quota delivery of a message from <> produces no bounce", async () 
   assert.equal((await env.pool.query("SELECT count(*)::int AS n FROM messages WHERE source = 'bounce'")).rows[0].n, before);
   assert.equal((await env.pool.query("SELECT dsn_state FROM deliveries WHERE id = $1", [accepted.deliveries[0]!.id])).rows[0].dsn_state, "suppressed");
 });
+
+test("NOTIFY=SUCCESS: a filed copy gets one \"delivered\" notice from us, the final MTA (RFC 3461 5.2.2); none from <> or without SUCCESS", async () => {
+  const sender = await account(env.pool, "asks@example.test");
+  const rcpt = await account(env.pool, "gets@example.test");
+  const dsnState = async (id: number) => (await env.pool.query("SELECT state, dsn_state FROM deliveries WHERE id = $1", [id])).rows[0];
+  // Sent together, so the consumer sees them in one batch.
+  const [asked, fromNull, failureOnly] = await Promise.all([
+    send(env.pool, env.bus, message("tell me"), [{ address: "gets@example.test", accountId: rcpt, notify: ["SUCCESS", "FAILURE"] }], "asks@example.test"),
+    send(env.pool, env.bus, message("from null"), [{ address: "gets@example.test", accountId: rcpt, notify: ["SUCCESS"] }], ""),
+    send(env.pool, env.bus, message("failures only"), [{ address: "gets@example.test", accountId: rcpt, notify: ["FAILURE"] }], "asks@example.test"),
+  ]);
+  const ids = [asked, fromNull, failureOnly].map((a) => a.deliveries[0]!.id);
+  await waitFor(async () => (await Promise.all(ids.map(dsnState))).every((r) => r.state === "delivered"));
+  assert.deepEqual(await Promise.all(ids.map(dsnState)), [
+    { state: "delivered", dsn_state: "pending" },
+    { state: "delivered", dsn_state: null },
+    { state: "delivered", dsn_state: null },
+  ]);
+
+  assert.equal(await generateDsns(env.bus, env.pool, dsnOptions), 1);
+  assert.equal((await dsnState(ids[0]!)).dsn_state, "sent");
+  const notice = (await env.pool.query(
+    "SELECT m.raw FROM messages m JOIN deliveries d ON d.message_id = m.id WHERE m.source = 'bounce' AND d.account_id = $1",
+    [sender],
+  )).rows;
+  assert.equal(notice.length, 1);
+  const report = (notice[0].raw as Buffer).toString();
+  assert.match(report, /^Subject: Successful Mail Delivery Report\r$/m);
+  assert.match(report, /^Final-Recipient: rfc822; *gets@example\.test\r$/m);
+  assert.match(report, /^Action: delivered\r$/m);
+  assert.match(report, /^Status: 2\.0\.0\r$/m);
+  assert.equal(await generateDsns(env.bus, env.pool, dsnOptions), 0, "one notice only");
+});

@@ -9,6 +9,7 @@ import { startMda, type Mda } from "@mailstack/mda/src/mda.ts";
 import { loadTlsCredentials } from "@mailstack/runtime";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, postfixAvailable, startPostfix, tcpProxy, waitFor, type Postfix, type TcpProxy, type TestEnv } from "@mailstack/testkit";
+import { startDsnGenerator } from "../../../packages/dsn/src/index.ts";
 import { parseWithPython } from "../../../packages/dsn/test/python-email.ts";
 import { startInbound, type Inbound } from "../src/inbound.ts";
 
@@ -25,6 +26,8 @@ let flaky: Inbound;
 let flakyPool: Pool;
 let dbProxy: TcpProxy;
 let postfix: Postfix;
+/** The DSN generator, as every relay worker runs it. */
+let dsnGenerator: { stop(): Promise<void> };
 
 before(async () => {
   if (skip) return;
@@ -37,6 +40,7 @@ before(async () => {
   const tls = await loadTlsCredentials({ dir: `${ROOT}-tls`, hostname: "mx.example.test" });
   const config = { MAIL_HOSTNAME: "mx.example.test", SMTP_PORT: 0, SMTP_HOST: "127.0.0.1", INBOUND_AUTH_CHECKS: false, tls, limits: { maxMessageSize: MAX_SIZE } };
   mda = await startMda({ pool: env.pool, bus: env.bus, logger, config: { LMTP_ENABLED: false } });
+  dsnGenerator = startDsnGenerator(env.bus, env.pool, { reportingMta: "mx.example.test", service: "mta-outbound", intervalMs: 200, logger });
   inbound = await startInbound({ pool: env.pool, bus: env.bus, logger, config });
   dbProxy = await tcpProxy(Number(new URL(env.db.url).port || 5432));
   const proxied = new URL(env.db.url);
@@ -66,6 +70,7 @@ before(async () => {
 after(async () => {
   if (skip) return;
   await postfix.stop();
+  await dsnGenerator.stop();
   await flaky.stop();
   await inbound.stop();
   await mda.stop();
@@ -172,8 +177,22 @@ test("DSN parameters from sendmail -N/-V/-R reach the delivery: NOTIFY, ORCPT, E
   assert.deepEqual(message, { dsn_envid: "ENV-77.postfix", dsn_ret: "HDRS" });
   const delivery = (await env.pool.query("SELECT final_recipient, dsn_notify, dsn_orcpt, state FROM deliveries WHERE message_id = $1", [entry.message_id])).rows;
   assert.deepEqual(delivery, [{ final_recipient: "ann@example.test", dsn_notify: ["SUCCESS", "FAILURE", "DELAY"], dsn_orcpt: "rfc822;ann@example.test", state: "delivered" }]);
-  // We took over DSN duty (we offer DSN): Postfix says sent, not "relayed" with a notice of its own.
+  // We took over DSN duty (we offer DSN): Postfix says sent, without a notice of its own...
   assert.match(linesOf(queueId), /to=<ann@example\.test>.* status=sent /);
+  assert.doesNotMatch(linesOf(queueId), /sender delivery status notification/);
+  // ...so the "delivered" notice NOTIFY=SUCCESS asks for is ours (RFC 3461 5.2.2): to the sender, about ann@.
+  const notice = await filed("sender@example.test", "Original-Envelope-Id: ENV-77.postfix");
+  assert.ok(copyOf(notice).toString("latin1").startsWith("Return-Path: <>\r\n"));
+  const report = await parseWithPython(notice.raw);
+  assert.equal(report.subject, "Successful Mail Delivery Report");
+  // (Python walks the status part's blocks as text/plain parts of their own.)
+  assert.deepEqual(report.parts.map((p) => p.type).filter((t, i, all) => all.indexOf(t) === i), ["multipart/report", "text/plain", "message/delivery-status", "text/rfc822-headers"], "RET=HDRS: the header only");
+  assert.equal(report.status[0]?.["Original-Envelope-Id"], "ENV-77.postfix");
+  assert.equal(report.status[1]?.["Final-Recipient"], "rfc822;ann@example.test");
+  assert.equal(report.status[1]?.["Original-Recipient"], "rfc822;ann@example.test");
+  assert.equal(report.status[1]?.Action, "delivered");
+  assert.equal(report.status[1]?.Status, "2.0.0");
+  assert.equal((await env.pool.query("SELECT dsn_state FROM deliveries WHERE message_id = $1", [entry.message_id])).rows[0].dsn_state, "sent");
 });
 
 test("an 8-bit body goes as BODY=8BITMIME and is filed with its bytes unchanged", { skip }, async () => {

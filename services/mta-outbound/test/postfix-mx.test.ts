@@ -212,3 +212,15 @@ test("Postfix with smtputf8_enable = no: a message with a UTF-8 header field bou
   assert.doesNotMatch(linesOf("postfix/noutf8/"), /: client=/);
   assert.equal(maildir("a@noutf8.test").length + maildir("b@noutf8.test").length, 0);
 });
+
+test("a stored message with bare LF and a lone \\n.\\n (an SMTP smuggling attempt) reaches Postfix as one message, every bare CR or LF a line end", { skip }, async () => {
+  const raw = Buffer.from("From: sender@ours.test\nTo: c@dest.test\nSubject: bare newlines\nMessage-ID: <mx-lf@ours.test>\n\nline one\n.\nMAIL FROM:<evil@x>\r\nlast\rend\n");
+  const accepted = await submit(env.pool, env.bus, { from: "sender@ours.test", to: ["c@dest.test"], raw });
+  const [row] = await finalStates(accepted.messageId);
+  assert.equal(row!.state, "delivered", row!.last_reply ?? "");
+  const queueId = /queued as (\w+)/.exec(row!.last_reply ?? "")?.[1];
+  await waitFor(() => /status=sent \(delivered to maildir\)/.test(linesOf(`${queueId}: to=<c@dest.test>`)), 10_000, 100);
+  const file = maildir("c@dest.test").find((f) => f.includes("mx-lf@ours.test"))!.toString();
+  assert.ok(file.endsWith("\n\nline one\n.\nMAIL FROM:<evil@x>\nlast\nend\n"), file);
+  assert.doesNotMatch(linesOf("evil@x"), /from=<evil@x>/, "no second message");
+});

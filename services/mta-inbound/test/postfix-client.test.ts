@@ -272,3 +272,8 @@ test("our 451 4.3.0 (PostgreSQL unreachable at RCPT): Postfix defers, retries an
     await dbProxy.restore().catch(() => undefined);
   }
 });
+
+test("after all of the above, Postfix's smtp client logged no complaint about our server (protocol errors, unexpected replies, lost connections)", { skip }, async () => {
+  const complaints = postfix.log().split("\n").filter((l) => /postfix\/\w+\[\d+\]: (warning|fatal|panic)|lost connection|unexpected|protocol error/.test(l));
+  assert.deepEqual(complaints, []);
+});

@@ -224,3 +224,9 @@ test("a stored message with bare LF and a lone \\n.\\n (an SMTP smuggling attemp
   assert.ok(file.endsWith("\n\nline one\n.\nMAIL FROM:<evil@x>\nlast\nend\n"), file);
   assert.doesNotMatch(linesOf("evil@x"), /from=<evil@x>/, "no second message");
 });
+
+test("after all of the above, Postfix's smtpd logged no complaint about our client (improper pipelining, protocol errors, lost connections)", { skip }, async () => {
+  const complaints = postfix.log().split("\n").filter((l) => /smtpd\[\d+\]: (warning|fatal|panic|improper command pipelining|lost connection)/.test(l));
+  assert.deepEqual(complaints, []);
+  assert.match(linesOf("smtpd["), /disconnect from localhost\[127\.0\.0\.1\] /, "there were sessions");
+});

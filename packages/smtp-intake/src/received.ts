@@ -13,8 +13,10 @@ export interface ReceivedFields {
   clientHostname: string | null;
   clientIp: string;
   hostname: string;
-  /** ESMTP, ESMTPS, ESMTPA, ESMTPSA, SMTP (RFC 3848). */
+  /** ESMTP, ESMTPS, ESMTPA, ESMTPSA, SMTP (RFC 3848), LMTP. */
   protocol: string;
+  /** The transaction used SMTPUTF8: the "with" type becomes UTF8SMTP/UTF8LMTP and its S/A forms (RFC 6531 3.7.3). */
+  smtpUtf8?: boolean;
   queueId: string;
   traceId: string | null;
   tlsCipher?: string | null;
@@ -27,10 +29,14 @@ export interface ReceivedFields {
 
 /**
  * The registered "with" type (RFC 3848). TLS and AUTH are ESMTP extensions, so a session that
- * used them and then said HELO (smtp-server's SMTPS, SMTPA, SMTPSA) is written as ESMTP.
+ * used them and then said HELO (smtp-server's SMTPS, SMTPA, SMTPSA) is written as ESMTP. A
+ * transaction with SMTPUTF8 (an ESMTP extension too) is UTF8SMTP, UTF8SMTPS, UTF8SMTPA,
+ * UTF8SMTPSA, or UTF8LMTP... over LMTP (RFC 6531 3.7.3).
  */
-function withType(protocol: string): string {
-  return /^SMTPS?A?$/.test(protocol) && protocol !== "SMTP" ? `E${protocol}` : protocol;
+function withType(protocol: string, smtpUtf8: boolean): string {
+  const type = /^SMTPS?A?$/.test(protocol) && protocol !== "SMTP" ? `E${protocol}` : protocol;
+  if (!smtpUtf8) return type;
+  return type.replace(/^E?SMTP/, "UTF8SMTP").replace(/^LMTP/, "UTF8LMTP");
 }
 
 /**
@@ -42,7 +48,7 @@ export function receivedHeader(f: ReceivedFields): string {
   const from = `from ${clean(f.helo ?? "unknown")} (${f.clientHostname ? `${clean(f.clientHostname)} ` : ""}[${ip}])`;
   const auth = f.authenticatedUser ? `\r\n\t(Authenticated sender: ${clean(f.authenticatedUser, 320)})` : "";
   const tls = f.tlsCipher ? ` (${clean(f.tlsCipher)})` : "";
-  const by = `by ${clean(f.hostname)} (mailstack) with ${withType(f.protocol)}${tls} id ${f.queueId}${f.traceId ? ` (trace ${f.traceId})` : ""}`;
+  const by = `by ${clean(f.hostname)} (mailstack) with ${withType(f.protocol, f.smtpUtf8 ?? false)}${tls} id ${f.queueId}${f.traceId ? ` (trace ${f.traceId})` : ""}`;
   const forPart = f.recipient ? `\r\n\tfor <${clean(f.recipient, 256)}>` : "";
   return `Received: ${from}${auth}\r\n\t${by}${forPart};\r\n\t${rfc5322Date(f.date)}\r\n`;
 }

@@ -608,6 +608,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         clientIp: s.clientIp,
         hostname: options.hostname,
         protocol: session.transmissionType || "ESMTP",
+        smtpUtf8: s.smtpUtf8,
         queueId,
         traceId,
         recipient: routes.length === 1 ? recipients[0]!.recipient : null,

@@ -196,15 +196,17 @@ describe("AUTH (RFC 4954)", () => {
   });
 });
 
-describe("Received: with types (RFC 3848)", () => {
-  test("ESMTP, ESMTPS after STARTTLS, SMTP for HELO, and ESMTPS (not SMTPS) for HELO after STARTTLS", async () => {
-    const cases: Array<[string, boolean, string]> = [
+describe("Received: with types (RFC 3848, RFC 6531)", () => {
+  test("ESMTP, ESMTPS after STARTTLS, SMTP for HELO, ESMTPS (not SMTPS) for HELO after STARTTLS, UTF8SMTP(S) with SMTPUTF8", async () => {
+    const cases: Array<[string, boolean, string, string?]> = [
       ["EHLO", false, "ESMTP"],
       ["EHLO", true, "ESMTPS"],
       ["HELO", false, "SMTP"],
       ["HELO", true, "ESMTPS"],
+      ["EHLO", false, "UTF8SMTP", " SMTPUTF8"],
+      ["EHLO", true, "UTF8SMTPS", " SMTPUTF8"],
     ];
-    for (const [greeting, secure, expected] of cases) {
+    for (const [greeting, secure, expected, mailParameters = ""] of cases) {
       const client = await RawSmtp.connect(intake.port());
       await client.reply();
       if (secure) {
@@ -213,13 +215,13 @@ describe("Received: with types (RFC 3848)", () => {
         await client.startTls();
       }
       assert.equal((await client.command(`${greeting} client.remote.example`)).code, 250);
-      assert.equal((await client.command("MAIL FROM:<sender@remote.example>")).code, 250);
+      assert.equal((await client.command(`MAIL FROM:<sender@remote.example>${mailParameters}`)).code, 250);
       assert.equal((await client.command("RCPT TO:<user1@example.test>")).code, 250);
       assert.equal((await client.command("DATA")).code, 354);
-      client.write(dataPayload(sampleMessage({ subject: `${greeting} ${secure}` })));
+      client.write(dataPayload(sampleMessage({ subject: `${greeting} ${secure}${mailParameters}` })));
       assert.equal((await client.reply()).code, 250);
       const { raw } = await lastStored();
-      assert.match(raw, new RegExp(`^Received: from client\\.remote\\.example \\(\\[127\\.0\\.0\\.1\\]\\)\\r\\n\\tby mx\\.example\\.test \\(mailstack\\) with ${expected} id `), `${greeting} secure=${secure}`);
+      assert.match(raw, new RegExp(`^Received: from client\\.remote\\.example \\(\\[127\\.0\\.0\\.1\\]\\)\\r\\n\\tby mx\\.example\\.test \\(mailstack\\) with ${expected} id `), `${greeting} secure=${secure}${mailParameters}`);
       client.close();
     }
   });

@@ -88,7 +88,7 @@ async function readMessage(stream: SMTPServerDataStream, options: LmtpOptions): 
   return { raw, refusal: null };
 }
 
-/** Our Received: field (RFC 5321 4.4), the same builder as the SMTP ports', with "LMTP" as the "with" type (RFC 3848). */
+/** Our Received: field (RFC 5321 4.4), the same builder as the SMTP ports', with "LMTP" (or "UTF8LMTP") as the "with" type (RFC 3848, RFC 6531). */
 function lmtpReceived(session: SMTPServerSession, hostname: string, queueId: string, traceId: string | undefined): string {
   return receivedHeader({
     helo: session.hostNameAppearsAs || null,
@@ -96,6 +96,7 @@ function lmtpReceived(session: SMTPServerSession, hostname: string, queueId: str
     clientIp: session.remoteAddress.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/i, ""),
     hostname,
     protocol: "LMTP",
+    smtpUtf8: Boolean((session.envelope as { smtpUtf8?: boolean }).smtpUtf8),
     queueId,
     traceId: traceId ?? null,
   });

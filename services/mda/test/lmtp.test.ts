@@ -456,3 +456,18 @@ test("a recipient path over RFC 5321's limits is 501 5.1.3 Path too long, as at 
   assert.match(await client.command("RCPT TO:<a b@example.test>"), /^5\d\d /);
   client.close();
 });
+
+test("LHLO offers SMTPUTF8; a UTF-8 transaction is filed with 'with UTF8LMTP' in our Received: field (RFC 6531 3.7.3)", async () => {
+  const client = await LineClient.open(port);
+  assert.match(await client.reply(), /^220 /);
+  assert.match(await client.command("LHLO client.example"), /^250 /);
+  assert.ok(client.lastReplyLines.includes("250-SMTPUTF8"), client.lastReplyLines.join("|"));
+  assert.match(await client.command("MAIL FROM:<jörg@remote.example> SMTPUTF8"), /^250 /);
+  assert.match(await client.command("RCPT TO:<ok2@example.test>"), /^250 /);
+  assert.match(await client.command("DATA"), /^354 /);
+  client.write("Subject: grüße utf8-over-lmtp\r\n\r\nhello\r\n.\r\n");
+  assert.match(await client.reply(), /^250 /);
+  client.close();
+  const row = (await entries("ok2@example.test")).find((r) => r.raw.toString().includes("utf8-over-lmtp"))!;
+  assert.match(row.raw.toString(), /^Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n\tby mx\.example\.test \(mailstack\) with UTF8LMTP id /);
+});

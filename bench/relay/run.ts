@@ -105,10 +105,14 @@ function postfixCmd(...args: string[]): string {
   return result.stdout;
 }
 
-function postfixQueued(): number {
+/**
+ * Messages Postfix holds in its deferred queue because of defer_transports (each listed with the
+ * reason "deferred transport"). Counting every queued message instead let a message still in
+ * the active queue be deferred after the release's flush, to wait out the backoff (300 s).
+ */
+function postfixHeld(): number {
   const out = postfixCmd("postqueue", "-c", PF_DIR, "-p");
-  const match = /in (\d+) Requests?\./.exec(out);
-  return match ? Number(match[1]) : 0;
+  return out.split("(deferred transport)").length - 1;
 }
 
 function smtpSource(port: number, n: number, to = "user@far.example"): Promise<void> {
@@ -297,7 +301,8 @@ try {
     await new Promise((resolve) => setTimeout(resolve, 1_000));
     await smtpSource(pf!.port, n);
     const deadline = Date.now() + 120_000;
-    while (postfixQueued() < n && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 200));
+    while (postfixHeld() < n && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 200));
+    if (postfixHeld() !== n) throw new Error(`Postfix holds ${postfixHeld()} messages, not ${n}`);
     postfixCmd("postconf", "-c", PF_DIR, "-e", "defer_transports=");
     postfixCmd("postfix", "-c", PF_DIR, "reload");
     await new Promise((resolve) => setTimeout(resolve, 1_000));

@@ -188,7 +188,8 @@ try {
   say(applied.length ? `migrations applied: ${applied.join(", ")}` : "schema is up to date");
   // Generated once here (when no certificate is configured) so every service reads the same cached pair.
   const tlsDir = process.env.TLS_DIR ?? path.join(dataDir, "tls");
-  const mailHostname = process.env.MAIL_HOSTNAME ?? defaultMailHostname();
+  // Empty counts as unset, as in the services' configuration.
+  const mailHostname = process.env.MAIL_HOSTNAME || defaultMailHostname();
   const tls = await loadTlsCredentials({
     certFile: process.env.TLS_CERT_FILE,
     keyFile: process.env.TLS_KEY_FILE,

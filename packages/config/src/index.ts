@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
 
 export { z };
@@ -127,10 +128,33 @@ const url = (fallback: string, protocols: string[]) =>
       }
     }, `expected a URL starting with ${protocols.join(" or ")}//`);
 
-/** The system's host name when it is a fully qualified domain name, else "localhost". */
-export function defaultMailHostname(systemName: string = hostname()): string {
+/**
+ * The system's fully qualified name, else "localhost". A short host name (Debian's usual) is
+ * looked up in the hosts file the way the resolver's canonical name is found there: the first
+ * name of the line that lists it ("127.0.1.1 mx1.example.org mx1"), as Postfix's myhostname does.
+ */
+export function defaultMailHostname(systemName: string = hostname(), hostsText: string = readHostsFile()): string {
   const name = systemName.toLowerCase().replace(/\.$/, "");
-  return isFullyQualified(name) ? name : "localhost";
+  if (isFullyQualified(name)) return name;
+  const canonical = canonicalNameInHosts(name, hostsText);
+  return canonical && isFullyQualified(canonical) ? canonical : "localhost";
+}
+
+function readHostsFile(): string {
+  try {
+    return readFileSync("/etc/hosts", "utf8");
+  } catch {
+    return "";
+  }
+}
+
+/** The first name on the first hosts-file line that lists `name`, lower-cased and without a final dot. */
+function canonicalNameInHosts(name: string, hostsText: string): string | null {
+  for (const line of hostsText.split("\n")) {
+    const names = line.replace(/#.*/, "").trim().split(/\s+/).slice(1).map((n) => n.toLowerCase().replace(/\.$/, ""));
+    if (names.includes(name)) return names[0]!;
+  }
+  return null;
 }
 
 /** A name with at least two dot-separated labels of letters, digits and inner hyphens, not all-numeric at the top. */
@@ -179,7 +203,8 @@ export const commonShape = {
   LOG_LEVEL: z.enum(["trace", "debug", "info", "warn", "error", "fatal", "silent"]).default("info"),
   /**
    * The name this host gives itself in SMTP greetings, EHLO, Received: headers and DSNs. Like
-   * Postfix's myhostname, it defaults to the system's name when that is fully qualified.
+   * Postfix's myhostname, it defaults to the system's fully qualified name (from the hosts file
+   * when the host name is short), else localhost.
    */
   MAIL_HOSTNAME: z.string().default(defaultMailHostname()),
   SHUTDOWN_TIMEOUT: duration("25s"),

@@ -37,10 +37,15 @@ test("sizes and durations parse with units", () => {
 test("MAIL_HOSTNAME defaults to the system's name only when it is fully qualified", () => {
   assert.equal(defaultMailHostname("MX1.Example.ORG"), "mx1.example.org");
   assert.equal(defaultMailHostname("mx1.example.org."), "mx1.example.org");
-  assert.equal(defaultMailHostname("vm"), "localhost");
-  assert.equal(defaultMailHostname("mta-outbound-7d9f8-abcde"), "localhost");
-  assert.equal(defaultMailHostname("10.0.0.7"), "localhost");
-  assert.equal(defaultMailHostname("bad_name.example"), "localhost");
+  assert.equal(defaultMailHostname("vm", "127.0.0.1 localhost\n127.0.0.1 vm\n"), "localhost");
+  assert.equal(defaultMailHostname("mta-outbound-7d9f8-abcde", ""), "localhost");
+  assert.equal(defaultMailHostname("10.0.0.7", ""), "localhost");
+  assert.equal(defaultMailHostname("bad_name.example", ""), "localhost");
+  // A short name is completed from the hosts file as the resolver does: the line's first name.
+  const hosts = "127.0.0.1\tlocalhost\n# 127.0.1.1 old.example.org mx1\n127.0.1.1\tMX1.Example.org.  mx1 # this host\n::1 localhost ip6-localhost\n";
+  assert.equal(defaultMailHostname("mx1", hosts), "mx1.example.org");
+  assert.equal(defaultMailHostname("mx2", hosts), "localhost");
+  assert.equal(defaultMailHostname("box", "127.0.1.1 box\n"), "localhost", "a line without a qualified first name");
   assert.equal(loadConfig(commonShape, { MAIL_HOSTNAME: "mail.example.net" }).MAIL_HOSTNAME, "mail.example.net");
   assert.equal(isFullyQualified("mail.example.net"), true);
   assert.equal(isFullyQualified("localhost"), false);

@@ -1,7 +1,7 @@
 // Small helpers the benchmarks share.
 import { spawn } from "node:child_process";
 import { mkdtemp, readFile, readdir } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort, startServiceProcess, type ServiceProcess } from "../packages/testkit/src/index.ts";
 
@@ -48,6 +48,25 @@ export async function postgresCpuMs(): Promise<number> {
     if (!processes.has(fields[1]!)) ticks += Number(fields[13]) + Number(fields[14]);
   }
   return (ticks * 1000) / 100;
+}
+
+/**
+ * Waits until the whole machine has been nearly idle (under `maxBusyShare` of its cores busy)
+ * for one `windowMs`, at most `timeoutMs`; resolves the ms it waited. Called before each
+ * measured round, so that one system's deferred work (PostgreSQL's autovacuum and
+ * checkpoint writes after mailstack's round, Postfix's queue manager after its own) is not
+ * counted in the other's round. Returns -1 when the machine never got quiet.
+ */
+export async function quiesce(windowMs = 500, maxBusyShare = 0.1, timeoutMs = 30_000): Promise<number> {
+  const cores = availableParallelism();
+  const started = performance.now();
+  while (performance.now() - started < timeoutMs) {
+    const before = await machineBusyMs();
+    await new Promise((resolve) => setTimeout(resolve, windowMs));
+    const busy = (await machineBusyMs()) - before;
+    if (busy < windowMs * cores * maxBusyShare) return Math.round(performance.now() - started);
+  }
+  return -1;
 }
 
 /** CPU time the whole machine spent busy (every core; all but idle and iowait), in ms. */

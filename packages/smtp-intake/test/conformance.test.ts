@@ -2,7 +2,9 @@
 // 4954), postmaster (RFC 5321 4.5.1), trace fields on a message without a header section,
 // AUTH inside a transaction (RFC 4954 4). Everything over real sockets.
 import assert from "node:assert/strict";
+import type { AddressInfo } from "node:net";
 import { after, before, describe, test } from "node:test";
+import { SMTPServer } from "smtp-server";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "../src/testing.ts";
 import type { IntakeServer } from "../src/index.ts";
@@ -251,4 +253,82 @@ test("DATA and RSET with an argument are 501 5.5.4 and change nothing (RFC 5321 
   const injected = await env.pool.query("SELECT count(*)::int AS n FROM messages WHERE position('injected-by-data-arg' in convert_from(raw, 'LATIN1')) > 0");
   assert.equal(injected.rows[0].n, 0);
   injector.close();
+});
+
+// smtp-server's own 421 replies carried 4.4.2 ("bad connection") whatever the reason; a careful
+// MTA (Postfix) says 4.3.2 for overload and shutdown, 4.7.0 for a client refused by policy or for
+// too many errors, and keeps 4.4.2 for timeouts (patches/smtp-server@3.21.6.patch).
+describe("421 replies carry the RFC 3463 code of their reason", () => {
+  test("too many sessions overall: 421 4.3.2 instead of the greeting", async () => {
+    const small = await startIntake(env.pool, env.bus, { limits: { maxClients: 1 } });
+    extra.push(small);
+    const first = await open(small.port());
+    const second = await RawSmtp.connect(small.port());
+    assert.match((await second.reply()).text, /^421 4\.3\.2 .*Too many connected clients/);
+    await second.waitClosed();
+    first.close();
+  });
+
+  test("a command while the server shuts down, and a session idle until the grace period ends: 421 4.3.2", async () => {
+    const server = await startIntake(env.pool, env.bus);
+    const busy = await open(server.port());
+    const idle = await open(server.port());
+    assert.equal((await busy.command("MAIL FROM:<a@remote.example>")).code, 250);
+    const stopping = server.stop(400);
+    assert.match((await busy.command("RCPT TO:<user1@example.test>")).text, /^421 4\.3\.2 Server shutting down/);
+    await busy.waitClosed();
+    assert.match((await idle.reply(5_000)).text, /^421 4\.3\.2 Server shutting down/);
+    await idle.waitClosed();
+    await stopping;
+  });
+
+  test("talking before the greeting: 421 4.5.1 (out of sequence)", async () => {
+    const strict = await startIntake(env.pool, env.bus, { limits: { greetingDelayMs: 300 } });
+    extra.push(strict);
+    const client = await RawSmtp.connect(strict.port());
+    client.write("EHLO early.example\r\n");
+    assert.match((await client.reply()).text, /^421 4\.5\.1 .*You talk too soon/);
+    await client.waitClosed();
+  });
+
+  test("an HTTP request: 421 4.7.0", async () => {
+    const client = await open();
+    assert.match((await client.command("POST / HTTP/1.1")).text, /^421 4\.7\.0 HTTP requests not allowed/);
+    await client.waitClosed();
+  });
+
+  test("ten unrecognized commands: 500 5.5.2 each, then 421 4.7.0", async () => {
+    const client = await open();
+    for (let i = 1; i < 10; i++) assert.match((await client.command(`BOGUS${i}`)).text, /^500 5\.5\.2 /);
+    assert.match((await client.command("BOGUS10")).text, /^421 4\.7\.0 Error: too many unrecognized commands/);
+    await client.waitClosed();
+  });
+
+  test("a command line over the limit: 421 4.5.2 (RFC 5321 4.2.2 counts it a syntax error)", async () => {
+    const client = await open();
+    assert.match((await client.command(`NOOP ${"x".repeat(2000)}`)).text, /^421 4\.5\.2 Error: Command line too long/);
+    await client.waitClosed();
+  });
+
+  test("the idle timeout keeps 421 4.4.2", async () => {
+    const idle = await startIntake(env.pool, env.bus, { limits: { idleTimeoutMs: 300 } });
+    extra.push(idle);
+    const client = await open(idle.port());
+    assert.match((await client.reply(5_000)).text, /^421 4\.4\.2 Timeout/);
+    await client.waitClosed();
+  });
+
+  test("smtp-server's own bound on commands before AUTH (ours replaces it in smtp-intake) says 421 4.7.0", async () => {
+    const plain = new SMTPServer({ authOptional: false, maxAllowedUnauthenticatedCommands: 2, hideENHANCEDSTATUSCODES: false, allowInsecureAuth: true, logger: false, ...({ greetingDelay: 0 } as object) });
+    await new Promise<void>((resolve) => plain.listen(0, "127.0.0.1", resolve));
+    try {
+      const client = await RawSmtp.connect((plain.server.address() as AddressInfo).port);
+      assert.equal((await client.reply()).code, 220);
+      assert.equal((await client.command("EHLO client.example")).code, 250);
+      assert.match((await client.command("NOOP")).text, /^421 4\.7\.0 Error: too many unauthenticated commands/);
+      await client.waitClosed();
+    } finally {
+      await new Promise<void>((resolve) => plain.close(() => resolve()));
+    }
+  });
 });

@@ -78,18 +78,22 @@ function field(name: string, value: string): string {
   return lines.join("\r\n") + "\r\n";
 }
 
-/** address-type;address (RFC 3464 2.1.2); a bare non-ASCII address is of type utf-8 (RFC 6533 3). */
+/** address-type;address (RFC 3464 2.1.2) for an ORCPT as stored; a bare one is typed as a Final-Recipient is. */
 function addressType(address: string): string {
-  if (address.includes(";")) return address;
+  return address.includes(";") ? address : recipientType(address);
+}
+
+/** A bare address typed: rfc822 when ASCII, else RFC 6533's utf-8 type. A ";" in a quoted local part is part of the address. */
+function recipientType(address: string): string {
   return nonAscii(address) ? `utf-8;${address}` : `rfc822;${address}`;
 }
 
 /**
- * The Original-Recipient value: a utf-8 address as UTF-8 in a global status part, in its 7-bit
- * utf-8-addr-xtext form (\x{HEX}) in a plain one (RFC 6533 3); other types as given.
+ * An address field of the status part (Original-Recipient, Final-Recipient): a utf-8 address as
+ * UTF-8 in a global status part, in its 7-bit utf-8-addr-xtext form (\x{HEX}) in a plain one
+ * (RFC 6533 3); other types as given.
  */
-function originalRecipient(orcpt: string, global: boolean): string {
-  const typed = addressType(orcpt);
+function statusAddress(typed: string, global: boolean): string {
   const semicolon = typed.indexOf(";");
   if (global || typed.slice(0, semicolon).toLowerCase() !== "utf-8") return typed;
   return `utf-8;${utf8AddrXtext(typed.slice(semicolon + 1))}`;
@@ -141,9 +145,11 @@ function subject(input: DsnInput): string {
 /**
  * Builds an RFC 3464 delivery status notification: multipart/report with a human part,
  * the message/delivery-status part and the original message (RET=FULL) or its header (HDRS).
- * Every line ends in CRLF. An internationalized original (UTF-8 addresses or header fields)
+ * Every line ends in CRLF. An original whose header has UTF-8, or a report to a UTF-8 address,
  * gets RFC 6533's message/global-delivery-status, message/global and message/global-headers;
- * 8-bit content is labelled 8bit on its part and on the report itself (RFC 2045 6.4).
+ * otherwise UTF-8 recipient addresses go into the plain status part as utf-8-addr-xtext, and the
+ * human part names them as they are (text/plain; charset=utf-8). 8-bit content is labelled 8bit
+ * on its part and on the report itself (RFC 2045 6.4).
  */
 export function composeDsn(input: DsnInput): ComposedDsn {
   if (input.recipients.length === 0) throw new Error("a DSN needs at least one recipient");
@@ -151,8 +157,10 @@ export function composeDsn(input: DsnInput): ComposedDsn {
   const boundary = `dsn-${randomBytes(12).toString("hex")}`;
   const messageId = `<${Date.now().toString(36)}.${randomBytes(8).toString("hex")}@${input.reportingMta}>`;
   const originalHeader = headerSection(input.original);
-  // A UTF-8 ORCPT alone does not make the report global: its 7-bit form fits a plain status part.
-  const international = nonAscii(input.to) || input.recipients.some((r) => nonAscii(r.finalRecipient)) || originalHeader.some((byte) => byte > 0x7f);
+  // Global only when it must be: the returned header has UTF-8 (message/global-headers or
+  // message/global), or the report's own To: is UTF-8. A UTF-8 recipient address alone fits a
+  // plain, widely understood message/delivery-status in its 7-bit utf-8-addr-xtext form (RFC 6533 3).
+  const international = nonAscii(input.to) || originalHeader.some((byte) => byte > 0x7f);
   // A message/delivery-status is 7-bit text; the global one carries UTF-8 as it is.
   const statusText = international ? (text: string) => text : asciiOnly;
 
@@ -162,8 +170,8 @@ export function composeDsn(input: DsnInput): ComposedDsn {
   if (input.arrivalDate) status += field("Arrival-Date", rfc5322Date(input.arrivalDate));
   for (const r of input.recipients) {
     status += "\r\n";
-    if (r.originalRecipient) status += field("Original-Recipient", originalRecipient(r.originalRecipient, international));
-    status += field("Final-Recipient", addressType(r.finalRecipient));
+    if (r.originalRecipient) status += field("Original-Recipient", statusAddress(addressType(r.originalRecipient), international));
+    status += field("Final-Recipient", statusAddress(recipientType(r.finalRecipient), international));
     status += field("Action", r.action);
     status += field("Status", r.status);
     if (r.remoteMta) status += field("Remote-MTA", `dns; ${r.remoteMta}`);

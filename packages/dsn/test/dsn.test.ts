@@ -5,6 +5,7 @@ import { addAccount, addDomain, resolveRecipient } from "@mailstack/db";
 import { acceptMessage, type NewDelivery } from "@mailstack/queue";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { composeDsn, diagnosticCode, generateDsns, headerSection, wantsNotice } from "../src/index.ts";
+import { decodeUtf8Addr } from "@mailstack/mail";
 import { parseWithPython } from "./python-email.ts";
 
 let env: TestEnv;
@@ -126,6 +127,55 @@ test("an internationalized original (UTF-8 header fields and addresses) gets the
     assert.equal(parsed.subject, "Undelivered Mail Returned to Sender");
     assert.ok(parsed.attachments.some((a) => a.contentType === "message/global-delivery-status" && /Final-Recipient: utf-8;m\u00fcller@far\.test/.test(a.content.toString("utf8"))));
   }
+});
+
+test("a UTF-8 recipient of an ASCII message: a plain delivery-status with Final-Recipient in utf-8-addr-xtext, the human part in UTF-8 (RFC 6533 3)", async () => {
+  for (const ret of ["HDRS", "FULL"] as const) {
+    const dsn = composeDsn({
+      reportingMta: "mx.home.test",
+      to: "sender@home.test",
+      ret,
+      original,
+      recipients: [{ finalRecipient: "m\u00fcller@dest.test", action: "failed", status: "5.1.1", remoteMta: "mx.dest.test", diagnostic: "550 5.1.1 unknown" }],
+    });
+    const text = dsn.raw.toString("utf8");
+    assert.match(text, /Content-Type: multipart\/report; report-type=delivery-status;/);
+    assert.match(text, /Content-Type: message\/delivery-status\r\n\r\n/, "a 7-bit status part, no transfer encoding");
+    assert.match(text, /\r\nFinal-Recipient: utf-8;m\\x\{FC\}ller@dest\.test\r\n/);
+    assert.match(text, new RegExp(`Content-Type: ${ret === "FULL" ? "message/rfc822" : "text/rfc822-headers"}\r\n\r\nFrom: <sender@home\\.test>`));
+    assert.doesNotMatch(text, /global/);
+    assert.match(text, /Content-Type: text\/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n[\s\S]*<m\u00fcller@dest\.test>: 550 5\.1\.1 unknown/, "the human part names the address as it is");
+
+    const view = await parseWithPython(dsn.raw);
+    assert.deepEqual(view.defects, []);
+    assert.deepEqual(view.parts.map((p) => p.type).slice(0, 3), ["multipart/report", "text/plain", "message/delivery-status"]);
+    assert.equal(view.status[1]!["Final-Recipient"], "utf-8;m\\x{FC}ller@dest.test");
+    assert.equal(decodeUtf8Addr(view.status[1]!["Final-Recipient"]!.slice("utf-8;".length), { unitext: false }), "m\u00fcller@dest.test");
+
+    const parsed = await simpleParser(dsn.raw);
+    assert.equal((parsed.headers.get("content-type") as { params: Record<string, string> }).params["report-type"], "delivery-status");
+    // mailparser shows a message/delivery-status inline, after the human part.
+    assert.match(parsed.text ?? "", /<m\u00fcller@dest\.test>: 550 5\.1\.1 unknown/);
+    assert.match(parsed.text ?? "", /\nFinal-Recipient: utf-8;m\\x\{FC\}ller@dest\.test\r?\n/);
+  }
+});
+
+test("a report is global when it must be: a UTF-8 returned header, or a UTF-8 address it goes to", async () => {
+  const recipient = { finalRecipient: "m\u00fcller@dest.test", action: "failed" as const, status: "5.1.1" };
+  const utf8Header = Buffer.from("From: <sender@home.test>\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHallo.\r\n", "utf8");
+  for (const [to, raw] of [["sender@home.test", utf8Header], ["j\u00fcrgen@home.test", original]] as const) {
+    const dsn = composeDsn({ reportingMta: "mx.home.test", to, ret: "HDRS", original: raw, recipients: [recipient] });
+    const text = dsn.raw.toString("utf8");
+    assert.match(text, /report-type=global-delivery-status;/, to);
+    assert.match(text, /Content-Type: message\/global-delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n\r\n/);
+    assert.match(text, /\r\nFinal-Recipient: utf-8;m\u00fcller@dest\.test\r\n/, "the utf-8-address form, as it is");
+    assert.deepEqual((await parseWithPython(dsn.raw)).defects, []);
+  }
+});
+
+test("a Final-Recipient is always typed, even with a \";\" in a quoted local part", () => {
+  const dsn = composeDsn({ reportingMta: "mx.home.test", to: "sender@home.test", ret: "HDRS", original, recipients: [{ finalRecipient: '"a;b"@dest.test', action: "failed", status: "5.1.1" }] });
+  assert.match(dsn.raw.toString(), /\r\nFinal-Recipient: rfc822;"a;b"@dest\.test\r\n/);
 });
 
 test("a utf-8 ORCPT: Original-Recipient in UTF-8 in a global status part, in the \\x{HEX} utf-8-addr-xtext form in a plain one (RFC 6533 3)", async () => {

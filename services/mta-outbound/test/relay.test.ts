@@ -705,7 +705,8 @@ test("a non-ASCII recipient at a server without SMTPUTF8 bounces alone (5.6.7); 
   // The sender learns about the one refused recipient, with our own diagnostic.
   const [dsn] = await dsnsFor("\u7528\u6237@asciionly.test");
   const report = dsn!.body.toString("utf8");
-  assert.match(report, /Final-Recipient: utf-8;\u7528\u6237@asciionly\.test\r\nAction: failed\r\nStatus: 5\.6\.7\r\n/);
+  // An ASCII message: a plain delivery-status, the address in its 7-bit utf-8-addr-xtext form (RFC 6533 3).
+  assert.match(report, /Final-Recipient: utf-8;\\x\{7528\}\\x\{6237\}@asciionly\.test\r\nAction: failed\r\nStatus: 5\.6\.7\r\n/);
   assert.match(report, /Diagnostic-Code: X-mailstack; the recipient address is not ASCII and\s+mx\.asciionly\.test does not offer SMTPUTF8/);
   assert.doesNotMatch(report, /Final-Recipient: rfc822;ascii@asciionly\.test/);
 

@@ -9,7 +9,7 @@ import type { IntakeLimits } from "./server.ts";
 export const intakeShape = {
   /** Largest message accepted (advertised in EHLO SIZE and enforced on the bytes received). */
   SMTP_MAX_MESSAGE_SIZE: size("50M"),
-  /** RCPT commands per message; the next one gets 452 4.5.3. */
+  /** Distinct recipients per message (one named again counts once); the next one gets 452 4.5.3. */
   SMTP_MAX_RECIPIENTS: integer(100, 1),
   /** Final recipients per message after alias expansion. */
   SMTP_MAX_FINAL_RECIPIENTS: integer(1000, 1),

@@ -34,8 +34,10 @@
  *   disabled 550 5.2.1, alias loop 550 5.4.6. Aliases fan out and merge here; a recipient
  *   given twice is one delivery: one of ours however its local part is cased (our mailboxes
  *   are case-insensitive), a remote one when written the same (RFC 5321 2.4: `A@r` and `a@r`
- *   may be two mailboxes). Sender and recipients keep their local part's case as given, to be
- *   stored and relayed so. More than maxRecipients RCPTs: 452 4.5.3. NOTIFY and ORCPT
+ *   may be two mailboxes). A recipient given again is accepted again, not routed again
+ *   (`resolveRecipient` is not asked), stays as first given (form, NOTIFY, ORCPT), counts once.
+ *   Sender and recipients keep their local part's case as given, to be stored and relayed
+ *   so. More than maxRecipients distinct recipients: 452 4.5.3. NOTIFY and ORCPT
  *   are kept per recipient, RET and ENVID per message. `<postmaster>`, and postmaster at a
  *   served domain without such an address, go to `postmaster` (RFC 5321 4.5.1).
  * - DATA with no accepted recipient is 554 5.5.1 and the connection is closed, so a

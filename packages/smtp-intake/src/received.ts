@@ -22,7 +22,7 @@ export interface ReceivedFields {
   tlsCipher?: string | null;
   /** The AUTH identity, shown as a comment (RFC 4954 section 7 allows it). */
   authenticatedUser?: string | null;
-  /** Named in `for` only when the message has exactly one recipient (RFC 5321 4.4 privacy note). */
+  /** Named in `for` only when the message goes to exactly one final mailbox (RFC 5321 4.4 privacy note). */
   recipient?: string | null;
   date?: Date;
 }

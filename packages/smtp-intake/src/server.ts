@@ -178,10 +178,10 @@ interface SessionState {
   connection: ConnectionInternals | null;
   sender: string | null;
   /**
-   * The accepted RCPTs in order, by address as given (parseAddress's `address`). smtp-server's
-   * own list merges addresses that differ only in case, so it is not used for the deliveries: a
-   * remote `A@r` and `a@r` are two recipients (RFC 5321 2.4); a local mailbox named twice is
-   * still one delivery, since its routes have one address (the account's key).
+   * The accepted recipients in order, by recipientKey. smtp-server's own list merges addresses
+   * that differ only in case and keeps quoting variants apart, so it is used neither for the
+   * deliveries nor for SMTP_MAX_RECIPIENTS: a remote `A@r` and `a@r` are two recipients (RFC 5321
+   * 2.4), a mailbox of ours named again in another case or quoting is the same one.
    */
   recipients: Map<string, AcceptedRecipient>;
   finalCount: number;
@@ -214,6 +214,7 @@ const R = {
   senderTooLong: reply(501, "5.1.7", "Path too long"),
   recipientTooLong: reply(501, "5.1.3", "Path too long"),
   badAuth: reply(535, "5.7.8", "Authentication credentials invalid"),
+  tooManyRecipients: reply(452, "4.5.3", "Too many recipients"),
   tooManyFinal: reply(452, "4.5.3", "Too many recipients after alias expansion"),
   busy: reply(452, "4.3.1", "Insufficient system storage, try again later"),
 };
@@ -462,13 +463,38 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     return resolution;
   };
 
+  /**
+   * Which recipient an RCPT names: a mailbox in a domain we serve by its lower-cased key (ours are
+   * case-insensitive, and parseAddress has undone the quoting), any other by the address as given
+   * (only its own host may fold its case). The bare `<postmaster>` stands apart: it may be routed
+   * elsewhere than postmaster@hostname.
+   */
+  const recipientKey = async (given: string, parsed: { address: string; key: string }): Promise<string> => {
+    if (given.toLowerCase() === "postmaster") return "postmaster";
+    return (await directory.lookup(parsed.key)).localDomain ? parsed.key : parsed.address;
+  };
+
   const onRcptTo = (address: SMTPServerAddress, session: SMTPServerSession, callback: (error?: Error | null) => void) => {
-    const state = stateOf(session);
     const parsed = parseAddress(recipientAddress(address.address), { utf8: !!session.envelope.smtpUtf8 });
     if (!parsed.ok) {
       if (RELAY_TRICKS.has(parsed.problem)) return callback(smtpError(Replies.relayDenied));
       return callback(smtpError(addressReply(parsed.problem, "RCPT")));
     }
+    addRecipient(address, session, parsed).then(
+      (refusal) => callback(refusal ? smtpError(refusal) : null),
+      (error) => callback(hookError(error, "resolveRecipient")),
+    );
+  };
+
+  /** Routes an RCPT and adds it to the transaction; resolves with the reply that refuses it, or null. */
+  const addRecipient = async (address: SMTPServerAddress, session: SMTPServerSession, parsed: { address: string; key: string; domain: string }): Promise<SmtpReply | null> => {
+    const state = stateOf(session);
+    const key = await recipientKey(address.address, parsed);
+    // A recipient named again is accepted again (RFC 5321 allows it) and kept as first given
+    // (address form, NOTIFY, ORCPT); it counts once: toward SMTP_MAX_RECIPIENTS, the final
+    // recipients, a submission rate limit (the routing hook is not asked again) and Received's `for`.
+    if (state.recipients.has(key)) return null;
+    if (state.recipients.size >= limits.maxRecipients) return R.tooManyRecipients;
     const s = view(session);
     const allowRemote = typeof options.allowRemote === "function" ? options.allowRemote(s) : !!options.allowRemote;
     const resolve = async (): Promise<Resolution> => {
@@ -480,23 +506,18 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       const unknownPostmaster = !resolution.ok && resolution.reason === "unknown-user" && parsed.key === `postmaster@${parsed.domain}`;
       return unknownPostmaster && (await directory.lookup(parsed.key)).localDomain ? resolvePostmaster() : resolution;
     };
-    resolve().then(
-      (resolution) => {
-        if (!resolution.ok) return callback(smtpError(refusalReply(resolution.reason)));
-        const previous = state.recipients.get(parsed.address);
-        const finalCount = state.finalCount - (previous?.routes.length ?? 0) + resolution.routes.length;
-        if (finalCount > limits.maxFinalRecipients) return callback(smtpError(R.tooManyFinal));
-        state.finalCount = finalCount;
-        state.recipients.set(parsed.address, {
-          recipient: parsed.address,
-          routes: resolution.routes,
-          dsnNotify: address.dsn?.notify ?? null,
-          dsnOrcpt: address.dsn?.orcpt ? storedOrcpt(address.dsn.orcpt) : null,
-        });
-        callback();
-      },
-      (error) => callback(hookError(error, "resolveRecipient")),
-    );
+    const resolution = await resolve();
+    if (!resolution.ok) return refusalReply(resolution.reason);
+    const finalCount = state.finalCount + resolution.routes.length;
+    if (finalCount > limits.maxFinalRecipients) return R.tooManyFinal;
+    state.finalCount = finalCount;
+    state.recipients.set(key, {
+      recipient: parsed.address,
+      routes: resolution.routes,
+      dsnNotify: address.dsn?.notify ?? null,
+      dsnOrcpt: address.dsn?.orcpt ? storedOrcpt(address.dsn.orcpt) : null,
+    });
+    return null;
   };
 
   const onData = (stream: SMTPServerDataStream, session: SMTPServerSession, callback: (error?: Error | null, message?: string) => void) => {
@@ -601,7 +622,9 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         ? ((await options.transformMessage({ session: s, sender: state.sender ?? "", recipients, queueId, traceId, raw })) ?? {})
         : {};
       const body = transformed.raw ?? raw;
-      const routes = recipients.flatMap((r) => r.routes);
+      // `for` only when the message goes to one mailbox (RFC 5321 4.4 privacy note), however many
+      // RCPTs named it; deliveries are one per route address (acceptMessages).
+      const finalAddresses = new Set(recipients.flatMap((r) => r.routes.map((route) => route.address)));
       const header = receivedHeader({
         helo: s.helo,
         clientHostname: s.clientHostname,
@@ -611,7 +634,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         smtpUtf8: s.smtpUtf8,
         queueId,
         traceId,
-        recipient: routes.length === 1 ? recipients[0]!.recipient : null,
+        recipient: finalAddresses.size === 1 ? recipients[0]!.recipient : null,
         authenticatedUser: s.user,
       });
       const stored = Buffer.concat([Buffer.from(header, "latin1"), body]);
@@ -680,7 +703,8 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     ...(options.tls ? { key: options.tls.key, cert: options.tls.cert } : {}),
     size: limits.maxMessageSize,
     rejectOversized: true,
-    maxRecipients: limits.maxRecipients,
+    // SMTP_MAX_RECIPIENTS is counted in onRcptTo, by recipient as we tell them apart.
+    maxRecipients: 0,
     maxCommandLength: limits.maxLineLength - 2,
     maxClients: limits.maxClients,
     socketTimeout: limits.idleTimeoutMs,

@@ -332,3 +332,58 @@ describe("421 replies carry the RFC 3463 code of their reason", () => {
     }
   });
 });
+
+// RFC 5321 4.5.3.1.8 bounds the recipients buffered, and a repeated RCPT may be accepted; a
+// mailbox of ours named again in another case or quoting is the same recipient, so it is accepted
+// and counted once (SMTP_MAX_RECIPIENTS, Received's `for`), while a remote A@r and a@r are two.
+describe("a recipient named twice in one transaction", () => {
+  test("a mailbox of ours in another case or quoting: one delivery, counted once, and Received keeps its `for`", async () => {
+    const small = await startIntake(env.pool, env.bus, { limits: { maxRecipients: 2 } });
+    extra.push(small);
+    const client = await open(small.port());
+    assert.equal((await client.command("MAIL FROM:<a@remote.example>")).code, 250);
+    for (const rcpt of ["USER1@example.test", "user1@example.test", '"user1"@Example.TEST', "user2@example.test"]) {
+      assert.equal((await client.command(`RCPT TO:<${rcpt}>`)).code, 250, rcpt);
+    }
+    assert.match((await client.command("RCPT TO:<team@example.test>")).text, /^452 4\.5\.3 /, "the third distinct recipient");
+    assert.equal((await client.command("RSET")).code, 250);
+
+    assert.equal((await client.command("MAIL FROM:<a@remote.example>")).code, 250);
+    for (const rcpt of ["USER1@example.test", "user1@example.test"]) assert.equal((await client.command(`RCPT TO:<${rcpt}>`)).code, 250, rcpt);
+    assert.equal((await client.command("DATA")).code, 354);
+    client.write(dataPayload(sampleMessage({ subject: "named twice" })));
+    assert.equal((await client.reply()).code, 250);
+    const stored = await lastStored();
+    assert.deepEqual(stored.targets, ["local:user1@example.test"]);
+    assert.match(stored.raw, /^Received: [^;]*\r\n\tfor <USER1@example\.test>;/, "the address as first given");
+
+    // An alias and the mailbox it leads to are two RCPTs but one final recipient: `for` stays.
+    assert.equal((await client.command("MAIL FROM:<a@remote.example>")).code, 250);
+    for (const rcpt of ["first@example.test", "user1@example.test"]) assert.equal((await client.command(`RCPT TO:<${rcpt}>`)).code, 250, rcpt);
+    assert.equal((await client.command("DATA")).code, 354);
+    client.write(dataPayload(sampleMessage({ subject: "alias and mailbox" })));
+    assert.equal((await client.reply()).code, 250);
+    const merged = await lastStored();
+    assert.deepEqual(merged.targets, ["local:user1@example.test"]);
+    assert.match(merged.raw, /^Received: [^;]*\r\n\tfor <first@example\.test>;/);
+    client.close();
+  });
+
+  test("remote addresses differing in case are two recipients, and both count toward SMTP_MAX_RECIPIENTS", async () => {
+    const relay = await startIntake(env.pool, env.bus, { allowRemote: true, limits: { maxRecipients: 2 } });
+    extra.push(relay);
+    const client = await open(relay.port());
+    assert.equal((await client.command("MAIL FROM:<a@remote.example>")).code, 250);
+    assert.equal((await client.command("RCPT TO:<Bob@remote.example>")).code, 250);
+    assert.equal((await client.command("RCPT TO:<bob@remote.example>")).code, 250);
+    assert.equal((await client.command("RCPT TO:<Bob@remote.example>")).code, 250, "the same one again");
+    assert.match((await client.command("RCPT TO:<BOB@remote.example>")).text, /^452 4\.5\.3 /);
+    assert.equal((await client.command("DATA")).code, 354);
+    client.write(dataPayload(sampleMessage({ subject: "remote case" })));
+    assert.equal((await client.reply()).code, 250);
+    const stored = await lastStored();
+    assert.deepEqual(stored.targets, ["remote:Bob@remote.example", "remote:bob@remote.example"]);
+    assert.doesNotMatch(stored.raw.split("\r\n\r\n")[0]!, /\tfor </, "two recipients: no `for`");
+    client.close();
+  });
+});

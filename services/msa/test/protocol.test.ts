@@ -155,3 +155,30 @@ test("a failed AUTH takes as long for an unknown or disabled account as for a wr
     await env.pool.query("DELETE FROM auth_failures");
   }
 });
+
+test("a recipient named again in another case or quoting counts once toward the account's recipient rate", async () => {
+  const limited = await startMsa({
+    pool: env.pool, bus: env.bus, logger, tls: await testTls(),
+    settings: testSettings({ submission: { maxMessages: 100, maxRecipients: 2, windowMs: 3_600_000 } }),
+  });
+  try {
+    const client = await RawSmtp.connect(limited.submissionPort);
+    assert.equal((await client.reply()).code, 220);
+    assert.equal((await client.command("EHLO client.example")).code, 250);
+    assert.equal((await client.command("STARTTLS")).code, 220);
+    await client.startTls();
+    assert.equal((await client.command("EHLO client.example")).code, 250);
+    assert.equal((await client.command(`AUTH PLAIN ${plain("carol@example.test", PASSWORDS.carol)}`)).code, 235);
+    assert.equal((await client.command("MAIL FROM:<carol@example.test>")).code, 250);
+    for (const rcpt of ["bob@example.test", "BOB@example.test", '"bob"@example.test', "alice@example.test"]) {
+      assert.equal((await client.command(`RCPT TO:<${rcpt}>`)).code, 250, rcpt);
+    }
+    assert.match((await client.command("RCPT TO:<dave@example.test>")).text, /^451 4\.7\.1 Recipient rate/);
+    assert.equal((await client.command("DATA")).code, 354);
+    client.write("From: carol@example.test\r\nSubject: twice\r\n\r\nx\r\n.\r\n");
+    assert.equal((await client.reply()).code, 250);
+    client.close();
+  } finally {
+    await limited.stop();
+  }
+});

@@ -109,7 +109,13 @@ export function consume<T>(bus: Bus, options: ConsumeOptions<T>): Consumer {
     while (!stopping && !bus.nc.isClosed()) {
       try {
         const consumer = await bus.js.consumers.get(bus.stream(options.stream), options.durable);
+        if (stopping) break;
         messages = await consumer.consume({ max_messages: concurrency });
+        // stop() may have come while consume() was pending: it found nothing to close then.
+        if (stopping) {
+          await messages.close().catch(() => undefined);
+          break;
+        }
         for await (const msg of messages) {
           const job = handleOne(msg).catch((error) => options.logger?.error({ err: error }, "consumer handler crashed"));
           inFlight.add(job);

@@ -110,3 +110,14 @@ test("traceparent arrives in the consumer and continues the same trace", async (
   assert.match(header, new RegExp(`^00-${producerTrace}-[0-9a-f]{16}-0[01]$`));
   assert.equal(consumerTrace, producerTrace);
 });
+
+test("a consumer stopped at once, before its subscription exists, stops (it used to wait forever for a first message)", async () => {
+  for (let i = 0; i < 3; i++) {
+    const consumer = consume<{ n: number }>(env.bus, {
+      stream: Streams.deliver, durable: Consumers.mda, subject: Subjects.deliverLocal,
+      handler: async () => undefined,
+    });
+    const stopped = await Promise.race([consumer.stop().then(() => true), new Promise((resolve) => setTimeout(() => resolve(false), 5_000))]);
+    assert.equal(stopped, true, `stop() resolved (attempt ${i + 1})`);
+  }
+});

@@ -73,7 +73,16 @@ export async function runService<S extends z.ZodRawShape>(definition: ServiceDef
     },
   });
 
-  service = await definition.start({ name: definition.name, config, logger, pool, bus });
+  try {
+    service = await definition.start({ name: definition.name, config, logger, pool, bus });
+  } catch (error) {
+    // A service that cannot start (a port in use, a bad certificate) exits, so that its
+    // supervisor sees it and restarts it, instead of staying up and never ready.
+    logger.fatal({ err: error }, `${definition.name} could not start`);
+    ops.close();
+    await Promise.race([Promise.allSettled([bus.close(), pool.end()]), new Promise((resolve) => setTimeout(resolve, 2_000))]);
+    process.exit(1);
+  }
   logger.info({ opsPort: config[definition.opsPortVariable] }, `${definition.name} ready`);
 
   const shutdown = async (signal: string) => {

@@ -3,6 +3,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
+import net from "node:net";
 import { fileURLToPath } from "node:url";
 import { freePort, createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { LineClient, account, message, send } from "./helpers.ts";
@@ -102,3 +103,28 @@ test("a bad setting stops the process at start with every bad variable named", a
   assert.equal(await exitOf(child), 78);
   for (const name of ["LMTP_PORT", "LMTP_ALLOWED_NETWORKS", "MDA_CONCURRENCY"]) assert.match(output, new RegExp(name));
 });
+
+test("a service that cannot start (its LMTP port is taken) exits 1 and says why, instead of staying up and never ready", async () => {
+  const blocker = net.createServer();
+  await new Promise<void>((resolve) => blocker.listen(0, "127.0.0.1", resolve));
+  const port = (blocker.address() as net.AddressInfo).port;
+  try {
+    const child = spawn(process.execPath, [mainPath], {
+      env: { ...process.env, ...env.env, LOG_LEVEL: "info", OPS_PORT: String(await freePort()), LMTP_PORT: String(port), LMTP_HOST: "127.0.0.1" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    children.push(child);
+    let output = "";
+    child.stdout!.on("data", (chunk) => (output += chunk));
+    child.stderr!.on("data", (chunk) => (output += chunk));
+    const code = await Promise.race([exitOf(child), new Promise<string>((resolve) => setTimeout(() => resolve("still running after 20 s"), 20_000))]);
+    assert.equal(code, 1, output);
+    const fatal = output.split("\n").find((line) => line.includes("could not start"));
+    assert.ok(fatal, output);
+    assert.equal(JSON.parse(fatal).level, "fatal");
+    assert.match(fatal, /EADDRINUSE/);
+  } finally {
+    blocker.close();
+  }
+});
+

@@ -1,19 +1,48 @@
 import { spawn, type ChildProcess } from "node:child_process";
+import { readFileSync } from "node:fs";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
 
 const repoRoot = fileURLToPath(new URL("../../../", import.meta.url));
 
-/** A free TCP port on loopback (bound and released; fine for tests). */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+/**
+ * The ports the kernel hands out on its own (listen on port 0, and the source port of every
+ * outgoing connection) come from ip_local_port_range; a port picked there and released could be
+ * taken by any other test's connection before the service that was given it binds it. So test
+ * ports come from below that range, at random, checked free on every address (the services
+ * listen dual-stack), and never handed out twice by one process.
+ */
+function ephemeralRangeStart(): number {
+  try {
+    return Number(readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/)[0]) || 32768;
+  } catch {
+    return 32768;
+  }
+}
+
+const handedOut = new Set<number>();
+
+function canListen(port: number, host: string): Promise<boolean> {
+  return new Promise((resolve) => {
     const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
+    server.once("error", (error: NodeJS.ErrnoException) => resolve(host === "::" && error.code === "EAFNOSUPPORT"));
+    server.listen(port, host, () => server.close(() => resolve(true)));
   });
+}
+
+/** A TCP port free on every address, for a test's server (see above for why not port 0). */
+export async function freePort(): Promise<number> {
+  const high = Math.min(ephemeralRangeStart(), 65536);
+  const low = Math.max(1024, Math.min(20000, high - 4096));
+  for (let attempt = 0; attempt < 200; attempt++) {
+    const port = low + Math.floor(Math.random() * (high - low));
+    if (handedOut.has(port)) continue;
+    // Reserved before the checks, so that concurrent calls never pick the same port.
+    handedOut.add(port);
+    if ((await canListen(port, "::")) && (await canListen(port, "127.0.0.1"))) return port;
+    handedOut.delete(port);
+  }
+  throw new Error(`no free port found between ${low} and ${high}`);
 }
 
 export interface ServiceProcess {

@@ -161,7 +161,7 @@ try {
   const oursSink = startSink(oursSinkPort);
   children.push(oursSink.child);
 
-  const { msa, submission, submissions } = await startBenchMsa(env.env);
+  const { msa, submissions } = await startBenchMsa(env.env);
   processes.push(msa);
   // Port 25: mail for forward@bench.test goes to the remote user@far.example (an alias).
   await addAlias(env.pool, "forward@bench.test", ["user@far.example"]);

@@ -1,4 +1,4 @@
-import { FINAL_STATES, stillPending } from "@mailstack/queue";
+import { FINAL_STATES } from "@mailstack/queue";
 import { mailMetrics } from "@mailstack/telemetry";
 import {
   ROW_COLUMNS, SERVICE, decideFor, deliverLocal, headerPrefix, observeFiled, wantsSuccessNotice,

@@ -1,6 +1,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { addFilterRule, createPool } from "@mailstack/db";
+import { FINAL_STATES } from "@mailstack/queue";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { DeliveryBatcher } from "../src/batch.ts";
@@ -106,4 +107,11 @@ test("batch filing finds its rows by key on a large table, also once its plans a
   }
   const filed = (await env.pool.query("SELECT count(*)::int AS n FROM mailbox_entries WHERE account_id = $1 AND delivery_id = ANY($2)", [owner, ids])).rows[0].n;
   assert.equal(filed, ids.length);
+});
+
+test("mda_file_batch (SQL) treats as final exactly the states FINAL_STATES names (its twin in packages/queue)", async () => {
+  const definition = (await env.pool.query("SELECT pg_get_functiondef('mda_file_batch'::regproc) AS def")).rows[0].def as string;
+  const listed = /state NOT IN \(([^)]*)\)/.exec(definition)?.[1];
+  assert.ok(listed, definition);
+  assert.deepEqual(listed.split(",").map((s) => s.trim().replace(/'/g, "")).sort(), [...FINAL_STATES].sort());
 });

@@ -36,6 +36,14 @@ const relayMetrics = {
     buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
     registers: [registry],
   }),
+  // RFC 1047's window: a worker killed between a remote 250 and this commit leaves the delivery
+  // pending, and it is sent again after its lease runs out (the one permitted duplicate).
+  unrecordedSeconds: new Histogram({
+    name: "mail_relay_unrecorded_seconds",
+    help: "Time from a remote server's acceptance to the commit of the delivered result: the window in which a killed worker causes a duplicate",
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5],
+    registers: [registry],
+  }),
 };
 
 export interface RelayConfig {
@@ -533,7 +541,9 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         } finally {
           release();
         }
+        const answered = performance.now();
         await recordWithRetry(job, rows, message, outcomes);
+        if ([...outcomes.values()].some((o) => o.state === "delivered")) relayMetrics.unrecordedSeconds.observe((performance.now() - answered) / 1000);
         const states = [...outcomes.values()].map((o) => o.state);
         for (const state of states) relayMetrics.results.inc({ outcome: state });
         relayMetrics.attemptSeconds.observe((performance.now() - started) / 1000);

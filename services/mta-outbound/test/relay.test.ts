@@ -470,6 +470,9 @@ test("relay results and attempt durations are on /metrics", async () => {
   assert.ok(delivered && Number(delivered[1]) >= 10, "delivered results counted");
   assert.match(text, /mail_relay_recipient_results_total\{outcome="bounced"\} [1-9]/);
   assert.match(text, /mail_relay_attempt_seconds_count [1-9]/);
+  // Observed for delivered results only: a deferred or bounced one cannot become a duplicate.
+  const unrecorded = /mail_relay_unrecorded_seconds_count (\d+)/.exec(text);
+  assert.ok(unrecorded && Number(unrecorded[1]) >= 10 && Number(unrecorded[1]) <= Number(delivered![1]), `unrecorded window observations: ${unrecorded?.[1]}`);
 });
 
 test("opportunistic TLS: a failed STARTTLS handshake is retried in clear", async () => {

@@ -67,10 +67,13 @@ function shuffle<T>(items: T[]): T[] {
 /** Resolves MX records and host addresses with the configured DNS servers. */
 export class DestinationResolver {
   readonly config: DestinationConfig;
+  /** Our own host name (MAIL_HOSTNAME), lower case: an MX naming it is ourselves. */
+  readonly ownName: string;
   private readonly resolver: dns.promises.Resolver;
 
-  constructor(config: DestinationConfig) {
+  constructor(config: DestinationConfig, ownName = "") {
     this.config = config;
+    this.ownName = ownName.toLowerCase().replace(/\.$/, "");
     this.resolver = new dns.promises.Resolver({ timeout: config.dnsTimeoutMs, tries: 2 });
     // node's setServers accepts "1.2.3.4:5353" and "[::1]:5353".
     if (config.dnsServers.length > 0) this.resolver.setServers(config.dnsServers);
@@ -97,6 +100,7 @@ export class DestinationResolver {
       const mx = await this.lookup(() => this.resolver.resolveMx(domain), `MX ${domain}`);
       if (mx === null) {
         // No MX: the domain itself is the implicit MX (RFC 5321 5.1).
+        if (domain.toLowerCase() === this.ownName) throw this.loop(domain);
         const addresses = await this.addresses(domain);
         if (addresses.length === 0) throw new DestinationError(`${domain} has no MX and no address records`, false, "5.1.2");
         span.setAttribute("mail.destination.implicit_mx", true);
@@ -112,8 +116,13 @@ export class DestinationResolver {
         list.push(record.exchange.toLowerCase().replace(/\.$/, ""));
         byPreference.set(record.priority, list);
       }
+      // RFC 5321 5.1: when we are one of the MX hosts, that record and every one at the same or a
+      // higher preference value are discarded (a backup MX at our preference would be ourselves);
+      // nothing left means the mail would loop back to us, and it is returned as undeliverable.
+      const own = records.filter((r) => this.ownName !== "" && r.exchange.toLowerCase().replace(/\.$/, "") === this.ownName);
+      const ownPreference = own.length > 0 ? Math.min(...own.map((r) => r.priority)) : Infinity;
       const hosts: TargetHost[] = [];
-      for (const preference of [...byPreference.keys()].sort((a, b) => a - b)) {
+      for (const preference of [...byPreference.keys()].filter((p) => p < ownPreference).sort((a, b) => a - b)) {
         for (const hostname of shuffle(byPreference.get(preference)!)) {
           hosts.push({ hostname, preference, addresses: [] });
         }
@@ -126,11 +135,17 @@ export class DestinationResolver {
           host.addresses = await this.addresses(host.hostname).catch(() => []);
         }),
       );
+      if (hosts.length === 0 && own.length > 0) throw this.loop(domain);
       const reachable = hosts.filter((h) => h.addresses.length > 0);
       span.setAttribute("mail.destination.mx_count", hosts.length);
       if (reachable.length === 0) throw new DestinationError(`no MX host of ${domain} has an address`, true, "4.4.3");
       return { ...base, hosts: reachable };
     });
+  }
+
+  /** X.4.6 "routing loop detected" (RFC 3463): the best MX of a domain we do not serve is this host. */
+  private loop(domain: string): DestinationError {
+    return new DestinationError(`mail for ${domain} loops back to myself (${this.ownName} is its best MX)`, false, "5.4.6");
   }
 
   /** A and AAAA records of a host (IPv4 first); [] when it has none; throws on DNS trouble. */

@@ -132,7 +132,7 @@ export function backoffFor(attempts: number, schedule: number[]): number {
 export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayConfig; workerId?: string }): Relay {
   const { pool, logger, config } = deps;
   const workerId = deps.workerId ?? `${process.pid}-${randomBytes(4).toString("hex")}`;
-  const resolver = new DestinationResolver(config.destination);
+  const resolver = new DestinationResolver(config.destination, config.hostname);
   const connections = new ConnectionPool({
     maxPerHost: config.maxConnectionsPerHost,
     idleMs: config.idleConnectionMs,

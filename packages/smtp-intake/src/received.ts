@@ -8,6 +8,36 @@ function clean(text: string, max = 200): string {
   return text.replace(/[^\x21-\x7e]/g, "").replace(/[()\\]/g, "").slice(0, max) || "unknown";
 }
 
+/**
+ * An address (as parseAddress gives it) for `for <...>`: as it is, spaces and quoting of a quoted
+ * local part included, and UTF-8 where the message may carry it; only control characters go.
+ */
+function pathText(address: string, utf8: boolean): string {
+  return [...address.replace(utf8 ? /[\x00-\x1f\x7f]/g : /[^\x20-\x7e]/g, "")].slice(0, 256).join("");
+}
+
+/**
+ * The AUTH identity for a comment: UTF-8 as it is where the message may carry it (RFC 6532),
+ * else as RFC 2047 encoded-words, which a comment may hold (RFC 2047 5(2)), each at most 75
+ * characters and split between characters.
+ */
+function commentText(text: string, utf8: boolean): string {
+  if (!/[^\x00-\x7f]/.test(text)) return clean(text, 320);
+  const printable = [...text.replace(/[\x00-\x20\x7f()\\]/g, "")].slice(0, 320);
+  if (utf8) return printable.join("");
+  const words: string[] = [];
+  let chunk = "";
+  for (const char of printable) {
+    if (Buffer.byteLength(chunk + char) > 45) {
+      words.push(chunk);
+      chunk = "";
+    }
+    chunk += char;
+  }
+  words.push(chunk);
+  return words.map((word) => `=?utf-8?B?${Buffer.from(word).toString("base64")}?=`).join(" ");
+}
+
 export interface ReceivedFields {
   helo: string | null;
   clientHostname: string | null;
@@ -41,14 +71,16 @@ function withType(protocol: string, smtpUtf8: boolean): string {
 
 /**
  * A Received: header (RFC 5321 4.4) with the queue id and, as a comment, the trace id,
- * folded at reasonable places and ending in CRLF.
+ * folded at reasonable places and ending in CRLF. It may hold UTF-8 (the recipient, the AUTH
+ * identity) when `smtpUtf8` is set: write it to the message as UTF-8.
  */
 export function receivedHeader(f: ReceivedFields): string {
   const ip = f.clientIp.includes(":") ? `IPv6:${f.clientIp}` : f.clientIp;
   const from = `from ${clean(f.helo ?? "unknown")} (${f.clientHostname ? `${clean(f.clientHostname)} ` : ""}[${ip}])`;
-  const auth = f.authenticatedUser ? `\r\n\t(Authenticated sender: ${clean(f.authenticatedUser, 320)})` : "";
+  const utf8 = f.smtpUtf8 ?? false;
+  const auth = f.authenticatedUser ? `\r\n\t(Authenticated sender: ${commentText(f.authenticatedUser, utf8)})` : "";
   const tls = f.tlsCipher ? ` (${clean(f.tlsCipher)})` : "";
-  const by = `by ${clean(f.hostname)} (mailstack) with ${withType(f.protocol, f.smtpUtf8 ?? false)}${tls} id ${f.queueId}${f.traceId ? ` (trace ${f.traceId})` : ""}`;
-  const forPart = f.recipient ? `\r\n\tfor <${clean(f.recipient, 256)}>` : "";
+  const by = `by ${clean(f.hostname)} (mailstack) with ${withType(f.protocol, utf8)}${tls} id ${f.queueId}${f.traceId ? ` (trace ${f.traceId})` : ""}`;
+  const forPart = f.recipient ? `\r\n\tfor <${pathText(f.recipient, utf8)}>` : "";
   return `Received: ${from}${auth}\r\n\t${by}${forPart};\r\n\t${rfc5322Date(f.date)}\r\n`;
 }

@@ -637,7 +637,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         recipient: finalAddresses.size === 1 ? recipients[0]!.recipient : null,
         authenticatedUser: s.user,
       });
-      const stored = Buffer.concat([Buffer.from(header, "latin1"), body]);
+      const stored = Buffer.concat([Buffer.from(header, "utf8"), body]);
       const deliveries: NewDelivery[] = recipients.flatMap((r) =>
         r.routes.map((route) => ({
           recipient: r.recipient,

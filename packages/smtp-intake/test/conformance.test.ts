@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import type { AddressInfo } from "node:net";
 import { after, before, describe, test } from "node:test";
 import { SMTPServer } from "smtp-server";
+import { addAccount } from "@mailstack/db";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "../src/testing.ts";
 import type { IntakeServer } from "../src/index.ts";
@@ -226,6 +227,43 @@ describe("Received: with types (RFC 3848, RFC 6531)", () => {
       assert.match(raw, new RegExp(`^Received: from client\\.remote\\.example \\(\\[127\\.0\\.0\\.1\\]\\)\\r\\n\\tby mx\\.example\\.test \\(mailstack\\) with ${expected} id `), `${greeting} secure=${secure}${mailParameters}`);
       client.close();
     }
+  });
+});
+
+describe("Received: names the recipient and the AUTH identity as they are", () => {
+  /** One transaction with UTF-8 commands (RawSmtp.command writes latin1); resolves with the stored message as UTF-8. */
+  async function sendUtf8(client: RawSmtp, mail: string, rcpt: string): Promise<string> {
+    for (const line of [mail, rcpt]) {
+      client.write(Buffer.from(`${line}\r\n`, "utf8"));
+      assert.equal((await client.reply()).code, 250, line);
+    }
+    assert.equal((await client.command("DATA")).code, 354);
+    client.write(dataPayload(sampleMessage({ subject: mail })));
+    assert.equal((await client.reply()).code, 250);
+    const row = await env.pool.query<{ raw: Buffer }>("SELECT raw FROM messages ORDER BY id DESC LIMIT 1");
+    return row.rows[0]!.raw.toString("utf8").split("\r\n\r\n")[0]!;
+  }
+
+  test("a UTF-8 mailbox (SMTPUTF8) and a quoted local part with a space keep every character in `for`; a UTF-8 login is UTF-8 or an encoded-word", async () => {
+    await addAccount(env.pool, { address: "müller@example.test", password: "secret-ü" });
+    await addAccount(env.pool, { address: '"John Doe"@example.test', password: "secret-jd" });
+    const server = await startIntake(env.pool, env.bus, {
+      service: "msa",
+      source: "submission",
+      auth: { required: true, allowInsecure: true, authenticate: async ({ username, password }) => (username === "müller@example.test" && password === "secret-ü" ? username : null) },
+    });
+    extra.push(server);
+    const client = await open(server.port());
+    assert.equal((await client.command(`AUTH PLAIN ${Buffer.from("\0müller@example.test\0secret-ü").toString("base64")}`)).code, 235);
+
+    const utf8 = await sendUtf8(client, "MAIL FROM:<müller@example.test> SMTPUTF8", "RCPT TO:<müller@example.test>");
+    assert.match(utf8, /^Received: from client\.remote\.example \(\[127\.0\.0\.1\]\)\r\n\t\(Authenticated sender: müller@example\.test\)\r\n\tby .* with UTF8SMTPA id .*\r\n\tfor <müller@example\.test>;\r\n/);
+
+    // Without SMTPUTF8 the header stays ASCII: the login becomes an RFC 2047 encoded-word.
+    const quoted = await sendUtf8(client, "MAIL FROM:<user1@example.test>", 'RCPT TO:<"John Doe"@example.test>');
+    assert.match(quoted, /\r\n\t\(Authenticated sender: =\?utf-8\?B\?bcO8bGxlckBleGFtcGxlLnRlc3Q=\?=\)\r\n\tby .* with ESMTPA id .*\r\n\tfor <"John Doe"@example\.test>;\r\n/);
+    assert.doesNotMatch(quoted, /[^\x00-\x7f]/, "no 8-bit header in a message without SMTPUTF8");
+    client.close();
   });
 });
 

@@ -155,6 +155,11 @@ function normalized(address: string): string | null {
   return parsed.ok ? parsed.key : null;
 }
 
+/** An address from the envelope or the login (a JavaScript string, UTF-8 on the wire) as header text, which is handled as latin1 here. */
+function headerText(address: string): string {
+  return Buffer.from(address, "utf8").toString("latin1");
+}
+
 function refuse(code: number, text: string): FixResult {
   const [enhanced, ...words] = text.split(" ");
   return { ok: false, reply: reply(code, enhanced!, words.join(" ")) };
@@ -194,7 +199,7 @@ export function fixMessage(raw: Buffer, context: FixContext): FixResult {
   if (fromFields.length > 1) return refuse(554, "5.6.0 Message refused: more than one From: field");
   let fromAddresses: string[];
   if (fromFields.length === 0) {
-    fields.push({ name: "from", text: `From: <${context.envelopeFrom}>` });
+    fields.push({ name: "from", text: `From: <${headerText(context.envelopeFrom)}>` });
     fromAddresses = [context.envelopeFrom];
     changes.push("from-added");
   } else {
@@ -219,7 +224,7 @@ export function fixMessage(raw: Buffer, context: FixContext): FixResult {
       return refuse(553, "5.7.1 Sender: address is not owned by the authenticated user");
     }
   } else if (new Set(fromAddresses).size > 1) {
-    fields.push({ name: "sender", text: `Sender: <${context.user}>` });
+    fields.push({ name: "sender", text: `Sender: <${headerText(context.user)}>` });
     changes.push("sender-added");
   }
 

@@ -107,3 +107,14 @@ test("UTF-8 (SMTPUTF8) From: addresses are compared in their UTF-8 form", () => 
   const other = fixMessage(Buffer.from("From: <jose@example.test>\r\n\r\nx\r\n", "utf8"), { ...context, owned });
   assert.ok(!other.ok);
 });
+
+test("a From: or Sender: added for a UTF-8 sender or login is written in UTF-8, like the rest of the header", () => {
+  const owned = new Set(["josé@example.test", "pepe@example.test"]);
+  const utf8 = { ...context, owned, user: "josé@example.test", envelopeFrom: "josé@example.test" };
+  const noFrom = fixMessage(Buffer.from("Subject: sin from\r\n\r\nhola\r\n", "utf8"), utf8);
+  assert.ok(noFrom.ok);
+  assert.match(noFrom.message.toString("utf8"), /\r\nFrom: <josé@example\.test>\r\n/);
+  const twoAuthors = fixMessage(Buffer.from("From: josé@example.test, pepe@example.test\r\n\r\nhola\r\n", "utf8"), utf8);
+  assert.ok(twoAuthors.ok);
+  assert.match(twoAuthors.message.toString("utf8"), /\r\nSender: <josé@example\.test>\r\n/);
+});

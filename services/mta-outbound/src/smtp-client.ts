@@ -530,8 +530,16 @@ export class SmtpConnection {
       return result;
     }
     const final = await withSpan("smtp message", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.message.size": body.length }) }, async (span) => {
-      await this.writeBody(body);
-      const reply = await this.readReply(t.dataEnd, "message");
+      const reply = await this.writeBody(body).then(
+        () => this.readReply(t.dataEnd, "message"),
+        (error: unknown) => {
+          // The server answered before the end of the data and closed (a "552 message too big"):
+          // its refusal is the outcome. A positive early reply is no acceptance of a message it never got whole.
+          const early = this.replies.shift();
+          if (early && !positive(early)) return early;
+          throw error;
+        },
+      );
       span.setAttribute("smtp.reply.code", reply.code);
       return reply;
     });
@@ -557,20 +565,29 @@ export class SmtpConnection {
     await this.writeWithTimeout(stuffer.end());
   }
 
-  /** Writes one block and waits for it to drain, at most the data block timeout. */
+  /** Writes one block and waits for it to drain, at most the data block timeout; a connection closed meanwhile fails at once. */
   private writeWithTimeout(block: Buffer): Promise<void> {
     if (this.failure) return Promise.reject(new SmtpError(this.failure.message, { temporary: true, stage: "message" }));
-    if (this.socket.write(block)) return Promise.resolve();
+    const socket = this.socket;
+    if (socket.write(block)) return Promise.resolve();
     return new Promise((resolve, reject) => {
+      const done = (error: SmtpError | null) => {
+        clearTimeout(timer);
+        socket.off("drain", onDrain);
+        socket.off("close", onClose);
+        if (error) reject(error);
+        else resolve();
+      };
+      const onDrain = () => done(null);
+      // A closed socket never drains: without this, the wait would last the whole data block timeout.
+      const onClose = () => done(new SmtpError(this.failure?.message ?? "connection closed by the server", { temporary: true, stage: "message", status: "4.4.2" }));
       const timer = setTimeout(() => {
         this.broken = true;
-        this.socket.destroy();
-        reject(new SmtpError("timed out sending the message", { temporary: true, stage: "message", status: "4.4.2" }));
+        socket.destroy();
+        done(new SmtpError("timed out sending the message", { temporary: true, stage: "message", status: "4.4.2" }));
       }, this.options.timeouts.dataBlock);
-      this.socket.once("drain", () => {
-        clearTimeout(timer);
-        resolve();
-      });
+      socket.once("drain", onDrain);
+      socket.once("close", onClose);
     });
   }
 

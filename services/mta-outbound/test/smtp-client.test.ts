@@ -235,6 +235,44 @@ test("timeouts per stage (RFC 5321 4.5.3.2): the DATA reply and the final dot's 
   }
 });
 
+/** A message of some megabytes: more than the socket takes at once, so the client waits for it to drain. */
+const bigBody = Buffer.from(`${"x".repeat(70)}\r\n`.repeat(60_000));
+
+test("a server that answers during the data and closes: its refusal counts at once, not a data block timeout later", async () => {
+  const refusing = await startScriptedMx("127.0.1.14", 0, {
+    reply(command, connection) {
+      if (command !== "DATA") return undefined;
+      setTimeout(() => {
+        connection.write("552 5.3.4 Message size exceeds fixed limit\r\n");
+        connection.close();
+      }, 20);
+      return "354 go ahead";
+    },
+  });
+  const hangingUp = await startScriptedMx("127.0.1.15", 0, {
+    reply(command, connection) {
+      if (command !== "DATA") return undefined;
+      setTimeout(() => connection.close(), 20);
+      return "354 go ahead";
+    },
+  });
+  try {
+    const first = await SmtpConnection.open(options(refusing, {}, { dataBlock: 10_000 }));
+    let started = Date.now();
+    const result = await first.send(envelope("x@x.test"), bigBody, plain);
+    assert.ok(Date.now() - started < 5_000, `took ${Date.now() - started} ms`);
+    assert.deepEqual(result.recipients.map((r) => [r.accepted, r.permanent, r.reply.code, r.reply.enhanced]), [[false, true, 552, "5.3.4"]]);
+    assert.equal(first.reusable, false);
+
+    const second = await SmtpConnection.open(options(hangingUp, {}, { dataBlock: 10_000 }));
+    started = Date.now();
+    await assert.rejects(second.send(envelope("x@x.test"), bigBody, plain), (error) => error instanceof SmtpError && error.temporary && error.stage === "message");
+    assert.ok(Date.now() - started < 5_000, `took ${Date.now() - started} ms`);
+  } finally {
+    await Promise.all([refusing.close(), hangingUp.close()]);
+  }
+});
+
 /** Postfix's smtp-sink on host with the given options; resolves once it accepts connections. */
 async function smtpSink(host: string, options: string[]): Promise<{ host: string; port: number; child: ChildProcess }> {
   const port = await freePort();

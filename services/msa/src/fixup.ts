@@ -77,16 +77,31 @@ function formatName(name: string): string {
   return `"${name.replace(/(["\\])/g, "\\$1")}" `;
 }
 
-function formatList(list: Address[]): string {
-  return list
-    .map((entry) =>
-      entry.group
-        ? `${entry.name}: ${formatList(entry.group)};`
-        : entry.name && !entry.address
-          ? formatName(entry.name).trim()
-          : `${formatName(entry.name)}<${entry.address}>`,
-    )
-    .join(", ");
+function formatEntry(entry: Address): string {
+  if (entry.group) return `${entry.name}: ${entry.group.map(formatEntry).join(", ")};`;
+  return entry.name && !entry.address ? formatName(entry.name).trim() : `${formatName(entry.name)}<${entry.address}>`;
+}
+
+/**
+ * `Name: entry, entry, ...` folded between entries so that its lines stay within 78 characters
+ * where the entries allow (RFC 5322 2.1.1; never over 998, which a relay would break, and a
+ * DKIM signature with it).
+ */
+function foldedField(name: string, list: Address[]): string {
+  const entries = list.map(formatEntry);
+  let text = `${name}:`;
+  let lineLength = text.length;
+  entries.forEach((entry, i) => {
+    const piece = i < entries.length - 1 ? `${entry},` : entry;
+    if (i > 0 && lineLength + 1 + piece.length > 78) {
+      text += `\r\n ${piece}`;
+      lineLength = 1 + piece.length;
+    } else {
+      text += ` ${piece}`;
+      lineLength += 1 + piece.length;
+    }
+  });
+  return text;
 }
 
 /** Splits an address list at the commas that separate its entries (not those in quotes, comments, <> or groups). */
@@ -145,7 +160,7 @@ function completeAddresses(field: Field, domain: string): Field | null {
   complete(list);
   if (!changed) return null;
   const displayName = field.text.slice(0, field.text.indexOf(":"));
-  return { name: field.name, text: `${displayName}: ${formatList(list)}` };
+  return { name: field.name, text: foldedField(displayName, list) };
 }
 
 /** An author address's lookup key, as `owned` holds them. */

@@ -118,3 +118,12 @@ test("a From: or Sender: added for a UTF-8 sender or login is written in UTF-8, 
   assert.ok(twoAuthors.ok);
   assert.match(twoAuthors.message.toString("utf8"), /\r\nSender: <josé@example\.test>\r\n/);
 });
+
+test("a long address list that gets a domain completed is folded again, its lines within 78 characters", () => {
+  const others = Array.from({ length: 40 }, (_, i) => `person${i}@a-rather-long-domain-name.example`);
+  const result = fix(`From: alice@example.test\r\nTo: bob,\r\n ${others.join(",\r\n ")}\r\nSubject: many\r\n\r\nbody\r\n`);
+  const header = headerOf(result);
+  for (const line of header.split("\r\n")) assert.ok(line.length <= 78, `${line.length}: ${line}`);
+  const to = /\r\nTo:((?:.|\r\n )*)\r\n/.exec(header)![1]!.replace(/\r\n /g, " ").trim();
+  assert.equal(to, ["<bob@example.test>", ...others.map((a) => `<${a}>`)].join(", "));
+});

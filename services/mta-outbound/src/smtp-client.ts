@@ -471,6 +471,12 @@ export class SmtpConnection {
       );
     } finally {
       this.idle = true;
+      // A reply left unread (a second answer to the final dot) would be taken for the answer to the
+      // next transaction's MAIL, and every later reply for the command before it: no reuse.
+      if (this.replies.length > 0) {
+        this.broken = true;
+        this.failure ??= new Error(`the server said, unasked: ${formatRemoteReply(this.replies[0]!)}`);
+      }
     }
   }
 

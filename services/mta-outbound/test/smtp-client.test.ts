@@ -273,6 +273,27 @@ test("a server that answers during the data and closes: its refusal counts at on
   }
 });
 
+test("a second reply to the final dot: the connection is not reused, so later replies are never read for the wrong command", async () => {
+  const server = await startScriptedMx("127.0.1.16", 0, {
+    dataReply: () => "250 2.0.0 queued\r\n250 2.0.0 queued as well",
+    reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550 5.1.1 no such user" : undefined),
+  });
+  try {
+    const connection = await SmtpConnection.open(options(server));
+    const first = await connection.send(envelope("x@x.test"), message, plain);
+    assert.equal(first.recipients[0]!.accepted, true);
+    // Reused, the extra 250 would answer the next MAIL, MAIL's 250 the first RCPT, and "bad"'s 550
+    // the DATA: "good" would bounce with another recipient's 550.
+    assert.equal(connection.reusable, false);
+    const commands = server.commands().length;
+    await assert.rejects(connection.send(envelope("good@x.test", "bad@x.test"), message, plain), (error) => error instanceof SmtpError && error.temporary && error.reply === null);
+    assert.equal(server.commands().length, commands, "nothing was sent");
+    connection.destroy();
+  } finally {
+    await server.close();
+  }
+});
+
 /** Postfix's smtp-sink on host with the given options; resolves once it accepts connections. */
 async function smtpSink(host: string, options: string[]): Promise<{ host: string; port: number; child: ChildProcess }> {
   const port = await freePort();

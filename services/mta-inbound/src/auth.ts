@@ -208,6 +208,35 @@ export function summarize(result: AuthenticateResult): Record<string, unknown> {
 }
 
 /**
+ * The message without the Authentication-Results: fields that claim our authserv-id. They did
+ * not come from us, and RFC 8601 5 says they MUST be deleted: a forged "dkim=pass" under our
+ * name would be believed downstream. Other fields, others' results included, stay byte for byte.
+ */
+export function withoutOurResults(raw: Buffer, authservId: string): Buffer {
+  const boundary = headerBoundary(raw);
+  const headerEnd = boundary ? boundary.headerEnd : raw.length;
+  const header = raw.subarray(0, headerEnd).toString("latin1");
+  if (!/^authentication-results[ \t]*:/im.test(header)) return raw;
+  const fields: string[][] = [];
+  for (const line of header.split("\r\n")) {
+    if ((line.startsWith(" ") || line.startsWith("\t")) && fields.length > 0) fields[fields.length - 1]!.push(line);
+    else fields.push([line]);
+  }
+  const ours = authservId.toLowerCase();
+  const kept = fields.filter((lines) => {
+    const field = /^authentication-results[ \t]*:(.*)$/is.exec(lines.join("\r\n"));
+    if (!field) return true;
+    // authserv-id: the first token after any comments, perhaps quoted (RFC 8601 2.2).
+    const id = /^[^\s;(]+/.exec(field[1]!.replace(/^(?:\s|\([^()]*\))*/, ""))?.[0]?.replace(/^"(.*)"$/, "$1");
+    return id?.toLowerCase() !== ours;
+  });
+  if (kept.length === fields.length) return raw;
+  // With no field left, the CRLF that ended the last one goes too (the empty line stays).
+  const rest = kept.length > 0 ? raw.subarray(headerEnd) : raw.subarray(Math.min(headerEnd + 2, raw.length));
+  return Buffer.concat([Buffer.from(kept.flat().join("\r\n"), "latin1"), rest]);
+}
+
+/**
  * The inbound transformMessage hook: SPF (RFC 7208), DKIM (RFC 6376) and DMARC (RFC 7489)
  * with mailauth, an Authentication-Results: header (RFC 8601) on top of the message, the
  * verdicts on the message row, and the DMARC policy: a failing message whose domain says
@@ -236,10 +265,10 @@ export function createAuthCheck(options: AuthCheckOptions): (message: IncomingMe
     } catch (error) {
       options.logger.warn({ err: error, queueId: message.queueId }, "message authentication failed; accepting with temperror");
       const header = `Authentication-Results: ${options.hostname}; spf=temperror; dkim=temperror; dmarc=temperror\r\n`;
-      return { raw: Buffer.concat([Buffer.from(header), message.raw]), authResults: { error: String((error as Error).message) } };
+      return { raw: Buffer.concat([Buffer.from(header), withoutOurResults(message.raw, options.hostname)]), authResults: { error: String((error as Error).message) } };
     }
     const summary = summarize(result);
-    const raw = Buffer.concat([Buffer.from(result.headers, "utf8"), message.raw]);
+    const raw = Buffer.concat([Buffer.from(result.headers, "utf8"), withoutOurResults(message.raw, options.hostname)]);
     const dmarc = result.dmarc;
     if (!dmarc || dmarc.status.result !== "fail") return { raw, authResults: summary };
 

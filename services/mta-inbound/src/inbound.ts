@@ -5,7 +5,7 @@ import { reply, srsReverse, isSrsAddress, type SrsSettings } from "@mailstack/ma
 import { startSweeper } from "@mailstack/queue";
 import { SmtpError, createIntakeServer, defaultLimits, intakeShape, type IntakeLimits, type IntakeServer } from "@mailstack/smtp-intake";
 import type { Logger } from "@mailstack/telemetry";
-import { createAuthCheck, createResolver } from "./auth.ts";
+import { createAuthCheck, createResolver, withoutOurResults } from "./auth.ts";
 
 /** mta-inbound's settings, on top of the common ones and the SMTP bounds (SMTP_*). */
 export const inboundShape = {
@@ -115,7 +115,8 @@ export async function startInbound(options: { pool: Pool; bus: Bus; logger: Logg
     limits: config.limits,
     allowRemote: false,
     ...(srs && directory ? { directory, resolveRecipient: srsRouting(pool, directory, srs, logger) } : {}),
-    ...(authCheck ? { transformMessage: authCheck } : {}),
+    // Without the checks no result is ours, so none that claims to be may pass (RFC 8601 5).
+    transformMessage: authCheck ?? (async (message) => ({ raw: withoutOurResults(message.raw, config.MAIL_HOSTNAME) })),
   });
   await directory?.start();
   const port = await intake.listen();

@@ -129,6 +129,43 @@ describe("SPF, DKIM and DMARC", () => {
   });
 });
 
+test("Authentication-Results: fields claiming our authserv-id are deleted (RFC 8601 5), with the checks on or off; others' stay", async () => {
+  const forged = [
+    "Authentication-Results: mx.example.test; dkim=pass header.d=bank.example; dmarc=pass header.from=bank.example",
+    "Authentication-Results: (forged) MX.Example.Test 1;\r\n spf=pass smtp.mailfrom=bank.example",
+  ];
+  const theirs = "Authentication-Results: mx.remote.example;\r\n spf=pass smtp.mailfrom=remote.example";
+  const original = sampleMessage({ from: "a@remote.example", subject: "forged results" });
+  const message = `${forged[0]}\r\n${theirs}\r\n${forged[1]}\r\n${original}`;
+  const expected = `${theirs}\r\n${original}`;
+
+  const reply = await deliver("a@remote.example", "user1@example.test", message);
+  assert.equal(reply.code, 250, reply.text);
+  const raw = (await lastMessage()).raw.toString("latin1") as string;
+  assert.ok(raw.endsWith(expected), raw);
+  assert.equal(raw.match(/^Authentication-Results: mx\.example\.test;/gim)?.length, 1, "only the one we wrote");
+  assert.doesNotMatch(raw, /bank\.example/);
+
+  const unchecked = await startInbound({ pool: env.pool, bus: env.bus, logger, config: { MAIL_HOSTNAME: "mx.example.test", SMTP_PORT: 0, SMTP_HOST: "127.0.0.1", INBOUND_AUTH_CHECKS: false } });
+  try {
+    const client = await RawSmtp.connect(unchecked.port);
+    await client.reply();
+    await client.command("EHLO mail.remote.example");
+    assert.equal((await client.command("MAIL FROM:<a@remote.example>")).code, 250);
+    assert.equal((await client.command("RCPT TO:<user1@example.test>")).code, 250);
+    assert.equal((await client.command("DATA")).code, 354);
+    // Only forged fields in the header: the header section keeps the rest, the body is untouched.
+    client.write(dataPayload(`${forged[1]}\r\n${original}`));
+    assert.equal((await client.reply()).code, 250);
+    client.close();
+    const stored = (await lastMessage()).raw.toString("latin1") as string;
+    assert.match(stored, /^Received: [^]*?\+0000\r\nFrom: /);
+    assert.ok(stored.endsWith(original), stored);
+  } finally {
+    await unchecked.stop();
+  }
+});
+
 test("the resolver cache answers repeated lookups, including 'no such name', from memory", async () => {
   const resolve = createResolver([dns.address], { cacheTtlMs: 60_000 });
   const asked = () => dns.queries.filter((q) => q.endsWith("cache.remote.example") || q === "TXT remote.example").length;

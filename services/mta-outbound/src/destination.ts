@@ -127,18 +127,28 @@ export class DestinationResolver {
           hosts.push({ hostname, preference, addresses: [] });
         }
       }
+      let dnsTrouble = false;
       await Promise.all(
         hosts.map(async (host) => {
           // An MX names a host, never an address (RFC 1123 2.1: a host name is never dotted-decimal):
           // "MX 10 192.0.2.1" is a broken record, skipped as Postfix and Exim do.
           if (net.isIP(host.hostname)) return;
-          host.addresses = await this.addresses(host.hostname).catch(() => []);
+          try {
+            host.addresses = await this.addresses(host.hostname);
+          } catch {
+            dnsTrouble = true; // SERVFAIL, timeout: this host may well have addresses
+          }
         }),
       );
       if (hosts.length === 0 && own.length > 0) throw this.loop(domain);
       const reachable = hosts.filter((h) => h.addresses.length > 0);
       span.setAttribute("mail.destination.mx_count", hosts.length);
-      if (reachable.length === 0) throw new DestinationError(`no MX host of ${domain} has an address`, true, "4.4.3");
+      if (reachable.length === 0) {
+        if (dnsTrouble) throw new DestinationError(`no MX host of ${domain} has an address (DNS lookups failed)`, true, "4.4.3");
+        // RFC 5321 5.1: MX records none of which is usable are an error. Every answer was final
+        // (no such host, no A/AAAA, an address in place of a name): bounce, as Postfix and Exim do.
+        throw new DestinationError(`no MX host of ${domain} exists with an address (${hosts.map((h) => h.hostname).join(", ")})`, false, "5.4.4");
+      }
       return { ...base, hosts: reachable };
     });
   }

@@ -34,6 +34,14 @@ before(async () => {
     "loop.test": { mx: [{ exchange: "RELAY.TEST.", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
     // A host equal in preference to us is discarded with us; a better one is used.
     "equal-us.test": { mx: [{ exchange: "mx.good.test", priority: 5 }, { exchange: "relay.test", priority: 10 }, { exchange: "down.primary.test", priority: 10 }] },
+    // MX hosts that do not exist (NXDOMAIN) or have no A/AAAA (NODATA): final answers.
+    "ghost.test": { mx: [{ exchange: "nothing.ghost.test", priority: 10 }, { exchange: "empty.ghost.test", priority: 20 }] },
+    "empty.ghost.test": {},
+    // The same with one MX host whose lookup fails (SERVFAIL): it may exist.
+    "ghostly.test": { mx: [{ exchange: "nothing.ghost.test", priority: 10 }, { exchange: "broken.ghostly.test", priority: 20 }] },
+    "broken.ghostly.test": { servfail: true },
+    // A failing MX host lookup is skipped for a usable one.
+    "servfail-mx.test": { mx: [{ exchange: "broken.ghostly.test", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
   });
   const config = testConfig({
     DNS_SERVERS: dns.server,
@@ -80,4 +88,18 @@ test("an MX naming this host: records at its preference and above are discarded 
   assert.equal(ourselves.connections.length, 0, "no connection to our own address");
   assert.equal(rcptsTo(good, "loop.test").length, 0, "an MX less preferred than us is not tried");
   await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [backup.messageId]);
+});
+
+test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1); a failed lookup among them defers (4.4.3)", async () => {
+  const ghost = await submit(env.pool, env.bus, { from: "", to: ["g@ghost.test"] });
+  const ghostly = await submit(env.pool, env.bus, { from: "", to: ["g@ghostly.test"] });
+  const skipped = await submit(env.pool, env.bus, { from: "", to: ["s@servfail-mx.test"] });
+  const [bounced] = await attempted(ghost.messageId);
+  assert.deepEqual([bounced!.state, bounced!.last_status], ["bounced", "5.4.4"]);
+  assert.match(bounced!.last_reply ?? "", /nothing\.ghost\.test, empty\.ghost\.test/);
+  const [deferred] = await attempted(ghostly.messageId);
+  assert.deepEqual([deferred!.state, deferred!.last_status], ["deferred", "4.4.3"]);
+  const [delivered] = await attempted(skipped.messageId);
+  assert.deepEqual([delivered!.state, delivered!.remote_mta], ["delivered", "mx.good.test"]);
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [ghostly.messageId]);
 });

@@ -4,7 +4,7 @@ import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, freePort, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startOutbound, type OutboundService } from "../src/service.ts";
 import { deliveryStates, startDns, submit, testConfig } from "./helpers.ts";
-import { startScriptedMx } from "./scripted-mx.ts";
+import { startScriptedMx, type Script, type ScriptedConnection } from "./scripted-mx.ts";
 
 // The relay worker against adverse remote servers and DNS answers, end to end (PostgreSQL, NATS,
 // a DNS server and scripted MX hosts on loopback). testConfig names this relay "relay.test".
@@ -15,6 +15,23 @@ let outbound: OutboundService;
 /** Stands in for this host's own port 25: like mta-inbound, it refuses to relay (554 5.7.1 at RCPT). */
 let ourselves: Awaited<ReturnType<typeof startScriptedMx>>;
 let good: Awaited<ReturnType<typeof startScriptedMx>>;
+/** Replies, then closes the connection (a server going down). */
+function closing(connection: ScriptedConnection, reply: string | null): string | null {
+  connection.close();
+  return reply;
+}
+/** Scripted MX hosts by domain: the domain's MX 10 is the server, its MX 20 mx.good.test when `backup` is set. */
+const scripted = new Map<string, Awaited<ReturnType<typeof startScriptedMx>>>();
+const adverse: Array<{ domain: string; host: string; backup: boolean; script: Script }> = [
+  { domain: "mail421.test", host: "127.0.0.50", backup: true, script: { reply: (c, conn) => (c.startsWith("MAIL") ? closing(conn, "421 4.3.2 shutting down") : undefined) } },
+  { domain: "dotclose.test", host: "127.0.0.51", backup: false, script: { dataReply: (_d, conn) => closing(conn, null) } },
+  { domain: "dot421.test", host: "127.0.0.52", backup: false, script: { dataReply: (_d, conn) => closing(conn, "421 4.3.2 going down") } },
+  { domain: "data421.test", host: "127.0.0.53", backup: false, script: { reply: (c, conn) => (c === "DATA" ? closing(conn, "421 4.3.2 going down") : undefined) } },
+  { domain: "tls454.test", host: "127.0.0.54", backup: false, script: { extensions: ["PIPELINING", "STARTTLS", "8BITMIME"], reply: (c) => (c === "STARTTLS" ? "454 4.7.0 TLS not available" : undefined) } },
+  { domain: "rcpt252.test", host: "127.0.0.55", backup: false, script: { reply: (c) => (c.startsWith("RCPT TO:<a") ? "252 2.1.5 Cannot VRFY user, but will accept message" : c.startsWith("RCPT TO:<b") ? "251 2.1.5 User not local; will forward" : undefined) } },
+  { domain: "bare.test", host: "127.0.0.57", backup: false, script: { greeting: "220", extensions: [], reply: (c) => (/^(EHLO|MAIL|RCPT|RSET)/.test(c) ? "250" : c === "DATA" ? "354" : undefined), dataReply: () => "250" } },
+  { domain: "nodata354.test", host: "127.0.0.58", backup: false, script: { extensions: ["8BITMIME"], reply: (c) => (c === "DATA" ? "250 2.0.0 what data?" : undefined) } },
+];
 
 before(async () => {
   env = await createTestEnv();
@@ -23,6 +40,7 @@ before(async () => {
     reply: (command) => (command.startsWith("RCPT") ? "554 5.7.1 Relay access denied" : undefined),
   });
   good = await startScriptedMx("127.0.0.41", port);
+  for (const a of adverse) scripted.set(a.domain, await startScriptedMx(a.host, port, a.script));
   dns = await startDns({
     "relay.test": { a: ["127.0.0.40"] },
     "mx.good.test": { a: ["127.0.0.41"] },
@@ -43,6 +61,10 @@ before(async () => {
     // A failing MX host lookup is skipped for a usable one.
     "servfail-mx.test": { mx: [{ exchange: "broken.ghostly.test", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
   });
+  for (const a of adverse) {
+    dns.zone[a.domain] = { mx: [{ exchange: `mx.${a.domain}`, priority: 10 }, ...(a.backup ? [{ exchange: "mx.good.test", priority: 20 }] : [])] };
+    dns.zone[`mx.${a.domain}`] = { a: [a.host] };
+  }
   const config = testConfig({
     DNS_SERVERS: dns.server,
     RELAY_DEST_PORT: String(port),
@@ -57,7 +79,7 @@ before(async () => {
 
 after(async () => {
   await outbound?.stop();
-  await Promise.all([ourselves, good].map((s) => s?.close()));
+  await Promise.all([ourselves, good, ...scripted.values()].map((s) => s?.close()));
   await dns?.close();
   await env?.close();
 });
@@ -102,4 +124,36 @@ test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1)
   const [delivered] = await attempted(skipped.messageId);
   assert.deepEqual([delivered!.state, delivered!.remote_mta], ["delivered", "mx.good.test"]);
   await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [ghostly.messageId]);
+});
+
+test("adverse SMTP answers: a 421 anywhere defers or moves on, a hang-up after the dot is no delivery, 251/252 and bare codes accept", async () => {
+  // [recipients, expected [state, status, remote MTA] of each]
+  const cases: Array<[string[], Array<[string, string, string]>]> = [
+    // 421 to MAIL on a fresh connection: the next MX, in the same attempt.
+    [["m@mail421.test"], [["delivered", "2.0.0", "mx.good.test"]]],
+    // The server closes after the final dot without a reply: it may or may not have the message; not delivered.
+    [["d@dotclose.test"], [["deferred", "4.4.2", "mx.dotclose.test"]]],
+    // 421 as the reply to the final dot, and to DATA (no 354).
+    [["d@dot421.test"], [["deferred", "4.3.2", "mx.dot421.test"]]],
+    [["d@data421.test"], [["deferred", "4.3.2", "mx.data421.test"]]],
+    // STARTTLS offered but refused (454): opportunistic TLS goes on in clear.
+    [["t@tls454.test"], [["delivered", "2.0.0", "mx.tls454.test"]]],
+    // 252 and 251 are positive completions (RFC 5321 4.2.1: judged by the first digit).
+    [["a@rcpt252.test", "b@rcpt252.test"], [["delivered", "2.0.0", "mx.rcpt252.test"], ["delivered", "2.0.0", "mx.rcpt252.test"]]],
+    // Every reply only a code ("220", "250", "354"), no EHLO keywords.
+    [["x@bare.test"], [["delivered", "2.0.0", "mx.bare.test"]]],
+    // DATA answered 250 instead of 354: no message was sent, so nothing was delivered.
+    [["x@nodata354.test", "y@nodata354.test"], [["deferred", "4.0.0", "mx.nodata354.test"], ["deferred", "4.0.0", "mx.nodata354.test"]]],
+  ];
+  const ids: number[] = [];
+  for (const [to, expected] of cases) {
+    const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to });
+    ids.push(accepted.messageId);
+    const rows = await attempted(accepted.messageId);
+    assert.deepEqual(rows.map((r) => [r.state, r.last_status, r.remote_mta]), expected, to.join(", "));
+  }
+  assert.deepEqual(scripted.get("mail421.test")!.commands().filter((c) => /^(RCPT|DATA)/.test(c)), [], "nothing after the 421");
+  assert.deepEqual(scripted.get("nodata354.test")!.connections.flatMap((c) => c.messages), [], "no message data without a 354");
+  assert.equal(scripted.get("tls454.test")!.connections[0]!.messages.length, 1);
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = ANY($1) AND state = 'deferred'", [ids]);
 });

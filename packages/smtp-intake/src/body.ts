@@ -81,6 +81,11 @@ export function headerSection(raw: Buffer, limit = 256 * 1024): string {
   return raw.subarray(0, Math.min(end, limit)).toString("latin1");
 }
 
+/** How many trace fields (`Received:`) the header section holds: the hops the message has made. */
+export function receivedCount(raw: Buffer): number {
+  return headerSection(raw).match(/^received[ \t]*:/gim)?.length ?? 0;
+}
+
 /** The first value of a header field (unfolded, trimmed), or null. */
 export function headerValue(raw: Buffer, name: string): string | null {
   const lines = headerSection(raw).replace(/\r\n[ \t]+/g, " ").split("\r\n");

@@ -46,7 +46,8 @@
  * - The body: over the size limit 552 5.3.4 after the final dot (nothing stored); past the
  *   memory budget shared by all sessions (maxBufferedBytes) 452 4.3.1; bare CR
  *   or LF are rejected 550 5.6.11 (or normalised to CRLF with bareLineEndings 'normalize');
- *   NUL bytes 554 5.6.0; 8-bit headers without SMTPUTF8 550 5.6.7. Only "\r\n.\r\n" ends
+ *   NUL bytes 554 5.6.0; 8-bit headers without SMTPUTF8 550 5.6.7; 100 or more Received:
+ *   fields (a mail loop, RFC 5321 6.3) 554 5.4.6. Only "\r\n.\r\n" ends
  *   DATA (the library), so no smuggled second message. The whole DATA phase has an absolute
  *   deadline (dataTimeoutMs, then 421 4.4.2).
  * - `transformMessage(message)` sees the message as received and may replace it, choose a

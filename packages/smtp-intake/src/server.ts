@@ -7,7 +7,7 @@ import { Replies, parseAddress, pathEnd, reply, type AddressProblem, type SmtpRe
 import { dispatchAccepted, newQueueId, type AcceptedMessage, type MessageSource, type NewDelivery } from "@mailstack/queue";
 import { SpanKind, context, mailMetrics, trace, tracer, type Logger, type Span } from "@mailstack/telemetry";
 import { AcceptBatcher } from "./batcher.ts";
-import { BodyScanner, headerValue, normalizeLineEndings, withHeaderSection } from "./body.ts";
+import { BodyScanner, headerValue, normalizeLineEndings, receivedCount, withHeaderSection } from "./body.ts";
 import { watchBus } from "./bus-health.ts";
 import { GuardReplies, guardCommands, refuseArguments, refuseBareLf, refuseEmptyData, type CommandGuard, type GuardedConnection } from "./guard.ts";
 import { checkParameters, storedOrcpt } from "./params.ts";
@@ -192,6 +192,8 @@ const RELAY_TRICKS = new Set<AddressProblem>(["source-route", "percent-hack", "b
 const OBSOLETE = new Set(["TURN", "SEND", "SOML", "SAML", "ETRN", "ATRN", "EXPN"]);
 // smtp-server's own bound (10) counted AUTH continuation lines too and answered 421 4.4.2; ours replaces it.
 const MAX_UNAUTHENTICATED_COMMANDS = 10;
+// RFC 5321 6.3: a message that has made this many hops is in a mail loop (a threshold of at least 100).
+const MAX_HOPS = 100;
 
 const R = {
   tooManyCommands: reply(421, "4.7.0", "Too many commands in one session, closing connection"),
@@ -206,6 +208,7 @@ const R = {
   bareLineEnding: reply(550, "5.6.11", "Bare CR or LF in message is not allowed, use CRLF line endings"),
   nul: reply(554, "5.6.0", "Message contains NUL bytes"),
   eightBitHeader: reply(550, "5.6.7", "Non-ASCII message headers need the SMTPUTF8 extension"),
+  tooManyHops: reply(554, "5.4.6", `Too many hops (${MAX_HOPS} Received: fields), mail loop suspected`),
   dataTimeout: reply(421, "4.4.2", "DATA took too long, closing connection"),
   disabled: reply(550, "5.2.1", "Mailbox disabled"),
   loop: reply(550, "5.4.6", "Alias loop or chain too deep"),
@@ -601,6 +604,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
       raw = normalizeLineEndings(raw);
     }
     raw = withHeaderSection(raw);
+    if (receivedCount(raw) >= MAX_HOPS) throw new SmtpError(R.tooManyHops);
     if (!busUp || !busWatch.connected()) throw new SmtpError(Replies.localError);
 
     const recipients = [...state.recipients.values()];

@@ -285,6 +285,18 @@ describe("message content", () => {
     client.close();
   });
 
+  test("a message that has made 100 hops (Received: fields) is a mail loop: 554 5.4.6, nothing stored; 99 pass", async () => {
+    const client = await open();
+    const hops = (n: number) => Array.from({ length: n }, (_, i) => `Received: from hop${i}.example by hop${i + 1}.example;\r\n\tFri, 27 Nov 2026 09:00:00 +0000\r\n`).join("");
+    const before = await messageCount(env.pool);
+    const looped = await transaction(client, Buffer.from(dataPayload(`${hops(100)}${sampleMessage({ subject: "looping" })}`)));
+    assert.match(looped.text, /^554 5\.4\.6 /);
+    assert.equal(await messageCount(env.pool), before);
+    const ok = await transaction(client, Buffer.from(dataPayload(`${hops(99)}${sampleMessage({ subject: "long way" })}`)));
+    assert.equal(ok.code, 250, ok.text);
+    client.close();
+  });
+
   test("8-bit bodies are fine with 8BITMIME", async () => {
     const client = await open();
     const message = Buffer.concat([Buffer.from("Subject: x\r\n\r\n"), Buffer.from("héllo wörld", "utf8"), Buffer.from("\r\n.\r\n")]);

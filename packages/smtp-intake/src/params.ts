@@ -22,7 +22,8 @@ export function checkParameters(verb: "MAIL" | "RCPT", line: string, options: { 
     const keyword = (eq < 0 ? param : param.slice(0, eq)).toUpperCase();
     const value = eq < 0 ? "" : param.slice(eq + 1);
     if (!known.has(keyword) && !(keyword === "AUTH" && verb === "MAIL" && options.auth)) {
-      return reply(555, "5.5.4", `Unsupported parameter ${keyword.slice(0, 40)}`);
+      // Reply text is printable US-ASCII (RFC 5321 4.2): the client's bytes are not echoed as they are.
+      return reply(555, "5.5.4", `Unsupported parameter ${keyword.slice(0, 40).replace(/[^\x21-\x7e]/g, "?")}`);
     }
     switch (keyword) {
       case "ENVID":

@@ -58,6 +58,16 @@ describe("ESMTP parameters", () => {
     client.close();
   });
 
+  test("an unsupported parameter with control or 8-bit characters is not echoed as sent: replies stay printable US-ASCII (RFC 5321 4.2)", async () => {
+    const client = await open();
+    client.write(Buffer.from("MAIL FROM:<a@remote.example> X\u0000Y=1\r\n", "latin1"));
+    assert.equal((await client.reply()).text, "555 5.5.4 Unsupported parameter X?Y");
+    client.write(Buffer.from("MAIL FROM:<a@remote.example> FÖÖ\r\n", "utf8"));
+    assert.equal((await client.reply()).text, "555 5.5.4 Unsupported parameter F????");
+    assert.equal((await client.command("NOOP")).code, 250);
+    client.close();
+  });
+
   test("ENVID, ORCPT: malformed xtext, non-printable values and over-long values are 501 5.5.4", async () => {
     const client = await open();
     const badEnvids = ["a=b", "a+0", "a+2b", "a+0D+0Ab", "x".repeat(101)];

@@ -224,7 +224,9 @@ export function fixMessage(raw: Buffer, context: FixContext): FixResult {
     for (const mailbox of found) {
       const address = normalized(mailbox.address);
       if (!address || !context.owned.has(address)) {
-        return refuse(553, `5.7.1 From: address <${mailbox.address.slice(0, 200)}> is not owned by the authenticated user`);
+        // Reply text is printable US-ASCII (RFC 5321 4.2); the header's bytes are not echoed as they are.
+        const shown = mailbox.address.slice(0, 200).replace(/[^\x20-\x7e]/g, "?");
+        return refuse(553, `5.7.1 From: address <${shown}> is not owned by the authenticated user`);
       }
       fromAddresses.push(address);
     }

@@ -127,3 +127,11 @@ test("a long address list that gets a domain completed is folded again, its line
   const to = /\r\nTo:((?:.|\r\n )*)\r\n/.exec(header)![1]!.replace(/\r\n /g, " ").trim();
   assert.equal(to, ["<bob@example.test>", ...others.map((a) => `<${a}>`)].join(", "));
 });
+
+test("the 553 for a From: that is not owned names it in printable US-ASCII only (RFC 5321 4.2)", () => {
+  const result = fixMessage(Buffer.from("From: <jörg@example.test>\r\n\r\nhallo\r\n", "utf8"), context);
+  assert.ok(!result.ok);
+  assert.equal(result.reply.code, 553);
+  assert.match(result.reply.text, /^From: address <j\?\?rg@example\.test> is not owned/);
+  assert.doesNotMatch(result.reply.text, /[^\x20-\x7e]/);
+});

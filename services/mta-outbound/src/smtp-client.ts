@@ -298,8 +298,16 @@ export class SmtpConnection {
     });
   }
 
-  private write(text: string | Buffer): void {
-    if (this.failure) throw new SmtpError(this.failure.message, { temporary: true, stage: "mail" });
+  private write(text: string | Buffer, stage: FailureStage = "mail"): void {
+    // Every reply is read before the next command is written (pipelined ones included): a reply still
+    // unread here was sent unasked (a greeting of two "220 " replies), and would be taken for the
+    // answer to this command, shifting every later reply onto the wrong command.
+    const unasked = this.replies[0];
+    if (unasked) {
+      this.broken = true;
+      this.failure ??= new Error(`the server said, unasked: ${formatRemoteReply(unasked)}`);
+    }
+    if (this.failure) throw new SmtpError(this.failure.message, { temporary: true, stage });
     this.socket.write(text);
   }
 
@@ -307,7 +315,7 @@ export class SmtpConnection {
   async command(line: string, stage: FailureStage, timeoutMs = this.options.timeouts.command): Promise<Reply> {
     const verb = line.split(" ", 1)[0]!.toUpperCase();
     return withSpan(`smtp ${verb}`, { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "smtp.command": verb }) }, async (span) => {
-      this.write(`${line}\r\n`);
+      this.write(`${line}\r\n`, stage);
       const reply = await this.readReply(timeoutMs, stage);
       span.setAttribute("smtp.reply.code", reply.code);
       return reply;
@@ -614,7 +622,8 @@ export class SmtpConnection {
   }
 
   async quit(): Promise<void> {
-    if (this.broken) return this.destroy();
+    // Out of step with the server (a reply nobody read): nothing more is said.
+    if (this.broken || this.replies.length > 0) return this.destroy();
     try {
       this.write("QUIT\r\n");
       await this.readReply(5_000, "mail").catch(() => undefined);

@@ -294,6 +294,28 @@ test("a second reply to the final dot: the connection is not reused, so later re
   }
 });
 
+test("a greeting of two replies ('220 ...' twice): the session stops before a reply is read for the wrong command", async () => {
+  const server = await startScriptedMx("127.0.1.17", 0, {
+    greeting: "220 mx.test ESMTP\r\n220 welcome to mx.test",
+    reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550 5.1.1 no such user" : undefined),
+  });
+  try {
+    // Read out of step, the second 220 answered EHLO, EHLO's 250 the MAIL, MAIL's the first RCPT,
+    // and so on: "good" took the 550 of "bad" and bounced.
+    const outcome = await SmtpConnection.open(options(server)).then(
+      (connection) => connection.send(envelope("good@x.test", "bad@x.test"), message, plain),
+      (error: unknown) => error,
+    );
+    assert.ok(outcome instanceof SmtpError, "no transaction result from a session out of step");
+    assert.equal(outcome.temporary, true);
+    assert.equal(outcome.reply, null);
+    assert.match(outcome.message, /unasked: 220 welcome/);
+    assert.ok(!server.commands().some((c) => c.startsWith("RCPT")), "no recipient was given a reply meant for another command");
+  } finally {
+    await server.close();
+  }
+});
+
 /** Postfix's smtp-sink on host with the given options; resolves once it accepts connections. */
 async function smtpSink(host: string, options: string[]): Promise<{ host: string; port: number; child: ChildProcess }> {
   const port = await freePort();

@@ -37,10 +37,19 @@ export interface NewFilterRule {
 const HEADER_NAME = /^[\x21-\x39\x3b-\x7e]{1,76}$/;
 const MAX_RULES_PER_ACCOUNT = 200;
 
-/** Folder names: printable, no control characters, IMAP-ish hierarchy with '/'. */
+/**
+ * Folder names double as relative paths in mailbox exports (`<folder>/<uid>.eml`,
+ * `<folder>.mbox`): no empty, "." or ".." segments, no backslash or control characters.
+ */
+export function isFolderPath(name: string): boolean {
+  return name.length > 0 && name.length <= 255 && !/[\x00-\x1f\x7f\\]/.test(name)
+    && name.split("/").every((segment) => segment !== "" && segment !== "." && segment !== "..");
+}
+
+/** Folder names of filter rules: a folder path, IMAP-ish hierarchy with '/', no IMAP wildcards. */
 function requireFolder(name: string): string {
   const folder = name.trim();
-  if (!folder || folder.length > 200 || /[\x00-\x1f\x7f*%]/.test(folder)) throw new DirectoryError("invalid", `invalid folder name: ${name}`);
+  if (folder.length > 200 || !isFolderPath(folder) || /[*%]/.test(folder)) throw new DirectoryError("invalid", `invalid folder name: ${name}`);
   return folder.toUpperCase() === "INBOX" ? "INBOX" : folder;
 }
 

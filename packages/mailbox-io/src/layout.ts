@@ -22,6 +22,9 @@ export interface ExportFile {
 /** The .eml files of one folder (flat) or of the whole mailbox (one directory per folder). */
 export async function* emlFiles(pool: Pool, accountId: number, folder?: string): AsyncGenerator<ExportFile> {
   for await (const entry of mailboxEntries(pool, accountId, folder)) {
+    // A folder stored before its name was checked ("../x" from an old filter rule) must not
+    // become a path outside the export.
+    if (folder === undefined) validateFolderName(entry.folder);
     yield {
       path: folder === undefined ? `${entry.folder}/${entry.uid}.eml` : `${entry.uid}.eml`,
       bytes: entry.bytes,
@@ -94,6 +97,8 @@ export async function exportMboxFile(pool: Pool, accountId: number, folder: stri
 /** Exports every folder to `<dir>/<folder>.mbox`. */
 export async function exportMboxDirectory(pool: Pool, accountId: number, dir: string): Promise<string[]> {
   const folders = await listFolders(pool, accountId);
+  // Every name is checked before anything is written (see emlFiles).
+  for (const folder of folders) validateFolderName(folder);
   for (const folder of folders) await exportMboxFile(pool, accountId, folder, path.join(dir, ...`${folder}.mbox`.split("/")));
   return folders;
 }

@@ -1,5 +1,5 @@
 import Cursor from "pg-cursor";
-import { transaction, type Pool, type PoolClient } from "@mailstack/db";
+import { isFolderPath, transaction, type Pool, type PoolClient } from "@mailstack/db";
 import { headerBoundary } from "@mailstack/mail";
 import { insertMessage } from "@mailstack/queue";
 import { mboxrdEntry } from "./mbox.ts";
@@ -25,13 +25,7 @@ export interface MailboxEntry {
 
 /** Folder names double as relative paths in exports: no empty, "." or ".." segments, no control characters. */
 export function validateFolderName(name: string): string {
-  const segments = name.split("/");
-  if (
-    name.length === 0 || name.length > 255 || /[\x00-\x1f\x7f\\]/.test(name)
-    || segments.some((s) => s === "" || s === "." || s === "..")
-  ) {
-    throw new MailboxIoError("invalid", `invalid folder name: ${JSON.stringify(name)}`);
-  }
+  if (!isFolderPath(name)) throw new MailboxIoError("invalid", `invalid folder name: ${JSON.stringify(name)}`);
   return name;
 }
 

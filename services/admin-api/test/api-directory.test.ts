@@ -158,6 +158,16 @@ test("filter rules: add, list in order (mailctl sees them too), refuse bad parts
   });
   assert.equal(badAction.status, 400);
   assert.equal(((await badAction.json()) as { field: string }).field, "action.kind");
+  // A folder name is also a path in mailbox exports: none that would climb out of one.
+  for (const folder of ["../../escape", "Lists/../..", "./x", "a//b", "/abs", "back\\slash"]) {
+    const badFolder = await h.call("POST", "/accounts/alice@example.test/filters", {
+      body: { condition: { kind: "header", header: "X-Test", op: "exists" }, action: { kind: "fileinto", folder } },
+    });
+    assert.equal(badFolder.status, 400, folder);
+    assert.equal(((await badFolder.json()) as { field: string }).field, "action.folder", folder);
+  }
+  const cliFolder = await mailctl(h.db.url, ["filter", "add", "alice@example.test", "--header", "X-Test", "--exists", "--fileinto", "../escape"]);
+  assert.equal(cliFolder.code, 1, cliFolder.stdout);
 
   assert.equal((await h.call("DELETE", `/accounts/alice@example.test/filters/${first.id}`)).status, 204);
   assert.equal((await h.call("DELETE", `/accounts/alice@example.test/filters/${first.id}`)).status, 404);

@@ -1,6 +1,6 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { addAccount, addDomain, transaction } from "@mailstack/db";
@@ -139,6 +139,38 @@ test("mailctl: a whole mailbox to mbox files and to .eml folders, and back", asy
   assert.match(refused.stderr, /no such account/);
   const bad = await mailctl(h.db.url, ["mailbox", "export", "alice@io.test", "--format", "zip", "--output", one]);
   assert.equal(bad.code, 2);
+});
+
+test("a folder stored with a name that climbs out of a path (an old filter rule's '../x') is never written outside the export", async () => {
+  await addAccount(h.db.pool, { address: "gina@io.test", password: "pw" });
+  const gina = await accountId("gina@io.test");
+  for (const folder of ["INBOX", "../../escape"]) {
+    await transaction(h.db.pool, async (client) => {
+      const raw = Buffer.from(`Subject: in ${folder}\r\n\r\nhi\r\n`);
+      const stored = await insertMessage(client, { raw, envelopeFrom: "x@y.test", source: "inbound" }, [], "test");
+      await client.query("INSERT INTO folders (account_id, name, uid_next) VALUES ($1, $2, 2) ON CONFLICT (account_id, name) DO UPDATE SET uid_next = 2", [gina, folder]);
+      await client.query(
+        "INSERT INTO mailbox_entries (account_id, folder, uid, message_id, header_prefix, size) VALUES ($1, $2, 1, $3, ''::bytea, $4)",
+        [gina, folder, stored.messageId, raw.length],
+      );
+    });
+  }
+  const root = path.join(work, "escape-test");
+  await mkdir(path.join(root, "out"), { recursive: true });
+  for (const format of ["eml", "mbox"]) {
+    const output = path.join(root, "out", format);
+    const result = await mailctl(h.db.url, ["mailbox", "export", "gina@io.test", "--format", format, "--output", output]);
+    assert.equal(result.code, 1, `${format}: ${result.stdout}`);
+    assert.match(result.stderr, /invalid folder name: "\.\.\/\.\.\/escape"/);
+    const written = await readdir(root, { recursive: true });
+    assert.ok(!written.some((name) => name.includes("escape")), `${format} wrote outside its output: ${written.join(", ")}`);
+  }
+  const tar = await h.call("GET", "/accounts/gina@io.test/export?format=eml");
+  assert.equal(tar.status, 409, await tar.text());
+  // One folder at a time still works for the folders that are fine.
+  const inbox = await h.call("GET", "/accounts/gina@io.test/export?format=eml&folder=INBOX");
+  assert.equal(inbox.status, 200);
+  await inbox.arrayBuffer();
 });
 
 test("API: mbox export streams the same bytes mailctl writes, and import through the API round-trips", async () => {

@@ -1,6 +1,6 @@
 import { Readable } from "node:stream";
 import type { FastifyInstance } from "fastify";
-import type { Pool } from "@mailstack/db";
+import { isFolderPath, type Pool } from "@mailstack/db";
 import {
   emlFiles, emlMessages, importMboxStream, importMessages, listFolders, MailboxIoError, mboxStream, readTar, tarStream,
   validateFolderName,
@@ -74,6 +74,11 @@ export function mailboxRoutes(app: FastifyInstance, pool: Pool, config: ApiConfi
       if (!(await listFolders(pool, account.id)).includes(name)) throw new ApiError(404, `no such folder: ${name}`);
       reply.type(MBOX).header("content-disposition", `attachment; filename="${safeFileName(`${account.address}-${name}`)}.mbox"`);
       return reply.send(Readable.from(mboxStream(pool, account.id, name)));
+    }
+    if (folder === undefined) {
+      // Checked before the first byte, so the refusal is a status rather than a cut-off archive.
+      const unsafe = (await listFolders(pool, account.id)).find((name) => !isFolderPath(name));
+      if (unsafe !== undefined) throw new ApiError(409, `folder ${JSON.stringify(unsafe)} has a name that cannot be a path in an archive`);
     }
     reply.type(TAR).header("content-disposition", `attachment; filename="${safeFileName(`${account.address}-${folder ?? "mailbox"}`)}.tar"`);
     return reply.send(Readable.from(tarStream(emlFiles(pool, account.id, folder))));

@@ -17,17 +17,17 @@ function pathText(address: string, utf8: boolean): string {
 }
 
 /**
- * The AUTH identity for a comment: UTF-8 as it is where the message may carry it (RFC 6532),
- * else as RFC 2047 encoded-words, which a comment may hold (RFC 2047 5(2)), each at most 75
+ * The AUTH identity for a comment, every character kept but controls: "(", ")" and "\" as
+ * quoted-pairs (RFC 5322 3.2.2); UTF-8 as it is where the message may carry it (RFC 6532), else
+ * as RFC 2047 encoded-words, which a comment may hold (RFC 2047 5(2)), each at most 75
  * characters and split between characters.
  */
 function commentText(text: string, utf8: boolean): string {
-  if (!/[^\x00-\x7f]/.test(text)) return clean(text, 320);
-  const printable = [...text.replace(/[\x00-\x20\x7f()\\]/g, "")].slice(0, 320);
-  if (utf8) return printable.join("");
+  const chars = [...text.replace(/[\x00-\x1f\x7f]/g, "")].slice(0, 320);
+  if (utf8 || chars.every((char) => char <= "\x7f")) return chars.join("").replace(/[()\\]/g, "\\$&");
   const words: string[] = [];
   let chunk = "";
-  for (const char of printable) {
+  for (const char of chars) {
     if (Buffer.byteLength(chunk + char) > 45) {
       words.push(chunk);
       chunk = "";

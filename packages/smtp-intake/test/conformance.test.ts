@@ -254,13 +254,17 @@ describe("Received: names the recipient and the AUTH identity as they are", () =
     return row.rows[0]!.raw.toString("utf8").split("\r\n\r\n")[0]!;
   }
 
-  test("a UTF-8 mailbox (SMTPUTF8) and a quoted local part with a space keep every character in `for`; a UTF-8 login is UTF-8 or an encoded-word", async () => {
+  test("a UTF-8 mailbox (SMTPUTF8) and a quoted local part with a space keep every character in `for`; a UTF-8 login is UTF-8 or an encoded-word, a login with a space keeps it", async () => {
     await addAccount(env.pool, { address: "müller@example.test", password: "secret-ü" });
     await addAccount(env.pool, { address: '"John Doe"@example.test', password: "secret-jd" });
     const server = await startIntake(env.pool, env.bus, {
       service: "msa",
       source: "submission",
-      auth: { required: true, allowInsecure: true, authenticate: async ({ username, password }) => (username === "müller@example.test" && password === "secret-ü" ? username : null) },
+      auth: {
+        required: true,
+        allowInsecure: true,
+        authenticate: async ({ username, password }) => ((username === "müller@example.test" && password === "secret-ü") || (username === '"John Doe"@example.test' && password === "secret-jd") ? username : null),
+      },
     });
     extra.push(server);
     const client = await open(server.port());
@@ -274,6 +278,13 @@ describe("Received: names the recipient and the AUTH identity as they are", () =
     assert.match(quoted, /\r\n\t\(Authenticated sender: =\?utf-8\?B\?bcO8bGxlckBleGFtcGxlLnRlc3Q=\?=\)\r\n\tby .* with ESMTPA id .*\r\n\tfor <"John Doe"@example\.test>;\r\n/);
     assert.doesNotMatch(quoted, /[^\x00-\x7f]/, "no 8-bit header in a message without SMTPUTF8");
     client.close();
+
+    // A login with a space in its quoted local part keeps it in the comment.
+    const spaced = await open(server.port());
+    assert.equal((await spaced.command(`AUTH PLAIN ${Buffer.from('\0"John Doe"@example.test\0secret-jd').toString("base64")}`)).code, 235);
+    const comment = await sendUtf8(spaced, "MAIL FROM:<user1@example.test>", "RCPT TO:<user1@example.test>");
+    assert.match(comment, /\r\n\t\(Authenticated sender: "John Doe"@example\.test\)\r\n/);
+    spaced.close();
   });
 });
 

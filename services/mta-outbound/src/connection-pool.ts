@@ -64,10 +64,13 @@ export class ConnectionPool {
     this.options = options;
   }
 
-  /** An idle connection for key, or a new one from open() when the host has room; waits otherwise. */
-  async acquire(key: string, hostKey: string, open: () => Promise<SmtpConnection>): Promise<{ connection: SmtpConnection; reused: boolean }> {
+  /**
+   * An idle connection for key, or a new one from open() when the host has room; waits otherwise.
+   * fresh: never an idle one (the retry after a pooled connection turned out stale, when the others may be too).
+   */
+  async acquire(key: string, hostKey: string, open: () => Promise<SmtpConnection>, fresh = false): Promise<{ connection: SmtpConnection; reused: boolean }> {
     for (;;) {
-      const idle = this.takeIdle(key);
+      const idle = fresh ? null : this.takeIdle(key);
       if (idle) return { connection: idle, reused: true };
       if ((this.open.get(hostKey) ?? 0) < this.options.maxPerHost) {
         this.open.set(hostKey, (this.open.get(hostKey) ?? 0) + 1);

@@ -275,7 +275,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         try {
           // A reused connection the server has meanwhile closed (or given up with a 421) gets one fresh retry.
           for (let round = 0; round < 2 && !result; round++) {
-            const got = await connections.acquire(key, hostKey, open);
+            const got = await connections.acquire(key, hostKey, open, round > 0);
             connection = got.connection;
             // RFC 6531 3.2: a non-ASCII address never goes to a server without SMTPUTF8. Only those
             // recipients are refused; the others go in the transaction, unless the message itself

@@ -30,6 +30,8 @@ const adverse: Array<{ domain: string; host: string; backup: boolean; script: Sc
   { domain: "tls454.test", host: "127.0.0.54", backup: false, script: { extensions: ["PIPELINING", "STARTTLS", "8BITMIME"], reply: (c) => (c === "STARTTLS" ? "454 4.7.0 TLS not available" : undefined) } },
   { domain: "rcpt252.test", host: "127.0.0.55", backup: false, script: { reply: (c) => (c.startsWith("RCPT TO:<a") ? "252 2.1.5 Cannot VRFY user, but will accept message" : c.startsWith("RCPT TO:<b") ? "251 2.1.5 User not local; will forward" : undefined) } },
   { domain: "bare.test", host: "127.0.0.57", backup: false, script: { greeting: "220", extensions: [], reply: (c) => (/^(EHLO|MAIL|RCPT|RSET)/.test(c) ? "250" : c === "DATA" ? "354" : undefined), dataReply: () => "250" } },
+  // One message per connection, as Exim's smtp_accept_max_per_connection: the next MAIL gets 421 and the connection is closed.
+  { domain: "permsg.test", host: "127.0.0.59", backup: false, script: { reply: (c, conn) => (c.startsWith("MAIL") && conn.commands.filter((x) => x.startsWith("MAIL")).length > 1 ? closing(conn, "421 4.7.0 Too many messages on this connection") : undefined) } },
   { domain: "nodata354.test", host: "127.0.0.58", backup: false, script: { extensions: ["8BITMIME"], reply: (c) => (c === "DATA" ? "250 2.0.0 what data?" : undefined) } },
 ];
 
@@ -156,4 +158,16 @@ test("adverse SMTP answers: a 421 anywhere defers or moves on, a hang-up after t
   assert.deepEqual(scripted.get("nodata354.test")!.connections.flatMap((c) => c.messages), [], "no message data without a 354");
   assert.equal(scripted.get("tls454.test")!.connections[0]!.messages.length, 1);
   await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = ANY($1) AND state = 'deferred'", [ids]);
+});
+
+test("two pooled connections both at the server's per-connection limit (421 to MAIL): the retry is on a fresh connection, not the other pooled one", async () => {
+  const server = scripted.get("permsg.test")!;
+  // Two jobs at once: two connections, both idle in the pool afterwards.
+  const first = await Promise.all(["p1", "p2"].map((name) => submit(env.pool, env.bus, { from: "alice@origin.test", to: [`${name}@permsg.test`] })));
+  for (const m of first) assert.deepEqual((await attempted(m.messageId)).map((r) => r.state), ["delivered"]);
+  assert.equal(server.connections.length, 2, "two connections carried the two jobs");
+  const third = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["p3@permsg.test"] });
+  const [row] = await attempted(third.messageId);
+  assert.deepEqual([row!.state, row!.attempts], ["delivered", 1], row!.last_reply ?? "");
+  assert.equal(server.connections.filter((c) => c.messages.length > 0).length, 3, "the third message went on a connection of its own");
 });

@@ -40,7 +40,7 @@ test("domains: create with a DKIM key answers with MX, SPF, DKIM and DMARC recor
   assert.equal((await h.call("POST", "/domains", { body: { name: "example.test" } })).status, 409);
 
   const rotated = await json<{ domain: { dkimSelector: string; dkimAlgorithm: string }; dnsRecords: Record_[] }>(
-    await h.call("POST", "/domains/example.test/dkim", { body: { selector: "s2", algorithm: "ed25519-sha256" } }),
+    await h.call("POST", "/domains/example.test/dkim", { body: { selector: "s2", algorithm: "ed25519-sha256", activateNow: true } }),
     201,
   );
   assert.equal(rotated.domain.dkimSelector, "s2");
@@ -99,6 +99,38 @@ test("accounts: create, password change, quota, disable/enable, delete; mailctl 
   assert.equal((await h.call("DELETE", "/accounts/carol@example.test")).status, 204);
   assert.equal((await h.call("GET", "/accounts/carol@example.test")).status, 404);
   assert.equal((await h.call("DELETE", "/accounts/carol@example.test")).status, 404);
+});
+
+test("a JSON body is taken with its own types: a wrong type is a 400 naming the field, never converted", async () => {
+  await json(await h.call("POST", "/accounts", { body: { address: "typed@example.test", password: "pw", quotaBytes: 5000 } }), 201);
+  await json(await h.call("PATCH", "/accounts/typed@example.test", { body: { disabled: true } }), 200);
+  const wrong: Array<[Record<string, unknown>, string]> = [
+    [{ disabled: null }, "disabled"], // was false: the account enabled
+    [{ disabled: "false" }, "disabled"],
+    [{ disabled: 0 }, "disabled"],
+    [{ quotaBytes: "" }, "quotaBytes"], // was null: unlimited
+    [{ quotaBytes: true }, "quotaBytes"], // was 1
+    [{ quotaBytes: "100" }, "quotaBytes"],
+    [{ password: false }, "password"], // was the password "false"
+    [{ password: 12345 }, "password"],
+  ];
+  for (const [body, field] of wrong) {
+    const refused = await h.call("PATCH", "/accounts/typed@example.test", { body });
+    const answer = (await refused.json()) as { field?: string };
+    assert.equal(refused.status, 400, JSON.stringify(body));
+    assert.equal(answer.field, field, JSON.stringify(body));
+  }
+  const unchanged = await json<{ disabled: boolean; quotaBytes: number | null }>(await h.call("GET", "/accounts/typed@example.test"), 200);
+  assert.deepEqual([unchanged.disabled, unchanged.quotaBytes], [true, 5000]);
+  const hash = (await h.db.pool.query("SELECT password_hash FROM accounts WHERE address = 'typed@example.test'")).rows[0].password_hash;
+  assert.ok(await verifyPassword("pw", hash));
+  assert.equal((await h.call("POST", "/aliases", { body: { address: "typed-alias@example.test", targets: "typed@example.test" } })).status, 400);
+  assert.equal((await h.call("POST", "/domains", { body: { name: "typed.test", dkim: "false" } })).status, 400);
+  // Query strings and path segments are text: their numbers are still read as numbers.
+  const page = await json<{ accounts: unknown[] }>(await h.call("GET", "/accounts?domain=example.test&limit=1"), 200);
+  assert.equal(page.accounts.length, 1);
+  assert.equal((await h.call("DELETE", "/accounts/typed@example.test/filters/999")).status, 404);
+  assert.equal((await h.call("DELETE", "/accounts/typed@example.test")).status, 204);
 });
 
 test("aliases: create, list, refuse a missing local target, delete; domains in use cannot be removed", async () => {

@@ -1,3 +1,4 @@
+import { Ajv } from "ajv";
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from "fastify";
 import swagger from "@fastify/swagger";
 import swaggerUi from "@fastify/swagger-ui";
@@ -28,8 +29,6 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
   const app = Fastify({
     loggerInstance: logger.child({ component: "http" }) as FastifyBaseLogger,
     bodyLimit: config.API_BODY_LIMIT,
-    // Unknown fields are refused (400 naming them) rather than silently dropped.
-    ajv: { customOptions: { removeAdditional: false, coerceTypes: "array", allErrors: false } },
     return503OnClosing: true,
     forceCloseConnections: "idle",
   });
@@ -51,6 +50,15 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
     transformObject: (document) => ("openapiObject" in document ? documentMailboxBodies(document.openapiObject) : document.swaggerObject),
   });
   await app.register(swaggerUi, { routePrefix: "/docs" });
+
+  // Query strings and path segments are text, so their numbers and booleans are converted; a JSON
+  // body has types of its own, and converting them turned {"disabled": null} into false (enabling
+  // the account), {"quotaBytes": ""} into null (unlimited) and {"password": false} into "false".
+  // Unknown fields are refused (400 naming them) rather than silently dropped.
+  const ajvOptions = { removeAdditional: false, useDefaults: true, allErrors: false, addUsedSchema: false } as const;
+  const textAjv = new Ajv({ ...ajvOptions, coerceTypes: "array" });
+  const jsonAjv = new Ajv({ ...ajvOptions, coerceTypes: false });
+  app.setValidatorCompiler(({ schema, httpPart }) => (httpPart === "body" ? jsonAjv : textAjv).compile(schema));
 
   installErrorHandler(app);
   installMetrics(app);

@@ -60,6 +60,8 @@ before(async () => {
     // The same with one MX host whose lookup fails (SERVFAIL): it may exist.
     "ghostly.test": { mx: [{ exchange: "nothing.ghost.test", priority: 10 }, { exchange: "broken.ghostly.test", priority: 20 }] },
     "broken.ghostly.test": { servfail: true },
+    // A null MX among other MX records is no null MX (RFC 7505 3: it must be the only one): the others are used.
+    "nullplus.test": { mx: [{ exchange: "", priority: 0 }, { exchange: "mx.good.test", priority: 10 }] },
     // A failing MX host lookup is skipped for a usable one.
     "servfail-mx.test": { mx: [{ exchange: "broken.ghostly.test", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
   });
@@ -114,10 +116,11 @@ test("an MX naming this host: records at its preference and above are discarded 
   await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [backup.messageId]);
 });
 
-test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1); a failed lookup among them defers (4.4.3)", async () => {
+test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1); a failed lookup among them defers (4.4.3); a null MX among others is ignored", async () => {
   const ghost = await submit(env.pool, env.bus, { from: "", to: ["g@ghost.test"] });
   const ghostly = await submit(env.pool, env.bus, { from: "", to: ["g@ghostly.test"] });
   const skipped = await submit(env.pool, env.bus, { from: "", to: ["s@servfail-mx.test"] });
+  const nullPlus = await submit(env.pool, env.bus, { from: "", to: ["n@nullplus.test"] });
   const [bounced] = await attempted(ghost.messageId);
   assert.deepEqual([bounced!.state, bounced!.last_status], ["bounced", "5.4.4"]);
   assert.match(bounced!.last_reply ?? "", /nothing\.ghost\.test, empty\.ghost\.test/);
@@ -125,6 +128,8 @@ test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1)
   assert.deepEqual([deferred!.state, deferred!.last_status], ["deferred", "4.4.3"]);
   const [delivered] = await attempted(skipped.messageId);
   assert.deepEqual([delivered!.state, delivered!.remote_mta], ["delivered", "mx.good.test"]);
+  const [notNull] = await attempted(nullPlus.messageId);
+  assert.deepEqual([notNull!.state, notNull!.remote_mta], ["delivered", "mx.good.test"]);
   await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [ghostly.messageId]);
 });
 

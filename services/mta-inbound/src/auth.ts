@@ -155,10 +155,13 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
     headers.push(spfResult.header);
   }
   if (arcResult?.info) results.push(arcResult.info);
+  // DMARC for every From: domain, the strictest outcome counting (RFC 7489 6.6.1). mailauth's
+  // check gives up on more than one From: address, so a second From: field (or address) of the
+  // sender's own would otherwise turn DMARC off for a spoofed first one, the one clients show.
   let dmarcResult: (DMARCResult & { info?: string }) | false = false;
-  if (dkimResult.headerFrom) {
-    dmarcResult = await dmarc({
-      headerFrom: dkimResult.headerFrom,
+  for (const headerFrom of onePerDomain(dkimResult.headerFrom ?? [])) {
+    const result = await dmarc({
+      headerFrom,
       spfDomains: spfResult?.status.result === "pass" && spfResult.domain ? [spfResult.domain] : [],
       dkimDomains: (dkimResult.results ?? [])
         .filter((r) => r.status.result === "pass")
@@ -166,10 +169,27 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
       arcResult,
       resolver: input.resolver,
     });
-    if (dmarcResult.info) results.push(dmarcResult.info);
+    if (result.info) results.push(result.info);
+    if (!dmarcResult || dmarcRank(result) > dmarcRank(dmarcResult)) dmarcResult = result;
   }
   headers.push(`Authentication-Results: ${input.mta};\r\n ${results.join(";\r\n ")}`);
   return { dkim: dkimResult, spf: spfResult, dmarc: dmarcResult, arc: arcResult, bimi: false, headers: `${headers.join("\r\n")}\r\n` };
+}
+
+/** The first From: address of each domain (domains compared without regard to case). */
+function onePerDomain(addresses: string[]): string[] {
+  const byDomain = new Map<string, string>();
+  for (const address of addresses) {
+    const domain = address.slice(address.lastIndexOf("@") + 1).toLowerCase();
+    if (!byDomain.has(domain)) byDomain.set(domain, address);
+  }
+  return [...byDomain.values()];
+}
+
+/** How strict a DMARC outcome is: a failure under p=reject, then p=quarantine, then any failure. */
+function dmarcRank(result: DMARCResult): number {
+  if (result.status.result !== "fail") return 0;
+  return result.policy === "reject" ? 3 : result.policy === "quarantine" ? 2 : 1;
 }
 
 /**

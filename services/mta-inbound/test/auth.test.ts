@@ -110,6 +110,23 @@ describe("SPF, DKIM and DMARC", () => {
     assert.equal(await count(), before);
   });
 
+  test("a second From: field or address of the sender's own does not turn DMARC off: every From: domain is checked, the strictest counts", async () => {
+    const before = await count();
+    const twoFields = sampleMessage({ from: "CEO <ceo@spoofed.example>" }).replace("\r\nTo: ", "\r\nFrom: a@remote.example\r\nTo: ");
+    const reply = await deliver("a@remote.example", "user1@example.test", twoFields);
+    assert.match(reply.text, /^550 5\.7\.1 .*spoofed\.example/, reply.text);
+    const twoAddresses = await deliver("a@remote.example", "user1@example.test", sampleMessage({ from: "CEO <ceo@spoofed.example>, a@remote.example" }));
+    assert.match(twoAddresses.text, /^550 5\.7\.1 /, twoAddresses.text);
+    assert.equal(await count(), before);
+
+    // Two From: addresses that pass (SPF-aligned remote.example twice): accepted, one result per domain.
+    const ok = await deliver("a@remote.example", "user1@example.test", sampleMessage({ from: "a@remote.example, b@Remote.Example" }));
+    assert.equal(ok.code, 250, ok.text);
+    const row = await lastMessage();
+    assert.equal(row.auth_results.dmarc.result, "none");
+    assert.equal((row.raw.toString("latin1").match(/dmarc=/g) ?? []).length, 1);
+  });
+
   test("DMARC p=reject failing for a domain whose action is quarantine: accepted into Junk", async () => {
     const reply = await deliver("ceo@spoofed.example", "user2@lenient.test", sampleMessage({ from: "ceo@spoofed.example" }));
     assert.equal(reply.code, 250, reply.text);

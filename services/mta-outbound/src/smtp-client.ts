@@ -345,7 +345,13 @@ export class SmtpConnection {
     if (this.options.tls !== "none" && !this.secure) {
       if (this.extensions.has("STARTTLS")) {
         await this.startTls();
-        await this.hello();
+        // TLS 1.3 ends the client's handshake before the server has checked it: a server refusing it
+        // (an alert for a missing client certificate, a hang-up) says so at the first read, the EHLO's
+        // reply. No reply there is a failed STARTTLS, which opportunistic TLS retries in clear.
+        await this.hello().catch((error: unknown) => {
+          if (!(error instanceof SmtpError) || error.reply) throw error;
+          throw new SmtpError(`TLS session failed: ${error.message}`, { temporary: true, stage: "starttls", status: "4.7.0" });
+        });
       } else if (this.options.tls === "required") {
         throw new SmtpError("TLS is required for this destination but the server does not offer STARTTLS", { temporary: true, stage: "starttls", status: "4.7.10" });
       }

@@ -1,5 +1,9 @@
 import assert from "node:assert/strict";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { after, before, test } from "node:test";
+import { loadTlsCredentials } from "@mailstack/runtime";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, freePort, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startOutbound, type OutboundService } from "../src/service.ts";
@@ -32,6 +36,8 @@ const adverse: Array<{ domain: string; host: string; backup: boolean; script: Sc
   { domain: "bare.test", host: "127.0.0.57", backup: false, script: { greeting: "220", extensions: [], reply: (c) => (/^(EHLO|MAIL|RCPT|RSET)/.test(c) ? "250" : c === "DATA" ? "354" : undefined), dataReply: () => "250" } },
   // One message per connection, as Exim's smtp_accept_max_per_connection: the next MAIL gets 421 and the connection is closed.
   { domain: "permsg.test", host: "127.0.0.59", backup: false, script: { reply: (c, conn) => (c.startsWith("MAIL") && conn.commands.filter((x) => x.startsWith("MAIL")).length > 1 ? closing(conn, "421 4.7.0 Too many messages on this connection") : undefined) } },
+  // Accepts the connection and never greets (the greeting timeout, RFC 5321 4.5.3.2, is 2 s here).
+  { domain: "mute.test", host: "127.0.0.60", backup: true, script: { greeting: null } },
   { domain: "nodata354.test", host: "127.0.0.58", backup: false, script: { extensions: ["8BITMIME"], reply: (c) => (c === "DATA" ? "250 2.0.0 what data?" : undefined) } },
 ];
 
@@ -43,6 +49,11 @@ before(async () => {
   });
   good = await startScriptedMx("127.0.0.41", port);
   for (const a of adverse) scripted.set(a.domain, await startScriptedMx(a.host, port, a.script));
+  // Offers STARTTLS but refuses a client without a certificate, after the TLS 1.3 handshake.
+  const credentials = await loadTlsCredentials({ dir: mkdtempSync(join(tmpdir(), "relay-tls-")), hostname: "mx.certreq.test" });
+  const certreq = { domain: "certreq.test", host: "127.0.0.61", backup: false, script: { tls: { key: credentials.key, cert: credentials.cert, requestCert: true } } };
+  adverse.push(certreq);
+  scripted.set(certreq.domain, await startScriptedMx(certreq.host, port, certreq.script));
   dns = await startDns({
     "relay.test": { a: ["127.0.0.40"] },
     "mx.good.test": { a: ["127.0.0.41"] },
@@ -133,13 +144,15 @@ test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1)
   await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [ghostly.messageId]);
 });
 
-test("adverse SMTP answers: a 421 anywhere defers or moves on, a hang-up after the dot is no delivery, 251/252 and bare codes accept", async () => {
+test("adverse SMTP answers: a 421 anywhere defers or moves on, a hang-up after the dot is no delivery, a mute MX is left for the next, 251/252 and bare codes accept", async () => {
   // [recipients, expected [state, status, remote MTA] of each]
   const cases: Array<[string[], Array<[string, string, string]>]> = [
     // 421 to MAIL on a fresh connection: the next MX, in the same attempt.
     [["m@mail421.test"], [["delivered", "2.0.0", "mx.good.test"]]],
     // The server closes after the final dot without a reply: it may or may not have the message; not delivered.
     [["d@dotclose.test"], [["deferred", "4.4.2", "mx.dotclose.test"]]],
+    // The first MX never greets: after the greeting timeout, the next one.
+    [["s@mute.test"], [["delivered", "2.0.0", "mx.good.test"]]],
     // 421 as the reply to the final dot, and to DATA (no 354).
     [["d@dot421.test"], [["deferred", "4.3.2", "mx.dot421.test"]]],
     [["d@data421.test"], [["deferred", "4.3.2", "mx.data421.test"]]],
@@ -175,4 +188,12 @@ test("two pooled connections both at the server's per-connection limit (421 to M
   const [row] = await attempted(third.messageId);
   assert.deepEqual([row!.state, row!.attempts], ["delivered", 1], row!.last_reply ?? "");
   assert.equal(server.connections.filter((c) => c.messages.length > 0).length, 3, "the third message went on a connection of its own");
+});
+
+test("opportunistic TLS: a server refusing our TLS after the handshake (client certificate required) gets the message in clear", async () => {
+  const server = scripted.get("certreq.test")!;
+  const accepted = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["c@certreq.test"] });
+  const [row] = await attempted(accepted.messageId);
+  assert.deepEqual([row!.state, row!.attempts], ["delivered", 1], row!.last_reply ?? "");
+  assert.deepEqual(server.connections.map((c) => [c.secure, c.messages.length]), [[true, 0], [false, 1]], "a new connection, in clear");
 });

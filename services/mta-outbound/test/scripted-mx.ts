@@ -28,8 +28,8 @@ export interface Script {
   reply?: (command: string, connection: ScriptedConnection) => string | null | undefined;
   /** The reply to the final dot; undefined: "250 2.0.0 queued"; null: no reply. */
   dataReply?: (data: string, connection: ScriptedConnection) => string | null | undefined;
-  /** Key and certificate for STARTTLS. */
-  tls?: { key: string; cert: string };
+  /** Key and certificate for STARTTLS; requestCert: refuse a client without a certificate (after a TLS 1.3 handshake). */
+  tls?: { key: string; cert: string; requestCert?: boolean };
 }
 
 function defaultReply(command: string, script: Script): string {
@@ -120,7 +120,8 @@ export async function startScriptedMx(host: string, port: number, script: Script
         if (verb === "STARTTLS" && script.tls && reply?.startsWith("220")) {
           plain.removeListener("data", onData);
           buffer = Buffer.alloc(0);
-          const secured = new tls.TLSSocket(plain, { isServer: true, key: script.tls.key, cert: script.tls.cert });
+          const { key, cert, requestCert = false } = script.tls;
+          const secured = new tls.TLSSocket(plain, { isServer: true, key, cert, requestCert, rejectUnauthorized: requestCert });
           secured.on("error", () => undefined);
           secured.on("data", onData);
           stream = secured;

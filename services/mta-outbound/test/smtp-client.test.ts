@@ -115,6 +115,26 @@ test("STARTTLS: replies sent in clear after the 220 are discarded, not read as t
   }
 });
 
+test("a server refusing our TLS after a TLS 1.3 handshake (no client certificate): a failed STARTTLS, which opportunistic TLS retries in clear", async () => {
+  const credentials = await loadTlsCredentials({ dir: mkdtempSync(join(tmpdir(), "relay-tls-")), hostname: "mx.test" });
+  const server = await startScriptedMx("127.0.1.18", 0, { tls: { key: credentials.key, cert: credentials.cert, requestCert: true } });
+  try {
+    // TLS 1.3 ends the client's handshake before the server has checked it: the refusal (an alert)
+    // comes at the first read, the reply to the EHLO over TLS.
+    await assert.rejects(SmtpConnection.open(options(server, { tls: "opportunistic" })), (error) => {
+      assert.ok(error instanceof SmtpError);
+      assert.equal(error.stage, "starttls", error.message);
+      assert.equal(error.temporary, true);
+      return true;
+    });
+    const clear = await SmtpConnection.open(options(server, { tls: "none" }));
+    assert.equal(clear.secure, false);
+    await clear.quit();
+  } finally {
+    await server.close();
+  }
+});
+
 test("a reply nobody asked for while idle (421 idle timeout) makes the connection unusable; the next send fails before writing", async () => {
   const server = await startScriptedMx("127.0.1.6", 0);
   try {

@@ -597,12 +597,17 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     if (overBudget) throw new SmtpError(R.busy);
     scanner.finish();
     if (scanner.nul) throw new SmtpError(R.nul);
-    if (scanner.eightBitHeader && !session.envelope.smtpUtf8) throw new SmtpError(R.eightBitHeader);
     let raw: Buffer = Buffer.concat(chunks, received);
+    let eightBitHeader = scanner.eightBitHeader;
     if (scanner.bareLineEnding) {
       if (limits.bareLineEndings === "reject") throw new SmtpError(R.bareLineEnding);
       raw = normalizeLineEndings(raw);
+      // The scanner found the header section's end by CRLF CRLF only: look again at the normalised message.
+      const rescan = new BodyScanner();
+      rescan.push(raw);
+      eightBitHeader = rescan.eightBitHeader;
     }
+    if (eightBitHeader && !session.envelope.smtpUtf8) throw new SmtpError(R.eightBitHeader);
     raw = withHeaderSection(raw);
     if (receivedCount(raw) >= MAX_HOPS) throw new SmtpError(R.tooManyHops);
     if (!busUp || !busWatch.connected()) throw new SmtpError(Replies.localError);

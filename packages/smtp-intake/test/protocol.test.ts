@@ -269,6 +269,21 @@ describe("message content", () => {
     client.close();
   });
 
+  test("with normalisation configured, a message with LF line endings and an 8-bit body is not taken for one with 8-bit headers", async () => {
+    const normalizing = await startIntake(env.pool, env.bus, { limits: { bareLineEndings: "normalize" } });
+    extra.push(normalizing);
+    const client = await open(normalizing.port());
+    const body = Buffer.concat([Buffer.from("Subject: lf only\n\n"), Buffer.from("héllo wörld\n", "utf8"), Buffer.from("\r\n.\r\n")]);
+    const reply = await transaction(client, body, "MAIL FROM:<sender@remote.example> BODY=8BITMIME");
+    assert.equal(reply.code, 250, reply.text);
+    const stored = await env.pool.query<{ raw: Buffer }>("SELECT raw FROM messages ORDER BY id DESC LIMIT 1");
+    assert.ok(stored.rows[0]!.raw.toString("utf8").endsWith("Subject: lf only\r\n\r\nhéllo wörld\r\n\r\n"));
+    // An 8-bit header is still one after normalisation.
+    const header = Buffer.concat([Buffer.from("Subject: "), Buffer.from("héllo\n\nbody\n", "utf8"), Buffer.from("\r\n.\r\n")]);
+    assert.match((await transaction(client, header)).text, /^550 5\.6\.7 /);
+    client.close();
+  });
+
   test("NUL bytes are refused 554 5.6.0", async () => {
     const client = await open();
     const reply = await transaction(client, Buffer.from("Subject: nul\r\n\r\nhello\0world\r\n.\r\n", "latin1"));

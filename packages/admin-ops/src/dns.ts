@@ -1,4 +1,4 @@
-import { getDomainDkimRecord } from "@mailstack/dkim";
+import { getDomainDkimRecords } from "@mailstack/dkim";
 import type { Queryable } from "@mailstack/db";
 
 export interface DnsRecord {
@@ -19,16 +19,18 @@ export interface DnsRecordOptions {
 
 /**
  * The records an operator publishes for a served domain: MX, SPF, DKIM (when the domain has a
- * key; the record comes from @mailstack/dkim, as `mailctl domain dkim` prints it) and DMARC.
+ * key, and its pending key's during a rotation; the records come from @mailstack/dkim, as
+ * `mailctl domain dkim` prints them) and DMARC.
  */
 export async function domainDnsRecords(db: Queryable, domain: string, options: DnsRecordOptions): Promise<DnsRecord[]> {
-  const dkim = await getDomainDkimRecord(db, domain);
+  const dkim = await getDomainDkimRecords(db, domain);
   const mxHost = options.mxHost.replace(/\.$/, "");
   const records: DnsRecord[] = [
     { purpose: "mx", type: "MX", name: domain, value: mxHost, priority: 10 },
     { purpose: "spf", type: "TXT", name: domain, value: "v=spf1 mx -all" },
   ];
-  if (dkim) records.push({ purpose: "dkim", type: "TXT", name: dkim.name, value: dkim.value });
+  // During a key rotation both records are published: the pending key's before it signs.
+  for (const record of [dkim.current, dkim.pending]) if (record) records.push({ purpose: "dkim", type: "TXT", name: record.name, value: record.value });
   records.push({
     purpose: "dmarc",
     type: "TXT",

@@ -42,9 +42,16 @@ test("DNS records: MX and SPF always, DKIM from the stored key, DMARC with the c
     "TXT b.test  v=spf1 mx -all",
     "TXT _dmarc.b.test  v=DMARC1; p=none; rua=mailto:postmaster@b.test",
   ]);
-  const record = await createDomainDkimKey(db.pool, "b.test", { selector: "k1", algorithm: "ed25519-sha256" });
+  const { record } = await createDomainDkimKey(db.pool, "b.test", { selector: "k1", algorithm: "ed25519-sha256" });
   const withKey = await domainDnsRecords(db.pool, "b.test", { mxHost: "mx.example.net" });
-  assert.deepEqual(withKey.find((r) => r.purpose === "dkim"), { purpose: "dkim", type: "TXT", name: "k1._domainkey.b.test", value: record.value });
+  assert.deepEqual(withKey.filter((r) => r.purpose === "dkim"), [{ purpose: "dkim", type: "TXT", name: "k1._domainkey.b.test", value: record.value }]);
+  // A rotation: the pending key's record is to be published next to the current one.
+  const next = await createDomainDkimKey(db.pool, "b.test", { selector: "k2", algorithm: "ed25519-sha256" });
+  const rotating = await domainDnsRecords(db.pool, "b.test", { mxHost: "mx.example.net" });
+  assert.deepEqual(rotating.filter((r) => r.purpose === "dkim").map((r) => [r.name, r.value]), [
+    ["k1._domainkey.b.test", record.value],
+    ["k2._domainkey.b.test", next.record.value],
+  ]);
 });
 
 test("journey: operator sees all; the sender's tenant sees all; a recipient's tenant sees its own recipients only", async () => {

@@ -17,6 +17,10 @@ export interface DomainRow {
   dkim_selector: string | null;
   dkim_algorithm: string | null;
   dkim_private_key: string | null;
+  /** A new key whose TXT record is being published; the msa signs with it once activated. */
+  dkim_pending_selector: string | null;
+  dkim_pending_algorithm: string | null;
+  dkim_pending_private_key: string | null;
   dmarc_reject_action: "reject" | "quarantine" | "accept";
   created_at: Date;
 }

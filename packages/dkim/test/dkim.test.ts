@@ -7,7 +7,7 @@ import { dkimVerify } from "mailauth/lib/dkim/verify.js";
 import { addDomain, DirectoryError } from "@mailstack/db";
 import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
 import {
-  createDomainDkimKey, dkimDnsRecord, dkimSignatures, generateDkimKey, getDomainDkimRecord, isValidSelector,
+  activateDomainDkimKey, createDomainDkimKey, dkimDnsRecord, dkimSignatures, generateDkimKey, getDomainDkimRecord, getDomainDkimRecords, isValidSelector,
   loadDkimKeys, publicKeyValue, type DkimAlgorithm,
 } from "../src/index.ts";
 
@@ -131,7 +131,9 @@ test("signing a message in memory gives the same signatures as mailauth's own st
 test("keys are stored per domain and the published record matches the stored key", async () => {
   await addDomain(db.pool, "keys.test");
   await addDomain(db.pool, "nokey.test");
-  const record = await createDomainDkimKey(db.pool, "Keys.Test", { selector: "jan", algorithm: "ed25519-sha256" });
+  const created = await createDomainDkimKey(db.pool, "Keys.Test", { selector: "jan", algorithm: "ed25519-sha256" });
+  const { record } = created;
+  assert.equal(created.state, "active", "a domain's first key signs at once");
   assert.equal(record.name, "jan._domainkey.keys.test");
   assert.deepEqual(await getDomainDkimRecord(db.pool, "keys.test"), record);
   assert.equal(await getDomainDkimRecord(db.pool, "nokey.test"), null);
@@ -141,4 +143,41 @@ test("keys are stored per domain and the published record matches the stored key
   assert.equal(publicKeyValue(keys[0]!.privateKey, "ed25519-sha256"), record.value.split("p=")[1]);
   await assert.rejects(createDomainDkimKey(db.pool, "missing.test"), (e: unknown) => e instanceof DirectoryError && e.code === "not-found");
   await assert.rejects(createDomainDkimKey(db.pool, "keys.test", { selector: "bad selector" }), /invalid DKIM selector/);
+});
+
+test("a new key for a domain that has one waits as pending until activated; the msa's keys stay the current one", async () => {
+  await addDomain(db.pool, "rotate.test");
+  const first = await createDomainDkimKey(db.pool, "rotate.test", { selector: "old", algorithm: "ed25519-sha256" });
+  const second = await createDomainDkimKey(db.pool, "rotate.test", { selector: "new", algorithm: "rsa-sha256" });
+  assert.equal(second.state, "pending");
+  assert.equal(second.record.name, "new._domainkey.rotate.test");
+  assert.match(second.record.value, /^v=DKIM1; k=rsa; p=/);
+  assert.deepEqual(await getDomainDkimRecords(db.pool, "rotate.test"), { current: first.record, pending: second.record });
+  const signing = async () => (await loadDkimKeys(db.pool, ["rotate.test"])).map((k) => [k.selector, k.algorithm]);
+  assert.deepEqual(await signing(), [["old", "ed25519-sha256"]]);
+
+  // The pending key keeps a selector of its own, so both records can be in DNS at once.
+  await assert.rejects(createDomainDkimKey(db.pool, "rotate.test", { selector: "OLD" }), (e: unknown) => e instanceof DirectoryError && e.code === "duplicate");
+  const activated = await activateDomainDkimKey(db.pool, "rotate.test");
+  assert.deepEqual(activated, { record: second.record, replaced: first.record });
+  assert.deepEqual(await signing(), [["new", "rsa-sha256"]]);
+  const [key] = await loadDkimKeys(db.pool, ["rotate.test"]);
+  assert.equal(`v=DKIM1; k=rsa; p=${publicKeyValue(key!.privateKey, "rsa-sha256")}`, second.record.value, "the activated private key is the pending one's");
+  assert.deepEqual(await getDomainDkimRecords(db.pool, "rotate.test"), { current: second.record, pending: null });
+  await assert.rejects(activateDomainDkimKey(db.pool, "rotate.test"), (e: unknown) => e instanceof DirectoryError && e.code === "not-found");
+
+  // activateNow replaces at once (a compromised key) and drops a pending one.
+  await createDomainDkimKey(db.pool, "rotate.test", { selector: "later", algorithm: "ed25519-sha256" });
+  const now = await createDomainDkimKey(db.pool, "rotate.test", { selector: "urgent", algorithm: "ed25519-sha256", activateNow: true });
+  assert.equal(now.state, "active");
+  assert.deepEqual(now.replaced, second.record);
+  assert.deepEqual(await getDomainDkimRecords(db.pool, "rotate.test"), { current: now.record, pending: null });
+  assert.deepEqual(await signing(), [["urgent", "ed25519-sha256"]]);
+
+  // The default selector is the day's; a second key on one day gets a suffix instead of the same name.
+  await addDomain(db.pool, "daily.test");
+  const today = await createDomainDkimKey(db.pool, "daily.test", { algorithm: "ed25519-sha256" });
+  const again = await createDomainDkimKey(db.pool, "daily.test", { algorithm: "ed25519-sha256" });
+  assert.match(today.record.selector, /^ms\d{8}$/);
+  assert.equal(again.record.selector, `${today.record.selector}-2`);
 });

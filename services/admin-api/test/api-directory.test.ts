@@ -40,7 +40,7 @@ test("domains: create with a DKIM key answers with MX, SPF, DKIM and DMARC recor
   assert.equal((await h.call("POST", "/domains", { body: { name: "example.test" } })).status, 409);
 
   const rotated = await json<{ domain: { dkimSelector: string; dkimAlgorithm: string }; dnsRecords: Record_[] }>(
-    await h.call("POST", "/domains/example.test/dkim", { body: { selector: "s2", algorithm: "ed25519-sha256" } }),
+    await h.call("POST", "/domains/example.test/dkim", { body: { selector: "s2", algorithm: "ed25519-sha256", activateNow: true } }),
     201,
   );
   assert.equal(rotated.domain.dkimSelector, "s2");

@@ -41,3 +41,41 @@ test("domain dkim defaults to rsa-sha256 and refuses bad input", async () => {
   const badAlgorithm = await mailctl(["domain", "dkim", "signed.test", "--algorithm", "rsa-sha1"]);
   assert.equal(badAlgorithm.code, 2);
 });
+
+test("domain dkim rotates in two steps: a pending key to publish, then --activate", async () => {
+  await addDomain(db.pool, "rotating.test");
+  const signingSelector = async () => (await db.pool.query("SELECT dkim_selector FROM domains WHERE name = 'rotating.test'")).rows[0].dkim_selector;
+  const first = await mailctl(["domain", "dkim", "rotating.test", "--selector", "one", "--algorithm", "ed25519-sha256"]);
+  assert.equal(first.code, 0, first.stderr);
+  assert.match(first.stdout, /New key, signing now/);
+  const second = await mailctl(["domain", "dkim", "rotating.test", "--selector", "two"]);
+  assert.equal(second.code, 0, second.stderr);
+  assert.match(second.stdout, /New key, pending/);
+  assert.match(second.stdout, /name: {2}two\._domainkey\.rotating\.test/);
+  assert.match(second.stdout, /mailctl domain dkim rotating\.test --activate/);
+  assert.equal(await signingSelector(), "one", "the msa keeps signing with the published key");
+
+  const shown = await mailctl(["domain", "dkim", "rotating.test", "--show"]);
+  assert.match(shown.stdout, /Current \(the msa signs with it\): DKIM ed25519-sha256 key for rotating\.test, selector one/);
+  assert.match(shown.stdout, /Pending .*selector two/);
+
+  const reused = await mailctl(["domain", "dkim", "rotating.test", "--selector", "one"]);
+  assert.equal(reused.code, 1);
+  assert.match(reused.stderr, /selector one is the current key's/);
+
+  const activated = await mailctl(["domain", "dkim", "rotating.test", "--activate"]);
+  assert.equal(activated.code, 0, activated.stderr);
+  assert.match(activated.stdout, /Activated selector two/);
+  assert.match(activated.stdout, /one\._domainkey\.rotating\.test\) published for a few days/);
+  assert.equal(await signingSelector(), "two");
+  const nothingPending = await mailctl(["domain", "dkim", "rotating.test", "--activate"]);
+  assert.equal(nothingPending.code, 1);
+  assert.match(nothingPending.stderr, /no pending DKIM key/);
+
+  const urgent = await mailctl(["domain", "dkim", "rotating.test", "--selector", "three", "--now"]);
+  assert.equal(urgent.code, 0, urgent.stderr);
+  assert.match(urgent.stdout, /New key, signing now/);
+  assert.equal(await signingSelector(), "three");
+  const mixed = await mailctl(["domain", "dkim", "rotating.test", "--activate", "--selector", "x"]);
+  assert.equal(mixed.code, 2);
+});

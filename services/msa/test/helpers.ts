@@ -104,8 +104,8 @@ export async function seedDirectory(pool: Pool): Promise<Record<string, DkimDnsR
   await addAlias(pool, "sales@example.test", ["alice@example.test", "bob@example.test"]);
   await addAlias(pool, "alice@other.test", ["alice@example.test"]);
   await addAlias(pool, "*@other.test", ["bob@example.test"]);
-  const rsa = await createDomainDkimKey(pool, "example.test", { selector: "s1", algorithm: "rsa-sha256" });
-  const ed = await createDomainDkimKey(pool, "other.test", { selector: "s2", algorithm: "ed25519-sha256" });
+  const { record: rsa } = await createDomainDkimKey(pool, "example.test", { selector: "s1", algorithm: "rsa-sha256" });
+  const { record: ed } = await createDomainDkimKey(pool, "other.test", { selector: "s2", algorithm: "ed25519-sha256" });
   return { [rsa.name]: rsa, [ed.name]: ed };
 }
 

@@ -4,7 +4,7 @@ import {
   removeAlias, removeDomain, setAccountDisabled, setAccountPassword, setAccountQuota, transaction, type AccountRow,
   type AliasRow, type DomainRow, type Pool,
 } from "@mailstack/db";
-import { createDomainDkimKey, type DkimAlgorithm } from "@mailstack/dkim";
+import { activateDomainDkimKey, createDomainDkimKey, type DkimAlgorithm } from "@mailstack/dkim";
 import { domainDnsRecords } from "@mailstack/admin-ops";
 import { domainOfAddress, inScope, requireOperator } from "../auth.ts";
 import type { ApiConfig } from "../config.ts";
@@ -18,6 +18,8 @@ const domainView = {
     name: { type: "string" },
     dkimSelector: nullableString,
     dkimAlgorithm: nullableString,
+    dkimPendingSelector: nullableString,
+    dkimPendingAlgorithm: nullableString,
     dmarcRejectAction: { type: "string" },
     createdAt: dateTime,
   },
@@ -64,11 +66,17 @@ const dkimBody = {
   properties: {
     selector: { type: "string", minLength: 1, maxLength: 200 },
     algorithm: { type: "string", enum: ["rsa-sha256", "ed25519-sha256"] },
+    // Replace the current key at once instead of adding a pending one (a compromised key).
+    activateNow: { type: "boolean" },
   },
 } as const;
 
 function showDomain(d: DomainRow) {
-  return { name: d.name, dkimSelector: d.dkim_selector, dkimAlgorithm: d.dkim_algorithm, dmarcRejectAction: d.dmarc_reject_action, createdAt: d.created_at.toISOString() };
+  return {
+    name: d.name, dkimSelector: d.dkim_selector, dkimAlgorithm: d.dkim_algorithm,
+    dkimPendingSelector: d.dkim_pending_selector, dkimPendingAlgorithm: d.dkim_pending_algorithm,
+    dmarcRejectAction: d.dmarc_reject_action, createdAt: d.created_at.toISOString(),
+  };
 }
 
 function showAccount(a: AccountRow) {
@@ -163,9 +171,10 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
     return { domain: showDomain(domain), dnsRecords: await records(domain.name) };
   });
 
-  app.post<Params<"name"> & { Body: { selector?: string; algorithm?: DkimAlgorithm } }>("/domains/:name/dkim", {
+  app.post<Params<"name"> & { Body: { selector?: string; algorithm?: DkimAlgorithm; activateNow?: boolean } }>("/domains/:name/dkim", {
     schema: {
-      tags: ["domains"], summary: "Generate a new DKIM key for the domain (replacing the current one)",
+      tags: ["domains"],
+      summary: "Generate a new DKIM key: the domain's first key signs at once, a later one is pending until activated (or at once with activateNow)",
       params: { type: "object", properties: { name: domainString }, required: ["name"] },
       body: dkimBody,
       response: { 201: { type: "object", properties: { domain: domainView, dnsRecords: dnsRecordsView } }, ...errorResponses },
@@ -174,6 +183,19 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
     const domain = await visibleDomain(pool, request, request.params.name);
     await forField("selector", () => createDomainDkimKey(pool, domain.name, request.body ?? {}));
     reply.status(201);
+    return { domain: showDomain((await getDomain(pool, domain.name))!), dnsRecords: await records(domain.name) };
+  });
+
+  app.post<Params<"name">>("/domains/:name/dkim/activate", {
+    schema: {
+      tags: ["domains"],
+      summary: "Sign with the pending DKIM key from now on (publish its record first); keep the old key's record published for a few days",
+      params: { type: "object", properties: { name: domainString }, required: ["name"] },
+      response: { 200: { type: "object", properties: { domain: domainView, dnsRecords: dnsRecordsView } }, ...errorResponses },
+    },
+  }, async (request) => {
+    const domain = await visibleDomain(pool, request, request.params.name);
+    await activateDomainDkimKey(pool, domain.name);
     return { domain: showDomain((await getDomain(pool, domain.name))!), dnsRecords: await records(domain.name) };
   });
 

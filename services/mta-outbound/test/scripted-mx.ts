@@ -28,6 +28,8 @@ export interface Script {
   reply?: (command: string, connection: ScriptedConnection) => string | null | undefined;
   /** The reply to the final dot; undefined: "250 2.0.0 queued"; null: no reply. */
   dataReply?: (data: string, connection: ScriptedConnection) => string | null | undefined;
+  /** Every reply written one byte per TCP segment, a millisecond apart (replies split at awkward places). */
+  trickle?: boolean;
   /** Key and certificate for STARTTLS; requestCert: refuse a client without a certificate (after a TLS 1.3 handshake). */
   tls?: { key: string; cert: string; requestCert?: boolean };
 }
@@ -67,22 +69,36 @@ export async function startScriptedMx(host: string, port: number, script: Script
   const sockets = new Set<net.Socket>();
   const server = net.createServer((plain) => {
     sockets.add(plain);
+    plain.setNoDelay(true);
     let stream: net.Socket = plain;
     let buffer = Buffer.alloc(0);
     let inData = false;
+    let trickled = Promise.resolve();
     const connection: ScriptedConnection = {
       commands: [],
       messages: [],
       secure: false,
       closed: false,
       write: (text) => {
-        if (!stream.destroyed) stream.write(text);
+        if (!script.trickle) {
+          if (!stream.destroyed) stream.write(text);
+          return;
+        }
+        // Queued behind the bytes of earlier replies still trickling out.
+        for (const byte of Buffer.from(text)) {
+          trickled = trickled.then(async () => {
+            if (!stream.destroyed) stream.write(Buffer.from([byte]));
+            await new Promise((resolve) => setTimeout(resolve, 1));
+          });
+        }
       },
       // Ends the connection after the reply being written (if any); nothing more is read.
       close: () => {
         connection.closed = true;
-        setImmediate(() => stream.end());
-        setTimeout(() => stream.destroy(), 50).unref();
+        void trickled.then(() => {
+          setImmediate(() => stream.end());
+          setTimeout(() => stream.destroy(), 50).unref();
+        });
       },
     };
     connections.push(connection);

@@ -255,6 +255,30 @@ test("timeouts per stage (RFC 5321 4.5.3.2): the DATA reply and the final dot's 
   }
 });
 
+test("replies split into one TCP segment per byte (a UTF-8 character and CR LF cut apart) are read whole", async () => {
+  const server = await startScriptedMx("127.0.1.19", 0, {
+    greeting: "220-mx.test ESMTP\r\n220 ready",
+    reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550-5.1.1 no such\r\n550 5.1.1 utilisat\u00e9ur here" : undefined),
+    trickle: true,
+  });
+  try {
+    const connection = await SmtpConnection.open(options(server));
+    assert.equal(connection.greeting, "220 ready");
+    assert.ok(connection.extensions.has("PIPELINING") && connection.extensions.get("SIZE") === "10000000");
+    const result = await connection.send(envelope("good@x.test", "bad@x.test"), message, plain);
+    assert.deepEqual(
+      result.recipients.map((r) => [r.address, r.accepted, r.reply.code, r.reply.enhanced, r.reply.text]),
+      [
+        ["good@x.test", true, 250, "2.0.0", "queued"],
+        ["bad@x.test", false, 550, "5.1.1", "no such utilisat\u00e9ur here"],
+      ],
+    );
+    await connection.quit();
+  } finally {
+    await server.close();
+  }
+});
+
 /** A message of some megabytes: more than the socket takes at once, so the client waits for it to drain. */
 const bigBody = Buffer.from(`${"x".repeat(70)}\r\n`.repeat(60_000));
 

@@ -3,9 +3,13 @@ export function rfc5322Date(date = new Date()): string {
   return date.toUTCString().replace(/GMT$/, "+0000");
 }
 
-/** Keeps a client-supplied token printable and short enough for a header. */
+/**
+ * Keeps a client-supplied token (a HELO name) printable and short enough for a header, without
+ * the characters that would change how the field is read: "(", ")" and "\" (comments), '"' (an
+ * unclosed quoted string would swallow the ";" before the date) and ";" (which ends the tokens).
+ */
 function clean(text: string, max = 200): string {
-  return text.replace(/[^\x21-\x7e]/g, "").replace(/[()\\]/g, "").slice(0, max) || "unknown";
+  return text.replace(/[^\x21-\x7e]/g, "").replace(/[()\\";]/g, "").slice(0, max) || "unknown";
 }
 
 /**

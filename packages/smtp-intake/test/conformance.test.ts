@@ -288,6 +288,22 @@ describe("Received: names the recipient and the AUTH identity as they are", () =
   });
 });
 
+test("a HELO name with a quote or a semicolon cannot break our Received: (the date stays after the one ';')", async () => {
+  const client = await RawSmtp.connect(intake.port());
+  await client.reply();
+  assert.equal((await client.command('EHLO we"ird;name')).code, 250);
+  assert.equal((await client.command("MAIL FROM:<a@remote.example>")).code, 250);
+  assert.equal((await client.command("RCPT TO:<user1@example.test>")).code, 250);
+  assert.equal((await client.command("DATA")).code, 354);
+  client.write(dataPayload(sampleMessage({ subject: "odd helo" })));
+  assert.equal((await client.reply()).code, 250);
+  client.close();
+  const received = /^Received: ([^]*?)\r\n(?![ \t])/.exec((await lastStored()).raw)![1]!;
+  assert.match(received, /^from weirdname \(\[127\.0\.0\.1\]\)\r\n/);
+  assert.equal(received.split(";").length, 2, received);
+  assert.doesNotMatch(received, /"/);
+});
+
 test("DATA and RSET with an argument are 501 5.5.4 and change nothing (RFC 5321 4.1.1.4, 4.1.1.5)", async () => {
   const client = await open();
   assert.equal((await client.command("MAIL FROM:<a@remote.example>")).code, 250);

@@ -73,6 +73,10 @@ before(async () => {
     "broken.ghostly.test": { servfail: true },
     // A null MX among other MX records is no null MX (RFC 7505 3: it must be the only one): the others are used.
     "nullplus.test": { mx: [{ exchange: "", priority: 0 }, { exchange: "mx.good.test", priority: 10 }] },
+    // DNS that never answers (DNS_TIMEOUT 300ms here): for the domain, and for its preferred MX host.
+    "mute-dns.test": { silent: true },
+    "mute-mx.test": { mx: [{ exchange: "mute.mute-mx.test", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
+    "mute.mute-mx.test": { silent: true },
     // A failing MX host lookup is skipped for a usable one.
     "servfail-mx.test": { mx: [{ exchange: "broken.ghostly.test", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
   });
@@ -88,6 +92,7 @@ before(async () => {
     RELAY_DSN_INTERVAL: "200ms",
     RELAY_CONNECT_TIMEOUT: "2s",
     RELAY_GREETING_TIMEOUT: "2s",
+    DNS_TIMEOUT: "300ms",
   });
   outbound = startOutbound({ pool: env.pool, bus: env.bus, logger: createLogger("mta-outbound", "silent"), config });
 });
@@ -127,11 +132,13 @@ test("an MX naming this host: records at its preference and above are discarded 
   await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [backup.messageId]);
 });
 
-test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1); a failed lookup among them defers (4.4.3); a null MX among others is ignored", async () => {
+test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1); a failed lookup among them defers (4.4.3); DNS timeouts defer; a null MX among others is ignored", async () => {
   const ghost = await submit(env.pool, env.bus, { from: "", to: ["g@ghost.test"] });
   const ghostly = await submit(env.pool, env.bus, { from: "", to: ["g@ghostly.test"] });
   const skipped = await submit(env.pool, env.bus, { from: "", to: ["s@servfail-mx.test"] });
   const nullPlus = await submit(env.pool, env.bus, { from: "", to: ["n@nullplus.test"] });
+  const muteDns = await submit(env.pool, env.bus, { from: "", to: ["m@mute-dns.test"] });
+  const muteMx = await submit(env.pool, env.bus, { from: "", to: ["m@mute-mx.test"] });
   const [bounced] = await attempted(ghost.messageId);
   assert.deepEqual([bounced!.state, bounced!.last_status], ["bounced", "5.4.4"]);
   assert.match(bounced!.last_reply ?? "", /nothing\.ghost\.test, empty\.ghost\.test/);
@@ -141,7 +148,12 @@ test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1)
   assert.deepEqual([delivered!.state, delivered!.remote_mta], ["delivered", "mx.good.test"]);
   const [notNull] = await attempted(nullPlus.messageId);
   assert.deepEqual([notNull!.state, notNull!.remote_mta], ["delivered", "mx.good.test"]);
-  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [ghostly.messageId]);
+  // A DNS timeout is temporary, for the domain (4.4.3) as for an MX host (skipped for the next).
+  const [timedOut] = await attempted(muteDns.messageId);
+  assert.deepEqual([timedOut!.state, timedOut!.last_status], ["deferred", "4.4.3"]);
+  const [viaNext] = await attempted(muteMx.messageId);
+  assert.deepEqual([viaNext!.state, viaNext!.remote_mta], ["delivered", "mx.good.test"]);
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = ANY($1)", [[ghostly.messageId, muteDns.messageId]]);
 });
 
 test("adverse SMTP answers: a 421 anywhere defers or moves on, a hang-up after the dot is no delivery, a mute MX is left for the next, 251/252 and bare codes accept", async () => {

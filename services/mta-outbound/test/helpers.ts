@@ -12,6 +12,8 @@ const { Packet } = dns2;
 export interface ZoneEntry {
   /** Answer SERVFAIL (a broken or unreachable authoritative server). */
   servfail?: boolean;
+  /** Answer nothing at all (the query times out). */
+  silent?: boolean;
   mx?: Array<{ exchange: string; priority: number }>;
   a?: string[];
   aaaa?: string[];
@@ -35,6 +37,7 @@ export async function startDns(zone: Record<string, ZoneEntry>): Promise<{ serve
       owner = target;
     }
     const entry = zone[name];
+    if (entry?.silent) return;
     if (!entry) {
       response.header.rcode = 3; // NXDOMAIN
     } else if (entry.servfail) {

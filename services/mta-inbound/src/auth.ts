@@ -77,6 +77,12 @@ const { DkimVerifier } = require("mailauth/lib/dkim/dkim-verifier.js") as {
 const { parseHeaders } = require("mailauth/lib/tools.js") as { parseHeaders(header: Buffer): unknown };
 const { spf } = require("mailauth/lib/spf/index.js") as { spf(options: Record<string, unknown>): Promise<SPFResult & { info: string; header: string }> };
 const { dmarc } = require("mailauth/lib/dmarc/index.js") as { dmarc(options: Record<string, unknown>): Promise<DMARCResult & { info?: string }> };
+// The From: parser mailauth itself uses (its own dependency), so that both read a From: alike.
+const addressparser = createRequire(require.resolve("mailauth"))("nodemailer/lib/addressparser") as (text: string) => ParsedMailbox[];
+interface ParsedMailbox {
+  address?: string;
+  group?: ParsedMailbox[];
+}
 const { arc } = require("mailauth/lib/arc/index.js") as { arc(chain: unknown, options: Record<string, unknown>): Promise<ARCResult & { info?: string }> };
 
 export interface SpfCheck {
@@ -156,10 +162,11 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
   }
   if (arcResult?.info) results.push(arcResult.info);
   // DMARC for every From: domain, the strictest outcome counting (RFC 7489 6.6.1). mailauth's
-  // check gives up on more than one From: address, so a second From: field (or address) of the
-  // sender's own would otherwise turn DMARC off for a spoofed first one, the one clients show.
+  // check gives up on more than one From: address, and its list leaves out group members, so a
+  // second From: field (or address) of the sender's own, or a group (`From: x: a@d;`), would
+  // otherwise turn DMARC off for a spoofed address, the one clients show.
   let dmarcResult: (DMARCResult & { info?: string }) | false = false;
-  for (const headerFrom of onePerDomain(dkimResult.headerFrom ?? [])) {
+  for (const headerFrom of onePerDomain(fromAddresses(input.raw))) {
     const result = await dmarc({
       headerFrom,
       spfDomains: spfResult?.status.result === "pass" && spfResult.domain ? [spfResult.domain] : [],
@@ -174,6 +181,17 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
   }
   headers.push(`Authentication-Results: ${input.mta};\r\n ${results.join(";\r\n ")}`);
   return { dkim: dkimResult, spf: spfResult, dmarc: dmarcResult, arc: arcResult, bimi: false, headers: `${headers.join("\r\n")}\r\n` };
+}
+
+/** Every address of the message's From: fields, the members of a group (RFC 6854) included. */
+function fromAddresses(raw: Buffer): string[] {
+  const boundary = headerBoundary(raw);
+  const header = raw.subarray(0, boundary ? boundary.headerEnd : raw.length).toString("utf8");
+  const flatten = (list: ParsedMailbox[]): string[] => list.flatMap((entry) => (entry.group ? flatten(entry.group) : entry.address ? [entry.address] : []));
+  return header
+    .split(/\r?\n(?![ \t])/)
+    .filter((field) => /^from[ \t]*:/i.test(field))
+    .flatMap((field) => flatten(addressparser(field.slice(field.indexOf(":") + 1).replace(/\r?\n[ \t]/g, " ").trim())));
 }
 
 /** The first From: address of each domain (domains compared without regard to case). */

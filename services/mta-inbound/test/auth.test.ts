@@ -117,6 +117,9 @@ describe("SPF, DKIM and DMARC", () => {
     assert.match(reply.text, /^550 5\.7\.1 .*spoofed\.example/, reply.text);
     const twoAddresses = await deliver("a@remote.example", "user1@example.test", sampleMessage({ from: "CEO <ceo@spoofed.example>, a@remote.example" }));
     assert.match(twoAddresses.text, /^550 5\.7\.1 /, twoAddresses.text);
+    // Group syntax (RFC 6854) hides no address from DMARC either.
+    const group = await deliver("a@remote.example", "user1@example.test", sampleMessage({ from: "Board: CEO <ceo@spoofed.example>;" }));
+    assert.match(group.text, /^550 5\.7\.1 /, group.text);
     assert.equal(await count(), before);
 
     // Two From: addresses that pass (SPF-aligned remote.example twice): accepted, one result per domain.

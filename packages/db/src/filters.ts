@@ -46,11 +46,16 @@ export function isFolderPath(name: string): boolean {
     && name.split("/").every((segment) => segment !== "" && segment !== "." && segment !== "..");
 }
 
+/** INBOX is one folder however it is written (RFC 3501 5.1); every other name is kept as given. */
+export function canonicalFolderName(name: string): string {
+  return name.toUpperCase() === "INBOX" ? "INBOX" : name;
+}
+
 /** Folder names of filter rules: a folder path, IMAP-ish hierarchy with '/', no IMAP wildcards. */
 function requireFolder(name: string): string {
   const folder = name.trim();
   if (folder.length > 200 || !isFolderPath(folder) || /[*%]/.test(folder)) throw new DirectoryError("invalid", `invalid folder name: ${name}`);
-  return folder.toUpperCase() === "INBOX" ? "INBOX" : folder;
+  return canonicalFolderName(folder);
 }
 
 async function requireAccount(db: Queryable, address: string): Promise<{ id: number; address: string }> {

@@ -111,10 +111,10 @@ export async function importMboxStream(
   input: AsyncIterable<Buffer | string>,
   maxMessageBytes: number,
 ): Promise<ImportResult> {
-  validateFolderName(folder);
+  const target = validateFolderName(folder);
   async function* messages() {
     try {
-      for await (const message of readMboxrd(input, maxMessageBytes)) yield { ...message, folder };
+      for await (const message of readMboxrd(input, maxMessageBytes)) yield { ...message, folder: target };
     } catch (error) {
       if (error instanceof MailboxIoError) throw error;
       throw new MailboxIoError((error as MboxFormatError).tooLarge ? "too-large" : "invalid", (error as Error).message);

@@ -1,5 +1,5 @@
 import Cursor from "pg-cursor";
-import { isFolderPath, transaction, type Pool, type PoolClient } from "@mailstack/db";
+import { canonicalFolderName, isFolderPath, transaction, type Pool, type PoolClient } from "@mailstack/db";
 import { headerBoundary } from "@mailstack/mail";
 import { insertMessage } from "@mailstack/queue";
 import { mboxrdEntry } from "./mbox.ts";
@@ -23,10 +23,20 @@ export interface MailboxEntry {
   bytes: Buffer;
 }
 
-/** Folder names double as relative paths in exports: no empty, "." or ".." segments, no control characters. */
+/**
+ * Folder names double as relative paths in exports: no empty, "." or ".." segments, no control
+ * characters. Returns the name to use: INBOX however it was written ("inbox" is not a folder of its own).
+ */
 export function validateFolderName(name: string): string {
   if (!isFolderPath(name)) throw new MailboxIoError("invalid", `invalid folder name: ${JSON.stringify(name)}`);
-  return name;
+  return canonicalFolderName(name);
+}
+
+/** The folder to export: its name as stored, or not-found (an empty export would look like a backup). */
+export async function existingFolder(pool: Pool, accountId: number, name: string): Promise<string> {
+  const folder = validateFolderName(name);
+  if (!(await listFolders(pool, accountId)).includes(folder)) throw new MailboxIoError("not-found", `no such folder: ${folder}`);
+  return folder;
 }
 
 export async function listFolders(pool: Pool, accountId: number): Promise<string[]> {
@@ -202,8 +212,7 @@ export async function importMessages(
   };
   try {
     for await (const message of messages) {
-      validateFolderName(message.folder);
-      batch.push(message);
+      batch.push({ ...message, folder: validateFolderName(message.folder) });
       batchBytes += message.raw.length;
       if (batch.length >= BATCH_MESSAGES || batchBytes >= BATCH_BYTES) await flush();
     }

@@ -1,6 +1,6 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdir, mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { addAccount, addDomain, transaction } from "@mailstack/db";
@@ -171,6 +171,37 @@ test("a folder stored with a name that climbs out of a path (an old filter rule'
   const inbox = await h.call("GET", "/accounts/gina@io.test/export?format=eml&folder=INBOX");
   assert.equal(inbox.status, 200);
   await inbox.arrayBuffer();
+});
+
+test("INBOX is one folder however it is written, and exporting a folder that does not exist is refused, not an empty export", async () => {
+  await addAccount(h.db.pool, { address: "hana@io.test", password: "pw" });
+  const eml = Buffer.from("Subject: one\r\n\r\nhi\r\n");
+  const viaEml = await h.call("POST", "/accounts/hana@io.test/import?format=eml&folder=inbox", { raw: eml, contentType: "message/rfc822" });
+  assert.deepEqual(await viaEml.json(), { imported: 1, bytes: eml.length, folders: ["INBOX"] });
+  const mbox = Buffer.from("From a@b.test Thu Jan  1 00:00:00 1970\nSubject: two\n\nbody\n\n");
+  const viaMbox = await h.call("POST", "/accounts/hana@io.test/import?format=mbox&folder=Inbox", { raw: mbox, contentType: "application/mbox" });
+  assert.equal(viaMbox.status, 200, await viaMbox.clone().text());
+  assert.deepEqual(((await viaMbox.json()) as { folders: string[] }).folders, ["INBOX"]);
+  const file = path.join(work, "hana.mbox");
+  await writeFile(file, mbox);
+  const viaCli = await mailctl(h.db.url, ["mailbox", "import", "hana@io.test", "--format", "mbox", "--input", file, "--folder", "iNbOx"]);
+  assert.equal(viaCli.code, 0, viaCli.stderr);
+  const folders = await h.db.pool.query("SELECT DISTINCT folder FROM mailbox_entries WHERE account_id = $1", [await accountId("hana@io.test")]);
+  assert.deepEqual(folders.rows.map((r) => r.folder), ["INBOX"]);
+  const exported = await h.call("GET", "/accounts/hana@io.test/export?format=mbox&folder=inbox");
+  assert.equal(exported.status, 200);
+  assert.equal((await exported.text()).match(/^From /gm)?.length, 3);
+
+  for (const format of ["mbox", "eml"]) {
+    const missing = await h.call("GET", `/accounts/hana@io.test/export?format=${format}&folder=Archive`);
+    assert.equal(missing.status, 404, format);
+    assert.match(((await missing.json()) as { message: string }).message, /no such folder: Archive/);
+    const output = path.join(work, `hana-missing-${format}`);
+    const cli = await mailctl(h.db.url, ["mailbox", "export", "hana@io.test", "--format", format, "--folder", "Archive", "--output", output]);
+    assert.equal(cli.code, 1, `${format}: ${cli.stdout}`);
+    assert.match(cli.stderr, /no such folder: Archive/);
+    await assert.rejects(readdir(output).catch(async () => readFile(output)), `${format}: nothing written`);
+  }
 });
 
 test("API: mbox export streams the same bytes mailctl writes, and import through the API round-trips", async () => {

@@ -2,7 +2,7 @@ import { Readable } from "node:stream";
 import type { FastifyInstance } from "fastify";
 import { isFolderPath, type Pool } from "@mailstack/db";
 import {
-  emlFiles, emlMessages, importMboxStream, importMessages, listFolders, MailboxIoError, mboxStream, readTar, tarStream,
+  emlFiles, emlMessages, existingFolder, importMboxStream, importMessages, listFolders, MailboxIoError, mboxStream, readTar, tarStream,
   validateFolderName,
 } from "@mailstack/mailbox-io";
 import type { ApiConfig } from "../config.ts";
@@ -67,11 +67,12 @@ export function mailboxRoutes(app: FastifyInstance, pool: Pool, config: ApiConfi
     },
   }, async (request, reply) => {
     const account = await visibleAccount(pool, request, request.params.address);
-    const { format, folder } = request.query;
-    checkFolder(folder);
+    const { format } = request.query;
+    checkFolder(request.query.folder);
+    // A missing folder is a 404 in both formats, not an empty export.
+    const folder = request.query.folder === undefined ? undefined : await existingFolder(pool, account.id, request.query.folder);
     if (format === "mbox") {
-      const name = folder ?? "INBOX";
-      if (!(await listFolders(pool, account.id)).includes(name)) throw new ApiError(404, `no such folder: ${name}`);
+      const name = folder ?? await existingFolder(pool, account.id, "INBOX");
       reply.type(MBOX).header("content-disposition", `attachment; filename="${safeFileName(`${account.address}-${name}`)}.mbox"`);
       return reply.send(Readable.from(mboxStream(pool, account.id, name)));
     }

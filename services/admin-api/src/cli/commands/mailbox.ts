@@ -2,7 +2,7 @@ import { stat } from "node:fs/promises";
 import { parseSize } from "@mailstack/config";
 import { DirectoryError, getAccount, type Pool } from "@mailstack/db";
 import {
-  emlFiles, emlMessages, exportMboxDirectory, exportMboxFile, importMboxPath, importMessages, MailboxIoError,
+  emlFiles, emlMessages, existingFolder, exportMboxDirectory, exportMboxFile, importMboxPath, importMessages, MailboxIoError,
   readEmlDirectory, validateFolderName, writeEmlDirectory,
 } from "@mailstack/mailbox-io";
 import { parse } from "../args.ts";
@@ -41,10 +41,10 @@ register(
       const kind = format(values.format);
       if (!values.output) throw new UsageError("--output PATH is needed");
       const output = values.output;
-      const folder = values.folder;
       await refusals(async () => {
-        if (folder !== undefined) validateFolderName(folder);
+        if (values.folder !== undefined) validateFolderName(values.folder);
         const id = await accountId(pool, positionals[0]!);
+        const folder = values.folder === undefined ? undefined : await existingFolder(pool, id, values.folder);
         if (kind === "mbox" && folder !== undefined) {
           await exportMboxFile(pool, id, folder, output);
           out(`exported ${positionals[0]} ${folder} to ${output}`);

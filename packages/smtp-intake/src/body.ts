@@ -111,3 +111,33 @@ export function withHeaderSection(raw: Buffer): Buffer {
   const firstLine = raw.subarray(0, end < 0 ? raw.length : end).toString("latin1");
   return FIELD_START.test(firstLine) ? raw : Buffer.concat([Buffer.from("\r\n"), raw]);
 }
+
+/**
+ * The message without the Authentication-Results: fields that claim our authserv-id. They did
+ * not come from us, and RFC 8601 5 says they MUST be deleted: a forged "dkim=pass" under our
+ * name would be believed downstream. Other fields, others' results included, stay byte for byte.
+ * mta-inbound applies it to every message, the msa to every submission (a user's forgery).
+ */
+export function withoutOurResults(raw: Buffer, authservId: string): Buffer {
+  const boundary = headerBoundary(raw);
+  const headerEnd = boundary ? boundary.headerEnd : raw.length;
+  const header = raw.subarray(0, headerEnd).toString("latin1");
+  if (!/^authentication-results[ \t]*:/im.test(header)) return raw;
+  const fields: string[][] = [];
+  for (const line of header.split("\r\n")) {
+    if ((line.startsWith(" ") || line.startsWith("\t")) && fields.length > 0) fields[fields.length - 1]!.push(line);
+    else fields.push([line]);
+  }
+  const ours = authservId.toLowerCase();
+  const kept = fields.filter((lines) => {
+    const field = /^authentication-results[ \t]*:(.*)$/is.exec(lines.join("\r\n"));
+    if (!field) return true;
+    // authserv-id: the first token after any comments, perhaps quoted (RFC 8601 2.2).
+    const id = /^[^\s;(]+/.exec(field[1]!.replace(/^(?:\s|\([^()]*\))*/, ""))?.[0]?.replace(/^"(.*)"$/, "$1");
+    return id?.toLowerCase() !== ours;
+  });
+  if (kept.length === fields.length) return raw;
+  // With no field left, the CRLF that ended the last one goes too (the empty line stays).
+  const rest = kept.length > 0 ? raw.subarray(headerEnd) : raw.subarray(Math.min(headerEnd + 2, raw.length));
+  return Buffer.concat([Buffer.from(kept.flat().join("\r\n"), "latin1"), rest]);
+}

@@ -68,7 +68,7 @@ export { addressReply, createIntakeServer, defaultLimits, SmtpError } from "./se
 export type { AcceptedRecipient, IncomingMessage, IntakeLimits, IntakeOptions, IntakeServer, IntakeSession, TransformResult } from "./server.ts";
 export { intakeShape, limitsFromConfig, type IntakeConfig } from "./config.ts";
 export { AcceptBatcher, type AcceptBatcherOptions } from "./batcher.ts";
-export { BodyScanner, hasBareLineEnding, headerValue, normalizeLineEndings, withHeaderSection } from "./body.ts";
+export { BodyScanner, hasBareLineEnding, headerValue, normalizeLineEndings, withHeaderSection, withoutOurResults } from "./body.ts";
 export { checkParameters } from "./params.ts";
 export { GuardReplies, guardCommands, refuseArguments, refuseBareLf, refuseEmptyData, type CommandGuard, type GuardedConnection } from "./guard.ts";
 export { receivedHeader, rfc5322Date, type ReceivedFields } from "./received.ts";

@@ -5,7 +5,7 @@ import { createSigningPool, loadDkimKeys, type DkimSigningKey } from "@mailstack
 import { Replies, addressKey, reply, splitAddress, type SmtpReply } from "@mailstack/mail";
 import { startSweeper, type AcceptedMessage } from "@mailstack/queue";
 import {
-  createIntakeServer, SmtpError, type IncomingMessage, type IntakeLimits, type IntakeServer, type IntakeSession, type TransformResult,
+  createIntakeServer, SmtpError, withoutOurResults, type IncomingMessage, type IntakeLimits, type IntakeServer, type IntakeSession, type TransformResult,
 } from "@mailstack/smtp-intake";
 import { Counter, registry, type Logger } from "@mailstack/telemetry";
 import { createAuthenticator, pruneCounters, type AuthLimits, type ConnectionAuthState, type SubmissionUser } from "./auth.ts";
@@ -191,7 +191,8 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
       const transaction = stateOf(message.session).transaction;
       if (!transaction) throw new SmtpError(Replies.badSequence);
       const { identity } = transaction;
-      const fixed = fixMessage(message.raw, {
+      // A submission is mail from outside our checks too: no result may claim to be ours (RFC 8601 5).
+      const fixed = fixMessage(withoutOurResults(message.raw, settings.hostname), {
         user: identity.user.username,
         owned: identity.owned,
         envelopeFrom: message.sender,

@@ -182,3 +182,21 @@ test("a recipient named again in another case or quoting counts once toward the 
     await limited.stop();
   }
 });
+
+test("a submitted Authentication-Results: that claims our host name is deleted (RFC 8601 5); another host's stays", async () => {
+  const client = await overStartTls();
+  assert.equal((await client.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`)).code, 235);
+  assert.equal((await client.command("MAIL FROM:<alice@example.test>")).code, 250);
+  assert.equal((await client.command("RCPT TO:<bob@example.test>")).code, 250);
+  assert.equal((await client.command("DATA")).code, 354);
+  const theirs = "Authentication-Results: mx.remote.example; spf=pass smtp.mailfrom=remote.example";
+  client.write(`Authentication-Results: MSA.example.test; dkim=pass header.d=bank.example\r\n${theirs}\r\nFrom: alice@example.test\r\nSubject: forged\r\n\r\nx\r\n.\r\n`);
+  const done = await client.reply();
+  assert.equal(done.code, 250, done.text);
+  client.close();
+  const queueId = /queued as (\w+)/.exec(done.text)![1];
+  const row = await env.pool.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE queue_id = $1", [queueId]);
+  const raw = row.rows[0]!.raw.toString("latin1");
+  assert.doesNotMatch(raw, /bank\.example/);
+  assert.ok(raw.includes(`\r\n${theirs}\r\nFrom: alice@example.test\r\n`), raw);
+});

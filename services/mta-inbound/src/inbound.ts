@@ -3,9 +3,9 @@ import type { Bus } from "@mailstack/bus";
 import { DirectoryCache, resolveRecipient, type Pool, type Resolution } from "@mailstack/db";
 import { reply, srsReverse, isSrsAddress, type SrsSettings } from "@mailstack/mail";
 import { startSweeper } from "@mailstack/queue";
-import { SmtpError, createIntakeServer, defaultLimits, intakeShape, type IntakeLimits, type IntakeServer } from "@mailstack/smtp-intake";
+import { SmtpError, createIntakeServer, defaultLimits, intakeShape, withoutOurResults, type IntakeLimits, type IntakeServer } from "@mailstack/smtp-intake";
 import type { Logger } from "@mailstack/telemetry";
-import { createAuthCheck, createResolver, withoutOurResults } from "./auth.ts";
+import { createAuthCheck, createResolver } from "./auth.ts";
 
 /** mta-inbound's settings, on top of the common ones and the SMTP bounds (SMTP_*). */
 export const inboundShape = {

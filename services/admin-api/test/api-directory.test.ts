@@ -61,6 +61,10 @@ test("domains: create with a DKIM key answers with MX, SPF, DKIM and DMARC recor
   const list = await json<{ domains: { name: string }[] }>(await h.call("GET", "/domains"), 200);
   assert.deepEqual(list.domains.map((d) => d.name), ["example.test", "plain.test"]);
   assert.equal((await h.call("GET", "/domains/none.test")).status, 404);
+  // Every field of a new key is optional: a POST with no body at all takes the defaults.
+  const keyed = await json<{ domain: { dkimSelector: string | null; dkimAlgorithm: string | null } }>(await h.call("POST", "/domains/plain.test/dkim"), 201);
+  assert.ok(keyed.domain.dkimSelector);
+  assert.equal(keyed.domain.dkimAlgorithm, "rsa-sha256");
 });
 
 test("accounts: create, password change, quota, disable/enable, delete; mailctl sees the same directory", async () => {

@@ -179,9 +179,13 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
       body: dkimBody,
       response: { 201: { type: "object", properties: { domain: domainView, dnsRecords: dnsRecordsView } }, ...errorResponses },
     },
+    // Every field is optional, so a POST with no body at all (`curl -X POST`) is the defaults.
+    preValidation: async (request) => {
+      request.body ??= {};
+    },
   }, async (request, reply) => {
     const domain = await visibleDomain(pool, request, request.params.name);
-    await forField("selector", () => createDomainDkimKey(pool, domain.name, request.body ?? {}));
+    await forField("selector", () => createDomainDkimKey(pool, domain.name, request.body));
     reply.status(201);
     return { domain: showDomain((await getDomain(pool, domain.name))!), dnsRecords: await records(domain.name) };
   });

@@ -70,6 +70,7 @@ export class DestinationResolver {
   /** Our own host name (MAIL_HOSTNAME), lower case: an MX naming it is ourselves. */
   readonly ownName: string;
   private readonly resolver: dns.promises.Resolver;
+  private own: { at: number; addresses: Promise<Set<string>> } | null = null;
 
   constructor(config: DestinationConfig, ownName = "") {
     this.config = config;
@@ -101,8 +102,9 @@ export class DestinationResolver {
       if (mx === null) {
         // No MX: the domain itself is the implicit MX (RFC 5321 5.1).
         if (domain.toLowerCase() === this.ownName) throw this.loop(domain);
-        const addresses = await this.addresses(domain);
+        const [addresses, own] = await Promise.all([this.addresses(domain), this.ownAddresses()]);
         if (addresses.length === 0) throw new DestinationError(`${domain} has no MX and no address records`, false, "5.1.2");
+        if (addresses.some((a) => own.has(a))) throw this.loop(domain);
         span.setAttribute("mail.destination.implicit_mx", true);
         return { ...base, hosts: [{ hostname: domain, preference: 0, addresses }] };
       }
@@ -116,46 +118,58 @@ export class DestinationResolver {
         list.push(record.exchange.toLowerCase().replace(/\.$/, ""));
         byPreference.set(record.priority, list);
       }
-      // RFC 5321 5.1: when we are one of the MX hosts, that record and every one at the same or a
-      // higher preference value are discarded (a backup MX at our preference would be ourselves);
-      // nothing left means the mail would loop back to us, and it is returned as undeliverable.
-      const own = records.filter((r) => this.ownName !== "" && r.exchange.toLowerCase().replace(/\.$/, "") === this.ownName);
-      const ownPreference = own.length > 0 ? Math.min(...own.map((r) => r.priority)) : Infinity;
       const hosts: TargetHost[] = [];
-      for (const preference of [...byPreference.keys()].filter((p) => p < ownPreference).sort((a, b) => a - b)) {
+      for (const preference of [...byPreference.keys()].sort((a, b) => a - b)) {
         for (const hostname of shuffle(byPreference.get(preference)!)) {
           hosts.push({ hostname, preference, addresses: [] });
         }
       }
-      let dnsTrouble = false;
-      await Promise.all(
-        hosts.map(async (host) => {
+      const troubled = new Set<TargetHost>();
+      const [own] = await Promise.all([
+        this.ownAddresses(),
+        ...hosts.map(async (host) => {
           // An MX names a host, never an address (RFC 1123 2.1: a host name is never dotted-decimal):
           // "MX 10 192.0.2.1" is a broken record, skipped as Postfix and Exim do.
-          if (net.isIP(host.hostname)) return;
+          if (net.isIP(host.hostname) || host.hostname === this.ownName) return;
           try {
             host.addresses = await this.addresses(host.hostname);
           } catch {
-            dnsTrouble = true; // SERVFAIL, timeout: this host may well have addresses
+            troubled.add(host); // SERVFAIL, timeout: this host may well have addresses
           }
         }),
-      );
-      if (hosts.length === 0 && own.length > 0) throw this.loop(domain);
-      const reachable = hosts.filter((h) => h.addresses.length > 0);
-      span.setAttribute("mail.destination.mx_count", hosts.length);
+      ]);
+      // RFC 5321 5.1: when we are one of the MX hosts (by one of our names or addresses), that record
+      // and every one at the same or a higher preference value are discarded (a backup MX at our
+      // preference is ourselves); nothing left means the mail would loop back to us, and it is
+      // returned as undeliverable.
+      const ours = hosts.filter((h) => h.hostname === this.ownName || h.addresses.some((a) => own.has(a)));
+      const ownPreference = Math.min(Infinity, ...ours.map((h) => h.preference));
+      const candidates = hosts.filter((h) => h.preference < ownPreference);
+      if (candidates.length === 0 && ours.length > 0) throw this.loop(domain);
+      const reachable = candidates.filter((h) => h.addresses.length > 0);
+      span.setAttribute("mail.destination.mx_count", candidates.length);
       if (reachable.length === 0) {
-        if (dnsTrouble) throw new DestinationError(`no MX host of ${domain} has an address (DNS lookups failed)`, true, "4.4.3");
+        if (candidates.some((h) => troubled.has(h))) throw new DestinationError(`no MX host of ${domain} has an address (DNS lookups failed)`, true, "4.4.3");
         // RFC 5321 5.1: MX records none of which is usable are an error. Every answer was final
         // (no such host, no A/AAAA, an address in place of a name): bounce, as Postfix and Exim do.
-        throw new DestinationError(`no MX host of ${domain} exists with an address (${hosts.map((h) => h.hostname).join(", ")})`, false, "5.4.4");
+        throw new DestinationError(`no MX host of ${domain} exists with an address (${candidates.map((h) => h.hostname).join(", ")})`, false, "5.4.4");
       }
       return { ...base, hosts: reachable };
     });
   }
 
-  /** X.4.6 "routing loop detected" (RFC 3463): the best MX of a domain we do not serve is this host. */
+  /** X.4.6 "routing loop detected" (RFC 3463): the best MX (by name or address) of a domain we do not serve is this host. */
   private loop(domain: string): DestinationError {
-    return new DestinationError(`mail for ${domain} loops back to myself (${this.ownName} is its best MX)`, false, "5.4.6");
+    return new DestinationError(`mail for ${domain} loops back to myself (its best MX is this host, ${this.ownName})`, false, "5.4.6");
+  }
+
+  /** The addresses our own name resolves to (kept a minute); none when it does not resolve. */
+  private ownAddresses(): Promise<Set<string>> {
+    if (this.ownName === "") return Promise.resolve(new Set());
+    if (!this.own || Date.now() - this.own.at > 60_000) {
+      this.own = { at: Date.now(), addresses: this.addresses(this.ownName).then((list) => new Set(list), () => new Set()) };
+    }
+    return this.own.addresses;
   }
 
   /** A and AAAA records of a host (IPv4 first); [] when it has none; throws on DNS trouble. */

@@ -65,6 +65,11 @@ before(async () => {
     "loop.test": { mx: [{ exchange: "RELAY.TEST.", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
     // A host equal in preference to us is discarded with us; a better one is used.
     "equal-us.test": { mx: [{ exchange: "mx.good.test", priority: 5 }, { exchange: "relay.test", priority: 10 }, { exchange: "down.primary.test", priority: 10 }] },
+    // The same by address: an MX host (or the implicit MX) with this host's address is this host.
+    "alias-us.test": { mx: [{ exchange: "down.primary.test", priority: 10 }, { exchange: "mx.alias-us.test", priority: 20 }] },
+    "mx.alias-us.test": { a: ["127.0.0.40"] },
+    "alias-best.test": { mx: [{ exchange: "mx.alias-us.test", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
+    "implicit-us.test": { a: ["127.0.0.40"] },
     // MX hosts that do not exist (NXDOMAIN) or have no A/AAAA (NODATA): final answers.
     "ghost.test": { mx: [{ exchange: "nothing.ghost.test", priority: 10 }, { exchange: "empty.ghost.test", priority: 20 }] },
     "empty.ghost.test": {},
@@ -114,10 +119,13 @@ async function attempted(messageId: number) {
 
 const rcptsTo = (server: typeof good, domain: string) => server.commands().filter((c) => c.startsWith("RCPT") && c.includes(`@${domain}>`));
 
-test("an MX naming this host: records at its preference and above are discarded (RFC 5321 5.1), never sent to ourselves", async () => {
+test("an MX naming this host, or with its address: records at its preference and above are discarded (RFC 5321 5.1), never sent to ourselves", async () => {
   const backup = await submit(env.pool, env.bus, { from: "alice@origin.test", to: ["b@backup.test"] });
   const loop = await submit(env.pool, env.bus, { from: "", to: ["l@loop.test"] });
   const equal = await submit(env.pool, env.bus, { from: "", to: ["e@equal-us.test"] });
+  const aliasBackup = await submit(env.pool, env.bus, { from: "", to: ["a@alias-us.test"] });
+  const aliasBest = await submit(env.pool, env.bus, { from: "", to: ["a@alias-best.test"] });
+  const implicit = await submit(env.pool, env.bus, { from: "", to: ["i@implicit-us.test"] });
   // The primary is down and we are only the backup: a temporary failure, not our own "relay denied" bounce.
   const [deferred] = await attempted(backup.messageId);
   assert.deepEqual([deferred!.state, deferred!.last_status], ["deferred", "4.4.1"]);
@@ -127,9 +135,16 @@ test("an MX naming this host: records at its preference and above are discarded 
   assert.match(looped!.last_reply ?? "", /loops back to myself/);
   const [delivered] = await attempted(equal.messageId);
   assert.deepEqual([delivered!.state, delivered!.remote_mta], ["delivered", "mx.good.test"]);
+  // By address (RFC 5321 5.1: "any of the names or addresses by which it might be known").
+  const [aliasDeferred] = await attempted(aliasBackup.messageId);
+  assert.deepEqual([aliasDeferred!.state, aliasDeferred!.last_status], ["deferred", "4.4.1"]);
+  for (const m of [aliasBest, implicit]) {
+    const [row] = await attempted(m.messageId);
+    assert.deepEqual([row!.state, row!.last_status], ["bounced", "5.4.6"], row!.final_recipient);
+  }
   assert.equal(ourselves.connections.length, 0, "no connection to our own address");
-  assert.equal(rcptsTo(good, "loop.test").length, 0, "an MX less preferred than us is not tried");
-  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [backup.messageId]);
+  assert.equal(rcptsTo(good, "loop.test").length + rcptsTo(good, "alias-best.test").length, 0, "an MX less preferred than us is not tried");
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = ANY($1)", [[backup.messageId, aliasBackup.messageId]]);
 });
 
 test("MX hosts that do not exist or have no address bounce (5.4.4, RFC 5321 5.1); a failed lookup among them defers (4.4.3); DNS timeouts defer; a null MX among others is ignored", async () => {

@@ -9,7 +9,7 @@ import { installAuth } from "./auth.ts";
 import type { ApiConfig } from "./config.ts";
 import { installErrorHandler, installNulGuard } from "./errors.ts";
 import { installMetrics } from "./metrics.ts";
-import { directoryRoutes } from "./routes/directory.ts";
+import { directoryRoutes, documentOptionalBodies } from "./routes/directory.ts";
 import { filterRoutes } from "./routes/filters.ts";
 import { journeyRoutes } from "./routes/journey.ts";
 import { documentMailboxBodies, mailboxRoutes } from "./routes/mailbox.ts";
@@ -47,7 +47,7 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
       components: { securitySchemes: { bearer: { type: "http", scheme: "bearer" } } },
       security: [{ bearer: [] }],
     },
-    transformObject: (document) => ("openapiObject" in document ? documentMailboxBodies(document.openapiObject) : document.swaggerObject),
+    transformObject: (document) => ("openapiObject" in document ? documentOptionalBodies(documentMailboxBodies(document.openapiObject)) : document.swaggerObject),
   });
   await app.register(swaggerUi, { routePrefix: "/docs" });
 

@@ -105,6 +105,14 @@ export async function visibleAccount(pool: Pool, request: FastifyRequest, addres
 
 type Params<K extends string> = { Params: Record<K, string> };
 
+/** @fastify/swagger marks every request body required; a new DKIM key's may be left out. */
+export function documentOptionalBodies<T extends object>(document: T): T {
+  const paths = (document as { paths?: Record<string, Record<string, { requestBody?: { required?: boolean } }>> }).paths;
+  const body = paths?.["/domains/{name}/dkim"]?.post?.requestBody;
+  if (body) body.required = false;
+  return document;
+}
+
 /**
  * A refusal of addAlias with the field at fault: an invalid target is a 400 naming `targets.N`
  * (it was reported as `address`), and a target in a served domain that has no such account or

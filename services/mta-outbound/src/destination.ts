@@ -154,7 +154,14 @@ export class DestinationResolver {
         // (no such host, no A/AAAA, an address in place of a name): bounce, as Postfix and Exim do.
         throw new DestinationError(`no MX host of ${domain} exists with an address (${candidates.map((h) => h.hostname).join(", ")})`, false, "5.4.4");
       }
-      return { ...base, hosts: reachable };
+      // An address behind two MX names is tried once, for the more preferred one (Postfix does the
+      // same): a dead or refusing server is not waited for twice in one attempt.
+      const tried = new Set<string>();
+      for (const host of reachable) {
+        host.addresses = host.addresses.filter((address) => !tried.has(address));
+        for (const address of host.addresses) tried.add(address);
+      }
+      return { ...base, hosts: reachable.filter((h) => h.addresses.length > 0) };
     });
   }
 

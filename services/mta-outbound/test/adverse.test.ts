@@ -38,6 +38,8 @@ const adverse: Array<{ domain: string; host: string; backup: boolean; script: Sc
   { domain: "permsg.test", host: "127.0.0.59", backup: false, script: { reply: (c, conn) => (c.startsWith("MAIL") && conn.commands.filter((x) => x.startsWith("MAIL")).length > 1 ? closing(conn, "421 4.7.0 Too many messages on this connection") : undefined) } },
   // Accepts the connection and never greets (the greeting timeout, RFC 5321 4.5.3.2, is 2 s here).
   { domain: "mute.test", host: "127.0.0.60", backup: true, script: { greeting: null } },
+  // Refuses service at its greeting; listed under two MX names (dup.test).
+  { domain: "greet554.test", host: "127.0.0.62", backup: false, script: { greeting: "554 5.3.2 not now" } },
   { domain: "nodata354.test", host: "127.0.0.58", backup: false, script: { extensions: ["8BITMIME"], reply: (c) => (c === "DATA" ? "250 2.0.0 what data?" : undefined) } },
 ];
 
@@ -82,6 +84,10 @@ before(async () => {
     "mute-dns.test": { silent: true },
     "mute-mx.test": { mx: [{ exchange: "mute.mute-mx.test", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
     "mute.mute-mx.test": { silent: true },
+    // Two MX names for one address: it is tried once per attempt.
+    "dup.test": { mx: [{ exchange: "one.dup.test", priority: 10 }, { exchange: "two.dup.test", priority: 20 }] },
+    "one.dup.test": { a: ["127.0.0.62"] },
+    "two.dup.test": { a: ["127.0.0.62"] },
     // A failing MX host lookup is skipped for a usable one.
     "servfail-mx.test": { mx: [{ exchange: "broken.ghostly.test", priority: 10 }, { exchange: "mx.good.test", priority: 20 }] },
   });
@@ -223,4 +229,13 @@ test("opportunistic TLS: a server refusing our TLS after the handshake (client c
   const [row] = await attempted(accepted.messageId);
   assert.deepEqual([row!.state, row!.attempts], ["delivered", 1], row!.last_reply ?? "");
   assert.deepEqual(server.connections.map((c) => [c.secure, c.messages.length]), [[true, 0], [false, 1]], "a new connection, in clear");
+});
+
+test("an address behind two MX names is tried once per attempt", async () => {
+  const server = scripted.get("greet554.test")!;
+  const accepted = await submit(env.pool, env.bus, { from: "", to: ["d@dup.test"] });
+  const [row] = await attempted(accepted.messageId);
+  assert.deepEqual([row!.state, row!.remote_mta], ["deferred", "one.dup.test"]);
+  assert.equal(server.connections.length, 1);
+  await env.pool.query("UPDATE deliveries SET state = 'cancelled' WHERE message_id = $1", [accepted.messageId]);
 });

@@ -225,6 +225,17 @@ export async function setAccountQuota(db: Queryable, address: string, quotaBytes
   await db.query("UPDATE accounts SET quota_bytes = $2 WHERE id = $1", [account.id, quotaBytes]);
 }
 
+/**
+ * The APOP secret (RFC 1939 section 7), kept as given because APOP digests it with the server's
+ * greeting; null turns APOP off for the account. It is a credential of its own: a password change
+ * leaves it as it is.
+ */
+export async function setAccountApopSecret(db: Queryable, address: string, secret: string | null): Promise<void> {
+  if (secret !== null && (!secret || secret.length > 1024)) throw new DirectoryError("invalid", "the APOP secret must be 1 to 1024 characters");
+  const account = await requireAccount(db, address);
+  await db.query("UPDATE accounts SET apop_secret = $2 WHERE id = $1", [account.id, secret]);
+}
+
 export async function setAccountDisabled(db: Queryable, address: string, disabled: boolean): Promise<void> {
   const account = await requireAccount(db, address);
   await db.query("UPDATE accounts SET disabled = $2 WHERE id = $1", [account.id, disabled]);

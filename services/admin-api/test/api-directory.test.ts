@@ -94,6 +94,15 @@ test("accounts: create, password change, quota, disable/enable, delete; mailctl 
   const enabled = await json<{ disabled: boolean }>(await h.call("PATCH", "/accounts/alice@example.test", { body: { disabled: false } }), 200);
   assert.equal(enabled.disabled, false);
   assert.equal((await h.call("PATCH", "/accounts/alice@example.test", { body: {} })).status, 400);
+  // The APOP secret: set, refused when empty, removed with null.
+  const apopSecret = async () => (await h.db.pool.query("SELECT apop_secret FROM accounts WHERE address = 'alice@example.test'")).rows[0].apop_secret;
+  await json(await h.call("PATCH", "/accounts/alice@example.test", { body: { apopSecret: "tanstaaf" } }), 200);
+  assert.equal(await apopSecret(), "tanstaaf");
+  const emptySecret = await h.call("PATCH", "/accounts/alice@example.test", { body: { apopSecret: "" } });
+  assert.equal(emptySecret.status, 400);
+  assert.equal(((await emptySecret.json()) as { field: string }).field, "apopSecret");
+  await json(await h.call("PATCH", "/accounts/alice@example.test", { body: { apopSecret: null } }), 200);
+  assert.equal(await apopSecret(), null);
 
   const viaCli = await mailctl(h.db.url, ["account", "add", "carol@example.test", "--password", "pw"]);
   assert.equal(viaCli.code, 0, viaCli.stderr);

@@ -2,7 +2,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { addAccount, addDomain, removeAccount } from "@mailstack/db";
-import { assertNoLoginTimingOracle, createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { assertNoLoginTimingOracle, createTestEnv, runMailctl, waitFor, type TestEnv } from "@mailstack/testkit";
 import type { Pop3Server } from "../src/server.ts";
 import { createAccount, fileMessage, PopClient, startTestServer, unstuff, type TestAccount } from "./helpers.ts";
 
@@ -281,6 +281,28 @@ test("authentication: wrong password -ERR [AUTH]; AUTH PLAIN with initial respon
   assert.match(await g3.client.command(`APOP ${apopAccount.address} ${digest("apop-shared-secret", stamp3)}`), /^\+OK maildrop has 0/);
   await g3.client.command("QUIT");
   c2.close();
+});
+
+test("APOP for an account whose secret an operator set with mailctl, and off again with --disable", async () => {
+  const account = await plain("apop-admin@example.test");
+  const set = await runMailctl(env.db.url, ["account", "apop", account.address], "Grüße secret\n");
+  assert.equal(set.code, 0, set.stderr);
+  const digest = (greeting: string, secret: string) => createHash("md5").update(greeting.slice(greeting.indexOf("<")) + secret).digest("hex");
+  const first = await PopClient.connect(server.port);
+  assert.match(await first.client.command(`APOP ${account.address} ${digest(first.greeting, "Grüße secret")}`), /^\+OK maildrop has 0/);
+  await first.client.command("QUIT");
+  // A password change leaves the APOP secret alone; --disable removes it.
+  assert.equal((await runMailctl(env.db.url, ["account", "passwd", account.address], "new-pw\n")).code, 0);
+  const second = await PopClient.connect(server.port);
+  assert.match(await second.client.command(`APOP ${account.address} ${digest(second.greeting, "Grüße secret")}`), /^\+OK/);
+  await second.client.command("QUIT");
+  const off = await runMailctl(env.db.url, ["account", "apop", account.address, "--disable"]);
+  assert.equal(off.code, 0, off.stderr);
+  const third = await PopClient.connect(server.port);
+  assert.match(await third.client.command(`APOP ${account.address} ${digest(third.greeting, "Grüße secret")}`), /^-ERR \[AUTH\] APOP is not enabled/);
+  third.client.close();
+  const empty = await runMailctl(env.db.url, ["account", "apop", account.address], "\n");
+  assert.equal(empty.code, 2, "an empty secret is refused");
 });
 
 test("bounds: over-long lines and pipelined commands", async () => {

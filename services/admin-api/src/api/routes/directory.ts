@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from "fastify";
 import {
   DirectoryError, addAccount, addAlias, addDomain, getAccount, getDomain, pageAccounts, pageAliases, pageDomains, removeAccount,
-  removeAlias, removeDomain, setAccountDisabled, setAccountPassword, setAccountQuota, transaction, type AccountRow,
+  removeAlias, removeDomain, setAccountApopSecret, setAccountDisabled, setAccountPassword, setAccountQuota, transaction, type AccountRow,
   type AliasRow, type DomainRow, type Pool,
 } from "@mailstack/db";
 import { activateDomainDkimKey, createDomainDkimKey, type DkimAlgorithm } from "@mailstack/dkim";
@@ -266,9 +266,9 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
     },
   }, async (request) => showAccount(await visibleAccount(pool, request, request.params.address)));
 
-  app.patch<Params<"address"> & { Body: { password?: string; quotaBytes?: number | null; disabled?: boolean } }>("/accounts/:address", {
+  app.patch<Params<"address"> & { Body: { password?: string; quotaBytes?: number | null; disabled?: boolean; apopSecret?: string | null } }>("/accounts/:address", {
     schema: {
-      tags: ["accounts"], summary: "Change an account's password, quota (null: unlimited) or disabled state",
+      tags: ["accounts"], summary: "Change an account's password, quota (null: unlimited), disabled state or APOP secret (null: APOP off)",
       params: { type: "object", properties: { address: addressString }, required: ["address"] },
       body: {
         type: "object", additionalProperties: false, minProperties: 1,
@@ -276,6 +276,7 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
           password: { type: "string", minLength: 1, maxLength: 1024 },
           quotaBytes: { ...byteCount, type: ["integer", "null"] },
           disabled: { type: "boolean" },
+          apopSecret: { type: ["string", "null"], minLength: 1, maxLength: 1024 },
         },
       },
       response: { 200: accountView, ...errorResponses },
@@ -287,6 +288,7 @@ export function directoryRoutes(app: FastifyInstance, pool: Pool, config: ApiCon
       if (body.password !== undefined) await forField("password", () => setAccountPassword(client, account.address, body.password!));
       if (body.quotaBytes !== undefined) await forField("quotaBytes", () => setAccountQuota(client, account.address, body.quotaBytes!));
       if (body.disabled !== undefined) await setAccountDisabled(client, account.address, body.disabled);
+      if (body.apopSecret !== undefined) await forField("apopSecret", () => setAccountApopSecret(client, account.address, body.apopSecret!));
     });
     return showAccount((await getAccount(pool, account.address))!);
   });

@@ -1,6 +1,6 @@
 import {
   addAccount, addAlias, addDomain, pageAccounts, pageAliases, pageDomains, removeAccount, removeAlias,
-  removeDomain, setAccountDisabled, setAccountPassword, setAccountQuota, type KeyedRows,
+  removeDomain, setAccountApopSecret, setAccountDisabled, setAccountPassword, setAccountQuota, type KeyedRows,
 } from "@mailstack/db";
 import { parse, sizeArgument } from "../args.ts";
 import { register, UsageError, type CommandContext } from "../registry.ts";
@@ -92,6 +92,17 @@ register(
         : await passwordFrom(values, context);
       await setAccountPassword(context.pool, positionals[0]!, password);
       context.out(`password changed for ${positionals[0]}`);
+    },
+  },
+  {
+    name: "account apop",
+    usage: "account apop ADDRESS [--disable]   (the APOP secret from standard input; --disable turns APOP off)",
+    async run(args, context) {
+      const { values, positionals } = parse(args, { disable: { type: "boolean" } }, { min: 1, max: 1 });
+      const secret = values.disable ? null : (await context.readStdin()).replace(/\r?\n$/, "");
+      if (secret === "") throw new UsageError("no APOP secret on standard input");
+      await setAccountApopSecret(context.pool, positionals[0]!, secret);
+      context.out(secret === null ? `APOP disabled for ${positionals[0]}` : `APOP secret set for ${positionals[0]}`);
     },
   },
   {

@@ -187,6 +187,18 @@ test("input PostgreSQL cannot hold is a 400 naming the field, never a 500", asyn
   const badTarget = await h.call("POST", "/aliases", { body: { address: "al@limits.test", targets: ["l@limits.test", "user%x@limits.test"] } });
   assert.equal(badTarget.status, 400);
   assert.equal(((await badTarget.json()) as { field: string }).field, "targets.1");
+  // The longest addresses work in a path as in a body: 64 octets of local part, 254 in all.
+  const longDomain = `${"d".repeat(62)}.${"o".repeat(62)}.${"a".repeat(51)}.limits.test`;
+  assert.equal(longDomain.length, 189);
+  assert.equal((await h.call("POST", "/domains", { body: { name: longDomain } })).status, 201);
+  const longAddress = `${"é".repeat(32)}@${longDomain}`;
+  assert.equal((await h.call("POST", "/accounts", { body: { address: longAddress, password: "pw" } })).status, 201);
+  const inPath = `/accounts/${encodeURIComponent(longAddress)}`;
+  assert.equal((await h.call("GET", inPath)).status, 200);
+  assert.equal((await h.call("PATCH", inPath, { body: { disabled: true } })).status, 200);
+  assert.equal((await h.call("GET", `${inPath}/filters`)).status, 200);
+  assert.equal((await h.call("GET", `/domains/${longDomain}`)).status, 200);
+  assert.equal((await h.call("DELETE", inPath)).status, 204);
   // Unicode and upper-case domains, trailing dots: one normal form everywhere.
   const idn = await h.call("POST", "/domains", { body: { name: "Bücher.Limits.TEST." } });
   assert.equal(idn.status, 201);

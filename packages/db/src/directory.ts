@@ -155,7 +155,13 @@ export async function removeDomain(db: Queryable, name: string): Promise<void> {
   if (Number(used.rows[0].n) > 0) {
     throw new DirectoryError("in-use", `domain ${domain.name} still has accounts or aliases; remove them first`);
   }
-  await db.query("DELETE FROM domains WHERE id = $1", [domain.id]);
+  // Its tenant tokens go with it: kept, they would govern the domain again if it were ever
+  // added back, perhaps for someone else. One statement, so both happen or neither.
+  await db.query(
+    `WITH gone AS (DELETE FROM domains WHERE id = $1 RETURNING name)
+     UPDATE api_tokens SET revoked_at = now() WHERE domain IN (SELECT name FROM gone) AND revoked_at IS NULL`,
+    [domain.id],
+  );
 }
 
 async function assertAddressFree(db: Queryable, address: string): Promise<void> {

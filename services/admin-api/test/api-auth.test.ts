@@ -149,6 +149,26 @@ test("a tenant token sees and changes only its own domain; other tenants look li
   assert.equal(row.rows[0].disabled, false);
 });
 
+test("removing a domain revokes its tenant tokens: adding the domain back does not bring them back to life", async () => {
+  assert.equal((await h.call("POST", "/domains", { body: { name: "moved.test" } })).status, 201);
+  const created = await mailctl(h.db.url, ["token", "create", "tenant-moved", "--domain", "moved.test"]);
+  assert.equal(created.code, 0, created.stderr);
+  const token = created.stdout.trim().split("\n").at(-1)!;
+  assert.equal((await h.call("GET", "/domains/moved.test", { token })).status, 200);
+  assert.equal((await h.call("DELETE", "/domains/moved.test")).status, 204);
+  assert.equal((await h.call("GET", "/domains", { token })).status, 401);
+  assert.match((await mailctl(h.db.url, ["token", "list"])).stdout, /^tenant-moved\tdomain=moved\.test\t.*\trevoked /m);
+  // The domain comes back, for a new tenant: the old token stays out.
+  assert.equal((await h.call("POST", "/domains", { body: { name: "moved.test" } })).status, 201);
+  assert.equal((await h.call("GET", "/domains/moved.test", { token })).status, 401);
+  assert.equal((await h.call("POST", "/accounts", { token, body: { address: "x@moved.test", password: "pw" } })).status, 401);
+  // mailctl's domain remove is the same operation.
+  const again = await mailctl(h.db.url, ["token", "create", "tenant-moved-2", "--domain", "moved.test"]);
+  const second = again.stdout.trim().split("\n").at(-1)!;
+  assert.equal((await mailctl(h.db.url, ["domain", "remove", "moved.test"])).code, 0);
+  assert.equal((await h.call("GET", "/domains", { token: second })).status, 401);
+});
+
 test("with API_DOCS_PUBLIC=false the OpenAPI document needs a token too", async () => {
   const closed = await startHarness({ API_DOCS_PUBLIC: false });
   try {

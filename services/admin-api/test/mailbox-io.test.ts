@@ -192,6 +192,11 @@ test("INBOX is one folder however it is written, and exporting a folder that doe
   assert.equal(exported.status, 200);
   assert.equal((await exported.text()).match(/^From /gm)?.length, 3);
 
+  // An empty message/rfc822 upload (curl's @file that could not be read) imports nothing.
+  const empty = await h.call("POST", "/accounts/hana@io.test/import?format=eml", { raw: Buffer.alloc(0), contentType: "message/rfc822" });
+  assert.equal(empty.status, 400, await empty.clone().text());
+  assert.equal((await h.db.pool.query("SELECT count(*)::int AS n FROM mailbox_entries WHERE account_id = $1", [await accountId("hana@io.test")])).rows[0].n, 3);
+
   for (const format of ["mbox", "eml"]) {
     const missing = await h.call("GET", `/accounts/hana@io.test/export?format=${format}&folder=Archive`);
     assert.equal(missing.status, 404, format);

@@ -112,6 +112,8 @@ export function mailboxRoutes(app: FastifyInstance, pool: Pool, config: ApiConfi
       if (format === "mbox") return await importMboxStream(pool, account.id, folder ?? "INBOX", body, limit);
       if (request.headers["content-type"]?.split(";")[0]!.trim().toLowerCase() === EML) {
         const raw = await readBounded(body, limit);
+        // `curl --data-binary @file` sends nothing when the file cannot be read: that is no message.
+        if (raw.length === 0) throw new ApiError(400, "the request body is empty: no message to import");
         return await importMessages(pool, account.id, emlMessages(single({ path: "message.eml", bytes: raw, mtime: new Date() }), folder));
       }
       return await importMessages(pool, account.id, emlMessages(readTar(body, limit), folder));

@@ -282,9 +282,22 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
       );
     }
     const replies = new Map<string, string | ReplyError>();
+    // Final recipients whose failure a failure reply tells the client, which then bounces it.
+    const told = new Set<string>();
     for (const rcpt of recipients) {
       const reply = replyFor((routesOf.get(rcpt) ?? []).map((route) => outcomes.get(route.address) ?? "queued"));
       replies.set(rcpt.address.toLowerCase(), typeof reply === "string" ? `${reply} (${accepted.queueId})` : reply);
+      if (typeof reply !== "string") for (const route of routesOf.get(rcpt) ?? []) told.add(route.address);
+    }
+    // A copy shared by several RCPTs (an alias whose members all failed, a member also named
+    // alone) was bounced with a DSN of ours; when a failure reply covers it, the client's bounce
+    // is the one, so ours is dropped. (A crash just before this gives two bounces, never none.)
+    const doubled = accepted.deliveries.filter((d) => d.kind === "local" && told.has(d.finalRecipient) && !singleFinal.has(d.finalRecipient)).map((d) => d.id);
+    if (doubled.length > 0) {
+      await ctx.pool.query(
+        "UPDATE deliveries SET dsn_state = 'suppressed', updated_at = now() WHERE id = ANY($1) AND state = 'bounced' AND dsn_state = 'pending'",
+        [doubled],
+      ).catch((error) => ctx.logger.warn({ err: error }, "could not suppress a DSN the LMTP client will send itself"));
     }
     return replies;
   };

@@ -471,3 +471,46 @@ test("LHLO offers SMTPUTF8; a UTF-8 transaction is filed with 'with UTF8LMTP' in
   const row = (await entries("ok2@example.test")).find((r) => r.raw.toString().includes("utf8-over-lmtp"))!;
   assert.match(row.raw.toString(), /^Received: from client\.example \(\[127\.0\.0\.1\]\)\r\n\tby mx\.example\.test \(mailstack\) with UTF8LMTP id /);
 });
+
+test("a full mailbox reached through several RCPTs is bounced once: by the client when its RCPT got the failure, else by our DSN", async () => {
+  await account(env.pool, "full2@example.test", 100);
+  await addAlias(env.pool, "fulls@example.test", ["full@example.test", "full2@example.test"]);
+  await addAlias(env.pool, "mixed@example.test", ["full2@example.test", "ok2@example.test"]);
+  const transaction = async (subject: string, recipients: string[]) => {
+    const client = await session();
+    await client.command("MAIL FROM:<sender@remote.example>");
+    for (const r of recipients) assert.match(await client.command(`RCPT TO:<${r}>`), /^250 /);
+    assert.match(await client.command("DATA"), /^354 /);
+    client.write(`${message(subject, "x\r\n".repeat(60))}.\r\n`);
+    const replies = [];
+    for (let i = 0; i < recipients.length; i++) replies.push(await client.reply());
+    client.close();
+    const rows = (await env.pool.query(
+      `SELECT d.final_recipient, d.state, d.dsn_state FROM deliveries d JOIN messages m ON m.id = d.message_id
+        WHERE m.message_id_header = $1 ORDER BY d.id`,
+      [`<${subject.replace(/\W/g, "")}@remote.example>`],
+    )).rows;
+    return { replies, rows };
+  };
+  // Every member of the alias is full: the client is told 552 and bounces; no DSN of ours.
+  const all = await transaction("alias all full", ["fulls@example.test", "ok1@example.test"]);
+  assert.match(all.replies[0]!, /^552 5\.2\.2 /);
+  assert.match(all.replies[1]!, /^250 /);
+  assert.deepEqual(all.rows, [
+    { final_recipient: "full@example.test", state: "bounced", dsn_state: "suppressed" },
+    { final_recipient: "full2@example.test", state: "bounced", dsn_state: "suppressed" },
+    { final_recipient: "ok1@example.test", state: "delivered", dsn_state: null },
+  ]);
+  // A member named alone as well: its RCPT gets the 552, so the client's bounce covers it.
+  const alone = await transaction("member named alone", ["full@example.test", "fulls@example.test"]);
+  assert.match(alone.replies[0]!, /^552 5\.2\.2 /);
+  assert.match(alone.replies[1]!, /^552 5\.2\.2 /);
+  assert.deepEqual(alone.rows.map((r) => r.dsn_state), ["suppressed", "suppressed"]);
+  // Part of the alias was delivered: the client hears 250, so the full member's bounce is our DSN.
+  const mixed = await transaction("alias partly full", ["mixed@example.test"]);
+  assert.match(mixed.replies[0]!, /^250 2\.0\.0 Delivered/);
+  assert.deepEqual(mixed.rows, [
+    { final_recipient: "full2@example.test", state: "bounced", dsn_state: "pending" },
+    { final_recipient: "ok2@example.test", state: "delivered", dsn_state: null },
+  ]);
+});

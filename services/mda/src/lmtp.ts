@@ -102,20 +102,28 @@ function lmtpReceived(session: SMTPServerSession, hostname: string, queueId: str
   });
 }
 
+interface EarlierCopy {
+  queueId: string;
+  state: string;
+  reply: SmtpReply | null;
+}
+
 /**
- * The replies already given for the same message: a client that lost our replies after the
- * final dot (a dropped connection, a timeout) sends the message again, and RFC 2033 clients
- * such as Postfix then log "message may be sent more than once". The same Message-ID, envelope
- * sender and bytes through LMTP within the window is that retransmission: its recipients get
- * the earlier outcome again instead of a second copy. A copy that was cancelled because the
- * client was told to retry (452) is not an earlier outcome.
+ * The copies already made of the same message, by final recipient: a client that lost our
+ * replies after the final dot (a dropped connection, a timeout) sends the message again, and
+ * RFC 2033 clients such as Postfix then log "message may be sent more than once". The same
+ * Message-ID, envelope sender and bytes through LMTP within the window is that retransmission:
+ * its recipients get the earlier outcome again instead of a second copy. They are matched by
+ * final recipient, not by RCPT, because a copy serves every RCPT that reached that mailbox (an
+ * alias and its member named alone). A copy that was cancelled because the client was told to
+ * retry (452) is not an earlier outcome.
  */
-async function earlierReplies(pool: Pool, raw: Buffer, from: string, windowMs: number): Promise<Map<string, string | ReplyError>> {
-  const found = new Map<string, string | ReplyError>();
+async function earlierCopies(pool: Pool, raw: Buffer, from: string, windowMs: number): Promise<Map<string, EarlierCopy[]>> {
+  const found = new Map<string, EarlierCopy[]>();
   const messageId = headerValue(raw, "message-id");
   if (!messageId || windowMs <= 0) return found;
-  const result = await pool.query<{ queue_id: string; recipient: string; state: string; last_reply: string | null }>(
-    `SELECT m.queue_id, d.recipient, d.state, d.last_reply
+  const result = await pool.query<{ queue_id: string; final_recipient: string; state: string; last_reply: string | null }>(
+    `SELECT m.queue_id, d.final_recipient, d.state, d.last_reply
        FROM messages m JOIN deliveries d ON d.message_id = m.id
       WHERE m.message_id_header = $1 AND m.source = 'lmtp' AND m.envelope_from = $2
         AND m.received_at > now() - make_interval(secs => $3) AND length(m.raw) > $4
@@ -123,20 +131,20 @@ async function earlierReplies(pool: Pool, raw: Buffer, from: string, windowMs: n
       ORDER BY m.id, d.id`,
     [messageId, from, windowMs / 1000, raw.length, raw],
   );
-  const byRecipient = new Map<string, Array<{ queueId: string; state: string; reply: SmtpReply | null }>>();
   for (const row of result.rows) {
-    const key = row.recipient.toLowerCase();
-    const list = byRecipient.get(key) ?? [];
+    const list = found.get(row.final_recipient) ?? [];
     list.push({ queueId: row.queue_id, state: row.state, reply: row.last_reply ? parseReply(row.last_reply) : null });
-    byRecipient.set(key, list);
-  }
-  for (const [recipient, rows] of byRecipient) {
-    const queueId = rows[0]!.queueId;
-    if (rows.every((r) => r.state === "bounced" && r.reply)) found.set(recipient, refusal(rows[0]!.reply!));
-    else if (rows.every((r) => r.state === "delivered" || r.state === "bounced")) found.set(recipient, `2.0.0 Delivered (${queueId}), a copy of a message already received`);
-    else found.set(recipient, `2.0.0 Queued for delivery (${queueId}), a copy of a message already received`);
+    found.set(row.final_recipient, list);
   }
   return found;
+}
+
+/** The reply given again to an RCPT whose every final recipient has an earlier copy. */
+function earlierReply(copies: EarlierCopy[]): string | ReplyError {
+  const queueId = copies[0]!.queueId;
+  if (copies.every((c) => c.state === "bounced" && c.reply)) return refusal(copies[0]!.reply!);
+  if (copies.every((c) => c.state === "delivered" || c.state === "bounced")) return `2.0.0 Delivered (${queueId}), a copy of a message already received`;
+  return `2.0.0 Queued for delivery (${queueId}), a copy of a message already received`;
 }
 
 /**
@@ -204,13 +212,20 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     const raw = read.raw;
     const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
     const replies = new Map<string, string | ReplyError>();
-    const earlier = await earlierReplies(ctx.pool, raw, from, options.duplicateWindow ?? 0);
-    // One entry per recipient (smtp-server merged repeats), minus those the earlier copy covers.
-    const recipients = session.envelope.rcptTo.filter((rcpt) => {
-      const before = earlier.get(rcpt.address.toLowerCase());
-      if (before) replies.set(rcpt.address.toLowerCase(), before);
-      return !before;
-    });
+    const earlier = await earlierCopies(ctx.pool, raw, from, options.duplicateWindow ?? 0);
+    // One entry per recipient (smtp-server merged repeats): one whose every final recipient has
+    // an earlier copy gets that outcome again; the others are filed for the rest of theirs.
+    const recipients: SMTPServerAddress[] = [];
+    for (const rcpt of session.envelope.rcptTo) {
+      const routes = routesOf.get(rcpt) ?? [];
+      const fresh = routes.filter((route) => !earlier.has(route.address));
+      if (routes.length > 0 && fresh.length === 0) {
+        replies.set(rcpt.address.toLowerCase(), earlierReply(routes.flatMap((route) => earlier.get(route.address)!)));
+        continue;
+      }
+      routesOf.set(rcpt, fresh);
+      recipients.push(rcpt);
+    }
     if (recipients.length > 0) {
       for (const [address, reply] of await acceptAndFile(raw, from, session, recipients)) replies.set(address, reply);
     }

@@ -514,3 +514,25 @@ test("a full mailbox reached through several RCPTs is bounced once: by the clien
     { final_recipient: "ok2@example.test", state: "delivered", dsn_state: null },
   ]);
 });
+
+test("a retransmission to an alias and one of its members files no second copy for that member", async () => {
+  const body = message("alias and member sent twice", "same bytes\r\n");
+  const transaction = async () => {
+    const client = await session();
+    await client.command("MAIL FROM:<retry@remote.example>");
+    assert.match(await client.command("RCPT TO:<team@example.test>"), /^250 /);
+    assert.match(await client.command("RCPT TO:<ok1@example.test>"), /^250 /);
+    assert.match(await client.command("DATA"), /^354 /);
+    client.write(`${body}.\r\n`);
+    const replies = [await client.reply(), await client.reply()];
+    client.close();
+    return replies;
+  };
+  const first = await transaction();
+  const queueId = /\(([0-9A-Z]+)\)/.exec(first[0]!)![1]!;
+  const again = await transaction();
+  for (const reply of again) assert.match(reply, new RegExp(`^250 2\\.0\\.0 Delivered \\(${queueId}\\), a copy of a message already received`));
+  for (const address of ["ok1@example.test", "ok2@example.test"]) {
+    assert.equal((await entries(address)).filter((r) => /alias and member sent twice/.test(r.raw.toString())).length, 1, address);
+  }
+});

@@ -3,6 +3,7 @@ import { ConfigError, commonShape, isFullyQualified, loadConfig, port, type Comm
 import { createPool, migrate, type Pool } from "@mailstack/db";
 import { connectBus, provisionBus, type Bus } from "@mailstack/bus";
 import { createLogger, startOpsServer, stopTelemetry, type Logger } from "@mailstack/telemetry";
+import { watchNatsLink } from "./nats-link.ts";
 export * from "./tls.ts";
 export * from "./tls-reload.ts";
 
@@ -63,11 +64,12 @@ export async function runService<S extends z.ZodRawShape>(definition: ServiceDef
   const bus = await retry(() => connectBus({ url: config.NATS_URL, name: definition.name, prefix: config.BUS_PREFIX }), logger, "NATS");
   await provisionBus(bus);
   logger.info("NATS reachable, streams and consumers in place");
+  const natsLink = watchNatsLink(bus.nc, logger);
 
   const ops = await startOpsServer({
     port: config[definition.opsPortVariable] as number,
     ready: async () => {
-      if (shuttingDown || !service || bus.nc.isClosed()) return false;
+      if (shuttingDown || !service || !natsLink.connected()) return false;
       await pool.query("SELECT 1");
       return service.ready ? service.ready() : true;
     },

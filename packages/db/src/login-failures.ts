@@ -12,10 +12,13 @@ export interface FailureCounts {
   account: number;
 }
 
-/** The one key form for a login name: the address's lookup key, or the lower-cased name when it is none. */
+/**
+ * The one key form for a login name: the address's lookup key, or the lower-cased name when it is
+ * none (without NUL characters, which PostgreSQL's text cannot hold: a client may send them).
+ */
 export function loginKey(name: string): string {
   const parsed = parseAddress(name.trim(), { utf8: true });
-  return parsed.ok ? parsed.key : name.trim().toLowerCase().slice(0, 320);
+  return parsed.ok ? parsed.key : name.replaceAll("\0", "").trim().toLowerCase().slice(0, 320);
 }
 
 /** Failures of this IP and of this login name within the current window. */

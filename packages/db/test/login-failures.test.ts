@@ -16,6 +16,8 @@ test("one key form for a login name, whichever service counts the failure", () =
   assert.equal(loginKey("alice@example.test"), "alice@example.test");
   assert.equal(loginKey(" Not An Address "), "not an address");
   assert.equal(loginKey("x".repeat(400)).length, 320);
+  assert.equal(loginKey("ali\0ce"), "alice", "PostgreSQL text cannot hold NUL");
+  assert.ok(!loginKey("alice\0@example.test").includes("\0"));
 });
 
 test("failures count per IP and per login name within the window, then a new window starts", async () => {

@@ -27,7 +27,8 @@ export async function recordFailure(pool: Pool, ip: string, name: string, limits
 
 /** USER/PASS and AUTH PLAIN: the account when the password matches and the account is enabled. */
 export async function checkPassword(pool: Pool, name: string, password: string): Promise<Account | null> {
-  const account = await getAccount(pool, name);
+  // A name with NUL is no account's (and PostgreSQL's text cannot hold it).
+  const account = name.includes("\0") ? null : await getAccount(pool, name);
   // Unknown and disabled accounts cost the same scrypt run as a wrong password (no timing oracle).
   const valid = await verifyAccountPassword(password, account?.password_hash);
   if (!account || !valid || account.disabled) return null;
@@ -38,7 +39,7 @@ export type ApopResult = Account | "not-enabled" | null;
 
 /** APOP (RFC 1939 section 7): MD5 of the greeting's timestamp and the account's stored secret. */
 export async function checkApop(pool: Pool, name: string, timestamp: string, digest: string): Promise<ApopResult> {
-  const account = await getAccount(pool, name);
+  const account = name.includes("\0") ? null : await getAccount(pool, name);
   if (!account || account.disabled || !account.apop_secret) return "not-enabled";
   const expected = Buffer.from(createHash("md5").update(timestamp + account.apop_secret).digest("hex"));
   const given = Buffer.from(digest.toLowerCase());

@@ -305,6 +305,19 @@ test("APOP for an account whose secret an operator set with mailctl, and off aga
   assert.equal(empty.code, 2, "an empty secret is refused");
 });
 
+test("a NUL in a login name is a wrong login like any other, not an internal error that drops the client", async () => {
+  const account = await plain("nul@example.test");
+  const { client } = await PopClient.connect(server.port);
+  assert.equal(await client.command("USER nul\0@example.test"), "+OK send PASS");
+  assert.equal(await client.command("PASS secret-pw"), "-ERR [AUTH] invalid user name or password");
+  assert.match(await client.command("APOP nul\0@example.test 0123456789abcdef0123456789abcdef"), /^-ERR \[AUTH\] APOP is not enabled/);
+  assert.equal(await client.command("NOOP"), "-ERR command not valid before authentication", "the session goes on");
+  const failures = await env.pool.query("SELECT failures FROM auth_failures WHERE scope = 'ip' AND key = '127.0.0.1'");
+  assert.ok(failures.rows[0].failures >= 2, "counted against the client's IP");
+  assert.match(await client.login(account), /^\+OK/);
+  await client.command("QUIT");
+});
+
 test("bounds: over-long lines and pipelined commands", async () => {
   const account = await plain("bounds@example.test");
   await fileMessage(env.pool, account.id, "Subject: p\r\n\r\nq\r\n");

@@ -32,7 +32,7 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
     return503OnClosing: true,
     // A path segment is an address (up to 320 characters, each non-ASCII byte of it sent as %XX);
     // Fastify's default of 100 answered 414 for a longer one the API itself had created.
-    maxParamLength: 4096,
+    routerOptions: { maxParamLength: 4096 },
     forceCloseConnections: "idle",
   });
   otel ??= new FastifyOtelInstrumentation();

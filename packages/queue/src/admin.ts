@@ -1,10 +1,21 @@
 import { transaction, type Pool, type Queryable } from "@mailstack/db";
+import { normalizeDomain } from "@mailstack/mail";
 import { recordEvents } from "./events.ts";
 
 /** Queue operations shared by mailctl and the admin API. */
 
 export type DeliveryState = "queued" | "deferred" | "delivered" | "bounced" | "cancelled";
 const STATES: DeliveryState[] = ["queued", "deferred", "delivered", "bounced", "cancelled"];
+
+/**
+ * A destination domain as deliveries store it (lower case, IDN as A-labels, no final dot), so
+ * that "Bücher.example." finds the deliveries to xn--bcher-kva.example.
+ */
+function destinationDomain(domain: string): string {
+  const normal = normalizeDomain(domain);
+  if (normal === null) throw new QueueError("invalid", `invalid domain: ${domain}`);
+  return normal;
+}
 
 export class QueueError extends Error {
   readonly kind: "not-found" | "invalid" | "conflict";
@@ -102,7 +113,7 @@ export async function listQueue(db: Queryable, filter: QueueFilter = {}): Promis
   const values: unknown[] = [after, limit + 1];
   let byDomain = "";
   if (filter.domain !== undefined) {
-    values.push(filter.domain);
+    values.push(destinationDomain(filter.domain));
     byDomain = ` AND remote_domain = lower($${values.length})`;
   }
   const ranges = states.map((state) => {
@@ -172,7 +183,7 @@ export async function retryDeliveries(pool: Pool, target: { id: number } | { dom
         )
       : await client.query<{ id: number; message_id: number }>(
           "UPDATE deliveries SET next_attempt_at = now(), updated_at = now() WHERE remote_domain = lower($1) AND state = 'deferred' RETURNING id, message_id",
-          [target.domain],
+          [destinationDomain(target.domain)],
         );
     if ("id" in target && result.rows.length === 0) {
       const exists = await client.query<{ state: string }>("SELECT state FROM deliveries WHERE id = $1", [target.id]);

@@ -89,6 +89,22 @@ test("delete cancels waiting deliveries without a bounce; the journey and mailct
   assert.equal(cli.stdout.trim().split("\n").length, 3);
 });
 
+test("a destination domain is found however it is written: Unicode or A-labels, any case, a final dot", async () => {
+  // Routing stores the domain as the address parser gives it: A-labels.
+  const idn = await accept(["x@xn--bcher-kva.test"]);
+  const id = idn.deliveries[0]!.id;
+  await h.db.pool.query("UPDATE deliveries SET state = 'deferred', next_attempt_at = now() + interval '1 hour' WHERE id = $1", [id]);
+  for (const written of ["bücher.test", "BÜCHER.test.", "xn--bcher-kva.test"]) {
+    const listed = (await (await h.call("GET", `/queue?state=deferred&domain=${encodeURIComponent(written)}`)).json()) as Entries;
+    assert.deepEqual(listed.entries.map((e) => e.id), [id], written);
+  }
+  const retried = await h.call("POST", `/queue/domains/${encodeURIComponent("Bücher.test")}/retry`);
+  assert.deepEqual(await retried.json(), { deliveryIds: [id] });
+  const cli = await mailctl(h.db.url, ["queue", "list", "--state", "deferred", "--domain", "bücher.test"]);
+  assert.equal(cli.code, 0, cli.stderr);
+  assert.match(cli.stdout, /x@xn--bcher-kva\.test/);
+});
+
 test("the queue is operator-only", async () => {
   const { token } = await createApiToken(h.db.pool, "tenant", { domain: "local.test" });
   assert.equal((await h.call("GET", "/queue", { token })).status, 403);

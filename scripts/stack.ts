@@ -142,8 +142,10 @@ function startService(spec: ServiceSpec, env: NodeJS.ProcessEnv): void {
   children.push({ name: spec.name, child });
 }
 
+const READY_TIMEOUT_SECONDS = 60;
+
 async function waitReady(spec: ServiceSpec): Promise<boolean> {
-  for (let i = 0; i < 240; i++) {
+  for (let i = 0; i < READY_TIMEOUT_SECONDS * 4; i++) {
     if (stopping) return false;
     try {
       const response = await fetch(`http://127.0.0.1:${spec.opsPort}/readyz`);
@@ -156,7 +158,15 @@ async function waitReady(spec: ServiceSpec): Promise<boolean> {
   return false;
 }
 
-async function stopAll(code: number): Promise<never> {
+let stopped: Promise<never> | undefined;
+
+/** Stops every service and the servers started here, then exits; later calls wait for the first. */
+function stopAll(code: number): Promise<never> {
+  stopped ??= stopEverything(code);
+  return stopped;
+}
+
+async function stopEverything(code: number): Promise<never> {
   stopping = true;
   say("stopping services");
   await Promise.all(
@@ -205,9 +215,12 @@ try {
   };
   for (const spec of services) startService(spec, env);
   const ready = await Promise.all(services.map(waitReady));
+  // A service that exited has already stopped the stack (and said which); the others were
+  // stopped by it, not never ready.
+  if (stopping) await stopAll(1);
   const notReady = services.filter((_, i) => !ready[i]).map((s) => s.name);
   if (notReady.length) {
-    say(`not ready after 60 s: ${notReady.join(", ")}`);
+    say(`not ready after ${READY_TIMEOUT_SECONDS} s: ${notReady.join(", ")}`);
     await stopAll(1);
   }
   const p = (name: string, key: string) => process.env[key] ?? String(services.find((s) => s.name === name)!.ports[key]);

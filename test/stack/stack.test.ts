@@ -1,6 +1,9 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
+import { once } from "node:events";
+import { readFileSync } from "node:fs";
+import net from "node:net";
 import { fileURLToPath } from "node:url";
 import { createTestEnv, freePort, waitFor, type TestEnv } from "@mailstack/testkit";
 
@@ -50,5 +53,64 @@ test("the start command brings all six services to ready and Ctrl-C stops them c
   assert.match(output, /\[stack\] stopped/);
   for (const service of services) {
     await assert.rejects(fetch(`http://127.0.0.1:${opsPorts[service]}/healthz`), `${service} is gone`);
+  }
+});
+
+/** The pid of the stack's child running services/<name>/src/main.ts, once it is spawned. */
+function childPid(parent: number, name: string): number | undefined {
+  let children: string;
+  try {
+    children = readFileSync(`/proc/${parent}/task/${parent}/children`, "utf8");
+  } catch {
+    return undefined;
+  }
+  for (const pid of children.trim().split(/\s+/).filter(Boolean).map(Number)) {
+    const command = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+    if (command.includes(`services/${name}/src/main.ts`)) return pid;
+  }
+  return undefined;
+}
+
+test("a service that cannot start (its port taken) stops the stack once, with exit 1, without calling the others never ready", async () => {
+  const taken = net.createServer();
+  await new Promise<void>((resolve) => taken.listen(0, resolve));
+  const portVariables = ["SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
+  const ports: Record<string, string> = { SMTP_PORT: String((taken.address() as net.AddressInfo).port) };
+  for (const name of portVariables) ports[name] = String(await freePort());
+  const opsEnv: Record<string, string> = {};
+  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
+
+  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
+    cwd: repoRoot,
+    env: { ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test` },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  stack.stdout!.on("data", (chunk) => (output += chunk));
+  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const exited = once(stack, "exit");
+  // The msa is frozen before it is ready, so the stack is still waiting for it (and still
+  // stopping it) when mta-inbound fails; it resumes once the failure has been handled.
+  const msa = await waitFor(() => childPid(stack.pid!, "msa"), 30_000, 5);
+  process.kill(msa, "SIGSTOP");
+  try {
+    await waitFor(() => output.includes("mta-inbound exited"), 30_000, 50);
+    await new Promise((resolve) => setTimeout(resolve, 1_500));
+    process.kill(msa, "SIGCONT");
+    const [code] = await exited;
+    assert.equal(code, 1, output);
+    assert.match(output, /EADDRINUSE/, "the service's own reason is shown");
+    assert.match(output, /\[stack\] mta-inbound exited \(1\); stopping the stack/);
+    assert.equal(output.match(/\[stack\] stopping services/g)?.length, 1, `stopped once\n${output}`);
+    assert.doesNotMatch(output, /not ready/, `the services the stack stopped are not reported as never ready\n${output}`);
+    assert.doesNotMatch(output, /Every service is ready/);
+  } finally {
+    try {
+      process.kill(msa, "SIGCONT");
+    } catch {
+      // already gone
+    }
+    if (stack.exitCode === null) stack.kill("SIGKILL");
+    taken.close();
   }
 });

@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto";
 import addressparser, { type Address } from "nodemailer/lib/addressparser";
-import { headerBoundary, parseAddress, reply, type SmtpReply } from "@mailstack/mail";
+import { headerBoundary, parseAddress, parseMailboxList, reply, type SmtpReply } from "@mailstack/mail";
 
 /** The largest header section examined; a bigger one is refused. */
 export const MAX_HEADER_BYTES = 1024 * 1024;
@@ -39,7 +39,10 @@ interface Field {
 }
 
 const FIELD_START = /^([\x21-\x39\x3b-\x7e]+)[ \t]*:/;
-const ADDRESS_FIELDS = new Set(["from", "sender", "reply-to", "to", "cc"]);
+/** Completed with nodemailer's lenient parser; From: and Sender: are read strictly (authorField). */
+const ADDRESS_FIELDS = new Set(["reply-to", "to", "cc"]);
+const AUTHOR_FIELDS: Record<string, string> = { from: "From:", sender: "Sender:" };
+const UTF8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 
 /** RFC 5322 date-time. */
 export function messageDate(date: Date): string {
@@ -65,10 +68,6 @@ export function parseHeaderSection(text: string): Field[] | null {
 
 function fieldValue(field: Field): string {
   return field.text.slice(field.text.indexOf(":") + 1).replace(/\r\n[ \t]/g, " ").trim();
-}
-
-function mailboxes(list: Address[]): Array<{ name: string; address: string }> {
-  return list.flatMap((entry) => (entry.group ? mailboxes(entry.group) : [entry]));
 }
 
 function formatName(name: string): string {
@@ -165,8 +164,7 @@ function completeAddresses(field: Field, domain: string): Field | null {
 
 /** An author address's lookup key, as `owned` holds them. */
 function normalized(address: string): string | null {
-  // Header bytes are handled as latin1; an address is compared in its UTF-8 form.
-  const parsed = parseAddress(Buffer.from(address, "latin1").toString("utf8"), { utf8: true });
+  const parsed = parseAddress(address, { utf8: true });
   return parsed.ok ? parsed.key : null;
 }
 
@@ -178,6 +176,42 @@ function headerText(address: string): string {
 function refuse(code: number, text: string): FixResult {
   const [enhanced, ...words] = text.split(" ");
   return { ok: false, reply: reply(code, enhanced!, words.join(" ")) };
+}
+
+type AuthorResult = { ok: true; field: Field; addresses: string[]; completed: boolean } | { ok: false; result: FixResult };
+
+/**
+ * Reads a From: or Sender: strictly (parseMailboxList: one unambiguous mailbox list, or one
+ * mailbox) and completes its addresses without a domain in place, the rest of the field kept
+ * byte for byte. Addresses are returned as UTF-8 text.
+ */
+function authorField(field: Field, domain: string): AuthorResult {
+  const label = AUTHOR_FIELDS[field.name]!;
+  const colon = field.text.indexOf(":") + 1;
+  let value: string;
+  try {
+    value = UTF8.decode(Buffer.from(field.text.slice(colon), "latin1"));
+  } catch {
+    return { ok: false, result: refuse(554, `5.6.0 Message refused: ${label} field is not valid UTF-8`) };
+  }
+  const parsed = parseMailboxList(value, { allowNoDomain: true, single: field.name === "sender" });
+  if (!parsed.ok) {
+    const what = field.name === "sender" ? "one mailbox" : "an unambiguous mailbox list";
+    return { ok: false, result: refuse(554, `5.6.0 Message refused: ${label} field is not ${what} (RFC 5322 3.4): ${parsed.problem}`) };
+  }
+  // Each address without a domain gets "@domain" right after it; nothing else is rewritten.
+  let completed = "";
+  let copied = 0;
+  const addresses = parsed.mailboxes.map((mailbox) => {
+    if (mailbox.address.includes("@")) return mailbox.address;
+    completed += `${value.slice(copied, mailbox.end)}@${domain}`;
+    copied = mailbox.end;
+    return `${mailbox.address}@${domain}`;
+  });
+  if (copied === 0) return { ok: true, field, addresses, completed: false };
+  completed += value.slice(copied);
+  const text = field.text.slice(0, colon) + Buffer.from(completed, "utf8").toString("latin1");
+  return { ok: true, field: { name: field.name, text }, addresses, completed: true };
 }
 
 /**
@@ -200,9 +234,19 @@ export function fixMessage(raw: Buffer, context: FixContext): FixResult {
 
   const changes: string[] = [];
   let fields: Field[] = [];
+  // The addresses of each From: and Sender: field, as its strict reading found them.
+  const authors = new Map<Field, string[]>();
   for (const field of parsed) {
     if (field.name === "bcc") {
       changes.push("bcc-removed");
+      continue;
+    }
+    if (AUTHOR_FIELDS[field.name]) {
+      const author = authorField(field, context.defaultDomain);
+      if (!author.ok) return author.result;
+      if (author.completed) changes.push(`${field.name}-completed`);
+      authors.set(author.field, author.addresses);
+      fields.push(author.field);
       continue;
     }
     const completed = ADDRESS_FIELDS.has(field.name) ? completeAddresses(field, context.defaultDomain) : null;
@@ -218,14 +262,12 @@ export function fixMessage(raw: Buffer, context: FixContext): FixResult {
     fromAddresses = [context.envelopeFrom];
     changes.push("from-added");
   } else {
-    const found = mailboxes(parseList(fieldValue(fromFields[0]!)));
-    if (found.length === 0) return refuse(554, "5.6.0 Message refused: From: names no address");
     fromAddresses = [];
-    for (const mailbox of found) {
-      const address = normalized(mailbox.address);
+    for (const written of authors.get(fromFields[0]!)!) {
+      const address = normalized(written);
       if (!address || !context.owned.has(address)) {
         // Reply text is printable US-ASCII (RFC 5321 4.2); the header's bytes are not echoed as they are.
-        const shown = mailbox.address.slice(0, 200).replace(/[^\x20-\x7e]/g, "?");
+        const shown = headerText(written).slice(0, 200).replace(/[^\x20-\x7e]/g, "?");
         return refuse(553, `5.7.1 From: address <${shown}> is not owned by the authenticated user`);
       }
       fromAddresses.push(address);
@@ -235,8 +277,7 @@ export function fixMessage(raw: Buffer, context: FixContext): FixResult {
   const senderFields = fields.filter((f) => f.name === "sender");
   if (senderFields.length > 1) return refuse(554, "5.6.0 Message refused: more than one Sender: field");
   if (senderFields.length === 1) {
-    const found = mailboxes(parseList(fieldValue(senderFields[0]!)));
-    const address = found.length === 1 ? normalized(found[0]!.address) : null;
+    const address = normalized(authors.get(senderFields[0]!)![0]!);
     if (!address || !context.owned.has(address)) {
       return refuse(553, "5.7.1 Sender: address is not owned by the authenticated user");
     }

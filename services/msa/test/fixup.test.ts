@@ -135,3 +135,16 @@ test("the 553 for a From: that is not owned names it in printable US-ASCII only 
   assert.match(result.reply.text, /^From: address <j\?\?rg@example\.test> is not owned/);
   assert.doesNotMatch(result.reply.text, /[^\x20-\x7e]/);
 });
+
+test("From: and Sender: are read strictly: an address without a domain is completed in place, the rest of the field kept as written", () => {
+  const header = headerOf(fix('From: "Example, Alice" (work)\r\n <alice>, =?UTF-8?Q?Sal=C3=A9s?= <sales>\r\nSender: alice\r\n\r\nhi\r\n'));
+  assert.match(header, /^From: "Example, Alice" \(work\)\r\n <alice@example\.test>, =\?UTF-8\?Q\?Sal=C3=A9s\?= <sales@example\.test>\r\nSender: alice@example\.test\r\n/);
+
+  for (const text of ["From: <alice@example.test>boss@example.test", "From: alice@example.test\r\nSender: alice@example.test (boss@example.test)"]) {
+    const result = fix(`${text}\r\n\r\nhi\r\n`);
+    assert.ok(!result.ok, text);
+    assert.equal(result.reply.code, 554);
+    assert.equal(result.reply.enhanced, "5.6.0");
+    assert.match(result.reply.text, /^Message refused: (From|Sender): field is not /);
+  }
+});

@@ -119,4 +119,33 @@ elif scenario == "dsn-submit":
     s.sendmail(sender, [rcpt], sys.stdin.buffer.read(), mail_options=["RET=HDRS", "ENVID=env-42"], rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;" + rcpt])
     out["result"] = "sent"
     s.quit()
+elif scenario == "compose":
+    # compose PORT USER PASSWORD TO < JSON [[subject, name, address, policy], ...]: each message
+    # built by Python's email package (headerregistry.Address; policy "smtp" or "smtputf8", or
+    # "formataddr" for email.utils.formataddr) and sent with send_message in one session
+    from email.message import EmailMessage
+    from email.headerregistry import Address
+    from email.utils import formataddr
+    from email import policy
+    user, password, rcpt = args
+    s = starttls()
+    s.login(user, password)
+    results = {}
+    for subject, name, address, kind in json.loads(sys.stdin.read()):
+        m = EmailMessage(policy=policy.SMTPUTF8 if kind == "smtputf8" else policy.SMTP)
+        local, domain = address.rsplit("@", 1)
+        m["From"] = formataddr((name, address)) if kind == "formataddr" else Address(name, local, domain)
+        m["To"] = rcpt
+        m["Subject"] = subject
+        m.set_content("composed by the email package\n")
+        try:
+            # send_message asks for SMTPUTF8 itself only when an envelope address is not ASCII.
+            utf8_header = kind == "smtputf8" and (address + rcpt).isascii()
+            s.send_message(m, from_addr=address, to_addrs=[rcpt], mail_options=["SMTPUTF8"] if utf8_header else [])
+            results[subject] = {"result": "sent"}
+        except smtplib.SMTPResponseException as e:
+            results[subject] = {"result": "error", "code": e.smtp_code, "message": e.smtp_error.decode()}
+            s.rset()
+    out["results"] = results
+    s.quit()
 print(json.dumps(out))

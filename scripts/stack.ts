@@ -104,6 +104,8 @@ interface ServiceSpec {
   name: string;
   opsPort: number;
   ports: Record<string, number>;
+  /** The variable naming the address the listeners bind, and its default (empty: every address). */
+  host?: [variable: string, fallback: string];
 }
 
 // Privileged ports need root; otherwise the stack moves each to 2000 + its number.
@@ -111,13 +113,43 @@ const port = (standard: number) => (isRoot ? standard : 2000 + standard);
 // Each ops port can be moved with <SERVICE>_OPS_PORT, e.g. MTA_INBOUND_OPS_PORT=19025.
 const opsPort = (name: string, standard: number) => Number(process.env[`${name.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] ?? standard);
 const services: ServiceSpec[] = [
-  { name: "mta-inbound", opsPort: opsPort("mta-inbound", 9025), ports: { SMTP_PORT: port(25) } },
-  { name: "msa", opsPort: opsPort("msa", 9587), ports: { SUBMISSION_PORT: port(587), SUBMISSIONS_PORT: port(465) } },
-  { name: "mda", opsPort: opsPort("mda", 9024), ports: { LMTP_PORT: port(24) } },
+  { name: "mta-inbound", opsPort: opsPort("mta-inbound", 9025), ports: { SMTP_PORT: port(25) }, host: ["SMTP_HOST", ""] },
+  { name: "msa", opsPort: opsPort("msa", 9587), ports: { SUBMISSION_PORT: port(587), SUBMISSIONS_PORT: port(465) }, host: ["SUBMISSION_LISTEN", ""] },
+  { name: "mda", opsPort: opsPort("mda", 9024), ports: { LMTP_PORT: port(24) }, host: ["LMTP_HOST", ""] },
   { name: "mta-outbound", opsPort: opsPort("mta-outbound", 9026), ports: {} },
-  { name: "pop3", opsPort: opsPort("pop3", 9110), ports: { POP3_PORT: port(110), POP3S_PORT: port(995) } },
-  { name: "admin-api", opsPort: opsPort("admin-api", 9080), ports: { API_PORT: 8080 } },
+  { name: "pop3", opsPort: opsPort("pop3", 9110), ports: { POP3_PORT: port(110), POP3S_PORT: port(995) }, host: ["POP3_HOST", ""] },
+  { name: "admin-api", opsPort: opsPort("admin-api", 9080), ports: { API_PORT: 8080 }, host: ["API_HOST", "0.0.0.0"] },
 ];
+
+/** True when another program already listens where the service would (the same host and port). */
+function inUse(port: number, host: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const server = net.createServer();
+    // Only a taken port counts; anything else (no permission, say) the service itself reports.
+    server.once("error", (error: NodeJS.ErrnoException) => resolve(error.code === "EADDRINUSE"));
+    server.listen(port, host || undefined, () => server.close(() => resolve(false)));
+  });
+}
+
+/**
+ * Names every port a service would find taken (a system MTA on 25 is the usual one), before
+ * anything starts, with the variable that moves it.
+ */
+async function takenPorts(): Promise<string[]> {
+  const problems: string[] = [];
+  for (const spec of services) {
+    const host = spec.host ? (process.env[spec.host[0]] ?? spec.host[1]) : "";
+    const opsVariable = `${spec.name.toUpperCase().replace(/-/g, "_")}_OPS_PORT`;
+    const wanted: Array<[string, number, string]> = [
+      ...Object.entries(spec.ports).map(([variable, standard]): [string, number, string] => [variable, Number(process.env[variable] ?? standard), host]),
+      [opsVariable, spec.opsPort, ""],
+    ];
+    for (const [variable, number, bindHost] of wanted) {
+      if (await inUse(number, bindHost)) problems.push(`port ${number} (${spec.name}, ${variable}) is in use by another program`);
+    }
+  }
+  return problems;
+}
 
 // A smaller young generation and fewer malloc arenas keep each service's resident memory down
 // (about 30-60 MB each) at no measurable cost in throughput; the images set the same.
@@ -188,6 +220,11 @@ process.on("SIGINT", () => void stopAll(0));
 process.on("SIGTERM", () => void stopAll(0));
 
 try {
+  const taken = await takenPorts();
+  if (taken.length) {
+    for (const problem of taken) say(problem);
+    throw new Error("stop what uses those ports (a system MTA such as exim4 or postfix on 25?), or move mailstack's with the variables named, e.g. SMTP_PORT=2525");
+  }
   mkdirSync(dataDir, { recursive: true });
   const databaseUrl = await ensurePostgres();
   const natsUrl = await ensureNats();

@@ -71,18 +71,16 @@ function childPid(parent: number, name: string): number | undefined {
   return undefined;
 }
 
-test("a service that cannot start (its port taken) stops the stack once, with exit 1, without calling the others never ready", async () => {
-  const taken = net.createServer();
-  await new Promise<void>((resolve) => taken.listen(0, resolve));
-  const portVariables = ["SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
-  const ports: Record<string, string> = { SMTP_PORT: String((taken.address() as net.AddressInfo).port) };
+test("a service that cannot start (a bad setting) stops the stack once, with exit 1, without calling the others never ready", async () => {
+  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
+  const ports: Record<string, string> = {};
   for (const name of portVariables) ports[name] = String(await freePort());
   const opsEnv: Record<string, string> = {};
   for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
 
   const stack = spawn(process.execPath, ["scripts/stack.ts"], {
     cwd: repoRoot,
-    env: { ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test` },
+    env: { ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test`, INBOUND_AUTH_TIMEOUT: "soon" },
     stdio: ["ignore", "pipe", "pipe"],
   });
   let output = "";
@@ -99,8 +97,8 @@ test("a service that cannot start (its port taken) stops the stack once, with ex
     process.kill(msa, "SIGCONT");
     const [code] = await exited;
     assert.equal(code, 1, output);
-    assert.match(output, /EADDRINUSE/, "the service's own reason is shown");
-    assert.match(output, /\[stack\] mta-inbound exited \(1\); stopping the stack/);
+    assert.match(output, /INBOUND_AUTH_TIMEOUT: expected a duration/, "the service's own reason is shown");
+    assert.match(output, /\[stack\] mta-inbound exited \(78\); stopping the stack/);
     assert.equal(output.match(/\[stack\] stopping services/g)?.length, 1, `stopped once\n${output}`);
     assert.doesNotMatch(output, /not ready/, `the services the stack stopped are not reported as never ready\n${output}`);
     assert.doesNotMatch(output, /Every service is ready/);
@@ -111,6 +109,39 @@ test("a service that cannot start (its port taken) stops the stack once, with ex
       // already gone
     }
     if (stack.exitCode === null) stack.kill("SIGKILL");
-    taken.close();
+  }
+});
+
+test("ports already in use (a system MTA on 25, say) are all named before anything starts", async () => {
+  const smtp = net.createServer();
+  const ops = net.createServer();
+  await Promise.all([new Promise<void>((resolve) => smtp.listen(0, resolve)), new Promise<void>((resolve) => ops.listen(0, resolve))]);
+  const portVariables = ["SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
+  const smtpPort = (smtp.address() as net.AddressInfo).port;
+  const opsPort = (ops.address() as net.AddressInfo).port;
+  const ports: Record<string, string> = { SMTP_PORT: String(smtpPort) };
+  for (const name of portVariables) ports[name] = String(await freePort());
+  const opsEnv: Record<string, string> = {};
+  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
+  opsEnv.POP3_OPS_PORT = String(opsPort);
+
+  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
+    cwd: repoRoot,
+    env: { ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test` },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  stack.stdout!.on("data", (chunk) => (output += chunk));
+  stack.stderr!.on("data", (chunk) => (output += chunk));
+  try {
+    const [code] = await once(stack, "exit");
+    assert.equal(code, 1, output);
+    assert.match(output, new RegExp(`port ${smtpPort} \\(mta-inbound, SMTP_PORT\\) is in use by another program`), output);
+    assert.match(output, new RegExp(`port ${opsPort} \\(pop3, POP3_OPS_PORT\\) is in use by another program`), output);
+    assert.doesNotMatch(output, /exited|"service":/, `no service was started\n${output}`);
+  } finally {
+    if (stack.exitCode === null) stack.kill("SIGKILL");
+    smtp.close();
+    ops.close();
   }
 });

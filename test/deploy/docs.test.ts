@@ -3,7 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { overlays, root } from "./lib.ts";
+import { overlays, readYaml, root } from "./lib.ts";
 
 const doc = readFileSync(join(root, "docs/deploy.md"), "utf8");
 
@@ -26,4 +26,21 @@ test("docs/deploy.md describes every overlay", () => {
 
 test("the migrate CLI the Job and compose run exists", () => {
   assert.ok(existsSync(join(root, "packages/db/src/migrate-cli.ts")));
+});
+
+test("the image names README.md tells operators to build are the ones the production overlays deploy", () => {
+  const readme = readFileSync(join(root, "README.md"), "utf8");
+  const tags = [...readme.matchAll(/docker build --build-arg SERVICE=<name> -t (\S+) \./g)].map((match) => match[1]!);
+  assert.ok(tags.length > 0, "README.md shows the docker build command");
+  for (const overlay of overlays().filter((dir) => dir.includes("production"))) {
+    const images = readYaml(`${overlay}/kustomization.yaml`).images as Array<{ name: string; newName: string; newTag: string }>;
+    for (const image of images) {
+      const name = image.name.replace(/^mailstack\//, "");
+      const registry = image.newName.slice(0, image.newName.indexOf("/"));
+      for (const tag of tags) {
+        const built = tag.replace("<registry>", registry).replaceAll("<name>", name).replace(/:<tag>$/, "");
+        assert.equal(built, image.newName, `${overlay}: README builds ${built}, the overlay deploys ${image.newName}`);
+      }
+    }
+  }
 });

@@ -236,3 +236,29 @@ export function parseMailboxList(text: string, options: MailboxListOptions = {})
     throw error;
   }
 }
+
+const LOCAL_STOP = new Set([..." \t\r\n<>()\",;:\\[]@"]);
+const DOMAIN_CHAR = /[A-Za-z0-9.-]/;
+
+/**
+ * Every address-like `local@domain` in a header field's text, the text of its encoded-words
+ * (RFC 2047) decoded included: what some reader of a malformed field might take for its address.
+ * For a receiver that must evaluate every domain a mail client could show (DMARC on a From: that
+ * parseMailboxList refuses). Each "@" is looked at once, with bounded scans either side, so a
+ * long field costs linear time.
+ */
+export function addressesNamedIn(text: string): string[] {
+  const decoded = [...text.slice(0, text.lastIndexOf("?=") + 2).matchAll(ENCODED_WORD)]
+    .map(([, charset, encoding, encoded]) => decodeEncodedWord(charset!, encoding!, encoded!) ?? "");
+  const all = [text, ...decoded].join(" ");
+  const found: string[] = [];
+  for (let at = all.indexOf("@"); at !== -1; at = all.indexOf("@", at + 1)) {
+    let start = at;
+    while (start > 0 && at - start < 64 && !LOCAL_STOP.has(all[start - 1]!)) start--;
+    let end = at + 1;
+    while (end < all.length && end - at <= 255 && DOMAIN_CHAR.test(all[end]!)) end++;
+    const domain = all.slice(at + 1, end).replace(/^[.-]+|[.-]+$/g, "");
+    if (start < at && /\.[A-Za-z0-9-]*[A-Za-z][A-Za-z0-9-]*$/.test(domain)) found.push(`${all.slice(start, at)}@${domain}`);
+  }
+  return found;
+}

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { parseMailboxList } from "../src/index.ts";
+import { addressesNamedIn, parseMailboxList } from "../src/index.ts";
 
 function addresses(value: string, options = {}): string[] {
   const result = parseMailboxList(value, options);
@@ -81,5 +81,18 @@ test("pathological input is handled in linear time", () => {
   problem(` ${"=?a?q?x".repeat(100_000)}?=`);
   problem(` ${"(".repeat(300_000)}`);
   problem(` ${'"'.repeat(300_001)}`);
+  assert.ok(Date.now() - started < 2_000, `${Date.now() - started} ms`);
+});
+
+test("addressesNamedIn finds every address-like text, in names, comments and encoded-words, in linear time", () => {
+  assert.deepEqual(addressesNamedIn(' "x" <a@remote.example> (ceo@bank.example) =?UTF-8?Q?boss=40Bank.Example?= b@nodot'), [
+    "a@remote.example",
+    "ceo@bank.example",
+    "boss@Bank.Example",
+  ]);
+  assert.deepEqual(addressesNamedIn(" plain text, no address"), []);
+  const started = Date.now();
+  addressesNamedIn(`${"a".repeat(200_000)}@${"b".repeat(200_000)}`);
+  addressesNamedIn("a@".repeat(200_000));
   assert.ok(Date.now() - started < 2_000, `${Date.now() - started} ms`);
 });

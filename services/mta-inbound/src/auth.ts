@@ -3,7 +3,7 @@ import { createRequire } from "node:module";
 import { isIP } from "node:net";
 import type { ARCResult, AuthenticateResult, DKIMVerifyResult, DMARCResult, SPFResult } from "mailauth";
 import type { Pool } from "@mailstack/db";
-import { headerBoundary } from "@mailstack/mail";
+import { addressesNamedIn, headerBoundary, parseMailboxList } from "@mailstack/mail";
 import { SmtpError, hasBareLineEnding, withoutOurResults, type IncomingMessage, type TransformResult } from "@mailstack/smtp-intake";
 import type { Logger } from "@mailstack/telemetry";
 
@@ -183,7 +183,13 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
   return { dkim: dkimResult, spf: spfResult, dmarc: dmarcResult, arc: arcResult, bimi: false, headers: `${headers.join("\r\n")}\r\n` };
 }
 
-/** Every address of the message's From: fields, the members of a group (RFC 6854) included. */
+/**
+ * Every address of the message's From: fields, the members of a group (RFC 6854) included. A
+ * field that is not a plain RFC 5322 mailbox-list (parseMailboxList) may show mail clients
+ * another address than the one a lenient parser finds ('"x" <a@b> <ceo@bank>', an address in a
+ * comment or hidden in an encoded-word): then every address-like text in it counts too, so
+ * that DMARC is evaluated for each domain a reader could be shown.
+ */
 function fromAddresses(raw: Buffer): string[] {
   const boundary = headerBoundary(raw);
   const header = raw.subarray(0, boundary ? boundary.headerEnd : raw.length).toString("utf8");
@@ -191,7 +197,12 @@ function fromAddresses(raw: Buffer): string[] {
   return header
     .split(/\r?\n(?![ \t])/)
     .filter((field) => /^from[ \t]*:/i.test(field))
-    .flatMap((field) => flatten(addressparser(field.slice(field.indexOf(":") + 1).replace(/\r?\n[ \t]/g, " ").trim())));
+    .flatMap((field) => {
+      const value = field.slice(field.indexOf(":") + 1);
+      const strict = parseMailboxList(value);
+      if (strict.ok) return strict.mailboxes.map((mailbox) => mailbox.address);
+      return [...flatten(addressparser(value.replace(/\r?\n[ \t]/g, " ").trim())), ...addressesNamedIn(value)];
+    });
 }
 
 /** The first From: address of each domain (domains compared without regard to case). */

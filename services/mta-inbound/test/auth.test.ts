@@ -122,6 +122,20 @@ describe("SPF, DKIM and DMARC", () => {
     assert.match(group.text, /^550 5\.7\.1 /, group.text);
     assert.equal(await count(), before);
 
+    // A malformed From: where a lenient parser finds only the sender's passing address while a
+    // mail client may show another: each domain named in the field is evaluated.
+    for (const from of [
+      '"x" <a@remote.example> <ceo@spoofed.example>',
+      "a@remote.example (ceo@spoofed.example)",
+      '"ceo@spoofed.example" a@remote.example',
+      "CEO ceo@spoofed.example <a@remote.example>",
+      "=?UTF-8?Q?ceo=40spoofed.example?= <a@remote.example>",
+    ]) {
+      const ambiguous = await deliver("a@remote.example", "user1@example.test", sampleMessage({ from }));
+      assert.match(ambiguous.text, /^550 5\.7\.1 .*spoofed\.example/, `${from}: ${ambiguous.text}`);
+    }
+    assert.equal(await count(), before);
+
     // Two From: addresses that pass (SPF-aligned remote.example twice): accepted, one result per domain.
     const ok = await deliver("a@remote.example", "user1@example.test", sampleMessage({ from: "a@remote.example, b@Remote.Example" }));
     assert.equal(ok.code, 250, ok.text);

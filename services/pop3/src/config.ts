@@ -18,8 +18,10 @@ export const pop3Shape = {
   POP3_AUTOLOGOUT: duration("10m").refine((ms) => ms >= TEN_MINUTES, "must be at least 10m (RFC 1939)"),
   /** Longest accepted command line, CRLF included. */
   POP3_MAX_LINE: integer(2048, 64),
-  /** Open connections per process. */
+  /** Open connections per process, those still in their TLS handshake on 995 included. */
   POP3_MAX_CONNECTIONS: integer(1000, 1),
+  /** Open connections per client IP address (counted as POP3_MAX_CONNECTIONS). */
+  POP3_MAX_CONNECTIONS_PER_IP: integer(50, 1),
   /** Authenticated sessions per process; each holds one PostgreSQL connection (the maildrop lock). */
   POP3_MAX_SESSIONS: integer(50, 1),
   /** Delay before answering a failed authentication. */

@@ -5,6 +5,7 @@ import { createPool, type Pool } from "@mailstack/db";
 import { startTlsSource, tlsSourceOptions, type TlsCredentials } from "@mailstack/runtime";
 import type { Logger } from "@mailstack/telemetry";
 import type { Pop3Config } from "./config.ts";
+import { Admission } from "./admission.ts";
 import { pop3Metrics as metrics } from "./metrics.ts";
 import { Pop3Session, type SessionIo, type SessionSettings } from "./session.ts";
 
@@ -64,40 +65,54 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
     },
   };
   const connections = new Set<Connection>();
+  const admission = new Admission(config.POP3_MAX_CONNECTIONS, config.POP3_MAX_CONNECTIONS_PER_IP);
   let stopping = false;
 
-  const accept = (socket: net.Socket | tls.TLSSocket, listener: string) => {
+  const accept = (socket: net.Socket | tls.TLSSocket, listener: string, release: () => void) => {
     metrics.connections.inc({ listener });
-    if (stopping || connections.size >= config.POP3_MAX_CONNECTIONS) {
-      metrics.refused.inc();
-      socket.on("error", () => undefined);
-      socket.end("-ERR [SYS/TEMP] too many connections; try again later\r\n");
-      return;
-    }
     const connection = new Connection(socket, listener === "pop3s", { pool, sessionPool, logger, settings }, config, currentTls);
     connections.add(connection);
     metrics.open.inc();
     connection.finished.then(() => {
       connections.delete(connection);
       metrics.open.dec();
+      release();
     });
   };
 
   // allowHalfOpen: a client that half-closes after sending its commands (`printf ... | nc -N`) still
   // gets every reply, and its QUIT is carried out; the connection closes after the last reply.
-  const plain = net.createServer({ allowHalfOpen: true }, (socket) => accept(socket, "pop3"));
+  const plain = net.createServer({ allowHalfOpen: true }, (socket) => {
+    const release = stopping ? null : admission.admit(socket);
+    if (!release) {
+      metrics.refused.inc();
+      socket.on("error", () => undefined);
+      socket.end("-ERR [SYS/TEMP] too many connections; try again later\r\n");
+      return;
+    }
+    accept(socket, "pop3", release);
+  });
   // 995 wraps each connection itself, as STLS does, rather than through tls.createServer: a
   // half-open TLS server's native handshake never notices a client that leaves before its
   // ClientHello (a TCP probe, a port scan), which then held a socket until the handshake timeout
   // and held up shutdown.
   const handshaking = new Set<tls.TLSSocket>();
   const secure = net.createServer({ allowHalfOpen: true }, (raw) => {
+    // Over a limit, nothing can be said before a handshake (which would cost the CPU the limit saves): drop it.
+    const release = stopping ? null : admission.admit(raw);
+    if (!release) {
+      metrics.refused.inc();
+      raw.on("error", () => undefined);
+      raw.destroy();
+      return;
+    }
     const { socket, secured } = serverTls(raw, credentials.context);
     handshaking.add(socket);
     socket.on("error", (error) => logger.debug({ err: error }, "pop3s connection error"));
     void secured.then((ok) => {
       handshaking.delete(socket);
-      if (ok) accept(socket, "pop3s");
+      if (ok) accept(socket, "pop3s", release);
+      else release();
     });
   });
   tlsSource?.onChange((next) => {

@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import type { AddressInfo } from "node:net";
+import type { AddressInfo, Server as NetServer, Socket } from "node:net";
 import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerSession } from "smtp-server";
 import type { Bus } from "@mailstack/bus";
 import { DirectoryCache, resolveRecipient as resolveWithDirectory, type Pool, type Resolution, type Route, type RouteRefusal } from "@mailstack/db";
@@ -378,13 +378,45 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const onConnect = (session: SMTPServerSession, callback: (error?: Error | null) => void) => {
     const state = stateOf(session);
     const ip = session.remoteAddress;
-    if (!limits.perIpExempt.includes(ip)) {
+    // On an implicit TLS port the count began with the TCP connection (admitBeforeHandshake).
+    if (tlsMode !== "implicit" && !limits.perIpExempt.includes(ip)) {
       const count = perIp.get(ip) ?? 0;
       if (count >= limits.maxClientsPerIp) return callback(smtpError(R.tooManyFromIp));
       perIp.set(ip, count + 1);
       state.countedIp = ip;
     }
     callback();
+  };
+
+  /**
+   * On an implicit TLS port smtp-server holds each socket through its TLS handshake (up to the
+   * idle timeout) before a session, and onConnect, exist, bounded only by SMTP_MAX_CLIENTS in
+   * all: one address that never sends a ClientHello could take every slot. There the per-IP
+   * count starts with the TCP connection and ends when it closes; over the limit the socket is
+   * dropped (nothing can be said before a handshake).
+   */
+  const admitBeforeHandshake = (listener: NetServer) => {
+    const library = listener.listeners("connection") as Array<(socket: Socket) => void>;
+    listener.removeAllListeners("connection");
+    listener.on("connection", (socket: Socket) => {
+      const ip = socket.remoteAddress ?? "";
+      if (!limits.perIpExempt.includes(ip)) {
+        const count = perIp.get(ip) ?? 0;
+        if (count >= limits.maxClientsPerIp) {
+          logger.debug({ ip }, "too many connections from one address; dropped before the TLS handshake");
+          socket.on("error", () => undefined);
+          socket.destroy();
+          return;
+        }
+        perIp.set(ip, count + 1);
+        socket.once("close", () => {
+          const left = (perIp.get(ip) ?? 1) - 1;
+          if (left > 0) perIp.set(ip, left);
+          else perIp.delete(ip);
+        });
+      }
+      for (const handler of library) handler.call(listener, socket);
+    });
   };
 
   const onClose = (session: SMTPServerSession) => {
@@ -740,6 +772,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     ...({ greetingDelay: limits.greetingDelayMs } as object),
   });
   guardCommands(server, guard);
+  if (tlsMode === "implicit") admitBeforeHandshake(server.server);
   server.on("error", (error) => logger.debug({ err: error }, "smtp connection error"));
 
   let boundPort = 0;

@@ -1,3 +1,4 @@
+import type { Server } from "node:http";
 import v8 from "node:v8";
 import { ConfigError, commonShape, isFullyQualified, loadConfig, port, type CommonConfig, type z } from "@mailstack/config";
 import { createPool, migrate, type Pool } from "@mailstack/db";
@@ -57,33 +58,54 @@ export async function runService<S extends z.ZodRawShape>(definition: ServiceDef
   if (config.HEAP_GROWING_PERCENT > 0) v8.setFlagsFromString(`--heap-growing-percent=${config.HEAP_GROWING_PERCENT}`);
   let shuttingDown = false;
   let service: RunningService | undefined;
+  let bus: Bus | undefined;
+  let ops: Server | undefined;
 
   const pool = createPool({ url: config.DATABASE_URL, max: config.DATABASE_POOL_SIZE, applicationName: definition.name });
-  await retry(() => migrate(pool), logger, "PostgreSQL");
-  logger.info("PostgreSQL reachable, migrations applied");
-  const bus = await retry(() => connectBus({ url: config.NATS_URL, name: definition.name, prefix: config.BUS_PREFIX }), logger, "NATS");
-  await provisionBus(bus);
-  logger.info("NATS reachable, streams and consumers in place");
-  const natsLink = watchNatsLink(bus.nc, logger);
-
-  const ops = await startOpsServer({
-    port: config[definition.opsPortVariable] as number,
-    ready: async () => {
-      if (shuttingDown || !service || !natsLink.connected()) return false;
-      await pool.query("SELECT 1");
-      return service.ready ? service.ready() : true;
-    },
-  });
+  // A service that cannot start (PostgreSQL or NATS out of reach for good, a port in use, a bad
+  // certificate) says why at level fatal and exits 1, so that its supervisor sees it and restarts
+  // it, instead of staying up and never ready (or dying with a bare stack trace).
+  const cannotStart = async (error: unknown, step?: string): Promise<never> => {
+    logger.fatal({ err: error }, step ? `${definition.name} could not start: ${step}` : `${definition.name} could not start`);
+    ops?.close();
+    await Promise.race([Promise.allSettled([bus?.close(), pool.end()]), new Promise((resolve) => setTimeout(resolve, 2_000))]);
+    process.exit(1);
+  };
 
   try {
-    service = await definition.start({ name: definition.name, config, logger, pool, bus });
+    await retry(() => migrate(pool), logger, "PostgreSQL");
   } catch (error) {
-    // A service that cannot start (a port in use, a bad certificate) exits, so that its
-    // supervisor sees it and restarts it, instead of staying up and never ready.
-    logger.fatal({ err: error }, `${definition.name} could not start`);
-    ops.close();
-    await Promise.race([Promise.allSettled([bus.close(), pool.end()]), new Promise((resolve) => setTimeout(resolve, 2_000))]);
-    process.exit(1);
+    return cannotStart(error, `PostgreSQL (DATABASE_URL) not reachable or not usable`);
+  }
+  logger.info("PostgreSQL reachable, migrations applied");
+  try {
+    bus = await retry(() => connectBus({ url: config.NATS_URL, name: definition.name, prefix: config.BUS_PREFIX }), logger, "NATS");
+    await provisionBus(bus);
+  } catch (error) {
+    return cannotStart(error, `NATS (NATS_URL) not reachable or without JetStream`);
+  }
+  logger.info("NATS reachable, streams and consumers in place");
+  const natsLink = watchNatsLink(bus.nc, logger);
+  const readyBus = bus;
+
+  try {
+    ops = await startOpsServer({
+      port: config[definition.opsPortVariable] as number,
+      ready: async () => {
+        if (shuttingDown || !service || !natsLink.connected()) return false;
+        await pool.query("SELECT 1");
+        return service.ready ? service.ready() : true;
+      },
+    });
+  } catch (error) {
+    return cannotStart(error, `ops port ${definition.opsPortVariable}=${config[definition.opsPortVariable]}`);
+  }
+  const opsServer = ops;
+
+  try {
+    service = await definition.start({ name: definition.name, config, logger, pool, bus: readyBus });
+  } catch (error) {
+    return cannotStart(error);
   }
   logger.info({ opsPort: config[definition.opsPortVariable] }, `${definition.name} ready`);
 
@@ -98,9 +120,9 @@ export async function runService<S extends z.ZodRawShape>(definition: ServiceDef
     deadline.unref();
     try {
       await service?.stop();
-      await bus.close();
+      await readyBus.close();
       await pool.end();
-      ops.close();
+      opsServer.close();
       await stopTelemetry();
       logger.info("stopped");
       process.exit(0);

@@ -210,6 +210,7 @@ const R = {
   eightBitHeader: reply(550, "5.6.7", "Non-ASCII message headers need the SMTPUTF8 extension"),
   tooManyHops: reply(554, "5.4.6", `Too many hops (${MAX_HOPS} Received: fields), mail loop suspected`),
   dataTimeout: reply(421, "4.4.2", "DATA took too long, closing connection"),
+  commandTimeout: reply(421, "4.4.2", "Command took too long, closing connection"),
   disabled: reply(550, "5.2.1", "Mailbox disabled"),
   loop: reply(550, "5.4.6", "Alias loop or chain too deep"),
   utf8Address: reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 extension"),
@@ -318,7 +319,11 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     state.span = null;
   };
 
+  // When each connection's last complete command line came in (see the command deadline below).
+  const lastCommandAt = new WeakMap<GuardedConnection, number>();
+
   const guard: CommandGuard = (connection, command, callback, original) => {
+    lastCommandAt.set(connection, Date.now());
     const next = () => connection._whenWritable(callback ?? (() => undefined));
     // The library's own checks come first while the greeting is pending, during TLS
     // negotiation and for AUTH continuation lines.
@@ -773,6 +778,25 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   });
   guardCommands(server, guard);
   if (tlsMode === "implicit") admitBeforeHandshake(server.server);
+
+  // The library's idle timeout restarts with every byte, so a client that sends a command one
+  // byte every few minutes (slowloris) kept its session, and a slot, for ever. A complete command
+  // line is due within SMTP_IDLE_TIMEOUT of the previous one (or of the connection), the STARTTLS
+  // handshake included; time spent waiting for us (a hook, a message being received or
+  // decided, which has SMTP_DATA_TIMEOUT) does not count.
+  const deadlineSweep = setInterval(() => {
+    const now = Date.now();
+    for (const connection of (server as unknown as { connections: Set<GuardedConnection & { _handlerPending?: boolean; _dataStream?: unknown; _closing?: boolean }> }).connections) {
+      const since = lastCommandAt.get(connection);
+      if (since === undefined || connection._handlerPending || connection._dataStream) {
+        lastCommandAt.set(connection, now);
+      } else if (now - since > limits.idleTimeoutMs && !connection._closing) {
+        connection.send(R.commandTimeout.code, `${R.commandTimeout.enhanced} ${R.commandTimeout.text}`);
+      }
+    }
+  }, Math.max(50, Math.min(5_000, limits.idleTimeoutMs / 10)));
+  deadlineSweep.unref();
+
   server.on("error", (error) => logger.debug({ err: error }, "smtp connection error"));
 
   let boundPort = 0;
@@ -795,6 +819,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     port: () => boundPort,
     stats: () => ({ acceptTransactions: batcher.stats.transactions, largestBatch: batcher.stats.largestBatch }),
     async stop(graceMs = 10_000) {
+      clearInterval(deadlineSweep);
       (server.options as { closeTimeout?: number }).closeTimeout = graceMs;
       await new Promise<void>((resolve) => server.close(() => resolve()));
       while (inFlight.size > 0) await Promise.allSettled([...inFlight]);

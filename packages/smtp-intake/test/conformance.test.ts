@@ -393,6 +393,30 @@ describe("421 replies carry the RFC 3463 code of their reason", () => {
     await client.waitClosed();
   });
 
+  test("a command trickled a byte at a time is cut off at the idle timeout (slowloris), a slow hook is not", async () => {
+    const slow = await startIntake(env.pool, env.bus, {
+      limits: { idleTimeoutMs: 600 },
+      validateSender: () => new Promise((resolve) => setTimeout(resolve, 1_500)),
+    });
+    extra.push(slow);
+    const client = await open(slow.port());
+    // Each byte comes well within the idle timeout, the line never ends.
+    const started = Date.now();
+    const trickle = setInterval(() => client.write("N"), 100);
+    try {
+      assert.match((await client.reply(5_000)).text, /^421 4\.4\.2 Command took too long/);
+      assert.ok(Date.now() - started < 3_000, `cut off after ${Date.now() - started} ms`);
+    } finally {
+      clearInterval(trickle);
+    }
+    await client.waitClosed();
+    // Waiting for our own answer (a hook taking longer than the idle timeout) is not the client's slowness.
+    const patient = await open(slow.port());
+    assert.equal((await patient.command("MAIL FROM:<someone@remote.example>")).code, 250);
+    assert.equal((await patient.command("RCPT TO:<user1@example.test>")).code, 250);
+    patient.close();
+  });
+
   test("smtp-server's own bound on commands before AUTH (ours replaces it in smtp-intake) says 421 4.7.0", async () => {
     const plain = new SMTPServer({ authOptional: false, maxAllowedUnauthenticatedCommands: 2, hideENHANCEDSTATUSCODES: false, allowInsecureAuth: true, logger: false, ...({ greetingDelay: 0 } as object) });
     await new Promise<void>((resolve) => plain.listen(0, "127.0.0.1", resolve));

@@ -357,6 +357,9 @@ async function readHeaders(raw: Buffer, parsed: ParsedMessage): Promise<void> {
   parsed.cc = mailboxes(headers.get("cc") as AddressObject | AddressObject[] | undefined);
   parsed.replyTo = mailboxes(headers.get("reply-to") as AddressObject | undefined);
   parsed.headers = headerList(lines);
+  // Every field counts, not only the ones listed: a filter in front may append its flag after
+  // a padded header section (more than MAX_HEADERS fields) that would otherwise hide it.
+  parsed.spam = lines.some(({ key, line }) => key.toLowerCase() === "x-spam-flag" && /^[^:]*:\s*yes\b/i.test(line));
   // mailparser puts the current time in place of a Date it cannot read: that is no date.
   const date = headers.get("date");
   const given = parsed.headers.find(([name]) => name === "date")?.[1];
@@ -385,7 +388,6 @@ export async function parseMessage(raw: Buffer): Promise<ParsedMessage> {
   } catch (error) {
     errors.push(`headers: ${(error as Error).message}`);
   }
-  parsed.spam = parsed.headers.some(([name, value]) => name === "x-spam-flag" && /^yes\b/i.test(value.trim()));
   try {
     parsed.structure = await structureOf(raw, parsed.attachments, errors);
   } catch (error) {

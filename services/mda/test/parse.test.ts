@@ -198,6 +198,14 @@ test("MIME structure: digest and nested message/rfc822 (plain and base64)", asyn
   }
 });
 
+test("X-Spam-Flag counts wherever it is in the header section, also after more fields than are listed", async () => {
+  const padding = Array.from({ length: 400 }, (_, i) => `X-Pad-${i}: v`);
+  const flagged = await parseMessage(crlf(["Subject: padded", ...padding, "X-Spam-Flag:", " YES", "", "body"]));
+  assert.equal(flagged.headers.length, 300, "the list is bounded");
+  assert.equal(flagged.spam, true);
+  assert.equal((await parseMessage(crlf(["Subject: padded", ...padding, "X-Spam-Flag: NO", "", "body"]))).spam, false);
+});
+
 test("malformed MIME never throws and keeps what can be read", async () => {
   const samples = [
     crlf(["Subject: no end boundary", "Content-Type: multipart/mixed; boundary=zz", "", "--zz", "Content-Type: text/plain", "", "dangling"]),

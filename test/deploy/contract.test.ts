@@ -6,7 +6,7 @@
 // (lib.ts: zod shape keys, env reads, runService's opsPortVariable).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import {
   find,
@@ -220,4 +220,68 @@ test("the image's health check knows each service's default ops port", () => {
     assert.ok(match, `deploy/docker/healthcheck.mjs has no default for ${name}`);
     assert.equal(Number(match[1]), fact.opsDefault, `healthcheck default for ${name}`);
   }
+});
+
+// ---- the documentation against the code ----
+
+const DOCS = ["README.md", ...readdirSync(join(root, "docs")).filter((file) => file.endsWith(".md")).map((file) => `docs/${file}`)];
+const VARIABLE = /`(_[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*|[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)`/g;
+
+/**
+ * Backticked variable names in a text, with the doc's shorthand expanded: in
+ * "`AUTH_MAX_FAILURES_PER_IP` / `_PER_ACCOUNT`" the second is the first with another ending,
+ * a variable of the code that ends so and shares the rest with the one before.
+ */
+function variablesIn(text: string, known: Set<string>): Set<string> {
+  const names = new Set<string>();
+  let previous = "";
+  for (const match of text.matchAll(VARIABLE)) {
+    const name = match[1]!;
+    if (!name.startsWith("_")) {
+      names.add(name);
+      previous = name;
+      continue;
+    }
+    for (const candidate of known) {
+      if (candidate.endsWith(name) && previous.startsWith(candidate.slice(0, -name.length))) names.add(candidate);
+    }
+  }
+  return names;
+}
+
+/** The rows of every table whose header names a variable column (the settings tables). */
+function settingsTables(text: string): string {
+  const rows: string[] = [];
+  let inSettings = false;
+  let previous = "";
+  for (const line of text.split("\n")) {
+    if (line.startsWith("|")) {
+      if (!previous.startsWith("|")) inSettings = /\bvariable\b/i.test(line);
+      else if (inSettings) rows.push(line);
+    }
+    previous = line;
+  }
+  return rows.join("\n");
+}
+
+test("every variable a settings table documents (README, docs/*.md) is one a service reads", () => {
+  expectNoProblems((problem) => {
+    for (const doc of DOCS) {
+      const documented = variablesIn(settingsTables(readFileSync(join(root, doc), "utf8")), everyVariable);
+      for (const name of documented) {
+        problem(everyVariable.has(name) || isLibraryVariable(name), `${doc}: documents ${name}, which no service reads`);
+      }
+    }
+  });
+});
+
+test("every variable a service reads is documented in README.md or docs/*.md", () => {
+  const documented = new Set(DOCS.flatMap((doc) => [...variablesIn(readFileSync(join(root, doc), "utf8"), everyVariable)]));
+  expectNoProblems((problem) => {
+    for (const [service, fact] of facts) {
+      for (const name of fact.env) {
+        problem(documented.has(name) || isLibraryVariable(name), `services/${service} reads ${name}, which no document mentions`);
+      }
+    }
+  });
 });

@@ -121,9 +121,10 @@ export function workspaceDependencies(serviceDir: string): string[] {
   return [...seen].sort();
 }
 
-// Keys of zod shapes (`SMTP_PORT: port(25)`, `TLS_DIR: z.string()`, `X: commonShape.X`) and
-// direct reads (`process.env.X`, `env.X`, `env["X"]`) and the ops port variable of runService.
-const SHAPE_KEY = /(?:^|[{,])\s*([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*)\s*:\s*(?:port|integer|bool|size|duration|list|url|secret|z\s*\.|[A-Za-z]+Shape\.)/gm;
+// Keys of zod shapes (`SMTP_PORT: port(25)`, `RELAY_SMARTHOST_TLS: tlsMode("opportunistic")`,
+// `TLS_DIR: z.string()`, `X: commonShape.X`) and direct reads (`process.env.X`, `env.X`,
+// `env["X"]`) and the ops port variable of runService.
+const SHAPE_KEY = /(?:^|[{,])\s*([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*)\s*:\s*(?:[a-z][A-Za-z0-9]*\s*\(|z\s*\.|[A-Za-z]+Shape\.)/gm;
 const ENV_READ = /\benv(?:\.([A-Z][A-Z0-9_]*)|\[\s*["'`]([A-Z][A-Z0-9_]*)["'`]\s*\])/g;
 const OPS_VARIABLE = /opsPortVariable:\s*["']([A-Z][A-Z0-9_]*)["']/g;
 const PORT_DEFAULT = /([A-Z][A-Z0-9_]*_PORT)\s*:\s*port\(\s*(\d+)\s*\)/g;

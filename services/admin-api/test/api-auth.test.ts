@@ -219,6 +219,14 @@ test("input PostgreSQL cannot hold is a 400 naming the field, never a 500", asyn
   assert.equal((await h.call("GET", `${inPath}/filters`)).status, 200);
   assert.equal((await h.call("GET", `/domains/${longDomain}`)).status, 200);
   assert.equal((await h.call("DELETE", inPath)).status, 204);
+  // What the router itself refuses has the same shape as every other refusal.
+  const badEncoding = await h.call("GET", "/accounts/%FF@limits.test");
+  assert.equal(badEncoding.status, 400);
+  assert.deepEqual(Object.keys((await badEncoding.json()) as object).sort(), ["error", "message", "statusCode"]);
+  const tooLong = await h.call("GET", `/accounts/${"x".repeat(5000)}@limits.test`);
+  assert.equal(tooLong.status, 414);
+  const tooLongBody = (await tooLong.json()) as { statusCode: number; error: string };
+  assert.deepEqual([tooLongBody.statusCode, tooLongBody.error], [414, "URI Too Long"]);
   // Unicode and upper-case domains, trailing dots: one normal form everywhere.
   const idn = await h.call("POST", "/domains", { body: { name: "Bücher.Limits.TEST." } });
   assert.equal(idn.status, 201);

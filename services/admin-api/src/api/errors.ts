@@ -1,4 +1,4 @@
-import type { FastifyError, FastifyInstance } from "fastify";
+import type { FastifyError, FastifyInstance, FastifyReply } from "fastify";
 import { DirectoryError } from "@mailstack/db";
 import { MailboxIoError } from "@mailstack/mailbox-io";
 import { QueueError } from "@mailstack/queue";
@@ -19,7 +19,7 @@ export const notFound = (what: string) => new ApiError(404, `no such ${what}`);
 
 const STATUS_TEXT: Record<number, string> = {
   400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
-  413: "Payload Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error", 503: "Service Unavailable",
+  413: "Payload Too Large", 414: "URI Too Long", 415: "Unsupported Media Type", 500: "Internal Server Error", 503: "Service Unavailable",
 };
 
 const DIRECTORY_STATUS: Record<DirectoryError["code"], number> = { invalid: 400, "not-found": 404, duplicate: 409, "in-use": 409 };
@@ -80,6 +80,15 @@ export function installNulGuard(app: FastifyInstance): void {
       if (field !== null) throw new ApiError(400, `${where}: ${field || "value"} may not contain NUL characters`, field || undefined);
     }
   });
+}
+
+/**
+ * Refusals by the router, before any hook or route (a path that is not valid percent-encoding, a
+ * path segment over maxParamLength), in the same shape as every other refusal.
+ */
+export function frameworkError(error: FastifyError, reply: FastifyReply): void {
+  const status = error.statusCode ?? 400;
+  void reply.status(status).send({ statusCode: status, error: STATUS_TEXT[status] ?? "Error", message: error.message });
 }
 
 /** One error shape for every refusal: { statusCode, error, message, field? }; 5xx details stay in the log. */

@@ -7,7 +7,7 @@ import type { Pool } from "@mailstack/db";
 import type { Logger } from "@mailstack/telemetry";
 import { installAuth } from "./auth.ts";
 import type { ApiConfig } from "./config.ts";
-import { installErrorHandler, installNulGuard } from "./errors.ts";
+import { frameworkError, installErrorHandler, installNulGuard } from "./errors.ts";
 import { installMetrics } from "./metrics.ts";
 import { directoryRoutes, documentOptionalBodies } from "./routes/directory.ts";
 import { filterRoutes } from "./routes/filters.ts";
@@ -33,6 +33,7 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
     // A path segment is an address (up to 320 characters, each non-ASCII byte of it sent as %XX);
     // Fastify's default of 100 answered 414 for a longer one the API itself had created.
     routerOptions: { maxParamLength: 4096 },
+    frameworkErrors: (error, _request, reply) => frameworkError(error, reply),
     forceCloseConnections: "idle",
   });
   otel ??= new FastifyOtelInstrumentation();

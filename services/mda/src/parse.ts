@@ -44,7 +44,12 @@ export interface ParsedMessage {
 }
 
 const MAX_HEADERS = 300;
-const MAX_HEADER_VALUE = 2_000;
+/**
+ * Filter rules read these values: a long To: or Cc: list must be seen whole, or a rule on an
+ * address far down it never matches. Postfix's header_size_limit (102400) bounds one field;
+ * the header section as a whole is bounded by MAX_HEADER_SECTION.
+ */
+const MAX_HEADER_VALUE = 102_400;
 const MAX_PARTS = 500;
 const MAX_ADDRESSES = 200;
 const MAX_TEXT = 1_000;

@@ -221,3 +221,21 @@ test("the header prefix never carries control characters", () => {
   assert.equal(headerPrefix("a\r\nb@x", "c@y").toString(), "Return-Path: <ab@x>\r\nDelivered-To: c@y\r\n");
   assert.equal(headerPrefix("", "c@y").toString(), "Return-Path: <>\r\nDelivered-To: c@y\r\n");
 });
+
+test("a rule sees the whole of a long header field: an address far down a large To: list matches", async () => {
+  const lena = await account(env.pool, "lena@example.test");
+  const mona = await account(env.pool, "mona@example.test");
+  for (const address of ["lena@example.test", "mona@example.test"]) {
+    await addFilterRule(env.pool, address, { condition: { kind: "header", header: "To", op: "contains", value: address }, action: { kind: "fileinto", folder: "Mine" } });
+  }
+  const crowd = Array.from({ length: 150 }, (_, i) => `Person Number ${i} <person-${i}@big.example.test>`);
+  const to = [...crowd, "Lena <lena@example.test>", "Mona <mona@example.test>"].join(",\r\n ");
+  const raw = `From: boss@big.example.test\r\nTo: ${to}\r\nSubject: all hands\r\n\r\nhello\r\n`;
+  assert.ok(to.length > 6_000);
+  // Not dispatched: filed here, the second copy from the summary the first one stored.
+  const accepted = await send(env.pool, null, raw, [{ address: "lena@example.test", accountId: lena }, { address: "mona@example.test", accountId: mona }]);
+  for (const delivery of accepted.deliveries) {
+    const outcome = await deliverLocal({ pool: env.pool, logger }, delivery.id);
+    assert.deepEqual(outcome, { status: "delivered", folder: "Mine", uid: 1 }, delivery.finalRecipient);
+  }
+});

@@ -239,3 +239,23 @@ test("a rule sees the whole of a long header field: an address far down a large 
     assert.deepEqual(outcome, { status: "delivered", folder: "Mine", uid: 1 }, delivery.finalRecipient);
   }
 });
+
+test("a full mailbox: a forward that keeps a copy bounces and forwards nothing; one that keeps none still forwards", async () => {
+  const olga = await account(env.pool, "olga@example.test", 10);
+  const paul = await account(env.pool, "paul@example.test", 10);
+  await addFilterRule(env.pool, "olga@example.test", { condition: { kind: "header", header: "Subject", op: "exists" }, action: { kind: "forward", to: "olga@remote.example", keepCopy: true } });
+  await addFilterRule(env.pool, "paul@example.test", { condition: { kind: "header", header: "Subject", op: "exists" }, action: { kind: "forward", to: "paul@remote.example" } });
+  const kept = await send(env.pool, null, message("forward kept but full"), [{ address: "olga@example.test", accountId: olga }]);
+  const moved = await send(env.pool, null, message("forward only, full"), [{ address: "paul@example.test", accountId: paul }]);
+  assert.deepEqual(await deliverLocal({ pool: env.pool, logger }, kept.deliveries[0]!.id), { status: "bounced", code: 552, enhanced: "5.2.2", text: "Mailbox full" });
+  const forwarded = await deliverLocal({ pool: env.pool, logger }, moved.deliveries[0]!.id);
+  assert.equal(forwarded.status, "forwarded");
+  const targets = (await env.pool.query(
+    "SELECT d.final_recipient FROM messages m JOIN deliveries d ON d.message_id = m.id WHERE m.source = 'forward' AND d.final_recipient IN ('olga@remote.example', 'paul@remote.example')",
+  )).rows.map((r) => r.final_recipient);
+  assert.deepEqual(targets, ["paul@remote.example"]);
+  const used = (await env.pool.query("SELECT address, used_bytes FROM accounts WHERE id = ANY($1) ORDER BY address", [[olga, paul]])).rows;
+  assert.deepEqual(used, [{ address: "olga@example.test", used_bytes: 0 }, { address: "paul@example.test", used_bytes: 0 }]);
+  const events = (await env.pool.query("SELECT event FROM delivery_events WHERE delivery_id = $1 ORDER BY id", [kept.deliveries[0]!.id])).rows.map((e) => e.event);
+  assert.deepEqual(events, ["accepted", "bounced"]);
+});

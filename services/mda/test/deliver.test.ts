@@ -1,7 +1,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { Consumers, Streams, Subjects, consume, publish } from "@mailstack/bus";
-import { addFilterRule } from "@mailstack/db";
+import { addFilterRule, removeAccount } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { deliverLocal, headerPrefix } from "../src/deliver.ts";
@@ -258,4 +258,15 @@ test("a full mailbox: a forward that keeps a copy bounces and forwards nothing; 
   assert.deepEqual(used, [{ address: "olga@example.test", used_bytes: 0 }, { address: "paul@example.test", used_bytes: 0 }]);
   const events = (await env.pool.query("SELECT event FROM delivery_events WHERE delivery_id = $1 ORDER BY id", [kept.deliveries[0]!.id])).rows.map((e) => e.event);
   assert.deepEqual(events, ["accepted", "bounced"]);
+});
+
+test("an account removed while its delivery is queued: the copy bounces 5.1.1 with a DSN, and nothing is filed", async () => {
+  const quinn = await account(env.pool, "quinn@example.test");
+  const accepted = await send(env.pool, null, message("removed meanwhile"), [{ address: "quinn@example.test", accountId: quinn }]);
+  await removeAccount(env.pool, "quinn@example.test");
+  const deliveryId = accepted.deliveries[0]!.id;
+  assert.deepEqual(await deliverLocal({ pool: env.pool, logger }, deliveryId), { status: "bounced", code: 550, enhanced: "5.1.1", text: "Mailbox unavailable: no such account" });
+  const row = await deliveryRow(deliveryId);
+  assert.deepEqual([row.state, row.dsn_state], ["bounced", "pending"]);
+  assert.equal((await entriesFor(deliveryId)).length, 0);
 });

@@ -218,6 +218,16 @@ async function stopEverything(code: number): Promise<never> {
 
 process.on("SIGINT", () => void stopAll(0));
 process.on("SIGTERM", () => void stopAll(0));
+// SIGHUP reloads, as in the services, instead of ending the stack and leaving its services
+// running without it. Only the TLS services with certificate files (TLS_CERT_FILE) handle it;
+// the others would die of it, and a self-signed pair has nothing to reload.
+const TLS_SERVICES = new Set(["mta-inbound", "msa", "pop3"]);
+process.on("SIGHUP", () => {
+  if (stopping) return;
+  if (!process.env.TLS_CERT_FILE) return say("SIGHUP: no TLS_CERT_FILE set, nothing to reload");
+  for (const { name, child } of children) if (TLS_SERVICES.has(name)) child.kill("SIGHUP");
+  say("SIGHUP: mta-inbound, msa and pop3 read TLS_CERT_FILE and TLS_KEY_FILE again");
+});
 
 try {
   const taken = await takenPorts();

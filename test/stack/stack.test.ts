@@ -46,6 +46,16 @@ test("the start command brings all six services to ready and Ctrl-C stops them c
     assert.ok(output.includes(`127.0.0.1:${ports.SMTP_PORT}`));
     assert.ok(output.includes(`127.0.0.1:${ports.POP3_PORT}`));
     assert.match(output, /pnpm mailctl account add alice@example\.test --password s3cret/);
+
+    // SIGHUP (a certificate reload, or a closed terminal) leaves the stack and its services up.
+    stack.kill("SIGHUP");
+    await waitFor(() => output.includes("SIGHUP:"), 10_000, 100);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    assert.equal(stack.exitCode, null, `the stack still runs after SIGHUP\n${output}`);
+    for (const service of services) {
+      const ready = await fetch(`http://127.0.0.1:${opsPorts[service]}/readyz`);
+      assert.equal(ready.status, 200, `${service} still ready after SIGHUP`);
+    }
   } finally {
     stack.kill("SIGINT");
   }

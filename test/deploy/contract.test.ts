@@ -21,6 +21,7 @@ import {
   type K8sObject,
   type ServiceFacts,
 } from "./lib.ts";
+import { parseDuration, parseSize } from "../../packages/config/src/index.ts";
 
 interface Placement {
   where: string;
@@ -284,4 +285,50 @@ test("every variable a service reads is documented in README.md or docs/*.md", (
       }
     }
   });
+});
+
+/** Defaults as the code writes them: `X: port(25)`, `X: duration("25s")`, `X: z.enum([...]).default("info")`. */
+function codeDefaults(): Map<string, Set<string>> {
+  const defaults = new Map<string, Set<string>>();
+  const files = new Set([...facts.values()].flatMap((fact) => fact.files));
+  const helper = /^\s*([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)\s*:\s*(?:port|integer|bool|size|duration|list|tlsMode)\(\s*("[^"]*"|[0-9_]+|true|false)/gm;
+  const chained = /^\s*([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)\s*:\s*z\s*\.[^\n]*?\.default\(\s*("[^"]*"|[0-9_]+|true|false)\s*\)/gm;
+  for (const file of files) {
+    const text = readFileSync(join(root, file), "utf8");
+    for (const match of [...text.matchAll(helper), ...text.matchAll(chained)]) {
+      const value = match[2]!.replace(/^"|"$/g, "").replace(/_/g, "");
+      defaults.set(match[1]!, (defaults.get(match[1]!) ?? new Set()).add(value));
+    }
+  }
+  return defaults;
+}
+
+function sameDefault(documented: string, coded: string): boolean {
+  if (documented === coded) return true;
+  const asDuration = [parseDuration(documented), parseDuration(coded)];
+  if (asDuration[0] !== null && asDuration[0] === asDuration[1]) return true;
+  const asSize = [parseSize(documented), parseSize(coded)];
+  return asSize[0] !== null && asSize[0] === asSize[1];
+}
+
+test("every default a settings table gives for one variable is the code's default", () => {
+  const coded = codeDefaults();
+  assert.ok(coded.size > 50, `found only ${coded.size} defaults in the code`);
+  let compared = 0;
+  expectNoProblems((problem) => {
+    for (const doc of DOCS) {
+      for (const row of settingsTables(readFileSync(join(root, doc), "utf8")).split("\n")) {
+        const [name, fallback] = row.split("|").slice(1, 3).map((cell) => cell.trim());
+        // One variable with one plain value (not "—", "empty", a list or a sentence).
+        if (!name || !/^`[A-Z][A-Z0-9_]+`$/.test(name) || !fallback || !/^`?[A-Za-z0-9.]+`?$/.test(fallback)) continue;
+        const variable = name.slice(1, -1);
+        const value = fallback.replace(/`/g, "");
+        const defaults = coded.get(variable);
+        if (!defaults || ["empty", "unset", "system"].includes(value)) continue;
+        compared++;
+        problem([...defaults].some((d) => sameDefault(value, d)), `${doc}: ${variable} defaults to ${value}, the code to ${[...defaults].join(" or ")}`);
+      }
+    }
+  });
+  assert.ok(compared > 50, `compared only ${compared} documented defaults`);
 });

@@ -149,7 +149,9 @@ export class DeliveryBatcher {
 
     // One call files the batch in its own transaction (migration 076 has the steps and the lock order).
     planned.sort((a, b) => a.row.id - b.row.id);
-    const parsedIds = [...new Set(planned.map((p) => p.row.message_id))].filter((id) => parsedByMessage.has(id));
+    // In message id order, as the function inserts them: two batches storing the parse of the same
+    // two messages (replicas, MDA_BATCH_PARALLEL > 1) wait for each other in one order, never deadlock.
+    const parsedIds = [...new Set(planned.map((p) => p.row.message_id))].filter((id) => parsedByMessage.has(id)).sort((a, b) => a - b);
     const result = await this.ctx.pool.query<{ delivery_id: number; outcome: "filed" | "not_pending" | "unfitted"; folder: string | null; uid: number | null }>(
       "SELECT delivery_id, outcome, folder, uid FROM mda_file_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
       [

@@ -107,8 +107,10 @@ export async function* readTar(input: AsyncIterable<Buffer | string>, maxFileByt
     const type = String.fromCharCode(header[156]!);
     const prefix = header.toString("latin1", 257, 262) === "ustar" ? readString(header, 345, 155) : "";
     const name = readString(header, 0, 100);
-    if ((type === "0" || type === "\0" || type === "L") && size > maxFileBytes) {
-      throw new MailboxIoError("too-large", `a file in the archive is larger than the limit of ${maxFileBytes} bytes`);
+    // Every entry's data is held in memory (skipped ones too), so every type is bound: a pax
+    // header or a link declaring gigabytes must not be buffered.
+    if (size > maxFileBytes) {
+      throw new MailboxIoError("too-large", `an entry in the archive is larger than the limit of ${maxFileBytes} bytes`);
     }
     const data = size ? await take(size) : Buffer.alloc(0);
     if (size && !data) throw new MailboxIoError("invalid", "truncated tar archive");

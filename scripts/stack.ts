@@ -138,10 +138,11 @@ function inUse(port: number, host: string): Promise<boolean> {
 async function takenPorts(): Promise<string[]> {
   const problems: string[] = [];
   for (const spec of services) {
-    const host = spec.host ? (process.env[spec.host[0]] ?? spec.host[1]) : "";
+    // Empty counts as unset, as in the services' configuration.
+    const host = spec.host ? process.env[spec.host[0]] || spec.host[1] : "";
     const opsVariable = `${spec.name.toUpperCase().replace(/-/g, "_")}_OPS_PORT`;
     const wanted: Array<[string, number, string]> = [
-      ...Object.entries(spec.ports).map(([variable, standard]): [string, number, string] => [variable, Number(process.env[variable] ?? standard), host]),
+      ...Object.entries(spec.ports).map(([variable, standard]): [string, number, string] => [variable, Number(process.env[variable] || standard), host]),
       [opsVariable, spec.opsPort, ""],
     ];
     for (const [variable, number, bindHost] of wanted) {

@@ -143,6 +143,7 @@ test("mailctl: a whole mailbox to mbox files and to .eml folders, and back", asy
 
 test("a folder stored with a name that climbs out of a path (an old filter rule's '../x') is never written outside the export", async () => {
   await addAccount(h.db.pool, { address: "gina@io.test", password: "pw" });
+  await addAccount(h.db.pool, { address: "hana2@io.test", password: "pw" });
   const gina = await accountId("gina@io.test");
   for (const folder of ["INBOX", "../../escape"]) {
     await transaction(h.db.pool, async (client) => {
@@ -167,6 +168,14 @@ test("a folder stored with a name that climbs out of a path (an old filter rule'
   }
   const tar = await h.call("GET", "/accounts/gina@io.test/export?format=eml");
   assert.equal(tar.status, 409, await tar.text());
+  // A folder name too long for a tar entry (ustar: 255 bytes) is refused the same way, as JSON.
+  const longName = "L".repeat(200);
+  const imported = await h.call("POST", `/accounts/hana2@io.test/import?format=eml&folder=${longName}`, { raw: Buffer.from("Subject: l\r\n\r\nl\r\n"), contentType: "message/rfc822" });
+  assert.equal(imported.status, 200, await imported.clone().text());
+  const longTar = await h.call("GET", "/accounts/hana2@io.test/export?format=eml");
+  assert.equal(longTar.status, 409, await longTar.clone().text());
+  assert.match(longTar.headers.get("content-type") ?? "", /^application\/json/);
+  assert.match(((await longTar.json()) as { message: string }).message, /cannot be a path in an archive/);
   // One folder at a time still works for the folders that are fine.
   const inbox = await h.call("GET", "/accounts/gina@io.test/export?format=eml&folder=INBOX");
   assert.equal(inbox.status, 200);

@@ -124,7 +124,8 @@ export function installErrorHandler(app: FastifyInstance): void {
       message = error.message;
     }
     if (status >= 500) request.log.error({ err: error }, "request failed");
-    void reply.status(status).send({ statusCode: status, error: STATUS_TEXT[status] ?? "Error", message, ...(field ? { field } : {}) });
+    // A route may have set another type (an export's application/x-tar) before its stream failed.
+    void reply.status(status).type("application/json; charset=utf-8").send({ statusCode: status, error: STATUS_TEXT[status] ?? "Error", message, ...(field ? { field } : {}) });
   });
   app.setNotFoundHandler((request, reply) => {
     void reply.status(404).send({ statusCode: 404, error: "Not Found", message: `no route ${request.method} ${request.url.split("?")[0]}` });

@@ -2,7 +2,7 @@ import { Readable } from "node:stream";
 import type { FastifyInstance } from "fastify";
 import { isFolderPath, type Pool } from "@mailstack/db";
 import {
-  emlFiles, emlMessages, existingFolder, importMboxStream, importMessages, listFolders, MailboxIoError, mboxStream, readTar, tarStream,
+  emlFiles, emlMessages, existingFolder, importMboxStream, importMessages, listFolders, MailboxIoError, mboxStream, readTar, tarHeader, tarStream,
   validateFolderName,
 } from "@mailstack/mailbox-io";
 import type { ApiConfig } from "../config.ts";
@@ -78,7 +78,7 @@ export function mailboxRoutes(app: FastifyInstance, pool: Pool, config: ApiConfi
     }
     if (folder === undefined) {
       // Checked before the first byte, so the refusal is a status rather than a cut-off archive.
-      const unsafe = (await listFolders(pool, account.id)).find((name) => !isFolderPath(name));
+      const unsafe = (await listFolders(pool, account.id)).find((name) => !isFolderPath(name) || !fitsTar(name));
       if (unsafe !== undefined) throw new ApiError(409, `folder ${JSON.stringify(unsafe)} has a name that cannot be a path in an archive`);
     }
     reply.type(TAR).header("content-disposition", `attachment; filename="${safeFileName(`${account.address}-${folder ?? "mailbox"}`)}.tar"`);
@@ -146,6 +146,16 @@ function checkFolder(folder: string | undefined): void {
     validateFolderName(folder);
   } catch (error) {
     throw new ApiError(400, `querystring: folder ${(error as Error).message}`, "folder");
+  }
+}
+
+/** Whether `<folder>/<uid>.eml` fits a ustar header (255 bytes, split at a '/'), for the largest UID. */
+function fitsTar(folder: string): boolean {
+  try {
+    tarHeader(`${folder}/4294967295.eml`, 0, new Date(0));
+    return true;
+  } catch {
+    return false;
   }
 }
 

@@ -85,7 +85,6 @@ export class MboxFormatError extends Error {
  * `maxMessageBytes` (a longer message is an error, not a truncation).
  */
 export async function* readMboxrd(input: AsyncIterable<Buffer | string>, maxMessageBytes: number): AsyncGenerator<MboxMessage> {
-  let carry: Buffer = Buffer.alloc(0);
   let current: { envelopeFrom: string; receivedAt: Date | null; parts: Buffer[]; size: number } | null = null;
 
   const finish = (): MboxMessage | null => {
@@ -119,22 +118,34 @@ export async function* readMboxrd(input: AsyncIterable<Buffer | string>, maxMess
     return null;
   };
 
+  // The start of a line not ended yet, in the pieces it came in: joined once, when its end comes
+  // (joining at every chunk made a long line cost quadratic time).
+  let carry: Buffer[] = [];
+  let carryBytes = 0;
   for await (const chunk of input) {
-    const data: Buffer = carry.length ? Buffer.concat([carry, Buffer.from(chunk)]) : Buffer.from(chunk);
+    const data: Buffer = typeof chunk === "string" ? Buffer.from(chunk) : chunk;
     let start = 0;
     for (;;) {
       const end = data.indexOf(NEWLINE, start);
       if (end === -1) break;
-      // Copy the line out so the (possibly large) chunk it came from can be freed.
-      const done = takeLine(Buffer.from(data.subarray(start, end + 1)));
+      const piece = data.subarray(start, end + 1);
+      // Copied out so the (possibly large) chunk it came from can be freed.
+      const line = carryBytes ? Buffer.concat([...carry, piece], carryBytes + piece.length) : Buffer.from(piece);
+      carry = [];
+      carryBytes = 0;
+      const done = takeLine(line);
       if (done) yield done;
       start = end + 1;
     }
-    carry = Buffer.from(data.subarray(start));
-    if (carry.length > maxMessageBytes + 1) throw new MboxFormatError(`a line is longer than the limit of ${maxMessageBytes} bytes`, true);
+    if (start < data.length) {
+      const rest = Buffer.from(data.subarray(start));
+      carry.push(rest);
+      carryBytes += rest.length;
+    }
+    if (carryBytes > maxMessageBytes + 1) throw new MboxFormatError(`a line is longer than the limit of ${maxMessageBytes} bytes`, true);
   }
-  if (carry.length) {
-    const done = takeLine(carry);
+  if (carryBytes) {
+    const done = takeLine(Buffer.concat(carry, carryBytes));
     if (done) yield done;
   }
   const last = finish();

@@ -1,22 +1,75 @@
 import pg from "pg";
 
-/** Creates the database named in the URL when it does not exist (needs a role allowed to create databases). */
+/** SQLSTATE invalid_catalog_name: the database named at connection does not exist. */
+const NO_SUCH_DATABASE = "3D000";
+
+/** The database named in DATABASE_URL does not exist (and was not to be created). */
+export class MissingDatabaseError extends Error {
+  readonly database: string;
+  constructor(database: string) {
+    super(`database "${database}" does not exist`);
+    this.name = "MissingDatabaseError";
+    this.database = database;
+  }
+}
+
+/** The URL with its password replaced, for messages and logs. */
+export function redactDatabaseUrl(url: string): string {
+  try {
+    const parsed = new URL(url);
+    if (parsed.password) parsed.password = "***";
+    return parsed.toString();
+  } catch {
+    return "(not a URL)";
+  }
+}
+
+/**
+ * Checks that the database named in the URL exists by connecting to it; throws MissingDatabaseError
+ * when PostgreSQL answers that it does not, and the connection error otherwise.
+ */
+export async function checkDatabase(url: string): Promise<void> {
+  const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 5_000 });
+  try {
+    await client.connect();
+  } catch (error) {
+    if ((error as { code?: string }).code === NO_SUCH_DATABASE) throw new MissingDatabaseError(databaseName(url));
+    throw error;
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+/**
+ * Creates the database named in the URL when it does not exist. The target database is tried
+ * first, so a role allowed to connect only to its own database (pg_hba.conf, a managed
+ * PostgreSQL's per-database user, PgBouncer) works once the database exists; only a missing one
+ * takes a connection to the `postgres` maintenance database and a role allowed to create databases.
+ */
 export async function ensureDatabase(url: string): Promise<void> {
-  const target = new URL(url);
-  const name = decodeURIComponent(target.pathname.slice(1));
+  const name = databaseName(url);
   if (!name) return;
+  try {
+    await checkDatabase(url);
+    return;
+  } catch (error) {
+    if (!(error instanceof MissingDatabaseError)) throw error;
+  }
   const admin = new URL(url);
   admin.pathname = "/postgres";
-  const client = new pg.Client({ connectionString: admin.toString() });
-  await client.connect();
+  const client = new pg.Client({ connectionString: admin.toString(), connectionTimeoutMillis: 5_000 });
   try {
-    const exists = await client.query("SELECT 1 FROM pg_database WHERE datname = $1", [name]);
-    if (exists.rowCount === 0) {
-      await client.query(`CREATE DATABASE "${name.replace(/"/g, '""')}"`).catch((error: { code?: string }) => {
-        if (error.code !== "42P04") throw error; // created meanwhile by another process
-      });
-    }
+    await client.connect();
+    await client.query(`CREATE DATABASE "${name.replace(/"/g, '""')}"`).catch((error: { code?: string }) => {
+      if (error.code !== "42P04") throw error; // created meanwhile by another process
+    });
+  } catch (error) {
+    throw new Error(`database "${name}" does not exist and could not be created through the postgres database: ${(error as Error).message}`, { cause: error });
   } finally {
-    await client.end();
+    await client.end().catch(() => undefined);
   }
+}
+
+function databaseName(url: string): string {
+  return decodeURIComponent(new URL(url).pathname.slice(1));
 }

@@ -118,7 +118,7 @@ const services: ServiceSpec[] = [
   { name: "mda", opsPort: opsPort("mda", 9024), ports: { LMTP_PORT: port(24) }, host: ["LMTP_HOST", ""] },
   { name: "mta-outbound", opsPort: opsPort("mta-outbound", 9026), ports: {} },
   { name: "pop3", opsPort: opsPort("pop3", 9110), ports: { POP3_PORT: port(110), POP3S_PORT: port(995) }, host: ["POP3_HOST", ""] },
-  { name: "admin-api", opsPort: opsPort("admin-api", 9080), ports: { API_PORT: 8080 }, host: ["API_HOST", "0.0.0.0"] },
+  { name: "admin-api", opsPort: opsPort("admin-api", 9080), ports: { API_PORT: 8080 }, host: ["API_HOST", "127.0.0.1"] },
 ];
 
 /** True when another program already listens where the service would (the same host and port). */
@@ -260,6 +260,9 @@ try {
     NATS_URL: natsUrl,
     TLS_DIR: tlsDir,
     MAIL_HOSTNAME: mailHostname,
+    // The admin API on loopback unless the operator says otherwise: its tokens are bearer secrets
+    // over plain HTTP, so reaching it from elsewhere wants a TLS reverse proxy in front.
+    API_HOST: process.env.API_HOST || "127.0.0.1",
   };
   for (const spec of services) startService(spec, env);
   const ready = await Promise.all(services.map(waitReady));
@@ -282,7 +285,7 @@ try {
     `  POP3 (STLS)               127.0.0.1:${p("pop3", "POP3_PORT")}`,
     `  POP3 (TLS)                127.0.0.1:${p("pop3", "POP3S_PORT")}`,
     `  LMTP                      127.0.0.1:${p("mda", "LMTP_PORT")}`,
-    `  Admin API                 http://127.0.0.1:${p("admin-api", "API_PORT")}/docs`,
+    `  Admin API                 http://127.0.0.1:${p("admin-api", "API_PORT")}/docs${env.API_HOST === "127.0.0.1" ? " (loopback only; API_HOST moves it)" : ""}`,
     "  Health and metrics        " + services.map((s) => `${s.name} :${s.opsPort}`).join(", "),
     `  Database                  ${databaseUrl.replace(/:[^:@/]*@/, ":***@")}`,
     `  NATS                      ${natsUrl}`,

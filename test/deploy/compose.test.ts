@@ -84,6 +84,13 @@ test("services export traces to Jaeger over OTLP", () => {
   }
 });
 
+test("the admin API and the Jaeger UI are published on loopback only (bearer tokens over HTTP; no login)", () => {
+  for (const [name, port] of [["admin-api", "8080"], ["jaeger", "16686"]] as const) {
+    const published = (compose.services[name].ports ?? []).map(String).filter((p: string) => p.split(":").at(-2) === port);
+    assert.deepEqual(published, [`127.0.0.1:${port}:${port}`], `${name} ${port}`);
+  }
+});
+
 test("the migrate one-shot runs the migrate CLI before anything else", () => {
   const migrate = compose.services.migrate;
   assert.ok(migrate.command.join(" ").includes("packages/db/src/migrate-cli.ts"));

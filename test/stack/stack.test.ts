@@ -46,6 +46,9 @@ test("the start command brings all six services to ready and Ctrl-C stops them c
     assert.ok(output.includes(`127.0.0.1:${ports.SMTP_PORT}`));
     assert.ok(output.includes(`127.0.0.1:${ports.POP3_PORT}`));
     assert.match(output, /pnpm mailctl account add alice@example\.test --password s3cret/);
+    // The admin API listens on loopback only (API_HOST unset): no wildcard or other address.
+    assert.equal((await fetch(`http://127.0.0.1:${ports.API_PORT}/domains`)).status, 401, "reachable on loopback (and asks for a token)");
+    assert.deepEqual(listeningAddresses(Number(ports.API_PORT)), ["0100007F"], "the admin API is bound to 127.0.0.1 alone");
 
     // SIGHUP (a certificate reload, or a closed terminal) leaves the stack and its services up.
     stack.kill("SIGHUP");
@@ -65,6 +68,17 @@ test("the start command brings all six services to ready and Ctrl-C stops them c
     await assert.rejects(fetch(`http://127.0.0.1:${opsPorts[service]}/healthz`), `${service} is gone`);
   }
 });
+
+/** The local addresses (as /proc/net/tcp{,6} write them) of the sockets listening on a TCP port. */
+function listeningAddresses(port: number): string[] {
+  const hexPort = port.toString(16).toUpperCase().padStart(4, "0");
+  return ["/proc/net/tcp", "/proc/net/tcp6"].flatMap((file) =>
+    readFileSync(file, "utf8").split("\n").slice(1)
+      .map((line) => line.trim().split(/\s+/))
+      .filter((fields) => fields[1]?.endsWith(`:${hexPort}`) && fields[3] === "0A")
+      .map((fields) => fields[1]!.split(":")[0]!),
+  );
+}
 
 /** The pid of the stack's child running services/<name>/src/main.ts, once it is spawned. */
 function childPid(parent: number, name: string): number | undefined {

@@ -185,6 +185,8 @@ interface SessionState {
    */
   recipients: Map<string, AcceptedRecipient>;
   finalCount: number;
+  /** RCPTs refused with a 5xx since the session began or last had a message accepted. */
+  refusedRecipients: number;
   span: Span | null;
 }
 
@@ -192,6 +194,9 @@ const RELAY_TRICKS = new Set<AddressProblem>(["source-route", "percent-hack", "b
 const OBSOLETE = new Set(["TURN", "SEND", "SOML", "SAML", "ETRN", "ATRN", "EXPN"]);
 // smtp-server's own bound (10) counted AUTH continuation lines too and answered 421 4.4.2; ours replaces it.
 const MAX_UNAUTHENTICATED_COMMANDS = 10;
+// Then 421: probing addresses one RCPT after the other (a directory harvest) is cut short, as
+// Postfix's smtpd_hard_error_limit does; the count restarts after each accepted message.
+const MAX_REFUSED_RECIPIENTS = 20;
 // RFC 5321 6.3: a message that has made this many hops is in a mail loop (a threshold of at least 100).
 const MAX_HOPS = 100;
 
@@ -221,6 +226,7 @@ const R = {
   tooManyRecipients: reply(452, "4.5.3", "Too many recipients"),
   tooManyFinal: reply(452, "4.5.3", "Too many recipients after alias expansion"),
   busy: reply(452, "4.3.1", "Insufficient system storage, try again later"),
+  tooManyRefused: reply(421, "4.7.0", "Too many refused recipients, closing connection"),
 };
 
 function smtpError(r: SmtpReply): Error & { responseCode: number } {
@@ -295,7 +301,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const stateOf = (session: SMTPServerSession): SessionState => {
     let state = states.get(session);
     if (!state) {
-      state = { commands: 0, unauthenticated: 0, countedIp: null, connection: null, sender: null, recipients: new Map(), finalCount: 0, span: null };
+      state = { commands: 0, unauthenticated: 0, countedIp: null, connection: null, sender: null, recipients: new Map(), finalCount: 0, refusedRecipients: 0, span: null };
       states.set(session, state);
     }
     return state;
@@ -515,13 +521,18 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   };
 
   const onRcptTo = (address: SMTPServerAddress, session: SMTPServerSession, callback: (error?: Error | null) => void) => {
+    const refuse = (r: SmtpReply) => {
+      const state = stateOf(session);
+      if (r.code >= 500 && ++state.refusedRecipients > MAX_REFUSED_RECIPIENTS) return callback(smtpError(R.tooManyRefused));
+      callback(smtpError(r));
+    };
     const parsed = parseAddress(recipientAddress(address.address), { utf8: !!session.envelope.smtpUtf8 });
     if (!parsed.ok) {
-      if (RELAY_TRICKS.has(parsed.problem)) return callback(smtpError(Replies.relayDenied));
-      return callback(smtpError(addressReply(parsed.problem, "RCPT")));
+      if (RELAY_TRICKS.has(parsed.problem)) return refuse(Replies.relayDenied);
+      return refuse(addressReply(parsed.problem, "RCPT"));
     }
     addRecipient(address, session, parsed).then(
-      (refusal) => callback(refusal ? smtpError(refusal) : null),
+      (refusal) => (refusal ? refuse(refusal) : callback(null)),
       (error) => callback(hookError(error, "resolveRecipient")),
     );
   };
@@ -719,6 +730,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
         throw new SmtpError(Replies.localError);
       }
       mailMetrics.messagesAccepted.inc({ service });
+      state.refusedRecipients = 0;
       logger.info({ queueId, messageId: accepted.messageId, deliveries: accepted.deliveries.length, size: stored.length, trace_id: traceId }, "message accepted");
       // Dispatch follows the commit; if it fails the sweeper republishes.
       const dispatch = context.with(traceContext, () => dispatchAccepted(bus, pool, accepted, { markDispatched })).catch((error) =>

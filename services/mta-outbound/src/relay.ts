@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto";
 import type { Pool } from "@mailstack/db";
 import type { SrsSettings } from "@mailstack/mail";
 import { stillPending, type JourneyEvent, type RelayJob } from "@mailstack/queue";
-import { Counter, Histogram, SpanKind, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
+import { Counter, Histogram, SpanKind, logText, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
 import { hasEightBit } from "./dot-stuff.ts";
@@ -79,6 +79,7 @@ interface ClaimedRow {
 }
 
 interface MessageRow {
+  queue_id: string;
   envelope_from: string;
   /** 'bounce': a DSN this system composed (see attempt: it may be re-encoded for the next hop). */
   source: string;
@@ -94,6 +95,8 @@ export interface Outcome {
   reply: string;
   status: string;
   remoteMta: string | null;
+  /** For the log: the host, address and port answering, as Postfix writes relay= ("host[address]:port"). */
+  relay?: string;
   /** The remote offered DSN, so it carries NOTIFY=SUCCESS duty on. */
   remoteDsn?: boolean;
 }
@@ -179,7 +182,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
              FROM async_commit, locked
             WHERE d.id = locked.id
             RETURNING d.id, d.message_id, d.recipient, d.final_recipient, d.dsn_notify, d.dsn_orcpt, d.attempts, d.created_at, d.delay_notified_at)
-         SELECT m.id, m.envelope_from, m.source, m.raw, m.dsn_envid, m.dsn_ret, m.received_at, json_agg(c ORDER BY c.id) AS claimed
+         SELECT m.id, m.queue_id, m.envelope_from, m.source, m.raw, m.dsn_envid, m.dsn_ret, m.received_at, json_agg(c ORDER BY c.id) AS claimed
            FROM claimed c JOIN messages m ON m.id = c.message_id GROUP BY m.id`,
         [workerId, config.leaseMs, ids, messageIds],
       );
@@ -206,15 +209,15 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
   }
 
   /** Turns a failure that reached no recipient-level answer into the same outcome for all. */
-  function failureOutcome(error: unknown, remoteMta: string | null): Outcome {
+  function failureOutcome(error: unknown, remoteMta: string | null, relay?: string): Outcome {
     if (error instanceof SmtpError) {
       const reply = error.reply ? formatRemoteReply(error.reply) : error.message;
-      return { state: error.temporary ? "deferred" : "bounced", reply, status: error.status, remoteMta };
+      return { state: error.temporary ? "deferred" : "bounced", reply, status: error.status, remoteMta, relay };
     }
     if (error instanceof DestinationError) {
       return { state: error.temporary ? "deferred" : "bounced", reply: error.message, status: error.status, remoteMta: null };
     }
-    return { state: "deferred", reply: (error as Error).message, status: "4.0.0", remoteMta };
+    return { state: "deferred", reply: (error as Error).message, status: "4.0.0", remoteMta, relay };
   }
 
   /** Tries every host (and each of its addresses) in order until one gives recipient-level answers. */
@@ -248,6 +251,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
       for (const address of host.addresses) {
         const key = `${address}|${destination.port}|${destination.tls}|${destination.auth?.user ?? ""}|${host.hostname}`;
         const hostKey = `${address}|${destination.port}`;
+        const relay = `${host.hostname}[${address}]:${destination.port}`;
         const options = {
           hostname: host.hostname,
           address,
@@ -301,7 +305,7 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
             connections.release(key, hostKey, connection);
             connection = null;
           }
-          lastFailure = failureOutcome(error, host.hostname);
+          lastFailure = failureOutcome(error, host.hostname, relay);
           if (lastFailure.state === "deferred") anyTemporary = true;
           logger.info({ domain, host: host.hostname, address, err: (error as Error).message }, "relay attempt to host failed");
           // A permanent refusal of the message itself (MAIL 5xx, SIZE, 8BITMIME, SMTPUTF8) is final; anything else tries the next host.
@@ -315,12 +319,12 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         const note = (done: TransactionResult) => {
           for (const r of done.recipients) {
             const state = r.accepted ? "delivered" : r.permanent ? "bounced" : "deferred";
-            outcomes.set(r.address, { state, reply: formatRemoteReply(r.reply), status: statusFor(state, r.reply.code, r.reply.enhanced), remoteMta: host.hostname, remoteDsn });
+            outcomes.set(r.address, { state, reply: formatRemoteReply(r.reply), status: statusFor(state, r.reply.code, r.reply.enhanced), remoteMta: host.hostname, relay, remoteDsn });
           }
         };
         note(result!);
         for (const r of refused) {
-          outcomes.set(r.address, { state: "bounced", reply: `the recipient address is not ASCII and ${host.hostname} does not offer SMTPUTF8 (RFC 6531 3.2)`, status: "5.6.7", remoteMta: host.hostname });
+          outcomes.set(r.address, { state: "bounced", reply: `the recipient address is not ASCII and ${host.hostname} does not offer SMTPUTF8 (RFC 6531 3.2)`, status: "5.6.7", remoteMta: host.hostname, relay });
         }
         // "452 too many recipients" (RFC 5321 4.5.3.1.10, or the old 552): the rest go in further
         // transactions on this connection, for as long as each one delivers to someone.
@@ -459,6 +463,27 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
     });
     if (updates.some((u) => !kept.has(u.row.id))) logger.error({ messageId: job.messageId, lost: updates.filter((u) => !kept.has(u.row.id)).length }, "lease lost before the result was recorded");
     for (const u of updates) if (kept.has(u.row.id) && u.outcome.state !== "deferred") mailMetrics.deliveriesFinal.inc({ kind: "remote", state: u.outcome.state });
+    // One line per committed recipient result, as Postfix's status= lines (docs/mta-outbound.md, Logs).
+    for (const u of updates) {
+      if (!kept.has(u.row.id)) continue;
+      logger.info(
+        {
+          messageId: job.messageId,
+          queueId: message.queue_id,
+          deliveryId: u.row.id,
+          to: u.row.final_recipient,
+          from: message.envelope_from,
+          status: u.event === "expired" ? "expired" : u.outcome.state,
+          dsn: u.outcome.status,
+          relay: u.outcome.relay ?? "none",
+          delay: Math.round((now - message.received_at.getTime()) / 10) / 100,
+          attempts: u.row.attempts + 1,
+          reply: logText(u.outcome.reply),
+          ...(u.delayMs ? { retryInS: Math.round(u.delayMs / 1000) } : {}),
+        },
+        u.outcome.state,
+      );
+    }
     return updates.filter((u) => kept.has(u.row.id)).length;
   }
 

@@ -1,7 +1,7 @@
 import { FINAL_STATES } from "@mailstack/queue";
 import { mailMetrics } from "@mailstack/telemetry";
 import {
-  ROW_COLUMNS, SERVICE, decideFor, deliverLocal, headerPrefix, observeFiled, wantsSuccessNotice,
+  ROW_COLUMNS, SERVICE, decideFor, deliverLocal, headerPrefix, logOutcome, observeFiled, wantsSuccessNotice,
   type DeliverContext, type Outcome, type Row,
 } from "./deliver.ts";
 import { mdaMetrics } from "./metrics.ts";
@@ -170,9 +170,11 @@ export class DeliveryBatcher {
       else slow.push(r.delivery_id);
     }
     for (const p of filed) {
-      outcomes.set(p.row.id, { status: "delivered", folder: p.folder, uid: p.uid });
+      const outcome: Outcome = { status: "delivered", folder: p.folder, uid: p.uid };
+      outcomes.set(p.row.id, outcome);
       mailMetrics.deliveriesFinal.inc({ kind: "local", state: "delivered" });
       observeFiled(p.row);
+      logOutcome(this.ctx.logger, p.row, outcome);
     }
     return { outcomes, slow };
   }

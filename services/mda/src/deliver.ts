@@ -1,7 +1,7 @@
 import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, type FilterRuleRow, type Pool, type PoolClient } from "@mailstack/db";
 import { FINAL_STATES, dispatchAccepted, insertMessage, recordEvents, stillPending, type AcceptedMessage, type JourneyEvent } from "@mailstack/queue";
-import { mailMetrics, type Logger } from "@mailstack/telemetry";
+import { currentTraceId, logText, mailMetrics, type Logger } from "@mailstack/telemetry";
 import { decide, type Decision } from "./filters.ts";
 import { mdaMetrics } from "./metrics.ts";
 import { parseMessage, type ParsedMessage } from "./parse.ts";
@@ -40,7 +40,9 @@ export type Outcome =
 export interface Row {
   id: number;
   message_id: number;
+  queue_id: string;
   state: string;
+  attempts: number;
   kind: "local" | "remote";
   account_id: number | null;
   final_recipient: string;
@@ -182,6 +184,50 @@ export async function deliverLocal(ctx: DeliverContext, deliveryId: number, opti
   return outcome;
 }
 
+/**
+ * The one info line per delivery outcome, written after its commit (docs/mda.md, Logs). A
+ * duplicate or a missing delivery changed nothing and gets none. The line carries the message's
+ * trace: a batch is filed in the context of the job that started it, not of each of its jobs.
+ */
+export function logOutcome(logger: Logger, row: Row, outcome: Outcome): void {
+  if (outcome.status === "missing" || outcome.status === "duplicate") return;
+  const trace = row.trace_id && row.trace_id !== currentTraceId() ? { trace_id: row.trace_id, span_id: undefined } : {};
+  const fields = {
+    messageId: row.message_id,
+    queueId: row.queue_id,
+    deliveryId: row.id,
+    to: row.final_recipient,
+    from: row.envelope_from,
+    delay: Math.round(Math.max(0, Date.now() - new Date(row.received_at).getTime()) / 10) / 100,
+    attempts: row.attempts + 1,
+    ...trace,
+  };
+  switch (outcome.status) {
+    case "delivered":
+      logger.info(
+        { ...fields, status: "delivered", dsn: "2.0.0", relay: outcome.folder, action: "filed", uid: outcome.uid, ...(outcome.forwardedTo ? { forwardedTo: outcome.forwardedTo } : {}), reply: `250 2.0.0 Delivered to ${logText(outcome.folder)} as UID ${outcome.uid}` },
+        "delivered",
+      );
+      return;
+    case "discarded":
+      logger.info({ ...fields, status: "delivered", dsn: "2.0.0", relay: "none", action: "discarded", rule: outcome.ruleId, reply: "250 2.0.0 Discarded by filter rule" }, "delivered");
+      return;
+    case "forwarded":
+      logger.info(
+        { ...fields, status: "delivered", dsn: "2.0.0", relay: "none", action: "forwarded", forwardedTo: outcome.to, forwardMessageId: outcome.messageId, reply: `250 2.0.0 Forwarded to ${logText(outcome.to)}` },
+        "delivered",
+      );
+      return;
+    case "bounced":
+      logger.info({ ...fields, status: "bounced", dsn: outcome.enhanced, relay: "none", reply: logText(`${outcome.code} ${outcome.enhanced} ${outcome.text}`) }, "bounced");
+      return;
+    case "tempfail":
+      // Told to the LMTP client, which retries; this copy is cancelled.
+      logger.info({ ...fields, status: "deferred", dsn: outcome.enhanced, relay: "none", retriedBy: "client", reply: logText(`${outcome.code} ${outcome.enhanced} ${outcome.text}`) }, "deferred");
+      return;
+  }
+}
+
 export function observeFiled(row: Row): void {
   mdaMetrics.acceptToMailbox.observe(Math.max(0, (Date.now() - new Date(row.received_at).getTime()) / 1000));
 }
@@ -263,10 +309,12 @@ async function fileFast(ctx: DeliverContext, row: Row, folder: string): Promise<
   if (uid === null) return null;
   mailMetrics.deliveriesFinal.inc({ kind: "local", state: "delivered" });
   observeFiled(row);
-  return { status: "delivered", folder, uid };
+  const outcome: Outcome = { status: "delivered", folder, uid };
+  logOutcome(ctx.logger, row, outcome);
+  return outcome;
 }
 
-export const ROW_COLUMNS = `d.id, d.message_id, d.state, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
+export const ROW_COLUMNS = `d.id, d.message_id, m.queue_id, d.state, d.attempts, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
        m.envelope_from, m.size AS message_size, m.trace_id, m.received_at, p.parsed, a.address, a.disabled,
        COALESCE((SELECT json_agg(f ORDER BY f.position) FROM filter_rules f WHERE f.account_id = d.account_id), '[]') AS rules`;
 export const ROW_FROM = `FROM deliveries d
@@ -280,10 +328,12 @@ export async function deliverInTransaction(ctx: DeliverContext, deliveryId: numb
   let forwarded: AcceptedMessage | null = null;
   const client = await ctx.pool.connect();
   let outcome: Outcome | undefined;
+  let locked: Row | undefined;
   try {
     await client.query("BEGIN");
     const result = await client.query<Row>(`SELECT ${ROW_COLUMNS} ${ROW_FROM} FOR NO KEY UPDATE OF d`, [deliveryId]);
     const row = result.rows[0];
+    locked = row;
     if (!row) {
       outcome = { status: "missing" };
     } else if (FINAL_STATES.has(row.state) || row.kind !== "local") {
@@ -350,6 +400,7 @@ export async function deliverInTransaction(ctx: DeliverContext, deliveryId: numb
     client.release();
   }
   outcome ??= { status: "missing" };
+  if (locked) logOutcome(ctx.logger, locked, outcome);
   if (outcome.status === "delivered" || outcome.status === "discarded" || outcome.status === "forwarded") {
     mailMetrics.deliveriesFinal.inc({ kind: "local", state: "delivered" });
   } else if (outcome.status === "bounced") {

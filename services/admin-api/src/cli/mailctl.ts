@@ -81,5 +81,21 @@ export async function mailctl(
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {
-  process.exitCode = await mailctl(process.argv.slice(2));
+  // A reader that stops early (`mailctl queue list | head -1`) closes the pipe: the rest of the
+  // output is dropped quietly, the command still finishes, and the exit status is 141 (128 +
+  // SIGPIPE), what a shell reports for git, psql or cat cut short the same way.
+  let stdoutClosed = false;
+  process.stdout.on("error", (error: NodeJS.ErrnoException) => {
+    if (error.code !== "EPIPE") throw error;
+    stdoutClosed = true;
+    // The error may arrive after mailctl has returned (its last write, then the pool's end).
+    if (!process.exitCode) process.exitCode = 141;
+  });
+  const code = await mailctl(process.argv.slice(2), {
+    out: (line) => {
+      if (!stdoutClosed) process.stdout.write(`${line}\n`);
+    },
+    err: (line) => process.stderr.write(`${line}\n`),
+  });
+  process.exitCode = stdoutClosed && code === 0 ? 141 : code;
 }

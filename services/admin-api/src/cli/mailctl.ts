@@ -1,5 +1,5 @@
 import { ConfigError, commonShape, loadConfig } from "@mailstack/config";
-import { DirectoryError, createPool, ensureDatabase, migrate } from "@mailstack/db";
+import { DirectoryError, createPool, migrate, redactDatabaseUrl } from "@mailstack/db";
 import "./commands/index.ts";
 import { allCommands, findCommand, UsageError } from "./registry.ts";
 
@@ -61,10 +61,16 @@ export async function mailctl(
     }
     throw error;
   }
-  await ensureDatabase(config.DATABASE_URL);
   const pool = createPool({ url: config.DATABASE_URL, max: 2, applicationName: "mailctl" });
   try {
-    await migrate(pool);
+    // Never creates the database (the migrate command and ./mailstack start do): a typo in
+    // DATABASE_URL must not end in an empty new database that every list command shows as empty.
+    try {
+      await migrate(pool);
+    } catch (error) {
+      io.err(`mailctl: ${databaseProblem(error, config.DATABASE_URL)}`);
+      return 1;
+    }
     await found.command.run(found.rest, { pool, out: io.out, readStdin: io.readStdin ?? readStdin, env });
     return 0;
   } catch (error) {
@@ -78,6 +84,18 @@ export async function mailctl(
   } finally {
     await pool.end();
   }
+}
+
+/** One line saying why the database at DATABASE_URL cannot be used (the URL without its password). */
+function databaseProblem(error: unknown, url: string): string {
+  const failure = error as { code?: string; message?: string; errors?: Error[] };
+  if (failure.code === "3D000") {
+    const name = decodeURIComponent(new URL(url).pathname.slice(1));
+    return `database ${name} does not exist (run the migrate command or ./mailstack start to create it)`;
+  }
+  // A connection refused on every address of a name is an AggregateError with an empty message.
+  const reason = failure.message || failure.errors?.[0]?.message || failure.code || String(error);
+  return `cannot use the database at DATABASE_URL=${redactDatabaseUrl(url)}: ${reason}`;
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {

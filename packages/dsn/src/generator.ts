@@ -1,7 +1,7 @@
 import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, transaction, type Pool, type PoolClient } from "@mailstack/db";
 import { dispatchAccepted, insertMessage, recordEvents, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
-import { currentTraceId, withSpan, type Logger } from "@mailstack/telemetry";
+import { currentTraceId, logText, withSpan, type Logger } from "@mailstack/telemetry";
 import { composeDsn, type DsnAction, type DsnRecipient } from "./compose.ts";
 
 export interface GeneratorOptions {
@@ -35,6 +35,7 @@ interface PendingRow {
 
 interface MessageRow {
   id: number;
+  queue_id: string;
   envelope_from: string;
   dsn_envid: string | null;
   dsn_ret: "FULL" | "HDRS" | null;
@@ -74,6 +75,33 @@ function statusOf(row: PendingRow, action: DsnAction): string {
   return "2.0.0";
 }
 
+/** A generated DSN, for the log line written after its commit. */
+interface Generated {
+  accepted: AcceptedMessage;
+  message: MessageRow;
+  notices: Array<{ row: PendingRow; action: DsnAction; status: string }>;
+}
+
+/** Recipients a DSN's log line names; a report on more says how many it left out. */
+const LOGGED_RECIPIENTS = 20;
+
+function logGenerated(logger: Logger, generated: Generated): void {
+  const { accepted, message, notices } = generated;
+  logger.info(
+    {
+      messageId: message.id,
+      queueId: message.queue_id,
+      to: message.envelope_from,
+      dsnMessageId: accepted.messageId,
+      dsnQueueId: accepted.queueId,
+      actions: [...new Set(notices.map((n) => n.action))],
+      recipients: notices.slice(0, LOGGED_RECIPIENTS).map((n) => ({ to: logText(n.row.final_recipient), action: n.action, dsn: n.status })),
+      recipientCount: notices.length,
+    },
+    "DSN generated",
+  );
+}
+
 /**
  * Generates the DSNs for one message inside the caller's transaction: decides per delivery
  * whether a notice is due (null sender, NOTIFY), builds ONE report for all of them, stores
@@ -84,7 +112,7 @@ async function handleMessage(
   message: MessageRow,
   rows: PendingRow[],
   options: GeneratorOptions,
-): Promise<AcceptedMessage | null> {
+): Promise<Generated | null> {
   const notices: Array<{ row: PendingRow; action: DsnAction }> = [];
   const suppressed: number[] = [];
   for (const row of rows) {
@@ -95,7 +123,7 @@ async function handleMessage(
       notices.push({ row, action });
     }
   }
-  let accepted: AcceptedMessage | null = null;
+  let generated: Generated | null = null;
   if (notices.length > 0) {
     const route = await resolveRecipient(client, message.envelope_from, { allowRemote: true });
     if (!route.ok) {
@@ -126,7 +154,7 @@ async function handleMessage(
         recipients,
       });
       const deliveries: NewDelivery[] = route.routes.map((r) => ({ recipient: message.envelope_from, route: r, dsnNotify: ["NEVER"] }));
-      accepted = await insertMessage(
+      const accepted = await insertMessage(
         client,
         { raw: dsn.raw, envelopeFrom: "", source: "bounce", messageIdHeader: dsn.messageId, traceId: currentTraceId() ?? null },
         deliveries,
@@ -142,14 +170,15 @@ async function handleMessage(
         client,
         notices
           .filter((n) => n.action === "delayed")
-          .map((n) => ({ messageId: message.id, deliveryId: n.row.id, event: "delayed" as const, service: options.service, detail: { dsn: accepted!.queueId } })),
+          .map((n) => ({ messageId: message.id, deliveryId: n.row.id, event: "delayed" as const, service: options.service, detail: { dsn: accepted.queueId } })),
       );
+      generated = { accepted, message, notices: recipients.map((r, i) => ({ row: notices[i]!.row, action: r.action, status: r.status })) };
     }
   }
   if (suppressed.length > 0) {
     await client.query("UPDATE deliveries SET dsn_state = 'suppressed', updated_at = now() WHERE id = ANY($1)", [suppressed]);
   }
-  return accepted;
+  return generated;
 }
 
 /**
@@ -165,8 +194,8 @@ export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptio
   );
   let generated = 0;
   for (const { message_id: messageId } of candidates.rows) {
-    const accepted = await withSpan("dsn generate", { attributes: { "mail.message.id": messageId } }, () =>
-      transaction(pool, async (client) => {
+    const report = await withSpan("dsn generate", { attributes: { "mail.message.id": messageId } }, async () => {
+      const done = await transaction(pool, async (client) => {
         const rows = await client.query<PendingRow>(
           `SELECT id, message_id, recipient, final_recipient, kind, state, last_reply, last_status, remote_mta,
                   dsn_notify, dsn_orcpt, last_attempt_at
@@ -175,13 +204,17 @@ export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptio
         );
         if (rows.rows.length === 0) return null;
         const message = await client.query<MessageRow>(
-          "SELECT id, envelope_from, dsn_envid, dsn_ret, received_at, size FROM messages WHERE id = $1",
+          "SELECT id, queue_id, envelope_from, dsn_envid, dsn_ret, received_at, size FROM messages WHERE id = $1",
           [messageId],
         );
         return handleMessage(client, message.rows[0]!, rows.rows, options);
-      }),
-    );
-    if (accepted) {
+      });
+      // After the commit: a rolled-back DSN is never logged as generated.
+      if (done && options.logger) logGenerated(options.logger, done);
+      return done;
+    });
+    if (report) {
+      const accepted = report.accepted;
       generated++;
       // A failed publish is repaired by the sweeper (the rows are queued and undispatched).
       await dispatchAccepted(bus, pool, accepted).catch((error) => options.logger?.warn({ err: error }, "DSN dispatch failed; the sweeper will retry"));

@@ -1,8 +1,10 @@
 import assert from "node:assert/strict";
+import { Writable } from "node:stream";
 import { after, before, test } from "node:test";
 import { simpleParser } from "mailparser";
 import { addAccount, addDomain, resolveRecipient } from "@mailstack/db";
 import { acceptMessage, type NewDelivery } from "@mailstack/queue";
+import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { composeDsn, diagnosticCode, generateDsns, headerSection, wantsNotice } from "../src/index.ts";
 import { decodeUtf8Addr } from "@mailstack/mail";
@@ -301,4 +303,38 @@ test("the returned header section ends at the first empty line, whatever its lin
   // An empty first line: no header fields; the body's field-like lines are not returned.
   assert.equal(headerSection(Buffer.from("\r\nX-In-Body: 1\r\n\r\nmore")).toString("latin1"), "\r\n");
   assert.equal(headerSection(Buffer.from("Subject: b\r\nTo: c@d\r\n\r\nbody\r\n")).toString("latin1"), "Subject: b\r\nTo: c@d\r\n\r\n");
+});
+
+test("a generated DSN is one info line naming the original message, its sender and the recipients it reports", async () => {
+  const lines: Array<Record<string, unknown>> = [];
+  const sink = new Writable({
+    write(chunk, _encoding, done) {
+      for (const line of String(chunk).split("\n")) if (line) lines.push(JSON.parse(line) as Record<string, unknown>);
+      done();
+    },
+  });
+  const logger = createLogger("mta-outbound", "info", sink);
+  const message = await failedMessage("sender@home.test", [{ to: "log-a@far.test" }, { to: "log-b@far.test" }, { to: "log-c@far.test", notify: ["NEVER"] }]);
+  const silent = await failedMessage("", [{ to: "log-d@far.test" }]);
+  assert.equal(await generateDsns(env.bus, env.pool, { ...options, logger }), 1);
+  const mine = lines.filter((l) => l.msg === "DSN generated");
+  assert.equal(mine.length, 1, "one line per DSN; none for a suppressed one");
+  const line = mine[0]!;
+  const { rows } = await env.pool.query<{ id: number; queue_id: string }>(
+    "SELECT m.id, m.queue_id FROM messages m WHERE m.id = $1 OR (m.source = 'bounce' AND m.id > $1) ORDER BY m.id",
+    [message.messageId],
+  );
+  assert.equal(line.level, "info");
+  assert.equal(line.messageId, message.messageId);
+  assert.equal(line.queueId, rows[0]!.queue_id);
+  assert.equal(line.to, "sender@home.test");
+  assert.equal(line.dsnMessageId, rows.at(-1)!.id);
+  assert.equal(line.dsnQueueId, rows.at(-1)!.queue_id);
+  assert.deepEqual(line.actions, ["failed"]);
+  assert.deepEqual(line.recipients, [
+    { to: "log-a@far.test", action: "failed", dsn: "5.1.1" },
+    { to: "log-b@far.test", action: "failed", dsn: "5.1.1" },
+  ]);
+  assert.equal(line.recipientCount, 2);
+  assert.ok(!lines.some((l) => l.messageId === silent.messageId && l.msg === "DSN generated"));
 });

@@ -24,6 +24,14 @@ export function redactDatabaseUrl(url: string): string {
   }
 }
 
+/** One line for an operator: why the database at the URL cannot be used, naming DATABASE_URL without its password. */
+export function databaseFailure(error: unknown, url: string): string {
+  const failure = error as { code?: string; message?: string; errors?: Error[] };
+  // A connection refused on every address of a name is an AggregateError with an empty message.
+  const reason = failure.message || failure.errors?.[0]?.message || failure.code || String(error);
+  return `cannot use the database at DATABASE_URL=${redactDatabaseUrl(url)}: ${reason}`;
+}
+
 /**
  * Checks that the database named in the URL exists by connecting to it; throws MissingDatabaseError
  * when PostgreSQL answers that it does not, and the connection error otherwise.

@@ -1,9 +1,17 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
+import { fileURLToPath } from "node:url";
 import pg from "pg";
 import { DEFAULT_DATABASE_URL } from "@mailstack/config";
 import { checkDatabase, ensureDatabase, MissingDatabaseError, redactDatabaseUrl } from "../src/index.ts";
+
+const migrateCli = fileURLToPath(new URL("../src/migrate-cli.ts", import.meta.url));
+
+function runMigrate(databaseUrl: string) {
+  return spawnSync(process.execPath, [migrateCli], { env: { ...process.env, DATABASE_URL: databaseUrl }, encoding: "utf8", timeout: 60_000 });
+}
 
 const baseUrl = process.env.TEST_DATABASE_URL ?? process.env.DATABASE_URL ?? DEFAULT_DATABASE_URL;
 const suffix = randomBytes(5).toString("hex");
@@ -86,4 +94,31 @@ test("checkDatabase names the missing database and never creates it", async () =
 test("redactDatabaseUrl hides the password only", () => {
   assert.equal(redactDatabaseUrl("postgres://mail:s3cret@db.example:5432/mail"), "postgres://mail:***@db.example:5432/mail");
   assert.equal(redactDatabaseUrl("postgres://mail@db.example/mail"), "postgres://mail@db.example/mail");
+});
+
+test("the migrate command (the Kubernetes Job) migrates the database of a role limited to it", async () => {
+  const result = runMigrate(urlFor(ownDatabase, role));
+  assert.equal(result.status, 0, result.stderr);
+  assert.match(result.stdout, /^applied: /);
+  const client = new pg.Client({ connectionString: urlFor(ownDatabase, role) });
+  await client.connect();
+  try {
+    const tables = await client.query("SELECT count(*)::int AS n FROM pg_tables WHERE schemaname = 'public' AND tableowner = $1", [role]);
+    assert.ok(tables.rows[0].n > 0, "the migrations' tables belong to the limited role");
+  } finally {
+    await client.end();
+  }
+});
+
+test("the migrate command says in one line, without the password, that the database cannot be reached", () => {
+  const url = new URL(urlFor(ownDatabase, role));
+  url.password = "s3cret-pw";
+  url.port = "1"; // nothing listens on a privileged port 1 here
+  const result = runMigrate(url.toString());
+  assert.equal(result.status, 1);
+  assert.equal(result.stdout, "");
+  const [line, ...more] = result.stderr.trimEnd().split("\n");
+  assert.equal(more.length, 0, result.stderr);
+  assert.match(line ?? "", /^migrate: cannot use the database at DATABASE_URL=postgres:\/\/mailstack_t_role_\w+:\*\*\*@127\.0\.0\.1:1\/\w+: \S/);
+  assert.ok(!result.stderr.includes("s3cret-pw"));
 });

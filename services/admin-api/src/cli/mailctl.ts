@@ -1,5 +1,5 @@
 import { ConfigError, commonShape, loadConfig } from "@mailstack/config";
-import { DirectoryError, createPool, migrate, redactDatabaseUrl } from "@mailstack/db";
+import { DirectoryError, createPool, databaseFailure, migrate } from "@mailstack/db";
 import "./commands/index.ts";
 import { allCommands, findCommand, UsageError } from "./registry.ts";
 
@@ -88,14 +88,11 @@ export async function mailctl(
 
 /** One line saying why the database at DATABASE_URL cannot be used (the URL without its password). */
 function databaseProblem(error: unknown, url: string): string {
-  const failure = error as { code?: string; message?: string; errors?: Error[] };
-  if (failure.code === "3D000") {
+  if ((error as { code?: string }).code === "3D000") {
     const name = decodeURIComponent(new URL(url).pathname.slice(1));
     return `database ${name} does not exist (run the migrate command or ./mailstack start to create it)`;
   }
-  // A connection refused on every address of a name is an AggregateError with an empty message.
-  const reason = failure.message || failure.errors?.[0]?.message || failure.code || String(error);
-  return `cannot use the database at DATABASE_URL=${redactDatabaseUrl(url)}: ${reason}`;
+  return databaseFailure(error, url);
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {

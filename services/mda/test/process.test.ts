@@ -89,6 +89,18 @@ test("the process delivers jobs and LMTP, reports metrics, and on SIGTERM finish
   assert.equal(filed.d, accepted.length + 1);
   second.child.kill("SIGTERM");
   assert.equal(await exitOf(second.child), 0);
+
+  // At the default level each filed copy is one "delivered" line, whichever process filed it.
+  const lines = [...first.log, ...second.log].join("").split("\n").filter((l) => l.startsWith("{")).map((l) => JSON.parse(l) as Record<string, unknown>);
+  const delivered = lines.filter((l) => l.msg === "delivered" && l.to === "proc@example.test");
+  assert.equal(delivered.length, accepted.length + 1);
+  assert.equal(new Set(delivered.map((l) => l.deliveryId)).size, accepted.length + 1);
+  for (const line of delivered) {
+    assert.equal(line.level, "info");
+    assert.equal(line.status, "delivered");
+    assert.equal(line.relay, "INBOX");
+    assert.match(String(line.trace_id), /^[0-9a-f]{32}$/);
+  }
 });
 
 test("a bad setting stops the process at start with every bad variable named", async () => {

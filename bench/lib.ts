@@ -1,5 +1,6 @@
 // Small helpers the benchmarks share.
 import { spawn } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { mkdtemp, readFile, readdir } from "node:fs/promises";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -81,11 +82,30 @@ export async function machineBusyMs(): Promise<number> {
  * benchmarks measure the path, not the limiter), a TLS directory of its own.
  * Returns the process and its two ports (587-style STARTTLS and 465-style TLS).
  */
+/**
+ * The services' log level in the benchmarks: by default the production default, info, which
+ * writes a line per delivery outcome as Postfix does (its log goes to a file in the reference
+ * setups); BENCH_LOG_LEVEL=warn leaves those lines out.
+ */
+export const benchLogLevel = process.env.BENCH_LOG_LEVEL ?? "info";
+let logDir: string | null = null;
+
+/** A service process for a benchmark: the bench log level, its log written to a file as a supervisor would (printed at the end). */
+export async function startBenchService(name: string, env: Record<string, string>): Promise<ServiceProcess> {
+  logDir ??= await mkdtemp(join(tmpdir(), "bench-logs-"));
+  const logFile = join(logDir, `${name}-${randomBytes(3).toString("hex")}.log`);
+  return startServiceProcess(name, { ...env, LOG_LEVEL: benchLogLevel }, 30_000, { logFile });
+}
+
+/** Where this run's service logs are, if any service was started. */
+export function benchLogDir(): string | null {
+  return logDir;
+}
+
 export async function startBenchMsa(testEnv: Record<string, string>, extra: Record<string, string> = {}): Promise<{ msa: ServiceProcess; submission: number; submissions: number }> {
   const [submission, submissions] = [await freePort(), await freePort()];
-  const msa = await startServiceProcess("msa", {
+  const msa = await startBenchService("msa", {
     ...testEnv,
-    LOG_LEVEL: "warn",
     MAIL_HOSTNAME: "msa.bench.test",
     SUBMISSION_LISTEN: "127.0.0.1",
     SUBMISSION_PORT: String(submission),

@@ -20,8 +20,8 @@ import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { addAccount, addDomain, type Pool } from "../../packages/db/src/index.ts";
-import { createTestEnv, freePort, startServiceProcess, type ServiceProcess, type TestEnv } from "../../packages/testkit/src/index.ts";
-import { cpuMs, sh } from "../lib.ts";
+import { createTestEnv, freePort, type ServiceProcess, type TestEnv } from "../../packages/testkit/src/index.ts";
+import { cpuMs, sh, benchLogDir, benchLogLevel, startBenchService } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -146,9 +146,8 @@ try {
   env = await createTestEnv();
   await fillMailstack(env.pool, messages);
   const port = await freePort();
-  pop3 = await startServiceProcess("pop3", {
+  pop3 = await startBenchService("pop3", {
     ...env.env,
-    LOG_LEVEL: "warn",
     POP3_HOST: "127.0.0.1",
     POP3_PORT: String(port),
     POP3S_PORT: String(await freePort()),
@@ -204,7 +203,7 @@ try {
   }
   (summary.mailstack as Record<string, unknown>).serverCpuMsPerMessageWarm = Number((median(cpu.slice(1)) / COUNT).toFixed(3));
   if (dovecot) (summary.dovecot as Record<string, unknown>).serverCpuMsPerMessageWarm = Number((median(dovecotCpu.slice(1)) / COUNT).toFixed(3));
-  console.log(JSON.stringify({ count: COUNT, size: SIZE, rounds: ROUNDS, ...summary }, null, 2));
+  console.log(JSON.stringify({ count: COUNT, size: SIZE, rounds: ROUNDS, logLevel: benchLogLevel, logs: benchLogDir(), ...summary }, null, 2));
 } finally {
   if (dovecot) await sh(join(here, "dovecot.sh"), ["stop"]);
   await pop3?.stop();

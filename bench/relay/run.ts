@@ -36,11 +36,11 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { addAccount, addAlias, addDomain } from "../../packages/db/src/index.ts";
 import { acceptMessage, dispatchAccepted, type AcceptedMessage } from "../../packages/queue/src/index.ts";
-import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } from "../../packages/testkit/src/index.ts";
+import { createTestEnv, freePort, type ServiceProcess } from "../../packages/testkit/src/index.ts";
 import { runLoad } from "../smtp-submission/load.ts";
 import { DispatchStamper } from "../../packages/smtp-intake/src/stamper.ts";
 import { createLogger } from "../../packages/telemetry/src/index.ts";
-import { cpuMs, machineBusyMs, postgresCpuMs, quiesce, startBenchMsa } from "../lib.ts";
+import { cpuMs, machineBusyMs, postgresCpuMs, quiesce, startBenchMsa, benchLogDir, benchLogLevel, startBenchService } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -168,9 +168,8 @@ try {
   // Port 25: mail for forward@bench.test goes to the remote user@far.example (an alias).
   await addAlias(env.pool, "forward@bench.test", ["user@far.example"]);
   const inboundPort = await freePort();
-  const inbound = await startServiceProcess("mta-inbound", {
+  const inbound = await startBenchService("mta-inbound", {
     ...env.env,
-    LOG_LEVEL: "warn",
     MAIL_HOSTNAME: "mx.bench.test",
     SMTP_HOST: "127.0.0.1",
     SMTP_PORT: String(inboundPort),
@@ -180,9 +179,8 @@ try {
   });
   processes.push(inbound);
   const startWorkers = async () => {
-    workers = await Promise.all(Array.from({ length: workerCount }, () => startServiceProcess("mta-outbound", {
+    workers = await Promise.all(Array.from({ length: workerCount }, () => startBenchService("mta-outbound", {
         ...env.env,
-        LOG_LEVEL: "warn",
         MAIL_HOSTNAME: "relay.bench.test",
         DATABASE_POOL_SIZE: "20",
         RELAY_SMARTHOST: `127.0.0.1:${oursSinkPort}`,
@@ -338,7 +336,7 @@ try {
     return { name: "Postfix queue drain", acceptSeconds: 0, clock: "queued before, first to last", seconds, perSecond: n / seconds };
   };
 
-  console.log(`${count} messages of ${size} bytes over ${sessions} sessions; ${workerCount} relay worker process(es)`);
+  console.log(`${count} messages of ${size} bytes over ${sessions} sessions; ${workerCount} relay worker process(es); service log level ${benchLogLevel}, logs in ${benchLogDir()}`);
   // Warm-up, unmeasured and the same for both: mailstack's first few thousand messages run at
   // about three quarters of its later rate (port 25 path, 2026-11-27 23:00: 870, 1,025, 1,179,
   // 1,188 msgs/s in four rounds of 3,000; docs/BENCHMARKS.md on what the warm-up is), and Postfix

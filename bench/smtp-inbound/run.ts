@@ -24,9 +24,9 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { addAccount, addDomain, type Pool } from "../../packages/db/src/index.ts";
 import { RawSmtp } from "../../packages/smtp-intake/src/testing.ts";
-import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } from "../../packages/testkit/src/index.ts";
+import { createTestEnv, freePort, type ServiceProcess } from "../../packages/testkit/src/index.ts";
 import { startDnsServer } from "../../services/mta-inbound/test/dns-server.ts";
-import { cpuMs, machineBusyMs, postgresCpuMs, quiesce, sh } from "../lib.ts";
+import { cpuMs, machineBusyMs, postgresCpuMs, quiesce, sh, benchLogDir, benchLogLevel, startBenchService } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -162,20 +162,20 @@ try {
   await addDomain(env.pool, "bench.test");
   await addAccount(env.pool, { address: "user1@bench.test", password: "bench-password" });
   const smtpPort = await freePort();
-  const common = { ...env.env, LOG_LEVEL: "warn", MAIL_HOSTNAME: "mx.bench.test", TLS_DIR: await mkdtemp(join(tmpdir(), "bench-tls-")) };
+  const common = { ...env.env, MAIL_HOSTNAME: "mx.bench.test", TLS_DIR: await mkdtemp(join(tmpdir(), "bench-tls-")) };
   // SERVICE_NODE_OPTIONS: V8 flags for both services, e.g. "--max-semi-space-size=4" (smaller young generation, less RSS).
   // SERVICE_MALLOC_ARENA_MAX: glibc malloc arenas for both services (fewer arenas, less fragmentation).
   const serviceNodeOptions: Record<string, string> = {
     ...(process.env.SERVICE_NODE_OPTIONS ? { NODE_OPTIONS: process.env.SERVICE_NODE_OPTIONS } : {}),
     ...(process.env.SERVICE_MALLOC_ARENA_MAX ? { MALLOC_ARENA_MAX: process.env.SERVICE_MALLOC_ARENA_MAX } : {}),
   };
-  const mda = await startServiceProcess("mda", {
+  const mda = await startBenchService("mda", {
     ...common,
     LMTP_ENABLED: "false",
     ...serviceNodeOptions,
     ...(process.env.MDA_NODE_OPTIONS ? { NODE_OPTIONS: process.env.MDA_NODE_OPTIONS } : {}),
   });
-  const inbound = await startServiceProcess("mta-inbound", {
+  const inbound = await startBenchService("mta-inbound", {
     ...common,
     SMTP_PORT: String(smtpPort),
     SMTP_HOST: "127.0.0.1",
@@ -302,6 +302,7 @@ try {
   lines.push(`paced at ${halfRate} msgs/s (${pacedRate ? "as asked" : "half the reused-connection peak"}) for ${values["paced-seconds"]} s over 10 sessions: ${pacedResult.sent} messages, accept→mailbox p50 ${pacedLatency.p50} ms, p99 ${pacedLatency.p99} ms; client-side DATA→250 p50 ${pacedResult.acceptP50} ms, p99 ${pacedResult.acceptP99} ms`);
   lines.push(`resident memory (VmRSS now / VmHWM peak): mta-inbound ${rss["mta-inbound"].rssMb} / ${rss["mta-inbound"].hwmMb} MB, mda ${rss.mda.rssMb} / ${rss.mda.hwmMb} MB`);
   lines.push(`mta-inbound ${heaps["mta-inbound"]}; mda ${heaps.mda}`);
+  lines.push(`service log level ${benchLogLevel} (BENCH_LOG_LEVEL); logs in ${benchLogDir()}`);
   console.log(lines.join("\n"));
 } finally {
   if (process.env.BENCH_SHOW_OUTPUT) for (const s of services) console.error(s.output().slice(-3000));

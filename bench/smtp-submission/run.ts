@@ -19,10 +19,10 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { addAccount, addDomain } from "../../packages/db/src/index.ts";
 import { createDomainDkimKey } from "../../packages/dkim/src/index.ts";
-import { createTestEnv, freePort, startServiceProcess, type ServiceProcess } from "../../packages/testkit/src/index.ts";
+import { createTestEnv, freePort, type ServiceProcess } from "../../packages/testkit/src/index.ts";
 import { startDnsServer } from "../../services/mta-inbound/test/dns-server.ts";
 import { runLoad, type LoadResult } from "./load.ts";
-import { startBenchMsa } from "../lib.ts";
+import { startBenchMsa, benchLogDir, benchLogLevel, startBenchService } from "../lib.ts";
 
 const { values } = parseArgs({
   options: {
@@ -96,8 +96,8 @@ try {
       const checks: Record<string, string> = values["inbound-checks"]
         ? { INBOUND_AUTH_CHECKS: "true", DNS_SERVERS: (dns = await startDnsServer({ "remote.example": { TXT: ["v=spf1 ip4:127.0.0.1 -all"] } })).address }
         : { INBOUND_AUTH_CHECKS: "false" };
-      const mta = await startServiceProcess("mta-inbound", {
-        ...env.env, LOG_LEVEL: "warn", MAIL_HOSTNAME: "mx.bench.test", SMTP_PORT: String(smtpPort), SMTP_HOST: "127.0.0.1",
+      const mta = await startBenchService("mta-inbound", {
+        ...env.env, MAIL_HOSTNAME: "mx.bench.test", SMTP_PORT: String(smtpPort), SMTP_HOST: "127.0.0.1",
         ...checks, TLS_DIR: tlsDir,
       });
       processes.push(mta);
@@ -139,7 +139,7 @@ try {
     }
   }
   const stored = (await env.pool.query("SELECT count(*)::int AS n FROM messages")).rows[0].n;
-  console.log(`messages committed in PostgreSQL: ${stored}`);
+  console.log(`messages committed in PostgreSQL: ${stored}; service log level ${benchLogLevel} (BENCH_LOG_LEVEL), logs in ${benchLogDir()}`);
   const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)] ?? NaN;
   const whole = (name: string) => median(results[name]!.map((r) => r.perSecond));
   const steady = (name: string) => median(results[name]!.map((r) => r.steadyPerSecond));

@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { closeSync, openSync, readFileSync } from "node:fs";
 import net from "node:net";
 import { fileURLToPath } from "node:url";
 
@@ -60,22 +60,31 @@ export interface ServiceProcess {
  * Starts a service as its own process (node services/NAME/src/main.ts), the way the stack and
  * the containers run it, and waits until its /readyz answers 200.
  */
-export async function startServiceProcess(name: string, env: Record<string, string>, timeoutMs = 30_000): Promise<ServiceProcess> {
+export async function startServiceProcess(
+  name: string,
+  env: Record<string, string>,
+  timeoutMs = 30_000,
+  options: { logFile?: string } = {},
+): Promise<ServiceProcess> {
   const opsPort = Number(env.OPS_PORT ?? (await freePort()));
+  const logFd = options.logFile ? openSync(options.logFile, "a") : null;
   const child = spawn(process.execPath, [`${repoRoot}services/${name}/src/main.ts`], {
     cwd: repoRoot,
     // The same memory settings as the stack and the images.
     env: { ...process.env, LOG_LEVEL: "warn", NODE_OPTIONS: "--max-semi-space-size=4", MALLOC_ARENA_MAX: "2", ...env, OPS_PORT: String(opsPort) },
-    stdio: ["ignore", "pipe", "pipe"],
+    // With logFile the log goes straight to a file, as under a supervisor, and costs this process nothing.
+    stdio: options.logFile ? ["ignore", logFd!, logFd!] : ["ignore", "pipe", "pipe"],
   });
-  let output = "";
-  child.stdout!.on("data", (chunk) => (output += chunk));
-  child.stderr!.on("data", (chunk) => (output += chunk));
+  if (logFd !== null) closeSync(logFd);
+  let collected = "";
+  child.stdout?.on("data", (chunk) => (collected += chunk));
+  child.stderr?.on("data", (chunk) => (collected += chunk));
+  const readOutput = () => (options.logFile ? readFileSync(options.logFile, "utf8") : collected);
   const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
-      throw new Error(`${name} exited with ${child.exitCode ?? child.signalCode} before it was ready:\n${output}`);
+      throw new Error(`${name} exited with ${child.exitCode ?? child.signalCode} before it was ready:\n${readOutput()}`);
     }
     try {
       const response = await fetch(`http://127.0.0.1:${opsPort}/readyz`);
@@ -85,14 +94,14 @@ export async function startServiceProcess(name: string, env: Record<string, stri
     }
     if (Date.now() > deadline) {
       child.kill("SIGKILL");
-      throw new Error(`${name} was not ready within ${timeoutMs} ms:\n${output}`);
+      throw new Error(`${name} was not ready within ${timeoutMs} ms:\n${readOutput()}`);
     }
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
   return {
     child,
     opsPort,
-    output: () => output,
+    output: readOutput,
     async stop() {
       if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
       return exited;

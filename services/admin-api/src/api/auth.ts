@@ -24,6 +24,9 @@ export function installAuth(app: FastifyInstance, pool: Pool, publicPrefixes: st
     const principal = match ? await authenticateApiToken(pool, match[1]!) : null;
     if (!principal) {
       void reply.header("www-authenticate", 'Bearer realm="mailstack"');
+      // Without a token nothing more is read: the connection closes after this answer, rather
+      // than staying open to take in a body the client may trickle for as long as it likes.
+      void reply.header("connection", "close");
       throw new ApiError(401, match ? "invalid or revoked token" : "a bearer token is required");
     }
     request.principal = principal;

@@ -8,6 +8,8 @@ export const apiShape = {
   API_BODY_LIMIT: size("1M"),
   /** Largest single message accepted by a mailbox import. */
   API_IMPORT_MAX_MESSAGE_SIZE: size("50M"),
+  /** A connection on which no byte moves either way for this long is closed (a stalled or slowloris client). */
+  API_IDLE_TIMEOUT: duration("2m"),
   /** Serve the OpenAPI document and Swagger UI at /docs without a token (they describe routes, not data). */
   API_DOCS_PUBLIC: bool(true),
   /** Base URL of Jaeger's UI; journeys link to `${JAEGER_UI_URL}/trace/<trace id>`. */
@@ -25,6 +27,7 @@ export interface ApiConfig {
   API_HOST: string;
   API_BODY_LIMIT: number;
   API_IMPORT_MAX_MESSAGE_SIZE: number;
+  API_IDLE_TIMEOUT: number;
   API_DOCS_PUBLIC: boolean;
   JAEGER_UI_URL: string;
   DMARC_POLICY: "none" | "quarantine" | "reject";
@@ -38,6 +41,7 @@ export function apiConfig(overrides: Partial<ApiConfig> = {}): ApiConfig {
     API_HOST: "127.0.0.1",
     API_BODY_LIMIT: 1024 * 1024,
     API_IMPORT_MAX_MESSAGE_SIZE: 50 * 1024 * 1024,
+    API_IDLE_TIMEOUT: 120_000,
     API_DOCS_PUBLIC: true,
     JAEGER_UI_URL: "http://localhost:16686",
     DMARC_POLICY: "quarantine",

@@ -35,6 +35,9 @@ export async function buildAdminApi({ pool, logger, config }: AdminApiOptions): 
     routerOptions: { maxParamLength: 4096 },
     frameworkErrors: (error, _request, reply) => frameworkError(error, reply),
     forceCloseConnections: "idle",
+    // Fastify turns Node's timeouts off (0); without one a client that sent its headers and then
+    // nothing, or a byte now and then, held its connection (a file descriptor) for ever.
+    connectionTimeout: config.API_IDLE_TIMEOUT,
   });
   otel ??= new FastifyOtelInstrumentation();
   await app.register(otel.plugin());

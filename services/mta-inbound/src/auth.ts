@@ -236,11 +236,37 @@ export async function verifyDkim(raw: Buffer, options: Record<string, unknown>):
   const start = boundary.bodyStart;
   const verifier = new DkimVerifier(options);
   await verifier.messageHeaders(parseHeaders(raw.subarray(0, start)));
+  limitSignatures(verifier as unknown as SignatureLists);
   if (start < raw.length) await verifier.nextChunk(raw.subarray(start));
   await verifier.finalChunk();
   const result = { headerFrom: verifier.headerFrom, envelopeFrom: verifier.envelopeFrom, results: verifier.results } as DKIMVerifyResult & { arc?: unknown };
   Object.defineProperty(result, "arc", { enumerable: false, value: verifier.arc });
   return result;
+}
+
+/**
+ * DKIM-Signature fields verified per message, the top-most (newest) first, as OpenDKIM's
+ * MaximumSignaturesToVerify. Each costs a DNS lookup and, with an l= or canonicalization of its
+ * own, a hash of the whole body: 200 signatures with distinct l= on a 10 MB body held the event
+ * loop (every session of the process) for 11 s; any sender could send that.
+ */
+export const MAX_DKIM_SIGNATURES = 5;
+
+interface SignatureLists {
+  signatureHeaders: Array<{ type: string; bodyHashKey?: string }>;
+  bodyHashes: Map<string, unknown>;
+  sealBodyHashKey?: string;
+}
+
+/** Drops the DKIM signatures past MAX_DKIM_SIGNATURES (ARC's stay) and the body hashes only they needed, before the body is hashed. */
+function limitSignatures(verifier: SignatureLists): void {
+  let dkim = 0;
+  verifier.signatureHeaders = verifier.signatureHeaders.filter((signature) => signature.type !== "DKIM" || ++dkim <= MAX_DKIM_SIGNATURES);
+  const needed = new Set(verifier.signatureHeaders.map((signature) => signature.bodyHashKey));
+  if (verifier.sealBodyHashKey) needed.add(verifier.sealBodyHashKey);
+  for (const key of [...verifier.bodyHashes.keys()]) {
+    if (!needed.has(key)) verifier.bodyHashes.delete(key);
+  }
 }
 
 type Action = "reject" | "quarantine" | "accept";

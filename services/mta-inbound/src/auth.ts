@@ -139,20 +139,58 @@ export interface VerifyInput {
   resolver: DnsResolver;
   /** Reused SPF verdicts; every message is evaluated afresh without it. */
   spfVerdicts?: SpfVerdicts;
+  /**
+   * Time for SPF, DKIM and ARC together, and again for DMARC. A check that runs out of it is
+   * temperror and passes nothing; DMARC is evaluated all the same, so that a sender cannot turn
+   * a From: domain's policy off by making its own DNS slow. Unbounded when not given.
+   */
+  timeoutMs?: number;
+}
+
+/** The promise's value, or what `fallback` gives when it takes longer than ms (or fails, with `onError`). */
+function bounded<T>(promise: Promise<T>, ms: number | undefined, fallback: () => T): Promise<T> {
+  if (ms === undefined) return promise;
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => resolve(fallback()), ms);
+    promise.then(
+      (value) => {
+        clearTimeout(timer);
+        resolve(value);
+      },
+      (error) => {
+        clearTimeout(timer);
+        reject(error);
+      },
+    );
+  });
 }
 
 /**
  * SPF, DKIM, ARC and DMARC in the order and with the header format of mailauth's
  * authenticate(), without BIMI. Returns mailauth's result shape.
  */
-export async function verifyMessage(input: VerifyInput): Promise<AuthenticateResult> {
+export async function verifyMessage(input: VerifyInput): Promise<AuthenticateResult & { incomplete?: boolean }> {
   const sender = input.sender || undefined;
-  const dkimResult = await verifyDkim(input.raw, { resolver: input.resolver, sender, minBitLength: 1024 });
+  // Whether SPF, DKIM or ARC ran out of time (and so passed nothing they might have passed).
+  let incomplete = false;
+  const timedOut = <T>(value: T): T => {
+    incomplete = true;
+    return value;
+  };
+  const deadline = input.timeoutMs === undefined ? undefined : Date.now() + input.timeoutMs;
+  const left = () => (deadline === undefined ? undefined : Math.max(0, deadline - Date.now()));
   let helo = input.helo ?? input.ip;
   if (isIP(helo)) helo = `[${helo}]`;
   const spfInput = { ip: input.ip, helo, sender, mta: input.mta, resolver: input.resolver };
-  const spfResult = await (input.spfVerdicts ? input.spfVerdicts.check(spfInput) : spf(spfInput));
-  const arcResult = await arc(dkimResult.arc, { resolver: input.resolver, minBitLength: 1024 });
+  // SPF and DKIM side by side, under one deadline.
+  const [dkimResult, spfResult] = await Promise.all([
+    bounded(verifyDkim(input.raw, { resolver: input.resolver, sender, minBitLength: 1024 }), left(), () => timedOut({ results: [] } as unknown as DKIMVerifyResult & { arc?: unknown })),
+    bounded(input.spfVerdicts ? input.spfVerdicts.check(spfInput) : spf(spfInput), left(), () => timedOut(spfTimedOut(spfInput))),
+  ]);
+  type ArcOutcome = (ARCResult & { info?: string }) | false;
+  const arcResult: ArcOutcome = dkimResult.arc === undefined
+    ? false
+    : await bounded<ArcOutcome>(arc(dkimResult.arc, { resolver: input.resolver, minBitLength: 1024 }), left(), () => timedOut(false));
   const results: string[] = [];
   const headers: string[] = [];
   for (const row of dkimResult.results ?? []) results.push((row as { info: string }).info);
@@ -160,27 +198,56 @@ export async function verifyMessage(input: VerifyInput): Promise<AuthenticateRes
     results.push(spfResult.info);
     headers.push(spfResult.header);
   }
-  if (arcResult?.info) results.push(arcResult.info);
+  if (arcResult && arcResult.info) results.push(arcResult.info);
   // DMARC for every From: domain, the strictest outcome counting (RFC 7489 6.6.1). mailauth's
   // check gives up on more than one From: address, and its list leaves out group members, so a
   // second From: field (or address) of the sender's own, or a group (`From: x: a@d;`), would
   // otherwise turn DMARC off for a spoofed address, the one clients show.
+  // Every From: domain at once, in a time of its own (a slow domain among them does not keep the
+  // others from counting).
+  const dmarcTime = input.timeoutMs;
+  const dmarcResults = await Promise.all(
+    onePerDomain(fromAddresses(input.raw)).map((headerFrom) =>
+      bounded(
+        dmarc({
+          headerFrom,
+          spfDomains: spfResult?.status.result === "pass" && spfResult.domain ? [spfResult.domain] : [],
+          dkimDomains: (dkimResult.results ?? [])
+            .filter((r) => r.status.result === "pass")
+            .map((r) => ({ id: (r as { id?: string }).id, domain: r.signingDomain, aligned: r.status.aligned, underSized: (r.status as { underSized?: unknown }).underSized })),
+          arcResult,
+          resolver: input.resolver,
+        }),
+        dmarcTime,
+        () => dmarcTimedOut(headerFrom),
+      ),
+    ),
+  );
   let dmarcResult: (DMARCResult & { info?: string }) | false = false;
-  for (const headerFrom of onePerDomain(fromAddresses(input.raw))) {
-    const result = await dmarc({
-      headerFrom,
-      spfDomains: spfResult?.status.result === "pass" && spfResult.domain ? [spfResult.domain] : [],
-      dkimDomains: (dkimResult.results ?? [])
-        .filter((r) => r.status.result === "pass")
-        .map((r) => ({ id: (r as { id?: string }).id, domain: r.signingDomain, aligned: r.status.aligned, underSized: (r.status as { underSized?: unknown }).underSized })),
-      arcResult,
-      resolver: input.resolver,
-    });
+  for (const result of dmarcResults) {
     if (result.info) results.push(result.info);
     if (!dmarcResult || dmarcRank(result) > dmarcRank(dmarcResult)) dmarcResult = result;
   }
   headers.push(`Authentication-Results: ${input.mta};\r\n ${results.join(";\r\n ")}`);
-  return { dkim: dkimResult, spf: spfResult, dmarc: dmarcResult, arc: arcResult, bimi: false, headers: `${headers.join("\r\n")}\r\n` };
+  return { dkim: dkimResult, spf: spfResult, dmarc: dmarcResult, arc: arcResult, bimi: false, headers: `${headers.join("\r\n")}\r\n`, incomplete };
+}
+
+/** SPF that ran out of time: temperror, which passes nothing. */
+function spfTimedOut(input: { ip: string; helo: string; sender: string | undefined; mta: string }): SPFResult & { info: string; header: string } {
+  const domain = input.sender ? input.sender.slice(input.sender.lastIndexOf("@") + 1).toLowerCase() : input.helo;
+  const mailFrom = input.sender ?? `postmaster@${input.helo}`;
+  return {
+    status: { result: "temperror", comment: `${input.mta}: DNS lookups timed out` },
+    domain,
+    info: `spf=temperror (${input.mta}: DNS lookups timed out) smtp.mailfrom=${mailFrom}`,
+    header: `Received-SPF: temperror (${input.mta}: DNS lookups timed out) client-ip=${input.ip};`,
+  } as unknown as SPFResult & { info: string; header: string };
+}
+
+/** DMARC for a From: address whose lookups ran out of time. */
+function dmarcTimedOut(headerFrom: string): DMARCResult & { info: string } {
+  const domain = headerFrom.slice(headerFrom.lastIndexOf("@") + 1).toLowerCase();
+  return { status: { result: "temperror", comment: "DNS lookups timed out" }, domain, info: `dmarc=temperror header.from=${domain}` } as unknown as DMARCResult & { info: string };
 }
 
 /**
@@ -288,14 +355,15 @@ export function summarize(result: AuthenticateResult): Record<string, unknown> {
  * verdicts on the message row, and the DMARC policy: a failing message whose domain says
  * p=reject is refused 550 5.7.1, or filed to Junk, or accepted, as the recipient domain's
  * dmarc_reject_action says (the strictest of the recipient domains wins); p=quarantine goes
- * to Junk. A temporary DNS failure never refuses mail.
+ * to Junk. A temporary DNS failure never refuses mail for good (see verifyMessage on time limits).
  */
 export function createAuthCheck(options: AuthCheckOptions): (message: IncomingMessage) => Promise<TransformResult> {
   const timeoutMs = options.timeoutMs ?? 15_000;
   const spfVerdicts = new SpfVerdicts(options.spfVerdictTtlMs ?? 0);
   return async (message) => {
-    let result: AuthenticateResult;
+    let result: AuthenticateResult & { incomplete?: boolean };
     try {
+      // verifyMessage bounds its own parts (twice timeoutMs at most); this is a last resort.
       result = await withTimeout(
         verifyMessage({
           raw: message.raw,
@@ -305,8 +373,9 @@ export function createAuthCheck(options: AuthCheckOptions): (message: IncomingMe
           mta: options.hostname,
           resolver: options.resolver,
           spfVerdicts,
+          timeoutMs,
         }),
-        timeoutMs,
+        2 * timeoutMs + 5_000,
       );
     } catch (error) {
       options.logger.warn({ err: error, queueId: message.queueId }, "message authentication failed; accepting with temperror");
@@ -321,6 +390,11 @@ export function createAuthCheck(options: AuthCheckOptions): (message: IncomingMe
     if (dmarc.policy === "reject") {
       const action = await strictestAction(options.pool, message.recipients.map((r) => r.recipient.slice(r.recipient.lastIndexOf("@") + 1)));
       summary.dmarcAction = action;
+      if (action === "reject" && result.incomplete) {
+        // SPF or DKIM ran out of time: it might have passed. Not a permanent refusal for what
+        // may be a DNS problem, but not delivered either (a slow DNS would switch the policy off).
+        throw new SmtpError({ code: 451, enhanced: "4.7.1", text: `The DMARC policy of ${dmarc.domain} could not be checked in time, try again later` });
+      }
       if (action === "reject") {
         throw new SmtpError({ code: 550, enhanced: "5.7.1", text: `Message rejected by the DMARC policy of ${dmarc.domain}` });
       }

@@ -1,7 +1,8 @@
 import dgram from "node:dgram";
 import dnsPacket from "dns-packet";
 
-export type Zone = Record<string, { TXT?: string[]; A?: string[]; MX?: Array<{ preference: number; exchange: string }> }>;
+/** `drop`: queries for the name are never answered (a DNS server that times out). */
+export type Zone = Record<string, { TXT?: string[]; A?: string[]; MX?: Array<{ preference: number; exchange: string }>; drop?: boolean }>;
 
 /** A tiny authoritative DNS server on loopback (UDP) answering from a zone map; NXDOMAIN otherwise. */
 export async function startDnsServer(zone: Zone): Promise<{ address: string; queries: string[]; close(): Promise<void> }> {
@@ -19,6 +20,7 @@ export async function startDnsServer(zone: Zone): Promise<{ address: string; que
     const name = question.name.toLowerCase();
     queries.push(`${question.type} ${name}`);
     const records = zone[name];
+    if (records?.drop) return;
     const answers: dnsPacket.Answer[] = [];
     if (records && question.type === "TXT") {
       for (const text of records.TXT ?? []) {

@@ -273,6 +273,9 @@ function fromAddresses(raw: Buffer): string[] {
 }
 
 /** The first From: address of each domain (domains compared without regard to case). */
+/** The most distinct From: domains a message may name (each costs DMARC lookups). */
+export const MAX_FROM_DOMAINS = 20;
+
 function onePerDomain(addresses: string[]): string[] {
   const byDomain = new Map<string, string>();
   for (const address of addresses) {
@@ -361,6 +364,11 @@ export function createAuthCheck(options: AuthCheckOptions): (message: IncomingMe
   const timeoutMs = options.timeoutMs ?? 15_000;
   const spfVerdicts = new SpfVerdicts(options.spfVerdictTtlMs ?? 0);
   return async (message) => {
+    // DMARC is looked up for every From: domain, all at once: a From: listing thousands made as
+    // many DNS queries (to servers the sender may run) for one message.
+    if (onePerDomain(fromAddresses(message.raw)).length > MAX_FROM_DOMAINS) {
+      throw new SmtpError({ code: 550, enhanced: "5.7.1", text: `More than ${MAX_FROM_DOMAINS} domains in the From: field, not accepted` });
+    }
     let result: AuthenticateResult & { incomplete?: boolean };
     try {
       // verifyMessage bounds its own parts (twice timeoutMs at most); this is a last resort.

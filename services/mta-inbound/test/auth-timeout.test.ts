@@ -12,6 +12,7 @@ import { addAccount, addDomain } from "@mailstack/db";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
 import { RawSmtp, dataPayload, sampleMessage } from "@mailstack/smtp-intake/testing";
+import { MAX_FROM_DOMAINS } from "../src/auth.ts";
 import { startInbound, type Inbound } from "../src/inbound.ts";
 import { startDnsServer } from "./dns-server.ts";
 
@@ -87,6 +88,18 @@ test("a slow second From: domain does not hide the first one's failure when SPF 
   const reply = await deliver("x@remote.example", sampleMessage({ from: "ceo@bank.example, someone@slow.example", subject: "slow DMARC" }));
   assert.match(reply.text, /^550 5\.7\.1 Message rejected by the DMARC policy of bank\.example/);
   assert.equal(await count(), before);
+});
+
+test("a From: naming more than MAX_FROM_DOMAINS domains is refused before any DMARC lookup", async () => {
+  const from = Array.from({ length: MAX_FROM_DOMAINS + 1 }, (_, i) => `a@d${i}.example`).join(",\r\n ");
+  const lookups = () => dns.queries.filter((q) => q.includes("_dmarc.d")).length;
+  const before = lookups();
+  const reply = await deliver("x@remote.example", sampleMessage({ from, subject: "many From: domains" }));
+  assert.match(reply.text, /^550 5\.7\.1 More than 20 domains in the From: field/);
+  assert.equal(lookups(), before);
+  // As many as allowed are evaluated and accepted.
+  const fewer = Array.from({ length: MAX_FROM_DOMAINS }, (_, i) => `a@e${i}.example`).join(", ");
+  assert.equal((await deliver("x@remote.example", sampleMessage({ from: fewer, subject: "20 From: domains" }))).code, 250);
 });
 
 test("a slow check still gives temperror, not a refusal, when no policy says to refuse", async () => {

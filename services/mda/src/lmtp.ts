@@ -14,6 +14,8 @@ export interface LmtpOptions {
   /** Largest message accepted, in bytes; larger ones get 552 for every recipient. */
   maxSize: number;
   maxClients: number;
+  /** RCPTs accepted per transaction, repeats included; default 1000. */
+  maxRecipients?: number;
   /** Idle time before a session is closed, ms. */
   socketTimeout: number;
   hostname: string;
@@ -187,6 +189,9 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
     const parsed = parseAddress(address.address, { utf8: true });
     if (!parsed.ok) return callback(refusal(addressReply(parsed.problem, "RCPT")));
     const envelope = session.envelope;
+    // Each accepted RCPT is kept, repeats too, for its own reply after DATA: without a bound a
+    // client could grow that list (and the lookups) for as long as its session lasts.
+    if ((acceptedOf.get(envelope)?.length ?? 0) >= (options.maxRecipients ?? 1000)) return callback(replyError(452, "4.5.3 Too many recipients"));
     resolveRecipient(ctx.pool, parsed.address)
       .then((resolution) => {
         if (!resolution.ok) {

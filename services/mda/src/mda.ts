@@ -16,6 +16,8 @@ export const mdaShape = {
   LMTP_HOST: z.string().default(""),
   LMTP_MAX_SIZE: size("50M"),
   LMTP_MAX_CLIENTS: integer(200, 1),
+  /** RCPTs accepted per transaction (a repeated one counts again: it gets a reply of its own); the next gets 452 4.5.3. */
+  LMTP_MAX_RECIPIENTS: integer(1000, 1),
   LMTP_IDLE_TIMEOUT: duration("60s"),
   /** LMTP has no authentication: only these client networks may connect (loopback and private ranges by default). */
   LMTP_ALLOWED_NETWORKS: list("127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7").superRefine((entries, ctx) => {
@@ -54,6 +56,7 @@ export interface MdaConfig {
   LMTP_HOST: string;
   LMTP_MAX_SIZE: number;
   LMTP_MAX_CLIENTS: number;
+  LMTP_MAX_RECIPIENTS: number;
   LMTP_IDLE_TIMEOUT: number;
   LMTP_ALLOWED_NETWORKS: string[];
   LMTP_BARE_LINE_ENDINGS: "reject" | "normalize";
@@ -74,6 +77,7 @@ export const defaultMdaConfig: MdaConfig = {
   LMTP_HOST: "",
   LMTP_MAX_SIZE: 50 * 1024 * 1024,
   LMTP_MAX_CLIENTS: 200,
+  LMTP_MAX_RECIPIENTS: 1000,
   LMTP_IDLE_TIMEOUT: 60_000,
   LMTP_ALLOWED_NETWORKS: ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
   LMTP_BARE_LINE_ENDINGS: "reject",
@@ -129,6 +133,7 @@ export async function startMda(options: { pool: Pool; bus: Bus; logger: Logger; 
         host: config.LMTP_HOST,
         maxSize: config.LMTP_MAX_SIZE,
         maxClients: config.LMTP_MAX_CLIENTS,
+        maxRecipients: config.LMTP_MAX_RECIPIENTS,
         socketTimeout: config.LMTP_IDLE_TIMEOUT,
         hostname: config.MAIL_HOSTNAME,
         allowedNetworks: config.LMTP_ALLOWED_NETWORKS,

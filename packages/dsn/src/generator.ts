@@ -11,6 +11,8 @@ export interface GeneratorOptions {
   service: string;
   /** Send a delay notice when the sender gave no NOTIFY (policy); NOTIFY=DELAY always does. */
   delayByDefault?: boolean;
+  /** The queue lifetime counted from arrival; a delay notice gives its end as Will-Retry-Until (RFC 3464 2.3.9). */
+  maxQueueLifetimeMs?: number;
   /** Without RET, the whole message is returned up to this size, its header beyond. */
   fullReturnLimit?: number;
   /** Messages handled per batch. */
@@ -143,6 +145,8 @@ async function handleMessage(
         remoteMta: row.remote_mta,
         diagnostic: row.last_reply,
         lastAttemptDate: row.last_attempt_at,
+        willRetryUntil:
+          action === "delayed" && options.maxQueueLifetimeMs ? new Date(message.received_at.getTime() + options.maxQueueLifetimeMs) : null,
       }));
       const dsn = composeDsn({
         reportingMta: options.reportingMta,

@@ -297,6 +297,23 @@ test("a delay notice for NOTIFY=DELAY records delay_notified_at; a remote sender
   assert.match(bounce!.raw.toString(), /Subject: Delayed Mail/);
 });
 
+test("a delay notice says until when delivery will be retried (Will-Retry-Until: arrival plus the queue lifetime)", async () => {
+  const lifetimeMs = 5 * 24 * 3600 * 1000;
+  const delayed = await failedMessage("retry-until@elsewhere.test", [{ to: "late@far.test", notify: ["DELAY"], state: "deferred" }]);
+  const failed = await failedMessage("retry-until@elsewhere.test", [{ to: "gone@far.test" }]);
+  assert.equal(await generateDsns(env.bus, env.pool, { ...options, maxQueueLifetimeMs: lifetimeMs }), 2);
+  const { rows } = await env.pool.query<{ received_at: Date }>("SELECT received_at FROM messages WHERE id = $1", [delayed.messageId]);
+  const [notice, bounce] = await bouncesTo("retry-until@elsewhere.test");
+  const view = await parseWithPython(notice!.raw);
+  assert.equal(view.status[1]!["Action"], "delayed");
+  const until = view.status[1]!["Will-Retry-Until"];
+  assert.ok(until, "the delayed recipient's block has Will-Retry-Until");
+  assert.equal(new Date(until).getTime(), Math.floor((rows[0]!.received_at.getTime() + lifetimeMs) / 1000) * 1000);
+  // A failure is final: no retry date (RFC 3464 2.3.9: delayed only).
+  assert.equal((await parseWithPython(bounce!.raw)).status[1]!["Will-Retry-Until"], undefined);
+  assert.ok(failed.messageId > delayed.messageId);
+});
+
 test("the returned header section ends at the first empty line, whatever its line ending", () => {
   // An LF-ended header followed by a CRLF empty line: the body's later "\n\n" is not the end.
   assert.equal(headerSection(Buffer.from("Subject: a\n\r\nX-In-Body: 1\n\nmore")).toString("latin1"), "Subject: a\r\n\r\n");

@@ -140,6 +140,7 @@ export function startOutbound(deps: { pool: Pool; bus: Bus; logger: Logger; conf
     reportingMta: config.MAIL_HOSTNAME,
     service: SERVICE,
     delayByDefault: config.RELAY_DELAY_NOTICE_BY_DEFAULT,
+    maxQueueLifetimeMs: config.RELAY_MAX_QUEUE_LIFETIME,
     fullReturnLimit: config.RELAY_DSN_FULL_LIMIT,
     intervalMs: config.RELAY_DSN_INTERVAL,
     logger,

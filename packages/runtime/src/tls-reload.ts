@@ -1,6 +1,5 @@
-import { readFile } from "node:fs/promises";
 import { Gauge, registry, type Logger } from "@mailstack/telemetry";
-import { loadTlsCredentials, tlsCredentialsFrom, type TlsCredentials, type TlsOptions } from "./tls.ts";
+import { loadTlsCredentials, readTlsFiles, tlsCredentialsFrom, validityProblem, type TlsCredentials, type TlsOptions } from "./tls.ts";
 
 // Registered by the first server that serves TLS, so processes without TLS export no misleading 0.
 let certificateExpiry: Gauge | undefined;
@@ -51,8 +50,15 @@ export async function startTlsSource(options: TlsSourceOptions): Promise<TlsSour
     registers: [registry],
   });
   certificateExpiry.set(credentials.validTo.getTime() / 1000);
-  const listeners: Array<(credentials: TlsCredentials) => void> = [];
   const { certFile, keyFile, logger } = options;
+  // Served all the same (senders' opportunistic STARTTLS mostly does not verify, and refusing to
+  // start would stop mail), but said loudly: clients that verify will refuse it.
+  const warnIfInvalid = (loaded: TlsCredentials) => {
+    const problem = validityProblem(loaded);
+    if (problem) logger?.warn({ source: loaded.source, validFrom: loaded.validFrom, validTo: loaded.validTo }, `TLS certificate ${problem}; clients that check certificates will refuse it`);
+  };
+  warnIfInvalid(credentials);
+  const listeners: Array<(credentials: TlsCredentials) => void> = [];
   let lastFailure = "";
   let checking: Promise<boolean> | null = null;
 
@@ -60,9 +66,9 @@ export async function startTlsSource(options: TlsSourceOptions): Promise<TlsSour
     if (!certFile || !keyFile) return false;
     let next: TlsCredentials;
     try {
-      const [cert, key] = await Promise.all([readFile(certFile, "utf8"), readFile(keyFile, "utf8")]);
+      const { cert, key } = await readTlsFiles(certFile, keyFile);
       if (cert === credentials.cert && key === credentials.key) return false;
-      next = tlsCredentialsFrom(key, cert, certFile);
+      next = tlsCredentialsFrom(key, cert, certFile, keyFile);
     } catch (error) {
       const message = (error as Error).message;
       if (message !== lastFailure) logger?.warn({ err: message, certFile, keyFile }, "TLS files changed but do not load; still serving the previous certificate");
@@ -73,6 +79,7 @@ export async function startTlsSource(options: TlsSourceOptions): Promise<TlsSour
     credentials = next;
     certificateExpiry?.set(next.validTo.getTime() / 1000);
     logger?.info({ source: certFile, validTo: next.validTo }, "TLS certificate reloaded");
+    warnIfInvalid(next);
     for (const listener of listeners) listener(next);
     return true;
   };

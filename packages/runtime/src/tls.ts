@@ -1,4 +1,4 @@
-import { createPrivateKey, X509Certificate } from "node:crypto";
+import { createPrivateKey, type KeyObject, X509Certificate } from "node:crypto";
 import { mkdir, readFile, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { createSecureContext, type SecureContext } from "node:tls";
@@ -30,7 +30,8 @@ export interface TlsCredentials {
   selfSigned: boolean;
   /** Where the pair was read from, for logs. */
   source: string;
-  /** Certificate expiry. */
+  /** The leaf certificate's validity period. */
+  validFrom: Date;
   validTo: Date;
   /** For `new tls.TLSSocket(socket, { isServer: true, secureContext })` (STARTTLS/STLS upgrades). */
   context: SecureContext;
@@ -46,8 +47,8 @@ export interface TlsCredentials {
 export async function loadTlsCredentials(options: TlsOptions = {}): Promise<TlsCredentials> {
   if (options.certFile || options.keyFile) {
     if (!options.certFile || !options.keyFile) throw new Error("TLS_CERT_FILE and TLS_KEY_FILE must be set together");
-    const [cert, key] = await Promise.all([readFile(options.certFile, "utf8"), readFile(options.keyFile, "utf8")]);
-    return tlsCredentialsFrom(key, cert, options.certFile);
+    const { cert, key } = await readTlsFiles(options.certFile, options.keyFile);
+    return tlsCredentialsFrom(key, cert, options.certFile, options.keyFile);
   }
   const hostname = options.hostname || "localhost";
   const dir = options.dir || ".data/tls";
@@ -90,6 +91,13 @@ export async function loadTlsCredentials(options: TlsOptions = {}): Promise<TlsC
   return credentials(fresh.key, fresh.cert, true, file);
 }
 
+/** Why a certificate is not valid at `now` (expired, or not yet valid), or undefined when it is. */
+export function validityProblem(credentials: Pick<TlsCredentials, "validFrom" | "validTo">, now: Date = new Date()): string | undefined {
+  if (now > credentials.validTo) return `expired on ${credentials.validTo.toISOString()}`;
+  if (now < credentials.validFrom) return `not valid before ${credentials.validFrom.toISOString()}`;
+  return undefined;
+}
+
 function splitPem(text: string): { key: string; cert: string } {
   const key = /-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]+?-----END [A-Z ]*PRIVATE KEY-----/.exec(text)?.[0];
   const certs = text.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g);
@@ -97,21 +105,56 @@ function splitPem(text: string): { key: string; cert: string } {
   return { key: `${key}\n`, cert: `${certs.join("\n")}\n` };
 }
 
-/** Checks an operator's PEM pair (the key must match the certificate) and builds the credentials. */
-export function tlsCredentialsFrom(key: string, cert: string, source: string): TlsCredentials {
-  return credentials(key, cert, false, source);
+/** Reads an operator's pair; an error names the variable and file it is about. */
+export async function readTlsFiles(certFile: string, keyFile: string): Promise<{ cert: string; key: string }> {
+  const read = async (variable: string, file: string) => {
+    try {
+      return await readFile(file, "utf8");
+    } catch (error) {
+      const { code, message } = error as NodeJS.ErrnoException;
+      // Commonly a root-only privkey.pem (certbot's /etc/letsencrypt/live) read by a service user.
+      const why = code === "EACCES" ? `permission denied for uid ${process.getuid?.()} (make it readable by the user the service runs as)` : message;
+      throw new Error(`cannot read ${variable} ${file}: ${why}`);
+    }
+  };
+  const [cert, key] = await Promise.all([read("TLS_CERT_FILE", certFile), read("TLS_KEY_FILE", keyFile)]);
+  return { cert, key };
 }
 
-function credentials(key: string, cert: string, selfSigned: boolean, source: string): TlsCredentials {
-  const leaf = new X509Certificate(cert);
-  if (!leaf.checkPrivateKey(createPrivateKey(key))) throw new Error(`TLS key does not match the certificate (${source})`);
+/** Checks an operator's PEM pair (the key must match the certificate) and builds the credentials. */
+export function tlsCredentialsFrom(key: string, cert: string, source: string, keySource: string = source): TlsCredentials {
+  return credentials(key, cert, false, source, keySource);
+}
+
+function credentials(key: string, cert: string, selfSigned: boolean, source: string, keySource: string = source): TlsCredentials {
+  let leaf: X509Certificate;
+  try {
+    leaf = new X509Certificate(cert);
+  } catch (error) {
+    throw new Error(`no PEM certificate in ${source} (${(error as Error).message})`);
+  }
+  let privateKey: KeyObject;
+  try {
+    privateKey = createPrivateKey(key);
+  } catch (error) {
+    throw new Error(`no PEM private key in ${keySource} (${(error as Error).message})`);
+  }
+  if (!leaf.checkPrivateKey(privateKey)) throw new Error(`TLS key ${keySource} does not match the certificate ${source}`);
+  let context: SecureContext;
+  try {
+    context = createSecureContext({ key, cert, minVersion: "TLSv1.2" });
+  } catch (error) {
+    // A chain whose later certificates do not parse (a fullchain.pem cut off while written).
+    throw new Error(`the certificate chain in ${source} does not load (${(error as Error).message})`);
+  }
   return {
     key,
     cert,
     selfSigned,
     source,
+    validFrom: new Date(leaf.validFrom),
     validTo: new Date(leaf.validTo),
-    context: createSecureContext({ key, cert, minVersion: "TLSv1.2" }),
+    context,
     serverOptions: { key, cert, minVersion: "TLSv1.2" },
   };
 }

@@ -8,7 +8,9 @@ import tls from "node:tls";
 import { X509Certificate } from "node:crypto";
 import { loadTlsCredentials } from "../src/tls.ts";
 import { startTlsSource } from "../src/tls-reload.ts";
-import { registry } from "@mailstack/telemetry";
+import { Writable } from "node:stream";
+import { generate } from "selfsigned";
+import { createLogger, registry } from "@mailstack/telemetry";
 
 test("generates a self-signed pair once, caches it, and serves TLS with it", async () => {
   const dir = await mkdtemp(join(tmpdir(), "tls-"));
@@ -119,6 +121,68 @@ test("the served certificate's expiry is a metric", async () => {
     assert.equal(Number(line[1]), Math.floor(source.current().validTo.getTime() / 1000));
     source.stop();
   } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("an operator file that holds no certificate or no key is named in the error", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "tls-"));
+  try {
+    const a = await loadTlsCredentials({ dir: join(dir, "a") });
+    const certFile = join(dir, "fullchain.pem");
+    const keyFile = join(dir, "privkey.pem");
+    await writeFile(certFile, a.cert);
+    await writeFile(keyFile, a.key);
+    // The two variables swapped, the usual slip.
+    await assert.rejects(loadTlsCredentials({ certFile: keyFile, keyFile: certFile }), (error: Error) => {
+      assert.match(error.message, /no PEM certificate in .*privkey\.pem/);
+      return true;
+    });
+    await assert.rejects(loadTlsCredentials({ certFile, keyFile: certFile }), /no PEM private key in .*fullchain\.pem/);
+    await assert.rejects(loadTlsCredentials({ certFile, keyFile: join(dir, "missing.pem") }), /cannot read TLS_KEY_FILE .*missing\.pem/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("an expired certificate is served, with a warning at start and after a reload", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "tls-"));
+  const lines: Array<{ level: string; msg: string }> = [];
+  const sink = new Writable({
+    write(chunk, _encoding, done) {
+      lines.push(JSON.parse(String(chunk)));
+      done();
+    },
+  });
+  const certFile = join(dir, "cert.pem");
+  const keyFile = join(dir, "key.pem");
+  const expired = await generate([{ name: "commonName", value: "mail.example.test" }], {
+    keyType: "rsa",
+    keySize: 2048,
+    algorithm: "sha256",
+    notBeforeDate: new Date("2020-01-01T00:00:00Z"),
+    notAfterDate: new Date("2020-04-01T00:00:00Z"),
+  });
+  await writeFile(certFile, expired.cert);
+  await writeFile(keyFile, expired.private);
+  const source = await startTlsSource({ certFile, keyFile, reloadIntervalMs: 0, logger: createLogger("test", "info", sink) });
+  try {
+    assert.equal(source.current().validTo.toISOString(), "2020-04-01T00:00:00.000Z");
+    const warnings = () => lines.filter((line) => line.level === "warn" && /expired on 2020-04-01/.test(line.msg));
+    assert.equal(warnings().length, 1, "warned at start");
+
+    const good = await loadTlsCredentials({ dir: join(dir, "good"), hostname: "mail.example.test" });
+    await writeFile(certFile, good.cert);
+    await writeFile(keyFile, good.key);
+    assert.equal(await source.reload(), true);
+    assert.equal(warnings().length, 1, "a valid certificate is not warned about");
+
+    await writeFile(certFile, expired.cert);
+    await writeFile(keyFile, expired.private);
+    assert.equal(await source.reload(), true);
+    assert.equal(warnings().length, 2, "warned again when an expired pair is loaded");
+  } finally {
+    source.stop();
     await rm(dir, { recursive: true, force: true });
   }
 });

@@ -1,5 +1,6 @@
 import { Subjects, publish, type Bus } from "@mailstack/bus";
 import type { Pool, Queryable } from "@mailstack/db";
+import { journeyContext } from "@mailstack/telemetry";
 
 /** What a local delivery job on mail.deliver.local carries: ids only. */
 export interface LocalJob {
@@ -20,15 +21,24 @@ export interface DispatchItem {
   kind: "local" | "remote";
   remoteDomain: string | null;
   attempts: number;
+  /**
+   * The message's stored trace (messages.trace_id, trace_span_id), for a republish outside the
+   * accepting session (scheduler, sweeper): the job then continues the message's journey instead
+   * of starting a trace of its own. Without them the active context is used.
+   */
+  traceId?: string | null;
+  traceSpanId?: string | null;
 }
 
+type GroupedRelayJob = RelayJob & { attempts: number; traceId?: string | null; traceSpanId?: string | null };
+
 /** Groups remote deliveries into relay jobs by (message, domain). */
-export function relayJobs(items: DispatchItem[]): Array<RelayJob & { attempts: number }> {
-  const jobs = new Map<string, RelayJob & { attempts: number }>();
+export function relayJobs(items: DispatchItem[]): GroupedRelayJob[] {
+  const jobs = new Map<string, GroupedRelayJob>();
   for (const item of items) {
     if (item.kind !== "remote") continue;
     const key = `${item.messageId}:${item.remoteDomain}`;
-    const job = jobs.get(key) ?? { messageId: item.messageId, domain: item.remoteDomain!, deliveryIds: [], attempts: 0 };
+    const job = jobs.get(key) ?? { messageId: item.messageId, domain: item.remoteDomain!, deliveryIds: [], attempts: 0, traceId: item.traceId, traceSpanId: item.traceSpanId };
     job.deliveryIds.push(item.id);
     job.attempts = Math.max(job.attempts, item.attempts);
     jobs.set(key, job);
@@ -76,12 +86,14 @@ export async function dispatchDeliveries(bus: Bus, db: Queryable, items: Dispatc
   for (const item of items) {
     if (item.kind !== "local") continue;
     const job: LocalJob = { deliveryId: item.id, messageId: item.messageId };
-    work.push(publish(bus, Subjects.deliverLocal, job, { msgId: `local-${item.id}-${item.attempts}` }).then(() => published.push(item.id)));
+    const context = journeyContext(item.traceId, item.traceSpanId);
+    work.push(publish(bus, Subjects.deliverLocal, job, { msgId: `local-${item.id}-${item.attempts}`, context }).then(() => published.push(item.id)));
   }
   for (const job of relayJobs(items)) {
-    const { attempts, ...payload } = job;
+    const { attempts, traceId, traceSpanId, ...payload } = job;
     const msgId = `relay-${job.messageId}-${job.domain}-${job.deliveryIds[0]}-${attempts}`;
-    work.push(publish(bus, Subjects.relayOutbound, payload, { msgId }).then(() => published.push(...job.deliveryIds)));
+    const context = journeyContext(traceId, traceSpanId);
+    work.push(publish(bus, Subjects.relayOutbound, payload, { msgId, context }).then(() => published.push(...job.deliveryIds)));
   }
   const results = await Promise.allSettled(work);
   if (published.length > 0) {

@@ -21,13 +21,14 @@ export async function sweepUndispatched(bus: Bus, pool: Pool, options: SweepOpti
   const client = await pool.connect();
   try {
     await client.query("BEGIN");
-    const result = await client.query<{ id: number; message_id: number; kind: "local" | "remote"; remote_domain: string | null; attempts: number }>(
-      `SELECT id, message_id, kind, remote_domain, attempts FROM deliveries
-        WHERE state = 'queued'
-          AND ((dispatched_at IS NULL AND created_at < now() - make_interval(secs => $1::float8 / 1000))
-            OR (dispatched_at < now() - make_interval(secs => $2::float8 / 1000)))
-          AND ($4::text IS NULL OR kind = $4)
-        ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED`,
+    const result = await client.query<{ id: number; message_id: number; kind: "local" | "remote"; remote_domain: string | null; attempts: number; trace_id: string | null; trace_span_id: string | null }>(
+      `SELECT d.id, d.message_id, d.kind, d.remote_domain, d.attempts, m.trace_id, m.trace_span_id
+         FROM deliveries d JOIN messages m ON m.id = d.message_id
+        WHERE d.state = 'queued'
+          AND ((d.dispatched_at IS NULL AND d.created_at < now() - make_interval(secs => $1::float8 / 1000))
+            OR (d.dispatched_at < now() - make_interval(secs => $2::float8 / 1000)))
+          AND ($4::text IS NULL OR d.kind = $4)
+        ORDER BY d.id LIMIT $3 FOR UPDATE OF d SKIP LOCKED`,
       [options.undispatchedAfterMs ?? 15_000, options.stuckAfterMs ?? 600_000, options.batchSize ?? 500, options.kind ?? null],
     );
     const items: DispatchItem[] = result.rows.map((r) => ({
@@ -37,6 +38,8 @@ export async function sweepUndispatched(bus: Bus, pool: Pool, options: SweepOpti
       remoteDomain: r.remote_domain,
       // A republish after the duplicate window must not be dropped as a duplicate: vary the id.
       attempts: r.attempts + Math.floor(Date.now() / 1000),
+      traceId: r.trace_id,
+      traceSpanId: r.trace_span_id,
     }));
     if (items.length > 0) {
       await client.query("UPDATE deliveries SET dispatched_at = NULL WHERE id = ANY($1)", [items.map((i) => i.id)]);

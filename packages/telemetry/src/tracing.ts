@@ -1,7 +1,7 @@
-import { SpanKind, SpanStatusCode, context, trace, type Attributes, type Link, type Span } from "@opentelemetry/api";
+import { SpanKind, SpanStatusCode, TraceFlags, context, trace, type Attributes, type Context, type Link, type Span } from "@opentelemetry/api";
 
 export { SpanKind, SpanStatusCode, context, trace };
-export type { Attributes, Link, Span };
+export type { Attributes, Context, Link, Span };
 
 export const tracer = trace.getTracer("mailstack");
 
@@ -28,4 +28,17 @@ export async function withSpan<T>(
 export function currentTraceId(): string | undefined {
   const id = trace.getActiveSpan()?.spanContext().traceId;
   return id && id !== "00000000000000000000000000000000" ? id : undefined;
+}
+
+/**
+ * The context of a stored message journey (messages.trace_id and trace_span_id), so work done
+ * later for the message (a retry the scheduler republishes, a bounce) continues its trace as a
+ * child of the accepting session's span. The stored row does not keep the sampling decision, so
+ * the parent counts as sampled: a parentbased_* sampler records the continuation. Without valid
+ * ids, base is returned unchanged.
+ */
+export function journeyContext(traceId: string | null | undefined, spanId: string | null | undefined, base: Context = context.active()): Context {
+  if (!traceId || !spanId) return base;
+  const spanContext = { traceId, spanId, traceFlags: TraceFlags.SAMPLED, isRemote: true };
+  return trace.isSpanContextValid(spanContext) ? trace.setSpanContext(base, spanContext) : base;
 }

@@ -13,12 +13,13 @@ export async function scheduleDue(bus: Bus, pool: Pool, batchSize = 500): Promis
   const client = await pool.connect();
   try {
     await client.query("BEGIN");
-    const due = await client.query<{ id: number; message_id: number; remote_domain: string; attempts: number }>(
-      `SELECT id, message_id, remote_domain, attempts FROM deliveries
-        WHERE kind = 'remote'
-          AND ((state = 'deferred' AND next_attempt_at <= now() AND (lease_until IS NULL OR lease_until < now()))
-            OR (state IN ('queued', 'deferred') AND lease_until < now()))
-        ORDER BY next_attempt_at NULLS FIRST, id LIMIT $1 FOR UPDATE SKIP LOCKED`,
+    const due = await client.query<{ id: number; message_id: number; remote_domain: string; attempts: number; trace_id: string | null; trace_span_id: string | null }>(
+      `SELECT d.id, d.message_id, d.remote_domain, d.attempts, m.trace_id, m.trace_span_id
+         FROM deliveries d JOIN messages m ON m.id = d.message_id
+        WHERE d.kind = 'remote'
+          AND ((d.state = 'deferred' AND d.next_attempt_at <= now() AND (d.lease_until IS NULL OR d.lease_until < now()))
+            OR (d.state IN ('queued', 'deferred') AND d.lease_until < now()))
+        ORDER BY d.next_attempt_at NULLS FIRST, d.id LIMIT $1 FOR UPDATE OF d SKIP LOCKED`,
       [batchSize],
     );
     if (due.rows.length === 0) {
@@ -33,7 +34,11 @@ export async function scheduleDue(bus: Bus, pool: Pool, batchSize = 500): Promis
     );
     // The msg id must differ from every earlier publish of these rows, or JetStream drops it as a duplicate.
     const stamp = Date.now();
-    const items: DispatchItem[] = due.rows.map((r) => ({ id: r.id, messageId: r.message_id, kind: "remote", remoteDomain: r.remote_domain, attempts: stamp }));
+    // Each retry continues the message's trace, so one trace shows every attempt of its journey.
+    const items: DispatchItem[] = due.rows.map((r) => ({
+      id: r.id, messageId: r.message_id, kind: "remote", remoteDomain: r.remote_domain, attempts: stamp,
+      traceId: r.trace_id, traceSpanId: r.trace_span_id,
+    }));
     await dispatchDeliveries(bus, client, items);
     await client.query("COMMIT");
     return ids.length;

@@ -147,8 +147,8 @@ export interface VerifyInput {
   timeoutMs?: number;
 }
 
-/** The promise's value, or what `fallback` gives when it takes longer than ms (or fails, with `onError`). */
-function bounded<T>(promise: Promise<T>, ms: number | undefined, fallback: () => T): Promise<T> {
+/** The promise's value, or what `fallback` gives (a value, or a rejection) when it takes longer than ms. */
+function bounded<T>(promise: Promise<T>, ms: number | undefined, fallback: () => T | Promise<T>): Promise<T> {
   if (ms === undefined) return promise;
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => resolve(fallback()), ms);
@@ -425,17 +425,5 @@ async function strictestAction(pool: Pool, domains: string[]): Promise<Action> {
 }
 
 function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms);
-    promise.then(
-      (value) => {
-        clearTimeout(timer);
-        resolve(value);
-      },
-      (error) => {
-        clearTimeout(timer);
-        reject(error);
-      },
-    );
-  });
+  return bounded(promise, ms, () => Promise.reject(new Error(`timed out after ${ms} ms`)));
 }

@@ -61,12 +61,47 @@ function rfc5322Date(date: Date): string {
   return date.toUTCString().replace("GMT", "+0000");
 }
 
+/** A remote reply can run to a megabyte (a thousand lines): the report keeps its start. */
+const MAX_DIAGNOSTIC = 2000;
+/** The longest run of text without a space put on one line (in characters; UTF-8 takes up to 4 octets each). */
+const MAX_WORD = 240;
+
+function diagnosticText(text: string): string {
+  const cleaned = clean(text);
+  return cleaned.length > MAX_DIAGNOSTIC ? `${cleaned.slice(0, MAX_DIAGNOSTIC)} [...]` : cleaned;
+}
+
+/** The words of a text, a word longer than MAX_WORD cut in pieces, so no line must exceed 998 octets. */
+function words(text: string): string[] {
+  return text.split(" ").flatMap((word) => {
+    const pieces: string[] = [];
+    for (let i = 0; i < word.length; i += MAX_WORD) pieces.push(word.slice(i, i + MAX_WORD));
+    return pieces.length ? pieces : [word];
+  });
+}
+
+/** Lines of at most about `width` characters, broken at spaces; continuation lines are indented. */
+function wrap(text: string, width = 76): string[] {
+  const lines: string[] = [];
+  let line = "";
+  for (const word of words(text)) {
+    if (line && line.length + 1 + word.length > width) {
+      lines.push(line);
+      line = `    ${word}`;
+    } else {
+      line = line ? `${line} ${word}` : word;
+    }
+  }
+  lines.push(line);
+  return lines;
+}
+
 /** Folds a long header field at spaces so lines stay under 998 octets (RFC 5322 2.1.1). */
 function field(name: string, value: string): string {
-  const words = clean(value).split(" ");
+  const pieces = words(clean(value));
   const lines: string[] = [];
   let line = `${name}:`;
-  for (const word of words) {
+  for (const word of pieces) {
     if (line.length + 1 + word.length > 76 && line.length > name.length + 1) {
       lines.push(line);
       line = ` ${word}`;
@@ -117,14 +152,14 @@ function humanText(input: DsnInput): string {
   const lines = [`This is the mail system at host ${input.reportingMta}.`, ""];
   if (failed.length) {
     lines.push("I'm sorry to have to inform you that your message could not be delivered to one or more", "recipients. It is attached below.", "");
-    for (const r of failed) lines.push(`<${r.finalRecipient}>${expanded(r)}: ${clean(r.diagnostic ?? r.status)}`);
+    for (const r of failed) lines.push(...wrap(`<${r.finalRecipient}>${expanded(r)}: ${diagnosticText(r.diagnostic ?? r.status)}`));
     lines.push("");
   }
   if (delayed.length) {
     lines.push("Your message could not be delivered yet to the recipients below. The mail system will keep", "trying; you do not need to send it again.", "");
     for (const r of delayed) {
       const until = r.willRetryUntil ? ` (will retry until ${r.willRetryUntil.toUTCString()})` : "";
-      lines.push(`<${r.finalRecipient}>${expanded(r)}: ${clean(r.diagnostic ?? r.status)}${until}`);
+      lines.push(...wrap(`<${r.finalRecipient}>${expanded(r)}: ${diagnosticText(r.diagnostic ?? r.status)}${until}`));
     }
     lines.push("");
   }
@@ -185,7 +220,7 @@ export function composeDsn(input: DsnInput): ComposedDsn {
     status += field("Action", r.action);
     status += field("Status", r.status);
     if (r.remoteMta) status += field("Remote-MTA", `dns; ${r.remoteMta}`);
-    if (r.diagnostic) status += field("Diagnostic-Code", statusText(diagnosticCode(r.diagnostic)));
+    if (r.diagnostic) status += field("Diagnostic-Code", statusText(diagnosticCode(diagnosticText(r.diagnostic))));
     if (r.lastAttemptDate) status += field("Last-Attempt-Date", rfc5322Date(r.lastAttemptDate));
     if (r.willRetryUntil && r.action === "delayed") status += field("Will-Retry-Until", rfc5322Date(r.willRetryUntil));
   }

@@ -325,6 +325,33 @@ test("the returned part is described by what happened to the message: undelivere
   assert.equal(description(report("delivered", "FULL")), "Delivered Message");
 });
 
+test("a long remote reply (many lines joined, or one long token) never makes a line over 998 octets", async () => {
+  // About a megabyte: what a server may answer in up to a thousand lines, joined.
+  const multiLine = Array.from({ length: 8000 }, (_, i) => `550-5.7.1 policy line ${i} ${"explanation ".repeat(9)}`).join(" ");
+  const token = `https://block.example/${"x".repeat(3000)}`;
+  const dsn = composeDsn({
+    reportingMta: "mx.home.test",
+    to: "sender@home.test",
+    ret: "HDRS",
+    original,
+    recipients: [
+      { finalRecipient: "a@far.test", action: "failed", status: "5.7.1", remoteMta: "mx.far.test", diagnostic: `550 5.7.1 ${multiLine}` },
+      { finalRecipient: "b@far.test", action: "failed", status: "5.7.1", remoteMta: "mx.far.test", diagnostic: `550 5.7.1 see ${token} now` },
+      { finalRecipient: "c@far.test", action: "failed", status: "5.7.1", remoteMta: "mx.far.test", diagnostic: `550 5.7.1 ${"\u00fc".repeat(1500)}` },
+    ],
+  });
+  const octets = dsn.raw.toString("utf8").split("\r\n").map((line) => Buffer.byteLength(line));
+  assert.deepEqual(octets.filter((n) => n > 998), [], "RFC 5322 2.1.1");
+  assert.ok(multiLine.length > 1_000_000 && dsn.raw.length < 60_000, "a megabyte of reply is not copied whole, twice");
+  const view = await parseWithPython(dsn.raw);
+  assert.deepEqual(view.defects, []);
+  assert.equal(view.status.length, 4);
+  assert.match(view.status[1]!["Diagnostic-Code"]!, /^smtp; 550 5\.7\.1 550-5\.7\.1 policy line 0 explanation/);
+  assert.match(view.status[2]!["Diagnostic-Code"]!, /^smtp; 550 5\.7\.1 see https:\/\/block\.example\/x+/);
+  const parsed = await simpleParser(dsn.raw);
+  assert.match(parsed.text ?? "", /<a@far\.test>: 550 5\.7\.1 550-5\.7\.1 policy line 0/);
+});
+
 test("the returned header section ends at the first empty line, whatever its line ending", () => {
   // An LF-ended header followed by a CRLF empty line: the body's later "\n\n" is not the end.
   assert.equal(headerSection(Buffer.from("Subject: a\n\r\nX-In-Body: 1\n\nmore")).toString("latin1"), "Subject: a\r\n\r\n");

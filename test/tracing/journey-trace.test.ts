@@ -184,6 +184,25 @@ test("a POP3 retrieval is a trace of its own, linked to the message's journey", 
   assert.equal(root?.spanId, journeySpan, "the link points at the SMTP session span");
 });
 
+test("an LMTP delivery is a trace rooted at the MDA's LMTP DATA span, which a POP3 retrieval links to", async () => {
+  const transport = nodemailer.createTransport({ host: "127.0.0.1", port: ports.lmtp, lmtp: true, secure: false, ignoreTLS: true });
+  const messageId = "<trace-lmtp@remote.test>";
+  await transport.sendMail({ from: "someone@remote.test", to: "bob@example.test", subject: "via lmtp", text: "hello", messageId });
+  transport.close();
+  const traceId = await traceIdOf(messageId);
+  const lmtp = await waitFor(() => spansOf(traceId).find((s) => s.service === "mda" && s.name === "lmtp DATA"), 20_000);
+  assert.equal(lmtp.kind, SPAN_KIND.SERVER);
+  assert.equal(lmtp.parentSpanId, "", "the root of the journey");
+  const row = await env.pool.query("SELECT trace_span_id FROM messages WHERE message_id_header = $1", [messageId]);
+  assert.equal(row.rows[0].trace_span_id, lmtp.spanId, "the row keeps the LMTP span for later links");
+
+  const before = receiver.spans.length;
+  const body = execFileSync("curl", ["-s", "--user", "bob@example.test:bob-pw", `pop3://127.0.0.1:${ports.pop3}/1`], { encoding: "utf8" });
+  assert.match(body, /Subject: via lmtp/);
+  const retrieval = await waitFor(() => receiver.spans.slice(before).find((s) => s.service === "pop3" && s.name === "pop3 RETR"), 20_000);
+  assert.deepEqual(retrieval.links, [{ traceId, spanId: lmtp.spanId }]);
+});
+
 test("each service's /metrics counts what the journeys above did", async () => {
   const metrics = async (service: string) => {
     const process = processes.find((p) => p.child.spawnargs.some((arg) => arg.includes(`services/${service}/`)));

@@ -1,7 +1,7 @@
 import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, transaction, type Pool, type PoolClient } from "@mailstack/db";
 import { dispatchAccepted, insertMessage, recordEvents, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
-import { context, currentTraceId, journeyContext, logText, trace, withSpan, type Logger } from "@mailstack/telemetry";
+import { context, currentSpanId, currentTraceId, journeyContext, logText, withSpan, type Logger } from "@mailstack/telemetry";
 import { composeDsn, type DsnAction, type DsnRecipient } from "./compose.ts";
 
 export interface GeneratorOptions {
@@ -87,12 +87,6 @@ interface Generated {
 /** Recipients a DSN's log line names; a report on more says how many it left out. */
 const LOGGED_RECIPIENTS = 20;
 
-/** The active span's id, stored with the report so a later retrieval can link to it. */
-function currentSpanId(): string | null {
-  const span = trace.getActiveSpan()?.spanContext();
-  return span && trace.isSpanContextValid(span) ? span.spanId : null;
-}
-
 function logGenerated(logger: Logger, generated: Generated): void {
   const { accepted, message, notices } = generated;
   logger.info(
@@ -166,7 +160,7 @@ async function handleMessage(
       const deliveries: NewDelivery[] = route.routes.map((r) => ({ recipient: message.envelope_from, route: r, dsnNotify: ["NEVER"] }));
       const accepted = await insertMessage(
         client,
-        { raw: dsn.raw, envelopeFrom: "", source: "bounce", messageIdHeader: dsn.messageId, traceId: currentTraceId() ?? null, traceSpanId: currentSpanId() },
+        { raw: dsn.raw, envelopeFrom: "", source: "bounce", messageIdHeader: dsn.messageId, traceId: currentTraceId() ?? null, traceSpanId: currentSpanId() ?? null },
         deliveries,
         options.service,
       );

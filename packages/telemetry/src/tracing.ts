@@ -30,6 +30,12 @@ export function currentTraceId(): string | undefined {
   return id && id !== "00000000000000000000000000000000" ? id : undefined;
 }
 
+/** The active span's id, stored on a message row so later traces (POP3 retrieval) can link to it. */
+export function currentSpanId(): string | undefined {
+  const spanContext = trace.getActiveSpan()?.spanContext();
+  return spanContext && trace.isSpanContextValid(spanContext) ? spanContext.spanId : undefined;
+}
+
 /**
  * The context of a stored message journey (messages.trace_id and trace_span_id), so work done
  * later for the message (a retry the scheduler republishes, a bounce) continues its trace as a

@@ -4,7 +4,7 @@ import { Replies, parseAddress, parseReply, replyClass, type SmtpReply } from "@
 import { resolveRecipient, type Pool, type Route } from "@mailstack/db";
 import { acceptMessage, dispatchAccepted, newQueueId, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
 import { BodyScanner, addressReply, guardCommands, headerValue, normalizeLineEndings, receivedHeader, refuseArguments, refuseBareLf, refuseEmptyData, withHeaderSection, type CommandGuard } from "@mailstack/smtp-intake";
-import { SpanKind, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
+import { SpanKind, currentSpanId, currentTraceId, mailMetrics, withSpan } from "@mailstack/telemetry";
 import { deliverLocal, SERVICE, type DeliverContext, type Outcome } from "./deliver.ts";
 import { allowedClient, networkList } from "./networks.ts";
 
@@ -257,7 +257,7 @@ export async function startLmtp(ctx: DeliverContext, options: LmtpOptions): Prom
         ctx.pool,
         {
           raw: stored, envelopeFrom: from, source: "lmtp", clientIp: session.remoteAddress, clientHelo: session.hostNameAppearsAs,
-          messageIdHeader: headerValue(raw, "message-id"), queueId, traceId: traceId ?? null,
+          messageIdHeader: headerValue(raw, "message-id"), queueId, traceId: traceId ?? null, traceSpanId: currentSpanId() ?? null,
         },
         deliveries,
         SERVICE,

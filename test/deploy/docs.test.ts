@@ -1,8 +1,11 @@
 // docs/deploy.md stays in step with the files it sends operators to.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, readFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { loadTlsCredentials } from "@mailstack/runtime";
 import { overlays, readYaml, root } from "./lib.ts";
 
 const doc = readFileSync(join(root, "docs/deploy.md"), "utf8");
@@ -42,5 +45,31 @@ test("the image names README.md tells operators to build are the ones the produc
         assert.equal(built, image.newName, `${overlay}: README builds ${built}, the overlay deploys ${image.newName}`);
       }
     }
+  }
+});
+
+test("the certbot deploy hook of the compose TLS example copies a live/ pair (symbolic links into archive/) the services load", async () => {
+  const hook = /```sh\n(  #!\/bin\/sh\n[\s\S]*?)  ```/.exec(doc.slice(doc.indexOf("renewal-hooks/deploy/mailstack")))?.[1];
+  assert.ok(hook, "docs/deploy.md shows the deploy hook");
+  const dir = mkdtempSync(join(tmpdir(), "certbot-"));
+  try {
+    // certbot's layout: live/NAME/*.pem are relative links to archive/NAME/*N.pem.
+    const pair = await loadTlsCredentials({ dir: join(dir, "generated"), hostname: "mail.example.com" });
+    mkdirSync(join(dir, "archive/mail.example.com"), { recursive: true });
+    mkdirSync(join(dir, "live/mail.example.com"), { recursive: true });
+    writeFileSync(join(dir, "archive/mail.example.com/fullchain1.pem"), pair.cert);
+    writeFileSync(join(dir, "archive/mail.example.com/privkey1.pem"), pair.key, { mode: 0o600 });
+    symlinkSync("../../archive/mail.example.com/fullchain1.pem", join(dir, "live/mail.example.com/fullchain.pem"));
+    symlinkSync("../../archive/mail.example.com/privkey1.pem", join(dir, "live/mail.example.com/privkey.pem"));
+    const target = join(dir, "mailstack-tls");
+    let script = hook.replace(/^  /gm, "").replaceAll("/etc/mailstack/tls", target);
+    if (process.getuid?.() !== 0) script = script.replaceAll("-o 1000 ", "");
+    const result = spawnSync("sh", ["-c", script], { encoding: "utf8", env: { ...process.env, RENEWED_LINEAGE: join(dir, "live/mail.example.com") } });
+    assert.equal(result.status, 0, result.stderr);
+    const loaded = await loadTlsCredentials({ certFile: join(target, "fullchain.pem"), keyFile: join(target, "privkey.pem") });
+    assert.equal(loaded.cert, pair.cert);
+    assert.equal(lstatSync(join(target, "privkey.pem")).mode & 0o777, 0o600, "the key stays private");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
 });

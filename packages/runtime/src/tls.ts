@@ -137,6 +137,10 @@ function credentials(key: string, cert: string, selfSigned: boolean, source: str
   try {
     privateKey = createPrivateKey(key);
   } catch (error) {
+    // Node would ask for the passphrase on the terminal; a service has none to give.
+    if (key.includes("-----BEGIN ENCRYPTED PRIVATE KEY-----") || /Proc-Type: 4,ENCRYPTED/.test(key)) {
+      throw new Error(`the private key in ${keySource} is encrypted; give the service an unencrypted copy (openssl pkey -in KEY -out KEY.plain)`);
+    }
     throw new Error(`no PEM private key in ${keySource} (${(error as Error).message})`);
   }
   if (!leaf.checkPrivateKey(privateKey)) throw new Error(`TLS key ${keySource} does not match the certificate ${source}`);

@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { once } from "node:events";
 import tls from "node:tls";
-import { X509Certificate } from "node:crypto";
+import { createPrivateKey, X509Certificate } from "node:crypto";
 import { loadTlsCredentials } from "../src/tls.ts";
 import { startTlsSource } from "../src/tls-reload.ts";
 import { Writable } from "node:stream";
@@ -140,6 +140,10 @@ test("an operator file that holds no certificate or no key is named in the error
     });
     await assert.rejects(loadTlsCredentials({ certFile, keyFile: certFile }), /no PEM private key in .*fullchain\.pem/);
     await assert.rejects(loadTlsCredentials({ certFile, keyFile: join(dir, "missing.pem") }), /cannot read TLS_KEY_FILE .*missing\.pem/);
+    // A key kept with a passphrase, which a service cannot type.
+    const encrypted = createPrivateKey(a.key).export({ type: "pkcs8", format: "pem", cipher: "aes-256-cbc", passphrase: "secret" });
+    await writeFile(join(dir, "encrypted.pem"), encrypted);
+    await assert.rejects(loadTlsCredentials({ certFile, keyFile: join(dir, "encrypted.pem") }), /private key in .*encrypted\.pem is encrypted/);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }

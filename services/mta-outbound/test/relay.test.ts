@@ -360,6 +360,10 @@ test("a delivery deferred for longer than the delay threshold gets ONE delay not
   const text = dsn!.body.toString();
   assert.match(text, /Action: delayed/);
   assert.match(text, /Subject: Delayed Mail/);
+  // Will-Retry-Until (RFC 3464 2.3.9): the arrival plus RELAY_MAX_QUEUE_LIFETIME (5d by default), when it would expire.
+  const view = await parseWithPython(dsn!.body);
+  const received = (await env.pool.query<{ received_at: Date }>("SELECT received_at FROM messages WHERE id = $1", [accepted.messageId])).rows[0]!.received_at;
+  assert.equal(new Date(view.status[1]!["Will-Retry-Until"]!).getTime(), Math.floor(received.getTime() / 1000) * 1000 + 5 * 86_400_000);
   const row = await waitFor(async () => {
     const rows = await deliveryStates(env.pool, accepted.messageId);
     return rows[0]!.attempts >= 2 ? rows[0] : null;

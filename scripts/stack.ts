@@ -7,7 +7,7 @@ import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { DEFAULT_DATABASE_URL, DEFAULT_NATS_URL, defaultMailHostname } from "@mailstack/config";
 import { createPool, ensureDatabase, migrate } from "@mailstack/db";
-import { loadTlsCredentials } from "@mailstack/runtime";
+import { loadTlsCredentials, validityProblem } from "@mailstack/runtime";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const dataDir = path.join(root, ".data");
@@ -254,6 +254,8 @@ try {
     dir: tlsDir,
     hostname: mailHostname,
   });
+  const tlsProblem = validityProblem(tls);
+  if (tlsProblem) say(`TLS certificate ${tls.source}: ${tlsProblem}; served all the same, but clients that check certificates refuse it`);
   const env: NodeJS.ProcessEnv = {
     ...process.env,
     DATABASE_URL: databaseUrl,
@@ -289,7 +291,7 @@ try {
     "  Health and metrics        " + services.map((s) => `${s.name} :${s.opsPort}`).join(", "),
     `  Database                  ${databaseUrl.replace(/:[^:@/]*@/, ":***@")}`,
     `  NATS                      ${natsUrl}`,
-    `  TLS certificate           ${tls.source}${tls.selfSigned ? " (self-signed)" : ""}`,
+    `  TLS certificate           ${tls.source}${tls.selfSigned ? " (self-signed)" : ""}${tlsProblem ? ` (${tlsProblem.toUpperCase()}: clients that check certificates refuse it)` : ""}`,
     `  Mail host name            ${mailHostname}${mailHostname === "localhost" ? " (set MAIL_HOSTNAME to this host's public name before exchanging mail with other servers)" : ""}`,
     "",
     "Add a first account and send a first mail (in another terminal):",

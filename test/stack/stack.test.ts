@@ -2,9 +2,12 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { once } from "node:events";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { createRequire } from "node:module";
 import { createTestEnv, freePort, waitFor, type TestEnv } from "@mailstack/testkit";
 
 const repoRoot = fileURLToPath(new URL("../../", import.meta.url));
@@ -167,5 +170,48 @@ test("ports already in use (a system MTA on 25, say) are all named before anythi
     if (stack.exitCode === null) stack.kill("SIGKILL");
     smtp.close();
     ops.close();
+  }
+});
+
+test("an expired TLS_CERT_FILE is named as expired before the services start, and in the banner", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "stack-tls-"));
+  // selfsigned is a dependency of packages/runtime (it makes the self-signed pair), not of the root.
+  const { generate } = (await import(createRequire(join(repoRoot, "packages/runtime/package.json")).resolve("selfsigned"))) as {
+    generate: (attributes: Array<{ name: string; value: string }>, options: object) => Promise<{ cert: string; private: string }>;
+  };
+  const expired = await generate([{ name: "commonName", value: "mail.example.test" }], {
+    keyType: "rsa",
+    keySize: 2048,
+    algorithm: "sha256",
+    notBeforeDate: new Date("2020-01-01T00:00:00Z"),
+    notAfterDate: new Date("2020-04-01T00:00:00Z"),
+  });
+  writeFileSync(join(dir, "fullchain.pem"), expired.cert);
+  writeFileSync(join(dir, "privkey.pem"), expired.private);
+  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
+  const ports: Record<string, string> = {};
+  for (const name of portVariables) ports[name] = String(await freePort());
+  const opsEnv: Record<string, string> = {};
+  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
+  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
+    cwd: repoRoot,
+    env: {
+      ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "error",
+      TLS_CERT_FILE: join(dir, "fullchain.pem"), TLS_KEY_FILE: join(dir, "privkey.pem"),
+    },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  stack.stdout!.on("data", (chunk) => (output += chunk));
+  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const exited = once(stack, "exit");
+  try {
+    await waitFor(() => output.includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
+    assert.match(output, /\[stack\] TLS certificate \S+fullchain\.pem: expired on 2020-04-01T00:00:00\.000Z; served all the same/, output);
+    assert.match(output, /TLS certificate +\S+fullchain\.pem \(EXPIRED ON 2020-04-01/, output);
+  } finally {
+    stack.kill("SIGINT");
+    await exited;
+    rmSync(dir, { recursive: true, force: true });
   }
 });

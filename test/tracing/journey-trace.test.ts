@@ -31,6 +31,10 @@ before(async () => {
 
   sink = new SMTPServer({
     authOptional: true,
+    onRcptTo(address, _session, callback) {
+      if (address.address.startsWith("refused@")) return callback(Object.assign(new Error("5.1.1 no such user"), { responseCode: 550 }));
+      callback();
+    },
     disabledCommands: ["STARTTLS"],
     logger: false,
     onData(stream, _session, callback) {
@@ -201,6 +205,45 @@ test("an LMTP delivery is a trace rooted at the MDA's LMTP DATA span, which a PO
   assert.match(body, /Subject: via lmtp/);
   const retrieval = await waitFor(() => receiver.spans.slice(before).find((s) => s.service === "pop3" && s.name === "pop3 RETR"), 20_000);
   assert.deepEqual(retrieval.links, [{ traceId, spanId: lmtp.spanId }]);
+});
+
+test("a recipient the remote MX refuses: the relay's spans say ERROR, and the bounce continues the message's trace", async () => {
+  const transport = nodemailer.createTransport({
+    host: "127.0.0.1", port: ports.submission, secure: false, requireTLS: true,
+    tls: { rejectUnauthorized: false }, auth: { user: "bob@example.test", pass: "bob-pw" },
+  });
+  const messageId = "<trace-refused@example.test>";
+  await transport.sendMail({ from: "bob@example.test", to: "refused@remote.test", subject: "refused", text: "bye", messageId });
+  transport.close();
+  const traceId = await traceIdOf(messageId);
+  // The bounce reaches bob's mailbox: the DSN generator, then the MDA.
+  await waitFor(async () => {
+    const row = await env.pool.query(
+      "SELECT count(*)::int AS n FROM mailbox_entries e JOIN messages m ON m.id = e.message_id WHERE m.source = 'bounce' AND m.trace_id = $1", [traceId]);
+    return row.rows[0].n === 1;
+  }, 30_000);
+  await waitFor(() => spansOf(traceId).some((s) => s.service === "mda" && s.kind === SPAN_KIND.CONSUMER), 20_000);
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  const spans = spansOf(traceId);
+  if (process.env.SHOW_SPANS) console.log(describe(spans));
+  const roots = spans.filter((s) => !s.parentSpanId);
+  assert.equal(roots.length, 1, describe(spans));
+
+  // The sink offers PIPELINING: MAIL, RCPT and DATA go in the client's one `smtp transaction` span.
+  const transaction = spans.find((s) => s.service === "mta-outbound" && s.name === "smtp transaction");
+  assert.ok(transaction, describe(spans));
+  assert.equal(transaction.attributes["mail.recipients.refused"], 1);
+  assert.equal(transaction.status.code, 2, "a refused recipient is an error on the client span");
+  assert.match(transaction.status.message, /550/);
+  const attempt = spans.find((s) => s.name === "relay attempt");
+  assert.ok(attempt, describe(spans));
+  assert.equal(attempt.status.code, 2, "an attempt that delivered nothing is an error");
+  assert.match(attempt.status.message, /bounced/);
+
+  const generate = spans.find((s) => s.name === "dsn generate");
+  assert.ok(generate && isDescendant(spans, generate, roots[0]!), describe(spans));
+  const filing = spans.find((s) => s.service === "mda" && s.kind === SPAN_KIND.CONSUMER);
+  assert.ok(filing && isDescendant(spans, filing, generate), "the MDA files the report inside the same journey");
 });
 
 test("each service's /metrics counts what the journeys above did", async () => {

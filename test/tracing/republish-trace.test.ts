@@ -6,6 +6,8 @@ import { startTelemetry, stopTelemetry } from "@mailstack/telemetry/sdk";
 import { createTestEnv, startOtlpReceiver, waitFor, type OtlpReceiver, type ReceivedSpan, type TestEnv } from "@mailstack/testkit";
 import { generateDsns } from "../../packages/dsn/src/index.ts";
 import { scheduleDue } from "../../services/mta-outbound/src/scheduler.ts";
+import { SmtpConnection, rfcTimeouts } from "../../services/mta-outbound/src/smtp-client.ts";
+import { startScriptedMx } from "../../services/mta-outbound/test/scripted-mx.ts";
 
 // Work done for a message after its SMTP session (a retry the scheduler republishes, a job the
 // sweeper republishes, a bounce) stays in the message's one trace (DESIGN.md rule 6): its spans
@@ -93,4 +95,36 @@ test("a bounce is generated, stored and dispatched inside the original message's
   assert.equal(bounce.rows[0]!.trace_span_id, generate.spanId, "later traces (POP3) link to the span that made the report");
   const publish = await waitFor(() => spansOf(message.traceId!).find((s) => s.name === "mail.deliver.local publish"), 10_000);
   assert.equal(publish.parentSpanId, generate.spanId, "the report's delivery job is published under it");
+});
+
+test("without PIPELINING, a refused RCPT is an error on its own `smtp RCPT` client span", async () => {
+  const server = await startScriptedMx("127.0.0.1", 0, {
+    extensions: ["8BITMIME"],
+    reply: (command) => (command.startsWith("RCPT TO:<bad") ? "550 5.1.1 no such user" : undefined),
+  });
+  try {
+    const connection = await SmtpConnection.open({
+      hostname: "mx.span.test", address: server.host, port: server.port, heloName: "relay.test", tls: "none", timeouts: rfcTimeouts,
+    });
+    const result = await connection.send(
+      { from: "a@origin.test", recipients: [{ address: "good@x.test" }, { address: "bad@x.test" }] },
+      Buffer.from("Subject: hi\r\n\r\nHello.\r\n"),
+      { eightBit: false, utf8Header: false },
+    );
+    assert.deepEqual(result.recipients.map((r) => r.accepted), [true, false]);
+    await connection.quit();
+  } finally {
+    await server.close();
+  }
+  const mine = await waitFor(() => {
+    const spans = receiver.spans.filter((s) => s.attributes["server.address"] === "mx.span.test");
+    return spans.some((s) => s.name === "smtp transaction") ? spans : null;
+  }, 10_000);
+  const rcpts = mine.filter((s) => s.name === "smtp RCPT");
+  assert.deepEqual(rcpts.map((s) => [s.attributes["smtp.reply.code"], s.status.code]).sort(), [[250, 0], [550, 2]]);
+  assert.match(rcpts.find((s) => s.status.code === 2)!.status.message, /550 5\.1\.1/);
+  const transaction = mine.find((s) => s.name === "smtp transaction")!;
+  assert.equal(transaction.status.code, 2);
+  assert.equal(transaction.attributes["mail.recipients.refused"], 1);
+  assert.equal(mine.find((s) => s.name === "smtp message")!.status.code, 0, "the accepted recipient's data went through");
 });

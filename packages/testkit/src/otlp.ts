@@ -10,6 +10,9 @@ export interface ReceivedSpan {
   kind: number;
   attributes: Record<string, unknown>;
   links: Array<{ traceId: string; spanId: string }>;
+  /** OTLP status: code 0 unset, 1 ok, 2 error. */
+  status: { code: number; message: string };
+  events: Array<{ name: string; attributes: Record<string, unknown> }>;
 }
 
 export interface OtlpReceiver {
@@ -72,6 +75,8 @@ export async function startOtlpReceiver(): Promise<OtlpReceiver> {
                 kind: span.kind,
                 attributes: attributes(span.attributes),
                 links: (span.links ?? []).map((l: { traceId: string; spanId: string }) => ({ traceId: hexId(l.traceId), spanId: hexId(l.spanId) })),
+                status: { code: Number(span.status?.code ?? 0), message: String(span.status?.message ?? "") },
+                events: (span.events ?? []).map((e: { name: string; attributes?: Array<{ key: string; value: AnyValue }> }) => ({ name: e.name, attributes: attributes(e.attributes) })),
               });
             }
           }

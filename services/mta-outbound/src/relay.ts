@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto";
 import type { Pool } from "@mailstack/db";
 import type { SrsSettings } from "@mailstack/mail";
 import { stillPending, type JourneyEvent, type RelayJob } from "@mailstack/queue";
-import { Counter, Histogram, SpanKind, logText, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
+import { Counter, Histogram, SpanKind, SpanStatusCode, logText, mailMetrics, registry, withSpan, type Logger } from "@mailstack/telemetry";
 import { ConnectionPool, KeyedLimiter } from "./connection-pool.ts";
 import { DestinationError, DestinationResolver, type Destination, type DestinationConfig } from "./destination.ts";
 import { hasEightBit } from "./dot-stuff.ts";
@@ -573,6 +573,13 @@ export function createRelay(deps: { pool: Pool; logger: Logger; config: RelayCon
         for (const state of states) relayMetrics.results.inc({ outcome: state });
         relayMetrics.attemptSeconds.observe((performance.now() - started) / 1000);
         span.setAttribute("mail.delivered.count", states.filter((s) => s === "delivered").length);
+        // Recipients deferred or bounced make the attempt an error, so Jaeger's error filter finds it
+        // (their causes were caught above and turned into outcomes; no exception reaches withSpan).
+        const failed = ["deferred", "bounced"].map((state) => [state, states.filter((s) => s === state).length] as const).filter(([, n]) => n > 0);
+        if (failed.length > 0) {
+          const first = [...outcomes.values()].find((o) => o.state !== "delivered");
+          span.setStatus({ code: SpanStatusCode.ERROR, message: `${failed.map(([state, n]) => `${n} ${state}`).join(", ")}${first?.status ? ` (${first.status})` : ""}` });
+        }
         logger.debug(
           { messageId: job.messageId, domain: job.domain, results: rows.map((r) => ({ rcpt: r.final_recipient, ...outcomes.get(r.final_recipient) })) },
           "relay attempt done",

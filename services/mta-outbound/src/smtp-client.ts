@@ -2,7 +2,7 @@ import net from "node:net";
 import { StringDecoder } from "node:string_decoder";
 import tls from "node:tls";
 import { utf8AddrUnitext, utf8AddrXtext } from "@mailstack/mail";
-import { SpanKind, withSpan } from "@mailstack/telemetry";
+import { SpanKind, SpanStatusCode, withSpan, type Span } from "@mailstack/telemetry";
 import { DotStuffer } from "./dot-stuff.ts";
 
 /** A reply from the remote server. */
@@ -103,6 +103,11 @@ export interface MessageContent {
    * part's, a returned message/global or message/global-headers): SMTPUTF8 (RFC 6531 3.2).
    */
   utf8Header: boolean;
+}
+
+/** A 4xx or 5xx reply makes its client span an error, as an HTTP client span for a 4xx/5xx status. */
+function refusedStatus(span: Span, reply: Reply): void {
+  if (reply.code >= 400) span.setStatus({ code: SpanStatusCode.ERROR, message: `the server replied ${reply.code}${reply.enhanced ? ` ${reply.enhanced}` : ""}` });
 }
 
 export interface TransactionResult {
@@ -318,6 +323,7 @@ export class SmtpConnection {
       this.write(`${line}\r\n`, stage);
       const reply = await this.readReply(timeoutMs, stage);
       span.setAttribute("smtp.reply.code", reply.code);
+      refusedStatus(span, reply);
       return reply;
     });
   }
@@ -480,9 +486,17 @@ export class SmtpConnection {
     this.transactions++;
     this.idle = false;
     try {
-      return await withSpan("smtp transaction", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.recipients.count": rcpts.length, "mail.smtp.pipelining": ext.has("PIPELINING") ? 1 : 0 }) }, () =>
-        this.transaction(mail, rcpts, envelope, body),
-      );
+      return await withSpan("smtp transaction", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.recipients.count": rcpts.length, "mail.smtp.pipelining": ext.has("PIPELINING") ? 1 : 0 }) }, async (span) => {
+        const result = await this.transaction(mail, rcpts, envelope, body);
+        const refused = result.recipients.filter((r) => !r.accepted);
+        span.setAttribute("mail.recipients.refused", refused.length);
+        // Like an HTTP client span for a 4xx/5xx: the server said no (here, to some recipients).
+        if (refused.length > 0) {
+          const codes = [...new Set(refused.map((r) => r.reply.code))].join(", ");
+          span.setStatus({ code: SpanStatusCode.ERROR, message: `${refused.length} of ${result.recipients.length} recipients refused (${codes})` });
+        }
+        return result;
+      });
     } finally {
       this.idle = true;
       // A reply left unread (a second answer to the final dot) would be taken for the answer to the
@@ -561,6 +575,7 @@ export class SmtpConnection {
         },
       );
       span.setAttribute("smtp.reply.code", reply.code);
+      refusedStatus(span, reply);
       return reply;
     });
     result.data = final;

@@ -134,8 +134,10 @@ async function handleMessage(
       notices.length = 0;
     } else {
       const raw = await client.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1", [message.id]);
-      const onlyFailures = notices.some((n) => n.action === "failed");
-      const ret = message.dsn_ret ?? (onlyFailures && message.size <= (options.fullReturnLimit ?? 262_144) ? "FULL" : "HDRS");
+      // RET asks for the content of a "failed" report (RFC 3461 4.3); a delay or success notice
+      // returns the header whatever RET says, as Postfix's do.
+      const failure = notices.some((n) => n.action === "failed");
+      const ret = !failure ? "HDRS" : (message.dsn_ret ?? (message.size <= (options.fullReturnLimit ?? 262_144) ? "FULL" : "HDRS"));
       const recipients: DsnRecipient[] = notices.map(({ row, action }) => ({
         finalRecipient: row.final_recipient,
         originalRecipient: row.dsn_orcpt,

@@ -352,6 +352,32 @@ test("a long remote reply (many lines joined, or one long token) never makes a l
   assert.match(parsed.text ?? "", /<a@far\.test>: 550 5\.7\.1 550-5\.7\.1 policy line 0/);
 });
 
+test("RET=FULL returns the message in a bounce only: a delay or success notice returns the header (RFC 3461 4.3)", async () => {
+  const partTypes = async (state: string, notify: string[]) => {
+    const resolution = await resolveRecipient(env.pool, "ret-full@far.test", { allowRemote: true });
+    assert.ok(resolution.ok);
+    const accepted = await acceptMessage(
+      env.pool,
+      { raw: original, envelopeFrom: "ret-full@elsewhere.test", source: "submission", dsnRet: "FULL" },
+      [{ recipient: "ret-full@far.test", route: resolution.routes[0]!, dsnNotify: notify }],
+      "test",
+    );
+    await env.pool.query("UPDATE deliveries SET state = $2, last_status = NULL, dsn_state = 'pending', dispatched_at = now() WHERE id = $1", [
+      accepted.deliveries[0]!.id,
+      state,
+    ]);
+    assert.equal(await generateDsns(env.bus, env.pool, options), 1);
+    const report = (await bouncesTo("ret-full@elsewhere.test")).at(-1)!;
+    const view = await parseWithPython(report.raw);
+    const returned = view.parts.map((p) => p.type).filter((t) => t === "message/rfc822" || t === "text/rfc822-headers");
+    return { returned, body: report.raw.toString().includes("The body.") };
+  };
+  assert.deepEqual(await partTypes("bounced", ["FAILURE"]), { returned: ["message/rfc822"], body: true });
+  for (const [state, notify] of [["deferred", ["DELAY"]], ["delivered", ["SUCCESS"]]] as const) {
+    assert.deepEqual(await partTypes(state, [...notify]), { returned: ["text/rfc822-headers"], body: false }, state);
+  }
+});
+
 test("the returned header section ends at the first empty line, whatever its line ending", () => {
   // An LF-ended header followed by a CRLF empty line: the body's later "\n\n" is not the end.
   assert.equal(headerSection(Buffer.from("Subject: a\n\r\nX-In-Body: 1\n\nmore")).toString("latin1"), "Subject: a\r\n\r\n");

@@ -145,7 +145,9 @@ async function handleMessage(
         action,
         status: statusOf(row, action),
         remoteMta: row.remote_mta,
-        diagnostic: row.last_reply,
+        // Our own "250 ... Delivered to <folder> as UID n" is for the journey: which folder (Junk,
+        // a filter's) and the mailbox's UID count are the recipient's business, not the sender's.
+        diagnostic: action === "delivered" && row.kind === "local" ? null : row.last_reply,
         lastAttemptDate: row.last_attempt_at,
         willRetryUntil:
           action === "delayed" && options.maxQueueLifetimeMs ? new Date(message.received_at.getTime() + options.maxQueueLifetimeMs) : null,

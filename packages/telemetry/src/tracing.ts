@@ -37,14 +37,32 @@ export function currentSpanId(): string | undefined {
 }
 
 /**
+ * Whether the configured root sampler (OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG) sampled a
+ * trace with this id. The ratio samplers decide on the trace id alone; this is the SDK's
+ * TraceIdRatioBasedSampler computation (the low 32 bits of each quarter of the id, XORed,
+ * under ratio * 2^32), so a journey the accepting service dropped stays dropped.
+ */
+export function rootSampled(traceId: string, env: NodeJS.ProcessEnv = process.env): boolean {
+  const sampler = env.OTEL_TRACES_SAMPLER ?? "parentbased_always_on";
+  if (sampler.endsWith("always_off")) return false;
+  if (!sampler.endsWith("traceidratio")) return true;
+  const arg = Number(env.OTEL_TRACES_SAMPLER_ARG ?? "1");
+  const ratio = Number.isNaN(arg) ? 1 : Math.min(1, Math.max(0, arg));
+  const upperBound = ratio === 1 ? 2 ** 32 : Math.floor(ratio * 0xffffffff);
+  let accumulation = 0;
+  for (let i = 0; i < 32; i += 8) accumulation = (accumulation ^ Number.parseInt(traceId.slice(i, i + 8), 16)) >>> 0;
+  return accumulation < upperBound;
+}
+
+/**
  * The context of a stored message journey (messages.trace_id and trace_span_id), so work done
  * later for the message (a retry the scheduler republishes, a bounce) continues its trace as a
- * child of the accepting session's span. The stored row does not keep the sampling decision, so
- * the parent counts as sampled: a parentbased_* sampler records the continuation. Without valid
- * ids, base is returned unchanged.
+ * child of the accepting session's span. The row keeps no sampling decision: it is made again
+ * from the trace id (rootSampled). Without valid ids, base is returned unchanged.
  */
 export function journeyContext(traceId: string | null | undefined, spanId: string | null | undefined, base: Context = context.active()): Context {
   if (!traceId || !spanId) return base;
-  const spanContext = { traceId, spanId, traceFlags: TraceFlags.SAMPLED, isRemote: true };
+  const traceFlags = rootSampled(traceId) ? TraceFlags.SAMPLED : TraceFlags.NONE;
+  const spanContext = { traceId, spanId, traceFlags, isRemote: true };
   return trace.isSpanContextValid(spanContext) ? trace.setSpanContext(base, spanContext) : base;
 }

@@ -1,7 +1,7 @@
 // Runs the whole stack locally: PostgreSQL and NATS (the machine's, or ones started here),
 // migrations, a TLS certificate, and every service as its own process. Ctrl-C stops all.
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { mkdirSync, existsSync } from "node:fs";
+import { existsSync, mkdirSync, statSync } from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -191,6 +191,13 @@ async function waitReady(spec: ServiceSpec): Promise<boolean> {
   return false;
 }
 
+/** What to do when this user may not write the checkout (another user's clone, root's say). */
+function permissionHint(error: NodeJS.ErrnoException): string {
+  if (error.code !== "EACCES" || !error.path || !path.resolve(root, error.path).startsWith(root)) return "";
+  const owner = statSync(root).uid;
+  return `; this checkout belongs to uid ${owner}, not to uid ${process.getuid?.()}: run ./mailstack as its owner, or from a clone of your own`;
+}
+
 let stopped: Promise<never> | undefined;
 
 /** Stops every service and the servers started here, then exits; later calls wait for the first. */
@@ -245,7 +252,7 @@ try {
   await pool.end();
   say(applied.length ? `migrations applied: ${applied.join(", ")}` : "schema is up to date");
   // Generated once here (when no certificate is configured) so every service reads the same cached pair.
-  const tlsDir = process.env.TLS_DIR ?? path.join(dataDir, "tls");
+  const tlsDir = process.env.TLS_DIR || path.join(dataDir, "tls");
   // Empty counts as unset, as in the services' configuration.
   const mailHostname = process.env.MAIL_HOSTNAME || defaultMailHostname();
   const tls = await loadTlsCredentials({
@@ -306,6 +313,6 @@ try {
   ];
   process.stderr.write(banner.join("\n") + "\n");
 } catch (error) {
-  say(`failed: ${(error as Error).message}`);
+  say(`failed: ${(error as Error).message}${permissionHint(error as NodeJS.ErrnoException)}`);
   await stopAll(1);
 }

@@ -215,3 +215,28 @@ test("an expired TLS_CERT_FILE is named as expired before the services start, an
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("run by a user who may not write the checkout (root's clone), the failure says whose it is and what to do", { skip: process.getuid?.() !== 0 && "needs root, to run the stack as nobody" }, async () => {
+  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
+  const ports: Record<string, string> = {};
+  for (const name of portVariables) ports[name] = String(await freePort());
+  const opsEnv: Record<string, string> = {};
+  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
+  // The self-signed pair is written under the checkout's .data, which nobody may not write.
+  const stack = spawn("runuser", ["-u", "nobody", "--", process.execPath, "scripts/stack.ts"], {
+    cwd: repoRoot,
+    env: { ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "error", TLS_DIR: "", TLS_CERT_FILE: "", TLS_KEY_FILE: "" },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  stack.stdout!.on("data", (chunk) => (output += chunk));
+  stack.stderr!.on("data", (chunk) => (output += chunk));
+  try {
+    const [code] = await once(stack, "exit");
+    assert.equal(code, 1, output);
+    assert.match(output, /\[stack\] failed: EACCES: permission denied, \w+ '[^']*\.data[^']*'; this checkout belongs to uid 0, not to uid \d+: run \.\/mailstack as its owner, or from a clone of your own/, output);
+    assert.doesNotMatch(output, /"service":/, `no service was started\n${output}`);
+  } finally {
+    if (stack.exitCode === null) stack.kill("SIGKILL");
+  }
+});

@@ -51,6 +51,7 @@ export interface Row {
   envelope_from: string;
   message_size: number;
   trace_id: string | null;
+  trace_span_id: string | null;
   received_at: Date;
   parsed: ParsedMessage | null;
   address: string | null;
@@ -155,6 +156,7 @@ async function markDelivered(client: PoolClient, row: Row, folder: string, reply
  * Creates the forwarded copy as a new message (source 'forward') in the same transaction.
  * The envelope sender becomes the forwarding account (so a bounce of the copy goes to it,
  * and SPF checks at the destination see our domain); a bounce (<>) stays <> so it cannot loop.
+ * The copy keeps the original's trace and accepting span, so its retries and bounces stay in that journey.
  */
 async function createForward(client: PoolClient, row: Row, to: string): Promise<AcceptedMessage | string> {
   const route = await resolveRecipient(client, to, { allowRemote: true });
@@ -164,7 +166,7 @@ async function createForward(client: PoolClient, row: Row, to: string): Promise<
   const body = Buffer.concat([Buffer.from(`Delivered-To: ${headerSafe(row.address!)}\r\n`), raw.rows[0]!.raw]);
   return insertMessage(
     client,
-    { raw: body, envelopeFrom: row.envelope_from === "" ? "" : row.address!, source: "forward", traceId: row.trace_id },
+    { raw: body, envelopeFrom: row.envelope_from === "" ? "" : row.address!, source: "forward", traceId: row.trace_id, traceSpanId: row.trace_span_id },
     route.routes.map((r) => ({ recipient: to, route: r })),
     SERVICE,
   );
@@ -315,7 +317,7 @@ async function fileFast(ctx: DeliverContext, row: Row, folder: string): Promise<
 }
 
 export const ROW_COLUMNS = `d.id, d.message_id, m.queue_id, d.state, d.attempts, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
-       m.envelope_from, m.size AS message_size, m.trace_id, m.received_at, p.parsed, a.address, a.disabled,
+       m.envelope_from, m.size AS message_size, m.trace_id, m.trace_span_id, m.received_at, p.parsed, a.address, a.disabled,
        COALESCE((SELECT json_agg(f ORDER BY f.position) FROM filter_rules f WHERE f.account_id = d.account_id), '[]') AS rules`;
 export const ROW_FROM = `FROM deliveries d
          JOIN messages m ON m.id = d.message_id

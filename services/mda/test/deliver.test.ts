@@ -2,6 +2,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { Consumers, Streams, Subjects, consume, publish } from "@mailstack/bus";
 import { addFilterRule, removeAccount } from "@mailstack/db";
+import { acceptMessage, dispatchAccepted } from "@mailstack/queue";
 import { createLogger } from "@mailstack/telemetry";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { deliverLocal, headerPrefix } from "../src/deliver.ts";
@@ -161,7 +162,14 @@ test("X-Spam-Flag: YES is filed into Junk; filter rules file, discard and forwar
   const spam = await send(env.pool, env.bus, message("cheap pills", "buy\r\n", "X-Spam-Flag: YES\r\n"), r("grace@example.test", grace));
   const bill = await send(env.pool, env.bus, message("Your Invoice 42"), r("frank@example.test", frank));
   const huge = await send(env.pool, env.bus, message("huge", "y".repeat(6_000) + "\r\n"), r("frank@example.test", frank));
-  const list = await send(env.pool, env.bus, message("list post", "hi\r\n", "List-Id: <dev.lists.example>\r\n"), r("frank@example.test", frank));
+  // Accepted as the SMTP intake does, with the session's trace and span ids.
+  const list = await acceptMessage(
+    env.pool,
+    { raw: Buffer.from(message("list post", "hi\r\n", "List-Id: <dev.lists.example>\r\n")), envelopeFrom: "sender@remote.example", source: "inbound", traceId: "4bf92f3577b34da6a3ce929d0e0e4736", traceSpanId: "00f067aa0ba902b7" },
+    [{ recipient: "frank@example.test", route: { kind: "local", accountId: frank, address: "frank@example.test" } }],
+    "test",
+  );
+  await dispatchAccepted(env.bus, env.pool, list);
   const out = await send(env.pool, env.bus, message("forward out", "hi\r\n", "X-Forward-Out: yes\r\n"), r("frank@example.test", frank));
   const plain = await send(env.pool, env.bus, message("plain"), r("frank@example.test", frank));
   for (const a of [spam, bill, huge, list, out, plain]) {
@@ -179,10 +187,12 @@ test("X-Spam-Flag: YES is filed into Junk; filter rules file, discard and forwar
   // The local forward became a new message, delivered to grace, sent by frank.
   // The two forwarding deliveries are filed concurrently: order the forwards local first, not by id.
   const forwards = (await env.pool.query(
-    `SELECT m.id, m.envelope_from, m.raw, d.final_recipient, d.kind, d.state FROM messages m JOIN deliveries d ON d.message_id = m.id
+    `SELECT m.id, m.envelope_from, m.raw, m.trace_id, m.trace_span_id, d.final_recipient, d.kind, d.state FROM messages m JOIN deliveries d ON d.message_id = m.id
       WHERE m.source = 'forward' ORDER BY d.kind, m.id`,
   )).rows;
   assert.equal(forwards.length, 2);
+  // Each copy stays in the original's journey: its retries continue that trace, a POP3 RETR links to it.
+  assert.deepEqual([forwards[0].trace_id, forwards[0].trace_span_id], ["4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"]);
   assert.equal(forwards[0].envelope_from, "frank@example.test");
   assert.equal(forwards[0].final_recipient, "grace@example.test");
   assert.ok((forwards[0].raw as Buffer).toString().startsWith("Delivered-To: frank@example.test\r\n"));

@@ -1,7 +1,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { addAccount, addDomain, resolveRecipient } from "@mailstack/db";
-import { acceptMessage, sweepUndispatched, type AcceptedMessage } from "@mailstack/queue";
+import { acceptMessage, publishEvents, recordEvents, sweepUndispatched, type AcceptedMessage } from "@mailstack/queue";
 import { startTelemetry, stopTelemetry } from "@mailstack/telemetry/sdk";
 import { createTestEnv, startOtlpReceiver, waitFor, type OtlpReceiver, type ReceivedSpan, type TestEnv } from "@mailstack/testkit";
 import { generateDsns } from "../../packages/dsn/src/index.ts";
@@ -127,4 +127,17 @@ test("without PIPELINING, a refused RCPT is an error on its own `smtp RCPT` clie
   assert.equal(transaction.status.code, 2);
   assert.equal(transaction.attributes["mail.recipients.refused"], 1);
   assert.equal(mine.find((s) => s.name === "smtp message")!.status.code, 0, "the accepted recipient's data went through");
+});
+
+test("a journey event published from the outbox is in its message's trace, not a trace of its own", async () => {
+  const message = await storedMessage("evented@far.test");
+  await recordEvents(env.pool, [{ messageId: message.messageId, deliveryId: message.deliveries[0]!.id, event: "delayed", service: "test", detail: null }]);
+  await env.pool.query("UPDATE delivery_events SET created_at = now() - interval '1 minute' WHERE message_id = $1", [message.messageId]);
+  assert.ok((await publishEvents(env.bus, env.pool, { lagMs: 0 })) >= 1);
+  const published = await waitFor(() => {
+    const spans = spansOf(message.traceId!).filter((s) => s.name.startsWith("mail.event."));
+    return spans.length >= 2 ? spans : null;
+  }, 10_000);
+  assert.deepEqual(published.map((s) => s.name).sort(), ["mail.event.accepted publish", "mail.event.delayed publish"]);
+  for (const span of published) assert.equal(span.parentSpanId, message.traceSpanId, span.name);
 });

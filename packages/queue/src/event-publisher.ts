@@ -1,6 +1,6 @@
 import { Subjects, publish, type Bus } from "@mailstack/bus";
 import type { Pool } from "@mailstack/db";
-import type { Logger } from "@mailstack/telemetry";
+import { journeyContext, type Logger } from "@mailstack/telemetry";
 
 // Only one replica publishes at a time (transaction-scoped advisory lock).
 const PUBLISHER_LOCK = 4_207_003;
@@ -41,10 +41,16 @@ export async function publishEvents(bus: Bus, pool: Pool, options: EventPublishe
       return 0;
     }
     const position = Number((await client.query("SELECT position FROM event_outbox WHERE name = 'nats' FOR UPDATE")).rows[0]?.position ?? 0);
-    const rows = await client.query<{ id: number; message_id: number; delivery_id: number | null; event: string; service: string; reply: string | null; detail: Record<string, unknown> | null; created_at: Date }>(
-      `SELECT id, message_id, delivery_id, event, service, reply, detail, created_at FROM delivery_events
-        WHERE id > $1 AND created_at < now() - make_interval(secs => $3::float8 / 1000)
-        ORDER BY id LIMIT $2`,
+    const rows = await client.query<{
+      id: number; message_id: number; delivery_id: number | null; event: string; service: string; reply: string | null;
+      detail: Record<string, unknown> | null; created_at: Date; trace_id: string | null; trace_span_id: string | null;
+    }>(
+      `SELECT e.id, e.message_id, e.delivery_id, e.event, e.service, e.reply, e.detail, e.created_at, m.trace_id, m.trace_span_id
+         FROM (SELECT * FROM delivery_events
+                WHERE id > $1 AND created_at < now() - make_interval(secs => $3::float8 / 1000)
+                ORDER BY id LIMIT $2) e
+         LEFT JOIN messages m ON m.id = e.message_id
+        ORDER BY e.id`,
       [position, options.batchSize ?? 500, options.lagMs ?? 5_000],
     );
     await Promise.all(
@@ -53,7 +59,9 @@ export async function publishEvents(bus: Bus, pool: Pool, options: EventPublishe
           id: row.id, messageId: row.message_id, deliveryId: row.delivery_id, event: row.event, service: row.service,
           reply: row.reply, detail: row.detail, at: row.created_at.toISOString(),
         };
-        return publish(bus, Subjects.event(row.event), payload, { msgId: `event-${row.id}` });
+        // In the message's journey: a root trace per event would flood the tracing backend.
+        const context = journeyContext(row.trace_id, row.trace_span_id);
+        return publish(bus, Subjects.event(row.event), payload, { msgId: `event-${row.id}`, context });
       }),
     );
     const last = rows.rows.at(-1);

@@ -191,6 +191,11 @@ async function waitReady(spec: ServiceSpec): Promise<boolean> {
   return false;
 }
 
+/** A word the shell reads back as the same string (a URL's query has `&`, a password anything). */
+function shellQuote(text: string): string {
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
+}
+
 /** What to do when this user may not write the checkout (another user's clone, root's say). */
 function permissionHint(error: NodeJS.ErrnoException): string {
   if (error.code !== "EACCES" || !error.path || !path.resolve(root, error.path).startsWith(root)) return "";
@@ -302,7 +307,7 @@ try {
     `  Mail host name            ${mailHostname}${mailHostname === "localhost" ? " (set MAIL_HOSTNAME to this host's public name before exchanging mail with other servers)" : ""}`,
     "",
     "Add a first account and send a first mail (in another terminal):",
-    ...(databaseUrl === DEFAULT_DATABASE_URL ? [] : [`  export DATABASE_URL=${databaseUrl}`]),
+    ...(databaseUrl === DEFAULT_DATABASE_URL ? [] : [`  export DATABASE_URL=${shellQuote(databaseUrl)}`]),
     "  pnpm mailctl domain add example.test",
     "  pnpm mailctl account add alice@example.test --password s3cret",
     `  swaks --server 127.0.0.1:${p("mta-inbound", "SMTP_PORT")} --from someone@remote.example --to alice@example.test`,

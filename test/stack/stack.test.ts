@@ -1,6 +1,6 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { once } from "node:events";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
@@ -238,5 +238,33 @@ test("run by a user who may not write the checkout (root's clone), the failure s
     assert.doesNotMatch(output, /"service":/, `no service was started\n${output}`);
   } finally {
     if (stack.exitCode === null) stack.kill("SIGKILL");
+  }
+});
+
+test("the banner's export DATABASE_URL line gives the shell back the URL the stack uses, query string and all", async () => {
+  const databaseUrl = `${env.env.DATABASE_URL}?connect_timeout=10&application_name=stack-banner`;
+  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
+  const ports: Record<string, string> = {};
+  for (const name of portVariables) ports[name] = String(await freePort());
+  const opsEnv: Record<string, string> = {};
+  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
+  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
+    cwd: repoRoot,
+    env: { ...process.env, ...env.env, ...ports, ...opsEnv, DATABASE_URL: databaseUrl, LOG_LEVEL: "error", TLS_DIR: `${repoRoot}.data/tls-test` },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  stack.stdout!.on("data", (chunk) => (output += chunk));
+  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const exited = once(stack, "exit");
+  try {
+    await waitFor(() => output.includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
+    const line = /^ {2}(export DATABASE_URL=.*)$/m.exec(output)?.[1];
+    assert.ok(line, output);
+    const result = spawnSync("sh", ["-c", `${line}; printf %s "$DATABASE_URL"`], { encoding: "utf8", env: {} });
+    assert.equal(result.stdout, databaseUrl, `as printed: ${line}`);
+  } finally {
+    stack.kill("SIGINT");
+    await exited;
   }
 });

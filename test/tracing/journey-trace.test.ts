@@ -266,7 +266,22 @@ test("each service's /metrics counts what the journeys above did", async () => {
   });
   assert.ok(value(relay, /^mail_relay_attempt_seconds_count\S* (\S+)$/m) >= 1, "relay attempt latency");
   assert.match(relay, /^mail_queue_depth\{state="queued",kind="remote"\} \d+/m, "queue depth by state");
+  assert.ok(value(relay, /^mail_relay_recipient_results_total\{outcome="bounced"\} (\S+)$/m) >= 1, "the refused recipient");
+  assert.ok(value(relay, /^mail_deliveries_total\{kind="remote",state="bounced"\} (\S+)$/m) >= 1);
+  // Every metric docs/msa.md and docs/mda.md name, with the documented labels.
+  const msa = await metrics("msa");
+  assert.ok(value(msa, /^msa_auth_total\{result="ok"\} (\S+)$/m) >= 1, msa);
+  assert.ok(value(msa, /^mail_messages_accepted_total\{service="msa"\} (\S+)$/m) >= 1);
+  assert.ok(value(msa, /^mail_accept_batch_size_count\{service="msa"\} (\S+)$/m) >= 1);
+  assert.ok(value(msa, /^mail_smtp_transactions_total\{service="msa",class="2xx"\} (\S+)$/m) >= 1);
+  assert.ok(value(mda, /^mail_mda_outcomes_total\{outcome="delivered"\} (\S+)$/m) >= 1, mda);
+  const mdaNow = await metrics("mda");
+  assert.ok(value(mdaNow, /^mail_smtp_transactions_total\{service="mda-lmtp",class="2xx"\} (\S+)$/m) >= 1, "LMTP transactions");
+  assert.ok(value(mdaNow, /^mail_messages_accepted_total\{service="mda-lmtp"\} (\S+)$/m) >= 1);
+  assert.ok(value(mdaNow, /^mail_mda_accept_to_mailbox_seconds_count (\S+)$/m) >= 1);
   const pop3 = await metrics("pop3");
+  assert.ok(value(pop3, /^pop3_logins_total\{result="ok"\} (\S+)$/m) >= 1, pop3);
+  assert.match(pop3, /^pop3_connections_open \d+$/m);
   assert.ok(value(pop3, /^pop3_connections_total\{listener="[^"]+"\} (\S+)$/m) >= 1, pop3);
   assert.ok(value(pop3, /^pop3_retrieved_messages_total (\S+)$/m) >= 1);
 });

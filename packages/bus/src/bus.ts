@@ -62,7 +62,15 @@ export async function connectBus(options: BusOptions): Promise<Bus> {
   });
   const prefix = options.prefix ?? "";
   const js = jetstream(nc, { timeout: 10_000 });
-  const jsm = await jetstreamManager(nc, { timeout: 10_000 });
+  let jsm: JetStreamManager;
+  try {
+    jsm = await jetstreamManager(nc, { timeout: 10_000 });
+  } catch (error) {
+    // A server without JetStream (nats-server started without -js): the caller retries, and each
+    // try would otherwise leave its connection open, reconnecting for ever.
+    await nc.close().catch(() => undefined);
+    throw new Error(`NATS at ${options.url} answered, but JetStream is not available there (start nats-server with -js): ${(error as Error).message}`);
+  }
   return {
     nc,
     js,

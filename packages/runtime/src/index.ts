@@ -141,7 +141,7 @@ async function retry<T>(fn: () => Promise<T>, logger: Logger, what: string): Pro
       return await fn();
     } catch (error) {
       if (attempt >= 30) throw error;
-      logger.warn({ err: error, attempt }, `${what} not reachable yet; retrying`);
+      logger.warn({ err: error, attempt }, `${what} not ready yet (${(error as Error).message}); retrying`);
       await new Promise((resolve) => setTimeout(resolve, Math.min(5_000, 200 * attempt)));
     }
   }

@@ -33,6 +33,14 @@ test("tokens: random, stored as sha256, scoped, refused once revoked or when mal
   await assert.rejects(revokeApiToken(db.pool, "ops"), /no such active token/);
   const listed = await listApiTokens(db.pool);
   assert.deepEqual(listed.map((t) => [t.name, t.revoked_at !== null, t.last_used_at !== null]), [["ops", true, true], ["tenant-a", false, true]]);
+
+  // A revoked token's name can be given to a new token; two active tokens cannot share one.
+  const again = await createApiToken(db.pool, "ops");
+  assert.deepEqual(await authenticateApiToken(db.pool, again.token), { tokenId: again.row.id, name: "ops", domain: null });
+  assert.equal(await authenticateApiToken(db.pool, operator.token), null, "the revoked one stays revoked");
+  await assert.rejects(createApiToken(db.pool, "ops"), (e: unknown) => e instanceof DirectoryError && e.code === "duplicate");
+  await revokeApiToken(db.pool, "ops");
+  assert.equal(await authenticateApiToken(db.pool, again.token), null);
 });
 
 test("DNS records: MX and SPF always, DKIM from the stored key, DMARC with the chosen policy", async () => {

@@ -15,7 +15,9 @@ const discardingExporter = {
 };
 
 function exportConfigured(env: NodeJS.ProcessEnv): boolean {
-  if (env.OTEL_TRACES_EXPORTER && env.OTEL_TRACES_EXPORTER !== "none") return true;
+  // "none" is the standard way to switch trace export off, whatever endpoint is set.
+  if (env.OTEL_TRACES_EXPORTER === "none") return false;
+  if (env.OTEL_TRACES_EXPORTER) return true;
   return Boolean(env.OTEL_EXPORTER_OTLP_ENDPOINT || env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT);
 }
 

@@ -32,3 +32,7 @@ test("with an OTLP endpoint, or a sampler that records, pg is instrumented", asy
   assert.equal(await pgInstrumented({ OTEL_EXPORTER_OTLP_ENDPOINT: "http://127.0.0.1:4318" }), true);
   assert.equal(await pgInstrumented({ OTEL_TRACES_SAMPLER: "parentbased_always_on" }), true);
 });
+
+test("OTEL_TRACES_EXPORTER=none turns exporting off even with an endpoint set (as in deploy/base): nothing is recorded then", async () => {
+  assert.equal(await pgInstrumented({ OTEL_EXPORTER_OTLP_ENDPOINT: "http://127.0.0.1:4318", OTEL_TRACES_EXPORTER: "none" }), false);
+});

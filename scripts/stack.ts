@@ -196,6 +196,16 @@ function shellQuote(text: string): string {
   return /^[A-Za-z0-9_@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
 }
 
+/**
+ * The line that puts pnpm on another terminal's PATH when it was installed into .tools (no
+ * permission to install it globally, as a user other than root), where no shell finds it.
+ */
+function pnpmPathLine(): string[] {
+  const found = spawnSync("sh", ["-c", "command -v pnpm"], { encoding: "utf8" }).stdout.trim();
+  if (!found.startsWith(path.join(root, ".tools") + path.sep)) return [];
+  return [`  export PATH=${shellQuote(path.dirname(found))}:"$PATH"`];
+}
+
 /** What to do when this user may not write the checkout (another user's clone, root's say). */
 function permissionHint(error: NodeJS.ErrnoException): string {
   if (error.code !== "EACCES" || !error.path || !path.resolve(root, error.path).startsWith(root)) return "";
@@ -307,6 +317,7 @@ try {
     `  Mail host name            ${mailHostname}${mailHostname === "localhost" ? " (set MAIL_HOSTNAME to this host's public name before exchanging mail with other servers)" : ""}`,
     "",
     "Add a first account and send a first mail (in another terminal):",
+    ...pnpmPathLine(),
     ...(databaseUrl === DEFAULT_DATABASE_URL ? [] : [`  export DATABASE_URL=${shellQuote(databaseUrl)}`]),
     "  pnpm mailctl domain add example.test",
     "  pnpm mailctl account add alice@example.test --password s3cret",

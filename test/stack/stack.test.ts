@@ -2,7 +2,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { once } from "node:events";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -266,5 +266,39 @@ test("the banner's export DATABASE_URL line gives the shell back the URL the sta
   } finally {
     stack.kill("SIGINT");
     await exited;
+  }
+});
+
+test("with pnpm installed into .tools (no right to install it globally), the banner puts it on the PATH of the next terminal", async () => {
+  // A pnpm where scripts/ensure-tools.sh puts it for a user other than root, found first on PATH.
+  mkdirSync(join(repoRoot, ".tools"), { recursive: true });
+  const toolsBin = mkdtempSync(join(repoRoot, ".tools/test-pnpm-"));
+  writeFileSync(join(toolsBin, "pnpm"), "#!/bin/sh\necho 10.0.0\n", { mode: 0o755 });
+  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
+  const ports: Record<string, string> = {};
+  for (const name of portVariables) ports[name] = String(await freePort());
+  const opsEnv: Record<string, string> = {};
+  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
+  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
+    cwd: repoRoot,
+    env: { ...process.env, ...env.env, ...ports, ...opsEnv, PATH: `${toolsBin}:${process.env.PATH}`, LOG_LEVEL: "error", TLS_DIR: `${repoRoot}.data/tls-test` },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  stack.stdout!.on("data", (chunk) => (output += chunk));
+  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const exited = once(stack, "exit");
+  try {
+    await waitFor(() => output.includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
+    const line = /^ {2}(export PATH=.*)$/m.exec(output)?.[1];
+    assert.ok(line, output);
+    const commands = output.slice(output.indexOf(line));
+    assert.ok(commands.indexOf(line) < commands.indexOf("pnpm mailctl domain add"), "before the first pnpm command");
+    const result = spawnSync("sh", ["-c", `${line}; command -v pnpm`], { encoding: "utf8", env: { PATH: "/usr/local/bin:/usr/bin:/bin" } });
+    assert.equal(result.stdout.trim(), join(toolsBin, "pnpm"), `as printed: ${line}`);
+  } finally {
+    stack.kill("SIGINT");
+    await exited;
+    rmSync(toolsBin, { recursive: true, force: true });
   }
 });

@@ -219,7 +219,7 @@ function authorField(field: Field, domain: string): AuthorResult {
  * refuses a message without a valid header block; completes addresses without a domain;
  * adds From: (the envelope sender), Date: and Message-ID: when missing; requires every
  * From: and Sender: address to be owned by the account and adds Sender: when From: names
- * several; removes Bcc:. The body is not touched.
+ * several; removes Bcc: and Resent-Bcc:. The body is not touched.
  */
 export function fixMessage(raw: Buffer, context: FixContext): FixResult {
   const boundary = headerBoundary(raw);
@@ -237,8 +237,9 @@ export function fixMessage(raw: Buffer, context: FixContext): FixResult {
   // The addresses of each From: and Sender: field, as its strict reading found them.
   const authors = new Map<Field, string[]>();
   for (const field of parsed) {
-    if (field.name === "bcc") {
-      changes.push("bcc-removed");
+    // Blind recipients stay blind, also a resend's (RFC 5322 3.6.6), as Postfix's cleanup drops both.
+    if (field.name === "bcc" || field.name === "resent-bcc") {
+      changes.push(`${field.name}-removed`);
       continue;
     }
     if (AUTHOR_FIELDS[field.name]) {

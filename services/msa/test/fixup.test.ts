@@ -49,6 +49,17 @@ test("completes addresses without a domain and removes Bcc:", () => {
   assert.doesNotMatch(header, /Bcc:|secret/);
 });
 
+test("removes Resent-Bcc: of a resent message (RFC 5322 3.6.6), folded or not, and keeps the other Resent- fields", () => {
+  const result = fix(
+    "From: alice@example.test\r\nDate: x\r\nMessage-ID: <a@b>\r\nResent-From: alice@example.test\r\nResent-To: bob@else.test\r\n" +
+      "Resent-Bcc: hidden@else.test,\r\n other-hidden@else.test\r\nresent-bcc:\r\n\r\nhi\r\n",
+  );
+  const header = headerOf(result);
+  assert.doesNotMatch(header, /Resent-Bcc|hidden/i);
+  assert.match(header, /\r\nResent-From: alice@example\.test\r\nResent-To: bob@else\.test\r\n/);
+  assert.ok(result.ok && result.changes.includes("resent-bcc-removed"));
+});
+
 test("From: must be owned; several owned From: addresses get a Sender:", () => {
   const forged = fix("From: Mallory <boss@example.test>\r\n\r\nhi\r\n");
   assert.ok(!forged.ok);

@@ -1,0 +1,51 @@
+// Offline checks of what running the manifests needs beyond schema validity: memory limits the
+// V8 heap fits in.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { kustomizations, render, root, serviceNames, type K8sObject } from "./lib.ts";
+
+function podSpec(object: K8sObject): any {
+  return object.spec?.template?.spec;
+}
+
+function mebibytes(quantity: string): number {
+  const match = /^(\d+)(Mi|Gi)$/.exec(quantity);
+  assert.ok(match, `memory quantity ${quantity} (expected Mi or Gi)`);
+  return Number(match[1]) * (match[2] === "Gi" ? 1024 : 1);
+}
+
+/** The mailstack containers of a render: the services and the migrations Job. */
+function nodeContainers(objects: K8sObject[]): Array<{ where: string; container: any }> {
+  return objects
+    .filter((o) => podSpec(o))
+    .flatMap((o) => [...(podSpec(o).initContainers ?? []), ...podSpec(o).containers].map((container: any) => ({ where: `${o.kind}/${o.metadata.name}`, container })))
+    .filter(({ container }) => /(^|\/)mailstack\//.test(container.image));
+}
+
+const dockerfileNodeOptions = /NODE_OPTIONS=(\S+)/.exec(readFileSync(join(root, "Dockerfile"), "utf8"))?.[1];
+
+test("every node container caps the V8 heap below its memory limit, so V8 collects before the OOM killer strikes", () => {
+  // Without --max-old-space-size V8 sizes its heap from the node's memory (GBs), far above a
+  // 512Mi limit: the container is OOM-killed mid-transaction instead of collecting garbage.
+  assert.ok(dockerfileNodeOptions, "Dockerfile sets NODE_OPTIONS");
+  for (const dir of kustomizations()) {
+    const found = nodeContainers(render(dir));
+    assert.ok(found.length >= serviceNames().length + 1, `${dir}: services and migrations Job`);
+    for (const { where, container } of found) {
+      const options: string = container.env?.find((e: any) => e.name === "NODE_OPTIONS")?.value ?? dockerfileNodeOptions;
+      const heap = /--max-old-space-size=(\d+)/.exec(options)?.[1];
+      assert.ok(heap, `${dir}: ${where} NODE_OPTIONS "${options}" sets no --max-old-space-size`);
+      const limit = mebibytes(container.resources.limits.memory);
+      // Young generation, code, buffers and native memory live outside the old space.
+      assert.ok(Number(heap) <= limit * 0.8, `${dir}: ${where} heap ${heap}MiB leaves too little of the ${limit}Mi limit`);
+      assert.ok(Number(heap) >= 64, `${dir}: ${where} heap ${heap}MiB is too small to work`);
+      // Setting NODE_OPTIONS replaces the image's value: keep its flags.
+      for (const flag of dockerfileNodeOptions.split(/\s+/)) {
+        assert.ok(options.split(/\s+/).includes(flag), `${dir}: ${where} NODE_OPTIONS drops the image's ${flag}`);
+      }
+      assert.ok(mebibytes(container.resources.requests.memory) <= limit, `${dir}: ${where} request <= limit`);
+    }
+  }
+});

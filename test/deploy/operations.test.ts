@@ -1,10 +1,10 @@
 // Offline checks of what running the manifests needs beyond schema validity: memory limits the
-// V8 heap fits in.
+// V8 heap fits in, startup probes that outlast a slow PostgreSQL and long migrations.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { kustomizations, render, root, serviceNames, type K8sObject } from "./lib.ts";
+import { find, kustomizations, ofKind, render, root, serviceNames, type K8sObject } from "./lib.ts";
 
 function podSpec(object: K8sObject): any {
   return object.spec?.template?.spec;
@@ -46,6 +46,27 @@ test("every node container caps the V8 heap below its memory limit, so V8 collec
         assert.ok(options.split(/\s+/).includes(flag), `${dir}: ${where} NODE_OPTIONS drops the image's ${flag}`);
       }
       assert.ok(mebibytes(container.resources.requests.memory) <= limit, `${dir}: ${where} request <= limit`);
+    }
+  }
+});
+
+test("the startup probe allows a start as long as the migrations Job may take", () => {
+  // The ops port opens only after the PostgreSQL retries and the migrations (packages/runtime):
+  // a startup probe shorter than a migration kills the pod mid-migration, again and again.
+  for (const dir of kustomizations()) {
+    const objects = render(dir);
+    const job = ofKind(objects, "Job").find((j) => j.metadata.name === "mailstack-migrate")!;
+    const deadline: number = job.spec.activeDeadlineSeconds;
+    assert.ok(deadline > 0, `${dir}: the migrations Job has a deadline`);
+    // The services' own PostgreSQL retry: 30 attempts, 5 s connect timeout each, ~85 s backoff.
+    const retryBudget = 30 * 5 + 85;
+    for (const name of serviceNames()) {
+      const container = podSpec(find(objects, "Deployment", name)!).containers[0];
+      const probe = container.startupProbe;
+      assert.ok(probe, `${dir}: ${name} startup probe`);
+      const budget = (probe.initialDelaySeconds ?? 0) + (probe.periodSeconds ?? 10) * (probe.failureThreshold ?? 3);
+      assert.ok(budget >= deadline, `${dir}: ${name} startup budget ${budget}s < migrations deadline ${deadline}s`);
+      assert.ok(budget >= retryBudget, `${dir}: ${name} startup budget ${budget}s < PostgreSQL retry ${retryBudget}s`);
     }
   }
 });

@@ -1,5 +1,6 @@
 // Offline checks of what running the manifests needs beyond schema validity: memory limits the
-// V8 heap fits in, startup probes that outlast a slow PostgreSQL and long migrations.
+// V8 heap fits in, startup probes that outlast a slow PostgreSQL and long migrations, and
+// NetworkPolicies that keep LMTP and the admin API inside the namespace.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -67,6 +68,49 @@ test("the startup probe allows a start as long as the migrations Job may take", 
       const budget = (probe.initialDelaySeconds ?? 0) + (probe.periodSeconds ?? 10) * (probe.failureThreshold ?? 3);
       assert.ok(budget >= deadline, `${dir}: ${name} startup budget ${budget}s < migrations deadline ${deadline}s`);
       assert.ok(budget >= retryBudget, `${dir}: ${name} startup budget ${budget}s < PostgreSQL retry ${retryBudget}s`);
+    }
+  }
+});
+
+function selects(policy: K8sObject, labels: Record<string, string>): boolean {
+  return Object.entries(policy.spec.podSelector.matchLabels ?? {}).every(([k, v]) => labels[k] === v);
+}
+
+/** Whether a peer outside the namespace may reach `port` (name or number) of the pods. */
+function reachableFromOutside(objects: K8sObject[], deployment: K8sObject, port: { name: string; containerPort: number }): boolean {
+  const labels = deployment.spec.template.metadata.labels;
+  const policies = ofKind(objects, "NetworkPolicy").filter(
+    (p) => selects(p, labels) && (p.spec.policyTypes ?? ["Ingress"]).includes("Ingress"),
+  );
+  if (policies.length === 0) return true; // not isolated
+  return policies.some((policy) =>
+    (policy.spec.ingress ?? []).some((rule: any) => {
+      const portMatches = !rule.ports || rule.ports.some((p: any) => p.port === undefined || p.port === port.name || p.port === port.containerPort);
+      // A rule without `from`, or with a namespaceSelector / ipBlock peer, admits other namespaces.
+      const outsiders = !rule.from || rule.from.some((peer: any) => peer.namespaceSelector || peer.ipBlock);
+      return portMatches && outsiders;
+    }),
+  );
+}
+
+test("LMTP and the admin API are not reachable from outside the namespace; the ops port stays scrapeable", () => {
+  for (const dir of kustomizations()) {
+    const objects = render(dir);
+    for (const [name, portName] of [["mda", "lmtp"], ["admin-api", "http"]] as const) {
+      const deployment = find(objects, "Deployment", name)!;
+      const ports = podSpec(deployment).containers[0].ports;
+      const port = ports.find((p: any) => p.name === portName);
+      assert.ok(port, `${dir}: ${name} port ${portName}`);
+      assert.equal(reachableFromOutside(objects, deployment, port), false, `${dir}: ${name} ${portName} is reachable from other namespaces`);
+      const ops = ports.find((p: any) => p.name === "ops");
+      assert.equal(reachableFromOutside(objects, deployment, ops), true, `${dir}: ${name} ops port must stay open to Prometheus`);
+    }
+    // The public roles keep taking connections from anywhere.
+    for (const name of ["mta-inbound", "msa", "pop3"]) {
+      const deployment = find(objects, "Deployment", name)!;
+      for (const port of podSpec(deployment).containers[0].ports) {
+        assert.equal(reachableFromOutside(objects, deployment, port), true, `${dir}: ${name} ${port.name} must stay public`);
+      }
     }
   }
 });

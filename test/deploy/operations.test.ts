@@ -1,6 +1,7 @@
 // Offline checks of what running the manifests needs beyond schema validity: memory limits the
 // V8 heap fits in, startup probes that outlast a slow PostgreSQL and long migrations, and
-// NetworkPolicies that keep LMTP and the admin API inside the namespace.
+// NetworkPolicies that keep LMTP and the admin API inside the namespace, a preStop long enough
+// for a load balancer to stop sending.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -114,3 +115,30 @@ test("LMTP and the admin API are not reachable from outside the namespace; the o
     }
   }
 });
+
+// A cloud load balancer in front of an externalTrafficPolicy: Local Service learns that a node
+// has no pod left from the node's health check port, typically after 2 or 3 failed checks 5 to
+// 10 s apart. Until then it sends new connections there; the pod must still be listening.
+const LOAD_BALANCER_DETECTION_SECONDS = 20;
+
+test("pods behind a Local LoadBalancer keep serving (preStop) until the load balancer has stopped sending", () => {
+  for (const dir of kustomizations()) {
+    const objects = render(dir);
+    const local = ofKind(objects, "Service").filter((s) => s.spec.type === "LoadBalancer" && s.spec.externalTrafficPolicy === "Local");
+    assert.ok(local.length >= 3, `${dir}: the SMTP and POP3 Services`);
+    for (const service of local) {
+      const deployment = ofKind(objects, "Deployment").find((d) => selectsLabels(service.spec.selector, d.spec.template.metadata.labels))!;
+      assert.ok(deployment, `${dir}: Service ${service.metadata.name} selects a Deployment`);
+      const command = podSpec(deployment).containers[0].lifecycle?.preStop?.exec?.command ?? [];
+      const sleep = command[0] === "sleep" ? Number(command[1]) : 0;
+      assert.ok(
+        sleep >= LOAD_BALANCER_DETECTION_SECONDS,
+        `${dir}: ${deployment.metadata.name} preStop sleeps ${sleep}s, under the load balancer's ${LOAD_BALANCER_DETECTION_SECONDS}s to notice`,
+      );
+    }
+  }
+});
+
+function selectsLabels(selector: Record<string, string>, labels: Record<string, string> = {}): boolean {
+  return Object.entries(selector).every(([key, value]) => labels[key] === value);
+}

@@ -1,7 +1,7 @@
 // Offline checks of what running the manifests needs beyond schema validity: memory limits the
 // V8 heap fits in, startup probes that outlast a slow PostgreSQL and long migrations, and
 // NetworkPolicies that keep LMTP and the admin API inside the namespace, a preStop long enough
-// for a load balancer to stop sending.
+// for a load balancer to stop sending, and PostgreSQL connections for every pool.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -142,3 +142,40 @@ test("pods behind a Local LoadBalancer keep serving (preStop) until the load bal
 function selectsLabels(selector: Record<string, string>, labels: Record<string, string> = {}): boolean {
   return Object.entries(selector).every(([key, value]) => labels[key] === value);
 }
+
+/** Roles holding one PostgreSQL connection beyond their pool, for LISTEN (README.md, DATABASE_POOL_SIZE). */
+const LISTENING_ROLES = new Set(["mta-inbound", "msa"]);
+
+/** PostgreSQL connections a render can open at once: every pool full, at the autoscaler's maximum, during a rollout. */
+function peakConnections(objects: K8sObject[]): number {
+  const config = objects.find((o) => o.kind === "ConfigMap" && o.metadata.name.startsWith("mailstack-config-"))!;
+  const autoscaled = new Map<string, number>();
+  for (const o of ofKind(objects, "ScaledObject")) autoscaled.set(o.spec.scaleTargetRef.name, o.spec.maxReplicaCount);
+  for (const o of ofKind(objects, "HorizontalPodAutoscaler")) autoscaled.set(o.spec.scaleTargetRef.name, o.spec.maxReplicas);
+  let total = 1; // the migrations Job
+  for (const name of serviceNames()) {
+    const deployment = find(objects, "Deployment", name)!;
+    const container = podSpec(deployment).containers[0];
+    const pool = Number(container.env?.find((e: any) => e.name === "DATABASE_POOL_SIZE")?.value ?? config.data.DATABASE_POOL_SIZE ?? 10);
+    const replicas = autoscaled.get(name) ?? deployment.spec.replicas ?? 1;
+    const surge = Number(deployment.spec.strategy?.rollingUpdate?.maxSurge ?? 1);
+    total += (replicas + surge) * (pool + (LISTENING_ROLES.has(name) ? 1 : 0));
+  }
+  return total;
+}
+
+test("PostgreSQL's max_connections covers every pool: the dev overlay's server, and the figure docs/deploy.md gives", () => {
+  const dev = render("deploy/overlays/dev");
+  const postgres = find(dev, "StatefulSet", "postgres")!;
+  const args: string[] = podSpec(postgres).containers[0].args ?? [];
+  const setting = args.map((a) => /^max_connections=(\d+)$/.exec(a)?.[1]).find(Boolean);
+  const maxConnections = Number(setting ?? 100); // PostgreSQL's default
+  assert.ok(maxConnections >= peakConnections(dev), `dev PostgreSQL max_connections ${maxConnections} < ${peakConnections(dev)} connections the pools may open`);
+
+  const docs = readFileSync(join(root, "docs/deploy.md"), "utf8");
+  for (const dir of ["deploy/overlays/production", "deploy/overlays/production-hpa"]) {
+    const peak = peakConnections(render(dir));
+    const stated = /`max_connections` of at least (\d+)/.exec(docs)?.[1];
+    assert.equal(Number(stated), peak, `${dir}: docs/deploy.md states max_connections ${stated}, the manifests can open ${peak}`);
+  }
+});

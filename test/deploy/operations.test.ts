@@ -1,7 +1,8 @@
 // Offline checks of what running the manifests needs beyond schema validity: memory limits the
 // V8 heap fits in, startup probes that outlast a slow PostgreSQL and long migrations, and
 // NetworkPolicies that keep LMTP and the admin API inside the namespace, a preStop long enough
-// for a load balancer to stop sending, and PostgreSQL connections for every pool.
+// for a load balancer to stop sending, PostgreSQL connections for every pool, and memory
+// requests that match the services' resident size.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -177,5 +178,21 @@ test("PostgreSQL's max_connections covers every pool: the dev overlay's server, 
     const peak = peakConnections(render(dir));
     const stated = /`max_connections` of at least (\d+)/.exec(docs)?.[1];
     assert.equal(Number(stated), peak, `${dir}: docs/deploy.md states max_connections ${stated}, the manifests can open ${peak}`);
+  }
+});
+
+test("memory requests cover what a service keeps resident under load, so the scheduler does not overpack nodes", () => {
+  // A pod above its request is the kubelet's first eviction candidate under node memory pressure.
+  const readme = readFileSync(join(root, "README.md"), "utf8");
+  const range = /around (\d+)-(\d+) MB resident under load/.exec(readme);
+  assert.ok(range, "README.md states the services' resident memory under load");
+  const residentMiB = (Number(range[2]) * 1e6) / 2 ** 20;
+  for (const dir of kustomizations()) {
+    const objects = render(dir);
+    for (const name of serviceNames()) {
+      const container = podSpec(find(objects, "Deployment", name)!).containers[0];
+      const request = mebibytes(container.resources.requests.memory);
+      assert.ok(request >= residentMiB, `${dir}: ${name} requests ${request}Mi, under the ${Math.ceil(residentMiB)}Mi it keeps resident under load`);
+    }
   }
 });

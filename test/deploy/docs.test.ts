@@ -73,3 +73,16 @@ test("the certbot deploy hook of the compose TLS example copies a live/ pair (sy
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("the Kubernetes guide tells how relayed mail passes SPF: the relay's egress address is not a Service's", () => {
+  // The proposed SPF record (packages/admin-ops) authorizes only the MX; pods leave through the
+  // node's or a NAT gateway's address, so the guide must say to fix and authorize that address.
+  const spf = /value: "(v=spf1[^"]*)"/.exec(readFileSync(join(root, "packages/admin-ops/src/dns.ts"), "utf8"))?.[1];
+  assert.ok(spf, "packages/admin-ops/src/dns.ts proposes an SPF record");
+  const guide = readFileSync(join(root, "docs/deploy.md"), "utf8");
+  if (/^v=spf1 (mx )?-all$/.test(spf)) {
+    assert.ok(guide.includes(`\`${spf}\``), "docs/deploy.md quotes the SPF record the admin API proposes");
+    assert.match(guide, /egress/, "docs/deploy.md explains the relay workers' egress address");
+    assert.match(guide, /`ip4:<egress address>`/, "docs/deploy.md says to authorize the egress address in SPF");
+  }
+});

@@ -1,0 +1,252 @@
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+import { addAccount, addAlias, addDomain, addFilterRule, setAccountDisabled } from "@mailstack/db";
+import { srsReverse, type SrsSettings } from "@mailstack/mail";
+import { createLogger } from "@mailstack/telemetry";
+import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
+import { RawSmtp, dataPayload } from "../../../packages/smtp-intake/src/testing.ts";
+import { startMda, type Mda } from "../../mda/src/mda.ts";
+import { startInbound, type Inbound } from "../../mta-inbound/src/inbound.ts";
+import { startOutbound, type OutboundService } from "../src/service.ts";
+import { startDns, testConfig } from "./helpers.ts";
+import { startScriptedMx } from "./scripted-mx.ts";
+
+// Aliases, the catch-all and the MDA's forward rule end to end, with SRS on and off: port 25 of
+// the inbound MTA, the MDA filing local copies, the relay sending remote ones to a loopback MX
+// (which records every command) found through a loopback DNS server. What each flow checks:
+// who gets a copy (once), the MAIL FROM of the forwarded copy, and where a bounce of it goes.
+
+const logger = createLogger("test", process.env.TEST_LOG_LEVEL ?? "silent");
+const SRS: SrsSettings = { domain: "srs.example.test", secrets: ["acceptance-secret"], maxAgeDays: 21 };
+
+interface Stack {
+  env: TestEnv;
+  dns: Awaited<ReturnType<typeof startDns>>;
+  mx: Awaited<ReturnType<typeof startScriptedMx>>;
+  outbound: OutboundService;
+  mda: Mda;
+  inbound: Inbound;
+}
+
+async function startStack(mxAddress: string, srs: SrsSettings | null): Promise<Stack> {
+  const env = await createTestEnv();
+  await addDomain(env.pool, "example.test");
+  await addDomain(env.pool, "catchall.test");
+  for (const name of ["carol", "dave", "olga"]) await addAccount(env.pool, { address: `${name}@example.test`, password: `${name}-Secret-pw-1` });
+  await addFilterRule(env.pool, "dave@example.test", { condition: { kind: "header", header: "subject", op: "contains", value: "fwdme" }, action: { kind: "forward", to: "refuse@dest.test" } });
+  await addAccount(env.pool, { address: "erik@example.test", password: "erik-Secret-pw-1" });
+  await addFilterRule(env.pool, "erik@example.test", { condition: { kind: "header", header: "subject", op: "exists" }, action: { kind: "forward", to: "refuse@dest.test" } });
+  await setAccountDisabled(env.pool, "olga@example.test", true);
+  await addAlias(env.pool, "inner@example.test", ["carol@example.test", "x2@dest.test"]);
+  await addAlias(env.pool, "outer@example.test", ["inner@example.test", "x1@dest.test"]);
+  await addAlias(env.pool, "*@catchall.test", ["catch@dest.test"]);
+  await addAlias(env.pool, "two1@example.test", ["carol@example.test", "same@dest.test"]);
+  await addAlias(env.pool, "two2@example.test", ["carol@example.test", "same@dest.test"]);
+  await addAlias(env.pool, "mixed@example.test", ["carol@example.test", "far@dest.test"]);
+  await addAlias(env.pool, "toolga@example.test", ["olga@example.test"]);
+  // A->B->A, made by editing A after B was created (addAlias checks only that targets exist).
+  await addAlias(env.pool, "loopa@example.test", ["carol@example.test"]);
+  await addAlias(env.pool, "loopb@example.test", ["loopa@example.test"]);
+  await env.pool.query("UPDATE aliases SET targets = '{loopb@example.test}' WHERE address = 'loopa@example.test'");
+  // A self-target next to real ones: the loop leg is dropped, the others get the message.
+  await addAlias(env.pool, "selfa@example.test", ["carol@example.test"]);
+  await addAlias(env.pool, "selfb@example.test", ["selfa@example.test", "self@dest.test"]);
+  await env.pool.query("UPDATE aliases SET targets = '{carol@example.test,selfa@example.test,selfb@example.test}' WHERE address = 'selfa@example.test'");
+  const mx = await startScriptedMx(mxAddress, 0, {
+    reply: (command) => (/^RCPT TO:<refuse@dest\.test>/i.test(command) ? "550 5.1.1 No such user" : undefined),
+  });
+  const dns = await startDns({
+    "dest.test": { mx: [{ exchange: "mx.dest.test", priority: 10 }] },
+    "origin.test": { mx: [{ exchange: "mx.dest.test", priority: 10 }] },
+    "mx.dest.test": { a: [mxAddress] },
+  });
+  const srsEnv: Record<string, string> = srs ? { SRS_DOMAIN: srs.domain, SRS_SECRETS: srs.secrets.join(","), SRS_MAX_AGE: "21d" } : {};
+  const config = testConfig({ DNS_SERVERS: dns.server, RELAY_DEST_PORT: String(mx.port), RELAY_SCHEDULER_INTERVAL: "200ms", RELAY_DSN_INTERVAL: "200ms", RELAY_BACKOFF: "300ms", ...srsEnv });
+  const outbound = startOutbound({ pool: env.pool, bus: env.bus, logger, config });
+  const mda = await startMda({ pool: env.pool, bus: env.bus, logger, config: { LMTP_ENABLED: false } });
+  const inbound = await startInbound({
+    pool: env.pool,
+    bus: env.bus,
+    logger,
+    config: { MAIL_HOSTNAME: "mx.example.test", SMTP_PORT: 0, SMTP_HOST: "127.0.0.1", INBOUND_AUTH_CHECKS: false, srs },
+  });
+  return { env, dns, mx, outbound, mda, inbound };
+}
+
+async function stopStack(stack: Stack | undefined): Promise<void> {
+  await stack?.inbound.stop();
+  await stack?.mda.stop();
+  await stack?.outbound.stop();
+  await stack?.mx.close();
+  await stack?.dns.close();
+  await stack?.env.close();
+}
+
+/** One SMTP transaction on port 25; the reply to each RCPT. */
+async function send(port: number, from: string, recipients: string[], body: string): Promise<string[]> {
+  const client = await RawSmtp.connect(port);
+  assert.equal((await client.reply()).code, 220);
+  assert.equal((await client.command("EHLO client.remote.example")).code, 250);
+  assert.match((await client.command(`MAIL FROM:<${from}>`)).text, /^250 /);
+  const replies: string[] = [];
+  for (const to of recipients) replies.push((await client.command(`RCPT TO:<${to}>`)).text);
+  if (replies.some((r) => r.startsWith("250"))) {
+    assert.equal((await client.command("DATA")).code, 354);
+    assert.match((await client.command(dataPayload(body))).text, /^250 /);
+  }
+  await client.command("QUIT");
+  client.close();
+  return replies;
+}
+
+/** The MAIL and RCPT lines of every transaction the MX saw, one array per MAIL. */
+function transactions(mx: Stack["mx"]): string[][] {
+  const all: string[][] = [];
+  for (const line of mx.commands()) {
+    if (/^MAIL /i.test(line)) all.push([line]);
+    else if (/^RCPT /i.test(line)) all.at(-1)?.push(line);
+  }
+  return all;
+}
+
+function mailFrom(transaction: string[]): string {
+  return /^MAIL FROM:<(.*?)>/i.exec(transaction[0]!)![1]!;
+}
+
+function rcpts(transaction: string[]): string[] {
+  return transaction.slice(1).map((line) => /^RCPT TO:<(.*?)>/i.exec(line)![1]!);
+}
+
+/** The transactions the MX saw naming the address in a RCPT. */
+function to(mx: Stack["mx"], address: string): string[][] {
+  return transactions(mx).filter((t) => rcpts(t).some((r) => r.toLowerCase() === address.toLowerCase()));
+}
+
+/** The copies filed for an account of messages whose Subject has the text. */
+async function filed(stack: Stack, account: string, subject: string): Promise<Array<{ envelope_from: string; header_prefix: string }>> {
+  const result = await stack.env.pool.query<{ envelope_from: string; header_prefix: Buffer }>(
+    `SELECT m.envelope_from, e.header_prefix FROM mailbox_entries e JOIN accounts a ON a.id = e.account_id JOIN messages m ON m.id = e.message_id
+      WHERE a.address = $1 AND position($2 in convert_from(m.raw, 'UTF8')) > 0 ORDER BY e.id`,
+    [account, subject],
+  );
+  return result.rows.map((r) => ({ envelope_from: r.envelope_from, header_prefix: r.header_prefix.toString() }));
+}
+
+/** Waits until every delivery of the messages from the sender is final. */
+async function settled(stack: Stack, sender: string): Promise<void> {
+  await waitFor(async () => {
+    const result = await stack.env.pool.query(
+      "SELECT count(*)::int AS open FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE m.envelope_from = $1 AND d.state NOT IN ('delivered', 'bounced', 'failed', 'expired')",
+      [sender],
+    );
+    return result.rows[0].open === 0 ? true : null;
+  });
+}
+
+function flows(name: string, mxAddress: string, srs: SrsSettings | null): void {
+  describe(name, () => {
+    let stack: Stack;
+    before(async () => {
+      stack = await startStack(mxAddress, srs);
+    });
+    after(() => stopStack(stack));
+
+    /** The MAIL FROM expected for a copy an alias forwards from the sender. */
+    const forwardedFrom = (sender: string) => (srs ? new RegExp(`^SRS0=.{4}=..=${sender.split("@")[1]!.replace(/\./g, "\\.")}=${sender.split("@")[0]}@srs\\.example\\.test$`) : new RegExp(`^${sender.replace(/\./g, "\\.")}$`));
+
+    test("nested aliases mixing local and remote targets: one copy in the mailbox, both remote targets in one transaction", async () => {
+      assert.match((await send(stack.inbound.port, "nest@origin.test", ["outer@example.test"], "Subject: nested\r\n\r\nhello\r\n"))[0]!, /^250 /);
+      const relayed = (await waitFor(() => to(stack.mx, "x1@dest.test")[0]))!;
+      assert.deepEqual(rcpts(relayed).sort(), ["x1@dest.test", "x2@dest.test"]);
+      assert.match(mailFrom(relayed), forwardedFrom("nest@origin.test"));
+      await settled(stack, "nest@origin.test");
+      const copies = await filed(stack, "carol@example.test", "Subject: nested");
+      assert.equal(copies.length, 1);
+      assert.match(copies[0]!.header_prefix, /^Return-Path: <nest@origin\.test>\r\n/);
+    });
+
+    test("a catch-all with a remote target forwards mail for any address of its domain", async () => {
+      assert.match((await send(stack.inbound.port, "cat@origin.test", ["whoever@catchall.test"], "Subject: catch-all\r\n\r\nhello\r\n"))[0]!, /^250 /);
+      const relayed = (await waitFor(() => to(stack.mx, "catch@dest.test")[0]))!;
+      assert.deepEqual(rcpts(relayed), ["catch@dest.test"]);
+      assert.match(mailFrom(relayed), forwardedFrom("cat@origin.test"));
+    });
+
+    test("an alias loop is refused with 550 5.4.6; a self-target next to real targets is dropped and the others get one copy", async () => {
+      assert.match((await send(stack.inbound.port, "loop@origin.test", ["loopa@example.test"], "unused"))[0]!, /^550 5\.4\.6 /);
+      assert.match((await send(stack.inbound.port, "self@origin.test", ["selfa@example.test"], "Subject: self-target\r\n\r\nhello\r\n"))[0]!, /^250 /);
+      const relayed = (await waitFor(() => to(stack.mx, "self@dest.test")[0]))!;
+      assert.deepEqual(rcpts(relayed), ["self@dest.test"]);
+      await settled(stack, "self@origin.test");
+      assert.equal((await filed(stack, "carol@example.test", "Subject: self-target")).length, 1);
+      assert.equal(to(stack.mx, "self@dest.test").length, 1);
+    });
+
+    test("an alias whose only target is a disabled account is refused with 550 5.2.1", async () => {
+      assert.match((await send(stack.inbound.port, "dis@origin.test", ["toolga@example.test"], "unused"))[0]!, /^550 5\.2\.1 /);
+    });
+
+    test("a mailbox and a remote address named through two aliases and directly get one copy each", async () => {
+      const replies = await send(stack.inbound.port, "twice@origin.test", ["two1@example.test", "two2@example.test", "carol@example.test"], "Subject: named twice\r\n\r\nhello\r\n");
+      assert.deepEqual(replies.map((r) => r.slice(0, 4)), ["250 ", "250 ", "250 "]);
+      await settled(stack, "twice@origin.test");
+      assert.equal((await filed(stack, "carol@example.test", "Subject: named twice")).length, 1);
+      const relayed = to(stack.mx, "same@dest.test");
+      assert.equal(relayed.length, 1);
+      assert.deepEqual(rcpts(relayed[0]!), ["same@dest.test"]);
+    });
+
+    test("a bounce (<>) to an alias with a local and a remote target stays <> on the remote copy", async () => {
+      assert.match((await send(stack.inbound.port, "", ["mixed@example.test"], "Subject: null-sender fan-out\r\n\r\nbounce\r\n"))[0]!, /^250 /);
+      const relayed = (await waitFor(() => to(stack.mx, "far@dest.test").find((t) => mailFrom(t) === "")))!;
+      assert.deepEqual(rcpts(relayed), ["far@dest.test"]);
+      assert.equal(transactions(stack.mx).filter((t) => rcpts(t).includes("far@dest.test") && mailFrom(t) !== "").length, 0);
+      await settled(stack, "");
+      const copies = await filed(stack, "carol@example.test", "Subject: null-sender fan-out");
+      assert.equal(copies.length, 1);
+      assert.match(copies[0]!.header_prefix, /^Return-Path: <>\r\n/);
+    });
+
+    test("the forward rule's copy goes from the account; its bounce comes back to the account's mailbox, once", async () => {
+      assert.match((await send(stack.inbound.port, "rule@origin.test", ["dave@example.test"], "Subject: please fwdme\r\n\r\nhello\r\n"))[0]!, /^250 /);
+      const refused = (await waitFor(() => to(stack.mx, "refuse@dest.test")[0]))!;
+      assert.equal(mailFrom(refused), "dave@example.test");
+      // The DSN (from <>) is filed for dave: its Subject does not carry the rule's text.
+      const dsn = (await waitFor(async () => (await filed(stack, "dave@example.test", "refuse@dest.test")).find((c) => c.envelope_from === "")))!;
+      assert.match(dsn.header_prefix, /^Return-Path: <>\r\n/);
+      await settled(stack, "dave@example.test");
+      assert.equal(to(stack.mx, "rule@origin.test").length, 0);
+    });
+
+    test("a rule forwarding everything to an address that refuses: the bounce of the copy is filed for the account, not forwarded to that address", async () => {
+      assert.match((await send(stack.inbound.port, "all@origin.test", ["erik@example.test"], "Subject: forward all\r\n\r\nhello\r\n"))[0]!, /^250 /);
+      const dsn = (await waitFor(async () => (await filed(stack, "erik@example.test", "refuse@dest.test")).find((c) => c.envelope_from === "")))!;
+      assert.match(dsn.header_prefix, /^Return-Path: <>\r\n/);
+      await settled(stack, "erik@example.test");
+      assert.equal(to(stack.mx, "refuse@dest.test").filter((t) => mailFrom(t) === "").length, 0);
+    });
+
+    test("the remote's bounce of a forwarded copy reaches the original sender, from <>", async () => {
+      assert.match((await send(stack.inbound.port, "Alice@origin.test", ["mixed@example.test"], "Subject: to be bounced\r\n\r\nhello\r\n"))[0]!, /^250 /);
+      const relayed = (await waitFor(() => to(stack.mx, "far@dest.test").find((t) => /alice/i.test(mailFrom(t)))))!;
+      const sender = mailFrom(relayed);
+      assert.match(sender, forwardedFrom("Alice@origin.test"));
+      // The remote MX sends its bounce to the MAIL FROM it saw; some fold its case.
+      for (const form of [sender, sender.toLowerCase(), sender.toUpperCase()]) {
+        const replies = await send(stack.inbound.port, "", [form], `Subject: bounce ${form}\r\n\r\nbounce\r\n`);
+        if (srs) assert.match(replies[0]!, /^250 /, form);
+        else assert.match(replies[0]!, /^554 5\.7\.1 /, form);
+      }
+      if (!srs) return;
+      assert.deepEqual(srsReverse(srs, sender, new Date()), { ok: true, address: "Alice@origin.test" });
+      const back = await waitFor(() => {
+        const seen = transactions(stack.mx).filter((t) => mailFrom(t) === "" && rcpts(t).some((r) => r.toLowerCase() === "alice@origin.test"));
+        return seen.length >= 3 ? seen : null;
+      });
+      for (const t of back!) assert.equal(rcpts(t).length, 1);
+    });
+  });
+}
+
+flows("SRS on", "127.0.0.45", SRS);
+flows("SRS off", "127.0.0.46", null);

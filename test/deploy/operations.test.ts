@@ -2,7 +2,7 @@
 // V8 heap fits in, startup probes that outlast a slow PostgreSQL and long migrations, and
 // NetworkPolicies that keep LMTP and the admin API inside the namespace, a preStop long enough
 // for a load balancer to stop sending, PostgreSQL connections for every pool, and memory
-// requests that match the services' resident size.
+// requests that match the services' resident size, spreading over nodes and zones.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
@@ -193,6 +193,24 @@ test("memory requests cover what a service keeps resident under load, so the sch
       const container = podSpec(find(objects, "Deployment", name)!).containers[0];
       const request = mebibytes(container.resources.requests.memory);
       assert.ok(request >= residentMiB, `${dir}: ${name} requests ${request}Mi, under the ${Math.ceil(residentMiB)}Mi it keeps resident under load`);
+    }
+  }
+});
+
+test("every role spreads its pods over nodes and zones, so one node or zone outage leaves it running", () => {
+  for (const dir of kustomizations()) {
+    const objects = render(dir);
+    for (const name of serviceNames()) {
+      const deployment = find(objects, "Deployment", name)!;
+      const labels = deployment.spec.template.metadata.labels;
+      const constraints: any[] = podSpec(deployment).topologySpreadConstraints ?? [];
+      for (const key of ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]) {
+        const constraint = constraints.find((c) => c.topologyKey === key);
+        assert.ok(constraint, `${dir}: ${name} spreads over ${key}`);
+        assert.ok(selectsLabels(constraint.labelSelector.matchLabels, labels), `${dir}: ${name} ${key} constraint selects its own pods`);
+        // DoNotSchedule would leave pods Pending in a single-zone cluster or on a full node.
+        assert.equal(constraint.whenUnsatisfiable, "ScheduleAnyway", `${dir}: ${name} ${key}`);
+      }
     }
   }
 });

@@ -165,7 +165,7 @@ function peakConnections(objects: K8sObject[]): number {
   return total;
 }
 
-test("PostgreSQL's max_connections covers every pool: the dev overlay's server, and the figure docs/deploy.md gives", () => {
+test("PostgreSQL's max_connections covers every pool: the dev overlay's server, and the figure docs/deploy.md and README.md give", () => {
   const dev = render("deploy/overlays/dev");
   const postgres = find(dev, "StatefulSet", "postgres")!;
   const args: string[] = podSpec(postgres).containers[0].args ?? [];
@@ -173,11 +173,13 @@ test("PostgreSQL's max_connections covers every pool: the dev overlay's server, 
   const maxConnections = Number(setting ?? 100); // PostgreSQL's default
   assert.ok(maxConnections >= peakConnections(dev), `dev PostgreSQL max_connections ${maxConnections} < ${peakConnections(dev)} connections the pools may open`);
 
-  const docs = readFileSync(join(root, "docs/deploy.md"), "utf8");
-  for (const dir of ["deploy/overlays/production", "deploy/overlays/production-hpa"]) {
-    const peak = peakConnections(render(dir));
-    const stated = /`max_connections` of at least (\d+)/.exec(docs)?.[1];
-    assert.equal(Number(stated), peak, `${dir}: docs/deploy.md states max_connections ${stated}, the manifests can open ${peak}`);
+  for (const doc of ["docs/deploy.md", "README.md"]) {
+    const text = readFileSync(join(root, doc), "utf8").replace(/\s+/g, " ");
+    const stated = /`max_connections` of at least (\d+)/.exec(text)?.[1];
+    for (const dir of ["deploy/overlays/production", "deploy/overlays/production-hpa"]) {
+      const peak = peakConnections(render(dir));
+      assert.equal(Number(stated), peak, `${dir}: ${doc} states max_connections ${stated}, the manifests can open ${peak}`);
+    }
   }
 });
 

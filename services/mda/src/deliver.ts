@@ -49,8 +49,6 @@ export interface Row {
   folder: string;
   dsn_notify: string[] | null;
   envelope_from: string;
-  /** messages.source: 'bounce' for a DSN this system generated. */
-  source: string;
   message_size: number;
   trace_id: string | null;
   trace_span_id: string | null;
@@ -155,12 +153,12 @@ async function markDelivered(client: PoolClient, row: Row, folder: string, reply
 }
 
 /**
- * True when the message is a DSN of ours reporting on a copy this account's forward rule sent:
- * the returned message (or its header) carries the Delivered-To line createForward put on that
- * copy. Forwarding such a DSN would send it to the very target that failed, and it would be lost.
+ * True when the message is a bounce (from <>) of a copy this account's forward rule sent: ours
+ * or the remote's, its returned message (or header) carries the Delivered-To line createForward
+ * put on that copy. Forwarding it would send it to the very target that failed: it would be lost.
  */
-async function reportsOwnForward(client: PoolClient, row: Row): Promise<boolean> {
-  if (row.source !== "bounce" || row.envelope_from !== "") return false;
+async function bouncesOwnForward(client: PoolClient, row: Row): Promise<boolean> {
+  if (row.envelope_from !== "") return false;
   const raw = await client.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1", [row.message_id]);
   const line = `\r\ndelivered-to: ${headerSafe(row.address!).toLowerCase()}\r\n`;
   return raw.rows[0]!.raw.toString("latin1").toLowerCase().includes(line);
@@ -331,7 +329,7 @@ async function fileFast(ctx: DeliverContext, row: Row, folder: string): Promise<
 }
 
 export const ROW_COLUMNS = `d.id, d.message_id, m.queue_id, d.state, d.attempts, d.kind, d.account_id, d.final_recipient, d.folder, d.dsn_notify,
-       m.envelope_from, m.source, m.size AS message_size, m.trace_id, m.trace_span_id, m.received_at, p.parsed, a.address, a.disabled,
+       m.envelope_from, m.size AS message_size, m.trace_id, m.trace_span_id, m.received_at, p.parsed, a.address, a.disabled,
        COALESCE((SELECT json_agg(f ORDER BY f.position) FROM filter_rules f WHERE f.account_id = d.account_id), '[]') AS rules`;
 export const ROW_FROM = `FROM deliveries d
          JOIN messages m ON m.id = d.message_id
@@ -369,8 +367,8 @@ export async function deliverInTransaction(ctx: DeliverContext, deliveryId: numb
         if (decision.keepCopy) await client.query("SAVEPOINT forward");
         const created = looped
           ? "forwarding loop: this account already handled the message"
-          : (await reportsOwnForward(client, row))
-            ? "a DSN about this account's forwarded copy: kept for the account"
+          : (await bouncesOwnForward(client, row))
+            ? "a bounce of this account's forwarded copy: kept for the account"
             : await createForward(client, row, decision.to);
         if (typeof created === "string") {
           // Nothing is lost: the copy stays with the account.

@@ -226,6 +226,31 @@ function flows(name: string, mxAddress: string, srs: SrsSettings | null): void {
       assert.equal(to(stack.mx, "refuse@dest.test").filter((t) => mailFrom(t) === "").length, 0);
     });
 
+    test("the same for a remote's later bounce of the forwarded copy (from <>, returning the copy's header)", async () => {
+      const bounce = [
+        "Subject: Undelivered Mail Returned to Sender",
+        "MIME-Version: 1.0",
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b1"',
+        "",
+        "--b1",
+        "Content-Type: text/plain",
+        "",
+        "refuse2@dest.test: mailbox full (late bounce)",
+        "--b1",
+        "Content-Type: text/rfc822-headers",
+        "",
+        "Delivered-To: erik@example.test",
+        "Subject: forward all",
+        "--b1--",
+        "",
+      ].join("\r\n");
+      assert.match((await send(stack.inbound.port, "", ["erik@example.test"], bounce))[0]!, /^250 /);
+      await waitFor(async () => ((await filed(stack, "erik@example.test", "late bounce")).length === 1 ? true : null));
+      await settled(stack, "");
+      await settled(stack, "erik@example.test");
+      assert.equal(to(stack.mx, "refuse@dest.test").filter((t) => mailFrom(t) === "").length, 0);
+    });
+
     test("the remote's bounce of a forwarded copy reaches the original sender, from <>", async () => {
       assert.match((await send(stack.inbound.port, "Alice@origin.test", ["mixed@example.test"], "Subject: to be bounced\r\n\r\nhello\r\n"))[0]!, /^250 /);
       const relayed = (await waitFor(() => to(stack.mx, "far@dest.test").find((t) => /alice/i.test(mailFrom(t)))))!;

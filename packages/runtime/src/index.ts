@@ -5,6 +5,7 @@ import { createPool, migrate, type Pool } from "@mailstack/db";
 import { connectBus, provisionBus, type Bus } from "@mailstack/bus";
 import { createLogger, startOpsServer, stopTelemetry, type Logger } from "@mailstack/telemetry";
 import { watchNatsLink } from "./nats-link.ts";
+import { databaseReadiness } from "./database-ready.ts";
 export * from "./tls.ts";
 export * from "./tls-reload.ts";
 
@@ -86,6 +87,7 @@ export async function runService<S extends z.ZodRawShape>(definition: ServiceDef
   }
   logger.info("NATS reachable, streams and consumers in place");
   const natsLink = watchNatsLink(bus.nc, logger);
+  const databaseReady = databaseReadiness(pool);
   const readyBus = bus;
 
   try {
@@ -93,7 +95,7 @@ export async function runService<S extends z.ZodRawShape>(definition: ServiceDef
       port: config[definition.opsPortVariable] as number,
       ready: async () => {
         if (shuttingDown || !service || !natsLink.connected()) return false;
-        await pool.query("SELECT 1");
+        if (!(await databaseReady())) return false;
         return service.ready ? service.ready() : true;
       },
     });

@@ -27,7 +27,8 @@ export interface SubmissionUser {
 
 export type AuthOutcome =
   | { ok: true; user: SubmissionUser }
-  | { ok: false; reply: SmtpReply };
+  /** invalid: a wrong password, unknown or disabled account (also when its reply is the 421 that closes); limited: refused unchecked. */
+  | { ok: false; result: "invalid" | "limited"; reply: SmtpReply };
 
 export const AuthReplies = {
   invalid: reply(535, "5.7.8", "Authentication credentials invalid"),
@@ -67,9 +68,9 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
     logger.info({ ...log, reason, failures: state.failures }, "authentication failed");
     await sleep(Math.min(limits.failureDelayMs * state.failures, 10_000));
     if (state.failures >= limits.maxFailuresPerConnection) {
-      return { ok: false, reply: AuthReplies.tooManyOnConnection };
+      return { ok: false, result: "invalid", reply: AuthReplies.tooManyOnConnection };
     }
-    return { ok: false, reply: AuthReplies.invalid };
+    return { ok: false, result: "invalid", reply: AuthReplies.invalid };
   }
 
   return {
@@ -85,9 +86,9 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
         logger.warn({ ...log, limited }, "authentication refused: too many recent failures");
         await sleep(Math.min(limits.failureDelayMs * state.failures, 10_000));
         if (state.failures >= limits.maxFailuresPerConnection) {
-          return { ok: false, reply: AuthReplies.tooManyOnConnection };
+          return { ok: false, result: "limited", reply: AuthReplies.tooManyOnConnection };
         }
-        return { ok: false, reply: AuthReplies.limited };
+        return { ok: false, result: "limited", reply: AuthReplies.limited };
       }
 
       const row = parsed.ok

@@ -156,7 +156,7 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
         const state = stateOf(session);
         const outcome = await authenticator.authenticate(username, password, session.clientIp, state.auth);
         if (!outcome.ok) {
-          metrics.auth.inc({ result: outcome.reply.code === 535 ? "invalid" : "limited" });
+          metrics.auth.inc({ result: outcome.result });
           throw new SmtpError(outcome.reply);
         }
         metrics.auth.inc({ result: "ok" });

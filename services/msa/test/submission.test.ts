@@ -3,6 +3,7 @@ import assert from "node:assert/strict";
 import nodemailer from "nodemailer";
 import { dkimVerify } from "mailauth/lib/dkim/verify.js";
 import type { DkimDnsRecord } from "@mailstack/dkim";
+import { registry } from "@mailstack/telemetry";
 import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
 import { startMsa, type Msa } from "../src/server.ts";
 import { memoryLogger, PASSWORDS, python, pythonDkimVerify, rawTls, seedDirectory, swaks, testSettings, testTls } from "./helpers.ts";
@@ -79,8 +80,16 @@ test("malformed SASL data is 501 5.5.2 and no password is checked", async () => 
   assert.equal(failures.rows[0].n, 0, "malformed data never reached the password check");
 });
 
+/** msa_auth_total by result, as /metrics shows it. */
+async function authTotals(): Promise<Record<string, number>> {
+  const totals: Record<string, number> = {};
+  for (const match of (await registry.metrics()).matchAll(/^msa_auth_total\{result="(\w+)"\} (\d+)$/gm)) totals[match[1]!] = Number(match[2]);
+  return totals;
+}
+
 test("wrong passwords get 535 5.7.8, then 421 4.7.0 closes the connection; failures are counted per IP and account", async () => {
   const started = Date.now();
+  const before = await authTotals();
   const result = await python(["wrong-password", String(msa.submissionPort), "bob@example.test", PASSWORDS.wrong]);
   const attempts = result.attempts;
   assert.deepEqual(attempts[0], [535, "5.7.8 Authentication credentials invalid"]);
@@ -93,6 +102,10 @@ test("wrong passwords get 535 5.7.8, then 421 4.7.0 closes the connection; failu
   const rows = (await env.pool.query("SELECT scope, key, failures FROM auth_failures WHERE key IN ('bob@example.test', '127.0.0.1')")).rows;
   assert.equal(rows.find((r) => r.scope === "account")?.failures, 3);
   assert.ok(rows.find((r) => r.scope === "ip")?.failures >= 3);
+  // The third is a wrong password too, though its reply is the 421: invalid, not limited.
+  const totals = await authTotals();
+  assert.equal((totals.invalid ?? 0) - (before.invalid ?? 0), 3);
+  assert.equal(totals.limited ?? 0, before.limited ?? 0);
 });
 
 test("after too many failures for one account even the right password is refused with 454 4.7.0", async () => {

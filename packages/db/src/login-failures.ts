@@ -1,3 +1,4 @@
+import { isIPv6 } from "node:net";
 import { parseAddress } from "@mailstack/mail";
 import type { Queryable } from "./pool.ts";
 
@@ -21,13 +22,33 @@ export function loginKey(name: string): string {
   return parsed.ok ? parsed.key : name.replaceAll("\0", "").trim().toLowerCase().slice(0, 320);
 }
 
+/**
+ * The key an address's failures are counted under: an IPv4 address as it is (an IPv4-mapped IPv6
+ * one as its IPv4 address), an IPv6 address as its /64 ("2001:db8:1:2::/64"). A /64 is the
+ * smallest block a site gets (RFC 6177), so a client can change its address within it at will:
+ * counted per address, it would never reach the limit. (Dovecot's auth penalty groups by /48.)
+ */
+export function failureIpKey(ip: string): string {
+  const address = ip.trim().toLowerCase().replace(/%.*$/, "");
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(address);
+  if (mapped) return mapped[1]!;
+  if (!isIPv6(address)) return address;
+  // An embedded IPv4 address is the last 32 bits, outside the /64: any two groups do.
+  const hex = address.replace(/\d+\.\d+\.\d+\.\d+$/, "0:0");
+  const [head, tail] = hex.split("::") as [string, string | undefined];
+  const left = head ? head.split(":") : [];
+  const right = tail ? tail.split(":") : [];
+  const groups = tail === undefined ? left : [...left, ...Array<string>(8 - left.length - right.length).fill("0"), ...right];
+  return `${groups.slice(0, 4).map((group) => parseInt(group, 16).toString(16)).join(":")}::/64`;
+}
+
 /** Failures of this IP and of this login name within the current window. */
 export async function loginFailures(db: Queryable, ip: string, name: string, windowMs: number): Promise<FailureCounts> {
   const result = await db.query<{ scope: "ip" | "account"; failures: number }>(
     `SELECT scope, failures FROM auth_failures
       WHERE window_start > now() - make_interval(secs => $1::float8 / 1000)
         AND ((scope = 'ip' AND key = $2) OR (scope = 'account' AND key = $3))`,
-    [windowMs, ip, loginKey(name)],
+    [windowMs, failureIpKey(ip), loginKey(name)],
   );
   const counts: FailureCounts = { ip: 0, account: 0 };
   for (const row of result.rows) counts[row.scope] = row.failures;
@@ -41,7 +62,7 @@ export async function recordLoginFailure(db: Queryable, ip: string, name: string
      ON CONFLICT (scope, key) DO UPDATE SET
        failures = CASE WHEN f.window_start > now() - make_interval(secs => $1::float8 / 1000) THEN f.failures + 1 ELSE 1 END,
        window_start = CASE WHEN f.window_start > now() - make_interval(secs => $1::float8 / 1000) THEN f.window_start ELSE now() END`,
-    [windowMs, ip, loginKey(name)],
+    [windowMs, failureIpKey(ip), loginKey(name)],
   );
 }
 

@@ -1,7 +1,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
-import { loginFailures, loginKey, pruneLoginFailures, recordLoginFailure } from "../src/index.ts";
+import { failureIpKey, loginFailures, loginKey, pruneLoginFailures, recordLoginFailure } from "../src/index.ts";
 
 let db: TestDatabase;
 before(async () => {
@@ -42,4 +42,24 @@ test("failures count per IP and per login name within the window, then a new win
   await pruneLoginFailures(db.pool, WINDOW);
   const left = await db.pool.query<{ scope: string; key: string }>("SELECT scope, key FROM auth_failures ORDER BY scope, key");
   assert.deepEqual(left.rows, [{ scope: "account", key: "bob@example.test" }, { scope: "ip", key: "192.0.2.7" }]);
+});
+
+test("an IPv6 client is counted by its /64, an IPv4-mapped one as its IPv4 address", async () => {
+  assert.equal(failureIpKey("192.0.2.7"), "192.0.2.7");
+  assert.equal(failureIpKey("::FFFF:192.0.2.7"), "192.0.2.7");
+  assert.equal(failureIpKey("2001:DB8:0001:2:a:b:c:d"), "2001:db8:1:2::/64");
+  assert.equal(failureIpKey("2001:db8:1:2::1"), "2001:db8:1:2::/64");
+  assert.equal(failureIpKey("2001:db8::1"), "2001:db8:0:0::/64");
+  assert.equal(failureIpKey("fe80::1%eth0"), "fe80:0:0:0::/64");
+  assert.equal(failureIpKey("64:ff9b::192.0.2.7"), "64:ff9b:0:0::/64");
+
+  // A guesser walking through its /64 reaches the limit as one client; its neighbour /64 does not.
+  for (let i = 1; i <= 5; i++) await recordLoginFailure(db.pool, `2001:db8:7:7::${i.toString(16)}`, `user${i}@example.test`, WINDOW);
+  assert.equal((await loginFailures(db.pool, "2001:db8:7:7:ffff::9", "x@example.test", WINDOW)).ip, 5);
+  assert.equal((await loginFailures(db.pool, "2001:db8:7:8::1", "x@example.test", WINDOW)).ip, 0);
+
+  // The same IPv4 client, whether a listener reports it mapped or not, is one counter.
+  await recordLoginFailure(db.pool, "::ffff:198.51.100.4", "y@example.test", WINDOW);
+  await recordLoginFailure(db.pool, "198.51.100.4", "y@example.test", WINDOW);
+  assert.deepEqual(await loginFailures(db.pool, "198.51.100.4", "y@example.test", WINDOW), { ip: 2, account: 2 });
 });

@@ -1,7 +1,7 @@
 import type { Bus } from "@mailstack/bus";
 import { resolveRecipient, transaction, type Pool, type PoolClient } from "@mailstack/db";
 import { dispatchAccepted, insertMessage, recordEvents, type AcceptedMessage, type NewDelivery } from "@mailstack/queue";
-import { context, currentSpanId, currentTraceId, journeyContext, logText, withSpan, type Logger } from "@mailstack/telemetry";
+import { Counter, context, currentSpanId, currentTraceId, journeyContext, logText, registry, withSpan, type Logger } from "@mailstack/telemetry";
 import { composeDsn, type DsnAction, type DsnRecipient } from "./compose.ts";
 
 export interface GeneratorOptions {
@@ -75,6 +75,26 @@ function statusOf(row: PendingRow, action: DsnAction): string {
   if (action === "failed") return "5.0.0";
   if (action === "delayed") return "4.0.0";
   return "2.0.0";
+}
+
+const dsnFailures = new Counter({
+  name: "mail_dsn_failures_total",
+  help: "Messages whose DSN could not be generated in a pass (left pending, retried after a backoff)",
+  registers: [registry],
+});
+
+/**
+ * Messages whose DSN generation threw, by message id: each is left pending and kept out of the
+ * passes until retryAt (ms), so one that always fails neither blocks nor precedes the others.
+ * Kept in memory per worker: a restart retries at once, which is harmless.
+ */
+export type DsnFailures = Map<number, { failures: number; retryAt: number }>;
+
+const FIRST_RETRY_MS = 30_000;
+const MAX_RETRY_MS = 3_600_000;
+
+function backoffMs(failures: number): number {
+  return Math.min(FIRST_RETRY_MS * 2 ** Math.min(failures - 1, 20), MAX_RETRY_MS);
 }
 
 /** A generated DSN, for the log line written after its commit. */
@@ -194,13 +214,22 @@ async function handleMessage(
  * (rows locked FOR UPDATE SKIP LOCKED, so every worker can run it), generates one DSN per
  * message in the same transaction that marks the rows, then dispatches the DSNs.
  * Returns the number of DSNs generated.
+ *
+ * A message whose report throws (a corrupt row, a composition error) is rolled back, so its rows
+ * stay pending and nothing was stored: it is logged, counted in mail_dsn_failures_total and
+ * left out of the passes for a backoff (in `failures`), and the pass goes on with the others.
  */
-export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptions): Promise<number> {
+export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptions, failures: DsnFailures = new Map()): Promise<number> {
+  const now = Date.now();
+  // An entry long past its retry time is of a message no longer pending (sent by another worker, deleted).
+  for (const [id, f] of failures) if (f.retryAt < now - MAX_RETRY_MS) failures.delete(id);
+  const waiting = [...failures].filter(([, f]) => f.retryAt > now).map(([id]) => id);
   const candidates = await pool.query<{ message_id: number; trace_id: string | null; trace_span_id: string | null }>(
     `SELECT p.message_id, m.trace_id, m.trace_span_id
-       FROM (SELECT DISTINCT message_id FROM deliveries WHERE dsn_state = 'pending' ORDER BY message_id LIMIT $1) p
+       FROM (SELECT DISTINCT message_id FROM deliveries
+              WHERE dsn_state = 'pending' AND message_id <> ALL($2::bigint[]) ORDER BY message_id LIMIT $1) p
        JOIN messages m ON m.id = p.message_id ORDER BY p.message_id`,
-    [options.batchSize ?? 50],
+    [options.batchSize ?? 50, waiting],
   );
   let generated = 0;
   for (const { message_id: messageId, trace_id: traceId, trace_span_id: traceSpanId } of candidates.rows) {
@@ -208,20 +237,36 @@ export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptio
     // row (which keeps this trace id) and the publish of its delivery all sit in that journey.
     const journey = journeyContext(traceId, traceSpanId);
     const done = await context.with(journey, () => withSpan("dsn generate", { attributes: { "mail.message.id": messageId } }, async () => {
-      const report = await transaction(pool, async (client) => {
-        const rows = await client.query<PendingRow>(
-          `SELECT id, message_id, recipient, final_recipient, kind, state, last_reply, last_status, remote_mta,
-                  dsn_notify, dsn_orcpt, last_attempt_at
-             FROM deliveries WHERE message_id = $1 AND dsn_state = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED`,
-          [messageId],
+      let report: Generated | null;
+      try {
+        report = await transaction(pool, async (client) => {
+          const rows = await client.query<PendingRow>(
+            `SELECT id, message_id, recipient, final_recipient, kind, state, last_reply, last_status, remote_mta,
+                    dsn_notify, dsn_orcpt, last_attempt_at
+               FROM deliveries WHERE message_id = $1 AND dsn_state = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED`,
+            [messageId],
+          );
+          if (rows.rows.length === 0) return null;
+          const message = await client.query<MessageRow>(
+            "SELECT id, queue_id, envelope_from, dsn_envid, dsn_ret, received_at, size FROM messages WHERE id = $1",
+            [messageId],
+          );
+          return handleMessage(client, message.rows[0]!, rows.rows, options);
+        });
+      } catch (error) {
+        // Rolled back: the rows are still pending and no report was stored, so the retry can
+        // neither send a second DSN nor lose this one.
+        const count = (failures.get(messageId)?.failures ?? 0) + 1;
+        const retryInMs = backoffMs(count);
+        failures.set(messageId, { failures: count, retryAt: Date.now() + retryInMs });
+        dsnFailures.inc();
+        options.logger?.error(
+          { messageId, reason: logText((error as Error)?.message ?? String(error)), failures: count, retryInS: Math.round(retryInMs / 1000), err: error },
+          "DSN generation failed; the message stays pending",
         );
-        if (rows.rows.length === 0) return null;
-        const message = await client.query<MessageRow>(
-          "SELECT id, queue_id, envelope_from, dsn_envid, dsn_ret, received_at, size FROM messages WHERE id = $1",
-          [messageId],
-        );
-        return handleMessage(client, message.rows[0]!, rows.rows, options);
-      });
+        return false;
+      }
+      failures.delete(messageId);
       // After the commit: a rolled-back DSN is never logged as generated.
       if (report && options.logger) logGenerated(options.logger, report);
       // A failed publish is repaired by the sweeper (the rows are queued and undispatched).
@@ -237,9 +282,10 @@ export async function generateDsns(bus: Bus, pool: Pool, options: GeneratorOptio
 export function startDsnGenerator(bus: Bus, pool: Pool, options: GeneratorOptions & { intervalMs?: number }): { stop(): Promise<void> } {
   let stopped = false;
   let running: Promise<unknown> = Promise.resolve();
+  const failures: DsnFailures = new Map();
   const tick = () => {
     if (stopped) return;
-    running = generateDsns(bus, pool, options)
+    running = generateDsns(bus, pool, options, failures)
       .then((count) => count > 0 && options.logger?.info({ count }, "generated delivery status notifications"))
       .catch((error) => options.logger?.warn({ err: error }, "DSN generator failed; will try again"))
       .finally(() => {

@@ -4,9 +4,9 @@ import { after, before, test } from "node:test";
 import { simpleParser } from "mailparser";
 import { addAccount, addDomain, resolveRecipient } from "@mailstack/db";
 import { acceptMessage, type NewDelivery } from "@mailstack/queue";
-import { createLogger } from "@mailstack/telemetry";
+import { createLogger, registry } from "@mailstack/telemetry";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
-import { composeDsn, diagnosticCode, generateDsns, headerSection, wantsNotice } from "../src/index.ts";
+import { composeDsn, diagnosticCode, generateDsns, headerSection, wantsNotice, type DsnFailures } from "../src/index.ts";
 import { decodeUtf8Addr } from "@mailstack/mail";
 import { parseWithPython } from "./python-email.ts";
 
@@ -418,4 +418,66 @@ test("a generated DSN is one info line naming the original message, its sender a
   ]);
   assert.equal(line.recipientCount, 2);
   assert.ok(!lines.some((l) => l.messageId === silent.messageId && l.msg === "DSN generated"));
+});
+
+function logLines() {
+  const lines: Array<Record<string, unknown>> = [];
+  const sink = new Writable({
+    write(chunk, _encoding, done) {
+      for (const line of String(chunk).split("\n")) if (line) lines.push(JSON.parse(line) as Record<string, unknown>);
+      done();
+    },
+  });
+  return { lines, logger: createLogger("mta-outbound", "info", sink) };
+}
+
+async function dsnFailureCount(): Promise<number> {
+  const match = /^mail_dsn_failures_total (\d+)$/m.exec(await registry.metrics());
+  return Number(match?.[1] ?? 0);
+}
+
+test("a message whose DSN always fails is logged, counted and retried after a backoff; the others still get theirs", async () => {
+  const { lines, logger } = logLines();
+  // A corrupt row: an arrival date of 'infinity' makes the report's Arrival-Date throw.
+  const corrupt = await failedMessage("corrupt@elsewhere.test", [{ to: "a@far.test" }]);
+  await env.pool.query("UPDATE messages SET received_at = 'infinity' WHERE id = $1", [corrupt.messageId]);
+  const later = await failedMessage("later@elsewhere.test", [{ to: "b@far.test" }]);
+  const failuresBefore = await dsnFailureCount();
+  const failures: DsnFailures = new Map();
+
+  // The corrupt message comes first; the pass goes on past it.
+  assert.equal(await generateDsns(env.bus, env.pool, { ...options, logger }, failures), 1);
+  assert.equal((await bouncesTo("later@elsewhere.test")).length, 1);
+  assert.deepEqual((await dsnStates(later.messageId)).map((r) => r.dsn_state), ["sent"]);
+  assert.deepEqual((await dsnStates(corrupt.messageId)).map((r) => r.dsn_state), ["pending"], "left pending, not lost");
+  assert.equal((await bouncesTo("corrupt@elsewhere.test")).length, 0, "the failed transaction stored nothing");
+  const errors = lines.filter((l) => l.msg === "DSN generation failed; the message stays pending");
+  assert.equal(errors.length, 1);
+  assert.equal(errors[0]!.level, "error");
+  assert.equal(errors[0]!.messageId, corrupt.messageId);
+  assert.match(String(errors[0]!.reason), /toUTCString/);
+  assert.equal(errors[0]!.retryInS, 30);
+  assert.equal(await dsnFailureCount(), failuresBefore + 1);
+
+  // Within its backoff it is left out, so a batch is never filled by failing messages.
+  const third = await failedMessage("third@elsewhere.test", [{ to: "c@far.test" }]);
+  assert.equal(await generateDsns(env.bus, env.pool, { ...options, logger, batchSize: 1 }, failures), 1);
+  assert.equal((await bouncesTo("third@elsewhere.test")).length, 1);
+  assert.equal(lines.filter((l) => l.msg === "DSN generation failed; the message stays pending").length, 1, "not retried before its time");
+
+  // Its time come, it is retried (and fails again: a longer backoff).
+  failures.get(corrupt.messageId)!.retryAt = Date.now() - 1;
+  assert.equal(await generateDsns(env.bus, env.pool, { ...options, logger }, failures), 0);
+  assert.equal(failures.get(corrupt.messageId)!.failures, 2);
+  assert.equal(lines.filter((l) => l.msg === "DSN generation failed; the message stays pending").at(-1)!.retryInS, 60);
+  assert.equal(await dsnFailureCount(), failuresBefore + 2);
+
+  // Once the row is repaired, the next retry sends exactly one DSN.
+  await env.pool.query("UPDATE messages SET received_at = now() WHERE id = $1", [corrupt.messageId]);
+  failures.get(corrupt.messageId)!.retryAt = Date.now() - 1;
+  assert.equal(await generateDsns(env.bus, env.pool, { ...options, logger }, failures), 1);
+  assert.equal(await generateDsns(env.bus, env.pool, { ...options, logger }, failures), 0);
+  assert.equal((await bouncesTo("corrupt@elsewhere.test")).length, 1);
+  assert.deepEqual((await dsnStates(corrupt.messageId)).map((r) => r.dsn_state), ["sent"]);
+  assert.equal(failures.size, 0);
 });

@@ -23,15 +23,24 @@ export function loginKey(name: string): string {
 }
 
 /**
+ * A client address as PostgreSQL's inet takes it and every service stores it: without an IPv6
+ * zone ("fe80::1%eth0", which inet refuses; a link-local client reports one) and an IPv4-mapped
+ * IPv6 address as its IPv4 address.
+ */
+export function clientAddress(ip: string): string {
+  const address = ip.trim().toLowerCase().replace(/%.*$/, "");
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(address);
+  return mapped ? mapped[1]! : address;
+}
+
+/**
  * The key an address's failures are counted under: an IPv4 address as it is (an IPv4-mapped IPv6
  * one as its IPv4 address), an IPv6 address as its /64 ("2001:db8:1:2::/64"). A /64 is the
  * smallest block a site gets (RFC 6177), so a client can change its address within it at will:
  * counted per address, it would never reach the limit. (Dovecot's auth penalty groups by /48.)
  */
 export function failureIpKey(ip: string): string {
-  const address = ip.trim().toLowerCase().replace(/%.*$/, "");
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(address);
-  if (mapped) return mapped[1]!;
+  const address = clientAddress(ip);
   if (!isIPv6(address)) return address;
   // An embedded IPv4 address is the last 32 bits, outside the /64: any two groups do.
   const hex = address.replace(/\d+\.\d+\.\d+\.\d+$/, "0:0");
@@ -73,4 +82,13 @@ const PRUNE_FLOOR_MS = 24 * 3600 * 1000;
 /** Deletes counters whose window started more than keepMs (and at least a day) ago. */
 export async function pruneLoginFailures(db: Queryable, keepMs: number): Promise<void> {
   await db.query("DELETE FROM auth_failures WHERE window_start < now() - make_interval(secs => $1::float8 / 1000)", [Math.max(keepMs, PRUNE_FLOOR_MS)]);
+}
+
+/** POP-before-SMTP: records a successful POP3 login from this address (pop_logins, the last one per address). */
+export async function recordPopLogin(db: Queryable, ip: string, accountId: number): Promise<void> {
+  await db.query(
+    `INSERT INTO pop_logins (ip, account_id, at) VALUES ($1, $2, now())
+     ON CONFLICT (ip) DO UPDATE SET account_id = excluded.account_id, at = excluded.at`,
+    [clientAddress(ip), accountId],
+  );
 }

@@ -1,7 +1,7 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createTestDatabase, type TestDatabase } from "@mailstack/testkit";
-import { failureIpKey, loginFailures, loginKey, pruneLoginFailures, recordLoginFailure } from "../src/index.ts";
+import { addAccount, addDomain, clientAddress, failureIpKey, loginFailures, loginKey, pruneLoginFailures, recordLoginFailure, recordPopLogin } from "../src/index.ts";
 
 let db: TestDatabase;
 before(async () => {
@@ -62,4 +62,22 @@ test("an IPv6 client is counted by its /64, an IPv4-mapped one as its IPv4 addre
   await recordLoginFailure(db.pool, "::ffff:198.51.100.4", "y@example.test", WINDOW);
   await recordLoginFailure(db.pool, "198.51.100.4", "y@example.test", WINDOW);
   assert.deepEqual(await loginFailures(db.pool, "198.51.100.4", "y@example.test", WINDOW), { ip: 2, account: 2 });
+});
+
+test("a link-local client's zone is dropped where an address meets PostgreSQL's inet (POP-before-SMTP)", async () => {
+  assert.equal(clientAddress("fe80::1%eth0"), "fe80::1");
+  assert.equal(clientAddress("FE80::A%25"), "fe80::a");
+  assert.equal(clientAddress("::ffff:192.0.2.7"), "192.0.2.7");
+  assert.equal(clientAddress("2001:db8::1"), "2001:db8::1");
+
+  await addDomain(db.pool, "zone.test");
+  const account = await addAccount(db.pool, { address: "zed@zone.test", password: "pw-zed" });
+  // POP3 reports the client as node does (with its zone); inet refused that before.
+  await recordPopLogin(db.pool, "fe80::1%eth0", account.id);
+  await recordPopLogin(db.pool, "::ffff:192.0.2.44", account.id);
+  const rows = await db.pool.query<{ ip: string }>("SELECT host(ip) AS ip FROM pop_logins WHERE account_id = $1 ORDER BY ip", [account.id]);
+  assert.deepEqual(rows.rows.map((row) => row.ip).sort(), ["192.0.2.44", "fe80::1"]);
+  // A second login from the same link-local client (another interface name) updates the one row.
+  await recordPopLogin(db.pool, "fe80::1%eth1", account.id);
+  assert.equal((await db.pool.query("SELECT 1 FROM pop_logins WHERE ip = 'fe80::1'")).rowCount, 1);
 });

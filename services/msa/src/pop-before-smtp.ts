@@ -1,4 +1,4 @@
-import type { Queryable } from "@mailstack/db";
+import { clientAddress, type Queryable } from "@mailstack/db";
 
 /**
  * POP-before-SMTP (off by default): the accounts that logged in over POP3 from this IP
@@ -9,7 +9,7 @@ export async function popBeforeSmtpAccounts(db: Queryable, ip: string, windowMs:
   const result = await db.query<{ id: number; address: string }>(
     `SELECT a.id, a.address FROM pop_logins p JOIN accounts a ON a.id = p.account_id
       WHERE p.ip = $1::inet AND p.at > now() - make_interval(secs => $2::float8 / 1000) AND NOT a.disabled`,
-    [ip, windowMs],
+    [clientAddress(ip), windowMs],
   );
   return result.rows;
 }

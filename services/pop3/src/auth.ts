@@ -47,15 +47,6 @@ export async function checkApop(pool: Pool, name: string, timestamp: string, dig
   return { id: account.id, address: account.address };
 }
 
-/** POP-before-SMTP: the MSA may trust this IP for a while after a successful login. */
-export async function recordPopLogin(pool: Pool, ip: string, accountId: number): Promise<void> {
-  await pool.query(
-    `INSERT INTO pop_logins (ip, account_id, at) VALUES ($1, $2, now())
-     ON CONFLICT (ip) DO UPDATE SET account_id = excluded.account_id, at = excluded.at`,
-    [ip, accountId],
-  );
-}
-
 /** Decodes an AUTH PLAIN response (RFC 4616): [authzid] NUL authcid NUL passwd. */
 export function decodePlain(base64: string): { name: string; password: string } | null {
   if (!/^[A-Za-z0-9+/]*={0,2}$/.test(base64) || base64.length % 4 !== 0) return null;

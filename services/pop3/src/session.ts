@@ -1,8 +1,8 @@
 import { randomBytes } from "node:crypto";
-import type { Pool } from "@mailstack/db";
+import { recordPopLogin, type Pool } from "@mailstack/db";
 import { recordEvents, type JourneyEvent } from "@mailstack/queue";
 import { SpanKind, SpanStatusCode, tracer, type Link, type Logger } from "@mailstack/telemetry";
-import { checkApop, checkPassword, decodePlain, isThrottled, recordFailure, recordPopLogin, type Account, type ThrottleLimits } from "./auth.ts";
+import { checkApop, checkPassword, decodePlain, isThrottled, recordFailure, type Account, type ThrottleLimits } from "./auth.ts";
 import { Maildrop, type Entry } from "./maildrop.ts";
 import { pop3Metrics } from "./metrics.ts";
 

@@ -34,6 +34,8 @@ export interface DsnInput {
   arrivalDate?: Date | null;
   /** FULL returns the whole message, HDRS its header only. */
   ret: "FULL" | "HDRS";
+  /** Set when the whole message was due (RET=FULL, or no RET) but is over this size: the human part says only its header is returned. */
+  returnLimit?: number | null;
   original: Buffer;
   recipients: DsnRecipient[];
   date?: Date;
@@ -152,6 +154,9 @@ function humanText(input: DsnInput): string {
   const lines = [`This is the mail system at host ${input.reportingMta}.`, ""];
   if (failed.length) {
     lines.push("I'm sorry to have to inform you that your message could not be delivered to one or more", "recipients. It is attached below.", "");
+    if (input.returnLimit != null && input.ret === "HDRS") {
+      lines.push(`The message is larger than ${input.returnLimit} bytes, so only its header is attached.`, "");
+    }
     for (const r of failed) lines.push(...wrap(`<${r.finalRecipient}>${expanded(r)}: ${diagnosticText(r.diagnostic ?? r.status)}`));
     lines.push("");
   }

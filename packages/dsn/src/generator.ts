@@ -13,7 +13,7 @@ export interface GeneratorOptions {
   delayByDefault?: boolean;
   /** The queue lifetime counted from arrival; a delay notice gives its end as Will-Retry-Until (RFC 3464 2.3.9). */
   maxQueueLifetimeMs?: number;
-  /** Without RET, the whole message is returned up to this size, its header beyond. */
+  /** A failure report returns the whole message up to this size, its header beyond, with RET=FULL too (as Postfix's bounce_size_limit). */
   fullReturnLimit?: number;
   /** Messages handled per batch. */
   batchSize?: number;
@@ -156,8 +156,13 @@ async function handleMessage(
       const raw = await client.query<{ raw: Buffer }>("SELECT raw FROM messages WHERE id = $1", [message.id]);
       // RET asks for the content of a "failed" report (RFC 3461 4.3); a delay or success notice
       // returns the header whatever RET says, as Postfix's do.
+      // The whole message only up to the size limit, even with RET=FULL: a report the sender's
+      // server refuses for its size tells the sender nothing (RFC 3461 4.3 allows the header only).
       const failure = notices.some((n) => n.action === "failed");
-      const ret = !failure ? "HDRS" : (message.dsn_ret ?? (message.size <= (options.fullReturnLimit ?? 262_144) ? "FULL" : "HDRS"));
+      const limit = options.fullReturnLimit ?? 262_144;
+      const wantsFull = failure && message.dsn_ret !== "HDRS";
+      const ret = wantsFull && message.size <= limit ? "FULL" : "HDRS";
+      const returnLimit = wantsFull && ret === "HDRS" ? limit : null;
       const recipients: DsnRecipient[] = notices.map(({ row, action }) => ({
         finalRecipient: row.final_recipient,
         originalRecipient: row.dsn_orcpt,
@@ -178,6 +183,7 @@ async function handleMessage(
         originalEnvelopeId: message.dsn_envid,
         arrivalDate: message.received_at,
         ret,
+        returnLimit,
         original: raw.rows[0]!.raw,
         recipients,
       });

@@ -481,3 +481,35 @@ test("a message whose DSN always fails is logged, counted and retried after a ba
   assert.deepEqual((await dsnStates(corrupt.messageId)).map((r) => r.dsn_state), ["sent"]);
   assert.equal(failures.size, 0);
 });
+
+test("RET=FULL returns the whole message only up to the size limit, as without RET; above it the header, and the report says so", async () => {
+  const big = Buffer.concat([original, Buffer.from("A long body line.\r\n".repeat(300))]);
+  const returned = async (sender: string, dsnRet: "FULL" | "HDRS" | null, fullReturnLimit: number) => {
+    const resolution = await resolveRecipient(env.pool, "big@far.test", { allowRemote: true });
+    assert.ok(resolution.ok);
+    const accepted = await acceptMessage(
+      env.pool,
+      { raw: big, envelopeFrom: sender, source: "submission", dsnRet },
+      [{ recipient: "big@far.test", route: resolution.routes[0]!, dsnNotify: null }],
+      "test",
+    );
+    await env.pool.query("UPDATE deliveries SET state = 'bounced', last_status = '5.1.1', dsn_state = 'pending', dispatched_at = now() WHERE id = $1", [
+      accepted.deliveries[0]!.id,
+    ]);
+    assert.equal(await generateDsns(env.bus, env.pool, { ...options, fullReturnLimit }), 1);
+    const report = (await bouncesTo(sender)).at(-1)!;
+    const view = await parseWithPython(report.raw);
+    assert.deepEqual(view.defects, []);
+    const parsed = await simpleParser(report.raw);
+    return {
+      type: view.parts.map((p) => p.type).filter((t) => t === "message/rfc822" || t === "text/rfc822-headers")[0],
+      body: report.raw.toString().includes("A long body line."),
+      note: /larger than \d+ bytes, so only its header is attached/.test(parsed.text ?? ""),
+    };
+  };
+  assert.ok(big.length > 5000);
+  assert.deepEqual(await returned("big-full@elsewhere.test", "FULL", 1000), { type: "text/rfc822-headers", body: false, note: true });
+  assert.deepEqual(await returned("big-none@elsewhere.test", null, 1000), { type: "text/rfc822-headers", body: false, note: true });
+  assert.deepEqual(await returned("big-hdrs@elsewhere.test", "HDRS", 1000), { type: "text/rfc822-headers", body: false, note: false }, "asked for: nothing to explain");
+  assert.deepEqual(await returned("big-fits@elsewhere.test", "FULL", 100_000), { type: "message/rfc822", body: true, note: false });
+});

@@ -27,8 +27,11 @@ export interface SubmissionUser {
 
 export type AuthOutcome =
   | { ok: true; user: SubmissionUser }
-  /** invalid: a wrong password, unknown or disabled account (also when its reply is the 421 that closes); limited: refused unchecked. */
-  | { ok: false; result: "invalid" | "limited"; reply: SmtpReply };
+  /**
+   * invalid: a wrong password, unknown or disabled account (also when its reply is the 421 that closes);
+   * limited: refused unchecked by a failure limit; refused: malformed SASL data or another authorization identity.
+   */
+  | { ok: false; result: "invalid" | "limited" | "refused"; reply: SmtpReply };
 
 export const AuthReplies = {
   invalid: reply(535, "5.7.8", "Authentication credentials invalid"),
@@ -63,17 +66,28 @@ export function createAuthenticator(pool: Pool, logger: Logger, limits: AuthLimi
     cache.set(fingerprint(address, password), { passwordHash, until: Date.now() + ttl });
   };
 
-  async function fail(state: ConnectionAuthState, reason: string, log: Record<string, unknown>): Promise<AuthOutcome> {
+  async function fail(
+    state: ConnectionAuthState, reason: string, log: Record<string, unknown>, result: "invalid" | "refused" = "invalid", answer = AuthReplies.invalid,
+  ): Promise<AuthOutcome & { ok: false }> {
     state.failures++;
     logger.info({ ...log, reason, failures: state.failures }, "authentication failed");
     await sleep(Math.min(limits.failureDelayMs * state.failures, 10_000));
     if (state.failures >= limits.maxFailuresPerConnection) {
-      return { ok: false, result: "invalid", reply: AuthReplies.tooManyOnConnection };
+      return { ok: false, result, reply: AuthReplies.tooManyOnConnection };
     }
-    return { ok: false, result: "invalid", reply: AuthReplies.invalid };
+    return { ok: false, result, reply: answer };
   }
 
   return {
+    /**
+     * An AUTH refused before any password check (malformed SASL data, another authorization
+     * identity): a failure on the connection like a wrong password (same delay, 421 after the
+     * limit), so a client cannot repeat it for ever. Not counted per IP or account: no password was tried.
+     */
+    refuse(refusal: SmtpReply, reason: string, ip: string, state: ConnectionAuthState): Promise<AuthOutcome & { ok: false }> {
+      return fail(state, reason, { ip }, "refused", refusal);
+    },
+
     async authenticate(username: string, password: string, ip: string, state: ConnectionAuthState): Promise<AuthOutcome> {
       const parsed = parseAddress(username, { utf8: true });
       const accountKey = loginKey(username);

@@ -1,5 +1,7 @@
+import type { SMTPServer, SMTPServerSession } from "smtp-server";
 import SASL from "smtp-server/lib/sasl.js";
 import type { SMTPConnection } from "smtp-server/lib/smtp-connection.js";
+import { reply, type SmtpReply } from "@mailstack/mail";
 
 // RFC 4648 base64 with padding, nothing else (smtp-server's decoder silently skips junk).
 const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
@@ -39,11 +41,27 @@ export function loginProblem(line: string, what: "user name" | "password"): stri
 
 const INSTALLED = Symbol.for("mailstack.msa.strictSasl");
 
+/**
+ * Decides the reply to a refusal made here (counted as a failure on the connection, so that a
+ * client cannot loop on it; a 421 closes the connection). reason names the problem, never the data.
+ */
+export type SaslRefusalHandler = (session: SMTPServerSession, refusal: SmtpReply, reason: string) => Promise<SmtpReply>;
+
+// By SMTP server (the steps are patched once per process, the handler is each server's own).
+const handlers = new WeakMap<SMTPServer, SaslRefusalHandler>();
+
+export function onSaslRefused(server: SMTPServer, handler: SaslRefusalHandler): void {
+  handlers.set(server, handler);
+}
+
+const actsAsOther = reply(535, "5.7.8", "Authentication as another user (a different authorization identity) is not supported");
+
 type Step<A extends unknown[]> = (this: SMTPConnection, ...args: A) => void;
 
 /**
  * Makes smtp-server's PLAIN and LOGIN steps refuse malformed SASL data (bad base64, a missing
- * part) with 501 5.5.2 before the application's onAuth, and so before any password check.
+ * part) with 501 5.5.2, and a PLAIN authorization identity other than the user with 535 5.7.8,
+ * before the application's onAuth, and so before any password check; onSaslRefused counts them.
  * smtp-server keeps its mechanisms in one table; this wraps three of its steps, once per process.
  * The checks only add refusals: what passes them is handled by smtp-server unchanged.
  */
@@ -52,19 +70,25 @@ export function installStrictSasl(): void {
   if (table[INSTALLED]) return;
   table[INSTALLED] = true;
 
-  const refuse = (connection: SMTPConnection, problem: string, callback: () => void) => {
-    connection.send(501, `5.5.2 ${problem}`);
-    callback();
+  const refuse = (connection: SMTPConnection, refusal: SmtpReply, reason: string, callback: () => void) => {
+    const send = (r: SmtpReply) => {
+      connection.send(r.code, `${r.enhanced} ${r.text}`);
+      callback();
+    };
+    const handler = handlers.get(connection._server);
+    if (!handler) return send(refusal);
+    handler(connection.session, refusal, reason).then(send, () => send(refusal));
   };
+  const malformed = (connection: SMTPConnection, problem: string, callback: () => void) =>
+    refuse(connection, reply(501, "5.5.2", problem), problem, callback);
 
   const plainToken = SASL.PLAIN_token as Step<[boolean, Buffer | string, () => void]>;
   SASL.PLAIN_token = function (canAbort, rawToken, callback) {
     const token = String(rawToken ?? "").trim();
     const problem = canAbort && token === "*" ? null : plainProblem(token);
-    if (problem) return refuse(this, problem, callback);
+    if (problem) return malformed(this, problem, callback);
     if (!(canAbort && token === "*") && plainActsAsOther(token)) {
-      this.send(535, "5.7.8 Authentication as another user (a different authorization identity) is not supported");
-      return callback();
+      return refuse(this, actsAsOther, "another authorization identity", callback);
     }
     return plainToken.call(this, canAbort, rawToken, callback);
   };
@@ -73,7 +97,7 @@ export function installStrictSasl(): void {
   SASL.LOGIN_username = function (canAbort, rawUsername, callback) {
     const line = String(rawUsername ?? "").trim();
     const problem = canAbort && line === "*" ? null : loginProblem(line, "user name");
-    if (problem) return refuse(this, problem, callback);
+    if (problem) return malformed(this, problem, callback);
     return loginUsername.call(this, canAbort, rawUsername, callback);
   };
 
@@ -81,7 +105,7 @@ export function installStrictSasl(): void {
   SASL.LOGIN_password = function (username, rawPassword, callback) {
     const line = String(rawPassword ?? "").trim();
     const problem = line === "*" ? null : loginProblem(line, "password");
-    if (problem) return refuse(this, problem, callback);
+    if (problem) return malformed(this, problem, callback);
     return loginPassword.call(this, username, rawPassword, callback);
   };
 }

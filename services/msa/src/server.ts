@@ -13,7 +13,7 @@ import { fixMessage } from "./fixup.ts";
 import { createSubmissionLimiter, type SubmissionLimits, type Usage } from "./limits.ts";
 import { popBeforeSmtpAccounts } from "./pop-before-smtp.ts";
 import { ownedAddresses } from "./rights.ts";
-import { installStrictSasl } from "./sasl.ts";
+import { installStrictSasl, onSaslRefused } from "./sasl.ts";
 
 export interface MsaSettings {
   /** Our host name: greeting, Received:, generated Message-IDs. */
@@ -106,11 +106,12 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
   // What to count once a message is committed, by queue id.
   const toCount = new Map<string, { accountId: number; recipients: number }>();
 
-  const stateOf = (session: IntakeSession): SessionState => {
-    let state = sessions.get(session.raw);
+  const stateOf = (session: IntakeSession | SMTPServerSession): SessionState => {
+    const raw = "raw" in session ? session.raw : session;
+    let state = sessions.get(raw);
     if (!state) {
       state = { auth: { failures: 0 }, identity: null, transaction: null };
-      sessions.set(session.raw, state);
+      sessions.set(raw, state);
     }
     return state;
   };
@@ -247,6 +248,13 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     createIntakeServer({ ...common, port: settings.submissionPort, tlsMode: "starttls" }),
     createIntakeServer({ ...common, port: settings.submissionsPort, tlsMode: "implicit" }),
   ];
+  for (const server of servers) {
+    onSaslRefused(server.server, async (session, refusal, reason) => {
+      const outcome = await authenticator.refuse(refusal, reason, session.remoteAddress, stateOf(session).auth);
+      metrics.auth.inc({ result: outcome.result });
+      return outcome.reply;
+    });
+  }
   await directory.start();
   const [submissionPort, submissionsPort] = [await servers[0]!.listen(), await servers[1]!.listen()];
 

@@ -10,7 +10,7 @@ import { memoryLogger, PASSWORDS, seedDirectory, testSettings, testTls } from ".
 
 let env: TestEnv;
 let msa: Msa;
-const { logger } = memoryLogger();
+const { logger, lines } = memoryLogger();
 
 before(async () => {
   env = await createTestEnv();
@@ -95,10 +95,52 @@ test("AUTH with \"=\", the empty initial response (RFC 4954 4), is 501 5.5.2 as 
   await client.command("EHLO client.example");
   assert.match((await client.command("AUTH PLAIN =")).text, /^501 5\.5\.2 .*empty response/);
   assert.match((await client.command("AUTH LOGIN =")).text, /^501 5\.5\.2 .*missing user name/);
-  assert.equal((await client.command("AUTH PLAIN")).code, 334);
-  assert.match((await client.command("=")).text, /^501 5\.5\.2 .*empty response/);
   assert.equal((await client.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`)).code, 235);
   client.close();
+
+  const exchange = await implicitTls();
+  await exchange.command("EHLO client.example");
+  assert.equal((await exchange.command("AUTH PLAIN")).code, 334);
+  assert.match((await exchange.command("=")).text, /^501 5\.5\.2 .*empty response/);
+  assert.equal((await exchange.command(`AUTH PLAIN ${plain("alice@example.test", PASSWORDS.alice)}`)).code, 235);
+  exchange.close();
+});
+
+test("malformed AUTH data and another authorization identity count as failed logins: 421 4.7.0 at the connection's limit, no password checked", async () => {
+  const failuresOf = async (key: string) =>
+    (await env.pool.query<{ failures: number }>("SELECT failures FROM auth_failures WHERE scope = 'account' AND key = $1", [key])).rows[0]?.failures ?? 0;
+  const before = await failuresOf("bob@example.test");
+  const secret = "never-Logged-pw-7";
+  const asOther = Buffer.from(`alice@example.test\0bob@example.test\0${secret}`).toString("base64");
+
+  // The limit is 3 failures on a connection (testSettings), whatever mix of refusals.
+  const client = await implicitTls();
+  await client.command("EHLO client.example");
+  assert.match((await client.command("AUTH PLAIN not*base64")).text, /^501 5\.5\.2 /);
+  assert.match((await client.command(`AUTH PLAIN ${asOther}`)).text, /^535 5\.7\.8 /);
+  assert.equal((await client.command("AUTH LOGIN")).code, 334);
+  assert.match((await client.command("!!")).text, /^421 4\.7\.0 /);
+  await client.waitClosed();
+
+  // Each kind alone ends the connection too (before: 501 or 535 for ever).
+  for (const token of [asOther, Buffer.from(`\0bob@example.test\0`).toString("base64")]) {
+    const looping = await implicitTls();
+    await looping.command("EHLO client.example");
+    const replies: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      const r = await looping.command(`AUTH PLAIN ${token}`).catch(() => null);
+      if (!r) break;
+      replies.push(r.text.slice(0, 9));
+      if (r.code === 421) break;
+    }
+    assert.equal(replies.length, 3, replies.join(", "));
+    assert.match(replies[2]!, /^421 4\.7\.0/);
+    await looping.waitClosed();
+  }
+
+  assert.equal(await failuresOf("bob@example.test"), before, "no password was checked, so none was counted");
+  assert.ok(!lines.some((line) => line.includes(secret) || line.includes(asOther)), "neither the password nor the SASL data is logged");
+  assert.ok(lines.some((line) => line.includes("another authorization identity")), "the refusal is logged with its reason");
 });
 
 test("STARTTLS forgets a login made before it (RFC 3207 4.2), also where MAIL without AUTH is possible", async () => {

@@ -130,6 +130,12 @@ export interface IntakeOptions {
     allowInsecure?: boolean;
     /** Resolves the user name to store on the message, or null for bad credentials (535 5.7.8). Throw SmtpError for another reply (a 421 closes the connection). */
     authenticate(credentials: { method: string; username: string; password: string; session: IntakeSession }): Promise<string | null>;
+    /**
+     * Where AUTH is not required: whether this client may send without a login (MSA:
+     * POP-before-SMTP). The bound on commands before a login then applies to the clients for
+     * which it is false; asked once a client reaches the bound.
+     */
+    allowedWithoutLogin?(session: IntakeSession): Promise<boolean>;
   };
   /** MAIL FROM check (MSA: the sender belongs to the user). Throw SmtpError to refuse. */
   validateSender?(sender: string, session: IntakeSession): Promise<void>;
@@ -172,8 +178,10 @@ type ConnectionInternals = GuardedConnection;
 
 interface SessionState {
   commands: number;
-  /** Commands other than AUTH (and its continuation lines) before a login, where AUTH is required. */
+  /** Commands other than AUTH (and its continuation lines) before a login, where AUTH is required or allowedWithoutLogin is given. */
   unauthenticated: number;
+  /** allowedWithoutLogin said yes: no bound on commands before a login. */
+  allowedWithoutLogin: boolean;
   countedIp: string | null;
   connection: ConnectionInternals | null;
   sender: string | null;
@@ -294,6 +302,9 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const authOffered = !!options.auth;
   const hideAuthBeforeTls = authOffered && tlsMode === "starttls" && !options.auth?.allowInsecure;
   const authRequired = authOffered && !!options.auth?.required;
+  const allowedWithoutLogin = authRequired ? undefined : options.auth?.allowedWithoutLogin;
+  // Commands before a login are bounded where a login is needed, from everyone or from some.
+  const boundUnauthenticated = authRequired || !!allowedWithoutLogin;
 
   /** The bare "postmaster" (RFC 5321 4.1.1.3) stands for postmaster at our host name. */
   const recipientAddress = (address: string): string => (address.toLowerCase() === "postmaster" ? `postmaster@${options.hostname}` : address);
@@ -301,7 +312,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const stateOf = (session: SMTPServerSession): SessionState => {
     let state = states.get(session);
     if (!state) {
-      state = { commands: 0, unauthenticated: 0, countedIp: null, connection: null, sender: null, recipients: new Map(), finalCount: 0, refusedRecipients: 0, span: null };
+      state = { commands: 0, unauthenticated: 0, allowedWithoutLogin: false, countedIp: null, connection: null, sender: null, recipients: new Map(), finalCount: 0, refusedRecipients: 0, span: null };
       states.set(session, state);
     }
     return state;
@@ -350,9 +361,28 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     if (OBSOLETE.has(verb)) return answer(Replies.commandNotImplemented);
     if (verb === "VRFY") return answer(line.trim().includes(" ") ? R.vrfy : R.vrfySyntax);
     if (verb === "STARTTLS" && tlsMode === "implicit") return answer(R.tlsActive);
-    if (authRequired && !connection.session.user && verb !== "AUTH" && ++state.unauthenticated > MAX_UNAUTHENTICATED_COMMANDS) {
-      return answer(R.tooManyUnauthenticated);
+    if (boundUnauthenticated && !connection.session.user && verb !== "AUTH" && !state.allowedWithoutLogin && ++state.unauthenticated > MAX_UNAUTHENTICATED_COMMANDS) {
+      if (!allowedWithoutLogin) return answer(R.tooManyUnauthenticated);
+      allowedWithoutLogin(view(connection.session)).then(
+        (allowed) => {
+          if (!allowed) return answer(R.tooManyUnauthenticated);
+          state.allowedWithoutLogin = true;
+          return afterUnauthenticatedBound(connection, command, callback, original, line, verb, answer);
+        },
+        (error) => {
+          logger.warn({ err: error }, "could not tell whether the client may send without a login");
+          answer(R.tooManyUnauthenticated);
+        },
+      );
+      return;
     }
+    return afterUnauthenticatedBound(connection, command, callback, original, line, verb, answer);
+  };
+
+  const afterUnauthenticatedBound = (
+    connection: GuardedConnection, command: Buffer, callback: (() => void) | undefined, original: Parameters<CommandGuard>[3],
+    line: string, verb: string, answer: (r: SmtpReply) => void,
+  ) => {
     if (verb === "AUTH" && authOffered && connection.hostNameAppearsAs) {
       if (hideAuthBeforeTls && !connection.secure) return answer(R.encryptionRequired);
       if (connection.session.envelope?.mailFrom) return answer(R.authInTransaction);

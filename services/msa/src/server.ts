@@ -153,6 +153,10 @@ export async function startMsa(options: MsaOptions): Promise<Msa> {
     auth: {
       required: !settings.popBeforeSmtp.enabled,
       allowInsecure: settings.authBeforeTls,
+      // With POP-before-SMTP, clients without a recent POP3 login keep the bound on commands before AUTH.
+      ...(settings.popBeforeSmtp.enabled
+        ? { allowedWithoutLogin: async (session: IntakeSession) => (await popBeforeSmtpAccounts(pool, session.clientIp, settings.popBeforeSmtp.windowMs)).length > 0 }
+        : {}),
       async authenticate({ username, password, session }: { username: string; password: string; session: IntakeSession }) {
         const state = stateOf(session);
         const outcome = await authenticator.authenticate(username, password, session.clientIp, state.auth);

@@ -2,6 +2,7 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { createPool, setAccountDisabled, setAccountPassword } from "@mailstack/db";
 import { createTestEnv, type TestEnv } from "@mailstack/testkit";
+import { RawSmtp } from "@mailstack/smtp-intake/testing";
 import { startMsa } from "../src/server.ts";
 import { memoryLogger, PASSWORDS, python, seedDirectory, testSettings, testTls } from "./helpers.ts";
 
@@ -49,6 +50,34 @@ test("POP-before-SMTP: off by default; when on, a recent POP3 login from the IP 
   const stored = await env.pool.query("SELECT envelope_from, auth_user FROM messages WHERE position('pop-before-smtp' in convert_from(raw, 'LATIN1')) > 0");
   assert.equal(stored.rowCount, 1);
   assert.equal(stored.rows[0].envelope_from, "alice@example.test");
+});
+
+test("POP-before-SMTP on: a client without a recent POP3 login still gets 421 4.7.0 after ten commands before AUTH; one with it does not", async () => {
+  const noops = async (port: number, count: number): Promise<string[]> => {
+    const client = await RawSmtp.connect(port);
+    await client.reply();
+    const replies: string[] = [];
+    for (let i = 0; i < count; i++) {
+      const r = await client.command(i === 0 ? "EHLO client.example" : "NOOP").catch(() => null);
+      if (!r) break;
+      replies.push(r.text);
+      if (r.code === 421) break;
+    }
+    client.close();
+    return replies;
+  };
+  await env.pool.query("DELETE FROM pop_logins");
+  await withMsa({ popBeforeSmtp: { enabled: true, windowMs: 600_000 } }, async ({ submission }) => {
+    const stranger = await noops(submission, 15);
+    assert.equal(stranger.length, 11);
+    assert.match(stranger[10]!, /^421 4\.7\.0 /);
+
+    await env.pool.query("INSERT INTO pop_logins (ip, account_id) SELECT '127.0.0.1', id FROM accounts WHERE address = 'alice@example.test'");
+    const popUser = await noops(submission, 15);
+    assert.equal(popUser.length, 15);
+    assert.ok(popUser.every((text) => text.startsWith("250")), popUser.join(" | "));
+  });
+  await env.pool.query("DELETE FROM pop_logins");
 });
 
 test("a disabled account cannot log in", async () => {

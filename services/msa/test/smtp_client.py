@@ -35,11 +35,16 @@ elif scenario == "mail-before-auth":
     out["mail"] = [code, msg.decode()]
     s.quit()
 elif scenario == "malformed":
+    # Each refusal counts as a failed login: the third on a connection is 421, so two per connection.
     s = starttls()
     out["plain_bad_base64"] = [c for c in [s.docmd("AUTH", "PLAIN !!!notbase64")[0]]]
     out["plain_missing_part"] = s.docmd("AUTH", "PLAIN " + b64("alice@example.test\0secret"))[0]
+    s.quit()
+    s = starttls()
     out["plain_missing_password"] = list(s.docmd("AUTH", "PLAIN " + b64("\0alice@example.test\0")))
     out["plain_other_authzid"] = list(s.docmd("AUTH", "PLAIN " + b64("bob@example.test\0alice@example.test\0whatever")))
+    s.quit()
+    s = starttls()
     code, _ = s.docmd("AUTH", "LOGIN")
     out["login_prompt"] = code
     out["login_bad_username"] = list(s.docmd("bm90 YmFzZTY0"))

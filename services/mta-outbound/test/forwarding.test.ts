@@ -3,13 +3,8 @@ import { after, before, describe, test } from "node:test";
 import { addAccount, addAlias, addDomain, addFilterRule, setAccountDisabled } from "@mailstack/db";
 import { srsReverse, type SrsSettings } from "@mailstack/mail";
 import { createLogger } from "@mailstack/telemetry";
-import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
-import { RawSmtp, dataPayload } from "../../../packages/smtp-intake/src/testing.ts";
-import { startMda, type Mda } from "../../mda/src/mda.ts";
-import { startInbound, type Inbound } from "../../mta-inbound/src/inbound.ts";
-import { startOutbound, type OutboundService } from "../src/service.ts";
-import { startDns, testConfig } from "./helpers.ts";
-import { startScriptedMx } from "./scripted-mx.ts";
+import { waitFor } from "@mailstack/testkit";
+import { mailFrom, mxTransactions, rcpts, sendOnPort25, startPort25Stack, stopPort25Stack, transactionsTo, type Port25Stack } from "./port25-stack.ts";
 
 // Aliases, the catch-all and the MDA's forward rule end to end, with SRS on and off: port 25 of
 // the inbound MTA, the MDA filing local copies, the relay sending remote ones to a loopback MX
@@ -19,108 +14,45 @@ import { startScriptedMx } from "./scripted-mx.ts";
 const logger = createLogger("test", process.env.TEST_LOG_LEVEL ?? "silent");
 const SRS: SrsSettings = { domain: "srs.example.test", secrets: ["acceptance-secret"], maxAgeDays: 21 };
 
-interface Stack {
-  env: TestEnv;
-  dns: Awaited<ReturnType<typeof startDns>>;
-  mx: Awaited<ReturnType<typeof startScriptedMx>>;
-  outbound: OutboundService;
-  mda: Mda;
-  inbound: Inbound;
-}
+type Stack = Port25Stack;
 
 async function startStack(mxAddress: string, srs: SrsSettings | null): Promise<Stack> {
-  const env = await createTestEnv();
-  await addDomain(env.pool, "example.test");
-  await addDomain(env.pool, "catchall.test");
-  for (const name of ["carol", "dave", "olga"]) await addAccount(env.pool, { address: `${name}@example.test`, password: `${name}-Secret-pw-1` });
-  await addFilterRule(env.pool, "dave@example.test", { condition: { kind: "header", header: "subject", op: "contains", value: "fwdme" }, action: { kind: "forward", to: "refuse@dest.test" } });
-  await addAccount(env.pool, { address: "erik@example.test", password: "erik-Secret-pw-1" });
-  await addFilterRule(env.pool, "erik@example.test", { condition: { kind: "header", header: "subject", op: "exists" }, action: { kind: "forward", to: "refuse@dest.test" } });
-  await setAccountDisabled(env.pool, "olga@example.test", true);
-  await addAlias(env.pool, "inner@example.test", ["carol@example.test", "x2@dest.test"]);
-  await addAlias(env.pool, "outer@example.test", ["inner@example.test", "x1@dest.test"]);
-  await addAlias(env.pool, "*@catchall.test", ["catch@dest.test"]);
-  await addAlias(env.pool, "two1@example.test", ["carol@example.test", "same@dest.test"]);
-  await addAlias(env.pool, "two2@example.test", ["carol@example.test", "same@dest.test"]);
-  await addAlias(env.pool, "mixed@example.test", ["carol@example.test", "far@dest.test"]);
-  await addAlias(env.pool, "toolga@example.test", ["olga@example.test"]);
-  // A->B->A, made by editing A after B was created (addAlias checks only that targets exist).
-  await addAlias(env.pool, "loopa@example.test", ["carol@example.test"]);
-  await addAlias(env.pool, "loopb@example.test", ["loopa@example.test"]);
-  await env.pool.query("UPDATE aliases SET targets = '{loopb@example.test}' WHERE address = 'loopa@example.test'");
-  // A self-target next to real ones: the loop leg is dropped, the others get the message.
-  await addAlias(env.pool, "selfa@example.test", ["carol@example.test"]);
-  await addAlias(env.pool, "selfb@example.test", ["selfa@example.test", "self@dest.test"]);
-  await env.pool.query("UPDATE aliases SET targets = '{carol@example.test,selfa@example.test,selfb@example.test}' WHERE address = 'selfa@example.test'");
-  const mx = await startScriptedMx(mxAddress, 0, {
-    reply: (command) => (/^RCPT TO:<refuse@dest\.test>/i.test(command) ? "550 5.1.1 No such user" : undefined),
-  });
-  const dns = await startDns({
-    "dest.test": { mx: [{ exchange: "mx.dest.test", priority: 10 }] },
-    "origin.test": { mx: [{ exchange: "mx.dest.test", priority: 10 }] },
-    "mx.dest.test": { a: [mxAddress] },
-  });
-  const srsEnv: Record<string, string> = srs ? { SRS_DOMAIN: srs.domain, SRS_SECRETS: srs.secrets.join(","), SRS_MAX_AGE: "21d" } : {};
-  const config = testConfig({ DNS_SERVERS: dns.server, RELAY_DEST_PORT: String(mx.port), RELAY_SCHEDULER_INTERVAL: "200ms", RELAY_DSN_INTERVAL: "200ms", RELAY_BACKOFF: "300ms", ...srsEnv });
-  const outbound = startOutbound({ pool: env.pool, bus: env.bus, logger, config });
-  const mda = await startMda({ pool: env.pool, bus: env.bus, logger, config: { LMTP_ENABLED: false } });
-  const inbound = await startInbound({
-    pool: env.pool,
-    bus: env.bus,
+  return startPort25Stack({
     logger,
-    config: { MAIL_HOSTNAME: "mx.example.test", SMTP_PORT: 0, SMTP_HOST: "127.0.0.1", INBOUND_AUTH_CHECKS: false, srs },
+    mxAddress,
+    srs,
+    async setup(env) {
+      await addDomain(env.pool, "example.test");
+      await addDomain(env.pool, "catchall.test");
+      for (const name of ["carol", "dave", "olga"]) await addAccount(env.pool, { address: `${name}@example.test`, password: `${name}-Secret-pw-1` });
+      await addFilterRule(env.pool, "dave@example.test", { condition: { kind: "header", header: "subject", op: "contains", value: "fwdme" }, action: { kind: "forward", to: "refuse@dest.test" } });
+      await addAccount(env.pool, { address: "erik@example.test", password: "erik-Secret-pw-1" });
+      await addFilterRule(env.pool, "erik@example.test", { condition: { kind: "header", header: "subject", op: "exists" }, action: { kind: "forward", to: "refuse@dest.test" } });
+      await setAccountDisabled(env.pool, "olga@example.test", true);
+      await addAlias(env.pool, "inner@example.test", ["carol@example.test", "x2@dest.test"]);
+      await addAlias(env.pool, "outer@example.test", ["inner@example.test", "x1@dest.test"]);
+      await addAlias(env.pool, "*@catchall.test", ["catch@dest.test"]);
+      await addAlias(env.pool, "two1@example.test", ["carol@example.test", "same@dest.test"]);
+      await addAlias(env.pool, "two2@example.test", ["carol@example.test", "same@dest.test"]);
+      await addAlias(env.pool, "mixed@example.test", ["carol@example.test", "far@dest.test"]);
+      await addAlias(env.pool, "toolga@example.test", ["olga@example.test"]);
+      // A->B->A, made by editing A after B was created (addAlias checks only that targets exist).
+      await addAlias(env.pool, "loopa@example.test", ["carol@example.test"]);
+      await addAlias(env.pool, "loopb@example.test", ["loopa@example.test"]);
+      await env.pool.query("UPDATE aliases SET targets = '{loopb@example.test}' WHERE address = 'loopa@example.test'");
+      // A self-target next to real ones: the loop leg is dropped, the others get the message.
+      await addAlias(env.pool, "selfa@example.test", ["carol@example.test"]);
+      await addAlias(env.pool, "selfb@example.test", ["selfa@example.test", "self@dest.test"]);
+      await env.pool.query("UPDATE aliases SET targets = '{carol@example.test,selfa@example.test,selfb@example.test}' WHERE address = 'selfa@example.test'");
+    },
+    mxReply: (command) => (/^RCPT TO:<refuse@dest\.test>/i.test(command) ? "550 5.1.1 No such user" : undefined),
   });
-  return { env, dns, mx, outbound, mda, inbound };
 }
 
-async function stopStack(stack: Stack | undefined): Promise<void> {
-  await stack?.inbound.stop();
-  await stack?.mda.stop();
-  await stack?.outbound.stop();
-  await stack?.mx.close();
-  await stack?.dns.close();
-  await stack?.env.close();
-}
-
-/** One SMTP transaction on port 25; the reply to each RCPT. */
-async function send(port: number, from: string, recipients: string[], body: string): Promise<string[]> {
-  const client = await RawSmtp.connect(port);
-  assert.equal((await client.reply()).code, 220);
-  assert.equal((await client.command("EHLO client.remote.example")).code, 250);
-  assert.match((await client.command(`MAIL FROM:<${from}>`)).text, /^250 /);
-  const replies: string[] = [];
-  for (const to of recipients) replies.push((await client.command(`RCPT TO:<${to}>`)).text);
-  if (replies.some((r) => r.startsWith("250"))) {
-    assert.equal((await client.command("DATA")).code, 354);
-    assert.match((await client.command(dataPayload(body))).text, /^250 /);
-  }
-  await client.command("QUIT");
-  client.close();
-  return replies;
-}
-
-/** The MAIL and RCPT lines of every transaction the MX saw, one array per MAIL. */
-function transactions(mx: Stack["mx"]): string[][] {
-  const all: string[][] = [];
-  for (const line of mx.commands()) {
-    if (/^MAIL /i.test(line)) all.push([line]);
-    else if (/^RCPT /i.test(line)) all.at(-1)?.push(line);
-  }
-  return all;
-}
-
-function mailFrom(transaction: string[]): string {
-  return /^MAIL FROM:<(.*?)>/i.exec(transaction[0]!)![1]!;
-}
-
-function rcpts(transaction: string[]): string[] {
-  return transaction.slice(1).map((line) => /^RCPT TO:<(.*?)>/i.exec(line)![1]!);
-}
-
-/** The transactions the MX saw naming the address in a RCPT. */
-function to(mx: Stack["mx"], address: string): string[][] {
-  return transactions(mx).filter((t) => rcpts(t).some((r) => r.toLowerCase() === address.toLowerCase()));
-}
+const stopStack = stopPort25Stack;
+const send = sendOnPort25;
+const transactions = mxTransactions;
+const to = transactionsTo;
 
 /** The copies filed for an account of messages whose Subject has the text. */
 async function filed(stack: Stack, account: string, subject: string): Promise<Array<{ envelope_from: string; header_prefix: string }>> {

@@ -3,13 +3,8 @@ import { after, before, describe, test } from "node:test";
 import { addAccount, addAlias, addDomain, addFilterRule } from "@mailstack/db";
 import { srsForward, srsReverse, srsTimestamp, type SrsSettings } from "@mailstack/mail";
 import { createLogger } from "@mailstack/telemetry";
-import { createTestEnv, waitFor, type TestEnv } from "@mailstack/testkit";
-import { RawSmtp, dataPayload } from "../../../packages/smtp-intake/src/testing.ts";
-import { startMda, type Mda } from "../../mda/src/mda.ts";
-import { startInbound, type Inbound } from "../../mta-inbound/src/inbound.ts";
-import { startOutbound, type OutboundService } from "../src/service.ts";
-import { startDns, testConfig } from "./helpers.ts";
-import { startScriptedMx } from "./scripted-mx.ts";
+import { waitFor } from "@mailstack/testkit";
+import { mailFrom, sendOnPort25, startPort25Stack, stopPort25Stack, transactionsTo, type Port25Stack } from "./port25-stack.ts";
 
 // The Sender Rewriting Scheme over real sockets: mail from a remote sender that an alias (or the
 // MDA's forward rule) sends on to a remote address leaves with an SRS0 MAIL FROM in SRS_DOMAIN;
@@ -21,100 +16,41 @@ const logger = createLogger("test", process.env.TEST_LOG_LEVEL ?? "silent");
 const DAY = 86_400_000;
 const SRS: SrsSettings = { domain: "srs.example.test", secrets: ["current-secret", "previous-secret"], maxAgeDays: 21 };
 
-interface Stack {
-  env: TestEnv;
-  dns: Awaited<ReturnType<typeof startDns>>;
-  mx: Awaited<ReturnType<typeof startScriptedMx>>;
-  outbound: OutboundService;
-  mda: Mda;
-  inbound: Inbound;
-}
+type Stack = Port25Stack;
 
-/** PostgreSQL, NATS, a loopback DNS and MX, and the inbound MTA, MDA and relay, with or without SRS. */
-async function startStack(mxAddress: string, srs: Record<string, string>): Promise<Stack> {
-  const env = await createTestEnv();
-  await addDomain(env.pool, "example.test");
-  await addAccount(env.pool, { address: "carol@example.test", password: "carol-Secret-pw-1" });
-  await addAccount(env.pool, { address: "dave@example.test", password: "dave-Secret-pw-1" });
-  await addFilterRule(env.pool, "dave@example.test", { condition: { kind: "header", header: "subject", op: "exists" }, action: { kind: "forward", to: "dave@dest.test" } });
-  await addAlias(env.pool, "fwd@example.test", ["bob@dest.test", "carol@example.test"]);
-  await addAlias(env.pool, "gone@example.test", ["nobody@dest.test"]);
-  await addAlias(env.pool, "later@example.test", ["later@dest.test"]);
+/** The directory and MX of these tests, with or without SRS. */
+async function startStack(mxAddress: string, srs: SrsSettings | null): Promise<Stack> {
   let laterTries = 0;
-  const mx = await startScriptedMx(mxAddress, 0, {
-    reply: (command) => {
+  return startPort25Stack({
+    logger,
+    mxAddress,
+    srs,
+    moreMxDomains: ["fwd.other.test"],
+    async setup(env) {
+      await addDomain(env.pool, "example.test");
+      await addAccount(env.pool, { address: "carol@example.test", password: "carol-Secret-pw-1" });
+      await addAccount(env.pool, { address: "dave@example.test", password: "dave-Secret-pw-1" });
+      await addFilterRule(env.pool, "dave@example.test", { condition: { kind: "header", header: "subject", op: "exists" }, action: { kind: "forward", to: "dave@dest.test" } });
+      await addAlias(env.pool, "fwd@example.test", ["bob@dest.test", "carol@example.test"]);
+      await addAlias(env.pool, "gone@example.test", ["nobody@dest.test"]);
+      await addAlias(env.pool, "later@example.test", ["later@dest.test"]);
+    },
+    mxReply: (command) => {
       if (/^RCPT TO:<nobody@dest\.test>/i.test(command)) return "550 5.1.1 No such user";
       if (/^RCPT TO:<later@dest\.test>/i.test(command) && laterTries++ === 0) return "451 4.3.0 Try again later";
       return undefined;
     },
   });
-  const dns = await startDns({
-    "dest.test": { mx: [{ exchange: "mx.dest.test", priority: 10 }] },
-    "origin.test": { mx: [{ exchange: "mx.dest.test", priority: 10 }] },
-    "fwd.other.test": { mx: [{ exchange: "mx.dest.test", priority: 10 }] },
-    "mx.dest.test": { a: [mxAddress] },
-  });
-  const config = testConfig({ DNS_SERVERS: dns.server, RELAY_DEST_PORT: String(mx.port), RELAY_SCHEDULER_INTERVAL: "200ms", RELAY_DSN_INTERVAL: "200ms", RELAY_BACKOFF: "300ms", ...srs });
-  const outbound = startOutbound({ pool: env.pool, bus: env.bus, logger, config });
-  const mda = await startMda({ pool: env.pool, bus: env.bus, logger, config: { LMTP_ENABLED: false } });
-  const inbound = await startInbound({
-    pool: env.pool,
-    bus: env.bus,
-    logger,
-    config: { MAIL_HOSTNAME: "mx.example.test", SMTP_PORT: 0, SMTP_HOST: "127.0.0.1", INBOUND_AUTH_CHECKS: false, srs: srs.SRS_DOMAIN ? SRS : null },
-  });
-  return { env, dns, mx, outbound, mda, inbound };
 }
 
-async function stopStack(stack: Stack | undefined): Promise<void> {
-  await stack?.inbound.stop();
-  await stack?.mda.stop();
-  await stack?.outbound.stop();
-  await stack?.mx.close();
-  await stack?.dns.close();
-  await stack?.env.close();
-}
-
-/** One SMTP transaction on port 25; the reply to each RCPT, and whether DATA was taken. */
-async function send(port: number, from: string, recipients: string[], body: string): Promise<string[]> {
-  const client = await RawSmtp.connect(port);
-  assert.equal((await client.reply()).code, 220);
-  assert.equal((await client.command("EHLO client.remote.example")).code, 250);
-  assert.match((await client.command(`MAIL FROM:<${from}>`)).text, /^250 /);
-  const replies: string[] = [];
-  for (const to of recipients) replies.push((await client.command(`RCPT TO:<${to}>`)).text);
-  if (replies.some((r) => r.startsWith("250"))) {
-    assert.equal((await client.command("DATA")).code, 354);
-    assert.match((await client.command(dataPayload(body))).text, /^250 /);
-  }
-  await client.command("QUIT");
-  client.close();
-  return replies;
-}
-
-/** The MAIL and RCPT lines of every transaction the MX saw, one array per MAIL. */
-function transactions(mx: Stack["mx"]): string[][] {
-  const all: string[][] = [];
-  for (const line of mx.commands()) {
-    if (/^MAIL /i.test(line)) all.push([line]);
-    else if (/^RCPT /i.test(line)) all.at(-1)?.push(line);
-  }
-  return all;
-}
-
-function mailFrom(transaction: string[]): string {
-  return /^MAIL FROM:<(.*?)>/i.exec(transaction[0]!)![1]!;
-}
-
-/** The transactions the MX saw with a RCPT to the address (refused or not). */
-function to(mx: Stack["mx"], address: string): string[][] {
-  return transactions(mx).filter((t) => t.slice(1).some((line) => line.toLowerCase().startsWith(`rcpt to:<${address.toLowerCase()}>`)));
-}
+const stopStack = stopPort25Stack;
+const send = sendOnPort25;
+const to = transactionsTo;
 
 describe("SRS on (SRS_DOMAIN set)", () => {
   let stack: Stack;
   before(async () => {
-    stack = await startStack("127.0.0.41", { SRS_DOMAIN: SRS.domain, SRS_SECRETS: SRS.secrets.join(","), SRS_MAX_AGE: "21d" });
+    stack = await startStack("127.0.0.41", SRS);
   });
   after(() => stopStack(stack));
 
@@ -211,7 +147,7 @@ describe("SRS on (SRS_DOMAIN set)", () => {
 describe("SRS off (the default)", () => {
   let stack: Stack;
   before(async () => {
-    stack = await startStack("127.0.0.42", {});
+    stack = await startStack("127.0.0.42", null);
   });
   after(() => stopStack(stack));
 

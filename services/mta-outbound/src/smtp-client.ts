@@ -565,10 +565,16 @@ export class SmtpConnection {
     }
     const final = await withSpan("smtp message", { kind: SpanKind.CLIENT, attributes: this.spanAttributes({ "mail.message.size": body.length }) }, async (span) => {
       const reply = await this.writeBody(body).then(
-        () => this.readReply(t.dataEnd, "message"),
+        () => {
+          // A reply already here came before our end of data (the server answered mid-message,
+          // a "552 message too big", and is likely closing): the session is done, whatever it says.
+          if (this.replies.length > 0) this.retired = true;
+          return this.readReply(t.dataEnd, "message");
+        },
         (error: unknown) => {
           // The server answered before the end of the data and closed (a "552 message too big"):
           // its refusal is the outcome. A positive early reply is no acceptance of a message it never got whole.
+          this.retired = true;
           const early = this.replies.shift();
           if (early && !positive(early)) return early;
           throw error;

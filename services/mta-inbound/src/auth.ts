@@ -272,10 +272,10 @@ function fromAddresses(raw: Buffer): string[] {
     });
 }
 
-/** The first From: address of each domain (domains compared without regard to case). */
 /** The most distinct From: domains a message may name (each costs DMARC lookups). */
 export const MAX_FROM_DOMAINS = 20;
 
+/** The first From: address of each domain (domains compared without regard to case). */
 function onePerDomain(addresses: string[]): string[] {
   const byDomain = new Map<string, string>();
   for (const address of addresses) {

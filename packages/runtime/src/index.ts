@@ -8,6 +8,7 @@ import { watchNatsLink } from "./nats-link.ts";
 import { databaseReadiness } from "./database-ready.ts";
 export * from "./tls.ts";
 export * from "./tls-reload.ts";
+export * from "./connection-slots.ts";
 
 export interface ServiceContext<C> {
   name: string;

@@ -6,6 +6,7 @@ import { DirectoryCache, resolveRecipient as resolveWithDirectory, type Pool, ty
 import { Replies, parseAddress, pathEnd, reply, type AddressProblem, type SmtpReply } from "@mailstack/mail";
 import { dispatchAccepted, newQueueId, type AcceptedMessage, type MessageSource, type NewDelivery } from "@mailstack/queue";
 import { SpanKind, context, mailMetrics, trace, tracer, type Logger, type Span } from "@mailstack/telemetry";
+import { ConnectionSlots } from "@mailstack/runtime";
 import { AcceptBatcher } from "./batcher.ts";
 import { BodyScanner, headerValue, normalizeLineEndings, receivedCount, withHeaderSection } from "./body.ts";
 import { watchBus } from "./bus-health.ts";
@@ -182,7 +183,8 @@ interface SessionState {
   unauthenticated: number;
   /** allowedWithoutLogin said yes: no bound on commands before a login. */
   allowedWithoutLogin: boolean;
-  countedIp: string | null;
+  /** Gives back this session's per-address slot (counted in onConnect), once. */
+  releaseIp: (() => void) | null;
   connection: ConnectionInternals | null;
   sender: string | null;
   /**
@@ -287,7 +289,8 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const limits: IntakeLimits = { ...defaultLimits, ...options.limits };
   const { pool, bus, logger, service } = options;
   const states = new WeakMap<SMTPServerSession, SessionState>();
-  const perIp = new Map<string, number>();
+  // The total is smtp-server's maxClients; this bounds each client address.
+  const perIp = new ConnectionSlots({ maxPerIp: limits.maxClientsPerIp, exempt: limits.perIpExempt });
   const batcher = new AcceptBatcher(pool, service, { concurrency: limits.acceptConcurrency, maxBatch: limits.acceptBatchMax });
   const busWatch = watchBus(bus);
   const stamper = new DispatchStamper(pool, logger);
@@ -312,7 +315,7 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const stateOf = (session: SMTPServerSession): SessionState => {
     let state = states.get(session);
     if (!state) {
-      state = { commands: 0, unauthenticated: 0, allowedWithoutLogin: false, countedIp: null, connection: null, sender: null, recipients: new Map(), finalCount: 0, refusedRecipients: 0, span: null };
+      state = { commands: 0, unauthenticated: 0, allowedWithoutLogin: false, releaseIp: null, connection: null, sender: null, recipients: new Map(), finalCount: 0, refusedRecipients: 0, span: null };
       states.set(session, state);
     }
     return state;
@@ -420,11 +423,10 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     const state = stateOf(session);
     const ip = session.remoteAddress;
     // On an implicit TLS port the count began with the TCP connection (admitBeforeHandshake).
-    if (tlsMode !== "implicit" && !limits.perIpExempt.includes(ip)) {
-      const count = perIp.get(ip) ?? 0;
-      if (count >= limits.maxClientsPerIp) return callback(smtpError(R.tooManyFromIp));
-      perIp.set(ip, count + 1);
-      state.countedIp = ip;
+    if (tlsMode !== "implicit") {
+      const release = perIp.admit(ip);
+      if (!release) return callback(smtpError(R.tooManyFromIp));
+      state.releaseIp = release;
     }
     callback();
   };
@@ -441,21 +443,14 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
     listener.removeAllListeners("connection");
     listener.on("connection", (socket: Socket) => {
       const ip = socket.remoteAddress ?? "";
-      if (!limits.perIpExempt.includes(ip)) {
-        const count = perIp.get(ip) ?? 0;
-        if (count >= limits.maxClientsPerIp) {
-          logger.debug({ ip }, "too many connections from one address; dropped before the TLS handshake");
-          socket.on("error", () => undefined);
-          socket.destroy();
-          return;
-        }
-        perIp.set(ip, count + 1);
-        socket.once("close", () => {
-          const left = (perIp.get(ip) ?? 1) - 1;
-          if (left > 0) perIp.set(ip, left);
-          else perIp.delete(ip);
-        });
+      const release = perIp.admit(ip);
+      if (!release) {
+        logger.debug({ ip }, "too many connections from one address; dropped before the TLS handshake");
+        socket.on("error", () => undefined);
+        socket.destroy();
+        return;
       }
+      socket.once("close", release);
       for (const handler of library) handler.call(listener, socket);
     });
   };
@@ -463,12 +458,8 @@ export function createIntakeServer(options: IntakeOptions): IntakeServer {
   const onClose = (session: SMTPServerSession) => {
     const state = states.get(session);
     if (!state) return;
-    if (state.countedIp) {
-      const count = (perIp.get(state.countedIp) ?? 1) - 1;
-      if (count <= 0) perIp.delete(state.countedIp);
-      else perIp.set(state.countedIp, count);
-      state.countedIp = null;
-    }
+    state.releaseIp?.();
+    state.releaseIp = null;
     endSpan(state, "closed");
   };
 

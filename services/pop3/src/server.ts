@@ -2,10 +2,9 @@ import net from "node:net";
 import tls from "node:tls";
 import { once } from "node:events";
 import { createPool, type Pool } from "@mailstack/db";
-import { startTlsSource, tlsSourceOptions, type TlsCredentials } from "@mailstack/runtime";
+import { ConnectionSlots, startTlsSource, tlsSourceOptions, type TlsCredentials } from "@mailstack/runtime";
 import type { Logger } from "@mailstack/telemetry";
 import type { Pop3Config } from "./config.ts";
-import { Admission } from "./admission.ts";
 import { pop3Metrics as metrics } from "./metrics.ts";
 import { Pop3Session, type SessionIo, type SessionSettings } from "./session.ts";
 
@@ -65,7 +64,7 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
     },
   };
   const connections = new Set<Connection>();
-  const admission = new Admission(config.POP3_MAX_CONNECTIONS, config.POP3_MAX_CONNECTIONS_PER_IP);
+  const admission = new ConnectionSlots({ max: config.POP3_MAX_CONNECTIONS, maxPerIp: config.POP3_MAX_CONNECTIONS_PER_IP });
   let stopping = false;
 
   const accept = (socket: net.Socket | tls.TLSSocket, listener: string, release: () => void) => {
@@ -83,7 +82,7 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
   // allowHalfOpen: a client that half-closes after sending its commands (`printf ... | nc -N`) still
   // gets every reply, and its QUIT is carried out; the connection closes after the last reply.
   const plain = net.createServer({ allowHalfOpen: true }, (socket) => {
-    const release = stopping ? null : admission.admit(socket);
+    const release = stopping ? null : admission.admit(socket.remoteAddress ?? "");
     if (!release) {
       metrics.refused.inc();
       socket.on("error", () => undefined);
@@ -99,7 +98,7 @@ export async function startPop3(options: Pop3Options): Promise<Pop3Server> {
   const handshaking = new Set<tls.TLSSocket>();
   const secure = net.createServer({ allowHalfOpen: true }, (raw) => {
     // Over a limit, nothing can be said before a handshake (which would cost the CPU the limit saves): drop it.
-    const release = stopping ? null : admission.admit(raw);
+    const release = stopping ? null : admission.admit(raw.remoteAddress ?? "");
     if (!release) {
       metrics.refused.inc();
       raw.on("error", () => undefined);

@@ -19,26 +19,38 @@ before(async () => {
 });
 after(async () => env.close());
 
-test("the start command brings all six services to ready and Ctrl-C stops them cleanly", async () => {
-  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
+const PORT_VARIABLES = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
+
+/** A free port for each listener and each ops port of the stack, by the variables that move them. */
+async function freeStackPorts(): Promise<{ ports: Record<string, string>; opsEnv: Record<string, string> }> {
   const ports: Record<string, string> = {};
-  for (const name of portVariables) ports[name] = String(await freePort());
+  for (const name of PORT_VARIABLES) ports[name] = String(await freePort());
+  const opsEnv: Record<string, string> = {};
+  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
+  return { ports, opsEnv };
+}
+
+/** The stack as its own process (run as `command`), on the test database, with everything it prints in output(). */
+function spawnStack(extraEnv: Record<string, string>, command = [process.execPath, "scripts/stack.ts"]): { child: ChildProcess; output: () => string } {
+  const child = spawn(command[0]!, command.slice(1), { cwd: repoRoot, env: { ...process.env, ...env.env, ...extraEnv }, stdio: ["ignore", "pipe", "pipe"] });
+  let printed = "";
+  child.stdout!.on("data", (chunk) => (printed += chunk));
+  child.stderr!.on("data", (chunk) => (printed += chunk));
+  return { child, output: () => printed };
+}
+
+test("the start command brings all six services to ready and Ctrl-C stops them cleanly", async () => {
+  const ports: Record<string, string> = {};
+  for (const name of PORT_VARIABLES) ports[name] = String(await freePort());
   const opsPorts: Record<string, number> = {};
   for (const service of services) opsPorts[service] = await freePort();
   const opsEnv = Object.fromEntries(services.map((s) => [`${s.toUpperCase().replace(/-/g, "_")}_OPS_PORT`, String(opsPorts[s])]));
 
-  const stack: ChildProcess = spawn(process.execPath, ["scripts/stack.ts"], {
-    cwd: repoRoot,
-    env: { ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test` },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let output = "";
-  stack.stdout!.on("data", (chunk) => (output += chunk));
-  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const { child: stack, output } = spawnStack({ ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test` });
   const exited = new Promise<number | null>((resolve) => stack.once("exit", (code) => resolve(code)));
   try {
-    await waitFor(() => output.includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
-    assert.match(output, /Every service is ready/, output);
+    await waitFor(() => output().includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
+    assert.match(output(), /Every service is ready/, output());
     for (const service of services) {
       const ready = await fetch(`http://127.0.0.1:${opsPorts[service]}/readyz`);
       assert.equal(ready.status, 200, `${service} ready`);
@@ -46,18 +58,18 @@ test("the start command brings all six services to ready and Ctrl-C stops them c
       assert.match(metrics, /process_cpu_user_seconds_total/, `${service} metrics`);
     }
     // The banner names every port and the first commands.
-    assert.ok(output.includes(`127.0.0.1:${ports.SMTP_PORT}`));
-    assert.ok(output.includes(`127.0.0.1:${ports.POP3_PORT}`));
-    assert.match(output, /pnpm mailctl account add alice@example\.test --password s3cret/);
+    assert.ok(output().includes(`127.0.0.1:${ports.SMTP_PORT}`));
+    assert.ok(output().includes(`127.0.0.1:${ports.POP3_PORT}`));
+    assert.match(output(), /pnpm mailctl account add alice@example\.test --password s3cret/);
     // The admin API listens on loopback only (API_HOST unset): no wildcard or other address.
     assert.equal((await fetch(`http://127.0.0.1:${ports.API_PORT}/domains`)).status, 401, "reachable on loopback (and asks for a token)");
     assert.deepEqual(listeningAddresses(Number(ports.API_PORT)), ["0100007F"], "the admin API is bound to 127.0.0.1 alone");
 
     // SIGHUP (a certificate reload, or a closed terminal) leaves the stack and its services up.
     stack.kill("SIGHUP");
-    await waitFor(() => output.includes("SIGHUP:"), 10_000, 100);
+    await waitFor(() => output().includes("SIGHUP:"), 10_000, 100);
     await new Promise((resolve) => setTimeout(resolve, 500));
-    assert.equal(stack.exitCode, null, `the stack still runs after SIGHUP\n${output}`);
+    assert.equal(stack.exitCode, null, `the stack still runs after SIGHUP\n${output()}`);
     for (const service of services) {
       const ready = await fetch(`http://127.0.0.1:${opsPorts[service]}/readyz`);
       assert.equal(ready.status, 200, `${service} still ready after SIGHUP`);
@@ -65,8 +77,8 @@ test("the start command brings all six services to ready and Ctrl-C stops them c
   } finally {
     stack.kill("SIGINT");
   }
-  assert.equal(await exited, 0, output);
-  assert.match(output, /\[stack\] stopped/);
+  assert.equal(await exited, 0, output());
+  assert.match(output(), /\[stack\] stopped/);
   for (const service of services) {
     await assert.rejects(fetch(`http://127.0.0.1:${opsPorts[service]}/healthz`), `${service} is gone`);
   }
@@ -99,36 +111,25 @@ function childPid(parent: number, name: string): number | undefined {
 }
 
 test("a service that cannot start (a bad setting) stops the stack once, with exit 1, without calling the others never ready", async () => {
-  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
-  const ports: Record<string, string> = {};
-  for (const name of portVariables) ports[name] = String(await freePort());
-  const opsEnv: Record<string, string> = {};
-  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
+  const { ports, opsEnv } = await freeStackPorts();
 
-  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
-    cwd: repoRoot,
-    env: { ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test`, INBOUND_AUTH_TIMEOUT: "soon" },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let output = "";
-  stack.stdout!.on("data", (chunk) => (output += chunk));
-  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const { child: stack, output } = spawnStack({ ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test`, INBOUND_AUTH_TIMEOUT: "soon" });
   const exited = once(stack, "exit");
   // The msa is frozen before it is ready, so the stack is still waiting for it (and still
   // stopping it) when mta-inbound fails; it resumes once the failure has been handled.
   const msa = await waitFor(() => childPid(stack.pid!, "msa"), 30_000, 5);
   process.kill(msa, "SIGSTOP");
   try {
-    await waitFor(() => output.includes("mta-inbound exited"), 30_000, 50);
+    await waitFor(() => output().includes("mta-inbound exited"), 30_000, 50);
     await new Promise((resolve) => setTimeout(resolve, 1_500));
     process.kill(msa, "SIGCONT");
     const [code] = await exited;
-    assert.equal(code, 1, output);
-    assert.match(output, /INBOUND_AUTH_TIMEOUT: expected a duration/, "the service's own reason is shown");
-    assert.match(output, /\[stack\] mta-inbound exited \(78\); stopping the stack/);
-    assert.equal(output.match(/\[stack\] stopping services/g)?.length, 1, `stopped once\n${output}`);
-    assert.doesNotMatch(output, /not ready/, `the services the stack stopped are not reported as never ready\n${output}`);
-    assert.doesNotMatch(output, /Every service is ready/);
+    assert.equal(code, 1, output());
+    assert.match(output(), /INBOUND_AUTH_TIMEOUT: expected a duration/, "the service's own reason is shown");
+    assert.match(output(), /\[stack\] mta-inbound exited \(78\); stopping the stack/);
+    assert.equal(output().match(/\[stack\] stopping services/g)?.length, 1, `stopped once\n${output()}`);
+    assert.doesNotMatch(output(), /not ready/, `the services the stack stopped are not reported as never ready\n${output()}`);
+    assert.doesNotMatch(output(), /Every service is ready/);
   } finally {
     try {
       process.kill(msa, "SIGCONT");
@@ -152,20 +153,13 @@ test("ports already in use (a system MTA on 25, say) are all named before anythi
   for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
   opsEnv.POP3_OPS_PORT = String(opsPort);
 
-  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
-    cwd: repoRoot,
-    env: { ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test` },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let output = "";
-  stack.stdout!.on("data", (chunk) => (output += chunk));
-  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const { child: stack, output } = spawnStack({ ...ports, ...opsEnv, LOG_LEVEL: "warn", TLS_DIR: `${repoRoot}.data/tls-test` });
   try {
     const [code] = await once(stack, "exit");
-    assert.equal(code, 1, output);
-    assert.match(output, new RegExp(`port ${smtpPort} \\(mta-inbound, SMTP_PORT\\) is in use by another program`), output);
-    assert.match(output, new RegExp(`port ${opsPort} \\(pop3, POP3_OPS_PORT\\) is in use by another program`), output);
-    assert.doesNotMatch(output, /exited|"service":/, `no service was started\n${output}`);
+    assert.equal(code, 1, output());
+    assert.match(output(), new RegExp(`port ${smtpPort} \\(mta-inbound, SMTP_PORT\\) is in use by another program`), output());
+    assert.match(output(), new RegExp(`port ${opsPort} \\(pop3, POP3_OPS_PORT\\) is in use by another program`), output());
+    assert.doesNotMatch(output(), /exited|"service":/, `no service was started\n${output()}`);
   } finally {
     if (stack.exitCode === null) stack.kill("SIGKILL");
     smtp.close();
@@ -188,27 +182,16 @@ test("an expired TLS_CERT_FILE is named as expired before the services start, an
   });
   writeFileSync(join(dir, "fullchain.pem"), expired.cert);
   writeFileSync(join(dir, "privkey.pem"), expired.private);
-  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
-  const ports: Record<string, string> = {};
-  for (const name of portVariables) ports[name] = String(await freePort());
-  const opsEnv: Record<string, string> = {};
-  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
-  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
-    cwd: repoRoot,
-    env: {
-      ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "error",
-      TLS_CERT_FILE: join(dir, "fullchain.pem"), TLS_KEY_FILE: join(dir, "privkey.pem"),
-    },
-    stdio: ["ignore", "pipe", "pipe"],
+  const { ports, opsEnv } = await freeStackPorts();
+  const { child: stack, output } = spawnStack({
+    ...ports, ...opsEnv, LOG_LEVEL: "error",
+    TLS_CERT_FILE: join(dir, "fullchain.pem"), TLS_KEY_FILE: join(dir, "privkey.pem"),
   });
-  let output = "";
-  stack.stdout!.on("data", (chunk) => (output += chunk));
-  stack.stderr!.on("data", (chunk) => (output += chunk));
   const exited = once(stack, "exit");
   try {
-    await waitFor(() => output.includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
-    assert.match(output, /\[stack\] TLS certificate \S+fullchain\.pem: expired on 2020-04-01T00:00:00\.000Z; served all the same/, output);
-    assert.match(output, /TLS certificate +\S+fullchain\.pem \(EXPIRED ON 2020-04-01/, output);
+    await waitFor(() => output().includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
+    assert.match(output(), /\[stack\] TLS certificate \S+fullchain\.pem: expired on 2020-04-01T00:00:00\.000Z; served all the same/, output());
+    assert.match(output(), /TLS certificate +\S+fullchain\.pem \(EXPIRED ON 2020-04-01/, output());
   } finally {
     stack.kill("SIGINT");
     await exited;
@@ -217,25 +200,14 @@ test("an expired TLS_CERT_FILE is named as expired before the services start, an
 });
 
 test("run by a user who may not write the checkout (root's clone), the failure says whose it is and what to do", { skip: process.getuid?.() !== 0 && "needs root, to run the stack as nobody" }, async () => {
-  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
-  const ports: Record<string, string> = {};
-  for (const name of portVariables) ports[name] = String(await freePort());
-  const opsEnv: Record<string, string> = {};
-  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
+  const { ports, opsEnv } = await freeStackPorts();
   // The self-signed pair is written under the checkout's .data, which nobody may not write.
-  const stack = spawn("runuser", ["-u", "nobody", "--", process.execPath, "scripts/stack.ts"], {
-    cwd: repoRoot,
-    env: { ...process.env, ...env.env, ...ports, ...opsEnv, LOG_LEVEL: "error", TLS_DIR: "", TLS_CERT_FILE: "", TLS_KEY_FILE: "" },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let output = "";
-  stack.stdout!.on("data", (chunk) => (output += chunk));
-  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const { child: stack, output } = spawnStack({ ...ports, ...opsEnv, LOG_LEVEL: "error", TLS_DIR: "", TLS_CERT_FILE: "", TLS_KEY_FILE: "" }, ["runuser", "-u", "nobody", "--", process.execPath, "scripts/stack.ts"]);
   try {
     const [code] = await once(stack, "exit");
-    assert.equal(code, 1, output);
-    assert.match(output, /\[stack\] failed: EACCES: permission denied, \w+ '[^']*\.data[^']*'; this checkout belongs to uid 0, not to uid \d+: run \.\/mailstack as its owner, or from a clone of your own/, output);
-    assert.doesNotMatch(output, /"service":/, `no service was started\n${output}`);
+    assert.equal(code, 1, output());
+    assert.match(output(), /\[stack\] failed: EACCES: permission denied, \w+ '[^']*\.data[^']*'; this checkout belongs to uid 0, not to uid \d+: run \.\/mailstack as its owner, or from a clone of your own/, output());
+    assert.doesNotMatch(output(), /"service":/, `no service was started\n${output()}`);
   } finally {
     if (stack.exitCode === null) stack.kill("SIGKILL");
   }
@@ -243,24 +215,13 @@ test("run by a user who may not write the checkout (root's clone), the failure s
 
 test("the banner's export DATABASE_URL line gives the shell back the URL the stack uses, query string and all", async () => {
   const databaseUrl = `${env.env.DATABASE_URL}?connect_timeout=10&application_name=stack-banner`;
-  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
-  const ports: Record<string, string> = {};
-  for (const name of portVariables) ports[name] = String(await freePort());
-  const opsEnv: Record<string, string> = {};
-  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
-  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
-    cwd: repoRoot,
-    env: { ...process.env, ...env.env, ...ports, ...opsEnv, DATABASE_URL: databaseUrl, LOG_LEVEL: "error", TLS_DIR: `${repoRoot}.data/tls-test` },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let output = "";
-  stack.stdout!.on("data", (chunk) => (output += chunk));
-  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const { ports, opsEnv } = await freeStackPorts();
+  const { child: stack, output } = spawnStack({ ...ports, ...opsEnv, DATABASE_URL: databaseUrl, LOG_LEVEL: "error", TLS_DIR: `${repoRoot}.data/tls-test` });
   const exited = once(stack, "exit");
   try {
-    await waitFor(() => output.includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
-    const line = /^ {2}(export DATABASE_URL=.*)$/m.exec(output)?.[1];
-    assert.ok(line, output);
+    await waitFor(() => output().includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
+    const line = /^ {2}(export DATABASE_URL=.*)$/m.exec(output())?.[1];
+    assert.ok(line, output());
     const result = spawnSync("sh", ["-c", `${line}; printf %s "$DATABASE_URL"`], { encoding: "utf8", env: {} });
     assert.equal(result.stdout, databaseUrl, `as printed: ${line}`);
   } finally {
@@ -274,25 +235,14 @@ test("with pnpm installed into .tools (no right to install it globally), the ban
   mkdirSync(join(repoRoot, ".tools"), { recursive: true });
   const toolsBin = mkdtempSync(join(repoRoot, ".tools/test-pnpm-"));
   writeFileSync(join(toolsBin, "pnpm"), "#!/bin/sh\necho 10.0.0\n", { mode: 0o755 });
-  const portVariables = ["SMTP_PORT", "SUBMISSION_PORT", "SUBMISSIONS_PORT", "LMTP_PORT", "POP3_PORT", "POP3S_PORT", "API_PORT"];
-  const ports: Record<string, string> = {};
-  for (const name of portVariables) ports[name] = String(await freePort());
-  const opsEnv: Record<string, string> = {};
-  for (const service of services) opsEnv[`${service.toUpperCase().replace(/-/g, "_")}_OPS_PORT`] = String(await freePort());
-  const stack = spawn(process.execPath, ["scripts/stack.ts"], {
-    cwd: repoRoot,
-    env: { ...process.env, ...env.env, ...ports, ...opsEnv, PATH: `${toolsBin}:${process.env.PATH}`, LOG_LEVEL: "error", TLS_DIR: `${repoRoot}.data/tls-test` },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  let output = "";
-  stack.stdout!.on("data", (chunk) => (output += chunk));
-  stack.stderr!.on("data", (chunk) => (output += chunk));
+  const { ports, opsEnv } = await freeStackPorts();
+  const { child: stack, output } = spawnStack({ ...ports, ...opsEnv, PATH: `${toolsBin}:${process.env.PATH}`, LOG_LEVEL: "error", TLS_DIR: `${repoRoot}.data/tls-test` });
   const exited = once(stack, "exit");
   try {
-    await waitFor(() => output.includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
-    const line = /^ {2}(export PATH=.*)$/m.exec(output)?.[1];
-    assert.ok(line, output);
-    const commands = output.slice(output.indexOf(line));
+    await waitFor(() => output().includes("Every service is ready") || stack.exitCode !== null, 90_000, 200);
+    const line = /^ {2}(export PATH=.*)$/m.exec(output())?.[1];
+    assert.ok(line, output());
+    const commands = output().slice(output().indexOf(line));
     assert.ok(commands.indexOf(line) < commands.indexOf("pnpm mailctl domain add"), "before the first pnpm command");
     const result = spawnSync("sh", ["-c", `${line}; command -v pnpm`], { encoding: "utf8", env: { PATH: "/usr/local/bin:/usr/bin:/bin" } });
     assert.equal(result.stdout.trim(), join(toolsBin, "pnpm"), `as printed: ${line}`);
